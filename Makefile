@@ -1,0 +1,42 @@
+# loraflow — one entry point for humans and CI.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROTOS  := $(wildcard protos/loraflow/v1/*.proto)
+
+.PHONY: install test test-fast proto lint demo bench clean up
+
+install: $(STAMP)
+
+# torch first and by exact version: pip takes the CPU build from local disk.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e '.[trainer,compiler,inference,dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+lint: install
+	$(BIN)/ruff check loraflow services tests bench examples
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+bench: install
+	$(BIN)/python bench/inference.py
+
+up: install
+	$(BIN)/loraflow up
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,89 @@
+"""The contract between the compiler's ONNX graphs and the inference runtime.
+
+Both sides import these names; neither hard-codes them. Shapes use these letters:
+
+  B  rows in this call            S  tokens per row in this call (prefill chunk or 1)
+  P  past tokens handed in        F  full_batch_size (KV-cache slots)
+  L  decoder layers               N  adapter_slots + 1 (slot 0 = base model, all zeros)
+  R  max_rank                     H  key/value heads, D head_dim, V vocab
+
+Target "onnxruntime" (the portable graph):
+
+  inputs
+    input_ids      int64 [B, S]
+    position_ids   int64 [B, S]   absolute positions; -1 marks padding (and idle rows)
+    lora_ids       int64 [B, 1]   0 = base model, k = adapter slot k
+    batch_index    int64 [B, 1]   the KV-cache slot (0..F-1) of each row
+    past_key.{i}   float [P, F, H, D]  for i in range(L); the runtime's cache, sliced to the
+    past_value.{i} float [P, F, H, D]  first P positions (P = longest position in use, >= 1):
+                                       time-major, so cache[:P] is a contiguous view and a step
+                                       costs what is in use, not ctx_len.
+                                       Row b attends past entries j < position_ids[b, 0].
+    lora_a.{m}     float [L, N, in_m, R]   adapter banks per target module m (graph inputs, so
+    lora_b.{m}     float [L, N, R, out_m]  a new adapter needs no recompile). lora_b holds
+                                           B * scaling (scaling = alpha/r or alpha/sqrt(r));
+                                           ranks below R are zero-padded.
+  outputs
+    logits          float [B, 1, V]   logits at each row's last non-padding token
+    present_key.{i}   float [S, B, H, D]  K (after RoPE) / V of this call's tokens; the runtime
+    present_value.{i} float [S, B, H, D]  writes cache[position_ids[b, s], batch_index[b]] for
+                                          every non-padding (b, s).
+
+Target "ai100" (QEfficient-compatible): past_key.{i} / past_value.{i} are [F, H, ctx_len, D],
+updated inside the graph by position and returned as past_key.{i}_RetainedState.
+"""
+
+from __future__ import annotations
+
+# Module names a LoRA adapter may target in a decoder block, in canonical order.
+LORA_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+LORA_IDS = "lora_ids"
+BATCH_INDEX = "batch_index"
+LOGITS = "logits"
+
+# Position id that marks a padding token or an idle row.
+PAD_POSITION = -1
+
+
+def past_key(layer: int) -> str:
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value.{layer}"
+
+
+def present_key(layer: int) -> str:
+    return f"present_key.{layer}"
+
+
+def present_value(layer: int) -> str:
+    return f"present_value.{layer}"
+
+
+def retained_key(layer: int) -> str:
+    """AI 100 output that aliases past_key.{layer} (retained state)."""
+    return f"past_key.{layer}_RetainedState"
+
+
+def retained_value(layer: int) -> str:
+    return f"past_value.{layer}_RetainedState"
+
+
+def lora_a(module: str) -> str:
+    return f"lora_a.{module}"
+
+
+def lora_b(module: str) -> str:
+    return f"lora_b.{module}"

@@ -1,0 +1,44 @@
+"""Fixtures every suite shares: a real redis-server, tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from loraflow.embedded_redis import EmbeddedRedis
+from tests.support.tiny_models import make_tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = EmbeddedRedis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """URL of the session's real redis-server, emptied before each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """tiny_model_factory(arch="llama", seed=0) -> Path of a saved random checkpoint (cached)."""
+    cache: dict[tuple[str, int], object] = {}
+
+    def make(arch: str = "llama", seed: int = 0):
+        key = (arch, seed)
+        if key not in cache:
+            cache[key] = make_tiny_model_dir(tmp_path_factory.mktemp(f"tiny-{arch}-{seed}"), arch, seed=seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory):
+    return tiny_model_factory("llama")

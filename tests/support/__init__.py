@@ -1,0 +1,1 @@
+"""Test support: real Redis, tiny random models, helpers shared by the suites."""

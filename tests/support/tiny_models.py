@@ -1,0 +1,109 @@
+"""Tiny random Llama-family checkpoints with a real (byte-level BPE) tokenizer.
+
+Nothing comes from a hub: the model is random from a config and the tokenizer is trained on
+a few lines of text, so every suite can build the same checkpoint in a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# A ChatML template (what SmolLM2 and Qwen2 use), so chat paths are exercised on tiny models.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "reverse the word: hello -> olleh",
+    "add 2 and 3 -> 5",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ? ! . , : ; ' \" ( ) [ ] { }",
+    "héllo wörld — ünïcode ✓ 日本語",
+]
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer with <|im_start|>, <|im_end|> and <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overrides):
+    """A 2-layer config with GQA (4 query heads, 2 KV heads) for `arch`."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+    )
+    common.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if arch == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
+
+
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", *, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny `arch` checkpoint plus tokenizer under `path`; returns the path."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = tiny_config(arch, vocab_size=len(tokenizer), **overrides)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config.eos_token_id = eos
+    config.pad_token_id = pad
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Larger-than-default init so random models do not emit near-uniform logits (ties in argmax).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
