@@ -1,0 +1,624 @@
+"""The `loraflow` command line: a thin layer of typer + rich over `loraflow.Client`.
+
+Every command takes `-o json` for scripts (stable keys: the proto field names); errors print the gRPC
+status code, the message and the offending field, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import sys
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from loraflow import errors
+from loraflow import formatting as fmt
+from loraflow.client import Client, JobFailed
+from loraflow.v1 import inference_pb2, jobs_pb2
+
+app = typer.Typer(name="loraflow", help="Train, compile and serve mixed-adapter LoRA models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+jobs_app = typer.Typer(help="Training and compile jobs.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Trained adapters (trainer registry).", no_args_is_help=True)
+artifacts_app = typer.Typer(help="Compiled artifacts (compiler registry).", no_args_is_help=True)
+models_app = typer.Typer(help="Models: loaded on the inference service, or imported checkpoints.",
+                         no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(models_app, name="models")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+# Exit codes: 1 = the service refused or failed the request, 3 = a job ended FAILED/CANCELLED, 130 = ^C.
+EXIT_RPC_ERROR = 1
+EXIT_JOB_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+class Output(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table (for people) or json (for scripts).")]
+
+
+class _State:
+    """Global options, shared by every command through the typer context."""
+
+    def __init__(self, trainer: str | None, compiler: str | None, inference: str | None, timeout: float):
+        self.trainer, self.compiler, self.inference, self.timeout = trainer, compiler, inference, timeout
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.trainer, self.compiler, self.inference, timeout=self.timeout)
+        return self._client
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         trainer: Annotated[str | None, typer.Option(help="Trainer address.",
+                                                     envvar="LORAFLOW_TRAINER_ADDR")] = None,
+         compiler: Annotated[str | None, typer.Option(help="Compiler address.",
+                                                      envvar="LORAFLOW_COMPILER_ADDR")] = None,
+         inference: Annotated[str | None, typer.Option(help="Inference address.",
+                                                       envvar="LORAFLOW_INFERENCE_ADDR")] = None,
+         timeout: Annotated[float, typer.Option(help="Deadline of each unary call, seconds.")] = 30.0) -> None:
+    ctx.obj = _State(trainer, compiler, inference, timeout)
+
+
+def _state(ctx: typer.Context) -> _State:
+    return ctx.find_object(_State)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn loraflow errors into a printed status + non-zero exit, in the command's output format."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        output = kwargs.get("output", Output.table)
+        try:
+            return fn(*args, **kwargs)
+        except JobFailed as exc:
+            fmt.print_error(exc, output, err_console)
+            raise typer.Exit(EXIT_JOB_FAILED) from None
+        except errors.LoraflowError as exc:
+            fmt.print_error(exc, output, err_console)
+            raise typer.Exit(EXIT_RPC_ERROR) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def _split(values: str | None) -> list[str]:
+    return [v.strip() for v in (values or "").split(",") if v.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ up
+
+@app.command()
+def up(ctx: typer.Context,
+       services: Annotated[str, typer.Option(help="Comma-separated services to run.")] = "trainer,compiler,inference",
+       redis_url: Annotated[str | None, typer.Option(help="Use this Redis instead of an embedded one.",
+                                                     envvar="LORAFLOW_REDIS_URL")] = None,
+       store_url: Annotated[str | None, typer.Option(help="Object store URL (default file store under the home).",
+                                                     envvar="LORAFLOW_STORE_URL")] = None,
+       home: Annotated[str | None, typer.Option(help="State directory (default ~/.loraflow).")] = None,
+       ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for each service's health.")] = 180.0,
+       grace: Annotated[float, typer.Option(help="Seconds a service gets to stop before it is killed.")] = 30.0,
+       output: OutputOpt = Output.table) -> None:
+    """Run Redis (embedded unless --redis-url), the file store and the services on this machine."""
+    from loraflow.up import UpConfig, run_up
+
+    state = _state(ctx)
+    try:
+        config = UpConfig.build(services=_split(services), redis_url=redis_url, store_url=store_url, home=home,
+                                addresses={"trainer": state.trainer, "compiler": state.compiler,
+                                           "inference": state.inference},
+                                ready_timeout=ready_timeout, grace=grace, json_output=output == Output.json)
+    except errors.LoraflowError as exc:
+        fmt.print_error(exc, output, err_console)
+        raise typer.Exit(EXIT_RPC_ERROR) from None
+    raise typer.Exit(run_up(config, out_console, err_console))
+
+
+@app.command()
+@handles_errors
+def health(ctx: typer.Context,
+           services: Annotated[list[str] | None, typer.Argument(help="trainer, compiler, inference (default all).")]
+           = None,
+           service_name: Annotated[str, typer.Option("--name", help="Health service name to ask for ('' = server).")]
+           = "",
+           live: Annotated[bool, typer.Option(help="Liveness: any answer counts, NOT_SERVING included.")] = False,
+           output: OutputOpt = Output.table) -> None:
+    """gRPC health of the services; exits 1 unless every one asked is SERVING (usable as a container probe)."""
+    client = _state(ctx).client
+    names = services or ["trainer", "compiler", "inference"]
+    rows = []
+    for name in names:
+        if name not in client.addresses:
+            raise errors.InvalidArgument(f"service must be one of {sorted(client.addresses)}, got {name!r}",
+                                         field="service", value=name)
+        try:
+            status = client.health(name, service_name)
+        except errors.LoraflowError as exc:
+            status = f"{exc.code.name}"
+        rows.append({"service": name, "address": client.addresses[name], "status": status})
+    if output == Output.json:
+        fmt.print_json({"services": rows})
+    else:
+        out_console.print(fmt.table(None, ["service", "address", "status"],
+                                    [(r["service"], r["address"], r["status"]) for r in rows]))
+    healthy = ("SERVING", "NOT_SERVING") if live else ("SERVING",)
+    if any(r["status"] not in healthy for r in rows):
+        raise typer.Exit(EXIT_RPC_ERROR)
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+def _job_rows(jobs: list[jobs_pb2.Job]) -> list[tuple]:
+    return [(j.id, fmt.kind_name(j.kind), fmt.styled_state(j.state), f"{j.progress * 100:.0f}%",
+             fmt.timestamp(j.create_time), _job_outcome(j)) for j in jobs]
+
+
+def _job_outcome(job: jobs_pb2.Job) -> str:
+    if job.error:
+        return job.error
+    which = job.WhichOneof("result")
+    if which == "train_result":
+        return f"adapter {job.train_result.adapter_name}"
+    if which == "compile_result":
+        hit = " (cache hit)" if job.compile_result.cache_hit else ""
+        return f"artifact {job.compile_result.artifact_id}{hit}"
+    return job.message
+
+
+def _print_job(job: jobs_pb2.Job, output: Output) -> None:
+    if output == Output.json:
+        fmt.print_json(fmt.to_dict(job))
+        return
+    pairs = [("id", job.id), ("kind", fmt.kind_name(job.kind)), ("state", fmt.styled_state(job.state)),
+             ("progress", f"{job.progress * 100:.1f}%"), ("attempt", job.attempt),
+             ("created", fmt.timestamp(job.create_time)), ("started", fmt.timestamp(job.start_time)),
+             ("ended", fmt.timestamp(job.end_time)), ("message", job.message)]
+    if job.error:
+        pairs.append(("error", f"[red]{job.error}[/red]"))
+    if job.request_id:
+        pairs.append(("request_id", job.request_id))
+    if job.labels:
+        pairs.append(("labels", ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items()))))
+    which = job.WhichOneof("result")
+    if which == "train_result":
+        r = job.train_result
+        pairs += [("adapter", r.adapter_name), ("adapter_uri", r.adapter_uri), ("metrics", fmt.fmt_metrics(r.metrics))]
+        if r.loss_curve_uri:
+            pairs.append(("loss_curve", r.loss_curve_uri))
+    elif which == "compile_result":
+        r = job.compile_result
+        pairs += [("artifact", r.artifact_id), ("artifact_uri", r.artifact_uri), ("cache_hit", r.cache_hit)]
+    out_console.print(fmt.key_values(f"job {job.id}", pairs))
+
+
+@jobs_app.command("list")
+@handles_errors
+def jobs_list(ctx: typer.Context,
+              kind: Annotated[str | None, typer.Option(help="train or compile (default both).")] = None,
+              state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, cancelled.")]
+              = None,
+              limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+              output: OutputOpt = Output.table) -> None:
+    """Jobs, newest first."""
+    jobs = _state(ctx).client.list_jobs(kind=kind, state=state, limit=limit)
+    if output == Output.json:
+        fmt.print_json({"jobs": [fmt.to_dict(j) for j in jobs]})
+    else:
+        out_console.print(fmt.table(None, ["id", "kind", "state", "progress", "created", "result / message"],
+                                    _job_rows(jobs)))
+
+
+@jobs_app.command("get")
+@handles_errors
+def jobs_get(ctx: typer.Context, job_id: str,
+             kind: Annotated[str | None, typer.Option(help="train or compile (default: ask both).")] = None,
+             output: OutputOpt = Output.table) -> None:
+    """One job with its result."""
+    _print_job(_state(ctx).client.get_job(job_id, kind), output)
+
+
+@jobs_app.command("cancel")
+@handles_errors
+def jobs_cancel(ctx: typer.Context, job_id: str,
+                kind: Annotated[str | None, typer.Option(help="train or compile (default: ask both).")] = None,
+                output: OutputOpt = Output.table) -> None:
+    """Cancel a queued or running job."""
+    _print_job(_state(ctx).client.cancel_job(job_id, kind), output)
+
+
+@jobs_app.command("watch")
+@handles_errors
+def jobs_watch(ctx: typer.Context, job_id: str,
+               kind: Annotated[str | None, typer.Option(help="train or compile (default: ask both).")] = None,
+               after_seq: Annotated[int, typer.Option(help="Skip events up to this sequence number.")] = 0,
+               output: OutputOpt = Output.table) -> None:
+    """Print a job's events (past, then live) until it ends; JSON lines with -o json."""
+    client = _state(ctx).client
+    for event in client.watch_job(job_id, kind, after_seq=after_seq):
+        if output == Output.json:
+            fmt.print_json_line(fmt.to_dict(event))
+        else:
+            out_console.print(f"{event.seq:>4} {fmt.timestamp(event.time)} {fmt.styled_state(event.state):<9} "
+                              f"{event.progress * 100:5.1f}%  {event.message}  {fmt.fmt_metrics(event.metrics)}",
+                              highlight=False)
+    job = client.get_job(job_id, kind)
+    if job.state in (jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED):
+        raise JobFailed(job)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+def _follow(client: Client, job: jobs_pb2.Job, output: Output, describe: Callable[[jobs_pb2.JobEvent], str]
+            ) -> jobs_pb2.Job:
+    """Wait for a job; a live progress bar on stderr unless -o json (then only the final Job is printed)."""
+    if output == Output.json:
+        return client.wait(job.id)
+    if not err_console.is_terminal:
+        # Logs and CI: one plain line per event instead of a redrawn bar.
+        def print_line(event: jobs_pb2.JobEvent) -> None:
+            err_console.print(f"{job.id} {event.progress * 100:5.1f}%  {describe(event)}", highlight=False)
+
+        return client.wait(job.id, on_event=print_line)
+    progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=False)
+    with progress:
+        task = progress.add_task("queued", total=1.0, label=job.id)
+
+        def on_event(event: jobs_pb2.JobEvent) -> None:
+            progress.update(task, completed=event.progress, description=describe(event))
+
+        try:
+            final = client.wait(job.id, on_event=on_event)
+        except KeyboardInterrupt:
+            err_console.print(f"stopped watching; job {job.id} keeps running (loraflow jobs cancel {job.id})")
+            raise
+    return final
+
+
+def _train_line(event: jobs_pb2.JobEvent) -> str:
+    m = event.metrics
+    parts = [fmt.state_name(event.state).lower()]
+    if "step" in m:
+        parts.append(f"step {int(m['step'])}")
+    for key, label in (("loss", "loss"), ("eval_loss", "eval"), ("learning_rate", "lr"),
+                       ("tokens_per_second", "tok/s")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.4g}")
+    if event.message:
+        parts.append(event.message)  # the trainer puts its eta here
+    return "  ".join(parts)
+
+
+def _compile_line(event: jobs_pb2.JobEvent) -> str:
+    return event.message or fmt.state_name(event.state).lower()
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+@app.command()
+@handles_errors
+def train(ctx: typer.Context,
+          base: Annotated[str, typer.Argument(help="Base model: HF checkpoint dir or store URI.")],
+          data: Annotated[str, typer.Argument(help="JSONL dataset: local path or store URI.")],
+          name: Annotated[str, typer.Option(help="Adapter name to register.")],
+          r: Annotated[int | None, typer.Option(help="LoRA rank (default: the server's, 8).")] = None,
+          alpha: Annotated[float, typer.Option(help="lora_alpha (0 = 2*r).")] = 0.0,
+          targets: Annotated[str | None, typer.Option(help="Comma-separated modules, or all-linear.")] = None,
+          dropout: Annotated[float, typer.Option(help="lora_dropout.")] = 0.0,
+          rslora: Annotated[bool, typer.Option(help="Rank-stabilised scaling alpha/sqrt(r).")] = False,
+          bias: Annotated[str, typer.Option(help="none, all or lora_only.")] = "",
+          steps: Annotated[int, typer.Option(help="max_steps (0 = run --epochs).")] = 0,
+          epochs: Annotated[float, typer.Option(help="num_epochs when --steps is 0.")] = 0.0,
+          batch_size: Annotated[int, typer.Option()] = 0,
+          grad_accum: Annotated[int, typer.Option(help="gradient_accumulation_steps.")] = 0,
+          lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.0,
+          max_seq_len: Annotated[int, typer.Option()] = 0,
+          eval_fraction: Annotated[float, typer.Option()] = 0.0,
+          seed: Annotated[int, typer.Option()] = 0,
+          checkpoint_every: Annotated[int, typer.Option(help="checkpoint_every_steps.")] = 0,
+          warmup_steps: Annotated[int, typer.Option()] = 0,
+          lr_scheduler: Annotated[str, typer.Option(help="cosine, linear or constant.")] = "",
+          gradient_checkpointing: Annotated[bool, typer.Option()] = False,
+          device: Annotated[str, typer.Option(help="cpu, cuda or qaic.")] = "",
+          request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+          wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = False,
+          output: OutputOpt = Output.table) -> None:
+    """Submit a LoRA fine-tuning job."""
+    client = _state(ctx).client
+    job = client.train(base, data, name, r=r, alpha=alpha, targets=_split(targets), dropout=dropout, rslora=rslora,
+                       bias=bias, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                       max_seq_len=max_seq_len, eval_fraction=eval_fraction, seed=seed,
+                       checkpoint_every=checkpoint_every, device=device, warmup_steps=warmup_steps,
+                       lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing,
+                       request_id=request_id)
+    if wait:
+        job = _follow(client, job, output, _train_line)
+    _print_job(job, output)
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+
+def _adapter_pairs(a) -> list[tuple[str, object]]:
+    return [("name", a.name), ("uri", a.uri), ("base_model", a.base_model), ("r", a.lora.r),
+            ("lora_alpha", a.lora.lora_alpha), ("targets", ",".join(a.lora.target_modules)),
+            ("rslora", a.lora.use_rslora), ("metrics", fmt.fmt_metrics(a.metrics)), ("job_id", a.job_id),
+            ("digest", a.digest), ("created", fmt.timestamp(a.create_time))]
+
+
+@adapters_app.command("list")
+@handles_errors
+def adapters_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+    """Registered adapters."""
+    adapters = _state(ctx).client.list_adapters()
+    if output == Output.json:
+        fmt.print_json({"adapters": [fmt.to_dict(a) for a in adapters]})
+        return
+    out_console.print(fmt.table(None, ["name", "base_model", "r", "targets", "metrics", "created"], [
+        (a.name, a.base_model, a.lora.r, ",".join(a.lora.target_modules),
+         fmt.fmt_metrics(a.metrics, ["train_loss", "eval_loss", "steps"]), fmt.timestamp(a.create_time))
+        for a in adapters]))
+
+
+@adapters_app.command("get")
+@handles_errors
+def adapters_get(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
+    """One adapter."""
+    adapter = _state(ctx).client.get_adapter(name)
+    if output == Output.json:
+        fmt.print_json(fmt.to_dict(adapter))
+    else:
+        out_console.print(fmt.key_values(f"adapter {adapter.name}", _adapter_pairs(adapter)))
+
+
+@adapters_app.command("delete")
+@handles_errors
+def adapters_delete(ctx: typer.Context, name: str, output: OutputOpt = Output.table) -> None:
+    """Delete an adapter from the registry and the store."""
+    adapter = _state(ctx).client.delete_adapter(name)
+    if output == Output.json:
+        fmt.print_json({"deleted": fmt.to_dict(adapter)})
+    else:
+        out_console.print(f"deleted adapter {adapter.name or name}")
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+@app.command("compile")
+@handles_errors
+def compile_(ctx: typer.Context,
+             base: Annotated[str, typer.Argument(help="Base model: HF checkpoint dir or store URI.")],
+             adapters: Annotated[str, typer.Option(help="Comma-separated adapter names/URIs in slot order.")] = "",
+             target: Annotated[str, typer.Option(help="onnxruntime or ai100.")] = "",
+             ctx_len: Annotated[int | None, typer.Option()] = None,
+             prefill_seq_len: Annotated[int | None, typer.Option()] = None,
+             batch_size: Annotated[int | None, typer.Option()] = None,
+             full_batch_size: Annotated[int | None, typer.Option(help="Continuous-batching slots.")] = None,
+             slots: Annotated[int | None, typer.Option(help="Adapter slots (>= number of adapters).")] = None,
+             max_rank: Annotated[int | None, typer.Option()] = None,
+             dtype: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "",
+             num_cores: Annotated[int | None, typer.Option(help="AI 100 cores.")] = None,
+             target_modules: Annotated[str | None, typer.Option(help="Comma-separated modules to adapt.")] = None,
+             mxfp6_matmul: Annotated[bool, typer.Option(help="AI 100: MXFP6 matmul weights.")] = False,
+             request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
+             wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = False,
+             output: OutputOpt = Output.table) -> None:
+    """Compile a base model with an adapter set into an artifact."""
+    client = _state(ctx).client
+    job = client.compile(base, _split(adapters), target=target, ctx_len=ctx_len, prefill_seq_len=prefill_seq_len,
+                         batch_size=batch_size, full_batch_size=full_batch_size, slots=slots, max_rank=max_rank,
+                         dtype=dtype, num_cores=num_cores, target_modules=_split(target_modules),
+                         mxfp6_matmul=mxfp6_matmul, request_id=request_id)
+    if wait and job.state not in (jobs_pb2.JOB_STATE_SUCCEEDED,):
+        job = _follow(client, job, output, _compile_line)
+    _print_job(job, output)
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+
+def _artifact_pairs(a) -> list[tuple[str, object]]:
+    o = a.options
+    return [("artifact_id", a.artifact_id), ("uri", a.uri), ("base_model", a.base_model),
+            ("architecture", a.architecture), ("size", fmt.human_bytes(a.size_bytes)),
+            ("adapters", ", ".join(f"{s.slot}:{s.name}(r={s.r})" for s in a.adapters)),
+            ("target", o.target), ("dtype", o.dtype), ("ctx_len", o.ctx_len), ("prefill_seq_len", o.prefill_seq_len),
+            ("batch_size", o.batch_size), ("full_batch_size", o.full_batch_size), ("adapter_slots", o.adapter_slots),
+            ("max_rank", o.max_rank), ("created", fmt.timestamp(a.create_time))]
+
+
+@artifacts_app.command("list")
+@handles_errors
+def artifacts_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+    """Compiled artifacts."""
+    artifacts = _state(ctx).client.list_artifacts()
+    if output == Output.json:
+        fmt.print_json({"artifacts": [fmt.to_dict(a) for a in artifacts]})
+        return
+    out_console.print(fmt.table(None, ["artifact_id", "base_model", "adapters", "target", "dtype", "size", "created"], [
+        (a.artifact_id, a.base_model, ",".join(s.name for s in a.adapters), a.options.target, a.options.dtype,
+         fmt.human_bytes(a.size_bytes), fmt.timestamp(a.create_time)) for a in artifacts]))
+
+
+@artifacts_app.command("get")
+@handles_errors
+def artifacts_get(ctx: typer.Context, artifact_id: str, output: OutputOpt = Output.table) -> None:
+    """One artifact."""
+    artifact = _state(ctx).client.get_artifact(artifact_id)
+    if output == Output.json:
+        fmt.print_json(fmt.to_dict(artifact))
+    else:
+        out_console.print(fmt.key_values(f"artifact {artifact.artifact_id}", _artifact_pairs(artifact)))
+
+
+@artifacts_app.command("delete")
+@handles_errors
+def artifacts_delete(ctx: typer.Context, artifact_id: str, output: OutputOpt = Output.table) -> None:
+    """Delete an artifact from the registry and the store."""
+    artifact = _state(ctx).client.delete_artifact(artifact_id)
+    if output == Output.json:
+        fmt.print_json({"deleted": fmt.to_dict(artifact)})
+    else:
+        out_console.print(f"deleted artifact {artifact.artifact_id or artifact_id}")
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+def _model_rows(models) -> list[tuple]:
+    return [(m.model_id, m.artifact_id, m.device,
+             ", ".join(f"{a.slot}:{a.name}" for a in m.adapters), m.free_adapter_slots, m.batch_slots, m.ctx_len,
+             m.active_requests, fmt.human_bytes(m.memory_bytes)) for m in models]
+
+
+_MODEL_COLUMNS = ["model_id", "artifact_id", "device", "adapters", "free slots", "batch", "ctx", "active", "memory"]
+
+
+def _print_model(model: inference_pb2.Model, output: Output) -> None:
+    if output == Output.json:
+        fmt.print_json(fmt.to_dict(model))
+    else:
+        out_console.print(fmt.table(None, _MODEL_COLUMNS, _model_rows([model])))
+
+
+@app.command()
+@handles_errors
+def load(ctx: typer.Context, artifact: Annotated[str, typer.Argument(help="Artifact id.")],
+         device: Annotated[str, typer.Option(help="cpu, cuda or ai100.")] = "",
+         model_id: Annotated[str, typer.Option(help="Id to give the model (default from the artifact).")] = "",
+         threads: Annotated[int, typer.Option(help="CPU intra-op threads (0 = runtime default).")] = 0,
+         output: OutputOpt = Output.table) -> None:
+    """Load an artifact onto a device of the inference service."""
+    if output == Output.table:
+        with err_console.status(f"loading {artifact}"):
+            model = _state(ctx).client.load_artifact(artifact, device, model_id=model_id, num_threads=threads)
+    else:
+        model = _state(ctx).client.load_artifact(artifact, device, model_id=model_id, num_threads=threads)
+    _print_model(model, output)
+
+
+@app.command("load-adapter")
+@handles_errors
+def load_adapter(ctx: typer.Context, model: Annotated[str, typer.Argument(help="Loaded model id.")],
+                 adapter: Annotated[str, typer.Argument(help="Registered adapter name or PEFT directory URI.")],
+                 name: Annotated[str, typer.Option(help="Name to serve it under.")] = "",
+                 output: OutputOpt = Output.table) -> None:
+    """Bind an adapter into a free slot of a loaded model (no recompile)."""
+    _print_model(_state(ctx).client.load_adapter(model, adapter, name), output)
+
+
+@models_app.command("list")
+@handles_errors
+def models_list(ctx: typer.Context, output: OutputOpt = Output.table) -> None:
+    """Models loaded on the inference service."""
+    models = _state(ctx).client.list_models()
+    if output == Output.json:
+        fmt.print_json({"models": [fmt.to_dict(m) for m in models]})
+    else:
+        out_console.print(fmt.table(None, _MODEL_COLUMNS, _model_rows(models)))
+
+
+@models_app.command("unload")
+@handles_errors
+def models_unload(ctx: typer.Context, model_id: str, output: OutputOpt = Output.table) -> None:
+    """Unload a model from the inference service."""
+    model = _state(ctx).client.unload_model(model_id)
+    if output == Output.json:
+        fmt.print_json({"unloaded": fmt.to_dict(model)})
+    else:
+        out_console.print(f"unloaded model {model.model_id or model_id}")
+
+
+@models_app.command("import")
+@handles_errors
+def models_import(name: Annotated[str, typer.Argument(help="e.g. smollm2-135m-instruct")],
+                  output: OutputOpt = Output.table) -> None:
+    """Import a known model as a local Hugging Face checkpoint and print its path."""
+    from loraflow.models_import import import_model  # heavy (transformers, gguf): only when asked
+
+    path = import_model(name)
+    if output == Output.json:
+        fmt.print_json({"name": name, "path": str(path)})
+    else:
+        out_console.print(str(path), highlight=False)
+
+
+@app.command()
+@handles_errors
+def generate(ctx: typer.Context,
+             prompt: Annotated[str, typer.Argument(help="Prompt text ('-' reads stdin).")],
+             model: Annotated[str, typer.Option(help="Loaded model id (default: the only loaded model).")] = "",
+             adapter: Annotated[str, typer.Option(help="Adapter name; empty = base model.")] = "",
+             chat: Annotated[bool, typer.Option(help="Apply the chat template as one user turn.")] = False,
+             max_new_tokens: Annotated[int, typer.Option()] = 0,
+             temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+             top_k: Annotated[int, typer.Option()] = 0,
+             top_p: Annotated[float, typer.Option()] = 0.0,
+             seed: Annotated[int, typer.Option()] = 0,
+             stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+             repetition_penalty: Annotated[float, typer.Option()] = 0.0,
+             ignore_eos: Annotated[bool, typer.Option()] = False,
+             output: OutputOpt = Output.table) -> None:
+    """Stream a completion to the terminal (-o json: one object with text, tokens, finish_reason, usage)."""
+    client = _state(ctx).client
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not model:
+        models = client.list_models()
+        if len(models) != 1:
+            loaded = [m.model_id for m in models]
+            raise errors.InvalidArgument(f"--model is required when {len(loaded)} models are loaded ({loaded})",
+                                         field="model", value="")
+        model = models[0].model_id
+    chunks = client.generate(prompt, model, adapter, chat, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, stop=stop or [],
+                             repetition_penalty=repetition_penalty, ignore_eos=ignore_eos)
+    text, token_ids, final = [], [], None
+    for chunk in chunks:
+        text.append(chunk.text)
+        token_ids.extend(chunk.token_ids)
+        if output == Output.table and chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        if chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
+            final = chunk
+    reason = inference_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower() \
+        if final else "unspecified"
+    usage = {"prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens} \
+        if final else {"prompt_tokens": 0, "completion_tokens": len(token_ids)}
+    if output == Output.json:
+        fmt.print_json({"model_id": model, "adapter": adapter, "text": "".join(text), "token_ids": token_ids,
+                        "finish_reason": reason, "usage": usage,
+                        "request_id": final.request_id if final else ""})
+    else:
+        sys.stdout.write("\n")
+        err_console.print(f"[dim]{reason} · {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+                          f"completion tokens[/dim]")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,288 @@
+"""gRPC server bootstrap shared by every service: factory, error interceptor, health, reflection, shutdown.
+
+The one interceptor turns a LoraflowError raised by a servicer into a ``google.rpc.Status`` carrying an
+``ErrorInfo{reason, domain="loraflow", metadata{field, value}}`` (read it with
+``grpc_status.rpc_status.from_call``). Any other exception becomes INTERNAL with a correlation id that
+is also logged with the traceback; the traceback never reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from loraflow.errors import InvalidArgument, LoraflowError
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "loraflow"
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+# -- time conversion --
+
+def to_timestamp(value: datetime | float | None) -> timestamp_pb2.Timestamp | None:
+    """A protobuf Timestamp from an aware/naive-UTC datetime or unix seconds; None stays None."""
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        ts.FromDatetime(value)
+    else:
+        ts.FromNanoseconds(int(round(float(value) * 1e9)))
+    return ts
+
+
+def set_timestamp(field: timestamp_pb2.Timestamp, value: datetime | float | None) -> None:
+    """Fill a message's Timestamp field in place (left unset for None)."""
+    ts = to_timestamp(value)
+    if ts is not None:
+        field.CopyFrom(ts)
+
+
+def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime | None:
+    if ts is None or (ts.seconds == 0 and ts.nanos == 0):
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def parse_listen(listen: str, field: str = "listen") -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); port 0 means "pick a free one"."""
+    if not isinstance(listen, str) or ":" not in listen:
+        raise InvalidArgument(f"{field} must be HOST:PORT, got {listen!r}", field=field, value=listen)
+    host, _, port_text = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise InvalidArgument(f"{field} needs a host (e.g. 0.0.0.0:{port_text}), got {listen!r}", field=field,
+                              value=listen)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise InvalidArgument(f"{field} port must be a number, got {port_text!r}", field=field, value=listen) from None
+    if not 0 <= port <= 65535:
+        raise InvalidArgument(f"{field} port must be in 0..65535, got {port}", field=field, value=listen)
+    return host, port
+
+
+# -- error mapping --
+
+def error_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None) -> grpc.Status:
+    """A grpc.Status carrying google.rpc.Status + ErrorInfo in the trailers."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+
+
+# Status messages travel in HTTP/2 trailers (16 KiB by default): an echoed oversized field must not overflow them.
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_STATUS_MESSAGE_CHARS:
+        return text
+    return text[:MAX_STATUS_MESSAGE_CHARS] + f"... ({len(text)} chars)"
+
+
+def status_for(exc: LoraflowError) -> grpc.Status:
+    return error_status(exc.code, _clip(exc.message), exc.reason, exc.metadata)
+
+
+def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """Client side: the ErrorInfo of a failed call, or None."""
+    status = rpc_status.from_call(rpc_error)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    """True when the servicer called context.abort() itself (grpc raises a bare Exception then)."""
+    state = getattr(context, "_state", None)
+    if state is not None and getattr(state, "aborted", False):
+        return True
+    code = context.code() if hasattr(context, "code") else None
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    if isinstance(exc, LoraflowError):
+        log.info("%s -> %s: %s", method, exc.code.name, exc.message)
+        context.abort_with_status(status_for(exc))
+    if _already_aborted(context):
+        raise exc
+    correlation_id = uuid.uuid4().hex[:12]
+    log.error("internal error in %s [correlation id %s]", method, correlation_id, exc_info=exc)
+    context.abort_with_status(error_status(
+        grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation_id})", "INTERNAL",
+        {"correlation_id": correlation_id}))
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions of unary and streaming handlers to canonical statuses (see module docstring)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def unary(behavior):
+            def wrapped(request_or_iterator, context):
+                try:
+                    return behavior(request_or_iterator, context)
+                except Exception as exc:  # noqa: BLE001 - mapped, never leaked
+                    _handle(exc, context, method)
+            return wrapped
+
+        def streaming(behavior):
+            def wrapped(request_or_iterator, context):
+                try:
+                    yield from behavior(request_or_iterator, context)
+                except Exception as exc:  # noqa: BLE001
+                    _handle(exc, context, method)
+            return wrapped
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream),
+                                                        handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream),
+                                                         handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+# -- server --
+
+class GrpcServer:
+    """A grpc.server with the error interceptor, health (per service name and overall "") and reflection.
+
+    service_names: full names (e.g. "loraflow.v1.TrainerService") reported by health and reflection.
+    """
+
+    def __init__(self, listen: str = "127.0.0.1:0", service_names: Sequence[str] = (), *, max_workers: int = 16,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 interceptors: Iterable[grpc.ServerInterceptor] = ()):
+        self.host, self.requested_port = parse_listen(listen)
+        self.service_names = list(service_names)
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                                   interceptors=[ErrorInterceptor(), *interceptors], options=options,
+                                   maximum_concurrent_rpcs=None)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.port: int | None = None
+        self._started = False
+
+    @property
+    def server(self) -> grpc.Server:
+        return self._server
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def add(self, add_fn: Callable[[object, grpc.Server], None], servicer: object) -> None:
+        """add_fn is a generated add_XServicer_to_server."""
+        if self._started:
+            raise RuntimeError("add services before start()")
+        add_fn(servicer, self._server)
+
+    def start(self) -> int:
+        names = [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self._server)
+        bind_host = f"[{self.host}]" if ":" in self.host else self.host
+        self.port = self._server.add_insecure_port(f"{bind_host}:{self.requested_port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.host}:{self.requested_port}")
+        self._server.start()
+        self._started = True
+        self.set_serving(True)
+        log.info("gRPC server on %s serving %s", self.address, ", ".join(self.service_names) or "-")
+        return self.port
+
+    def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = 10) -> threading.Event:
+        """Stop accepting RPCs; in-flight ones get `grace` seconds. Returns the event set when done."""
+        self.set_serving(False)
+        return self._server.stop(grace)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+
+def run_until_signal(server: GrpcServer, on_shutdown: Sequence[Callable[[], None]] = (), *, grace: float = 10.0,
+                     stop_event: threading.Event | None = None,
+                     signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+                     not_serving_delay: float = 0.0) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop_event`): health NOT_SERVING, stop accepting, let in-flight
+    RPCs finish within `grace`, and run the `on_shutdown` callbacks (stop workers) meanwhile.
+
+    `not_serving_delay` keeps accepting RPCs for that long after health turns NOT_SERVING, so load
+    balancers that poll health stop routing here first. Must be called from the main thread when
+    `signals` is non-empty.
+    """
+    stop_event = stop_event or threading.Event()
+    previous = {}
+
+    def on_signal(signum, _frame):
+        log.info("signal %s: shutting down (grace %.0fs)", signal.Signals(signum).name, grace)
+        stop_event.set()
+
+    for sig in signals:
+        previous[sig] = signal.signal(sig, on_signal)
+    try:
+        while not stop_event.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # a second signal acts as usual (hard stop)
+    server.set_serving(False)
+    if not_serving_delay > 0:
+        time.sleep(not_serving_delay)
+    drained = server.stop(grace)
+    for callback in on_shutdown:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - one failing callback must not skip the others
+            log.exception("shutdown callback %r failed", callback)
+    drained.wait(grace + 1)
+    log.info("server stopped")

@@ -1,0 +1,312 @@
+"""PEFT LoRA adapter dir → per-slot, padded, pre-scaled bank tensors (numpy + JSON; no torch).
+
+The compiler and the inference runtime build banks with this one module, so an adapter bound
+into a running model is laid out exactly as at compile time:
+
+  lora_a.{m}  [L, N, in, R]   A^T of each layer, zero-padded from the adapter's rank to R
+  lora_b.{m}  [L, N, R, out]  B^T * scaling (alpha/r, or alpha/sqrt(r) with rsLoRA), zero-padded
+
+N = adapter_slots + 1; slot 0 stays zero (the base model). ``rank_pattern``/``alpha_pattern`` are
+honoured per module, the way PEFT resolves them. Anything the banks cannot express (DoRA,
+modules_to_save, embedding or lm_head targets, LoRA biases, ...) is rejected with an error that
+names the adapter, the field and the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loraflow.errors import FailedPrecondition, InvalidArgument
+from loraflow.graph_contract import LORA_TARGET_MODULES
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# PEFT key of one LoRA matrix in a decoder block, e.g.
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\."
+    r"(?P<module>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
+_BLOCK_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+# adapter_config.json fields the bank layout cannot express: (field, "is set" test, why).
+_UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
+    ("use_dora", bool, "DoRA needs a per-module magnitude vector and weight norm"),
+    ("modules_to_save", bool, "modules_to_save replaces base weights"),
+    ("fan_in_fan_out", bool, "fan_in_fan_out (Conv1D) layouts are not Llama-family linears"),
+    ("layer_replication", bool, "layer_replication changes the layer stack"),
+    ("lora_bias", bool, "lora_bias adds a bias to lora_B"),
+    ("target_parameters", bool, "target_parameters adapts raw parameters, not linears"),
+    ("trainable_token_indices", bool, "trainable_token_indices changes embeddings"),
+    ("alora_invocation_tokens", bool, "activated LoRA (aLoRA) needs invocation-token logic"),
+    ("use_qalora", bool, "QALoRA pools inputs before lora_A"),
+    ("use_bdlora", bool, "block-diagonal LoRA is a different layout"),
+    ("megatron_config", bool, "Megatron-parallel LoRA is a different layout"),
+)
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """What an artifact's banks hold: layers L, rank R, slots (N = slots + 1), module shapes."""
+
+    num_layers: int
+    max_rank: int
+    adapter_slots: int
+    modules: Mapping[str, tuple[int, int]]  # module -> (in_features, out_features), canonical order
+    architecture: str = ""
+
+    @property
+    def num_slots_with_base(self) -> int:
+        return self.adapter_slots + 1
+
+    def a_shape(self, module: str) -> tuple[int, int, int, int]:
+        fin, _ = self.modules[module]
+        return (self.num_layers, self.num_slots_with_base, fin, self.max_rank)
+
+    def b_shape(self, module: str) -> tuple[int, int, int, int]:
+        _, fout = self.modules[module]
+        return (self.num_layers, self.num_slots_with_base, self.max_rank, fout)
+
+    @classmethod
+    def from_manifest(cls, manifest) -> BankSpec:
+        """From a loraflow.manifest.Manifest (kept duck-typed so this module imports nothing else)."""
+        g = manifest.graph
+        return cls(num_layers=g.layers, max_rank=manifest.max_rank, adapter_slots=manifest.adapter_slots,
+                   modules={m: (s.in_features, s.out_features) for m, s in g.lora_modules.items()},
+                   architecture=manifest.base_model.architecture)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter read from disk, before it is checked against any artifact."""
+
+    name: str
+    path: Path
+    digest: str  # sha256 of adapter_model.safetensors
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]  # modules that actually carry weights, canonical order
+    config: Mapping[str, Any]
+    # (layer, module) -> (A [r_m, in], B [out, r_m]) as float32
+    weights: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def num_layers_seen(self) -> int:
+        return 1 + max(layer for layer, _ in self.weights)
+
+    @property
+    def max_module_rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.weights.values())
+
+    def scaling(self, layer: int, module: str) -> float:
+        """PEFT's scaling for one module, honouring rank_pattern/alpha_pattern."""
+        key = f"model.layers.{layer}.{_BLOCK_OF[module]}.{module}"
+        r = _pattern_value(self.config.get("rank_pattern") or {}, key, self.r)
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, key, self.lora_alpha)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_value(pattern: Mapping[str, Any], key: str, default: float) -> float:
+    # PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\.)?({p})$", key) wins.
+    for p, value in pattern.items():
+        if re.match(rf"(.*\.)?({p})$", key):
+            return value
+    return default
+
+
+def adapter_digest(path: str | Path) -> str:
+    """sha256 of the adapter's weights file (``path`` is the adapter dir or the file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_adapter(name: str, path: str | Path) -> Adapter:
+    """Read and sanity-check a PEFT adapter dir; raise InvalidArgument naming the adapter and field."""
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise InvalidArgument(
+            f"adapter {name!r}: {path} is not a PEFT adapter dir (needs {CONFIG_FILE} and {WEIGHTS_FILE})",
+            field="adapters", value=str(path))
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON: {exc}",
+                              field="adapter_config", value=str(cfg_path)) from exc
+
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        _reject(name, "peft_type", peft_type, "only LORA adapters are supported")
+    task_type = config.get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):
+        _reject(name, "task_type", task_type, "only CAUSAL_LM adapters fit a decoder artifact")
+    for field_name, _, why in _UNSUPPORTED:
+        value = config.get(field_name)
+        if value:
+            _reject(name, field_name, value, why)
+    bias = config.get("bias", "none")
+    if bias != "none":
+        _reject(name, "bias", bias, "trained biases change base weights; only bias='none' is supported")
+    r = config.get("r")
+    if not isinstance(r, int) or r <= 0:
+        _reject(name, "r", r, "r must be a positive integer")
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, int | float) or alpha <= 0:
+        _reject(name, "lora_alpha", alpha, "lora_alpha must be a positive number")
+    for pattern_field in ("rank_pattern", "alpha_pattern"):
+        for p, v in (config.get(pattern_field) or {}).items():
+            if not isinstance(v, int | float) or v <= 0:
+                _reject(name, f"{pattern_field}[{p!r}]", v, "pattern values must be positive numbers")
+
+    raw = _read_safetensors(w_path)
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, arr in raw.items():
+        m = _KEY_RE.match(key)
+        if m is None or m["module"] not in _BLOCK_OF or _BLOCK_OF[m["module"]] != m["block"]:
+            _reject(name, "weights", key, "only lora_A/lora_B of q/k/v/o_proj and gate/up/down_proj "
+                    "in decoder layers are supported (no embeddings, lm_head or biases)")
+        pairs.setdefault((int(m["layer"]), m["module"]), {})[m["ab"]] = arr
+    if not pairs:
+        _reject(name, "weights", str(w_path), "the adapter holds no LoRA weights")
+
+    weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            _reject(name, "weights", f"layers.{layer}.{module}", "lora_A and lora_B must both be present")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            _reject(name, "weights", f"layers.{layer}.{module}: A{list(a.shape)} B{list(b.shape)}",
+                    "lora_A must be [r, in] and lora_B [out, r]")
+        weights[(layer, module)] = (a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
+
+    targets = tuple(m for m in LORA_TARGET_MODULES if any(mod == m for _, mod in weights))
+    return Adapter(name=name, path=path, digest=adapter_digest(w_path), r=int(r), lora_alpha=float(alpha),
+                   use_rslora=bool(config.get("use_rslora", False)), target_modules=targets,
+                   config=config, weights=weights)
+
+
+def check_fits(adapter: Adapter, spec: BankSpec) -> None:
+    """Raise unless ``adapter`` can be written into a slot of banks laid out by ``spec``."""
+    name = adapter.name
+    extra = [m for m in adapter.target_modules if m not in spec.modules]
+    if extra:
+        raise FailedPrecondition(
+            f"adapter {name!r}: target_modules {extra} are not adapted by the artifact "
+            f"(it covers {list(spec.modules)})", field="target_modules", value=extra,
+            metadata={"adapter": name})
+    rank = adapter.max_module_rank
+    if rank > spec.max_rank:
+        field_name = "r" if rank == adapter.r else "rank_pattern"
+        raise FailedPrecondition(f"adapter {name!r}: r={rank} exceeds the artifact's max_rank={spec.max_rank}",
+                                 field=field_name, value=rank, metadata={"adapter": name})
+    if adapter.num_layers_seen > spec.num_layers:
+        raise FailedPrecondition(
+            f"adapter {name!r}: has weights for layer {adapter.num_layers_seen - 1} but the base model has "
+            f"{spec.num_layers} layers (trained for another architecture?)", field="layers",
+            value=adapter.num_layers_seen, metadata={"adapter": name})
+    for (layer, module), (a, b) in adapter.weights.items():
+        fin, fout = spec.modules[module]
+        if a.shape[1] != fin or b.shape[0] != fout:
+            raise FailedPrecondition(
+                f"adapter {name!r}: layers.{layer}.{module} maps {a.shape[1]}→{b.shape[0]} features but the "
+                f"base model's {module} maps {fin}→{fout} (trained for another architecture?)",
+                field=f"{module}.shape", value=[a.shape[1], b.shape[0]], metadata={"adapter": name})
+
+
+def slot_tensors(adapter: Adapter, spec: BankSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per module: (A^T [L, in, R], B^T * scaling [L, R, out]) ready for one bank slot."""
+    check_fits(adapter, spec)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for module, (fin, fout) in spec.modules.items():
+        a_slot = np.zeros((spec.num_layers, fin, spec.max_rank), np.float32)
+        b_slot = np.zeros((spec.num_layers, spec.max_rank, fout), np.float32)
+        for layer in range(spec.num_layers):
+            w = adapter.weights.get((layer, module))
+            if w is None:
+                continue
+            a, b = w  # a [r, in], b [out, r]
+            r = a.shape[0]
+            a_slot[layer, :, :r] = a.T  # [in, r]
+            b_slot[layer, :r, :] = b.T * adapter.scaling(layer, module)  # [r, out]
+        out[module] = (a_slot, b_slot)
+    return out
+
+
+def empty_banks(spec: BankSpec, dtype: str | np.dtype = np.float32) -> tuple[dict[str, np.ndarray],
+                                                                            dict[str, np.ndarray]]:
+    """Zeroed banks (every slot is the base model) keyed by module."""
+    banks_a = {m: np.zeros(spec.a_shape(m), dtype) for m in spec.modules}
+    banks_b = {m: np.zeros(spec.b_shape(m), dtype) for m in spec.modules}
+    return banks_a, banks_b
+
+
+def write_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
+               adapter: Adapter, spec: BankSpec) -> None:
+    """Write ``adapter`` into ``slot`` (1..adapter_slots) of the banks in place."""
+    if not 1 <= slot <= spec.adapter_slots:
+        raise InvalidArgument(f"adapter {adapter.name!r}: slot {slot} is outside 1..{spec.adapter_slots}",
+                              field="slot", value=slot)
+    for module, (a_slot, b_slot) in slot_tensors(adapter, spec).items():
+        banks_a[module][:, slot] = a_slot
+        banks_b[module][:, slot] = b_slot
+
+
+def clear_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int) -> None:
+    """Zero ``slot`` so it behaves as the base model."""
+    if slot == 0:
+        raise InvalidArgument("slot 0 is the base model and is always zero", field="slot", value=slot)
+    for m in banks_a:
+        banks_a[m][:, slot] = 0
+        banks_b[m][:, slot] = 0
+
+
+def _reject(name: str, field_name: str, value: Any, why: str):
+    raise InvalidArgument(f"adapter {name!r}: {field_name}={value!r} is not supported: {why}",
+                          field=field_name, value=value, metadata={"adapter": name})
+
+
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Minimal safetensors reader that also handles BF16 (numpy has no bfloat16)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        data = f.read()
+    out: dict[str, np.ndarray] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        buf = data[start:end]
+        dtype = info["dtype"]
+        if dtype == "BF16":
+            # bf16 is the top half of a float32.
+            arr = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif dtype in _NP_DTYPES:
+            arr = np.frombuffer(buf, _NP_DTYPES[dtype])
+        else:
+            raise InvalidArgument(f"{path}: tensor {key!r} has dtype {dtype}; LoRA weights must be float",
+                                  field="weights.dtype", value=dtype)
+        out[key] = arr.reshape(info["shape"])
+    return out

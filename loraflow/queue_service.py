@@ -1,0 +1,140 @@
+"""The process shape shared by the queue-backed services (trainer, compiler).
+
+`python -m services.<name> [all|api|worker]`: `api` serves the service's gRPC API plus JobService,
+health and reflection; `worker` runs the job loop; `all` (default) does both in one process.
+Without a Redis URL an embedded redis-server is started. SIGTERM/SIGINT: health NOT_SERVING,
+in-flight RPCs drain, a running job is released for another worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from loraflow.config import Settings, connect_redis
+from loraflow.jobs import HandlerFn, JobQueue, JobWorker
+from loraflow.registry import Registry
+from loraflow.store import ObjectStore, open_store
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What servicers and handlers are built from."""
+
+    settings: Settings
+    redis: redis.Redis
+    queue: JobQueue
+    registry: Registry
+    store: ObjectStore
+    args: argparse.Namespace
+
+
+@dataclass(frozen=True)
+class QueueServiceSpec:
+    """How one queue-backed service differs from the others."""
+
+    name: str  # "trainer"
+    kind: str  # job kind / queue name: "train"
+    default_port: int
+    grpc_service_name: str  # full name, for health
+    add_servicer: Callable[[object, object], None]  # generated add_XServicer_to_server
+    make_servicer: Callable[[ServiceContext], object]
+    make_handler: Callable[[ServiceContext], HandlerFn]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    serve_metrics: Callable[[int], None] | None = None
+
+
+def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argparse.Namespace:
+    listen = f"0.0.0.0:{spec.default_port}"
+    p = argparse.ArgumentParser(prog=f"python -m services.{spec.name}",
+                                description=f"loraflow {spec.name}: API, worker, or both")
+    p.add_argument("mode", nargs="?", default="all", choices=("all", "api", "worker"))
+    p.add_argument("--listen", default=listen, help=f"HOST:PORT to serve on (default {listen})")
+    p.add_argument("--redis-url", default=None, help="Redis URL (env LORAFLOW_REDIS_URL; unset = embedded)")
+    p.add_argument("--store-url", default=None, help="object store (env LORAFLOW_STORE_URL)")
+    p.add_argument("--cache-dir", default=None, help="local cache (env LORAFLOW_CACHE_DIR)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--lease-seconds", type=float, default=30.0,
+                   help="job lease; a dead worker's job is taken over after 3 leases")
+    p.add_argument("--max-deliveries", type=int, default=3, help="lost runs before a job is dead-lettered")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on shutdown")
+    p.add_argument("--log-level", default="INFO")
+    if spec.add_arguments is not None:
+        spec.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
+    args = parse_args(spec, argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s",
+                        stream=sys.stderr)
+    log = logging.getLogger(f"loraflow.{spec.name}")
+    settings = Settings.from_env(redis_url=args.redis_url, store_url=args.store_url, cache_dir=args.cache_dir)
+    shutdown: list[Callable[[], None]] = []
+    redis_url = settings.redis_url
+    if redis_url is None:
+        from loraflow.embedded_redis import EmbeddedRedis
+
+        embedded = EmbeddedRedis()
+        redis_url = embedded.url
+        log.info("no redis URL given: started an embedded redis-server at %s", redis_url)
+    else:
+        embedded = None
+    client = connect_redis(redis_url)
+    queue = JobQueue(client, spec.kind, lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries)
+    ctx = ServiceContext(settings=settings, redis=client, queue=queue, registry=Registry(client),
+                         store=open_store(settings.store_url), args=args)
+    if args.metrics_port and spec.serve_metrics is not None:
+        spec.serve_metrics(args.metrics_port)
+        log.info("metrics on :%d/metrics", args.metrics_port)
+
+    stop = threading.Event()
+    if args.mode in ("all", "worker"):
+        worker = JobWorker(queue, spec.make_handler(ctx), stop_event=stop)
+        worker_thread = threading.Thread(target=worker.run, name=f"{spec.kind}-worker")
+        worker_thread.start()
+        log.info("%s worker %s started (store %s)", spec.name, worker.consumer, ctx.store.uri())
+
+        def stop_worker() -> None:
+            stop.set()
+            worker_thread.join()
+
+        shutdown.append(stop_worker)
+    if embedded is not None:
+        shutdown.append(embedded.stop)
+
+    if args.mode == "worker":
+        _wait_for_signal(stop, log)
+        for callback in shutdown:
+            callback()
+        return 0
+
+    from loraflow.grpc_server import GrpcServer, run_until_signal
+    from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+    from loraflow.job_service import add_job_service
+
+    server = GrpcServer(listen=args.listen, service_names=[spec.grpc_service_name, JOB_SERVICE_NAME])
+    server.add(spec.add_servicer, spec.make_servicer(ctx))
+    add_job_service(server, {spec.kind: queue})
+    port = server.start()
+    log.info("%s %s listening on port %d", spec.name, args.mode, port)
+    run_until_signal(server, on_shutdown=shutdown, grace=args.grace)
+    return 0
+
+
+def _wait_for_signal(stop: threading.Event, log: logging.Logger) -> None:
+    def on_signal(signum, _frame):
+        log.info("signal %s: stopping the worker", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    while not stop.wait(0.5):
+        pass

@@ -1,0 +1,294 @@
+"""Build an artifact directory: base model + ordered adapters + options → graph, files, manifest.
+
+Stages (each reported through ``progress(stage, fraction, message)`` with its duration, with
+``check()`` called between them so a cancelled job stops): load, validate, export, optimize,
+verify, write. ``manifest.json`` is written last, so a directory with a manifest is complete.
+
+``plan_artifact`` does the cheap part (read config and adapters, resolve and validate options,
+compute the artifact id) so the service can validate and detect cache hits before queueing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loraflow import lora_bank
+from loraflow.errors import FailedPrecondition, InvalidArgument
+from loraflow.manifest import (
+    AdapterEntry,
+    BaseModelInfo,
+    FileEntry,
+    Manifest,
+    compute_artifact_id,
+    file_sha256,
+)
+from loraflow.names import validate_name
+from services.compiler.modeling.config import DecoderConfig
+from services.compiler.options import CompileOptions
+
+# Bump when the graph or bank layout changes: it is part of every artifact id.
+COMPILER_VERSION = "loraflow-compiler/0.1.0+graph1"
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+STAGES = ("load", "validate", "export", "optimize", "verify", "write")
+
+Progress = Callable[[str, float, str], None]
+
+
+@dataclass(frozen=True)
+class ArtifactPlan:
+    """Everything decided before any heavy work: resolved options, adapters, id."""
+
+    artifact_id: str
+    options: CompileOptions  # resolved
+    config: DecoderConfig
+    base_fingerprint: str
+    adapters: tuple[lora_bank.Adapter, ...]
+    bank_spec: lora_bank.BankSpec
+
+
+def base_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over config.json (canonical JSON) and the sha256 of every weight file, by name."""
+    from services.compiler.modeling.decoder import weight_files
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for path in weight_files(model_dir):
+        if not path.is_file():
+            raise InvalidArgument(f"{model_dir} lacks weight file {path.name}", field="base_model",
+                                  value=str(model_dir))
+        h.update(f"\n{path.name}:{file_sha256(path)}".encode())
+    return h.hexdigest()
+
+
+def plan_artifact(base_model_dir: str | Path, adapters: Sequence[tuple[str, Path]], options: CompileOptions,
+                  *, fingerprint: str | None = None) -> ArtifactPlan:
+    """Validate base, adapters and options; compute the artifact id. Raises InvalidArgument /
+    FailedPrecondition naming the field and value (ai100 without the SDK is FailedPrecondition)."""
+    base_model_dir = Path(base_model_dir)
+    cfg = DecoderConfig.from_model_dir(base_model_dir)
+    names = [validate_name("adapters", name) for name, _ in adapters]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InvalidArgument(f"adapter {dup!r} is listed twice", field="adapters", value=dup)
+    options.validate(num_adapters=len(adapters))
+    loaded = tuple(lora_bank.read_adapter(name, Path(path)) for name, path in adapters)
+    resolved = options.resolve(adapter_ranks=[a.max_module_rank for a in loaded],
+                               adapter_targets=[a.target_modules for a in loaded]).validate(len(loaded))
+    if resolved.target == "ai100":
+        from services.compiler.ai100 import require_sdk
+
+        require_sdk()
+    if resolved.ctx_len > cfg.max_position_embeddings:
+        raise InvalidArgument(f"options.ctx_len={resolved.ctx_len} exceeds the model's max_position_embeddings="
+                              f"{cfg.max_position_embeddings}", field="options.ctx_len", value=resolved.ctx_len)
+    if cfg.sliding_window is not None and resolved.ctx_len > cfg.sliding_window:
+        raise InvalidArgument(f"options.ctx_len={resolved.ctx_len} exceeds the model's sliding_window="
+                              f"{cfg.sliding_window} (windowed attention is not implemented)",
+                              field="options.ctx_len", value=resolved.ctx_len)
+    shapes = cfg.lora_module_shapes()
+    spec = lora_bank.BankSpec(num_layers=cfg.num_layers, max_rank=int(resolved.max_rank),
+                              adapter_slots=int(resolved.adapter_slots),
+                              modules={m: shapes[m] for m in resolved.target_modules},
+                              architecture=cfg.architecture)
+    for adapter in loaded:
+        lora_bank.check_fits(adapter, spec)
+    fp = fingerprint or base_fingerprint(base_model_dir)
+    artifact_id = compute_artifact_id(fp, [a.digest for a in loaded], resolved.to_dict(), COMPILER_VERSION,
+                                      adapter_names=names)
+    return ArtifactPlan(artifact_id=artifact_id, options=resolved, config=cfg, base_fingerprint=fp,
+                        adapters=loaded, bank_spec=spec)
+
+
+def build_banks(plan: ArtifactPlan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    banks_a, banks_b = lora_bank.empty_banks(plan.bank_spec)
+    for slot, adapter in enumerate(plan.adapters, start=1):
+        lora_bank.write_slot(banks_a, banks_b, slot, adapter, plan.bank_spec)
+    return banks_a, banks_b
+
+
+def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], options: CompileOptions,
+                   out_dir: Path, *, progress: Progress | None = None, check: Callable[[], None] | None = None,
+                   base_source: str | None = None, plan: ArtifactPlan | None = None) -> Manifest:
+    """Compile into ``out_dir`` (created; must not hold a manifest yet) and return the manifest."""
+    from services.compiler.export import BankShape, export_onnxruntime
+    from services.compiler.modeling.decoder import load_decoder
+
+    report = progress or (lambda stage, fraction, message: None)
+    stop = check or (lambda: None)
+    base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
+    if (out_dir / "manifest.json").exists():
+        raise FailedPrecondition(f"{out_dir} already holds an artifact", field="out_dir", value=str(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fraction: float, message: str, started: float) -> None:
+        timings[name] = time.perf_counter() - started
+        report(name, fraction, f"{message} ({timings[name]:.1f}s)")
+        stop()
+
+    # load + validate
+    t0 = time.perf_counter()
+    report("load", 0.0, f"reading {base_model_dir.name} and {len(adapters)} adapter(s)")
+    plan = plan or plan_artifact(base_model_dir, adapters, options)
+    stage("load", 0.05, f"planned artifact {plan.artifact_id}", t0)
+    t0 = time.perf_counter()
+    opts = plan.options
+    decoder = load_decoder(base_model_dir, opts.target_modules)
+    banks_a, banks_b = build_banks(plan)
+    decoder.set_banks(banks_a, banks_b)
+    stage("validate", 0.15, f"{plan.config.architecture}: {plan.config.num_layers} layers, "
+          f"{len(plan.adapters)} adapter(s) fit {opts.adapter_slots} slots at rank {opts.max_rank}", t0)
+
+    banks = BankShape(adapter_slots=int(opts.adapter_slots), max_rank=int(opts.max_rank))
+    bank_feeds = _bank_feeds(banks_a, banks_b)
+    extra: dict[str, Any] = {}
+    specs = None
+    if opts.target == "onnxruntime":
+        t0 = time.perf_counter()
+        graph, export_times = export_onnxruntime(decoder, out_dir, banks=banks, dtype=opts.dtype)
+        timings["export"] = export_times["export"] + export_times.get("quantize", 0.0)
+        report("export", 0.5, f"ONNX {opts.dtype} exported ({timings['export']:.1f}s)")
+        stop()
+        timings["optimize"] = export_times["optimize"]
+        report("optimize", 0.6, f"ONNX Runtime graph optimisation ({timings['optimize']:.1f}s)")
+        stop()
+        t0 = time.perf_counter()
+        verify_report = _verify_ort(out_dir / graph.file, decoder, graph, bank_feeds, opts, len(plan.adapters))
+        extra["verify"] = {"max_abs_diff": verify_report.max_abs_diff, "relative_diff": verify_report.relative_diff,
+                           "tolerance": verify_report.tolerance, "tokens_match": verify_report.tokens_match}
+        stage("verify", 0.85, f"ONNX Runtime matches PyTorch: max abs diff {verify_report.max_abs_diff:.3g}", t0)
+    else:
+        from services.compiler import ai100
+
+        t0 = time.perf_counter()
+        graph = ai100.export_ai100(decoder, out_dir, banks=banks, ctx_len=int(opts.ctx_len))
+        stage("export", 0.4, "AI 100 retained-state graph exported", t0)
+        t0 = time.perf_counter()
+        qpc, cmd = ai100.compile_qpc(out_dir / graph.file, out_dir, opts, plan.config.num_layers)
+        specs = tuple(ai100.specializations(opts))
+        extra["qpc_dir"] = qpc.name
+        extra["qaic_exec"] = cmd
+        stage("optimize", 0.8, "qaic-exec compiled the QPC", t0)
+
+    # write
+    t0 = time.perf_counter()
+    chat_template = _copy_tokenizer(base_model_dir, out_dir / "tokenizer")
+    generation_config = _generation_config(base_model_dir)
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    entries = []
+    for slot, adapter in enumerate(plan.adapters, start=1):
+        rel = f"adapters/{adapter.name}"
+        dst = out_dir / rel
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in (lora_bank.CONFIG_FILE, lora_bank.WEIGHTS_FILE):
+            shutil.copy2(adapter.path / name, dst / name)
+        entries.append(AdapterEntry(slot=slot, name=adapter.name, digest=adapter.digest, r=adapter.r,
+                                    lora_alpha=adapter.lora_alpha, use_rslora=adapter.use_rslora,
+                                    target_modules=adapter.target_modules, path=rel))
+    files = tuple(FileEntry(path=str(p.relative_to(out_dir)), sha256=file_sha256(p), size=p.stat().st_size)
+                  for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != "manifest.json")
+    extra["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    cfg = plan.config
+    manifest = Manifest(
+        artifact_id=plan.artifact_id,
+        compiler_version=COMPILER_VERSION,
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        base_model=BaseModelInfo(source=base_source or str(base_model_dir), fingerprint=plan.base_fingerprint,
+                                 architecture=cfg.architecture, config=cfg.to_dict()),
+        options=opts.to_dict(),
+        graph=graph,
+        adapters=tuple(entries),
+        tokenizer_dir="tokenizer",
+        chat_template=chat_template,
+        generation_config=generation_config,
+        files=files,
+        specializations=specs,
+        extra=extra,
+    )
+    manifest.save(out_dir / "manifest.json")
+    timings["write"] = time.perf_counter() - t0
+    report("write", 1.0, f"manifest written with {len(files)} files ({timings['write']:.1f}s)")
+    return manifest
+
+
+def _bank_feeds(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from loraflow import graph_contract as gc
+
+    feeds = {}
+    for m in banks_a:
+        feeds[gc.lora_a(m)] = banks_a[m]
+        feeds[gc.lora_b(m)] = banks_b[m]
+    return feeds
+
+
+def _verify_ort(onnx_path: Path, decoder, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
+    import onnxruntime as ort
+
+    from services.compiler.verify import verify_graph
+
+    feeds = dict(bank_feeds)
+    occupied = num_adapters
+    if num_adapters == 0:
+        # No adapter yet: exercise the LoRA path anyway with a random slot 1 (verification only).
+        rng = np.random.default_rng(0)
+        for name, bank in feeds.items():
+            bank = bank.copy()
+            bank[:, 1] = rng.normal(0, 0.05, bank[:, 1].shape)
+            feeds[name] = bank
+        occupied = 1
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    chunk = max(1, min(int(opts.prefill_seq_len), 4))
+    return verify_graph(session, decoder, graph, feeds, dtype=opts.dtype, occupied_slots=occupied, chunk=chunk,
+                        ctx_len=min(int(opts.ctx_len), 64))
+
+
+def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = base_model_dir / name
+        if src.is_file():
+            shutil.copy2(src, dst / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and "tokenizer.model" not in copied and "vocab.json" not in copied:
+        raise InvalidArgument(f"{base_model_dir} has no tokenizer files", field="base_model",
+                              value=str(base_model_dir))
+    if (dst / "chat_template.jinja").is_file():
+        return (dst / "chat_template.jinja").read_text()
+    if (dst / "chat_template.json").is_file():
+        return json.loads((dst / "chat_template.json").read_text()).get("chat_template")
+    if (dst / "tokenizer_config.json").is_file():
+        return json.loads((dst / "tokenizer_config.json").read_text()).get("chat_template")
+    return None
+
+
+def _generation_config(base_model_dir: Path) -> dict[str, Any]:
+    """eos/pad/bos ids from generation_config.json, falling back to config.json."""
+    merged: dict[str, Any] = json.loads((base_model_dir / "config.json").read_text())
+    gen_path = base_model_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    merged.update({k: v for k, v in gen.items() if v is not None})
+    eos = merged.get("eos_token_id")
+    eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    out: dict[str, Any] = {"eos_token_ids": eos_ids, "pad_token_id": merged.get("pad_token_id"),
+                           "bos_token_id": merged.get("bos_token_id")}
+    for key in ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "max_new_tokens"):
+        if key in gen:
+            out[key] = gen[key]
+    return out

@@ -1,0 +1,137 @@
+"""DecoderConfig: the few numbers our static-shape decoder needs, read from an HF config.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraflow.errors import InvalidArgument
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v (and for llama also o) biases; Qwen2 always has q/k/v biases
+    o_bias: bool
+    mlp_bias: bool
+    rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+    sliding_window: int | None = None  # Mistral/Qwen2: attention window (None = full attention)
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope_scaling.get("rope_type", "default"))
+
+    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every linear a LoRA adapter may target."""
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (self.hidden_size, q_out),
+            "k_proj": (self.hidden_size, kv_out),
+            "v_proj": (self.hidden_size, kv_out),
+            "o_proj": (q_out, self.hidden_size),
+            "gate_proj": (self.hidden_size, self.intermediate_size),
+            "up_proj": (self.hidden_size, self.intermediate_size),
+            "down_proj": (self.intermediate_size, self.hidden_size),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> DecoderConfig:
+        arch = hf.get("model_type")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise InvalidArgument(
+                f"model_type {arch!r} is not supported; supported architectures: {list(SUPPORTED_ARCHITECTURES)}",
+                field="base_model.model_type", value=arch)
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise InvalidArgument(f"hidden_act {act!r} is not supported (the decoder implements SwiGLU/silu)",
+                                  field="base_model.hidden_act", value=act)
+        hidden = int(hf["hidden_size"])
+        heads = int(hf["num_attention_heads"])
+        kv_heads = int(hf.get("num_key_value_heads") or heads)
+        if heads % kv_heads:
+            raise InvalidArgument(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}",
+                                  field="base_model.num_key_value_heads", value=kv_heads)
+        head_dim = int(hf.get("head_dim") or hidden // heads)
+        rope = _rope_parameters(hf)
+        if arch == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+        window = None
+        if arch == "mistral":
+            window = hf.get("sliding_window")
+        elif arch == "qwen2" and hf.get("use_sliding_window"):
+            window = hf.get("sliding_window")
+        return cls(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.pop("rope_theta")),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            rope_scaling=rope,
+            sliding_window=int(window) if window else None,
+        )
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> DecoderConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise InvalidArgument(f"{model_dir} is not a Hugging Face checkpoint (no config.json)",
+                                  field="base_model", value=str(model_dir))
+        return cls.from_hf_dict(json.loads(path.read_text()))
+
+
+def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Normalise transformers-5 ``rope_parameters`` and legacy ``rope_theta`` + ``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    if "type" in legacy and "rope_type" not in legacy:
+        legacy["rope_type"] = legacy.pop("type")
+    merged = {**legacy, **params}
+    merged.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    merged.setdefault("rope_type", "default")
+    if merged["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        raise InvalidArgument(
+            f"rope type {merged['rope_type']!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}",
+            field="base_model.rope_scaling.rope_type", value=merged["rope_type"])
+    if merged.get("partial_rotary_factor", 1.0) != 1.0:
+        raise InvalidArgument("partial_rotary_factor != 1 is not supported",
+                              field="base_model.partial_rotary_factor", value=merged["partial_rotary_factor"])
+    return merged

@@ -1,0 +1,214 @@
+"""MultiLoraDecoder: the static-shape Llama/Mistral/Qwen2 decoder with per-row adapters.
+
+One module is both the PyTorch reference and the thing exported to ONNX. Its forward follows
+loraflow/graph_contract.py (target "onnxruntime"):
+
+  forward(input_ids [B, S], position_ids [B, S], lora_ids [B, 1], batch_index [B, 1],
+          past_keys L x [P, F, H, D], past_values L x [P, F, H, D], lora_a {m: [L, N, in, R]},
+          lora_b {m: [L, N, R, out]})
+    -> logits [B, 1, V] at each row's last non-padding token,
+       present_keys / present_values L x [S, B, H, D] (K after RoPE) for the runtime to store.
+
+Banks default to the module's own buffers (``set_banks``); the export passes them as inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from loraflow.errors import InvalidArgument
+from loraflow.graph_contract import LORA_TARGET_MODULES
+from services.compiler.modeling.config import DecoderConfig
+from services.compiler.modeling.layers import DecoderLayer, LoraSelector, RMSNorm
+from services.compiler.modeling.rope import inverse_frequencies, rope_cos_sin
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """A large finite negative: fully masked rows give a uniform softmax instead of NaN."""
+    return float(torch.finfo(dtype).min) / 2
+
+
+def attention_bias(position_ids: torch.Tensor, past_len: int | torch.SymInt, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, S, P+S] for keys (past P ++ this chunk S).
+
+    Row b sees past entries j < position_ids[b, 0] and, within the chunk, non-padding tokens at or
+    before its own index. Every token also sees itself, so padding tokens and idle rows (all -1)
+    stay finite.
+    """
+    B, S = position_ids.shape
+    start = position_ids[:, :1]  # [B, 1]
+    past_j = torch.arange(past_len, device=position_ids.device)  # [P]
+    past_ok = past_j.view(1, 1, -1) < start.unsqueeze(-1)  # [B, 1, P]
+    past_ok = past_ok.expand(B, S, past_ok.shape[-1])  # [B, S, P]
+    s = torch.arange(S, device=position_ids.device)
+    causal = s.view(1, S, 1) >= s.view(1, 1, S)  # [1, S, S]
+    valid_key = (position_ids >= 0).view(B, 1, S)  # [B, 1, S]
+    itself = s.view(1, S, 1) == s.view(1, 1, S)  # [1, S, S]
+    chunk_ok = (causal & valid_key) | itself  # [B, S, S]
+    ok = torch.cat([past_ok, chunk_ok], dim=-1)  # [B, S, P+S]
+    zero = torch.zeros((), dtype=dtype, device=position_ids.device)
+    neg = torch.full((), mask_value(dtype), dtype=dtype, device=position_ids.device)
+    return torch.where(ok, zero, neg).view(B, 1, 1, S, -1)  # [B, S, P+S] -> [B, 1, 1, S, P+S]
+
+
+def last_token_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B] index of each row's last non-padding token (padding is at the end of a row); 0 for idle rows."""
+    return ((position_ids >= 0).sum(dim=1) - 1).clamp(min=0)
+
+
+class MultiLoraDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, lora_modules: Sequence[str] = ()):
+        super().__init__()
+        self.cfg = cfg
+        self.lora_modules = tuple(m for m in LORA_TARGET_MODULES if m in lora_modules)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+        self.num_slots = 1  # N; set_banks changes it
+        for m in self.lora_modules:
+            fin, fout = cfg.lora_module_shapes()[m]
+            self.register_buffer(f"bank_a_{m}", torch.zeros(cfg.num_layers, 1, fin, 1), persistent=False)
+            self.register_buffer(f"bank_b_{m}", torch.zeros(cfg.num_layers, 1, 1, fout), persistent=False)
+
+    # --- banks --------------------------------------------------------------------------------
+    def set_banks(self, banks_a: Mapping[str, np.ndarray | torch.Tensor],
+                  banks_b: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Install banks [L, N, in, R] / [L, N, R, out] for the PyTorch path (one per adapted module)."""
+        if set(banks_a) != set(self.lora_modules) or set(banks_b) != set(self.lora_modules):
+            raise InvalidArgument(f"banks cover {sorted(banks_a)} but the decoder adapts {list(self.lora_modules)}",
+                                  field="banks", value=sorted(banks_a))
+        dtype = self.embed_tokens.weight.dtype
+        for m in self.lora_modules:
+            a, b = torch.as_tensor(banks_a[m]).to(dtype), torch.as_tensor(banks_b[m]).to(dtype)
+            self.num_slots = a.shape[1]
+            setattr(self, f"bank_a_{m}", a)
+            setattr(self, f"bank_b_{m}", b)
+
+    def banks(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return ({m: getattr(self, f"bank_a_{m}") for m in self.lora_modules},
+                {m: getattr(self, f"bank_b_{m}") for m in self.lora_modules})
+
+    # --- forward ------------------------------------------------------------------------------
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        if self.lm_head is None:
+            return F.linear(h, self.embed_tokens.weight)  # tied: [B, S, hidden] -> [B, S, V]
+        return self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lora_ids: torch.Tensor,
+                batch_index: torch.Tensor, past_keys: Sequence[torch.Tensor], past_values: Sequence[torch.Tensor],
+                lora_a: Mapping[str, torch.Tensor] | None = None, lora_b: Mapping[str, torch.Tensor] | None = None,
+                *, all_logits: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        if lora_a is None or lora_b is None:
+            lora_a, lora_b = self.banks()
+        num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
+        B, S = input_ids.shape
+        h = self.embed_tokens(input_ids)  # [B, S, hidden]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)  # [B, S, 1, D]
+        bias = attention_bias(position_ids, past_keys[0].shape[0], h.dtype)  # [B, 1, 1, S, P+S]
+        lora = LoraSelector(dict(lora_a), dict(lora_b), lora_ids, num_slots)
+        rows = batch_index.reshape(-1)  # [B, 1] -> [B]
+        presents_k, presents_v = [], []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer(h, cos, sin, past_keys[i], past_values[i], rows, bias, lora, i)
+            presents_k.append(k)
+            presents_v.append(v)
+        if not all_logits:
+            idx = last_token_index(position_ids).view(B, 1, 1).expand(B, 1, h.shape[-1])  # [B, 1, hidden]
+            h = torch.gather(h, 1, idx)  # [B, S, hidden] -> [B, 1, hidden]
+        return self.logits_from_hidden(h), presents_k, presents_v
+
+    def cast(self, dtype: torch.dtype) -> MultiLoraDecoder:
+        """Weights and banks to ``dtype``; RoPE frequencies stay float32 in every dtype."""
+        self.to(dtype)
+        self.inv_freq = inverse_frequencies(self.cfg)
+        return self
+
+    # --- helpers for the PyTorch reference path ---------------------------------------------------
+    def empty_cache(self, full_batch: int, past_len: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zeroed time-major caches L x [past_len, F, H, D]."""
+        shape = (past_len, full_batch, self.cfg.num_kv_heads, self.cfg.head_dim)
+        dtype = self.embed_tokens.weight.dtype
+        return ([torch.zeros(shape, dtype=dtype) for _ in self.layers],
+                [torch.zeros(shape, dtype=dtype) for _ in self.layers])
+
+
+# --- loading -------------------------------------------------------------------------------------
+def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise InvalidArgument(f"{model_dir} has no safetensors weights (model.safetensors or an index)",
+                              field="base_model", value=str(model_dir))
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(model_dir / name)))
+    return state
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in a stable order."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [model_dir / "model.safetensors"]
+
+
+def load_decoder(model_dir: str | Path, lora_modules: Sequence[str] = (), dtype: torch.dtype = torch.float32
+                 ) -> MultiLoraDecoder:
+    """Build the decoder from an HF checkpoint dir (config.json + safetensors)."""
+    model_dir = Path(model_dir)
+    cfg = DecoderConfig.from_model_dir(model_dir)
+    state = _read_state_dict(model_dir)
+    model = MultiLoraDecoder(cfg, lora_modules)
+
+    def take(key: str) -> torch.Tensor:
+        if key not in state:
+            raise InvalidArgument(f"checkpoint {model_dir} lacks weight {key!r}", field="base_model", value=key)
+        return state[key].to(torch.float32)
+
+    ours: dict[str, torch.Tensor] = {"embed_tokens.weight": take("model.embed_tokens.weight"),
+                                     "norm.weight": take("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        ours["lm_head.weight"] = take("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        ours[f"layers.{i}.input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        ours[f"layers.{i}.post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        qkv = [p + f"self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
+        # [Hq*D, hidden] ++ [H*D, hidden] ++ [H*D, hidden] -> [(Hq+2H)*D, hidden]
+        ours[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat([take(k + ".weight") for k in qkv])
+        if cfg.attention_bias:
+            ours[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat([take(k + ".bias") for k in qkv])
+        ours[f"layers.{i}.self_attn.o_proj.weight"] = take(p + "self_attn.o_proj.weight")
+        if cfg.o_bias:
+            ours[f"layers.{i}.self_attn.o_proj.bias"] = take(p + "self_attn.o_proj.bias")
+        # [I, hidden] ++ [I, hidden] -> [2I, hidden]
+        ours[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        ours[f"layers.{i}.mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
+        if cfg.mlp_bias:
+            ours[f"layers.{i}.mlp.gate_up_proj.bias"] = torch.cat(
+                [take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")])
+            ours[f"layers.{i}.mlp.down_proj.bias"] = take(p + "mlp.down_proj.bias")
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    # Buffers (inv_freq, banks) are not persistent, so nothing may be missing.
+    if missing or unexpected:
+        raise InvalidArgument(f"weights do not fit the {cfg.architecture} decoder: missing {missing}, "
+                              f"unexpected {unexpected}", field="base_model", value=str(model_dir))
+    return model.cast(dtype).eval()

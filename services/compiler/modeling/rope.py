@@ -1,0 +1,57 @@
+"""Rotary position embeddings: inverse frequencies per rope type, and the rotation itself.
+
+cos/sin are computed from ``position_ids`` inside the graph (O(B*S*D)), so no table of
+max_position_embeddings rows is stored or sliced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from services.compiler.modeling.config import DecoderConfig
+
+
+def inverse_frequencies(cfg: DecoderConfig) -> torch.Tensor:
+    """float32 [head_dim / 2], following transformers' rope init for default, linear and llama3."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling
+    kind = cfg.rope_type
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", cfg.max_position_embeddings))
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between smoothed.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope type {kind!r}")  # DecoderConfig already rejected it
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, S, 1, D] for positions [B, S] (padding -1 is clamped: its output is unused)."""
+    pos = position_ids.clamp(min=0).to(torch.float32)
+    freqs = pos.unsqueeze(-1) * inv_freq  # [B, S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B, S, D]
+    return emb.cos().to(dtype).unsqueeze(2), emb.sin().to(dtype).unsqueeze(2)  # [B, S, 1, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D] rotated by the half-split convention HF Llama uses."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)  # [B, S, H, D]
+    return x * cos + rotated * sin

@@ -1,0 +1,112 @@
+"""CompilerService: validate a compile request completely, answer cache hits at once, queue the rest.
+
+Thin by design: protobuf in, CompileOptions + adapter specs out; registry records back to protobuf.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from loraflow.errors import InvalidArgument
+from loraflow.grpc_server import set_timestamp
+from loraflow.job_service import job_to_proto
+from loraflow.jobs import JobQueue, validate_labels, validate_request_id
+from loraflow.names import validate_name
+from loraflow.registry import MAX_ARTIFACT_ID_LEN, ArtifactRecord, Registry
+from loraflow.store import ObjectStore
+from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2
+from services.compiler.inputs import CompileInputs, artifact_key
+from services.compiler.options import CompileOptions
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = compiler_pb2.DESCRIPTOR.services_by_name["CompilerService"].full_name
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_STRING = 256
+
+
+def options_from_proto(msg: compiler_pb2.CompileOptions) -> CompileOptions:
+    """Unset numeric fields and "" strings mean "the default"; an explicit 0 is kept and rejected by
+    CompileOptions.validate, naming the field (compiler.proto marks the numbers `optional`)."""
+    for name in ("target", "dtype"):
+        value = getattr(msg, name)
+        if len(value) > MAX_STRING:
+            raise InvalidArgument(f"options.{name} is longer than {MAX_STRING} characters",
+                                  field=f"options.{name}", value=value[:32] + "…")
+    numbers = {name: getattr(msg, name) for name in _OPTIONAL_INTS if msg.HasField(name)}
+    return CompileOptions(target=msg.target or "onnxruntime", dtype=msg.dtype or "fp32",
+                          target_modules=tuple(msg.target_modules), mxfp6_matmul=msg.mxfp6_matmul, **numbers)
+
+
+_OPTIONAL_INTS = ("batch_size", "full_batch_size", "prefill_seq_len", "ctx_len", "max_rank", "adapter_slots",
+                  "num_cores")
+
+
+def options_to_proto(options: dict) -> compiler_pb2.CompileOptions:
+    numbers = {name: int(options[name]) for name in _OPTIONAL_INTS if options.get(name) is not None}
+    return compiler_pb2.CompileOptions(
+        target=options.get("target") or "", dtype=options.get("dtype") or "",
+        target_modules=list(options.get("target_modules") or ()), mxfp6_matmul=bool(options.get("mxfp6_matmul")),
+        **numbers)
+
+
+def artifact_to_proto(record: ArtifactRecord) -> compiler_pb2.Artifact:
+    msg = compiler_pb2.Artifact(
+        artifact_id=record.artifact_id, uri=record.uri, base_model=record.base_model,
+        adapters=[compiler_pb2.ArtifactAdapter(slot=a.slot, name=a.name, digest=a.digest, r=a.r)
+                  for a in record.adapters],
+        options=options_to_proto(record.options), size_bytes=record.size_bytes, architecture=record.architecture)
+    set_timestamp(msg.create_time, record.create_time)
+    return msg
+
+
+def _page_size(value: int) -> int:
+    if value < 0 or value > MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size must be in 0..{MAX_PAGE_SIZE}, got {value}", field="page_size", value=value)
+    return value or DEFAULT_PAGE_SIZE
+
+
+def _artifact_id(value: str) -> str:
+    return validate_name("artifact_id", value, max_len=MAX_ARTIFACT_ID_LEN)
+
+
+class CompilerServiceServicer(compiler_pb2_grpc.CompilerServiceServicer):
+    def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore, inputs: CompileInputs):
+        self.queue = queue
+        self.registry = registry
+        self.store = store
+        self.inputs = inputs
+
+    def SubmitCompileJob(self, request: compiler_pb2.SubmitCompileJobRequest, context) -> jobs_pb2.Job:
+        request_id = validate_request_id(request.request_id)
+        labels = validate_labels(dict(request.labels))
+        options = options_from_proto(request.options)
+        adapters = list(request.adapters)
+        resolved = self.inputs.plan(request.base_model, adapters, options)
+        plan = resolved.plan
+        payload = {"base_model": request.base_model, "adapters": adapters, "options": options.to_dict(),
+                   "artifact_id": plan.artifact_id}
+        existing = self.registry.find_artifact(plan.artifact_id)
+        if existing is not None and self.store.dir_exists(artifact_key(plan.artifact_id)):
+            result = {"artifact_id": existing.artifact_id, "artifact_uri": existing.uri, "cache_hit": True}
+            job = self.queue.submit_succeeded(payload, result, request_id=request_id, labels=labels,
+                                              message=f"cache hit: artifact {plan.artifact_id} exists")
+        else:
+            job = self.queue.submit(payload, request_id=request_id, labels=labels)
+        log.info("compile job %s for artifact %s (%s)", job.id, plan.artifact_id, job.state)
+        return job_to_proto(job)
+
+    def ListArtifacts(self, request: compiler_pb2.ListArtifactsRequest, context):
+        records, token = self.registry.list_artifacts(_page_size(request.page_size), request.page_token)
+        return compiler_pb2.ListArtifactsResponse(artifacts=[artifact_to_proto(r) for r in records],
+                                                  next_page_token=token)
+
+    def GetArtifact(self, request: compiler_pb2.GetArtifactRequest, context) -> compiler_pb2.Artifact:
+        return artifact_to_proto(self.registry.get_artifact(_artifact_id(request.artifact_id)))
+
+    def DeleteArtifact(self, request: compiler_pb2.DeleteArtifactRequest, context):
+        artifact_id = _artifact_id(request.artifact_id)
+        record = self.registry.delete_artifact(artifact_id)
+        self.store.delete(artifact_key(artifact_id))
+        return compiler_pb2.DeleteArtifactResponse(artifact=artifact_to_proto(record))

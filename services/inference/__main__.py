@@ -1,0 +1,92 @@
+"""python -m services.inference [--listen HOST:PORT] [--redis-url ...] [--store-url ...] [--cache-dir ...]
+[--metrics-port N] [--load ARTIFACT_ID[@device]] ...
+
+Serves InferenceService (plus health and reflection). Health says NOT_SERVING until a model is
+loaded. SIGTERM/SIGINT: NOT_SERVING, drain the RPCs, stop every engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from loraflow.config import Settings, connect_redis
+from loraflow.errors import LoraflowError
+from loraflow.registry import Registry
+from loraflow.store import open_store
+from loraflow.v1 import inference_pb2_grpc
+from services.inference.metrics import serve_metrics
+from services.inference.model_manager import ModelManager
+from services.inference.server import SERVICE_NAME, InferenceServicer
+
+DEFAULT_LISTEN = "0.0.0.0:50053"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.inference", description=__doc__.splitlines()[0])
+    p.add_argument("mode", nargs="?", default="all", choices=("all", "api"),
+                   help="the inference service has no worker: 'all' and 'api' both serve the API")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default {DEFAULT_LISTEN})")
+    p.add_argument("--redis-url", default=None, help="registry Redis (env LORAFLOW_REDIS_URL; unset = embedded)")
+    p.add_argument("--store-url", default=None, help="object store (env LORAFLOW_STORE_URL)")
+    p.add_argument("--cache-dir", default=None, help="local artifact cache (env LORAFLOW_CACHE_DIR)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--load", action="append", default=[], metavar="ARTIFACT_ID[@device]",
+                   help="load an artifact at start (repeatable)")
+    p.add_argument("--num-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
+    p.add_argument("--max-waiting", type=int, default=64, help="waiting-queue bound per model")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loraflow.grpc_server import GrpcServer, run_until_signal
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s",
+                        stream=sys.stderr)
+    log = logging.getLogger("loraflow.inference")
+    settings = Settings.from_env(redis_url=args.redis_url, store_url=args.store_url, cache_dir=args.cache_dir)
+    embedded = None
+    if settings.redis_url is None:
+        from loraflow.embedded_redis import EmbeddedRedis
+
+        embedded = EmbeddedRedis()
+        redis_url = embedded.url
+    else:
+        redis_url = settings.redis_url
+    registry = Registry(connect_redis(redis_url))
+    store = open_store(settings.store_url)
+
+    server = GrpcServer(listen=args.listen, service_names=[SERVICE_NAME])
+    manager = ModelManager(store=store, registry=registry, cache_dir=settings.cache_dir,
+                           max_waiting=args.max_waiting, on_change=lambda n: server.set_serving(n > 0))
+    server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
+    if args.metrics_port:
+        serve_metrics(args.metrics_port)
+        log.info("metrics on :%d/metrics", args.metrics_port)
+    port = server.start()
+    server.set_serving(False)
+    log.info("inference service listening on port %d", port)
+
+    for spec in args.load:
+        artifact_id, _, device = spec.partition("@")
+        try:
+            model = manager.load_artifact(artifact_id, device or "cpu", num_threads=args.num_threads)
+            log.info("loaded %s as %s on %s", artifact_id, model.model_id, model.device)
+        except LoraflowError as err:
+            log.error("cannot load %s: %s", spec, err)
+            server.stop(grace=0)
+            manager.close()
+            return 2
+
+    shutdown = [manager.close]
+    if embedded is not None:
+        shutdown.append(embedded.stop)
+    run_until_signal(server, on_shutdown=shutdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

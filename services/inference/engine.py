@@ -1,0 +1,299 @@
+"""The step loop of one loaded model: schedule → execute → sample → detokenize → stream.
+
+One background thread per model runs the loop (stopped by ``stop()``). ``submit`` returns a
+``RequestHandle`` whose iterator yields incremental ``GenerationChunk``s, the last one with a
+finish reason and usage. ``handle.cancel()`` (client gone, deadline) frees the request's slot on the
+next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from loraflow.errors import FailedPrecondition, LoraflowError
+from services.inference import metrics
+from services.inference.detokenizer import IncrementalDetokenizer
+from services.inference.sampling import Sampler, SamplingParams
+from services.inference.scheduler import FinishReason, Scheduler, SchedulerOutput, Sequence
+
+# How long the idle loop sleeps before re-checking the stop flag.
+_IDLE_WAIT_S = 0.1
+
+
+class StepRuntime(Protocol):
+    """What the engine needs from a runtime (services.inference.runtime.OrtRuntime implements it)."""
+
+    full_batch_size: int
+    prefill_seq_len: int
+    ctx_len: int
+    max_prefill_rows: int
+
+    def execute(self, step: SchedulerOutput) -> np.ndarray:
+        """Logits [B, V] (float32) at the last real token of each row of ``step``."""
+
+    def acquire_adapter(self, name: str) -> int:
+        """lora_id for an adapter name ("" = base, 0); counts the request as using it. NotFound if unknown."""
+
+    def release_adapter(self, lora_id: int) -> None: ...
+
+
+class Tokenizer(Protocol):
+    eos_ids: frozenset[int]
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    adapter: str = ""
+    sampling: SamplingParams = SamplingParams()
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+_END = object()
+
+
+class RequestHandle:
+    """Iterate for chunks; cancel() to stop early. Raises the engine's error if the request failed."""
+
+    def __init__(self, engine: Engine, request_id: str):
+        self.request_id = request_id
+        self._engine = engine
+        self._chunks: queue.Queue = queue.Queue()
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.request_id)
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        while True:
+            item = self._chunks.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def result(self) -> GenerationChunk:
+        """Block until the end; one chunk with all text and token ids."""
+        text, ids, last = [], [], None
+        for chunk in self:
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        assert last is not None
+        return GenerationChunk(self.request_id, "".join(text), tuple(ids), last.finish_reason,
+                               last.prompt_tokens, last.completion_tokens)
+
+    # engine side
+    def _put(self, item) -> None:
+        self._chunks.put(item)
+
+    def _close(self) -> None:
+        self.finished.set()
+        self._chunks.put(_END)
+
+
+@dataclass
+class _RequestState:
+    request: GenerationRequest
+    seq: Sequence
+    handle: RequestHandle
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    submit_time: float = field(default_factory=time.monotonic)
+    last_token_time: float | None = None
+
+
+class Engine:
+    """Continuous batching over one runtime; thread-safe submit/cancel, one loop thread."""
+
+    def __init__(self, runtime: StepRuntime, tokenizer: Tokenizer, *, model_id: str = "model",
+                 max_waiting: int = 64):
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.scheduler = Scheduler(full_batch_size=runtime.full_batch_size,
+                                   prefill_seq_len=runtime.prefill_seq_len, ctx_len=runtime.ctx_len,
+                                   max_waiting=max_waiting, max_prefill_rows=runtime.max_prefill_rows)
+        self._states: dict[str, _RequestState] = {}
+        self._cancels: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        metrics.SLOTS_TOTAL.labels(model_id).set(runtime.full_batch_size)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"engine-{self.model_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; every request still queued or running ends with finish_reason cancelled."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            for rid in list(self._states):
+                seq = self.scheduler.abort(rid)
+                if seq is not None:
+                    self._finalize(self._states[rid], "")
+        metrics.forget_model(self.model_id)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    # ---- requests --------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; InvalidArgument (prompt too long, ...) / ResourceExhausted (queue full) / NotFound."""
+        if self._stop.is_set():
+            raise FailedPrecondition(f"model {self.model_id!r} is shutting down", field="model_id",
+                                     value=self.model_id)
+        request_id = request.request_id or uuid.uuid4().hex
+        lora_id = self.runtime.acquire_adapter(request.adapter)
+        seq = Sequence(request_id=request_id, prompt_ids=list(request.prompt_ids), lora_id=lora_id,
+                       max_new_tokens=request.sampling.max_new_tokens, eos_ids=self.tokenizer.eos_ids,
+                       ignore_eos=request.sampling.ignore_eos)
+        handle = RequestHandle(self, request_id)
+        state = _RequestState(request, seq, handle, Sampler(request.sampling),
+                              IncrementalDetokenizer(self.tokenizer.decode, request.prompt_ids,
+                                                     request.sampling.stop))
+        try:
+            with self._wake:
+                self.scheduler.add(seq)
+                self._states[request_id] = state
+                metrics.QUEUE_DEPTH.labels(self.model_id).set(self.scheduler.num_waiting)
+                self._wake.notify_all()
+        except BaseException:
+            self.runtime.release_adapter(lora_id)
+            raise
+        metrics.log_event("request_queued", model=self.model_id, request_id=request_id,
+                          adapter=request.adapter or "<base>", prompt_tokens=len(request.prompt_ids))
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        with self._wake:
+            if request_id in self._states:
+                self._cancels.add(request_id)
+                self._wake.notify_all()
+
+    def num_active(self) -> int:
+        with self._lock:
+            return len(self._states)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                self._apply_cancels()
+                step = self.scheduler.schedule()
+                if step is None:
+                    self._wake.wait(_IDLE_WAIT_S)
+                    continue
+                self._update_gauges()
+            try:
+                self._run_step(step)
+            except Exception as err:  # a failed call fails its requests, not the engine
+                self._fail(step, err)
+
+    def _apply_cancels(self) -> None:
+        for rid in self._cancels:
+            state = self._states.get(rid)
+            if state is not None and self.scheduler.abort(rid) is not None:
+                self._finalize(state, "")
+        self._cancels.clear()
+
+    def _run_step(self, step: SchedulerOutput) -> None:
+        started = time.monotonic()
+        logits = self.runtime.execute(step)  # [B, V]
+        metrics.STEP_SECONDS.labels(self.model_id, step.kind).observe(time.monotonic() - started)
+        if step.kind == "prefill":
+            metrics.PROMPT_TOKENS.labels(self.model_id).inc(sum(len(r.token_ids) for r in step.rows))
+        sampled: dict[str, int] = {}
+        with self._lock:
+            for i, row in enumerate(step.rows):
+                state = self._states.get(row.request_id)
+                if row.samples and state is not None:
+                    history = state.seq.all_ids if state.sampler.needs_history else []
+                    sampled[row.request_id] = state.sampler(logits[i], history)
+            touched = self.scheduler.update(step, sampled)
+            now = time.monotonic()
+            for seq in touched:
+                self._emit(self._states[seq.request_id], seq, now)
+            self.steps += 1
+        metrics.GENERATED_TOKENS.labels(self.model_id).inc(len(touched))
+
+    def _emit(self, state: _RequestState, seq: Sequence, now: float) -> None:
+        token = seq.output_ids[-1]
+        if state.last_token_time is None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(self.model_id).observe(now - state.submit_time)
+        else:
+            metrics.INTER_TOKEN_LATENCY.labels(self.model_id).observe(now - state.last_token_time)
+        state.last_token_time = now
+        text = state.detok.add(token)
+        if state.detok.stopped and seq.finish_reason is None:
+            self.scheduler.finish(seq.request_id, FinishReason.STOP_STRING)
+        if seq.finish_reason is None:
+            state.handle._put(GenerationChunk(seq.request_id, text, (token,)))
+        else:
+            self._finalize(state, text, (token,))
+
+    def _finalize(self, state: _RequestState, text: str, token_ids: tuple[int, ...] = ()) -> None:
+        """Send the last chunk (rest of the text, reason, usage) and release the request's resources."""
+        seq = state.seq
+        if seq.finish_reason != FinishReason.CANCELLED:
+            text += state.detok.finish()
+        state.handle._put(GenerationChunk(seq.request_id, text, token_ids, seq.finish_reason,
+                                          len(seq.prompt_ids), len(seq.output_ids)))
+        state.handle._close()
+        self._states.pop(seq.request_id, None)
+        self.runtime.release_adapter(seq.lora_id)
+        metrics.REQUESTS.labels(self.model_id, state.request.adapter or "<base>", seq.finish_reason.value).inc()
+        metrics.log_event("request_finished", model=self.model_id, request_id=seq.request_id,
+                          finish_reason=seq.finish_reason.value, prompt_tokens=len(seq.prompt_ids),
+                          completion_tokens=len(seq.output_ids),
+                          seconds=round(time.monotonic() - state.submit_time, 4))
+
+    def _fail(self, step: SchedulerOutput, err: Exception) -> None:
+        metrics.log_event("step_failed", model=self.model_id, error=repr(err),
+                          request_ids=[r.request_id for r in step.rows])
+        wrapped = err if isinstance(err, LoraflowError) else LoraflowError(f"runtime step failed: {err}")
+        with self._lock:
+            for row in step.rows:
+                state = self._states.pop(row.request_id, None)
+                if state is None:
+                    continue
+                self.scheduler.abort(row.request_id)
+                self.runtime.release_adapter(state.seq.lora_id)
+                state.handle._put(wrapped)
+                state.handle._close()
+
+    def _update_gauges(self) -> None:
+        metrics.QUEUE_DEPTH.labels(self.model_id).set(self.scheduler.num_waiting)
+        metrics.SLOTS_IN_USE.labels(self.model_id).set(self.scheduler.num_running)

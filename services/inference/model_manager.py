@@ -1,0 +1,167 @@
+"""Loaded models: artifact → cache → runtime + tokenizer + engine, and adapters hot-added to them.
+
+``open_model`` builds a LoadedModel from a local artifact directory (benchmarks, tests);
+``ModelManager`` adds the registry (artifact id → URI, adapter name → URI), the store and the
+local cache, and keeps the loaded models by id. No protobuf here: the servicer converts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraflow.errors import AlreadyExists, InvalidArgument, NotFound
+from loraflow.manifest import Manifest
+from loraflow.names import validate_name
+from loraflow.store import ObjectStore, resolve
+from services.inference import metrics
+from services.inference.artifact_cache import ArtifactCache
+from services.inference.engine import Engine
+from services.inference.runtime import OrtRuntime, check_device
+from services.inference.tokenization import TextTokenizer
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    artifact_id: str
+    device: str
+    manifest: Manifest
+    runtime: OrtRuntime
+    tokenizer: TextTokenizer
+    engine: Engine
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest.base_model.source
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.runtime.close()
+
+
+def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: int = 0, model_id: str = "",
+               max_waiting: int = 64, manifest: Manifest | None = None) -> LoadedModel:
+    """Open a local, already verified artifact directory and start its engine."""
+    artifact_dir = Path(artifact_dir)
+    manifest = manifest or Manifest.load(artifact_dir)
+    runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads)
+    eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
+    tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
+                              eos_ids=eos)
+    model_id = model_id or manifest.artifact_id
+    engine = Engine(runtime, tokenizer, model_id=model_id, max_waiting=max_waiting).start()
+    return LoadedModel(model_id, manifest.artifact_id, runtime.device, manifest, runtime, tokenizer, engine)
+
+
+class ModelManager:
+    """Thread-safe set of loaded models; ``on_change(n_models)`` lets the server flip its health."""
+
+    def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
+                 on_change: Callable[[int], None] | None = None):
+        self.store = store
+        self.registry = registry
+        self.cache_dir = Path(cache_dir)
+        self.cache = ArtifactCache(cache_dir, store)
+        self.max_waiting = max_waiting
+        self._on_change = on_change or (lambda n: None)
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self._loading: set[str] = set()
+
+    def load_artifact(self, artifact_id: str, device: str = "cpu", model_id: str = "",
+                      num_threads: int = 0) -> LoadedModel:
+        validate_name("artifact_id", artifact_id)
+        device = check_device(device or "cpu")
+        if model_id:
+            validate_name("model_id", model_id)
+        model_id = model_id or (artifact_id if device == "cpu" else f"{artifact_id}-{device}")
+        with self._lock:
+            existing = self._models.get(model_id)
+            if existing is not None:
+                if existing.artifact_id == artifact_id and existing.device == device:
+                    return existing  # loading the same thing twice is a no-op
+                raise AlreadyExists(f"model_id {model_id!r} is already loaded (artifact {existing.artifact_id} "
+                                    f"on {existing.device})", field="model_id", value=model_id)
+            if model_id in self._loading:
+                raise AlreadyExists(f"model_id {model_id!r} is being loaded", field="model_id", value=model_id)
+            self._loading.add(model_id)
+        try:
+            record = self.registry.get_artifact(artifact_id)  # NotFound for an unknown id
+            local_dir, manifest = self.cache.fetch(artifact_id, record.uri)
+            model = open_model(local_dir, device=device, num_threads=num_threads, model_id=model_id,
+                               max_waiting=self.max_waiting, manifest=manifest)
+        finally:
+            with self._lock:
+                self._loading.discard(model_id)
+        with self._lock:
+            self._models[model_id] = model
+            count = len(self._models)
+        metrics.log_event("model_loaded", model=model_id, artifact_id=artifact_id, device=device)
+        self._on_change(count)
+        return model
+
+    def get(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            model = self._models.get(model_id)
+        if model is None:
+            raise NotFound(f"model {model_id!r} is not loaded", field="model_id", value=model_id)
+        return model
+
+    def list(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def unload(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            model = self._models.pop(model_id, None)
+            count = len(self._models)
+        if model is None:
+            raise NotFound(f"model {model_id!r} is not loaded", field="model_id", value=model_id)
+        model.close()
+        metrics.log_event("model_unloaded", model=model_id)
+        self._on_change(count)
+        return model
+
+    def load_adapter(self, model_id: str, adapter: str, name: str = "") -> LoadedModel:
+        """Hot-add a registered adapter (by name) or a PEFT dir (store URI or local path) into a free slot."""
+        model = self.get(model_id)
+        if not adapter:
+            raise InvalidArgument("adapter must name a registered adapter or a URI", field="adapter", value=adapter)
+        if "://" in adapter or adapter.startswith(("/", "./", "~")):
+            local = self._fetch_adapter_uri(adapter)
+            name = name or local.name
+            source = adapter
+        else:
+            validate_name("adapter", adapter)
+            record = self.registry.get_adapter(adapter)  # NotFound for an unknown name
+            local = self._fetch_adapter_uri(record.uri)
+            name = name or record.name
+            source = record.uri
+        slot = model.runtime.load_adapter(name, local, source=source)
+        metrics.log_event("adapter_loaded", model=model_id, adapter=name, slot=slot, source=source)
+        return model
+
+    def _fetch_adapter_uri(self, uri: str) -> Path:
+        store, key = resolve(uri, self.store, field="adapter")
+        if store.dir_exists(key):
+            dest = self.cache_dir / "adapters" / key.replace("/", "__")
+            return store.fetch_dir(key, dest)
+        # A plain local PEFT directory (not published to a store) is read in place.
+        local = Path(uri.removeprefix("file://")).expanduser()
+        if local.is_dir():
+            return local
+        raise NotFound(f"no adapter directory at {uri}", field="adapter", value=uri)
+
+    def close(self) -> None:
+        for model_id in [m.model_id for m in self.list()]:
+            try:
+                self.unload(model_id)
+            except NotFound:
+                pass
+
+    def clear_cache(self) -> None:
+        shutil.rmtree(self.cache.root, ignore_errors=True)

@@ -1,0 +1,242 @@
+"""Continuous-batching scheduler: token ids in, which rows to run out (no runtime, no tokenizer).
+
+One step is ``schedule() -> SchedulerOutput`` → the runtime executes it → ``update(output, sampled)``.
+Requests wait in a bounded queue, are admitted into free KV-cache slots and prefilled in chunks of
+at most ``prefill_seq_len`` tokens; once every admitted request is prefilled, all running slots decode
+together, each row with its own adapter (``lora_id``) and position. A finished or aborted request
+frees its slot at once, so the next waiting request is admitted on the following step.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass, field
+
+from loraflow.errors import InvalidArgument, ResourceExhausted
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # an EOS token
+    LENGTH = "length"  # max_new_tokens or the context is full
+    STOP_STRING = "stop_string"
+    CANCELLED = "cancelled"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request as the scheduler sees it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    lora_id: int = 0
+    max_new_tokens: int = 64
+    eos_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    # Tokens whose K/V are in the cache.
+    num_computed: int = 0
+    slot: int | None = None
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledRow:
+    request_id: str
+    slot: int
+    lora_id: int
+    token_ids: tuple[int, ...]
+    start_position: int
+    # True when this row's logits give the request's next token (last prefill chunk or decode).
+    samples: bool
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One runtime call: ``rows`` padded to ``seq_len`` tokens each (padding positions are -1)."""
+
+    kind: str  # "prefill" | "decode"
+    rows: tuple[ScheduledRow, ...]
+    seq_len: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def padded_inputs(self, pad_position: int = -1) -> tuple[list[list[int]], list[list[int]]]:
+        """(input_ids [B][S], position_ids [B][S]) with padding on the right."""
+        ids, positions = [], []
+        for row in self.rows:
+            n = len(row.token_ids)
+            ids.append(list(row.token_ids) + [0] * (self.seq_len - n))
+            positions.append(list(range(row.start_position, row.start_position + n))
+                             + [pad_position] * (self.seq_len - n))
+        return ids, positions
+
+    @property
+    def past_len(self) -> int:
+        """P: past positions any row attends to (at least 1, as the graph contract asks)."""
+        return max([1] + [row.start_position for row in self.rows])
+
+
+class Scheduler:
+    """Admission, chunked prefill and decode batching over ``full_batch_size`` KV slots."""
+
+    def __init__(self, *, full_batch_size: int, prefill_seq_len: int, ctx_len: int,
+                 max_waiting: int = 64, max_prefill_rows: int | None = None):
+        for name, value in (("full_batch_size", full_batch_size), ("prefill_seq_len", prefill_seq_len),
+                            ("ctx_len", ctx_len)):
+            if value < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {value}", field=name, value=value)
+        if max_waiting < 0:
+            raise InvalidArgument(f"max_waiting must be >= 0, got {max_waiting}", field="max_waiting",
+                                  value=max_waiting)
+        self.full_batch_size = full_batch_size
+        self.prefill_seq_len = prefill_seq_len
+        self.ctx_len = ctx_len
+        self.max_waiting = max_waiting
+        self.max_prefill_rows = max_prefill_rows or full_batch_size
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: dict[str, Sequence] = {}
+        self.slots: list[str | None] = [None] * full_batch_size
+
+    # ---- admission -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if not seq.prompt_ids:
+            raise InvalidArgument("prompt must have at least one token", field="prompt", value="")
+        if len(seq.prompt_ids) >= self.ctx_len:
+            raise InvalidArgument(
+                f"prompt has {len(seq.prompt_ids)} tokens but the context is {self.ctx_len} tokens "
+                f"(at most {self.ctx_len - 1} prompt tokens fit)",
+                field="prompt", value=len(seq.prompt_ids),
+                metadata={"prompt_tokens": len(seq.prompt_ids), "ctx_len": self.ctx_len})
+        if seq.max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be >= 1, got {seq.max_new_tokens}",
+                                  field="sampling.max_new_tokens", value=seq.max_new_tokens)
+        if seq.request_id in self.running or any(s.request_id == seq.request_id for s in self.waiting):
+            raise InvalidArgument(f"request_id {seq.request_id!r} is already in flight", field="request_id",
+                                  value=seq.request_id)
+        if len(self.waiting) >= self.max_waiting:
+            raise ResourceExhausted(
+                f"the waiting queue is full ({self.max_waiting} requests); retry later",
+                metadata={"max_waiting": self.max_waiting})
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Cancel a waiting or running request; its slot is free for the next schedule()."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._finish(seq, FinishReason.CANCELLED)
+                return seq
+        seq = self.running.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.CANCELLED)
+        return seq
+
+    def finish(self, request_id: str, reason: FinishReason) -> Sequence | None:
+        """End a running request from outside (a stop string matched by the detokenizer)."""
+        seq = self.running.get(request_id)
+        if seq is not None:
+            self._finish(seq, reason)
+        return seq
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def num_free_slots(self) -> int:
+        return sum(1 for s in self.slots if s is None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput | None:
+        """Admit waiting requests into free slots; prefill first (chunked), else decode every running row."""
+        while self.waiting and None in self.slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.index(None)
+            self.slots[seq.slot] = seq.request_id
+            seq.status = Status.RUNNING
+            self.running[seq.request_id] = seq
+
+        prefilling = [s for s in self.running.values() if not s.prefilled][: self.max_prefill_rows]
+        if prefilling:
+            rows = []
+            for seq in prefilling:
+                start = seq.num_computed
+                chunk = seq.prompt_ids[start:start + self.prefill_seq_len]
+                rows.append(ScheduledRow(seq.request_id, seq.slot, seq.lora_id, tuple(chunk), start,
+                                         samples=start + len(chunk) == len(seq.prompt_ids)))
+            return SchedulerOutput("prefill", tuple(rows), max(len(r.token_ids) for r in rows))
+
+        if not self.running:
+            return None
+        rows = []
+        for seq in sorted(self.running.values(), key=lambda s: s.slot):
+            # Decode feeds the last sampled token at the first position not yet in the cache.
+            rows.append(ScheduledRow(seq.request_id, seq.slot, seq.lora_id, (seq.token_at(seq.num_computed),),
+                                     seq.num_computed, samples=True))
+        return SchedulerOutput("decode", tuple(rows), 1)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Record what the call computed and the tokens sampled for sampling rows.
+
+        Returns the sequences that received a new token (finished ones included, with their reason set).
+        A request aborted while its step ran is skipped.
+        """
+        touched = []
+        for row in output.rows:
+            seq = self.running.get(row.request_id)
+            if seq is None:
+                continue
+            seq.num_computed = row.start_position + len(row.token_ids)
+            if not row.samples:
+                continue
+            token = sampled[row.request_id]
+            seq.output_ids.append(token)
+            touched.append(seq)
+            if token in seq.eos_ids and not seq.ignore_eos:
+                self._finish(seq, FinishReason.STOP)
+            elif len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= self.ctx_len:
+                # The context holds ctx_len tokens in all: the last one never needs its K/V stored.
+                self._finish(seq, FinishReason.LENGTH)
+        return touched
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq.slot is not None and self.slots[seq.slot] == seq.request_id:
+            self.slots[seq.slot] = None
+        self.running.pop(seq.request_id, None)

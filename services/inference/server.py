@@ -1,0 +1,178 @@
+"""InferenceService servicer: protobuf ↔ domain objects around the ModelManager and engines.
+
+Validation and translation only. Domain errors (loraflow.errors) propagate to the shared error
+interceptor, which turns them into canonical gRPC statuses. A client that cancels or misses its
+deadline triggers the RPC's callback, which cancels the request so its slot frees on the next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from loraflow.errors import InvalidArgument
+from loraflow.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.engine import GenerationChunk, GenerationRequest, RequestHandle
+from services.inference.model_manager import LoadedModel, ModelManager
+from services.inference.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from services.inference.scheduler import FinishReason
+
+SERVICE_NAME = "loraflow.v1.InferenceService"
+
+_FINISH = {
+    None: inference_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_STRING: inference_pb2.FINISH_REASON_STOP_STRING,
+    FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
+}
+MAX_BATCH_REQUESTS = 256
+
+
+def model_to_proto(model: LoadedModel) -> inference_pb2.Model:
+    runtime = model.runtime
+    adapters = []
+    for i, s in enumerate(runtime.slots):
+        if i == 0 or s is None or s.name.startswith("\x00"):
+            continue
+        adapters.append(inference_pb2.ModelAdapter(slot=i, name=s.name, r=s.r, active_requests=s.active_requests))
+    return inference_pb2.Model(
+        model_id=model.model_id, artifact_id=model.artifact_id, adapters=adapters, device=model.device,
+        free_adapter_slots=runtime.free_adapter_slots(), batch_slots=runtime.full_batch_size,
+        ctx_len=runtime.ctx_len, memory_bytes=runtime.memory_bytes(), base_model=model.base_model,
+        active_requests=model.engine.num_active())
+
+
+def sampling_from_proto(p: inference_pb2.SamplingParams, field_prefix: str = "sampling") -> SamplingParams:
+    """Proto defaults (0 = unset) → SamplingParams; errors name e.g. ``requests[2].sampling.top_p``."""
+    if p.max_new_tokens < 0:
+        raise InvalidArgument(f"{field_prefix}.max_new_tokens must be >= 0 (0 = {DEFAULT_MAX_NEW_TOKENS}), "
+                              f"got {p.max_new_tokens}", field=f"{field_prefix}.max_new_tokens", value=p.max_new_tokens)
+    try:
+        return SamplingParams(max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                              temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                              seed=p.seed if p.seed else None, stop=tuple(p.stop),
+                              repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos)
+    except InvalidArgument as err:
+        if field_prefix == "sampling":
+            raise
+        field = field_prefix + err.field.removeprefix("sampling")
+        raise InvalidArgument(err.message.replace(err.field, field), field=field, value=err.value) from err
+
+
+def chunk_to_proto(chunk: GenerationChunk) -> inference_pb2.GenerateResponse:
+    response = inference_pb2.GenerateResponse(text=chunk.text, token_ids=list(chunk.token_ids),
+                                              finish_reason=_FINISH[chunk.finish_reason],
+                                              request_id=chunk.request_id)
+    if chunk.finish_reason is not None:
+        response.usage.prompt_tokens = chunk.prompt_tokens
+        response.usage.completion_tokens = chunk.completion_tokens
+    return response
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    # ---- models ----------------------------------------------------------------------------
+    def LoadArtifact(self, request, context):
+        if request.num_threads < 0:
+            raise InvalidArgument(f"num_threads must be >= 0, got {request.num_threads}", field="num_threads",
+                                  value=request.num_threads)
+        model = self.manager.load_artifact(request.artifact_id, request.device or "cpu", request.model_id,
+                                           request.num_threads)
+        return model_to_proto(model)
+
+    def UnloadModel(self, request, context):
+        model = self.manager.get(request.model_id)
+        snapshot = model_to_proto(model)
+        self.manager.unload(request.model_id)
+        return inference_pb2.UnloadModelResponse(model=snapshot)
+
+    def ListModels(self, request, context):
+        return inference_pb2.ListModelsResponse(models=[model_to_proto(m) for m in self.manager.list()])
+
+    def LoadAdapter(self, request, context):
+        model = self.manager.load_adapter(request.model_id, request.adapter, request.name)
+        return model_to_proto(model)
+
+    # ---- generation ------------------------------------------------------------------------
+    def _submit(self, request: inference_pb2.GenerateRequest, prefix: str = "") -> RequestHandle:
+        model = self.manager.get(request.model_id)
+        tokenizer = model.tokenizer
+        which = request.WhichOneof("input")
+        if which == "prompt_token_ids":
+            ids = list(request.prompt_token_ids.ids)
+            bad = [i for i in ids if not 0 <= i < model.runtime.vocab_size]
+            if bad:
+                raise InvalidArgument(f"{prefix}prompt_token_ids holds ids outside [0, {model.runtime.vocab_size}): "
+                                      f"{bad[:5]}", field=f"{prefix}prompt_token_ids", value=bad[:5])
+        elif which == "prompt":
+            ids = tokenizer.encode_chat(request.prompt) if request.chat else tokenizer.encode(request.prompt)
+        else:
+            ids = []
+        if not ids:
+            raise InvalidArgument(f"{prefix}prompt must not be empty", field=f"{prefix}prompt", value="")
+        ctx_len = model.runtime.ctx_len
+        if len(ids) >= ctx_len:
+            raise InvalidArgument(f"{prefix}prompt has {len(ids)} tokens but the model's context is {ctx_len} "
+                                  f"tokens (at most {ctx_len - 1} prompt tokens fit)", field=f"{prefix}prompt",
+                                  value=len(ids), metadata={"prompt_tokens": len(ids), "ctx_len": ctx_len})
+        sampling = sampling_from_proto(request.sampling, f"{prefix}sampling")
+        return model.engine.submit(GenerationRequest(tuple(ids), request.adapter, sampling, request.request_id))
+
+    def Generate(self, request, context):
+        handle = self._submit(request)
+        context.add_callback(handle.cancel)  # client cancel or deadline frees the slot
+        try:
+            for chunk in handle:
+                yield chunk_to_proto(chunk)
+        finally:
+            if not handle.finished.is_set():
+                handle.cancel()
+
+    def GenerateBatch(self, request, context):
+        if not request.requests:
+            raise InvalidArgument("requests must not be empty", field="requests", value=0)
+        if len(request.requests) > MAX_BATCH_REQUESTS:
+            raise InvalidArgument(f"requests may hold at most {MAX_BATCH_REQUESTS} entries, got "
+                                  f"{len(request.requests)}", field="requests", value=len(request.requests))
+        handles: list[RequestHandle] = []
+        try:
+            for i, r in enumerate(request.requests):
+                handles.append(self._submit(r, prefix=f"requests[{i}]."))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+
+        def cancel_all():
+            for h in handles:
+                h.cancel()
+
+        context.add_callback(cancel_all)
+        merged: queue.Queue = queue.Queue()
+
+        def pump(index: int, handle: RequestHandle) -> None:
+            try:
+                for chunk in handle:
+                    merged.put((index, chunk))
+            except BaseException as err:  # re-raised in the RPC thread
+                merged.put((index, err))
+            merged.put((index, None))
+
+        threads = [threading.Thread(target=pump, args=(i, h), daemon=True) for i, h in enumerate(handles)]
+        for t in threads:
+            t.start()
+        remaining = len(handles)
+        try:
+            while remaining:
+                index, item = merged.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield inference_pb2.GenerateBatchResponse(index=index, response=chunk_to_proto(item))
+        finally:
+            cancel_all()

@@ -1,0 +1,276 @@
+"""TrainerService: validate a training request completely, copy its dataset into the store, queue it.
+
+Thin by design: protobuf in, domain settings out (services.trainer.training), and registry records
+back to protobuf. No weights are loaded here: the base model is checked from its config.json alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from loraflow.grpc_server import set_timestamp
+from loraflow.job_service import job_to_proto
+from loraflow.jobs import JobQueue, validate_labels, validate_request_id
+from loraflow.names import validate_name
+from loraflow.registry import AdapterRecord, Registry
+from loraflow.store import ObjectStore, resolve
+from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
+from services.trainer.dataset import MAX_DATASET_BYTES, parse_jsonl
+from services.trainer.training import (
+    DEFAULT_TARGET_MODULES,
+    LoraSettings,
+    TrainingSettings,
+    inspect_base_model,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+MAX_URI_LEN = 4096
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# Which job is training which adapter name (name -> job id), so two jobs never race for one name.
+NAME_RESERVATIONS_KEY = "loraflow:trainer:adapter_names"
+_NAME_LOCK_PREFIX = "loraflow:trainer:name-lock:"
+
+
+# --- proto -> domain (0 / "" mean "the default", as documented in trainer.proto) ------------------
+
+def lora_from_proto(msg: trainer_pb2.LoraConfig) -> LoraSettings:
+    r = msg.r or 8
+    if msg.r < 0:
+        raise InvalidArgument(f"lora.r must be > 0, got {msg.r}", field="lora.r", value=msg.r)
+    if msg.lora_alpha < 0:
+        raise InvalidArgument(f"lora.lora_alpha must be >= 0 (0 = 2 * r), got {msg.lora_alpha}",
+                              field="lora.lora_alpha", value=msg.lora_alpha)
+    return LoraSettings(
+        r=r, lora_alpha=msg.lora_alpha or 2.0 * r,
+        target_modules=tuple(msg.target_modules) or DEFAULT_TARGET_MODULES,
+        lora_dropout=msg.lora_dropout, bias=msg.bias or "none", use_rslora=msg.use_rslora)
+
+
+def training_from_proto(msg: trainer_pb2.TrainingConfig) -> TrainingSettings:
+    def default(value, fallback):
+        return fallback if value == 0 else value
+
+    return TrainingSettings(
+        max_steps=msg.max_steps, num_epochs=default(msg.num_epochs, 1.0), batch_size=default(msg.batch_size, 4),
+        gradient_accumulation_steps=default(msg.gradient_accumulation_steps, 1),
+        learning_rate=default(msg.learning_rate, 2e-4), max_seq_len=default(msg.max_seq_len, 512), seed=msg.seed,
+        eval_fraction=msg.eval_fraction, checkpoint_every_steps=default(msg.checkpoint_every_steps, 50),
+        device=msg.device or "cpu", warmup_steps=msg.warmup_steps, lr_scheduler=msg.lr_scheduler or "cosine",
+        gradient_checkpointing=msg.gradient_checkpointing, weight_decay=msg.weight_decay,
+        eval_every_steps=msg.eval_every_steps)
+
+
+def lora_to_proto(lora: dict[str, Any]) -> trainer_pb2.LoraConfig:
+    return trainer_pb2.LoraConfig(
+        r=int(lora.get("r", 0)), lora_alpha=float(lora.get("lora_alpha", 0.0)),
+        target_modules=list(lora.get("target_modules", [])), lora_dropout=float(lora.get("lora_dropout", 0.0)),
+        bias=str(lora.get("bias", "")), use_rslora=bool(lora.get("use_rslora", False)))
+
+
+def adapter_to_proto(record: AdapterRecord) -> trainer_pb2.Adapter:
+    msg = trainer_pb2.Adapter(name=record.name, uri=record.uri, base_model=record.base_model,
+                              lora=lora_to_proto(record.lora), metrics=record.metrics, job_id=record.job_id,
+                              digest=record.digest)
+    set_timestamp(msg.create_time, record.create_time)
+    return msg
+
+
+def _check_uri(field: str, value: str) -> str:
+    if not value or not value.strip():
+        raise InvalidArgument(f"{field} must not be empty", field=field, value=value)
+    if len(value) > MAX_URI_LEN:
+        raise InvalidArgument(f"{field} must be at most {MAX_URI_LEN} characters, got {len(value)}",
+                              field=field, value=value)
+    if "\x00" in value or not value.isprintable():
+        raise InvalidArgument(f"{field} contains control characters", field=field, value=value)
+    return value
+
+
+# --- base model and dataset ---------------------------------------------------------------------
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def local_model_dir(uri: str) -> Path:
+    """The directory of a local path or file:// base model."""
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri).expanduser()
+
+
+def read_base_config(base_model: str, store: ObjectStore) -> dict[str, Any]:
+    """config.json of a base model (local dir, file:// or s3:// published dir); InvalidArgument if absent."""
+    if is_remote(base_model):
+        src, key = resolve(base_model, store, field="base_model")
+        try:
+            raw = src.get_bytes(f"{key}/config.json")
+        except NotFound:
+            raise InvalidArgument(f"base_model {base_model!r} has no config.json in the store",
+                                  field="base_model", value=base_model) from None
+    else:
+        if "://" in base_model and not base_model.startswith("file://"):
+            raise InvalidArgument(f"base_model must be a local directory, file:// or s3:// URI, got {base_model!r}",
+                                  field="base_model", value=base_model)
+        path = local_model_dir(base_model)
+        if not path.is_dir():
+            raise InvalidArgument(f"base_model {base_model!r} is not a directory", field="base_model",
+                                  value=base_model)
+        config = path / "config.json"
+        if not config.is_file():
+            raise InvalidArgument(f"base_model {base_model!r} has no config.json (not a Hugging Face checkpoint)",
+                                  field="base_model", value=base_model)
+        raw = config.read_bytes()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"base_model config.json is not valid JSON: {e}", field="base_model",
+                              value=base_model) from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("base_model config.json is not a JSON object", field="base_model", value=base_model)
+    return data
+
+
+def read_dataset_bytes(dataset_uri: str, store: ObjectStore) -> bytes:
+    if "://" in dataset_uri and not dataset_uri.startswith(("file://", "s3://")):
+        raise InvalidArgument(f"dataset_uri must be a local path, file:// or s3:// URI, got {dataset_uri!r}",
+                              field="dataset_uri", value=dataset_uri)
+    if not is_remote(dataset_uri):
+        path = local_model_dir(dataset_uri)
+        if not path.is_file():
+            raise InvalidArgument(f"dataset_uri {dataset_uri!r} does not exist or is not a file",
+                                  field="dataset_uri", value=dataset_uri)
+        if path.stat().st_size > MAX_DATASET_BYTES:
+            raise InvalidArgument(f"dataset is larger than {MAX_DATASET_BYTES} bytes", field="dataset_uri",
+                                  value=dataset_uri)
+        return path.read_bytes()
+    src, key = resolve(dataset_uri, store, field="dataset_uri")
+    try:
+        return src.get_bytes(key)
+    except NotFound:
+        raise InvalidArgument(f"dataset_uri {dataset_uri!r} does not exist", field="dataset_uri",
+                              value=dataset_uri) from None
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """A fully validated request, ready to queue."""
+
+    adapter_name: str
+    base_model: str
+    dataset_uri: str
+    lora: LoraSettings
+    training: TrainingSettings
+    request_id: str
+    labels: dict[str, str]
+
+
+def validate_request(request: trainer_pb2.SubmitTrainingJobRequest) -> TrainingRequest:
+    """Every check that needs no I/O, in field order; raises InvalidArgument naming the field."""
+    return TrainingRequest(
+        adapter_name=validate_name("adapter_name", request.adapter_name),
+        base_model=_check_uri("base_model", request.base_model),
+        dataset_uri=_check_uri("dataset_uri", request.dataset_uri),
+        lora=lora_from_proto(request.lora),
+        training=training_from_proto(request.training),
+        request_id=validate_request_id(request.request_id),
+        labels=validate_labels(dict(request.labels)),
+    )
+
+
+class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore):
+        self.queue = queue
+        self.registry = registry
+        self.store = store
+        self.redis: redis.Redis = queue.redis
+
+    # --- submit --------------------------------------------------------------------------------
+
+    def SubmitTrainingJob(self, request, context):
+        req = validate_request(request)
+        if req.request_id:
+            existing = self.redis.hget(self.queue.request_ids_key, req.request_id)
+            if existing is not None:
+                return job_to_proto(self.queue.get(existing.decode()))
+
+        info = inspect_base_model(read_base_config(req.base_model, self.store))
+        req.lora.check_targets(info.linear_modules)
+        data = read_dataset_bytes(req.dataset_uri, self.store)
+        records = parse_jsonl(data)
+        # Content-addressed copy: the worker never reads the client's filesystem.
+        dataset_key = f"datasets/{hashlib.sha256(data).hexdigest()}.jsonl"
+        if not self.store.exists(dataset_key):
+            self.store.put_bytes(dataset_key, data)
+
+        payload = {
+            "adapter_name": req.adapter_name, "base_model": req.base_model, "dataset_uri": req.dataset_uri,
+            "dataset_key": dataset_key, "dataset_records": len(records), "model_type": info.model_type,
+            "lora": req.lora.to_dict(), "training": req.training.to_dict(),
+        }
+        lock = self.redis.lock(_NAME_LOCK_PREFIX + req.adapter_name, timeout=30, blocking_timeout=10)
+        if not lock.acquire():
+            raise FailedPrecondition(f"adapter_name {req.adapter_name!r} is being submitted concurrently; retry",
+                                     field="adapter_name", value=req.adapter_name)
+        try:
+            self._check_name_free(req.adapter_name)
+            record = self.queue.submit(payload, request_id=req.request_id, labels=req.labels)
+            if record.payload.get("adapter_name") == req.adapter_name:
+                self.redis.hset(NAME_RESERVATIONS_KEY, req.adapter_name, record.id)
+        finally:
+            lock.release()
+        log.info("queued training job %s for adapter %s (%d records)", record.id, req.adapter_name, len(records))
+        return job_to_proto(record)
+
+    def _check_name_free(self, name: str) -> None:
+        if self.registry.find_adapter(name) is not None:
+            raise AlreadyExists(f"an adapter named {name!r} is already registered", field="adapter_name", value=name)
+        holder = self.redis.hget(NAME_RESERVATIONS_KEY, name)
+        if holder is None:
+            return
+        job = self.queue.find(holder.decode())
+        # A failed or cancelled job gives its name back; a queued or running one holds it.
+        if job is not None and not job.terminal:
+            raise AlreadyExists(f"adapter name {name!r} is taken by {job.state.lower()} job {job.id}",
+                                field="adapter_name", value=name, metadata={"job_id": job.id})
+
+    # --- registry ------------------------------------------------------------------------------
+
+    def ListAdapters(self, request, context):
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be in 0..{MAX_PAGE_SIZE}, got {request.page_size}",
+                                  field="page_size", value=request.page_size)
+        if len(request.page_token) > MAX_URI_LEN:
+            raise InvalidArgument("page_token is not a token returned by this service", field="page_token",
+                                  value=request.page_token)
+        records, token = self.registry.list_adapters(page_size, request.page_token)
+        return trainer_pb2.ListAdaptersResponse(adapters=[adapter_to_proto(r) for r in records],
+                                                next_page_token=token)
+
+    def GetAdapter(self, request, context):
+        validate_name("name", request.name)
+        return adapter_to_proto(self.registry.get_adapter(request.name))
+
+    def DeleteAdapter(self, request, context):
+        validate_name("name", request.name)
+        record = self.registry.delete_adapter(request.name)
+        self.redis.hdel(NAME_RESERVATIONS_KEY, request.name)
+        try:
+            src, key = resolve(record.uri, self.store, field="uri")
+            src.delete(key)
+        except Exception:  # noqa: BLE001 - the registry entry is gone; stray bytes are only garbage
+            log.warning("adapter %s deleted from the registry, but its files at %s could not be removed",
+                        record.name, record.uri, exc_info=True)
+        return trainer_pb2.DeleteAdapterResponse(adapter=adapter_to_proto(record))

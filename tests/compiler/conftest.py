@@ -1,0 +1,84 @@
+"""Fixtures for the compiler suite: PEFT adapters saved from tiny models, and the PEFT reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def save_peft_adapter(model_dir: Path, out_dir: Path, *, r: int = 4, lora_alpha: float = 8,
+                      target_modules=("q_proj", "v_proj"), use_rslora: bool = False, seed: int = 1,
+                      **extra) -> Path:
+    """A PEFT LoRA adapter on the tiny model with random non-zero A and B (init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), use_rslora=use_rslora,
+                     init_lora_weights=False, task_type="CAUSAL_LM", **extra)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        # Large enough to change greedy tokens, small enough to keep logits well separated.
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def adapter_factory(tmp_path_factory, tiny_model_factory):
+    """adapter_factory(arch, name, **lora_kwargs) -> saved adapter dir (cached per arguments)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", name: str = "a", **kwargs) -> Path:
+        key = (arch, name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"adapter-{arch}-{name}")
+            cache[key] = save_peft_adapter(tiny_model_factory(arch), out, **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def parity_model(tmp_path_factory, tiny_model_factory):
+    """parity_model(kind) -> checkpoint dir; kind is an architecture, or "llama3rope".
+
+    Qwen2's q/k/v biases are randomised (the tiny factory leaves them zero) so they are tested.
+    """
+    from tests.support.tiny_models import make_tiny_model_dir
+
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind in cache:
+            return cache[kind]
+        if kind == "llama3rope":
+            rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+            path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama3rope"), "llama", rope_parameters=rope)
+        elif kind == "qwen2":
+            from transformers import AutoModelForCausalLM
+
+            path = tmp_path_factory.mktemp("tiny-qwen2-bias")
+            src = tiny_model_factory("qwen2")
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            torch.manual_seed(5)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_(0.0, 0.3)
+            model.save_pretrained(path)
+            for f in src.iterdir():
+                if f.name.startswith(("tokenizer", "chat_template", "generation_config")):
+                    (path / f.name).write_bytes(f.read_bytes())
+        else:
+            path = tiny_model_factory(kind)
+        cache[kind] = Path(path)
+        return cache[kind]
+
+    return make

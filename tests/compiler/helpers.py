@@ -1,0 +1,41 @@
+"""Small helpers shared by the compiler tests (not fixtures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from loraflow import graph_contract as gc
+from loraflow import lora_bank
+from loraflow.manifest import GraphSpec, LoraModuleSpec
+from services.compiler.export import BankShape, contract_io
+from services.compiler.modeling import load_decoder
+
+
+def decoder_with_adapters(model_dir: Path, adapters: list[tuple[str, Path]], modules, *, max_rank=8, slots=3):
+    """(decoder with banks installed, bank feeds by graph input name, GraphSpec of the contract)."""
+    decoder = load_decoder(model_dir, modules)
+    cfg = decoder.cfg
+    spec = lora_bank.BankSpec(num_layers=cfg.num_layers, max_rank=max_rank, adapter_slots=slots,
+                              modules={m: cfg.lora_module_shapes()[m] for m in decoder.lora_modules})
+    banks_a, banks_b = lora_bank.empty_banks(spec)
+    for slot, (name, path) in enumerate(adapters, start=1):
+        lora_bank.write_slot(banks_a, banks_b, slot, lora_bank.read_adapter(name, path), spec)
+    decoder.set_banks(banks_a, banks_b)
+    feeds = {}
+    for m in decoder.lora_modules:
+        feeds[gc.lora_a(m)] = banks_a[m]
+        feeds[gc.lora_b(m)] = banks_b[m]
+    inputs, outputs = contract_io(decoder, BankShape(slots, max_rank), "float32")
+    graph = GraphSpec(file="model.onnx", target="onnxruntime", dtype="float32", layers=cfg.num_layers,
+                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                      inputs=inputs, outputs=outputs,
+                      lora_modules={m: LoraModuleSpec(*cfg.lora_module_shapes()[m]) for m in decoder.lora_modules})
+    return decoder, feeds, graph
+
+
+def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    # Skip the 3 special tokens so HF generate never meets an eos in the prompt.
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]

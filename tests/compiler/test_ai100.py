@@ -1,0 +1,107 @@
+"""AI 100 target: specializations, custom IO, qaic-exec command, SDK detection, retained-state graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from loraflow import graph_contract as gc
+from loraflow.errors import FailedPrecondition
+from services.compiler import ai100
+from services.compiler.export import BankShape
+from services.compiler.options import CompileOptions
+from tests.compiler.helpers import decoder_with_adapters
+
+
+def test_specializations_are_the_continuous_batching_pair(tmp_path):
+    opts = CompileOptions(target="ai100", batch_size=1, full_batch_size=4, prefill_seq_len=32, ctx_len=256).resolve()
+    specs = ai100.specializations(opts)
+    assert specs == [{"batch_size": 1, "seq_len": 32, "ctx_len": 256, "full_batch_size": 4},
+                     {"batch_size": 4, "seq_len": 1, "ctx_len": 256, "full_batch_size": 4}]
+    path = ai100.write_specializations(tmp_path / "specializations.json", specs)
+    assert json.loads(path.read_text()) == {"specializations": [
+        {"batch_size": "1", "seq_len": "32", "ctx_len": "256", "full_batch_size": "4"},
+        {"batch_size": "4", "seq_len": "1", "ctx_len": "256", "full_batch_size": "4"}]}
+
+
+def test_custom_io_lists_kv_in_and_retained_out_as_fp16(tmp_path):
+    io = ai100.custom_io(2)
+    assert io == {"past_key.0": "float16", "past_value.0": "float16", "past_key.1": "float16",
+                  "past_value.1": "float16", "past_key.0_RetainedState": "float16",
+                  "past_value.0_RetainedState": "float16", "past_key.1_RetainedState": "float16",
+                  "past_value.1_RetainedState": "float16"}
+    text = ai100.write_custom_io(tmp_path / "custom_io.yaml", io).read_text()
+    assert text.startswith(" - IOName: past_key.0\n   Precision: float16\n\n")
+    assert text.count("IOName") == 8
+
+
+def test_qaic_exec_command_assembly(tmp_path):
+    cmd = ai100.qaic_exec_command(qaic_exec="/opt/qti-aic/exec/qaic-exec", onnx_path=tmp_path / "model.onnx",
+                                  specializations_path=tmp_path / "s.json", custom_io_path=tmp_path / "io.yaml",
+                                  qpc_dir=tmp_path / "qpc", num_cores=14, mxfp6_matmul=True)
+    assert cmd[0] == "/opt/qti-aic/exec/qaic-exec"
+    for flag in ("-aic-hw", "-retained-state", "-convert-to-fp16", "-mxfp6-matmul", "-aic-num-cores=14",
+                 f"-m={tmp_path / 'model.onnx'}", f"-network-specialization-config={tmp_path / 's.json'}",
+                 f"-custom-IO-list-file={tmp_path / 'io.yaml'}", f"-aic-binary-dir={tmp_path / 'qpc'}"):
+        assert flag in cmd
+    plain = ai100.qaic_exec_command(qaic_exec="q", onnx_path=tmp_path / "m", specializations_path=tmp_path / "s",
+                                    custom_io_path=tmp_path / "c", qpc_dir=tmp_path / "q", num_cores=16,
+                                    mxfp6_matmul=False)
+    assert "-mxfp6-matmul" not in plain
+
+
+def test_sdk_detection_and_missing_sdk_is_failed_precondition(monkeypatch, tmp_path, tiny_llama):
+    from services.compiler.artifact import plan_artifact
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(ai100, "SDK_EXEC_DIR", tmp_path / "nowhere")
+    assert not ai100.sdk_available()
+    with pytest.raises(FailedPrecondition, match="qaic-exec") as err:
+        plan_artifact(tiny_llama, [], CompileOptions(target="ai100"))
+    assert err.value.field == "options.target"
+    fake = tmp_path / "qaic-exec"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    assert ai100.sdk_available() and ai100.find_qaic_exec() == fake
+
+
+def test_retained_state_graph_matches_the_reference_decoder(tmp_path, tiny_llama, adapter_factory):
+    adapters = [("a", adapter_factory("llama", "attn4", r=4, lora_alpha=8,
+                                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=1))]
+    decoder, banks, _ = decoder_with_adapters(tiny_llama, adapters, ("q_proj", "k_proj", "v_proj", "o_proj"),
+                                              slots=2)
+    ctx = 16
+    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(2, 8), ctx_len=ctx)
+    assert [o.name for o in graph.outputs][1:3] == [gc.retained_key(0), gc.retained_value(0)]
+    sess = ort.InferenceSession(str(tmp_path / graph.file), providers=["CPUExecutionProvider"])
+    L, H, D = graph.layers, graph.num_kv_heads, graph.head_dim
+    cache = {n: np.zeros((3, H, ctx, D), np.float32) for i in range(L) for n in (gc.past_key(i), gc.past_value(i))}
+    rows = [[5, 6, 7, 8], [9, 10]]
+    lora = np.array([[1], [0]])
+    slots = np.array([[2], [0]])
+    feeds = {gc.INPUT_IDS: np.array([[5, 6, 7, 8], [9, 10, 0, 0]]), gc.POSITION_IDS: np.array([[0, 1, 2, 3],
+                                                                                             [0, 1, -1, -1]]),
+             gc.LORA_IDS: lora, gc.BATCH_INDEX: slots, **cache, **banks}
+    outs = sess.run(None, feeds)
+    names = [o.name for o in sess.get_outputs()]
+    for step in range(2):
+        for b, seq in enumerate(rows):
+            pk, pv = decoder.empty_cache(1)
+            with torch.no_grad():
+                ref, _, _ = decoder(torch.tensor([seq]), torch.arange(len(seq)).view(1, -1),
+                                    torch.tensor([[int(lora[b, 0])]]), torch.tensor([[0]]), pk, pv)
+            np.testing.assert_allclose(outs[0][b, 0], ref[0, 0].numpy(), atol=1e-4, err_msg=f"step {step} row {b}")
+        nxt = [int(np.argmax(outs[0][b, 0])) for b in range(2)]
+        feeds = {**feeds, gc.INPUT_IDS: np.array([[nxt[0]], [nxt[1]]]),
+                 gc.POSITION_IDS: np.array([[len(rows[0])], [len(rows[1])]])}
+        for i in range(L):
+            feeds[gc.past_key(i)] = outs[names.index(gc.retained_key(i))]
+            feeds[gc.past_value(i)] = outs[names.index(gc.retained_value(i))]
+        rows = [rows[0] + [nxt[0]], rows[1] + [nxt[1]]]
+        outs = sess.run(None, feeds)
+    # Slot 1 of the cache was never used by any row, so it is still zero.
+    assert not outs[names.index(gc.retained_key(0))][1].any()

@@ -1,0 +1,115 @@
+"""build_artifact end to end on a tiny model; the artifact runs in a bare onnxruntime session."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from loraflow import graph_contract as gc
+from loraflow import lora_bank
+from loraflow.manifest import Manifest, file_sha256
+from services.compiler.artifact import STAGES, base_fingerprint, build_artifact, plan_artifact
+from services.compiler.modeling import load_decoder
+from services.compiler.options import CompileOptions
+from services.compiler.verify import drive, ort_runner, torch_runner
+from tests.compiler.helpers import random_prompts
+
+
+@pytest.fixture(scope="module")
+def two_adapters(adapter_factory):
+    return [("attn", adapter_factory("llama", "attn4", r=4, lora_alpha=8,
+                                     target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=1)),
+            ("mlp", adapter_factory("llama", "mlp8", r=8, lora_alpha=16, use_rslora=True,
+                                    target_modules=("gate_proj", "up_proj", "down_proj", "q_proj"), seed=2))]
+
+
+def test_build_artifact_runs_in_bare_onnxruntime(tmp_path, tiny_llama, two_adapters):
+    events = []
+    out = tmp_path / "art"
+    manifest = build_artifact(tiny_llama, two_adapters, CompileOptions(prefill_seq_len=8, ctx_len=64), out,
+                              progress=lambda stage, frac, msg: events.append((stage, frac, msg)))
+    assert [e[0] for e in events if e[0] != "load" or e[1] > 0] == list(STAGES)
+    assert [e[1] for e in events] == sorted(e[1] for e in events) and events[-1][1] == 1.0
+    assert Manifest.load(out) == manifest
+    assert manifest.options["adapter_slots"] == 4 and manifest.options["max_rank"] == 8
+    assert [(a.slot, a.name, a.r) for a in manifest.adapters] == [(1, "attn", 4), (2, "mlp", 8)]
+    assert set(manifest.graph.lora_modules) == set(gc.LORA_TARGET_MODULES)  # union of both adapters' targets
+    assert manifest.generation_config["eos_token_ids"] == [2] and "im_start" in manifest.chat_template
+    assert manifest.extra["verify"]["max_abs_diff"] < 1e-4
+    for f in manifest.files:
+        assert file_sha256(out / f.path) == f.sha256 and (out / f.path).stat().st_size == f.size
+    assert {"model.onnx", "model.onnx.data", "tokenizer/tokenizer.json", "generation_config.json",
+            "adapters/mlp/adapter_model.safetensors"} <= {f.path for f in manifest.files}
+
+    # The runtime's view: bare session, banks rebuilt from the artifact's own adapter dirs.
+    session = ort.InferenceSession(str(out / manifest.graph.file), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [t.name for t in manifest.graph.inputs]
+    assert [o.name for o in session.get_outputs()] == [t.name for t in manifest.graph.outputs]
+    spec = lora_bank.BankSpec.from_manifest(manifest)
+    banks_a, banks_b = lora_bank.empty_banks(spec)
+    for entry in manifest.adapters:
+        adapter = lora_bank.read_adapter(entry.name, out / entry.path)
+        assert adapter.digest == entry.digest
+        lora_bank.write_slot(banks_a, banks_b, entry.slot, adapter, spec)
+    feeds = {**{gc.lora_a(m): banks_a[m] for m in spec.modules}, **{gc.lora_b(m): banks_b[m] for m in spec.modules}}
+    decoder = load_decoder(tiny_llama, tuple(spec.modules))
+    prompts = random_prompts(manifest.graph.vocab_size, [9, 3, 6], seed=3)
+    finals, tokens, _ = drive([ort_runner(session), torch_runner(decoder, manifest.graph)], manifest.graph, feeds,
+                              prompts, [2, 0, 1], chunk=4, decode_steps=4, ctx_len=32, full_batch=4,
+                              kv_slots=[1, 3, 0])
+    np.testing.assert_allclose(finals[0], finals[1], atol=1e-4)
+    assert all(len(t) == 4 for t in tokens)
+
+
+def test_int8_quantizes_base_weights_only(tmp_path, tiny_llama, two_adapters):
+    out = tmp_path / "int8"
+    manifest = build_artifact(tiny_llama, two_adapters[:1], CompileOptions(dtype="int8", prefill_seq_len=8,
+                                                                           ctx_len=64), out)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}, ops
+    bank_inputs = [i for i in model.graph.input if i.name.startswith(("lora_a.", "lora_b."))]
+    assert bank_inputs and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in bank_inputs)
+    assert manifest.graph.dtype == "float32" and manifest.extra["verify"]["relative_diff"] < 0.15
+
+
+def test_cancel_between_stages_leaves_no_manifest(tmp_path, tiny_llama, two_adapters):
+    seen = []
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(stage, fraction, message):
+        seen.append(stage)
+
+    def check():
+        if "export" in seen:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        build_artifact(tiny_llama, two_adapters, CompileOptions(ctx_len=64), tmp_path / "c", progress=progress, check=check)
+    assert "verify" not in seen and not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_plan_is_deterministic_and_rejects_bad_sets(tmp_path, tiny_llama, two_adapters):
+    from loraflow.errors import FailedPrecondition, InvalidArgument
+
+    a = plan_artifact(tiny_llama, two_adapters, CompileOptions(ctx_len=64))
+    assert plan_artifact(tiny_llama, two_adapters, CompileOptions(ctx_len=64)).artifact_id == a.artifact_id
+    assert a.base_fingerprint == base_fingerprint(tiny_llama)
+    assert plan_artifact(tiny_llama, two_adapters[::-1], CompileOptions(ctx_len=64)).artifact_id != a.artifact_id
+    assert plan_artifact(tiny_llama, two_adapters, CompileOptions(ctx_len=128)).artifact_id != a.artifact_id
+    with pytest.raises(FailedPrecondition, match="adapter 'mlp': r=8 exceeds the artifact's max_rank=4"):
+        plan_artifact(tiny_llama, two_adapters, CompileOptions(max_rank=4, ctx_len=64))
+    with pytest.raises(FailedPrecondition, match=r"adapter 'attn': target_modules \['k_proj', 'v_proj', 'o_proj'\]"):
+        plan_artifact(tiny_llama, two_adapters, CompileOptions(target_modules=("q_proj",), ctx_len=64))
+    with pytest.raises(InvalidArgument, match="listed twice"):
+        plan_artifact(tiny_llama, [two_adapters[0], two_adapters[0]], CompileOptions(ctx_len=64))
+    with pytest.raises(InvalidArgument, match="max_position_embeddings=256"):
+        plan_artifact(tiny_llama, [], CompileOptions(ctx_len=1024))
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    assert cfg["model_type"] == "llama"

@@ -1,0 +1,135 @@
+"""loraflow.lora_bank: reading PEFT dirs, every rejection, slot layout and scaling."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from loraflow import lora_bank
+from loraflow.errors import FailedPrecondition, InvalidArgument
+
+HIDDEN, INTER, LAYERS = 64, 128, 2
+MODULES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+           "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+
+
+def spec(**kw) -> lora_bank.BankSpec:
+    base = dict(num_layers=LAYERS, max_rank=8, adapter_slots=3, modules=MODULES, architecture="llama")
+    base.update(kw)
+    return lora_bank.BankSpec(**base)
+
+
+@pytest.fixture
+def adapter_dir(adapter_factory, tmp_path):
+    """A writable copy of a rank-4 q/v adapter."""
+    dst = tmp_path / "ad"
+    shutil.copytree(adapter_factory("llama", "qv4", r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")), dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_reads_peft_adapter_and_builds_scaled_padded_slots(adapter_dir):
+    ad = lora_bank.read_adapter("qv", adapter_dir)
+    assert ad.r == 4 and ad.lora_alpha == 8 and ad.target_modules == ("q_proj", "v_proj")
+    assert len(ad.digest) == 64 and ad.digest == lora_bank.adapter_digest(adapter_dir)
+    s = spec()
+    banks_a, banks_b = lora_bank.empty_banks(s)
+    lora_bank.write_slot(banks_a, banks_b, 2, ad, s)
+    raw = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    a = raw["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]  # [r, in]
+    b = raw["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]  # [out, r]
+    np.testing.assert_allclose(banks_a["q_proj"][1, 2, :, :4], a.T)
+    np.testing.assert_allclose(banks_b["q_proj"][1, 2, :4, :], b.T * (8 / 4), rtol=1e-6)
+    assert not banks_a["q_proj"][:, 2, :, 4:].any() and not banks_b["q_proj"][:, 2, 4:].any()  # rank padding
+    assert not banks_a["q_proj"][:, [0, 1, 3]].any()  # other slots (and base slot 0) untouched
+    assert not banks_a["o_proj"].any()  # untargeted module stays zero
+    lora_bank.clear_slot(banks_a, banks_b, 2)
+    assert not banks_b["q_proj"].any()
+
+
+def test_rslora_and_patterns_set_per_module_scaling(adapter_dir):
+    _edit_config(adapter_dir, use_rslora=True, alpha_pattern={"q_proj": 32}, rank_pattern={})
+    ad = lora_bank.read_adapter("qv", adapter_dir)
+    assert ad.scaling(0, "q_proj") == pytest.approx(32 / math.sqrt(4))
+    assert ad.scaling(0, "v_proj") == pytest.approx(8 / math.sqrt(4))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_dora", True), ("modules_to_save", ["lm_head"]), ("bias", "lora_only"), ("peft_type", "IA3"),
+    ("fan_in_fan_out", True), ("layer_replication", [[0, 2]]), ("lora_bias", True), ("r", 0),
+    ("task_type", "SEQ_CLS"),
+])
+def test_config_rejections_name_adapter_field_and_value(adapter_dir, field, value):
+    _edit_config(adapter_dir, **{field: value})
+    with pytest.raises(InvalidArgument) as err:
+        lora_bank.read_adapter("math", adapter_dir)
+    assert "'math'" in str(err.value) and field in str(err.value) and repr(value) in str(err.value)
+    assert err.value.field == field and err.value.metadata["adapter"] == "math"
+
+
+@pytest.mark.parametrize("key", ["base_model.model.model.embed_tokens.lora_embedding_A",
+                                 "base_model.model.lm_head.lora_A.weight"])
+def test_embedding_and_lm_head_weights_are_rejected(adapter_dir, key):
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors[key] = np.zeros((4, 64), np.float32)
+    save_file(tensors, str(path))
+    with pytest.raises(InvalidArgument, match=r"adapter 'math': weights=.*(embed_tokens|lm_head)"):
+        lora_bank.read_adapter("math", adapter_dir)
+
+
+def test_missing_files_rejected(tmp_path):
+    with pytest.raises(InvalidArgument, match="adapter 'x'.*not a PEFT adapter dir"):
+        lora_bank.read_adapter("x", tmp_path)
+
+
+def test_fit_rejections(adapter_dir):
+    ad = lora_bank.read_adapter("math", adapter_dir)
+    with pytest.raises(FailedPrecondition, match=r"adapter 'math': r=4 exceeds the artifact's max_rank=2") as err:
+        lora_bank.check_fits(ad, spec(max_rank=2))
+    assert err.value.field == "r" and err.value.value == 4
+    with pytest.raises(FailedPrecondition, match=r"adapter 'math': target_modules \['v_proj'\] are not adapted"):
+        lora_bank.check_fits(ad, spec(modules={"q_proj": MODULES["q_proj"]}))
+    with pytest.raises(FailedPrecondition, match=r"adapter 'math': has weights for layer 1 .* 1 layers"):
+        lora_bank.check_fits(ad, spec(num_layers=1))
+    other = dict(MODULES, q_proj=(96, 96))
+    with pytest.raises(FailedPrecondition, match=r"adapter 'math': layers.0.q_proj maps 64→64 .* 96→96") as err:
+        lora_bank.check_fits(ad, spec(modules=other))
+    assert err.value.field == "q_proj.shape"
+    with pytest.raises(InvalidArgument, match="slot 4 is outside 1..3"):
+        banks_a, banks_b = lora_bank.empty_banks(spec())
+        lora_bank.write_slot(banks_a, banks_b, 4, ad, spec())
+
+
+def test_bf16_weights_are_read(adapter_dir):
+    import torch
+    from safetensors.torch import load_file as tload
+    from safetensors.torch import save_file as tsave
+
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = {k: v.to(torch.bfloat16) for k, v in tload(str(path)).items()}
+    tsave(tensors, str(path))
+    ad = lora_bank.read_adapter("bf", adapter_dir)
+    key = next(iter(tensors))
+    layer = int(key.split(".layers.")[1].split(".")[0])
+    module = key.split(".")[-3]
+    a_or_b = 0 if ".lora_A." in key else 1
+    np.testing.assert_array_equal(ad.weights[(layer, module)][a_or_b], tensors[key].float().numpy())
+
+
+def test_lora_bank_does_not_import_torch():
+    code = "import sys, loraflow.lora_bank, loraflow.manifest; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,102 @@
+"""Fixtures of the inference suite: a tiny model, PEFT adapters, an artifact built by the compiler,
+and greedy reference tokens from PEFT/HF ``generate`` (torch appears only here, never in the code under test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.inference.tokenization import TextTokenizer
+
+# name -> (seed, r, lora_alpha, target_modules, use_rslora); "hot" is not compiled in, it is hot-added.
+ADAPTERS = {
+    "alpha": (1, 4, 8, ["q_proj", "v_proj"], False),
+    "beta": (2, 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
+    "gamma": (3, 2, 4, ["k_proj", "o_proj", "down_proj"], True),
+    "hot": (4, 6, 12, ["q_proj", "up_proj", "down_proj"], False),
+}
+COMPILED = ("alpha", "beta", "gamma")
+PROMPTS = ["the quick brown fox", "reverse the word: hello ->", "add 2 and 3 ->", "héllo wörld ✓"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_llama) -> TextTokenizer:
+    return TextTokenizer(tiny_llama)
+
+
+def _make_adapter(model_dir: Path, out: Path, seed: int, r: int, alpha: int, targets, rslora: bool) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # scale so adapters change greedy tokens clearly but keep logits sane
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: _make_adapter(tiny_llama, root / name, *spec) for name, spec in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_llama, tiny_adapters, tmp_path_factory):
+    """(artifact_dir, manifest): 3 adapters compiled in, 4 adapter slots, 4 KV slots, ctx 64."""
+    from services.compiler.artifact import build_artifact
+    from services.compiler.options import CompileOptions
+
+    out = tmp_path_factory.mktemp("artifact")
+    options = CompileOptions(batch_size=2, full_batch_size=4, prefill_seq_len=8, ctx_len=64, max_rank=8,
+                             adapter_slots=4)
+    manifest = build_artifact(tiny_llama, [(n, tiny_adapters[n]) for n in COMPILED], options, out)
+    return out, manifest
+
+
+class PeftReference:
+    """Greedy tokens from HF generate on the base model or PEFT with one adapter active (cached)."""
+
+    def __init__(self, model_dir: Path, adapters: dict[str, Path]):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(1)
+        self.torch = torch
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        names = list(adapters)
+        model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+        self.model = model.eval()
+        self._cache: dict = {}
+
+    def generate(self, prompt_ids: list[int], adapter: str, max_new_tokens: int) -> list[int]:
+        key = (tuple(prompt_ids), adapter, max_new_tokens)
+        if key not in self._cache:
+            torch = self.torch
+            ids = torch.tensor([prompt_ids])
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
+            with torch.no_grad():
+                if adapter:
+                    self.model.set_adapter(adapter)
+                    out = self.model.generate(input_ids=ids, **kwargs)
+                else:
+                    with self.model.disable_adapter():
+                        out = self.model.generate(input_ids=ids, **kwargs)
+            self._cache[key] = out[0, len(prompt_ids):].tolist()
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def peft_reference(tiny_llama, tiny_adapters) -> PeftReference:
+    return PeftReference(tiny_llama, tiny_adapters)

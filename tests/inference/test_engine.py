@@ -1,0 +1,196 @@
+"""The engine on a real compiled tiny artifact (ONNX Runtime, CPU) against PEFT/HF greedy references."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.inference.engine import Engine, GenerationRequest
+from services.inference.model_manager import open_model
+from services.inference.sampling import SamplingParams
+from services.inference.scheduler import FinishReason
+from tests.inference.conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def model(tiny_artifact):
+    artifact_dir, manifest = tiny_artifact
+    loaded = open_model(artifact_dir, num_threads=1, model_id="tiny", manifest=manifest)
+    yield loaded
+    loaded.close()
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, **kw)
+
+
+def submit(model, prompt_ids, adapter="", sampling=None, request_id=""):
+    return model.engine.submit(GenerationRequest(tuple(prompt_ids), adapter, sampling or greedy(10), request_id))
+
+
+def test_mixed_batch_rows_equal_peft_with_each_adapter_alone(model, tiny_tokenizer, peft_reference):
+    rows = [(PROMPTS[0], ""), (PROMPTS[1], "alpha"), (PROMPTS[2], "beta"), (PROMPTS[3], "gamma")]
+    ids = [tiny_tokenizer.encode(p) for p, _ in rows]
+    handles = [submit(model, i, a, greedy(12)) for i, (_, a) in zip(ids, rows, strict=True)]
+    results = [h.result() for h in handles]
+    for prompt_ids, (_, adapter), result in zip(ids, rows, results, strict=True):
+        assert list(result.token_ids) == peft_reference.generate(prompt_ids, adapter, 12), adapter
+        assert result.prompt_tokens == len(prompt_ids) and result.completion_tokens == len(result.token_ids)
+    # The adapters really change the output (otherwise the comparison above proves little).
+    assert len({tuple(peft_reference.generate(ids[0], a, 12)) for a in ("", "alpha", "beta", "gamma")}) == 4
+
+
+def test_streamed_text_equals_the_full_decode(model, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("héllo wörld — ünïcode ✓ 日本語")
+    handle = submit(model, prompt, "beta", greedy(40, ignore_eos=True))
+    chunks = list(handle)
+    ids = [t for c in chunks for t in c.token_ids]
+    assert "".join(c.text for c in chunks) == tiny_tokenizer.decode(ids)
+    assert chunks[-1].finish_reason == FinishReason.LENGTH and len(ids) == 40
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_continuous_batching_staggered_requests_equal_running_alone(model, tiny_tokenizer, peft_reference):
+    # 7 requests over 4 KV slots, arriving in three waves while earlier ones decode.
+    plan = [(PROMPTS[i % 4] + " " + "abc"[i % 3], ["", "alpha", "beta", "gamma"][i % 4], 6 + 3 * (i % 3))
+            for i in range(7)]
+    handles = []
+    for wave in (plan[:3], plan[3:5], plan[5:]):
+        for text, adapter, n in wave:
+            handles.append((tiny_tokenizer.encode(text), adapter, n, submit(model, tiny_tokenizer.encode(text),
+                                                                            adapter, greedy(n))))
+        time.sleep(0.02)
+    for prompt_ids, adapter, n, handle in handles:
+        assert list(handle.result().token_ids) == peft_reference.generate(prompt_ids, adapter, n)
+
+
+def test_seeded_sampling_is_the_same_whatever_shares_the_batch(model, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode(PROMPTS[1])
+    params = SamplingParams(max_new_tokens=16, temperature=1.2, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = submit(model, prompt, "alpha", params).result().token_ids
+    companions = [submit(model, tiny_tokenizer.encode(p), a, SamplingParams(max_new_tokens=20, temperature=1.0))
+                  for p, a in zip(PROMPTS, ["beta", "", "gamma"], strict=False)]
+    together = submit(model, prompt, "alpha", params).result().token_ids
+    for c in companions:
+        c.result()
+    other_seed = submit(model, prompt, "alpha", SamplingParams(**{**params.__dict__, "seed": 99})).result()
+    assert alone == together and len(alone) == 16
+    assert other_seed.token_ids != alone
+
+
+def test_stop_string_ends_the_request_and_is_not_emitted(model, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode(PROMPTS[0])
+    full = submit(model, prompt, "", greedy(30, ignore_eos=True)).result()
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = submit(model, prompt, "", greedy(30, ignore_eos=True, stop=(stop,))).result()
+    assert cut.finish_reason == FinishReason.STOP_STRING
+    assert cut.text == text[: text.index(stop)]
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(model, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode(PROMPTS[2])
+    long = [submit(model, prompt, "", greedy(60, ignore_eos=True)) for _ in range(4)]  # all 4 KV slots
+    waiting = submit(model, prompt, "gamma", greedy(3, ignore_eos=True))
+    first = next(iter(long[0]))  # the batch is running
+    assert first.finish_reason is None
+    steps_at_cancel = model.engine.steps
+    long[0].cancel()
+    result = waiting.result()
+    assert result.finish_reason == FinishReason.LENGTH and len(result.token_ids) == 3
+    # The waiting request finished while the other long ones still ran (its slot came from the cancel).
+    assert not any(h.finished.is_set() for h in long[1:])
+    assert list(long[0])[-1].finish_reason == FinishReason.CANCELLED
+    assert model.engine.steps - steps_at_cancel < 40
+    for h in long[1:]:
+        h.cancel()
+    for h in long[1:]:
+        assert list(h)[-1].finish_reason == FinishReason.CANCELLED
+    deadline = time.monotonic() + 5
+    while model.engine.scheduler.num_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.engine.scheduler.num_free_slots == 4
+
+
+def test_context_exhaustion_ends_with_length(model, tiny_tokenizer):
+    ctx = model.runtime.ctx_len
+    prompt = (tiny_tokenizer.encode(" ".join(["fox"] * 80)))[: ctx - 5]
+    result = submit(model, prompt, "", greedy(50, ignore_eos=True)).result()
+    assert result.finish_reason == FinishReason.LENGTH
+    assert result.prompt_tokens + result.completion_tokens == ctx
+    with pytest.raises(InvalidArgument) as err:
+        submit(model, list(range(ctx)), "")
+    assert str(ctx) in str(err.value)
+
+
+def test_full_queue_is_resource_exhausted_and_unknown_adapter_not_found(model, tiny_tokenizer):
+    # An engine whose loop is not started keeps its queue, so the bound is deterministic.
+    engine = Engine(model.runtime, model.tokenizer, model_id="queue-test", max_waiting=2)
+    prompt = tuple(tiny_tokenizer.encode(PROMPTS[0]))
+    engine.submit(GenerationRequest(prompt, "alpha"))
+    engine.submit(GenerationRequest(prompt, ""))
+    with pytest.raises(ResourceExhausted):
+        engine.submit(GenerationRequest(prompt, "alpha"))
+    with pytest.raises(NotFound):
+        engine.submit(GenerationRequest(prompt, "no-such-adapter"))
+    engine.stop()
+    assert model.runtime.slots[model.runtime.adapter_names()["alpha"]].active_requests == 0
+
+
+def test_hot_added_adapter_serves_peft_tokens_and_bad_adapters_are_refused(tiny_artifact, tiny_adapters,
+                                                                           tiny_tokenizer, peft_reference,
+                                                                           tmp_path):
+    artifact_dir, manifest = tiny_artifact
+    model = open_model(artifact_dir, num_threads=1, model_id="hot", manifest=manifest)
+    try:
+        assert model.runtime.free_adapter_slots() == 1
+        slot = model.runtime.load_adapter("hot", tiny_adapters["hot"])
+        assert slot == 4 and model.runtime.free_adapter_slots() == 0
+        prompt = tiny_tokenizer.encode(PROMPTS[3])
+        got = submit(model, prompt, "hot", greedy(12)).result().token_ids
+        assert list(got) == peft_reference.generate(prompt, "hot", 12)
+        with pytest.raises(FailedPrecondition):
+            model.runtime.load_adapter("hot", tiny_adapters["hot"])  # the name is taken
+        # Every slot busy: a running request on each adapter blocks eviction.
+        busy = [submit(model, prompt, a, greedy(60, ignore_eos=True)) for a in ("alpha", "beta", "gamma", "hot")]
+        with pytest.raises(ResourceExhausted):
+            model.runtime.load_adapter("again", tiny_adapters["hot"])
+        for h in busy:
+            h.cancel()
+            list(h)
+        # Idle now: the least recently used slot is reused, and the new name serves.
+        model.runtime.load_adapter("again", tiny_adapters["alpha"])
+        got = submit(model, prompt, "again", greedy(8)).result().token_ids
+        assert list(got) == peft_reference.generate(prompt, "alpha", 8)
+    finally:
+        model.close()
+
+
+def test_adapter_that_does_not_fit_is_refused_with_a_reason(model, tiny_llama, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    big = get_peft_model(base, LoraConfig(r=16, target_modules=["q_proj"], init_lora_weights=False))
+    big.save_pretrained(tmp_path / "big")
+    with pytest.raises(FailedPrecondition) as err:
+        model.runtime.load_adapter("big", tmp_path / "big")
+    assert "max_rank" in str(err.value) and err.value.field == "r"
+    assert "big" not in model.runtime.adapter_names()
+
+
+def test_engine_stop_cancels_what_is_left(tiny_artifact, tiny_tokenizer):
+    artifact_dir, manifest = tiny_artifact
+    m = open_model(artifact_dir, num_threads=1, model_id="stop", manifest=manifest)
+    h = submit(m, tiny_tokenizer.encode(PROMPTS[0]), "", greedy(60, ignore_eos=True))
+    next(iter(h))
+    t = threading.Thread(target=m.close)
+    t.start()
+    t.join(10)
+    assert list(h)[-1].finish_reason == FinishReason.CANCELLED and not m.engine.running

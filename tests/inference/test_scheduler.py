@@ -1,0 +1,110 @@
+"""The scheduler alone: admission, chunked prefill, decode batches, finish and slot reuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraflow.errors import InvalidArgument, ResourceExhausted
+from services.inference.scheduler import FinishReason, Scheduler, Sequence, Status
+
+
+def make(**kw) -> Scheduler:
+    args = dict(full_batch_size=2, prefill_seq_len=4, ctx_len=32, max_waiting=3)
+    args.update(kw)
+    return Scheduler(**args)
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    sampled = {r.request_id: token for r in out.rows if r.samples}
+    return out, s.update(out, sampled)
+
+
+def test_chunked_prefill_then_decode_with_positions_slots_and_adapters():
+    s = make()
+    s.add(Sequence("a", list(range(10, 20)), lora_id=3, max_new_tokens=5))  # 10 tokens: chunks 4, 4, 2
+    s.add(Sequence("b", [1, 2], lora_id=0, max_new_tokens=5))
+    out = s.schedule()
+    assert out.kind == "prefill" and out.seq_len == 4
+    a, b = out.rows
+    assert (a.slot, a.lora_id, a.token_ids, a.start_position, a.samples) == (0, 3, (10, 11, 12, 13), 0, False)
+    assert (b.slot, b.token_ids, b.samples) == (1, (1, 2), True)
+    ids, pos = out.padded_inputs()
+    assert pos[1] == [0, 1, -1, -1] and ids[1][:2] == [1, 2]
+    s.update(out, {"b": 5})
+    out = s.schedule()  # only "a" still prefilling: second chunk
+    assert out.kind == "prefill" and [r.request_id for r in out.rows] == ["a"]
+    assert out.rows[0].start_position == 4 and out.past_len == 4
+    s.update(out, {})
+    out = s.schedule()
+    assert out.rows[0].token_ids == (18, 19) and out.rows[0].samples and out.seq_len == 2
+    s.update(out, {"a": 6})
+    out = s.schedule()
+    assert out.kind == "decode" and out.seq_len == 1
+    rows = {r.request_id: r for r in out.rows}
+    assert rows["a"].token_ids == (6,) and rows["a"].start_position == 10 and rows["a"].lora_id == 3
+    assert rows["b"].token_ids == (5,) and rows["b"].start_position == 2
+    assert out.past_len == 10
+
+
+def test_queue_full_is_resource_exhausted_and_bad_prompts_are_invalid():
+    s = make(max_waiting=2)
+    s.add(Sequence("a", [1]))
+    s.add(Sequence("b", [1]))
+    with pytest.raises(ResourceExhausted):
+        s.add(Sequence("c", [1]))
+    with pytest.raises(InvalidArgument) as err:
+        make().add(Sequence("d", [1] * 32))
+    assert "32" in str(err.value) and err.value.field == "prompt"
+    with pytest.raises(InvalidArgument):
+        make().add(Sequence("e", []))
+
+
+def test_finished_request_frees_its_slot_for_a_waiting_one_at_once():
+    s = make(full_batch_size=1)
+    s.add(Sequence("a", [1, 2], max_new_tokens=2))
+    s.add(Sequence("b", [3], max_new_tokens=1))
+    run_step(s)  # prefill a -> token 1
+    assert s.num_waiting == 1
+    _, touched = run_step(s)  # decode a -> token 2: done
+    assert touched[0].finish_reason == FinishReason.LENGTH and s.num_free_slots == 1
+    out = s.schedule()
+    assert out.kind == "prefill" and out.rows[0].request_id == "b" and out.rows[0].slot == 0
+
+
+def test_eos_stops_unless_ignored_and_context_exhaustion_is_length():
+    s = make()
+    s.add(Sequence("a", [1], eos_ids=frozenset({9}), max_new_tokens=10))
+    s.add(Sequence("b", [1], eos_ids=frozenset({9}), ignore_eos=True, max_new_tokens=10))
+    _, touched = run_step(s, token=9)
+    reasons = {q.request_id: q.finish_reason for q in touched}
+    assert reasons == {"a": FinishReason.STOP, "b": None}
+    s2 = make(ctx_len=4)
+    s2.add(Sequence("c", [1, 2], max_new_tokens=100))
+    run_step(s2)
+    _, touched = run_step(s2)
+    assert touched[0].finish_reason == FinishReason.LENGTH and touched[0].num_tokens == 4
+
+
+def test_abort_frees_slot_and_update_ignores_aborted_rows():
+    s = make(full_batch_size=1)
+    s.add(Sequence("a", [1, 2, 3]))
+    s.add(Sequence("w", [1]))
+    out = s.schedule()
+    aborted = s.abort("a")
+    assert aborted.status == Status.FINISHED and aborted.finish_reason == FinishReason.CANCELLED
+    assert s.update(out, {"a": 4}) == [] and s.num_free_slots == 1
+    assert s.abort("w").finish_reason == FinishReason.CANCELLED and not s.has_work()
+    assert s.schedule() is None
+
+
+def test_staggered_arrivals_keep_each_request_on_its_own_slot_and_positions():
+    s = make(full_batch_size=2, prefill_seq_len=8)
+    s.add(Sequence("a", [1, 2, 3], max_new_tokens=3))
+    run_step(s)
+    s.add(Sequence("b", [4], max_new_tokens=2))
+    out = s.schedule()  # b's prefill runs before a's next decode
+    assert out.kind == "prefill" and [r.request_id for r in out.rows] == ["b"] and out.rows[0].slot == 1
+    s.update(out, {"b": 8})
+    out = s.schedule()
+    assert {(r.request_id, r.start_position) for r in out.rows} == {("a", 3), ("b", 1)}

@@ -1,0 +1,156 @@
+"""InferenceService end to end on loopback: a real store, real Redis registry, real gRPC server."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
+from loraflow.grpc_server import GrpcServer, error_info
+from loraflow.registry import AdapterRecord, ArtifactRecord, Registry
+from loraflow.store import open_store
+from loraflow.v1 import inference_pb2 as pb
+from loraflow.v1 import inference_pb2_grpc
+from services.inference.model_manager import ModelManager
+from services.inference.server import SERVICE_NAME, InferenceServicer
+from tests.inference.conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def service(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory):
+    artifact_dir, manifest = tiny_artifact
+    root = tmp_path_factory.mktemp("svc")
+    store = open_store((root / "store").as_uri())
+    artifact_uri = store.publish_dir(f"artifacts/{manifest.artifact_id}", artifact_dir)
+    adapter_uri = store.publish_dir("adapters/hot", tiny_adapters["hot"])
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    registry = Registry(client)
+    registry.put_artifact(ArtifactRecord(artifact_id=manifest.artifact_id, uri=artifact_uri,
+                                         base_model=manifest.base_model.source))
+    registry.put_adapter(AdapterRecord(name="hot", uri=adapter_uri, base_model=manifest.base_model.source))
+    server = GrpcServer(listen="127.0.0.1:0", service_names=[SERVICE_NAME])
+    manager = ModelManager(store=store, registry=registry, cache_dir=root / "cache",
+                           on_change=lambda n: server.set_serving(n > 0))
+    server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
+    port = server.start()
+    server.set_serving(False)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield {"stub": inference_pb2_grpc.InferenceServiceStub(channel), "channel": channel, "manager": manager,
+           "artifact_id": manifest.artifact_id}
+    channel.close()
+    server.stop(grace=0)
+    manager.close()
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str, dict]:
+    with pytest.raises(grpc.RpcError) as err:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, pb.Model):
+            list(result)
+    info = error_info(err.value)
+    return err.value.code(), err.value.details(), dict(info.metadata) if info else {}
+
+
+def test_lifecycle_generate_batch_adapters_and_errors(service, tiny_tokenizer, peft_reference):
+    stub, health = service["stub"], health_pb2_grpc.HealthStub(service["channel"])
+    check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    assert health.Check(check).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    assert code_of(lambda: stub.LoadArtifact(pb.LoadArtifactRequest(artifact_id="nope")))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    code, details, _ = code_of(lambda: stub.LoadArtifact(pb.LoadArtifactRequest(
+        artifact_id=service["artifact_id"], device="ai100")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "ai100" in details
+
+    model = stub.LoadArtifact(pb.LoadArtifactRequest(artifact_id=service["artifact_id"], model_id="m",
+                                                     num_threads=1))
+    assert model.model_id == "m" and model.batch_slots == 4 and model.ctx_len == 64 and model.device == "cpu"
+    assert [a.name for a in model.adapters] == ["alpha", "beta", "gamma"] and model.free_adapter_slots == 1
+    assert model.memory_bytes > 0
+    assert health.Check(check).status == health_pb2.HealthCheckResponse.SERVING
+    assert [m.model_id for m in stub.ListModels(pb.ListModelsRequest()).models] == ["m"]
+
+    # Generate: streamed chunks, then a final one with reason and usage.
+    prompt_ids = tiny_tokenizer.encode(PROMPTS[1])
+    chunks = list(stub.Generate(pb.GenerateRequest(model_id="m", prompt=PROMPTS[1], adapter="beta",
+                                                   sampling=pb.SamplingParams(max_new_tokens=10))))
+    ids = [t for c in chunks for t in c.token_ids]
+    assert ids == peft_reference.generate(prompt_ids, "beta", 10)
+    assert "".join(c.text for c in chunks) == tiny_tokenizer.decode(ids)
+    assert chunks[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+    assert chunks[-1].usage.prompt_tokens == len(prompt_ids) and chunks[-1].usage.completion_tokens == len(ids)
+    assert chunks[0].request_id and all(c.request_id == chunks[0].request_id for c in chunks)
+
+    # Chat: the template is applied, then generation proceeds.
+    chat = list(stub.Generate(pb.GenerateRequest(model_id="m", prompt="hello", chat=True,
+                                                 sampling=pb.SamplingParams(max_new_tokens=3))))
+    assert chat[-1].usage.prompt_tokens == len(tiny_tokenizer.encode_chat("hello"))
+
+    # GenerateBatch: QEfficient's prompt_to_adapter_mapping, results tagged by index.
+    adapters = ["", "alpha", "beta", "gamma", "alpha"]
+    batch = pb.GenerateBatchRequest(requests=[
+        pb.GenerateRequest(model_id="m", prompt_token_ids=pb.TokenIds(ids=tiny_tokenizer.encode(PROMPTS[i % 4])),
+                           adapter=a, sampling=pb.SamplingParams(max_new_tokens=8))
+        for i, a in enumerate(adapters)])
+    got: dict[int, list[int]] = {}
+    finals = set()
+    for item in stub.GenerateBatch(batch):
+        got.setdefault(item.index, []).extend(item.response.token_ids)
+        if item.response.finish_reason:
+            finals.add(item.index)
+    assert finals == set(range(5))
+    for i, a in enumerate(adapters):
+        assert got[i] == peft_reference.generate(tiny_tokenizer.encode(PROMPTS[i % 4]), a, 8), i
+
+    # Hot-add a registered adapter; it serves at once.
+    model = stub.LoadAdapter(pb.LoadAdapterRequest(model_id="m", adapter="hot"))
+    assert "hot" in [a.name for a in model.adapters] and model.free_adapter_slots == 0
+    hot = list(stub.Generate(pb.GenerateRequest(model_id="m", prompt=PROMPTS[0], adapter="hot",
+                                                sampling=pb.SamplingParams(max_new_tokens=6))))
+    assert [t for c in hot for t in c.token_ids] == peft_reference.generate(
+        tiny_tokenizer.encode(PROMPTS[0]), "hot", 6)
+
+    # Canonical error codes naming the field.
+    def gen(**kw):
+        request = {"model_id": "m", "prompt": "hi", **kw}
+        return lambda: stub.Generate(pb.GenerateRequest(**request))
+
+    assert code_of(gen(model_id="ghost"))[0] == grpc.StatusCode.NOT_FOUND
+    assert code_of(gen(adapter="ghost"))[0] == grpc.StatusCode.NOT_FOUND
+    code, details, meta = code_of(gen(sampling=pb.SamplingParams(temperature=-1)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "sampling.temperature"
+    code, _, meta = code_of(gen(sampling=pb.SamplingParams(top_p=1.5)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "sampling.top_p"
+    code, details, meta = code_of(gen(prompt=" ".join(["fox"] * 200)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "64" in details and meta["ctx_len"] == "64"
+    bad_batch = pb.GenerateBatchRequest(requests=[pb.GenerateRequest(model_id="m", prompt="hi"),
+                                                  pb.GenerateRequest(model_id="m", prompt="hi",
+                                                                     sampling=pb.SamplingParams(top_k=-2))])
+    code, _, meta = code_of(lambda: stub.GenerateBatch(bad_batch))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "requests[1].sampling.top_k"
+    assert code_of(lambda: stub.LoadAdapter(pb.LoadAdapterRequest(model_id="m", adapter="ghost")))[0] == \
+        grpc.StatusCode.NOT_FOUND
+
+    # A client that goes away cancels its request: the slot frees and the request counts as cancelled.
+    engine = service["manager"].get("m").engine
+    labels = {"model": "m", "adapter": "<base>", "finish_reason": "cancelled"}
+    before = REGISTRY.get_sample_value("loraflow_inference_requests_total", labels) or 0.0
+    call = stub.Generate(pb.GenerateRequest(model_id="m", prompt="hi", sampling=pb.SamplingParams(
+        max_new_tokens=60, ignore_eos=True)))
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while engine.num_active() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_active() == 0 and engine.scheduler.num_free_slots == 4
+    assert REGISTRY.get_sample_value("loraflow_inference_requests_total", labels) == before + 1
+
+    removed = stub.UnloadModel(pb.UnloadModelRequest(model_id="m")).model
+    assert removed.model_id == "m"
+    assert health.Check(check).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code_of(lambda: stub.UnloadModel(pb.UnloadModelRequest(model_id="m")))[0] == grpc.StatusCode.NOT_FOUND
