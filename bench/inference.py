@@ -75,30 +75,47 @@ def build(model_dir: Path, adapters, out: Path, rows: int, tokens: int, rank: in
 
 
 def run_engine(model, prompts_ids, adapters: list[str], tokens: int) -> dict:
+    import threading
+
+    from services.inference import metrics
     from services.inference.engine import GenerationRequest
     from services.inference.sampling import SamplingParams
 
+    def step_stats(kind: str) -> tuple[float, float]:
+        labels = {"model": model.model_id, "kind": kind}
+        get = metrics.REGISTRY.get_sample_value
+        return (get("loraflow_inference_step_seconds_sum", labels) or 0.0,
+                get("loraflow_inference_step_seconds_count", labels) or 0.0)
+
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    before = {k: step_stats(k) for k in ("prefill", "decode")}
     started = time.perf_counter()
     handles = [model.engine.submit(GenerationRequest(tuple(ids), adapter, params))
                for ids, adapter in zip(prompts_ids, adapters, strict=True)]
-    first_times, outputs = [], []
-    for h in handles:
-        ids, first = [], None
-        for chunk in h:
-            if chunk.token_ids and first is None:
-                first = time.perf_counter()
-            ids.extend(chunk.token_ids)
-        first_times.append(first)
-        outputs.append(ids)
+    first_times: list[float] = [0.0] * len(handles)
+    outputs: list[list[int]] = [[] for _ in handles]
+
+    def consume(i: int) -> None:  # each row read as it streams, so first-token times are real
+        for chunk in handles[i]:
+            if chunk.token_ids and not outputs[i]:
+                first_times[i] = time.perf_counter()
+            outputs[i].extend(chunk.token_ids)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(handles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     elapsed = time.perf_counter() - started
-    decode_start = max(first_times)
     total = sum(len(o) for o in outputs)
-    decode_tokens = total - len(outputs)
     # Decode phase: from the moment every row has its first token to the end.
-    decode_seconds = max(1e-9, started + elapsed - decode_start)
-    return {"tok_s": total / elapsed, "decode_tok_s": decode_tokens / decode_seconds,
-            "seconds": elapsed, "outputs": outputs}
+    decode_seconds = max(1e-9, started + elapsed - max(first_times))
+    after = {k: step_stats(k) for k in ("prefill", "decode")}
+    steps = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
+    return {"tok_s": total / elapsed, "decode_tok_s": (total - len(outputs)) / decode_seconds,
+            "seconds": elapsed, "outputs": outputs,
+            "decode_step_ms": 1000 * steps["decode"][0] / max(1, steps["decode"][1]),
+            "prefill_seconds": steps["prefill"][0]}
 
 
 def run_peft(model_dir: Path, adapters, prompts_ids, tokens: int) -> dict:
@@ -173,6 +190,10 @@ def main() -> int:
         "engine_base_tok_s": round(base["tok_s"], 1),
         "engine_base_decode_tok_s": round(base["decode_tok_s"], 1),
         "mixed_vs_base": round(mixed["tok_s"] / base["tok_s"], 3),
+        "engine_mixed_decode_step_ms": round(mixed["decode_step_ms"], 2),
+        "engine_base_decode_step_ms": round(base["decode_step_ms"], 2),
+        "engine_mixed_prefill_s": round(mixed["prefill_seconds"], 3),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
     if not args.skip_peft:
         peft = run_peft(model_dir, adapters, prompts_ids, args.tokens)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -111,13 +111,14 @@ def upload_datasets(store_url: str) -> dict[str, str]:
     return uris
 
 
-def train_adapters(client: Client, base_model: str, dataset_uris: dict[str, str]) -> None:
+def train_adapters(client: Client, base_model: str, dataset_uris: dict[str, str], plans: tuple[AdapterPlan, ...]
+                   ) -> None:
     """Submit both training jobs, then follow them with one progress bar each until both succeed."""
     jobs = {}
-    for p in ADAPTERS:
+    for p in plans:
         job = client.train(base_model, dataset_uris[p.task], p.name, r=p.r, alpha=p.alpha, targets=p.targets,
                            steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
-                           max_seq_len=p.max_seq_len, seed=0, device="cpu", request_id=f"demo-train-{p.name}")
+                           max_seq_len=p.max_seq_len, seed=0, device="cpu")
         jobs[p.name] = job.id
         console.print(f"  submitted training job {job.id} for adapter [bold]{p.name}[/bold] "
                       f"(r={p.r}, targets={','.join(p.targets)}, {p.steps} steps, lr={p.lr})")
@@ -159,8 +160,7 @@ def train_adapters(client: Client, base_model: str, dataset_uris: dict[str, str]
 def compile_artifact(client: Client, base_model: str, batch_rows: int) -> str:
     ranks = max(p.r for p in ADAPTERS)
     job = client.compile(base_model, [p.name for p in ADAPTERS], target="onnxruntime", batch_size=1,
-                         full_batch_size=batch_rows, prefill_seq_len=32, ctx_len=128, max_rank=ranks,
-                         request_id="demo-compile")
+                         full_batch_size=batch_rows, prefill_seq_len=32, ctx_len=128, max_rank=ranks)
     console.print(f"  submitted compile job {job.id}: base + {[p.name for p in ADAPTERS]}, "
                   f"{batch_rows} decode slots, ctx 128, max rank {ranks}")
     last = [""]
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the whole loraflow lifecycle on this machine.")
     parser.add_argument("--home", type=Path, help="loraflow home for this run (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs, store) afterwards")
+    parser.add_argument("--steps", type=int, help="override the training steps (a quick smoke run)")
     args = parser.parse_args(argv)
     home = args.home or Path(tempfile.mkdtemp(prefix="loraflow-demo-"))
     home.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         uris = upload_datasets((home / "store").as_uri())
 
         stage(4, f"train {len(ADAPTERS)} LoRA adapters (the trainer's worker runs the jobs in turn)")
-        train_adapters(client, base_model, uris)
+        plans = tuple(replace(p, steps=args.steps) if args.steps else p for p in ADAPTERS)
+        train_adapters(client, base_model, uris, plans)
 
         batch_rows = 8
         stage(5, "compile one ONNX artifact with both adapters")

@@ -1,8 +1,8 @@
 """The artifact's ``manifest.json``: written last by the compiler, read by the inference service.
 
 Plain frozen dataclasses and JSON; no torch, so the inference image can read it. ``Manifest.load``
-rejects a file of another ``format_version`` or with missing fields with an IntegrityError-free,
-field-naming InvalidArgument, because a manifest is input the runtime did not write itself.
+rejects a file of another ``format_version`` or with missing fields with an InvalidArgument that
+names the field, because a manifest is input the runtime did not write itself.
 """
 
 from __future__ import annotations

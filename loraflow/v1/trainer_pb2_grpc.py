@@ -73,7 +73,7 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """ListAdapters pages through the registered adapters, sorted by name.
+        """ListAdapters pages through the registered adapters, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

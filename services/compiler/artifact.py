@@ -178,6 +178,12 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         graph = ai100.export_ai100(decoder, out_dir, banks=banks, ctx_len=int(opts.ctx_len))
         stage("export", 0.4, "AI 100 retained-state graph exported", t0)
         t0 = time.perf_counter()
+        verify_report = _verify_ai100(out_dir / graph.file, decoder, graph, bank_feeds, opts, len(plan.adapters))
+        extra["verify"] = {"max_abs_diff": verify_report.max_abs_diff, "relative_diff": verify_report.relative_diff,
+                           "tolerance": verify_report.tolerance}
+        stage("verify", 0.5, f"ONNX Runtime runs the AI 100 graph like PyTorch: max abs diff "
+              f"{verify_report.max_abs_diff:.3g}", t0)
+        t0 = time.perf_counter()
         qpc, cmd = ai100.compile_qpc(out_dir / graph.file, out_dir, opts, plan.config.num_layers)
         specs = tuple(ai100.specializations(opts))
         extra["qpc_dir"] = qpc.name
@@ -250,12 +256,20 @@ def _verify_ort(onnx_path: Path, decoder, graph, bank_feeds, opts: CompileOption
             bank[:, 1] = rng.normal(0, 0.05, bank[:, 1].shape)
             feeds[name] = bank
         occupied = 1
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     chunk = max(1, min(int(opts.prefill_seq_len), 4))
     return verify_graph(session, decoder, graph, feeds, dtype=opts.dtype, occupied_slots=occupied, chunk=chunk,
                         ctx_len=min(int(opts.ctx_len), 64))
+
+
+def _verify_ai100(onnx_path: Path, decoder, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
+    import onnxruntime as ort
+
+    from services.compiler.verify import verify_ai100_graph
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return verify_ai100_graph(session, decoder, graph, bank_feeds, occupied_slots=num_adapters,
+                              prefill_len=max(1, min(int(opts.prefill_seq_len), 8)))
 
 
 def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from loraflow.jobs import JobContext
 from loraflow.registry import ArtifactAdapterRecord, ArtifactRecord, Registry
 from loraflow.store import ObjectStore
+from services.compiler import metrics
 from services.compiler.artifact import build_artifact
 from services.compiler.inputs import CompileInputs, ResolvedInputs, artifact_key
 from services.compiler.options import CompileOptions
@@ -31,6 +32,15 @@ class CompileHandler:
         self.cache_dir = Path(cache_dir)
 
     def __call__(self, ctx: JobContext) -> dict:
+        try:
+            result = self._run(ctx)
+        except Exception:
+            metrics.JOBS.labels(outcome="error").inc()
+            raise
+        metrics.JOBS.labels(outcome="cache_hit" if result["cache_hit"] else "compiled").inc()
+        return result
+
+    def _run(self, ctx: JobContext) -> dict:
         payload = ctx.payload
         ctx.report(0.0, f"load: attempt {ctx.attempt}, resolving base model and adapters")
         resolved = self.inputs.plan(payload["base_model"], list(payload["adapters"]),
@@ -66,8 +76,10 @@ class CompileHandler:
             def progress(stage: str, fraction: float, message: str) -> None:
                 ctx.report(BUILD_SHARE * fraction, f"{stage}: {message}")
 
-            build_artifact(resolved.base_dir, [(a.name, a.path) for a in resolved.adapters], plan.options, out,
+            manifest = build_artifact(resolved.base_dir, [(a.name, a.path) for a in resolved.adapters], plan.options, out,
                            progress=progress, check=ctx.check, base_source=ctx.payload["base_model"], plan=plan)
+            for stage, seconds in manifest.extra.get("timings", {}).items():
+                metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
             ctx.check()  # fenced: a cancelled or taken-over attempt uploads nothing
             size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
             ctx.report(BUILD_SHARE, f"upload: {size / 1e6:.1f} MB to {self.store.uri(key)}")

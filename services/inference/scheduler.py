@@ -2,8 +2,8 @@
 
 One step is ``schedule() -> SchedulerOutput`` → the runtime executes it → ``update(output, sampled)``.
 Requests wait in a bounded queue, are admitted into free KV-cache slots and prefilled in chunks of
-at most ``prefill_seq_len`` tokens; once every admitted request is prefilled, all running slots decode
-together, each row with its own adapter (``lora_id``) and position. A finished or aborted request
+at most ``prefill_seq_len`` tokens; all prefilled slots decode together, each row with its own
+adapter (``lora_id``) and position; prefill chunks and decode steps alternate while both have work. A finished or aborted request
 frees its slot at once, so the next waiting request is admitted on the following step.
 """
 
@@ -122,6 +122,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[str, Sequence] = {}
         self.slots: list[str | None] = [None] * full_batch_size
+        self._last_kind = ""
 
     # ---- admission -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -183,7 +184,8 @@ class Scheduler:
 
     # ---- the step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput | None:
-        """Admit waiting requests into free slots; prefill first (chunked), else decode every running row."""
+        """Admit waiting requests into free slots, then one call: a prefill chunk or a decode of every
+        prefilled row (alternating when both are pending)."""
         while self.waiting and None in self.slots:
             seq = self.waiting.popleft()
             seq.slot = self.slots.index(None)
@@ -192,22 +194,27 @@ class Scheduler:
             self.running[seq.request_id] = seq
 
         prefilling = [s for s in self.running.values() if not s.prefilled][: self.max_prefill_rows]
-        if prefilling:
+        decoding = [s for s in self.running.values() if s.prefilled]
+        # Prefill chunks and decode steps alternate while both have work, so a long prompt being
+        # prefilled delays the running requests' next tokens by one chunk, not by the whole prompt.
+        if prefilling and not (self._last_kind == "prefill" and decoding):
             rows = []
             for seq in prefilling:
                 start = seq.num_computed
                 chunk = seq.prompt_ids[start:start + self.prefill_seq_len]
                 rows.append(ScheduledRow(seq.request_id, seq.slot, seq.lora_id, tuple(chunk), start,
                                          samples=start + len(chunk) == len(seq.prompt_ids)))
+            self._last_kind = "prefill"
             return SchedulerOutput("prefill", tuple(rows), max(len(r.token_ids) for r in rows))
 
-        if not self.running:
+        if not decoding:
             return None
         rows = []
-        for seq in sorted(self.running.values(), key=lambda s: s.slot):
+        for seq in sorted(decoding, key=lambda s: s.slot):
             # Decode feeds the last sampled token at the first position not yet in the cache.
             rows.append(ScheduledRow(seq.request_id, seq.slot, seq.lora_id, (seq.token_at(seq.num_computed),),
                                      seq.num_computed, samples=True))
+        self._last_kind = "decode"
         return SchedulerOutput("decode", tuple(rows), 1)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:

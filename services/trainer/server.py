@@ -7,10 +7,8 @@ back to protobuf. No weights are loaded here: the base model is checked from its
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -19,6 +17,7 @@ from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, 
 from loraflow.grpc_server import set_timestamp
 from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
+from loraflow.model_source import check_uri, is_remote, local_path, read_json_file
 from loraflow.names import validate_name
 from loraflow.registry import AdapterRecord, Registry
 from loraflow.store import ObjectStore, resolve
@@ -45,9 +44,10 @@ _NAME_LOCK_PREFIX = "loraflow:trainer:name-lock:"
 # --- proto -> domain (0 / "" mean "the default", as documented in trainer.proto) ------------------
 
 def lora_from_proto(msg: trainer_pb2.LoraConfig) -> LoraSettings:
-    r = msg.r or 8
-    if msg.r < 0:
+    # r is `optional` in trainer.proto: unset means 8, an explicit 0 or less is a mistake.
+    if msg.HasField("r") and msg.r <= 0:
         raise InvalidArgument(f"lora.r must be > 0, got {msg.r}", field="lora.r", value=msg.r)
+    r = msg.r if msg.HasField("r") else 8
     if msg.lora_alpha < 0:
         raise InvalidArgument(f"lora.lora_alpha must be >= 0 (0 = 2 * r), got {msg.lora_alpha}",
                               field="lora.lora_alpha", value=msg.lora_alpha)
@@ -99,55 +99,15 @@ def _check_uri(field: str, value: str) -> str:
 
 # --- base model and dataset ---------------------------------------------------------------------
 
-def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def local_model_dir(uri: str) -> Path:
-    """The directory of a local path or file:// base model."""
-    from urllib.parse import unquote, urlparse
-
-    return Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri).expanduser()
-
-
 def read_base_config(base_model: str, store: ObjectStore) -> dict[str, Any]:
     """config.json of a base model (local dir, file:// or s3:// published dir); InvalidArgument if absent."""
-    if is_remote(base_model):
-        src, key = resolve(base_model, store, field="base_model")
-        try:
-            raw = src.get_bytes(f"{key}/config.json")
-        except NotFound:
-            raise InvalidArgument(f"base_model {base_model!r} has no config.json in the store",
-                                  field="base_model", value=base_model) from None
-    else:
-        if "://" in base_model and not base_model.startswith("file://"):
-            raise InvalidArgument(f"base_model must be a local directory, file:// or s3:// URI, got {base_model!r}",
-                                  field="base_model", value=base_model)
-        path = local_model_dir(base_model)
-        if not path.is_dir():
-            raise InvalidArgument(f"base_model {base_model!r} is not a directory", field="base_model",
-                                  value=base_model)
-        config = path / "config.json"
-        if not config.is_file():
-            raise InvalidArgument(f"base_model {base_model!r} has no config.json (not a Hugging Face checkpoint)",
-                                  field="base_model", value=base_model)
-        raw = config.read_bytes()
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"base_model config.json is not valid JSON: {e}", field="base_model",
-                              value=base_model) from None
-    if not isinstance(data, dict):
-        raise InvalidArgument("base_model config.json is not a JSON object", field="base_model", value=base_model)
-    return data
+    return read_json_file(base_model, "config.json", store, field="base_model")
 
 
 def read_dataset_bytes(dataset_uri: str, store: ObjectStore) -> bytes:
-    if "://" in dataset_uri and not dataset_uri.startswith(("file://", "s3://")):
-        raise InvalidArgument(f"dataset_uri must be a local path, file:// or s3:// URI, got {dataset_uri!r}",
-                              field="dataset_uri", value=dataset_uri)
+    check_uri(dataset_uri, "dataset_uri")
     if not is_remote(dataset_uri):
-        path = local_model_dir(dataset_uri)
+        path = local_path(dataset_uri)
         if not path.is_file():
             raise InvalidArgument(f"dataset_uri {dataset_uri!r} does not exist or is not a file",
                                   field="dataset_uri", value=dataset_uri)

@@ -9,7 +9,6 @@ Store layout (keys):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -17,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.errors import AlreadyExists, FailedPrecondition, WorkerStopping
+from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, WorkerStopping
 from loraflow.jobs import JobContext
+from loraflow.model_source import materialize
 from loraflow.registry import AdapterRecord, Registry
-from loraflow.store import ObjectStore, resolve, sha256_file
+from loraflow.store import ObjectStore, sha256_file
 from services.trainer.dataset import build_splits, parse_jsonl
-from services.trainer.server import is_remote, local_model_dir
 from services.trainer.training import (
     LOSS_CURVE_FILE,
     LoraSettings,
@@ -106,15 +105,14 @@ class TrainingHandler:
 
     def base_model_dir(self, base_model: str) -> Path:
         """A local checkpoint dir: as given, or fetched from the store into the cache (sha256-verified)."""
-        if not is_remote(base_model):
-            path = local_model_dir(base_model)
-            if not (path / "config.json").is_file():
-                raise FailedPrecondition(f"base_model {base_model!r} is not readable on this worker",
-                                         field="base_model", value=base_model)
-            return path
-        src, key = resolve(base_model, self.store, field="base_model")
-        dest = self.cache_dir / "models" / hashlib.sha256(base_model.encode()).hexdigest()[:24]
-        return src.fetch_dir(key, dest)
+        try:
+            path = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models")
+        except InvalidArgument:
+            path = None
+        if path is None or not (path / "config.json").is_file():
+            raise FailedPrecondition(f"base_model {base_model!r} is not readable on this worker",
+                                     field="base_model", value=base_model)
+        return path
 
     def latest_checkpoint(self, job_id: str) -> str | None:
         keys = [k for k in self.store.list_dirs(checkpoint_prefix(job_id)) if "step-" in k]

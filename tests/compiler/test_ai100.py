@@ -7,13 +7,13 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from loraflow import graph_contract as gc
 from loraflow.errors import FailedPrecondition
 from services.compiler import ai100
 from services.compiler.export import BankShape
 from services.compiler.options import CompileOptions
+from services.compiler.verify import VerificationFailed, verify_ai100_graph
 from tests.compiler.helpers import decoder_with_adapters
 
 
@@ -69,39 +69,31 @@ def test_sdk_detection_and_missing_sdk_is_failed_precondition(monkeypatch, tmp_p
     assert ai100.sdk_available() and ai100.find_qaic_exec() == fake
 
 
-def test_retained_state_graph_matches_the_reference_decoder(tmp_path, tiny_llama, adapter_factory):
+def test_retained_state_graph_matches_the_reference_decoder(tmp_path, tiny_llama, tiny_model_factory,
+                                                              adapter_factory):
     adapters = [("a", adapter_factory("llama", "attn4", r=4, lora_alpha=8,
                                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=1))]
     decoder, banks, _ = decoder_with_adapters(tiny_llama, adapters, ("q_proj", "k_proj", "v_proj", "o_proj"),
                                               slots=2)
-    ctx = 16
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(2, 8), ctx_len=ctx)
+    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(2, 8), ctx_len=16)
     assert [o.name for o in graph.outputs][1:3] == [gc.retained_key(0), gc.retained_value(0)]
     sess = ort.InferenceSession(str(tmp_path / graph.file), providers=["CPUExecutionProvider"])
+    report = verify_ai100_graph(sess, decoder, graph, banks, occupied_slots=1, prefill_len=5, decode_steps=2)
+    assert report.calls == 3 and report.max_abs_diff < 1e-4
+    # The same check fails, with the measured difference, against a decoder with other weights.
+    other, _, _ = decoder_with_adapters(tiny_model_factory("llama", seed=1), adapters,
+                                        ("q_proj", "k_proj", "v_proj", "o_proj"), slots=2)
+    with pytest.raises(VerificationFailed, match="max abs diff") as err:
+        verify_ai100_graph(sess, other, graph, banks, occupied_slots=1, prefill_len=5)
+    assert err.value.max_abs_diff > 1e-3
+    # A decode step writes only its row's slot at its position; an unused slot stays zero.
     L, H, D = graph.layers, graph.num_kv_heads, graph.head_dim
-    cache = {n: np.zeros((3, H, ctx, D), np.float32) for i in range(L) for n in (gc.past_key(i), gc.past_value(i))}
-    rows = [[5, 6, 7, 8], [9, 10]]
-    lora = np.array([[1], [0]])
-    slots = np.array([[2], [0]])
-    feeds = {gc.INPUT_IDS: np.array([[5, 6, 7, 8], [9, 10, 0, 0]]), gc.POSITION_IDS: np.array([[0, 1, 2, 3],
-                                                                                             [0, 1, -1, -1]]),
-             gc.LORA_IDS: lora, gc.BATCH_INDEX: slots, **cache, **banks}
-    outs = sess.run(None, feeds)
-    names = [o.name for o in sess.get_outputs()]
-    for step in range(2):
-        for b, seq in enumerate(rows):
-            pk, pv = decoder.empty_cache(1)
-            with torch.no_grad():
-                ref, _, _ = decoder(torch.tensor([seq]), torch.arange(len(seq)).view(1, -1),
-                                    torch.tensor([[int(lora[b, 0])]]), torch.tensor([[0]]), pk, pv)
-            np.testing.assert_allclose(outs[0][b, 0], ref[0, 0].numpy(), atol=1e-4, err_msg=f"step {step} row {b}")
-        nxt = [int(np.argmax(outs[0][b, 0])) for b in range(2)]
-        feeds = {**feeds, gc.INPUT_IDS: np.array([[nxt[0]], [nxt[1]]]),
-                 gc.POSITION_IDS: np.array([[len(rows[0])], [len(rows[1])]])}
-        for i in range(L):
-            feeds[gc.past_key(i)] = outs[names.index(gc.retained_key(i))]
-            feeds[gc.past_value(i)] = outs[names.index(gc.retained_value(i))]
-        rows = [rows[0] + [nxt[0]], rows[1] + [nxt[1]]]
-        outs = sess.run(None, feeds)
-    # Slot 1 of the cache was never used by any row, so it is still zero.
-    assert not outs[names.index(gc.retained_key(0))][1].any()
+    feeds = {gc.INPUT_IDS: np.array([[7], [8]]), gc.POSITION_IDS: np.array([[3], [-1]]),
+             gc.LORA_IDS: np.array([[1], [0]]), gc.BATCH_INDEX: np.array([[2], [0]]), **banks}
+    for i in range(L):
+        feeds[gc.past_key(i)] = np.zeros((3, H, 6, D), np.float32)
+        feeds[gc.past_value(i)] = np.zeros((3, H, 6, D), np.float32)
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    retained = outs[gc.retained_key(0)]
+    assert retained[2, :, 3].any() and not np.delete(retained[2], 3, axis=1).any()
+    assert not retained[0].any() and not retained[1].any()  # padding row (-1) wrote nothing

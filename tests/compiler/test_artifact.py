@@ -113,3 +113,20 @@ def test_plan_is_deterministic_and_rejects_bad_sets(tmp_path, tiny_llama, two_ad
         plan_artifact(tiny_llama, [], CompileOptions(ctx_len=1024))
     cfg = json.loads((tiny_llama / "config.json").read_text())
     assert cfg["model_type"] == "llama"
+
+
+def test_verification_fails_with_the_measured_difference(tmp_path, tiny_model_factory, two_adapters):
+    from services.compiler.export import BankShape, export_onnxruntime
+    from services.compiler.verify import VerificationFailed, verify_graph
+    from tests.compiler.helpers import decoder_with_adapters
+
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+    decoder, banks, _ = decoder_with_adapters(tiny_model_factory("llama"), two_adapters[:1], modules)
+    graph, _ = export_onnxruntime(decoder, tmp_path, banks=BankShape(3, 8))
+    session = ort.InferenceSession(str(tmp_path / graph.file), providers=["CPUExecutionProvider"])
+    ok = verify_graph(session, decoder, graph, banks, dtype="fp32", occupied_slots=1, chunk=4, ctx_len=32)
+    assert ok.max_abs_diff < 1e-4 and ok.tokens_match
+    other, _, _ = decoder_with_adapters(tiny_model_factory("llama", seed=1), two_adapters[:1], modules)
+    with pytest.raises(VerificationFailed, match=r"max abs diff \d") as err:
+        verify_graph(session, other, graph, banks, dtype="fp32", occupied_slots=1, chunk=4, ctx_len=32)
+    assert err.value.max_abs_diff > 1e-2 and err.value.metadata["max_abs_diff"]

@@ -9,6 +9,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import redis
 
 from loraflow.grpc_server import GrpcServer, error_info
 from loraflow.job_service import add_job_service
@@ -19,8 +20,6 @@ from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from services.compiler.inputs import CompileInputs, artifact_key
 from services.compiler.server import SERVICE_NAME, CompilerServiceServicer
 from services.compiler.worker import CompileHandler
-
-import redis
 
 
 class Stack:

@@ -42,3 +42,26 @@ def test_special_tokens_are_skipped(tiny_tokenizer):
     out = tok.encode("add 2", add_special_tokens=False) + sorted(tok.eos_ids)
     chunks, _ = stream(tok, [], out)
     assert "".join(chunks) == "add 2"
+
+
+def test_sentencepiece_style_word_start_spaces_are_kept():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(["hello world again and again", "the end of the world"] * 4,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=byte_tokens, show_progress=False))
+
+    def decode(ids):
+        return tok.decode(list(ids), skip_special_tokens=False)
+
+    prompt = tok.encode("hello").ids
+    out = tok.encode("hello world again é").ids[len(prompt):]
+    # "é" is not in the vocabulary: it comes as two byte-fallback tokens, the first one incomplete.
+    d = IncrementalDetokenizer(decode, prompt)
+    chunks = [d.add(t) for t in out] + [d.finish()]
+    expected = decode(prompt + out)[len(decode(prompt)):]
+    assert "".join(chunks) == expected == " world again é"
+    assert "" in chunks  # the first byte of "é" was held back

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -63,8 +62,8 @@ def test_process_loads_serves_and_stops_on_sigterm(tiny_artifact, redis_url, tmp
                                                        adapter="alpha", sampling=pb.SamplingParams(max_new_tokens=4))))
         assert chunks[-1].usage.completion_tokens >= 1
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        assert re.search(r'loraflow_inference_time_to_first_token_seconds_count\{model="%s"\} 1\.0'
-                         % manifest.artifact_id, body)
+        ttft_count = f'loraflow_inference_time_to_first_token_seconds_count{{model="{manifest.artifact_id}"}} 1.0'
+        assert ttft_count in body
         assert 'adapter="alpha"' in body
         channel.close()
         proc.send_signal(signal.SIGTERM)

@@ -32,18 +32,23 @@ def test_chunked_prefill_then_decode_with_positions_slots_and_adapters():
     ids, pos = out.padded_inputs()
     assert pos[1] == [0, 1, -1, -1] and ids[1][:2] == [1, 2]
     s.update(out, {"b": 5})
-    out = s.schedule()  # only "a" still prefilling: second chunk
+    out = s.schedule()  # b is ready: a decode step for it comes between a's prefill chunks
+    assert out.kind == "decode" and [(r.request_id, r.token_ids, r.start_position) for r in out.rows] == \
+        [("b", (5,), 2)]
+    s.update(out, {"b": 6})
+    out = s.schedule()  # then a's second chunk
     assert out.kind == "prefill" and [r.request_id for r in out.rows] == ["a"]
     assert out.rows[0].start_position == 4 and out.past_len == 4
     s.update(out, {})
+    s.update(s.schedule(), {"b": 7})  # decode b again
     out = s.schedule()
     assert out.rows[0].token_ids == (18, 19) and out.rows[0].samples and out.seq_len == 2
-    s.update(out, {"a": 6})
+    s.update(out, {"a": 8})
     out = s.schedule()
     assert out.kind == "decode" and out.seq_len == 1
     rows = {r.request_id: r for r in out.rows}
-    assert rows["a"].token_ids == (6,) and rows["a"].start_position == 10 and rows["a"].lora_id == 3
-    assert rows["b"].token_ids == (5,) and rows["b"].start_position == 2
+    assert rows["a"].token_ids == (8,) and rows["a"].start_position == 10 and rows["a"].lora_id == 3
+    assert rows["b"].token_ids == (7,) and rows["b"].start_position == 4
     assert out.past_len == 10
 
 
@@ -101,10 +106,12 @@ def test_abort_frees_slot_and_update_ignores_aborted_rows():
 def test_staggered_arrivals_keep_each_request_on_its_own_slot_and_positions():
     s = make(full_batch_size=2, prefill_seq_len=8)
     s.add(Sequence("a", [1, 2, 3], max_new_tokens=3))
-    run_step(s)
+    run_step(s)  # prefill a
     s.add(Sequence("b", [4], max_new_tokens=2))
-    out = s.schedule()  # b's prefill runs before a's next decode
+    out, _ = run_step(s)  # a decodes first (the last call was a prefill) ...
+    assert out.kind == "decode" and [(r.request_id, r.start_position) for r in out.rows] == [("a", 3)]
+    out = s.schedule()  # ... then b's prefill runs before a's next decode
     assert out.kind == "prefill" and [r.request_id for r in out.rows] == ["b"] and out.rows[0].slot == 1
     s.update(out, {"b": 8})
     out = s.schedule()
-    assert {(r.request_id, r.start_position) for r in out.rows} == {("a", 3), ("b", 1)}
+    assert {(r.request_id, r.start_position) for r in out.rows} == {("a", 4), ("b", 1)}

@@ -41,7 +41,7 @@ def _wait_state(stack, job_id, states, timeout=30.0):
 def test_job_lifecycle_events_metrics_and_adapter_registry(stack, tiny_llama, dataset_file):
     stack.start_worker(report_every_steps=2)
     job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, request_id="req-1"))
-    assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.kind == jobs_pb2.JOB_KIND_TRAIN
+    assert job.state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING) and job.kind == jobs_pb2.JOB_KIND_TRAIN
     assert job.labels["team"] == "tests"
     # Idempotent: the same request_id returns the original job, even after it started.
     assert stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, request_id="req-1")).id == job.id
@@ -187,6 +187,7 @@ def _bad_jsonl(tmp_path, text, name="bad.jsonl"):
     (lambda r, p: setattr(r, "dataset_uri", str(_bad_jsonl(p, '{"prompt": "a"}\n'))), "dataset line 1: keys"),
     (lambda r, p: r.lora.target_modules.append("qkv_proj"), "lora.target_modules[2]"),
     (lambda r, p: setattr(r.lora, "r", -1), "lora.r"),
+    (lambda r, p: setattr(r.lora, "r", 0), "lora.r"),
     (lambda r, p: setattr(r.lora, "r", 100000), "lora.r"),
     (lambda r, p: setattr(r.lora, "lora_alpha", -2.0), "lora.lora_alpha"),
     (lambda r, p: setattr(r.lora, "lora_dropout", 1.0), "lora.lora_dropout"),

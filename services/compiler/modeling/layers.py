@@ -6,12 +6,24 @@ G query heads per KV head, D head_dim, L layers, N adapter slots + 1, R max_rank
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.rope import apply_rope
+from services.compiler.modeling.rope import Rope
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes read once per forward (B rows, S tokens, P past) and shared by every layer, so the
+    exported graph computes each from its input's shape once instead of per reshape."""
+
+    rows: int | torch.Tensor
+    tokens: int | torch.Tensor
+    past: int | torch.Tensor = 0
 
 
 class RMSNorm(nn.Module):
@@ -35,20 +47,27 @@ class LoraSelector:
 
     def __init__(self, banks_a: dict[str, torch.Tensor], banks_b: dict[str, torch.Tensor],
                  lora_ids: torch.Tensor, num_slots: int):
-        self.banks_a = banks_a
-        self.banks_b = banks_b
+        # Flattened once per call, not per layer: [L, N, in, R] -> [L*N, in, R], [L, N, R, out] -> [L*N, R, out].
+        self.flat_a = {m: a.flatten(0, 1) for m, a in banks_a.items()}
+        self.flat_b = {m: b.flatten(0, 1) for m, b in banks_b.items()}
         self.num_slots = num_slots
         self.rows = lora_ids.reshape(-1)  # [B, 1] -> [B]
+        self._index: dict[int, torch.Tensor] = {}
+
+    def index(self, layer: int) -> torch.Tensor:
+        """[B] flat index layer*N + lora_id into the [L*N, ...] views (one per layer, shared by modules)."""
+        if layer not in self._index:
+            self._index[layer] = self.rows + layer * self.num_slots
+        return self._index[layer]
 
     def delta(self, module: str, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """x [B, S, in] -> x A B [B, S, out] for each row's adapter; None if `module` is not adapted."""
-        bank_a = self.banks_a.get(module)
-        if bank_a is None:
+        flat_a = self.flat_a.get(module)
+        if flat_a is None:
             return None
-        bank_b = self.banks_b[module]
-        index = self.rows + layer * self.num_slots  # [B] flat index into the [L*N, ...] views
-        a = bank_a.flatten(0, 1)[index]  # [L, N, in, R] -> [L*N, in, R] -> [B, in, R]
-        b = bank_b.flatten(0, 1)[index]  # [L, N, R, out] -> [L*N, R, out] -> [B, R, out]
+        index = self.index(layer)
+        a = flat_a[index]  # [L*N, in, R] -> [B, in, R]
+        b = self.flat_b[module][index]  # [L*N, R, out] -> [B, R, out]
         return torch.matmul(torch.matmul(x, a), b)  # [B, S, R] -> [B, S, out]
 
 
@@ -70,10 +89,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim ** -0.5
 
-    def project_qkv(self, x: torch.Tensor, lora: LoraSelector, layer: int, cos: torch.Tensor, sin: torch.Tensor
+    def project_qkv(self, x: torch.Tensor, lora: LoraSelector, layer: int, rope: Rope, dims: Dims
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, hidden] -> q [B, S, Hq, D], k [B, S, H, D] (both after RoPE), v [B, S, H, D]."""
-        B, S, _ = x.shape
+        B, S = dims.rows, dims.tokens
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = _add(q, lora.delta("q_proj", layer, x))
         k = _add(k, lora.delta("k_proj", layer, x))
@@ -81,43 +100,91 @@ class Attention(nn.Module):
         q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, Hq*D] -> [B, S, Hq, D]
         k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
         v = v.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return rope.apply(q), rope.apply(k), v
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q [B, S, Hq, D]; keys/values [B, H, T, D]; bias [B, 1, 1, S, T] -> [B, S, Hq*D].
-
-        Query heads are grouped per KV head (HF's repeat_kv order: query head = kv_head*G + g), so
-        K/V are never repeated.
-        """
-        B, S, _, D = q.shape
-        H, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        T = keys.shape[2]
+    def _group_queries(self, q: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """q [B, S, Hq, D] -> [B, H, G*S, D]: query heads grouped per KV head (HF's repeat_kv order,
+        query head = kv_head*G + g), so K/V are never repeated."""
+        B, S = dims.rows, dims.tokens
+        H, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         qg = q.view(B, S, H, G, D).permute(0, 2, 3, 1, 4)  # [B, S, Hq, D] -> [B, H, G, S, D]
-        qg = qg.reshape(B, H, G * S, D)  # [B, H, G, S, D] -> [B, H, G*S, D]
-        scores = torch.matmul(qg, keys.transpose(2, 3)) * self.scale  # [B, H, G*S, T]
-        scores = scores.view(B, H, G, S, T) + bias  # [B, H, G*S, T] -> [B, H, G, S, T]
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        probs = probs.view(B, H, G * S, T)  # [B, H, G, S, T] -> [B, H, G*S, T]
-        out = torch.matmul(probs, values)  # [B, H, G*S, D]
+        return qg.reshape(B, H, G * S, D)  # [B, H, G, S, D] -> [B, H, G*S, D]
+
+    def _merge_heads(self, out: torch.Tensor, dims: Dims) -> torch.Tensor:
+        B, S = dims.rows, dims.tokens
+        H, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         out = out.view(B, H, G, S, D).permute(0, 3, 1, 2, 4)  # [B, H, G*S, D] -> [B, S, H, G, D]
         return out.reshape(B, S, self.num_heads * D)  # [B, S, H, G, D] -> [B, S, Hq*D]
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, dims: Dims
+               ) -> torch.Tensor:
+        """q [B, S, Hq, D]; keys/values [B, H, T, D]; bias [B, 1, 1, S, T] -> [B, S, Hq*D]."""
+        B, S = dims.rows, dims.tokens
+        H, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        qg = self._group_queries(q, dims)  # [B, H, G*S, D]
+        scores = torch.matmul(qg, keys.transpose(2, 3)) * self.scale  # [B, H, G*S, T]
+        scores = scores.view(B, H, G, S, -1) + bias  # [B, H, G*S, T] -> [B, H, G, S, T]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = probs.view(B, H, G * S, -1)  # [B, H, G, S, T] -> [B, H, G*S, T]
+        return self._merge_heads(torch.matmul(probs, values), dims)  # [B, H, G*S, D] -> [B, S, Hq*D]
+
+    def attend_past_and_new(self, q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, new_k: torch.Tensor,
+                            new_v: torch.Tensor, bias: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """Like ``attend`` over keys (past ++ new), without concatenating K/V: only the small score
+        tensors are joined, so the past cache is read once (gather) and transposed once per step.
+
+        q [B, S, Hq, D]; past_k/past_v [B, H, P, D]; new_k/new_v [B, H, S, D]; bias [B, 1, 1, S, P+S].
+        """
+        B, S, P = dims.rows, dims.tokens, dims.past
+        H, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        qg = self._group_queries(q, dims)  # [B, H, G*S, D]
+        s_past = torch.matmul(qg, past_k.transpose(2, 3))  # [B, H, G*S, P]
+        s_new = torch.matmul(qg, new_k.transpose(2, 3))  # [B, H, G*S, S]
+        scores = torch.cat([s_past, s_new], dim=-1) * self.scale  # [B, H, G*S, P+S]
+        scores = scores.view(B, H, G, S, -1) + bias  # [B, H, G*S, P+S] -> [B, H, G, S, P+S]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = probs.view(B, H, G * S, -1)  # [B, H, G, S, P+S] -> [B, H, G*S, P+S]
+        out = torch.matmul(probs[..., :P], past_v) + torch.matmul(probs[..., P:], new_v)  # [B, H, G*S, D]
+        return self._merge_heads(out, dims)  # [B, H, G*S, D] -> [B, S, Hq*D]
 
     def output(self, attn: torch.Tensor, lora: LoraSelector, layer: int) -> torch.Tensor:
         return _add(self.o_proj(attn), lora.delta("o_proj", layer, attn))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_key: torch.Tensor,
-                past_value: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, lora: LoraSelector, layer: int
+    def attend_past_and_new(self, q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, new_k: torch.Tensor,
+                            new_v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Like ``attend`` over keys (past ++ new), without concatenating K/V: only the small score
+        tensors are joined, so the past cache is read once (gather) and transposed once per step.
+
+        q [B, S, Hq, D]; past_k/past_v [B, H, P, D]; new_k/new_v [B, H, S, D]; bias [B, 1, 1, S, P+S].
+        """
+        B, S, _, D = q.shape
+        H, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        P = past_k.shape[2]
+        qg = q.view(B, S, H, G, D).permute(0, 2, 3, 1, 4)  # [B, S, Hq, D] -> [B, H, G, S, D]
+        qg = qg.reshape(B, H, G * S, D)  # [B, H, G, S, D] -> [B, H, G*S, D]
+        s_past = torch.matmul(qg, past_k.transpose(2, 3))  # [B, H, G*S, P]
+        s_new = torch.matmul(qg, new_k.transpose(2, 3))  # [B, H, G*S, S]
+        scores = torch.cat([s_past, s_new], dim=-1) * self.scale  # [B, H, G*S, P+S]
+        scores = scores.view(B, H, G, S, P + S) + bias  # [B, H, G*S, P+S] -> [B, H, G, S, P+S]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = probs.view(B, H, G * S, P + S)  # [B, H, G, S, P+S] -> [B, H, G*S, P+S]
+        out = torch.matmul(probs[..., :P], past_v) + torch.matmul(probs[..., P:], new_v)  # [B, H, G*S, D]
+        out = out.view(B, H, G, S, D).permute(0, 3, 1, 2, 4)  # [B, H, G*S, D] -> [B, S, H, G, D]
+        return out.reshape(B, S, self.num_heads * D)  # [B, S, H, G, D] -> [B, S, Hq*D]
+
+    def forward(self, x: torch.Tensor, rope: Rope, past_key: torch.Tensor, past_value: torch.Tensor,
+                rows: torch.Tensor, bias: torch.Tensor, lora: LoraSelector, layer: int, dims: Dims
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Time-major cache: past [P, F, H, D]; returns (out [B, S, hidden], present k/v [S, B, H, D])."""
-        q, k, v = self.project_qkv(x, lora, layer, cos, sin)
+        q, k, v = self.project_qkv(x, lora, layer, rope, dims)
         present_k = k.transpose(0, 1)  # [B, S, H, D] -> [S, B, H, D]
         present_v = v.transpose(0, 1)  # [B, S, H, D] -> [S, B, H, D]
         # Only this call's rows of the cache, and only its first P positions.
-        keys = torch.cat([past_key[:, rows], present_k], dim=0)  # [P, B, H, D] ++ [S, B, H, D] -> [T, B, H, D]
-        values = torch.cat([past_value[:, rows], present_v], dim=0)  # [T, B, H, D]
-        keys = keys.permute(1, 2, 0, 3)  # [T, B, H, D] -> [B, H, T, D]
-        values = values.permute(1, 2, 0, 3)  # [T, B, H, D] -> [B, H, T, D]
-        out = self.attend(q, keys, values, bias)
+        past_k = past_key[:, rows].permute(1, 2, 0, 3)  # [P, F, H, D] -> [P, B, H, D] -> [B, H, P, D]
+        past_v = past_value[:, rows].permute(1, 2, 0, 3)  # [P, F, H, D] -> [P, B, H, D] -> [B, H, P, D]
+        new_k = k.permute(0, 2, 1, 3)  # [B, S, H, D] -> [B, H, S, D]
+        new_v = v.permute(0, 2, 1, 3)  # [B, S, H, D] -> [B, H, S, D]
+        out = self.attend_past_and_new(q, past_k, past_v, new_k, new_v, bias, dims)
         return self.output(out, lora, layer), present_k, present_v
 
 
@@ -146,11 +213,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_key: torch.Tensor,
-                past_value: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor, lora: LoraSelector, layer: int
+    def forward(self, h: torch.Tensor, rope: Rope, past_key: torch.Tensor, past_value: torch.Tensor,
+                rows: torch.Tensor, bias: torch.Tensor, lora: LoraSelector, layer: int, dims: Dims
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn, present_k, present_v = self.self_attn(self.input_layernorm(h), cos, sin, past_key, past_value,
-                                                    rows, bias, lora, layer)
+        attn, present_k, present_v = self.self_attn(self.input_layernorm(h), rope, past_key, past_value,
+                                                    rows, bias, lora, layer, dims)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h), lora, layer)
         return h, present_k, present_v

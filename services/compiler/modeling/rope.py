@@ -7,6 +7,7 @@ max_position_embeddings rows is stored or sliced.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +41,29 @@ def inverse_frequencies(cfg: DecoderConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope type {kind!r}")  # DecoderConfig already rejected it
 
 
+def rotate_half_matrix(dim: int) -> torch.Tensor:
+    """[D, D] with x @ M == cat(-x[..., D/2:], x[..., :D/2]): one MatMul instead of slices + neg + concat."""
+    half = dim // 2
+    m = torch.zeros(dim, dim)
+    idx = torch.arange(half)
+    m[idx + half, idx] = -1.0
+    m[idx, idx + half] = 1.0
+    return m
+
+
+@dataclass(frozen=True)
+class Rope:
+    """cos/sin [B, S, 1, D] for this call's positions and the rotate-half matrix [D, D]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotate: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H, D] rotated by the half-split convention HF Llama uses."""
+        return x * self.cos + torch.matmul(x, self.rotate) * self.sin
+
+
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, S, 1, D] for positions [B, S] (padding -1 is clamped: its output is unused)."""
@@ -47,11 +71,3 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torc
     freqs = pos.unsqueeze(-1) * inv_freq  # [B, S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, S, D]
     return emb.cos().to(dtype).unsqueeze(2), emb.sin().to(dtype).unsqueeze(2)  # [B, S, 1, D]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D] rotated by the half-split convention HF Llama uses."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)  # [B, S, H, D]
-    return x * cos + rotated * sin
