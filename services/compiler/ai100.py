@@ -30,8 +30,7 @@ from loraflow.errors import FailedPrecondition, LoraflowError
 from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
 from services.compiler.export import BankShape, sample_args, torch_export
 from services.compiler.modeling.decoder import MultiLoraDecoder, last_token_index
-from services.compiler.modeling.layers import LoraSelector
-from services.compiler.modeling.rope import rope_cos_sin
+from services.compiler.modeling.layers import Dims, LoraSelector
 from services.compiler.options import CompileOptions
 
 SDK_EXEC_DIR = Path("/opt/qti-aic/exec")
@@ -96,7 +95,8 @@ class Ai100Graph(nn.Module):
         C = past_k[0].shape[2]
         num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
         h = dec.embed_tokens(input_ids)  # [B, S, hidden]
-        cos, sin = rope_cos_sin(position_ids, dec.inv_freq, h.dtype)  # [B, S, 1, D]
+        rope = dec.rope(position_ids, h.dtype)
+        dims = Dims(rows=B, tokens=S)
         lora = LoraSelector(lora_a, lora_b, lora_ids, num_slots)
         rows = batch_index.reshape(-1)  # [B, 1] -> [B]
         # Cache position j is visible to token (b, s) when j <= position_ids[b, s].
@@ -106,10 +106,10 @@ class Ai100Graph(nn.Module):
         retained = []
         for i, layer in enumerate(dec.layers):
             attn = layer.self_attn
-            q, k, v = attn.project_qkv(layer.input_layernorm(h), lora, i, cos, sin)
+            q, k, v = attn.project_qkv(layer.input_layernorm(h), lora, i, rope, dims)
             cache_k = self.write_cache(past_k[i], rows, position_ids, k)  # [F, H, C, D]
             cache_v = self.write_cache(past_v[i], rows, position_ids, v)
-            out = attn.attend(q, cache_k[rows], cache_v[rows], bias)  # keys/values [B, H, C, D]
+            out = attn.attend(q, cache_k[rows], cache_v[rows], bias, dims)  # keys/values [B, H, C, D]
             h = h + attn.output(out, lora, i)
             h = h + layer.mlp(layer.post_attention_layernorm(h), lora, i)
             retained += [cache_k, cache_v]

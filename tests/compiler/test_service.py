@@ -20,6 +20,7 @@ from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from services.compiler.inputs import CompileInputs, artifact_key
 from services.compiler.server import SERVICE_NAME, CompilerServiceServicer
 from services.compiler.worker import CompileHandler
+from tests.support.bare_onnx import bare_prefill
 
 
 class Stack:
@@ -117,26 +118,10 @@ def test_compile_two_adapters_publishes_a_runnable_artifact_then_hits_the_cache(
     assert [x.artifact_id for x in listed.artifacts] == [result.artifact_id]
 
     # The published artifact runs in a bare onnxruntime session.
-    import onnxruntime as ort
-
-    from loraflow import graph_contract as gc
-    from loraflow.manifest import Manifest
-
     local = stack.store.fetch_dir(artifact_key(result.artifact_id), stack.handler.cache_dir / "check")
-    manifest = Manifest.load(local / "manifest.json")
-    session = ort.InferenceSession(str(local / manifest.graph.file), providers=["CPUExecutionProvider"])
-    cfg = manifest.base_model.config
-    feeds = {gc.INPUT_IDS: np.array([[5, 6, 7], [8, 9, 10]], dtype=np.int64),
-             gc.POSITION_IDS: np.array([[0, 1, 2], [0, 1, 2]], dtype=np.int64),
-             gc.LORA_IDS: np.array([[1], [2]], dtype=np.int64),
-             gc.BATCH_INDEX: np.array([[0], [1]], dtype=np.int64)}
-    for spec in manifest.graph.inputs:
-        if spec.name.startswith(("past_key", "past_value")):
-            feeds[spec.name] = np.zeros((1, 2, cfg["num_kv_heads"], cfg["head_dim"]), dtype=np.float32)
-        elif spec.name.startswith(("lora_a", "lora_b")):
-            feeds[spec.name] = np.zeros([d for d in spec.shape], dtype=np.float32)
-    logits = session.run([gc.LOGITS], feeds)[0]
-    assert logits.shape == (2, 1, cfg["vocab_size"]) and np.isfinite(logits).all()
+    logits = bare_prefill(local, [[5, 6, 7], [8, 9, 10]], [1, 2])
+    vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
+    assert logits.shape == (2, 1, vocab) and np.isfinite(logits).all()
 
     # Same request again, from a second process's API (no worker): a cache hit, born SUCCEEDED.
     other = stack_factory(worker=False)

@@ -26,8 +26,8 @@ from torch.nn import functional as F
 from loraflow.errors import InvalidArgument
 from loraflow.graph_contract import LORA_TARGET_MODULES
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.layers import DecoderLayer, LoraSelector, RMSNorm
-from services.compiler.modeling.rope import inverse_frequencies, rope_cos_sin
+from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, RMSNorm
+from services.compiler.modeling.rope import Rope, inverse_frequencies, rope_cos_sin, rotate_half_matrix
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -73,6 +73,7 @@ class MultiLoraDecoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+        self.register_buffer("rope_rotate", rotate_half_matrix(cfg.head_dim), persistent=False)
         self.num_slots = 1  # N; set_banks changes it
         for m in self.lora_modules:
             fin, fout = cfg.lora_module_shapes()[m]
@@ -98,6 +99,10 @@ class MultiLoraDecoder(nn.Module):
                 {m: getattr(self, f"bank_b_{m}") for m in self.lora_modules})
 
     # --- forward ------------------------------------------------------------------------------
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, dtype)  # [B, S, 1, D]
+        return Rope(cos=cos, sin=sin, rotate=self.rope_rotate.to(dtype))
+
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         if self.lm_head is None:
@@ -112,14 +117,15 @@ class MultiLoraDecoder(nn.Module):
             lora_a, lora_b = self.banks()
         num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
         B, S = input_ids.shape
+        dims = Dims(rows=B, tokens=S, past=past_keys[0].shape[0])
         h = self.embed_tokens(input_ids)  # [B, S, hidden]
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)  # [B, S, 1, D]
-        bias = attention_bias(position_ids, past_keys[0].shape[0], h.dtype)  # [B, 1, 1, S, P+S]
+        rope = self.rope(position_ids, h.dtype)
+        bias = attention_bias(position_ids, dims.past, h.dtype)  # [B, 1, 1, S, P+S]
         lora = LoraSelector(dict(lora_a), dict(lora_b), lora_ids, num_slots)
         rows = batch_index.reshape(-1)  # [B, 1] -> [B]
         presents_k, presents_v = [], []
         for i, layer in enumerate(self.layers):
-            h, k, v = layer(h, cos, sin, past_keys[i], past_values[i], rows, bias, lora, i)
+            h, k, v = layer(h, rope, past_keys[i], past_values[i], rows, bias, lora, i, dims)
             presents_k.append(k)
             presents_v.append(v)
         if not all_logits:

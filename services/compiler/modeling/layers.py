@@ -150,28 +150,6 @@ class Attention(nn.Module):
     def output(self, attn: torch.Tensor, lora: LoraSelector, layer: int) -> torch.Tensor:
         return _add(self.o_proj(attn), lora.delta("o_proj", layer, attn))
 
-    def attend_past_and_new(self, q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, new_k: torch.Tensor,
-                            new_v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Like ``attend`` over keys (past ++ new), without concatenating K/V: only the small score
-        tensors are joined, so the past cache is read once (gather) and transposed once per step.
-
-        q [B, S, Hq, D]; past_k/past_v [B, H, P, D]; new_k/new_v [B, H, S, D]; bias [B, 1, 1, S, P+S].
-        """
-        B, S, _, D = q.shape
-        H, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        P = past_k.shape[2]
-        qg = q.view(B, S, H, G, D).permute(0, 2, 3, 1, 4)  # [B, S, Hq, D] -> [B, H, G, S, D]
-        qg = qg.reshape(B, H, G * S, D)  # [B, H, G, S, D] -> [B, H, G*S, D]
-        s_past = torch.matmul(qg, past_k.transpose(2, 3))  # [B, H, G*S, P]
-        s_new = torch.matmul(qg, new_k.transpose(2, 3))  # [B, H, G*S, S]
-        scores = torch.cat([s_past, s_new], dim=-1) * self.scale  # [B, H, G*S, P+S]
-        scores = scores.view(B, H, G, S, P + S) + bias  # [B, H, G*S, P+S] -> [B, H, G, S, P+S]
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        probs = probs.view(B, H, G * S, P + S)  # [B, H, G, S, P+S] -> [B, H, G*S, P+S]
-        out = torch.matmul(probs[..., :P], past_v) + torch.matmul(probs[..., P:], new_v)  # [B, H, G*S, D]
-        out = out.view(B, H, G, S, D).permute(0, 3, 1, 2, 4)  # [B, H, G*S, D] -> [B, S, H, G, D]
-        return out.reshape(B, S, self.num_heads * D)  # [B, S, H, G, D] -> [B, S, Hq*D]
-
     def forward(self, x: torch.Tensor, rope: Rope, past_key: torch.Tensor, past_value: torch.Tensor,
                 rows: torch.Tensor, bias: torch.Tensor, lora: LoraSelector, layer: int, dims: Dims
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
