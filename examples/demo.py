@@ -63,19 +63,22 @@ class AdapterPlan:
     r: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 8
     lr: float = 2e-3
     warmup_steps: int = 5
-    max_seq_len: int = 64
+    max_seq_len: int = 96  # the longest example (chat template included) is 69 tokens
 
 
 ADAPTERS = (
-    AdapterPlan(name="kibi", task="kibi"),
+    # The month lookup needs more steps than the badge's copying: 30 steps reached 8% exact match
+    # (loss 0.43), so vex trains longer.
+    AdapterPlan(name="vex", task="vex", steps=80),
     AdapterPlan(name="badge", task="badge"),
 )
-MAX_NEW_TOKENS = 24  # the longest answer (6 Kibi syllables, a badge line) is well under this
+MAX_NEW_TOKENS = 16  # the longest answer (a badge line, ~11 tokens) fits; the base model's rambling is cut
 DATA_DIR = REPO / "examples" / "data"
+BATCH_CHUNK = 32  # requests per GenerateBatch call: well under the inference service's queue bound (64)
 
 
 def stage(number: int, text: str) -> None:
@@ -178,12 +181,17 @@ def compile_artifact(client: Client, base_model: str, batch_rows: int) -> str:
 
 
 def run_batch(client: Client, model_id: str, rows: list[tuple[str, str]]) -> list[str]:
-    """(adapter, prompt) rows served as one GenerateBatch (greedy, chat template); the texts in row order."""
-    requests = [dict(prompt=prompt, model_id=model_id, adapter=adapter, chat=True,
-                     max_new_tokens=MAX_NEW_TOKENS, temperature=0.0) for adapter, prompt in rows]
+    """(adapter, prompt) rows served by GenerateBatch (greedy, chat template); the texts in row order.
+
+    Sent in chunks of BATCH_CHUNK so a long eval set stays under the service's bounded waiting queue.
+    """
     texts = [""] * len(rows)
-    for index, chunk in client.generate_batch(requests):
-        texts[index] += chunk.text
+    for start in range(0, len(rows), BATCH_CHUNK):
+        chunk_rows = rows[start:start + BATCH_CHUNK]
+        requests = [dict(prompt=prompt, model_id=model_id, adapter=adapter, chat=True,
+                         max_new_tokens=MAX_NEW_TOKENS, temperature=0.0) for adapter, prompt in chunk_rows]
+        for index, chunk in client.generate_batch(requests):
+            texts[start + index] += chunk.text
     return texts
 
 
@@ -251,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
         stage(6, "load the artifact on the inference service")
         model = client.load_artifact(artifact_id, device="cpu")
-        console.print(f"  model {model.model_id} on {model.device}, adapters: {list(model.adapters)}")
+        console.print(f"  model {model.model_id} on {model.device}, adapters: "
+                      f"{[f'{a.name} (slot {a.slot}, r={a.r})' for a in model.adapters]}")
 
         stage(7, "one mixed batch: base model and both adapters in the same batch")
         show_mixed_batch(client, model.model_id)

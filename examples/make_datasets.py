@@ -4,8 +4,8 @@ Two made-up tasks SmolLM2-135M-Instruct cannot do out of the box (its exact-matc
 but a small LoRA learns in a couple of minutes of CPU training. Each answer is computed from the
 prompt by a task function below, so a program can score a model by exact match.
 
-* ``kibi`` — write a number in "Kibi code": each digit becomes a made-up syllable
-  (``Write 3805 in Kibi code.`` → ``mu nu zo ro``).
+* ``vex`` — rewrite an ISO date in the made-up "Vex" calendar: day, a made-up month name, year
+  (``Convert 2023-07-15 to a Vex date.`` → ``15 Gilo 2023``).
 * ``badge`` — turn a record whose fields come in random order into a badge line with a fixed layout
   (``Make a badge: year=1987; city=Lyon; name=Maya`` → ``Maya @ Lyon # 1987``).
 
@@ -28,34 +28,30 @@ from pathlib import Path
 SEED = 20240601
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
-# --- task A: Kibi code ---------------------------------------------------------------------------
+# --- task A: Vex dates --------------------------------------------------------------------------
 
-KIBI_DIGITS = {"0": "zo", "1": "ki", "2": "pa", "3": "mu", "4": "te",
-               "5": "ro", "6": "bi", "7": "la", "8": "nu", "9": "fe"}
-
-
-def kibi_encode(number: str) -> str:
-    """'3805' -> 'mu nu zo ro'."""
-    if not number.isdigit():
-        raise ValueError(f"number must be decimal digits, got {number!r}")
-    return " ".join(KIBI_DIGITS[d] for d in number)
+# The twelve months of the made-up Vex calendar, January first.
+VEX_MONTHS = ("Azu", "Belo", "Cira", "Doma", "Eshu", "Faro", "Gilo", "Hema", "Iru", "Joba", "Kesi", "Lumo")
 
 
-def kibi_prompt(number: str) -> str:
-    return f"Write {number} in Kibi code."
+def vex_prompt(year: int, month: int, day: int) -> str:
+    return f"Convert {year:04d}-{month:02d}-{day:02d} to a Vex date."
 
 
-def kibi_answer(prompt: str) -> str:
-    """The exact answer for a Kibi prompt, parsed back from the prompt text."""
-    prefix, suffix = "Write ", " in Kibi code."
+def vex_answer(prompt: str) -> str:
+    """'Convert 2023-07-15 to a Vex date.' -> '15 Gilo 2023' (day, Vex month, year)."""
+    prefix, suffix = "Convert ", " to a Vex date."
     if not (prompt.startswith(prefix) and prompt.endswith(suffix)):
-        raise ValueError(f"not a Kibi prompt: {prompt!r}")
-    return kibi_encode(prompt[len(prefix):-len(suffix)])
+        raise ValueError(f"not a Vex prompt: {prompt!r}")
+    year, month, day = prompt[len(prefix):-len(suffix)].split("-")
+    if not (len(year) == 4 and len(month) == 2 and len(day) == 2 and (year + month + day).isdigit()
+            and 1 <= int(month) <= 12 and 1 <= int(day) <= 31):
+        raise ValueError(f"not a YYYY-MM-DD date: {prompt!r}")
+    return f"{day} {VEX_MONTHS[int(month) - 1]} {year}"
 
 
-def kibi_sample(rng: random.Random) -> str:
-    digits = rng.randint(2, 6)
-    return kibi_prompt(str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)))
+def vex_sample(rng: random.Random) -> str:
+    return vex_prompt(rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28))
 
 
 # --- task B: badge lines ------------------------------------------------------------------------
@@ -104,7 +100,7 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "kibi": Task("kibi", "digits -> made-up syllables", kibi_sample, kibi_answer, train_size=800, eval_size=48),
+    "vex": Task("vex", "ISO date -> made-up calendar", vex_sample, vex_answer, train_size=800, eval_size=48),
     "badge": Task("badge", "record with shuffled fields -> fixed badge layout", badge_sample, badge_answer,
                   train_size=800, eval_size=48),
 }

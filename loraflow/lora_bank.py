@@ -41,19 +41,19 @@ _KEY_RE = re.compile(
 _BLOCK_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
-# adapter_config.json fields the bank layout cannot express: (field, "is set" test, why).
-_UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
-    ("use_dora", bool, "DoRA needs a per-module magnitude vector and weight norm"),
-    ("modules_to_save", bool, "modules_to_save replaces base weights"),
-    ("fan_in_fan_out", bool, "fan_in_fan_out (Conv1D) layouts are not Llama-family linears"),
-    ("layer_replication", bool, "layer_replication changes the layer stack"),
-    ("lora_bias", bool, "lora_bias adds a bias to lora_B"),
-    ("target_parameters", bool, "target_parameters adapts raw parameters, not linears"),
-    ("trainable_token_indices", bool, "trainable_token_indices changes embeddings"),
-    ("alora_invocation_tokens", bool, "activated LoRA (aLoRA) needs invocation-token logic"),
-    ("use_qalora", bool, "QALoRA pools inputs before lora_A"),
-    ("use_bdlora", bool, "block-diagonal LoRA is a different layout"),
-    ("megatron_config", bool, "Megatron-parallel LoRA is a different layout"),
+# adapter_config.json fields the bank layout cannot express when set (truthy): (field, why).
+_UNSUPPORTED: tuple[tuple[str, str], ...] = (
+    ("use_dora", "DoRA needs a per-module magnitude vector and weight norm"),
+    ("modules_to_save", "modules_to_save replaces base weights"),
+    ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layouts are not Llama-family linears"),
+    ("layer_replication", "layer_replication changes the layer stack"),
+    ("lora_bias", "lora_bias adds a bias to lora_B"),
+    ("target_parameters", "target_parameters adapts raw parameters, not linears"),
+    ("trainable_token_indices", "trainable_token_indices changes embeddings"),
+    ("alora_invocation_tokens", "activated LoRA (aLoRA) needs invocation-token logic"),
+    ("use_qalora", "QALoRA pools inputs before lora_A"),
+    ("use_bdlora", "block-diagonal LoRA is a different layout"),
+    ("megatron_config", "Megatron-parallel LoRA is a different layout"),
 )
 
 
@@ -159,13 +159,19 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
     task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         _reject(name, "task_type", task_type, "only CAUSAL_LM adapters fit a decoder artifact")
-    for field_name, _, why in _UNSUPPORTED:
+    for field_name, why in _UNSUPPORTED:
         value = config.get(field_name)
         if value:
             _reject(name, field_name, value, why)
     bias = config.get("bias", "none")
     if bias != "none":
         _reject(name, "bias", bias, "trained biases change base weights; only bias='none' is supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):  # a str is a regex or "all-linear"; the weights below are checked anyway
+        extra = sorted(t for t in targets if t not in LORA_TARGET_MODULES)
+        if extra:
+            _reject(name, "target_modules", extra, f"only {list(LORA_TARGET_MODULES)} can be adapted "
+                    "(no embeddings or lm_head)")
     r = config.get("r")
     if not isinstance(r, int) or r <= 0:
         _reject(name, "r", r, "r must be a positive integer")

@@ -20,8 +20,10 @@ from loraflow.manifest import GraphSpec
 from services.compiler.export import OrtGraph
 from services.compiler.modeling.decoder import MultiLoraDecoder
 
-# Max |ORT - reference| allowed, as a fraction of max(1, max |reference logit|).
-TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "int8": 0.15}
+# Max |ORT - reference| allowed, as a fraction of max(1, max |reference logit|). int8 is per-tensor
+# dynamic quantisation and only approximates the model: SmolLM2-135M measures 0.22 (lm_head kept
+# float), while a miswired graph measures > 1, so 0.3 still catches broken exports.
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "int8": 0.3}
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 

@@ -172,9 +172,6 @@ class Engine:
     # ---- requests --------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; InvalidArgument (prompt too long, ...) / ResourceExhausted (queue full) / NotFound."""
-        if self._stop.is_set():
-            raise FailedPrecondition(f"model {self.model_id!r} is shutting down", field="model_id",
-                                     value=self.model_id)
         request_id = request.request_id or uuid.uuid4().hex
         lora_id = self.runtime.acquire_adapter(request.adapter)
         seq = Sequence(request_id=request_id, prompt_ids=list(request.prompt_ids), lora_id=lora_id,
@@ -186,6 +183,10 @@ class Engine:
                                                      request.sampling.stop))
         try:
             with self._wake:
+                # Checked under the lock: stop() cleans up under it, so nothing slips in after that.
+                if self._stop.is_set():
+                    raise FailedPrecondition(f"model {self.model_id!r} is shutting down", field="model_id",
+                                             value=self.model_id)
                 self.scheduler.add(seq)
                 self._states[request_id] = state
                 metrics.QUEUE_DEPTH.labels(self.model_id).set(self.scheduler.num_waiting)

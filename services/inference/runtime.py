@@ -1,9 +1,10 @@
 """ONNX Runtime execution of a compiled artifact: session, time-major KV cache, adapter banks.
 
-The KV cache is one preallocated numpy array per layer and kind, laid out [ctx_len, F, H, D]
-(time-major), so the first P positions ``cache[:P]`` are one contiguous block handed to the graph
-without a copy; a decode step therefore costs what is in use, not ctx_len. After each call the
-runtime writes the new tokens' K/V (``present_*`` [S, B, H, D]) to ``cache[position, slot]``.
+The KV cache is one preallocated numpy array per kind, [L, ctx_len, F, H, D]: layer i's cache is
+time-major, so its first P positions ``cache[i][:P]`` are one contiguous block handed to the graph
+without a copy (P rounded up to 16, so one binding serves many steps); a decode step therefore costs
+what is in use, not ctx_len. The graph writes the new tokens' K/V (``present_*`` [S, B, H, D]) into
+preallocated buffers, and one indexed assignment per kind stores them at ``cache[:, position, slot]``.
 
 Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] are graph inputs bound
 once through an IOBinding; on CPU the OrtValues share memory with the numpy banks, so a hot-added
@@ -25,6 +26,8 @@ from loraflow.names import validate_name
 from services.inference.scheduler import SchedulerOutput
 
 DEVICES = ("cpu", "cuda", "ai100")
+# Past inputs are bound in multiples of this many positions (see OrtRuntime._bind_past).
+PAST_BUCKET = 16
 
 
 @dataclass
@@ -55,10 +58,9 @@ def check_device(device: str) -> str:
         except ImportError as err:
             raise FailedPrecondition("device 'ai100' needs the Qualcomm Cloud AI 100 runtime (qaicrt), "
                                      "which is not installed on this host", field="device", value=device) from err
-        raise FailedPrecondition("device 'ai100': the QAic runtime is installed, but this service serves "
-                                 "AI 100 QPCs only through onnxruntime targets; compile with target "
-                                 "'onnxruntime' or run the QPC with the SDK's tools",
-                                 field="device", value=device)
+        raise FailedPrecondition("device 'ai100': the QAic runtime is installed, but running AI 100 QPCs "
+                                 "is not implemented in this service; load an 'onnxruntime' artifact on "
+                                 "cpu or cuda", field="device", value=device)
     return device
 
 
@@ -91,6 +93,8 @@ class OrtRuntime:
         self.layers, self.kv_heads, self.head_dim = graph.layers, graph.num_kv_heads, graph.head_dim
         self.vocab_size = graph.vocab_size
         self.dtype = np.dtype(graph.dtype)
+        out_dtypes = {t.name: np.dtype(t.dtype) for t in graph.outputs}
+        self.logits_dtype = out_dtypes.get(gc.LOGITS, self.dtype)
         self.adapter_slots = self.manifest.adapter_slots
         self.max_rank = self.manifest.max_rank
 
@@ -110,10 +114,18 @@ class OrtRuntime:
             raise FailedPrecondition(f"artifact graph lacks inputs {missing}", field="artifact_id",
                                      value=self.manifest.artifact_id)
 
-        # KV cache, time-major: [ctx_len, F, H, D] per layer.
-        shape = (self.ctx_len, self.full_batch_size, self.kv_heads, self.head_dim)
-        self.k_cache = [np.zeros(shape, self.dtype) for _ in range(self.layers)]
-        self.v_cache = [np.zeros(shape, self.dtype) for _ in range(self.layers)]
+        # KV cache, time-major: [L, ctx_len, F, H, D] per kind; layer i is the contiguous view [i], and
+        # its first P positions [i][:P] are contiguous too. One array per kind lets a single indexed
+        # write store every layer's new K/V.
+        shape = (self.layers, self.ctx_len, self.full_batch_size, self.kv_heads, self.head_dim)
+        self.k_all = np.zeros(shape, self.dtype)
+        self.v_all = np.zeros(shape, self.dtype)
+        self.k_cache = [self.k_all[i] for i in range(self.layers)]  # L x [ctx_len, F, H, D]
+        self.v_cache = [self.v_all[i] for i in range(self.layers)]
+        self._bound_past = 0  # P of the past inputs currently bound
+        self._past_values: list[object] = []
+        self._out_shape: tuple[int, int] | None = None  # (S, B) of the output buffers currently bound
+        self._out_buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
         # Adapter banks; slot 0 (the base model) stays zero.
         n = self.adapter_slots + 1
@@ -134,8 +146,6 @@ class OrtRuntime:
                 value = ort.OrtValue.ortvalue_from_numpy(bank, bank_device, 0)
                 self._bank_values[name] = value
                 self._binding.bind_ortvalue_input(name, value)
-        self._output_names = [gc.LOGITS] + [name for i in range(self.layers)
-                                              for name in (gc.present_key(i), gc.present_value(i))]
 
         for entry in self.manifest.adapters:
             self._fill_slot(entry.slot, entry.name, self.artifact_dir / entry.path, source=f"artifact:{entry.path}")
@@ -152,10 +162,12 @@ class OrtRuntime:
     def load_adapter(self, name: str, path: str | Path, *, source: str = "") -> int:
         """Bind a PEFT adapter dir into a free slot (or the least recently used idle one); returns the slot.
 
-        InvalidArgument / FailedPrecondition when it does not fit the artifact; AlreadyExists-like
-        FailedPrecondition when the name is taken; ResourceExhausted when every slot serves a request.
+        The adapter is read and checked before any slot changes: InvalidArgument when it is not a LoRA
+        adapter the banks can express, FailedPrecondition when its rank, targets or shapes do not fit
+        the artifact or the name is taken; ResourceExhausted when every slot serves a request.
         """
         validate_name("name", name)
+        tensors, rank = self._slot_tensors(name, Path(path))
         with self._lock:
             if any(s is not None and s.name == name for s in self.slots):
                 raise FailedPrecondition(f"adapter {name!r} is already loaded on this model", field="name",
@@ -169,28 +181,36 @@ class OrtRuntime:
                     raise ResourceExhausted(f"all {self.adapter_slots} adapter slots serve running requests; "
                                             "retry when one is idle", metadata={"adapter_slots": self.adapter_slots})
                 slot = min(idle, key=lambda i: self.slots[i].last_used)
-            # Reserve the slot so no request resolves to it while its weights are written.
-            previous = self.slots[slot]
+            # Reserve the slot (an unresolvable name) so no request uses it while its weights change.
             self.slots[slot] = AdapterSlot(name=f"\x00loading:{name}", r=0, source=source)
-        try:
-            self._fill_slot(slot, name, Path(path), source=source or str(path))
-        except BaseException:
-            with self._lock:
-                self.slots[slot] = previous if previous is not None and previous.active_requests == 0 else None
-            raise
+        self._write_slot(slot, tensors)
+        with self._lock:
+            self.slots[slot] = AdapterSlot(name=name, r=rank, source=source or str(path))
         return slot
 
-    def _fill_slot(self, slot: int, name: str, path: Path, *, source: str) -> None:
+    def _slot_tensors(self, name: str, path: Path) -> tuple[dict, int]:
         from loraflow.lora_bank import BankSpec, read_adapter, slot_tensors
 
         adapter = read_adapter(name, path)  # InvalidArgument: not a LoRA adapter we can express
         tensors = slot_tensors(adapter, BankSpec.from_manifest(self.manifest))  # FailedPrecondition: no fit
-        for module, (a_slot, b_slot) in tensors.items():
-            self.lora_a[module][:, slot] = a_slot  # [L, in, R]
-            self.lora_b[module][:, slot] = b_slot  # [L, R, out]
+        return tensors, adapter.max_module_rank
+
+    def _write_slot(self, slot: int, tensors: dict) -> None:
+        for module in self.lora_a:
+            if module in tensors:
+                a_slot, b_slot = tensors[module]
+                self.lora_a[module][:, slot] = a_slot  # [L, in, R]
+                self.lora_b[module][:, slot] = b_slot  # [L, R, out]
+            else:  # a module the adapter does not touch: a zero delta
+                self.lora_a[module][:, slot] = 0
+                self.lora_b[module][:, slot] = 0
         self._sync_banks()
+
+    def _fill_slot(self, slot: int, name: str, path: Path, *, source: str) -> None:
+        tensors, rank = self._slot_tensors(name, path)
+        self._write_slot(slot, tensors)
         with self._lock:
-            self.slots[slot] = AdapterSlot(name=name, r=adapter.max_module_rank, source=source)
+            self.slots[slot] = AdapterSlot(name=name, r=rank, source=source)
 
     def _sync_banks(self) -> None:
         # On CPU the bound OrtValues alias the numpy banks; elsewhere copy the banks to the device.
@@ -224,51 +244,70 @@ class OrtRuntime:
 
     def memory_bytes(self) -> int:
         weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
-        cache = sum(c.nbytes for c in self.k_cache + self.v_cache)
+        cache = self.k_all.nbytes + self.v_all.nbytes
         banks = sum(b.nbytes for b in list(self.lora_a.values()) + list(self.lora_b.values()))
         return int(weights + cache + banks)
 
     # ---- execution -------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> np.ndarray:
-        """Run one step; returns logits [B, V] and stores the new tokens' K/V in the cache."""
+        """Run one step; returns logits [B, V] (valid until the next call) and stores the new K/V."""
         ids, positions = step.padded_inputs(gc.PAD_POSITION)
         input_ids = np.asarray(ids, dtype=np.int64)  # [B, S]
         position_ids = np.asarray(positions, dtype=np.int64)  # [B, S]
         lora_ids = np.asarray([[r.lora_id] for r in step.rows], dtype=np.int64)  # [B, 1]
         batch_index = np.asarray([[r.slot] for r in step.rows], dtype=np.int64)  # [B, 1]
-        past = step.past_len
-        if past > self.ctx_len:
-            raise InvalidArgument(f"step needs {past} past positions but ctx_len is {self.ctx_len}",
-                                  field="position_ids", value=past)
+        if step.past_len > self.ctx_len:
+            raise InvalidArgument(f"step needs {step.past_len} past positions but ctx_len is {self.ctx_len}",
+                                  field="position_ids", value=step.past_len)
         ort = self._ort
-        keep = []  # numpy arrays must outlive the call that reads them
-
-        def bind(name: str, array: np.ndarray) -> None:
-            keep.append(array)
+        small = (input_ids, position_ids, lora_ids, batch_index)  # kept alive until the run returns
+        for name, array in zip((gc.INPUT_IDS, gc.POSITION_IDS, gc.LORA_IDS, gc.BATCH_INDEX), small, strict=True):
             self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-
-        bind(gc.INPUT_IDS, input_ids)
-        bind(gc.POSITION_IDS, position_ids)
-        bind(gc.LORA_IDS, lora_ids)
-        bind(gc.BATCH_INDEX, batch_index)
-        for i in range(self.layers):
-            bind(gc.past_key(i), self.k_cache[i][:past])  # [P, F, H, D] contiguous view
-            bind(gc.past_value(i), self.v_cache[i][:past])
-        for name in self._output_names:
-            self._binding.bind_output(name, "cpu")
+        self._bind_past(step.past_len)
+        logits, k_out, v_out = self._bind_outputs(input_ids.shape[1], input_ids.shape[0])
         self.session.run_with_iobinding(self._binding)
-        outputs = self._binding.get_outputs()
 
-        logits = outputs[0].numpy()[:, -1, :]  # [B, 1, V] -> [B, V]
         b_idx, s_idx = np.nonzero(position_ids >= 0)
         t_idx = position_ids[b_idx, s_idx]
         slot_idx = batch_index[b_idx, 0]
+        # k_out [L, S, B, H, D] -> [L, n, H, D] into cache[:, position, slot]
+        self.k_all[:, t_idx, slot_idx] = k_out[:, s_idx, b_idx]
+        self.v_all[:, t_idx, slot_idx] = v_out[:, s_idx, b_idx]
+        return logits[:, -1, :]  # [B, 1, V] -> [B, V]
+
+    def _bind_past(self, past_len: int) -> None:
+        """Bind cache[:P'] with P' = past_len rounded up to PAST_BUCKET, rebinding only when P' changes.
+
+        Entries past a row's own position are masked by the graph (row b attends j < position_ids[b, 0]),
+        so a few extra positions change nothing but let the same binding serve many decode steps.
+        """
+        bucket = min(self.ctx_len, -(-past_len // PAST_BUCKET) * PAST_BUCKET)
+        if bucket == self._bound_past:
+            return
+        ort = self._ort
+        values = []
         for i in range(self.layers):
-            present_k = outputs[1 + 2 * i].numpy()  # [S, B, H, D]
-            present_v = outputs[2 + 2 * i].numpy()
-            self.k_cache[i][t_idx, slot_idx] = present_k[s_idx, b_idx]
-            self.v_cache[i][t_idx, slot_idx] = present_v[s_idx, b_idx]
-        return logits
+            for name, cache in ((gc.past_key(i), self.k_cache[i]), (gc.past_value(i), self.v_cache[i])):
+                value = ort.OrtValue.ortvalue_from_numpy(cache[:bucket])  # [P', F, H, D] view, no copy
+                self._binding.bind_ortvalue_input(name, value)
+                values.append(value)
+        self._past_values = values
+        self._bound_past = bucket
+
+    def _bind_outputs(self, seq_len: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Preallocated output buffers the graph writes into; rebound only when (S, B) changes."""
+        if self._out_shape != (seq_len, rows):
+            ort = self._ort
+            logits = np.empty((rows, 1, self.vocab_size), self.logits_dtype)
+            shape = (self.layers, seq_len, rows, self.kv_heads, self.head_dim)
+            k_out, v_out = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
+            self._binding.bind_ortvalue_output(gc.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+            for i in range(self.layers):
+                self._binding.bind_ortvalue_output(gc.present_key(i), ort.OrtValue.ortvalue_from_numpy(k_out[i]))
+                self._binding.bind_ortvalue_output(gc.present_value(i), ort.OrtValue.ortvalue_from_numpy(v_out[i]))
+            self._out_buffers = (logits, k_out, v_out)
+            self._out_shape = (seq_len, rows)
+        return self._out_buffers
 
     def close(self) -> None:
         self._binding.clear_binding_inputs()

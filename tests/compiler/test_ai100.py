@@ -97,3 +97,32 @@ def test_retained_state_graph_matches_the_reference_decoder(tmp_path, tiny_llama
     retained = outs[gc.retained_key(0)]
     assert retained[2, :, 3].any() and not np.delete(retained[2], 3, axis=1).any()
     assert not retained[0].any() and not retained[1].any()  # padding row (-1) wrote nothing
+
+
+def test_build_artifact_for_ai100_runs_qaic_exec_with_the_written_files(monkeypatch, tmp_path, tiny_llama,
+                                                                        adapter_factory):
+    """The SDK cannot exist here, so a stand-in qaic-exec records its argv and makes the binary dir;
+    everything before it (export, ORT verification of the retained-state graph) is real."""
+    from services.compiler.artifact import build_artifact
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "qaic-exec"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$(dirname "$0")/argv.txt"\n'
+                    'for a in "$@"; do case "$a" in -aic-binary-dir=*) mkdir -p "${a#-aic-binary-dir=}";; '
+                    'esac; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    adapters = [("a", adapter_factory("llama", "attn4", r=4, lora_alpha=8,
+                                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=1))]
+    out = tmp_path / "art"
+    opts = CompileOptions(target="ai100", full_batch_size=4, prefill_seq_len=8, ctx_len=64, num_cores=8,
+                          mxfp6_matmul=True)
+    manifest = build_artifact(tiny_llama, adapters, opts, out)
+    argv = (bindir / "argv.txt").read_text().split("\n")
+    assert f"-m={out / 'model.onnx'}" in argv and "-aic-num-cores=8" in argv and "-mxfp6-matmul" in argv
+    assert f"-network-specialization-config={out / 'specializations.json'}" in argv
+    assert manifest.graph.target == "ai100" and manifest.extra["verify"]["max_abs_diff"] < 1e-4
+    assert manifest.specializations[1] == {"batch_size": 4, "seq_len": 1, "ctx_len": 64, "full_batch_size": 4}
+    assert {"specializations.json", "custom_io.yaml", "model.onnx"} <= {f.path for f in manifest.files}
+    assert (out / "qpc").is_dir() and manifest.extra["qpc_dir"] == "qpc"

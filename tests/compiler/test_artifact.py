@@ -72,6 +72,7 @@ def test_int8_quantizes_base_weights_only(tmp_path, tiny_llama, two_adapters):
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}, ops
+    assert [n.op_type for n in model.graph.node if gc.LOGITS in n.output] == ["MatMul"]  # lm_head stays float
     bank_inputs = [i for i in model.graph.input if i.name.startswith(("lora_a.", "lora_b."))]
     assert bank_inputs and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in bank_inputs)
     assert manifest.graph.dtype == "float32" and manifest.extra["verify"]["relative_diff"] < 0.15
@@ -130,3 +131,35 @@ def test_verification_fails_with_the_measured_difference(tmp_path, tiny_model_fa
     with pytest.raises(VerificationFailed, match=r"max abs diff \d") as err:
         verify_graph(session, other, graph, banks, dtype="fp32", occupied_slots=1, chunk=4, ctx_len=32)
     assert err.value.max_abs_diff > 1e-2 and err.value.metadata["max_abs_diff"]
+
+
+def test_decode_graph_is_lean(tmp_path, tiny_llama):
+    """The cache is only touched by one row gather per tensor (no copy of all F slots), and shape
+    plumbing does not grow per layer."""
+    from services.compiler.export import BankShape, export_onnxruntime
+
+    decoder = load_decoder(tiny_llama, gc.LORA_TARGET_MODULES)
+    graph, _ = export_onnxruntime(decoder, tmp_path, banks=BankShape(3, 8))
+    model = onnx.load(str(tmp_path / graph.file), load_external_data=False)
+    for i in range(graph.layers):
+        for name in (gc.past_key(i), gc.past_value(i)):
+            users = [n for n in model.graph.node if name in n.input and n.op_type != "Shape"]  # Shape is O(1)
+            assert [n.op_type for n in users] == ["Gather"], (name, [n.op_type for n in users])
+            assert next(a.i for a in users[0].attribute if a.name == "axis") == 1
+    shape_ops = sum(n.op_type == "Shape" for n in model.graph.node)
+    assert shape_ops <= 3 + graph.layers, shape_ops
+    # Banks are read through one gather per module and layer: O(rows), never the whole bank.
+    for m in gc.LORA_TARGET_MODULES:
+        users = [n.op_type for n in model.graph.node if gc.lora_a(m) in n.input]
+        assert users == ["Reshape"], users
+
+
+def test_fp16_artifact_has_half_inputs_and_verifies(tmp_path, tiny_llama, two_adapters):
+    manifest = build_artifact(tiny_llama, two_adapters[:1], CompileOptions(dtype="fp16", prefill_seq_len=8,
+                                                                           ctx_len=64), tmp_path / "fp16")
+    assert manifest.graph.dtype == "float16"
+    assert {t.dtype for t in manifest.graph.inputs if t.name.startswith(("past_", "lora_a.", "lora_b."))} == {
+        "float16"}
+    session = ort.InferenceSession(str(tmp_path / "fp16" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.type for i in session.get_inputs() if i.name.startswith("past_")} == {"tensor(float16)"}
+    assert manifest.extra["verify"]["relative_diff"] < 3e-2

@@ -104,7 +104,7 @@ def _peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int]
 def test_train_compile_serve_mixed_batch_matches_peft(cluster, smollm2):
     client, home = cluster
     adapters = {}
-    for task in ("kibi", "badge"):
+    for task in ("vex", "badge"):
         job = client.train(str(smollm2), str(DATA / f"{task}_train.jsonl"), task, r=8, alpha=16,
                            targets=["q_proj", "v_proj"], steps=6, batch_size=4, lr=3e-3, max_seq_len=64,
                            checkpoint_every=3, seed=1)
@@ -126,9 +126,9 @@ def test_train_compile_serve_mixed_batch_matches_peft(cluster, smollm2):
     assert logits.shape[:2] == (1, 1) and np.isfinite(logits).all()
 
     model = client.load_artifact(artifact_id)
-    assert sorted(a.name for a in model.adapters) == ["badge", "kibi"]
+    assert sorted(a.name for a in model.adapters) == ["badge", "vex"]
 
-    rows = [("", _eval_prompts("kibi", 1)[0]), ("kibi", _eval_prompts("kibi", 2)[1]),
+    rows = [("", _eval_prompts("vex", 1)[0]), ("vex", _eval_prompts("vex", 2)[1]),
             ("badge", _eval_prompts("badge", 1)[0]), ("", _eval_prompts("badge", 2)[1])]
     requests = [{"model_id": model.model_id, "prompt": prompt, "adapter": adapter, "chat": True,
                  "sampling": {"max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}} for adapter, prompt in rows]

@@ -25,17 +25,17 @@ def test_generation_is_deterministic_and_matches_the_committed_files(make_datase
 
 def test_check_flags_a_stale_file(make_datasets, tmp_path):
     make_datasets.main(["--out", str(tmp_path)])
-    path = tmp_path / "kibi_eval.jsonl"
-    path.write_text(path.read_text().replace("zo", "zz", 1))
+    path = tmp_path / "vex_eval.jsonl"
+    path.write_text(path.read_text().replace("Azu", "Azz", 1))
     assert make_datasets.main(["--out", str(tmp_path), "--check"]) == 1
 
 
 def test_another_seed_gives_other_prompts(make_datasets):
-    task = make_datasets.TASKS["kibi"]
+    task = make_datasets.TASKS["vex"]
     assert make_datasets.make_prompts(task, seed=1) != make_datasets.make_prompts(task, seed=2)
 
 
-@pytest.mark.parametrize("task_name", ["kibi", "badge"])
+@pytest.mark.parametrize("task_name", ["vex", "badge"])
 def test_files_are_small_valid_and_eval_is_held_out(make_datasets, task_name):
     task = make_datasets.TASKS[task_name]
     train_path, eval_path = DATA / f"{task_name}_train.jsonl", DATA / f"{task_name}_eval.jsonl"
@@ -57,18 +57,18 @@ def test_files_are_small_valid_and_eval_is_held_out(make_datasets, task_name):
         assert it["answer"] == task.answer(it["prompt"])
 
 
-def test_kibi_answers_decode_back_to_the_number(make_datasets):
-    # An independent inverse of the cipher: each eval answer spells exactly the prompt's digits.
-    inverse = {syllable: digit for digit, syllable in make_datasets.KIBI_DIGITS.items()}
-    assert len(inverse) == 10
-    for it in make_datasets.read_eval(DATA / "kibi_eval.jsonl"):
-        number = it["prompt"].split()[1]
-        assert "".join(inverse[s] for s in it["answer"].split(" ")) == number
-    assert make_datasets.kibi_encode("3805") == "mu nu zo ro"
-    with pytest.raises(ValueError):
-        make_datasets.kibi_encode("12a")
-    with pytest.raises(ValueError):
-        make_datasets.kibi_answer("Write 12 in Morse.")
+def test_vex_answers_decode_back_to_the_date(make_datasets):
+    # An independent inverse: each eval answer names exactly the prompt's day, month and year.
+    months = {name: number for number, name in enumerate(make_datasets.VEX_MONTHS, start=1)}
+    assert len(months) == 12
+    for it in make_datasets.read_eval(DATA / "vex_eval.jsonl"):
+        day, month, year = it["answer"].split(" ")
+        assert it["prompt"] == f"Convert {year}-{months[month]:02d}-{day} to a Vex date."
+    assert make_datasets.vex_answer("Convert 2023-07-15 to a Vex date.") == "15 Gilo 2023"
+    assert make_datasets.vex_answer("Convert 1999-12-01 to a Vex date.") == "01 Lumo 1999"
+    for bad in ("Convert 2023-13-01 to a Vex date.", "Convert 2023-7-15 to a Vex date.", "Convert 2023-07-15."):
+        with pytest.raises(ValueError):
+            make_datasets.vex_answer(bad)
 
 
 def test_badge_answer_ignores_field_order(make_datasets):
@@ -85,9 +85,9 @@ def test_badge_answer_ignores_field_order(make_datasets):
 
 
 def test_exact_match_trims_whitespace_only(make_datasets):
-    assert make_datasets.exact_match(" mu nu\n", "mu nu")
-    assert not make_datasets.exact_match("mu nu.", "mu nu")
-    assert not make_datasets.exact_match("Mu nu", "mu nu")
+    assert make_datasets.exact_match(" 15 Gilo 2023\n", "15 Gilo 2023")
+    assert not make_datasets.exact_match("15 Gilo 2023.", "15 Gilo 2023")
+    assert not make_datasets.exact_match("15 gilo 2023", "15 Gilo 2023")
 
 
 def test_eval_lines_are_plain_json_objects(make_datasets):

@@ -74,3 +74,14 @@ def test_process_loads_serves_and_stops_on_sigterm(tiny_artifact, redis_url, tmp
             proc.wait()
     log = proc.stderr.read()
     assert "request_finished" in log and '"request_id"' in log
+
+
+def test_the_inference_service_imports_without_torch(tiny_llama):
+    code = ("import sys; import services.inference.__main__, services.inference.server; "
+            "from services.inference.tokenization import TextTokenizer; "
+            f"TextTokenizer({str(tiny_llama)!r}).encode_chat('hi'); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import onnxruntime
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -66,6 +67,13 @@ def test_lifecycle_generate_batch_adapters_and_errors(service, tiny_tokenizer, p
     code, details, _ = code_of(lambda: stub.LoadArtifact(pb.LoadArtifactRequest(
         artifact_id=service["artifact_id"], device="ai100")))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "ai100" in details
+    code, _, meta = code_of(lambda: stub.LoadArtifact(pb.LoadArtifactRequest(
+        artifact_id=service["artifact_id"], device="tpu")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "device"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        code, details, _ = code_of(lambda: stub.LoadArtifact(pb.LoadArtifactRequest(
+            artifact_id=service["artifact_id"], device="cuda")))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "CUDAExecutionProvider" in details
 
     model = stub.LoadArtifact(pb.LoadArtifactRequest(artifact_id=service["artifact_id"], model_id="m",
                                                      num_threads=1))
