@@ -160,6 +160,8 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--work-dir", default=None, help="where adapters and the artifact are kept between runs")
+    p.add_argument("--repeats", type=int, default=2, help="engine runs per configuration (best is kept)")
+    p.add_argument("--spinning", action="store_true", help="let ONNX Runtime threads busy-wait")
     p.add_argument("--skip-peft", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -179,19 +181,26 @@ def main() -> int:
     adapters = make_adapters(model_dir, work / "adapters", args.rows, args.rank, targets)
     artifact_dir, manifest = build(model_dir, adapters, work / "artifact", args.rows, args.tokens, args.rank)
 
-    model = open_model(artifact_dir, num_threads=args.threads, model_id="bench")
+    model = open_model(artifact_dir, num_threads=args.threads, model_id="bench", allow_spinning=args.spinning)
     prompts_ids = [model.tokenizer.encode_chat(t) for t in PROMPTS[: args.rows]]
     names = [name for name, _ in adapters]
     run_engine(model, prompts_ids[:2], names[:2], 4)  # warm-up (session, allocator)
-    mixed = run_engine(model, prompts_ids, names, args.tokens)
-    say(f"engine, {args.rows} rows on {args.rows} adapters: {mixed['tok_s']:.1f} tok/s")
-    base = run_engine(model, prompts_ids, [""] * args.rows, args.tokens)
-    say(f"engine, {args.rows} rows on the base model: {base['tok_s']:.1f} tok/s")
+    # Alternate the two configurations and keep each one's best run: on a shared host the
+    # difference between runs is mostly other processes, and both run the very same graph.
+    mixed = base = None
+    for _ in range(args.repeats):
+        run = run_engine(model, prompts_ids, names, args.tokens)
+        say(f"engine, {args.rows} rows on {args.rows} adapters: {run['tok_s']:.1f} tok/s")
+        mixed = run if mixed is None or run["tok_s"] > mixed["tok_s"] else mixed
+        run = run_engine(model, prompts_ids, [""] * args.rows, args.tokens)
+        say(f"engine, {args.rows} rows on the base model: {run['tok_s']:.1f} tok/s")
+        base = run if base is None or run["tok_s"] > base["tok_s"] else base
     model.close()
 
     result = {
         "model": "smollm2-135m-instruct", "dtype": "fp32", "rows": args.rows, "new_tokens": args.tokens,
-        "adapters": len(adapters), "rank": args.rank, "targets": targets, "threads": args.threads,
+        "adapters": len(adapters), "rank": args.rank, "repeats": args.repeats,
+        "ort_spinning": args.spinning, "targets": targets, "threads": args.threads,
         "engine_mixed_tok_s": round(mixed["tok_s"], 1),
         "engine_mixed_decode_tok_s": round(mixed["decode_tok_s"], 1),
         "engine_base_tok_s": round(base["tok_s"], 1),

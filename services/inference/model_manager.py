@@ -44,11 +44,12 @@ class LoadedModel:
 
 
 def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: int = 0, model_id: str = "",
-               max_waiting: int = 64, manifest: Manifest | None = None) -> LoadedModel:
+               max_waiting: int = 64, manifest: Manifest | None = None, allow_spinning: bool = False) -> LoadedModel:
     """Open a local, already verified artifact directory and start its engine."""
     artifact_dir = Path(artifact_dir)
     manifest = manifest or Manifest.load(artifact_dir)
-    runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads)
+    runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads,
+                         allow_spinning=allow_spinning)
     eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
@@ -61,12 +62,13 @@ class ModelManager:
     """Thread-safe set of loaded models; ``on_change(n_models)`` lets the server flip its health."""
 
     def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
-                 on_change: Callable[[int], None] | None = None):
+                 on_change: Callable[[int], None] | None = None, allow_spinning: bool = False):
         self.store = store
         self.registry = registry
         self.cache_dir = Path(cache_dir)
         self.cache = ArtifactCache(cache_dir, store)
         self.max_waiting = max_waiting
+        self.allow_spinning = allow_spinning
         self._on_change = on_change or (lambda n: None)
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -93,7 +95,8 @@ class ModelManager:
             record = self.registry.get_artifact(artifact_id)  # NotFound for an unknown id
             local_dir, manifest = self.cache.fetch(artifact_id, record.uri)
             model = open_model(local_dir, device=device, num_threads=num_threads, model_id=model_id,
-                               max_waiting=self.max_waiting, manifest=manifest)
+                               max_waiting=self.max_waiting, manifest=manifest,
+                               allow_spinning=self.allow_spinning)
         finally:
             with self._lock:
                 self._loading.discard(model_id)

@@ -22,7 +22,7 @@ from loraflow.client import Client
 from loraflow.embedded_redis import EmbeddedRedis, free_port
 from tests.support.bare_onnx import bare_prefill
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data"
