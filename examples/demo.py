@@ -139,6 +139,8 @@ def train_adapters(client: Client, base_model: str, dataset_uris: dict[str, str]
                 if step is not None and loss is not None:
                     status = f"step {int(step)} loss {loss:.3f}"
                 progress.update(bars[name], completed=event.progress, status=status)
+                if not console.is_terminal and step is not None and loss is not None and int(step) % 10 == 0:
+                    console.print(f"  {name}: {status} ({event.progress * 100:.0f}%)")  # no live bar in a log
             try:
                 client.wait(job_id, "train", on_event=on_event)
                 progress.update(bars[name], completed=1.0, status="[green]done")

@@ -152,7 +152,9 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    """The tokens the tokenizer itself puts before a text (e.g. Llama's <s>; none for SmolLM2), so
+    training sees prompts exactly as the inference service encodes them (add_special_tokens=True)."""
+    return list(tokenizer("", add_special_tokens=True)["input_ids"])
 
 
 def _eos(tokenizer) -> list[int]:

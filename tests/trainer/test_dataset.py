@@ -121,3 +121,25 @@ def test_empty_dataset_rejected(tmp_path):
         read_jsonl(tmp_path / "missing.jsonl")
     (tmp_path / "d.jsonl").write_text(_lines({"text": "a"}, {"prompt": "p", "completion": "c"}))
     assert [r.kind for r in read_jsonl(tmp_path / "d.jsonl")] == ["text", "prompt_completion"]
+
+
+def test_prompts_start_with_the_tokens_the_tokenizer_itself_adds(tiny_llama):
+    """Training encodes a prompt as the inference service does (add_special_tokens=True): a BOS only
+    when the tokenizer's own post-processor adds one, not whenever a bos_token is configured."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_llama, bos_token="<|im_start|>")
+    bos_id = plain.convert_tokens_to_ids("<|im_start|>")
+    record = parse_jsonl(b'{"prompt": "add 2 and 3", "completion": " 5"}\n')[0]
+    assert plain.bos_token_id == bos_id
+    assert tokenize_record(plain, record, 64).input_ids[0] != bos_id  # configured, but never added
+
+    with_bos = AutoTokenizer.from_pretrained(tiny_llama)
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[
+        ("<|im_start|>", bos_id)])
+    example = tokenize_record(with_bos, record, 64)
+    assert example.input_ids[0] == bos_id and example.labels[0] == -100
+    prompt = with_bos("add 2 and 3", add_special_tokens=False)["input_ids"]
+    assert list(example.input_ids[1:1 + len(prompt)]) == prompt
+    assert example.input_ids[-1] == with_bos.eos_token_id
