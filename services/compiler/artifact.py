@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from loraflow.manifest import (
 )
 from loraflow.names import validate_name
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.options import CompileOptions
+from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
 # Bump when the graph or bank layout changes: it is part of every artifact id.
 COMPILER_VERSION = "loraflow-compiler/0.1.0+graph1"
@@ -85,6 +85,9 @@ def plan_artifact(base_model_dir: str | Path, adapters: Sequence[tuple[str, Path
         dup = next(n for n in names if names.count(n) > 1)
         raise InvalidArgument(f"adapter {dup!r} is listed twice", field="adapters", value=dup)
     options.validate(num_adapters=len(adapters))
+    if options.ctx_len is None and cfg.max_position_embeddings < DEFAULT_CTX_LEN:
+        # The default context must fit the model; an explicit ctx_len that does not is still an error.
+        options = replace(options, ctx_len=cfg.max_position_embeddings)
     loaded = tuple(lora_bank.read_adapter(name, Path(path)) for name, path in adapters)
     resolved = options.resolve(adapter_ranks=[a.max_module_rank for a in loaded],
                                adapter_targets=[a.target_modules for a in loaded]).validate(len(loaded))

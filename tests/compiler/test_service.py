@@ -18,7 +18,7 @@ from loraflow.registry import AdapterRecord, Registry
 from loraflow.store import open_store
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from services.compiler.inputs import CompileInputs, artifact_key
-from services.compiler.server import SERVICE_NAME, CompilerServiceServicer
+from services.compiler.server import SERVICE_NAME, CompilerServiceServicer, options_from_proto
 from services.compiler.worker import CompileHandler
 from tests.support.bare_onnx import bare_prefill
 
@@ -258,3 +258,17 @@ def test_artifact_rpcs_validate_and_delete(stack_factory, tiny_llama, adapter_fa
     code, _, _ = _code_and_field(
         lambda: stack.compiler.GetArtifact(compiler_pb2.GetArtifactRequest(artifact_id=artifact_id)))
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_default_context_fits_a_model_with_a_short_position_table(stack_factory, tiny_llama, adapter_factory,
+                                                                   tmp_path):
+    """tiny_llama has max_position_embeddings=256 < the default ctx_len of 512."""
+    stack = stack_factory(worker=False)
+    a = adapter_factory("llama", "alpha", r=4, target_modules=("q_proj", "v_proj"))
+    inputs = CompileInputs(stack.store, stack.registry, tmp_path / "cache")
+    plan = inputs.plan(str(tiny_llama), [str(a)], options_from_proto(compiler_pb2.CompileOptions())).plan
+    assert plan.options.ctx_len == 256
+    request = compiler_pb2.SubmitCompileJobRequest(base_model=str(tiny_llama), adapters=[str(a)],
+                                                   options=compiler_pb2.CompileOptions(ctx_len=512))
+    code, field, details = _code_and_field(lambda: stack.compiler.SubmitCompileJob(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and field == "options.ctx_len", details
