@@ -220,7 +220,9 @@ class GrpcServer:
             raise RuntimeError("add services before start()")
         add_fn(servicer, self._server)
 
-    def start(self) -> int:
+    def start(self, *, serving: bool = True) -> int:
+        """Bind and start; health is set before the port accepts RPCs (`serving=False` for a server
+        that becomes ready later, e.g. inference before a model is loaded)."""
         names = [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self._server)
@@ -228,9 +230,9 @@ class GrpcServer:
         self.port = self._server.add_insecure_port(f"{bind_host}:{self.requested_port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.host}:{self.requested_port}")
+        self.set_serving(serving)
         self._server.start()
         self._started = True
-        self.set_serving(True)
         log.info("gRPC server on %s serving %s", self.address, ", ".join(self.service_names) or "-")
         return self.port
 

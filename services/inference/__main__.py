@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         serve_metrics(args.metrics_port)
         log.info("metrics on :%d/metrics", args.metrics_port)
-    port = server.start()
-    server.set_serving(False)
+    port = server.start(serving=False)
     log.info("inference service listening on port %d", port)
 
     for spec in args.load:
