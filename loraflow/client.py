@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -201,7 +202,7 @@ class Client:
               labels: dict[str, str] | None = None) -> jobs_pb2.Job:
         """Submit a LoRA fine-tuning job; None/0/empty values take the server's defaults."""
         request = trainer_pb2.SubmitTrainingJobRequest(
-            base_model=base_model, dataset_uri=dataset, adapter_name=name, request_id=request_id,
+            base_model=absolute_local_path(base_model), dataset_uri=absolute_local_path(dataset), adapter_name=name, request_id=request_id,
             labels=labels or {},
             lora=trainer_pb2.LoraConfig(**_present(r=r), lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                                         bias=bias, use_rslora=rslora),
@@ -246,7 +247,8 @@ class Client:
                 labels: dict[str, str] | None = None) -> jobs_pb2.Job:
         """Submit a compile job for base + adapters (slot order); None/empty options take the defaults."""
         request = compiler_pb2.SubmitCompileJobRequest(
-            base_model=base_model, adapters=list(adapters), request_id=request_id, labels=labels or {},
+            base_model=absolute_local_path(base_model),
+            adapters=[a if is_plain_name(a) else absolute_local_path(a) for a in adapters], request_id=request_id, labels=labels or {},
             options=compiler_pb2.CompileOptions(
                 target=target, dtype=dtype, target_modules=list(target_modules), mxfp6_matmul=mxfp6_matmul,
                 **_present(batch_size=batch_size, full_batch_size=full_batch_size, prefill_seq_len=prefill_seq_len,
@@ -439,6 +441,19 @@ class Client:
                               inference_pb2.GenerateBatchRequest(requests=built))
         for item in stream:
             yield item.index, item.response
+
+
+def absolute_local_path(value: str) -> str:
+    """A relative path that exists here becomes absolute: the services do not share our working directory."""
+    if "://" in value or not value:
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def is_plain_name(value: str) -> bool:
+    """An adapter given by registered name rather than by path or URI (the compiler's rule)."""
+    return not ("/" in value or "://" in value or value.startswith(("~", ".")))
 
 
 def _present(**fields):
