@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from loraflow import errors
+from loraflow.model_source import is_location
 from loraflow.v1 import (
     compiler_pb2,
     compiler_pb2_grpc,
@@ -216,17 +217,9 @@ class Client:
         return job
 
     def list_adapters(self, limit: int = 1000) -> list[trainer_pb2.Adapter]:
-        """Registered adapters sorted by name (all pages, up to `limit`)."""
-        out: list[trainer_pb2.Adapter] = []
-        token = ""
-        while len(out) < limit:
-            page = self._call("trainer", trainer_pb2_grpc.TrainerServiceStub, "ListAdapters",
-                              trainer_pb2.ListAdaptersRequest(page_size=min(1000, limit - len(out)), page_token=token))
-            out.extend(page.adapters)
-            token = page.next_page_token
-            if not token:
-                break
-        return out[:limit]
+        """Registered adapters, newest first (all pages, up to `limit`)."""
+        return self._list_all("trainer", trainer_pb2_grpc.TrainerServiceStub, "ListAdapters",
+                              trainer_pb2.ListAdaptersRequest, "adapters", limit)
 
     def get_adapter(self, name: str) -> trainer_pb2.Adapter:
         return self._call("trainer", trainer_pb2_grpc.TrainerServiceStub, "GetAdapter",
@@ -248,7 +241,8 @@ class Client:
         """Submit a compile job for base + adapters (slot order); None/empty options take the defaults."""
         request = compiler_pb2.SubmitCompileJobRequest(
             base_model=absolute_local_path(base_model),
-            adapters=[a if is_plain_name(a) else absolute_local_path(a) for a in adapters], request_id=request_id, labels=labels or {},
+            adapters=[absolute_local_path(a) if is_location(a) else a for a in adapters], request_id=request_id,
+            labels=labels or {},
             options=compiler_pb2.CompileOptions(
                 target=target, dtype=dtype, target_modules=list(target_modules), mxfp6_matmul=mxfp6_matmul,
                 **_present(batch_size=batch_size, full_batch_size=full_batch_size, prefill_seq_len=prefill_seq_len,
@@ -258,13 +252,18 @@ class Client:
         return job
 
     def list_artifacts(self, limit: int = 1000) -> list[compiler_pb2.Artifact]:
-        out: list[compiler_pb2.Artifact] = []
+        """Compiled artifacts, newest first (all pages, up to `limit`)."""
+        return self._list_all("compiler", compiler_pb2_grpc.CompilerServiceStub, "ListArtifacts",
+                              compiler_pb2.ListArtifactsRequest, "artifacts", limit)
+
+    def _list_all(self, service: str, stub, method: str, request_type, field: str, limit: int) -> list:
+        """Follow next_page_token through a List RPC until `limit` items or the last page."""
+        out: list = []
         token = ""
         while len(out) < limit:
-            page = self._call("compiler", compiler_pb2_grpc.CompilerServiceStub, "ListArtifacts",
-                              compiler_pb2.ListArtifactsRequest(page_size=min(1000, limit - len(out)),
-                                                                page_token=token))
-            out.extend(page.artifacts)
+            page = self._call(service, stub, method,
+                              request_type(page_size=min(1000, limit - len(out)), page_token=token))
+            out.extend(getattr(page, field))
             token = page.next_page_token
             if not token:
                 break
@@ -449,11 +448,6 @@ def absolute_local_path(value: str) -> str:
         return value
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
-
-
-def is_plain_name(value: str) -> bool:
-    """An adapter given by registered name rather than by path or URI (the compiler's rule)."""
-    return not ("/" in value or "://" in value or value.startswith(("~", ".")))
 
 
 def _present(**fields):

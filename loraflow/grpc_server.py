@@ -61,6 +61,17 @@ def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC)
 
 
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def page_size_from_proto(value: int) -> int:
+    """A List RPC's page_size: 0 = the default, else 1..MAX_PAGE_SIZE (INVALID_ARGUMENT otherwise)."""
+    if not 0 <= value <= MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size must be in 0..{MAX_PAGE_SIZE}, got {value}", field="page_size", value=value)
+    return value or DEFAULT_PAGE_SIZE
+
+
 def parse_listen(listen: str, field: str = "listen") -> tuple[str, int]:
     """"host:port" or "[v6]:port" -> (host, port); port 0 means "pick a free one"."""
     if not isinstance(listen, str) or ":" not in listen:

@@ -8,14 +8,13 @@ import threading
 import grpc
 
 from loraflow.errors import InvalidArgument, NotFound
-from loraflow.grpc_server import set_timestamp
-from loraflow.jobs import MAX_PAGE_SIZE, JobEventRecord, JobQueue, JobRecord, list_jobs_merged
+from loraflow.grpc_server import page_size_from_proto, set_timestamp
+from loraflow.jobs import JobEventRecord, JobQueue, JobRecord, list_jobs_merged
 from loraflow.names import validate_name
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 50
 SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 
 _KIND_TO_PROTO = {"train": jobs_pb2.JOB_KIND_TRAIN, "compile": jobs_pb2.JOB_KIND_COMPILE}
@@ -108,11 +107,8 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
                                       f"{', '.join(sorted(self.queues))})", field="kind", value=request.kind)
             queues = [self.queues[kind]]
         state = state_from_proto(request.state)
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be in 0..{MAX_PAGE_SIZE}, got {request.page_size}",
-                                  field="page_size", value=request.page_size)
-        records, token = list_jobs_merged(queues, state, page_size, request.page_token)
+        records, token = list_jobs_merged(queues, state, page_size_from_proto(request.page_size),
+                                          request.page_token)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(r) for r in records], next_page_token=token)
 
     def WatchJob(self, request, context):

@@ -18,6 +18,11 @@ from loraflow.store import ObjectStore, resolve
 MAX_URI_LEN = 4096
 
 
+def is_location(spec: str) -> bool:
+    """An adapter or model given by path or URI rather than by registered name."""
+    return "/" in spec or "://" in spec or spec.startswith("~")
+
+
 def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 

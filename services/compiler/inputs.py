@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound
-from loraflow.model_source import check_uri, materialize
+from loraflow.model_source import check_uri, is_location, materialize
 from loraflow.names import validate_name
 from loraflow.registry import Registry
 from loraflow.store import ObjectStore
@@ -42,10 +42,6 @@ def artifact_key(artifact_id: str) -> str:
     return f"artifacts/{artifact_id}"
 
 
-def _looks_like_location(spec: str) -> bool:
-    return "/" in spec or "://" in spec or spec.startswith("~")
-
-
 class CompileInputs:
     """Turns (base_model, adapter specs, options) into a validated plan. Thread-safe."""
 
@@ -60,7 +56,7 @@ class CompileInputs:
         field = f"adapters[{index}]"
         if not isinstance(spec, str) or not spec.strip():
             raise InvalidArgument(f"{field} must not be empty", field=field, value=spec)
-        if _looks_like_location(spec):
+        if is_location(spec):
             check_uri(spec, field)
             path = materialize(spec, self.store, self.cache_dir, field=field, kind="adapters")
             name = validate_name(field, spec.rstrip("/").rsplit("/", 1)[-1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from loraflow.errors import InvalidArgument
-from loraflow.grpc_server import set_timestamp
+from loraflow.grpc_server import page_size_from_proto, set_timestamp
 from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
 from loraflow.names import validate_name
@@ -21,8 +21,6 @@ from services.compiler.options import CompileOptions
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = compiler_pb2.DESCRIPTOR.services_by_name["CompilerService"].full_name
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 MAX_STRING = 256
 
 
@@ -61,12 +59,6 @@ def artifact_to_proto(record: ArtifactRecord) -> compiler_pb2.Artifact:
     return msg
 
 
-def _page_size(value: int) -> int:
-    if value < 0 or value > MAX_PAGE_SIZE:
-        raise InvalidArgument(f"page_size must be in 0..{MAX_PAGE_SIZE}, got {value}", field="page_size", value=value)
-    return value or DEFAULT_PAGE_SIZE
-
-
 def _artifact_id(value: str) -> str:
     return validate_name("artifact_id", value, max_len=MAX_ARTIFACT_ID_LEN)
 
@@ -98,7 +90,7 @@ class CompilerServiceServicer(compiler_pb2_grpc.CompilerServiceServicer):
         return job_to_proto(job)
 
     def ListArtifacts(self, request: compiler_pb2.ListArtifactsRequest, context):
-        records, token = self.registry.list_artifacts(_page_size(request.page_size), request.page_token)
+        records, token = self.registry.list_artifacts(page_size_from_proto(request.page_size), request.page_token)
         return compiler_pb2.ListArtifactsResponse(artifacts=[artifact_to_proto(r) for r in records],
                                                   next_page_token=token)
 

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from loraflow.grpc_server import set_timestamp
+from loraflow.grpc_server import page_size_from_proto, set_timestamp
 from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
 from loraflow.model_source import check_uri, is_remote, local_path, read_json_file
@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 MAX_URI_LEN = 4096
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 # Which job is training which adapter name (name -> job id), so two jobs never race for one name.
 NAME_RESERVATIONS_KEY = "loraflow:trainer:adapter_names"
 _NAME_LOCK_PREFIX = "loraflow:trainer:name-lock:"
@@ -208,10 +206,7 @@ class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
     # --- registry ------------------------------------------------------------------------------
 
     def ListAdapters(self, request, context):
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be in 0..{MAX_PAGE_SIZE}, got {request.page_size}",
-                                  field="page_size", value=request.page_size)
+        page_size = page_size_from_proto(request.page_size)
         if len(request.page_token) > MAX_URI_LEN:
             raise InvalidArgument("page_token is not a token returned by this service", field="page_token",
                                   value=request.page_token)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from loraflow.client import absolute_local_path, is_plain_name
+from loraflow.client import absolute_local_path
+from loraflow.model_source import is_location
 
 
 def test_relative_paths_that_exist_become_absolute(tmp_path, monkeypatch):
@@ -20,6 +21,6 @@ def test_uris_and_missing_paths_are_sent_unchanged(tmp_path, monkeypatch):
 
 
 def test_registered_names_are_not_paths():
-    assert is_plain_name("badge") and is_plain_name("vex-v1.2")
+    assert not is_location("badge") and not is_location("vex-v1.2")
     for value in ("./badge", "adapters/badge", "~/badge", "s3://b/badge"):
-        assert not is_plain_name(value), value
+        assert is_location(value), value
