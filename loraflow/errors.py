@@ -72,6 +72,20 @@ class FailedPrecondition(LoraflowError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class PermissionDenied(LoraflowError):
+    """The caller may not do this: a local path outside the allowed roots, a bucket not allowed."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(LoraflowError):
+    """No valid credentials: a missing, malformed or unknown bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
 class ResourceExhausted(LoraflowError):
     """A queue or batch is full."""
 

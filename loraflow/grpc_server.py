@@ -18,6 +18,7 @@ from concurrent import futures
 from datetime import UTC, datetime
 
 import grpc
+import redis
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from loraflow.errors import InvalidArgument, LoraflowError
+from loraflow.security.settings import SecuritySettings
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,15 @@ def _already_aborted(context: grpc.ServicerContext) -> bool:
     return code is not None and code != grpc.StatusCode.OK
 
 
+# Redis down or failing over: the client may retry, so UNAVAILABLE rather than INTERNAL.
+_REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
 def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    if isinstance(exc, _REDIS_UNREACHABLE):
+        log.warning("%s -> UNAVAILABLE: redis unreachable: %s", method, exc)
+        context.abort_with_status(error_status(grpc.StatusCode.UNAVAILABLE, "job store (redis) is unreachable; "
+                                               "retry later", "REDIS_UNAVAILABLE"))
     if isinstance(exc, LoraflowError):
         log.info("%s -> %s: %s", method, exc.code.name, exc.message)
         context.abort_with_status(status_for(exc))
@@ -200,8 +210,10 @@ class GrpcServer:
 
     def __init__(self, listen: str = "127.0.0.1:0", service_names: Sequence[str] = (), *, max_workers: int = 16,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 interceptors: Iterable[grpc.ServerInterceptor] = ()):
+                 interceptors: Iterable[grpc.ServerInterceptor] = (),
+                 security: SecuritySettings | None = None):
         self.host, self.requested_port = parse_listen(listen)
+        self.security = security or SecuritySettings()
         self.service_names = list(service_names)
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -21,6 +21,7 @@ import redis
 from loraflow.config import Settings, connect_redis
 from loraflow.jobs import HandlerFn, JobQueue, JobWorker
 from loraflow.registry import Registry
+from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import ObjectStore, open_store
 
 
@@ -33,6 +34,7 @@ class ServiceContext:
     queue: JobQueue
     registry: Registry
     store: ObjectStore
+    security: SecuritySettings
     args: argparse.Namespace
 
 
@@ -48,7 +50,7 @@ class QueueServiceSpec:
     make_servicer: Callable[[ServiceContext], object]
     make_handler: Callable[[ServiceContext], HandlerFn]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-    serve_metrics: Callable[[int], None] | None = None
+    serve_metrics: Callable[[int, str], None] | None = None  # (port, host)
 
 
 def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +68,7 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
     p.add_argument("--max-deliveries", type=int, default=3, help="lost runs before a job is dead-lettered")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on shutdown")
     p.add_argument("--log-level", default="INFO")
+    add_security_arguments(p)
     if spec.add_arguments is not None:
         spec.add_arguments(p)
     return p.parse_args(argv)
@@ -77,6 +80,7 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     log = logging.getLogger(f"loraflow.{spec.name}")
     settings = Settings.from_env(redis_url=args.redis_url, store_url=args.store_url, cache_dir=args.cache_dir)
+    security = SecuritySettings.from_args(args)
     shutdown: list[Callable[[], None]] = []
     redis_url = settings.redis_url
     if redis_url is None:
@@ -90,10 +94,10 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     client = connect_redis(redis_url)
     queue = JobQueue(client, spec.kind, lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries)
     ctx = ServiceContext(settings=settings, redis=client, queue=queue, registry=Registry(client),
-                         store=open_store(settings.store_url), args=args)
+                         store=open_store(settings.store_url), security=security, args=args)
     if args.metrics_port and spec.serve_metrics is not None:
-        spec.serve_metrics(args.metrics_port)
-        log.info("metrics on :%d/metrics", args.metrics_port)
+        spec.serve_metrics(args.metrics_port, security.metrics_host)
+        log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
 
     stop = threading.Event()
     if args.mode in ("all", "worker"):
@@ -120,7 +124,7 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
     from loraflow.job_service import add_job_service
 
-    server = GrpcServer(listen=args.listen, service_names=[spec.grpc_service_name, JOB_SERVICE_NAME])
+    server = GrpcServer(listen=args.listen, service_names=[spec.grpc_service_name, JOB_SERVICE_NAME], security=security)
     server.add(spec.add_servicer, spec.make_servicer(ctx))
     add_job_service(server, {spec.kind: queue})
     port = server.start()

@@ -31,10 +31,10 @@ def make_handler(ctx: ServiceContext):
     return CompileHandler(ctx.store, ctx.registry, _inputs(ctx), ctx.settings.cache_dir)
 
 
-def serve_metrics(port: int) -> None:
+def serve_metrics(port: int, host: str) -> None:
     from services.compiler.metrics import serve_metrics as serve
 
-    serve(port)
+    serve(port, host)
 
 
 def _service_name() -> str:

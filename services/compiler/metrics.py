@@ -9,5 +9,5 @@ STAGE_SECONDS = Histogram("loraflow_compiler_stage_seconds", "Seconds spent per 
                           buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1200))
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
     start_http_server(port, addr=addr)

@@ -14,6 +14,7 @@ import sys
 from loraflow.config import Settings, connect_redis
 from loraflow.errors import LoraflowError
 from loraflow.registry import Registry
+from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import open_store
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.metrics import serve_metrics
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "busy one)")
     p.add_argument("--max-waiting", type=int, default=64, help="waiting-queue bound per model")
     p.add_argument("--log-level", default="INFO")
+    add_security_arguments(p)
     return p.parse_args(argv)
 
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     log = logging.getLogger("loraflow.inference")
     settings = Settings.from_env(redis_url=args.redis_url, store_url=args.store_url, cache_dir=args.cache_dir)
+    security = SecuritySettings.from_args(args)
     embedded = None
     if settings.redis_url is None:
         from loraflow.embedded_redis import EmbeddedRedis
@@ -62,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(connect_redis(redis_url))
     store = open_store(settings.store_url)
 
-    server = GrpcServer(listen=args.listen, service_names=[SERVICE_NAME])
+    server = GrpcServer(listen=args.listen, service_names=[SERVICE_NAME], security=security)
     manager = ModelManager(store=store, registry=registry, cache_dir=settings.cache_dir,
                            max_waiting=args.max_waiting, on_change=lambda n: server.set_serving(n > 0),
                            allow_spinning=args.ort_spinning)
     server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
     if args.metrics_port:
-        serve_metrics(args.metrics_port)
-        log.info("metrics on :%d/metrics", args.metrics_port)
+        serve_metrics(args.metrics_port, security.metrics_host)
+        log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
     port = server.start(serving=False)
     log.info("inference service listening on port %d", port)
 

@@ -49,6 +49,6 @@ def forget_model(model: str) -> None:
             pass
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY):
+def serve_metrics(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY):
     """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""
     return start_http_server(port, addr=addr, registry=registry)

@@ -33,10 +33,10 @@ def make_handler(ctx: ServiceContext):
                            report_every_steps=ctx.args.report_every_steps, metrics=TrainerMetrics())
 
 
-def serve_metrics(port: int) -> None:
+def serve_metrics(port: int, host: str) -> None:
     from services.trainer.metrics import serve_metrics as serve
 
-    serve(port)
+    serve(port, host)
 
 
 SPEC = QueueServiceSpec(

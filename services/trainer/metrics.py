@@ -22,5 +22,5 @@ class TrainerMetrics:
         JOBS.labels(outcome=outcome).inc()
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
     start_http_server(port, addr=addr)

@@ -1,0 +1,126 @@
+"""The security flags every service shares, parsed once into a frozen, validated SecuritySettings.
+
+Flags win over environment variables; both are read here and nowhere else, so each `__main__`
+calls `add_security_arguments(parser)` and `SecuritySettings.from_args(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraflow.errors import InvalidArgument
+
+# Streaming RPCs (Generate, GenerateBatch, WatchJob, health Watch, reflection) one server runs at once;
+# beyond it a new stream is RESOURCE_EXHAUSTED. Unary RPCs and health checks have threads of their own.
+DEFAULT_MAX_CONCURRENT_STREAMS = 128
+MAX_CONCURRENT_STREAMS_LIMIT = 4096
+DEFAULT_METRICS_HOST = "127.0.0.1"
+
+
+def _split_list(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """How one service authenticates callers, encrypts its port and confines what requests may name.
+
+    auth_tokens_file: `name:token` lines; None = no authentication (allowed only on loopback unless
+        allow_unauthenticated).
+    tls_cert / tls_key: serve TLS (both or neither); tls_client_ca: also require client certificates.
+    allow_local_paths: directories under which a request may name a local file or directory; empty =
+        none (everything travels through the store).
+    allow_s3_buckets: buckets besides the store's own that s3:// inputs may come from.
+    metrics_host: the address the Prometheus endpoint binds.
+    max_concurrent_streams: streaming RPCs served at once before RESOURCE_EXHAUSTED.
+    """
+
+    auth_tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    allow_local_paths: tuple[str, ...] = ()
+    allow_s3_buckets: tuple[str, ...] = ()
+    allow_unauthenticated: bool = False
+    metrics_host: str = DEFAULT_METRICS_HOST
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            field = "tls_key" if self.tls_cert else "tls_cert"
+            raise InvalidArgument("--tls-cert and --tls-key must be given together", field=field,
+                                  value=self.tls_cert or self.tls_key)
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client "
+                                  "certificates)", field="tls_client_ca", value=self.tls_client_ca)
+        for field in ("auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, field)
+            if value is not None and not Path(value).is_file():
+                raise InvalidArgument(f"{field} {value!r} is not a readable file", field=field, value=value)
+        for root in self.allow_local_paths:
+            if not os.path.isabs(root):
+                raise InvalidArgument(f"allow_local_paths entries must be absolute directories, got {root!r}",
+                                      field="allow_local_paths", value=root)
+        if not 1 <= self.max_concurrent_streams <= MAX_CONCURRENT_STREAMS_LIMIT:
+            raise InvalidArgument(f"max_concurrent_streams must be in 1..{MAX_CONCURRENT_STREAMS_LIMIT}, "
+                                  f"got {self.max_concurrent_streams}", field="max_concurrent_streams",
+                                  value=self.max_concurrent_streams)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> SecuritySettings:
+        """Flags from add_security_arguments, falling back to LORAFLOW_* environment variables."""
+        env = os.environ if env is None else env
+
+        def pick(flag_value: str | None, name: str) -> str | None:
+            return flag_value or env.get(name) or None
+
+        local = args.allow_local_paths if args.allow_local_paths is not None else env.get("LORAFLOW_ALLOW_LOCAL_PATHS")
+        return cls(
+            auth_tokens_file=pick(args.auth_tokens_file, "LORAFLOW_AUTH_TOKENS_FILE"),
+            tls_cert=pick(args.tls_cert, "LORAFLOW_TLS_CERT"),
+            tls_key=pick(args.tls_key, "LORAFLOW_TLS_KEY"),
+            tls_client_ca=pick(args.tls_client_ca, "LORAFLOW_TLS_CLIENT_CA"),
+            allow_local_paths=tuple(os.path.abspath(os.path.expanduser(p)) for p in _split_list(local)),
+            allow_s3_buckets=_split_list(pick(args.allow_s3_buckets, "LORAFLOW_ALLOW_S3_BUCKETS")),
+            allow_unauthenticated=args.allow_unauthenticated or _env_flag(env.get("LORAFLOW_ALLOW_UNAUTHENTICATED")),
+            metrics_host=pick(args.metrics_host, "LORAFLOW_METRICS_HOST") or DEFAULT_METRICS_HOST,
+            max_concurrent_streams=args.max_concurrent_streams,
+        )
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags behind SecuritySettings (each with its LORAFLOW_* environment variable)."""
+    g = parser.add_argument_group("security")
+    g.add_argument("--auth-tokens-file", default=None, metavar="PATH",
+                   help="name:token lines; callers send 'authorization: Bearer TOKEN' (env LORAFLOW_AUTH_TOKENS_FILE; "
+                        "SIGHUP re-reads it)")
+    g.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback address without tokens (env LORAFLOW_ALLOW_UNAUTHENTICATED=1)")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain (env LORAFLOW_TLS_CERT)")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="server private key (env LORAFLOW_TLS_KEY)")
+    g.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                   help="require client certificates signed by this CA: mTLS (env LORAFLOW_TLS_CLIENT_CA)")
+    g.add_argument("--allow-local-paths", default=None, metavar="DIR[,DIR]",
+                   help="directories a request may name local files under (env LORAFLOW_ALLOW_LOCAL_PATHS; "
+                        "default none)")
+    g.add_argument("--allow-s3-buckets", default=None, metavar="BUCKET[,BUCKET]",
+                   help="buckets besides the store's own that s3:// inputs may name (env LORAFLOW_ALLOW_S3_BUCKETS)")
+    g.add_argument("--metrics-host", default=None,
+                   help=f"address the /metrics endpoint binds (env LORAFLOW_METRICS_HOST; default "
+                        f"{DEFAULT_METRICS_HOST})")
+    g.add_argument("--max-concurrent-streams", type=int, default=DEFAULT_MAX_CONCURRENT_STREAMS,
+                   help=f"streaming RPCs served at once (default {DEFAULT_MAX_CONCURRENT_STREAMS})")
