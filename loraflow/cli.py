@@ -10,6 +10,7 @@ import enum
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -60,14 +61,17 @@ OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table (for pe
 class _State:
     """Global options, shared by every command through the typer context."""
 
-    def __init__(self, trainer: str | None, compiler: str | None, inference: str | None, timeout: float):
+    def __init__(self, trainer: str | None, compiler: str | None, inference: str | None, timeout: float,
+                 credentials: dict[str, str | None] | None = None):
         self.trainer, self.compiler, self.inference, self.timeout = trainer, compiler, inference, timeout
+        self.credentials = credentials or {}  # token_file, tls_ca, tls_client_cert, tls_client_key
         self._client: Client | None = None
 
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.trainer, self.compiler, self.inference, timeout=self.timeout)
+            self._client = Client(self.trainer, self.compiler, self.inference, timeout=self.timeout,
+                                  **self.credentials)
         return self._client
 
 
@@ -79,8 +83,19 @@ def main(ctx: typer.Context,
                                                       envvar="LORAFLOW_COMPILER_ADDR")] = None,
          inference: Annotated[str | None, typer.Option(help="Inference address.",
                                                        envvar="LORAFLOW_INFERENCE_ADDR")] = None,
-         timeout: Annotated[float, typer.Option(help="Deadline of each unary call, seconds.")] = 30.0) -> None:
-    ctx.obj = _State(trainer, compiler, inference, timeout)
+         timeout: Annotated[float, typer.Option(help="Deadline of each unary call, seconds.")] = 30.0,
+         token_file: Annotated[str | None, typer.Option(
+             help="File holding the bearer token (else $LORAFLOW_TOKEN, else the token `loraflow up` wrote).",
+             envvar="LORAFLOW_TOKEN_FILE")] = None,
+         tls_ca: Annotated[str | None, typer.Option(help="CA certificate (PEM) the servers' TLS certificates are "
+                                                         "checked against.", envvar="LORAFLOW_TLS_CA")] = None,
+         tls_client_cert: Annotated[str | None, typer.Option(help="Client certificate (PEM) for mTLS.",
+                                                             envvar="LORAFLOW_TLS_CLIENT_CERT")] = None,
+         tls_client_key: Annotated[str | None, typer.Option(help="Client private key (PEM) for mTLS.",
+                                                            envvar="LORAFLOW_TLS_CLIENT_KEY")] = None) -> None:
+    ctx.obj = _State(trainer, compiler, inference, timeout,
+                     {"token_file": token_file, "tls_ca": tls_ca, "tls_client_cert": tls_client_cert,
+                      "tls_client_key": tls_client_key})
 
 
 def _state(ctx: typer.Context) -> _State:
@@ -160,7 +175,7 @@ def health(ctx: typer.Context,
         try:
             status = client.health(name, service_name)
         except errors.LoraflowError as exc:
-            status = f"{exc.code.name}"
+            status = exc.code
         rows.append({"service": name, "address": client.addresses[name], "status": status})
     if output == Output.json:
         fmt.print_json({"services": rows})
@@ -618,6 +633,78 @@ def generate(ctx: typer.Context,
         sys.stdout.write("\n")
         err_console.print(f"[dim]{reason} · {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
                           f"completion tokens[/dim]")
+
+
+
+# ------------------------------------------------------------------------------------------------ registry (operator)
+
+registry_app = typer.Typer(help="Operator tools for the adapter/artifact registry in Redis.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("rebuild")
+@handles_errors
+def registry_rebuild(
+        redis_url: Annotated[str, typer.Option(help="Redis holding the registry (password and TLS in the URL: "
+                                                    "rediss://:PW@host:port/0).", envvar="LORAFLOW_REDIS_URL")],
+        store_url: Annotated[str | None, typer.Option(help="Object store, the source of truth (file:// or s3://; "
+                                                           "default ~/.loraflow/store).",
+                                                      envvar="LORAFLOW_STORE_URL")] = None,
+        output: OutputOpt = Output.table) -> None:
+    """Re-create the adapter and artifact registry from the store after a Redis loss (idempotent)."""
+    import redis
+
+    from loraflow.config import Settings, connect_redis, mask_redis_url
+    from loraflow.registry import Registry
+    from loraflow.registry_rebuild import rebuild_registry
+    from loraflow.store import open_store
+
+    settings = Settings(redis_url=redis_url, **({"store_url": store_url} if store_url else {}))
+    client = connect_redis(settings)
+    try:
+        report = rebuild_registry(open_store(settings.store_url), Registry(client))
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise errors.Unavailable(f"redis at {mask_redis_url(redis_url)} is unreachable ({type(exc).__name__})",
+                                 field="redis_url", value=mask_redis_url(redis_url)) from None
+    finally:
+        client.close()
+    rows = [{"kind": e.kind, "name": e.name, "uri": e.uri, "status": e.status, "detail": e.detail} for e in report]
+    if output == Output.json:
+        fmt.print_json({"entries": rows, "restored": sum(e.status == "restored" for e in report)})
+        return
+    out_console.print(fmt.table(f"registry rebuilt from {settings.store_url}",
+                                ["kind", "name", "status", "uri", "detail"],
+                                [(r["kind"], r["name"], r["status"], r["uri"], r["detail"]) for r in rows]))
+    restored = sum(e.status == "restored" for e in report)
+    err_console.print(f"{restored} restored, {sum(e.status == 'present' for e in report)} already present, "
+                      f"{sum(e.status == 'skipped' for e in report)} skipped")
+
+
+# ------------------------------------------------------------------------------------------------ auth (operator)
+
+auth_app = typer.Typer(help="Operator tools for the services' bearer tokens.", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("add-token")
+@handles_errors
+def auth_add_token(
+        name: Annotated[str, typer.Argument(help="caller name logged by the services (letters, digits, _.@-)")],
+        tokens_file: Annotated[Path, typer.Option(help="the services' --auth-tokens-file (created 0600 if missing)",
+                                                  envvar="LORAFLOW_AUTH_TOKENS_FILE")],
+        output: OutputOpt = Output.table) -> None:
+    """Add a random token for NAME to a tokens file and print it once (clients send it as LORAFLOW_TOKEN).
+
+    Running services pick it up on SIGHUP or their next start."""
+    from loraflow.security.auth import add_token
+
+    token = add_token(tokens_file, name)
+    if output == Output.json:
+        fmt.print_json({"name": name, "tokens_file": str(tokens_file), "token": token})
+        return
+    out_console.print(token, markup=False, highlight=False)
+    err_console.print(f"added {name!r} to {tokens_file}; send it as LORAFLOW_TOKEN, and SIGHUP the services "
+                      "(or restart them) to accept it")
 
 
 if __name__ == "__main__":

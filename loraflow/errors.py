@@ -1,14 +1,13 @@
 """The exception hierarchy domain code raises; grpc_server's interceptor maps it to gRPC statuses.
 
-Each error carries a gRPC status code, an ErrorInfo ``reason`` (UPPER_SNAKE) and ``metadata``
-(``field`` and ``value`` when a request field is to blame), so a client learns which field was wrong.
+Each error carries a canonical status ``code`` (its name as in google.rpc.Code, e.g. "NOT_FOUND"; this
+module imports no RPC library), an ErrorInfo ``reason`` (UPPER_SNAKE) and ``metadata`` (``field`` and
+``value`` when a request field is to blame), so a client learns which field was wrong.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import grpc
 
 # Values longer than this are cut in ErrorInfo metadata so an oversized field never echoes back whole.
 _MAX_VALUE_CHARS = 200
@@ -24,7 +23,7 @@ def _short(value: Any) -> str:
 class LoraflowError(Exception):
     """Base of every error loraflow raises on purpose; maps to INTERNAL unless a subclass says otherwise."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"  # a google.rpc.Code name
     default_reason: str = "INTERNAL"
 
     def __init__(self, message: str, *, field: str | None = None, value: Any = None,
@@ -49,61 +48,61 @@ class LoraflowError(Exception):
 class InvalidArgument(LoraflowError):
     """A request field is malformed: INVALID_ARGUMENT naming the field and value."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
     default_reason = "INVALID_ARGUMENT"
 
 
 class NotFound(LoraflowError):
     """An unknown job, adapter, artifact or model."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
     default_reason = "NOT_FOUND"
 
 
 class AlreadyExists(LoraflowError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
     default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(LoraflowError):
     """The system is in the wrong state for the request (cancel a finished job, ai100 without SDK)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
     default_reason = "FAILED_PRECONDITION"
 
 
 class PermissionDenied(LoraflowError):
     """The caller may not do this: a local path outside the allowed roots, a bucket not allowed."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = "PERMISSION_DENIED"
     default_reason = "PERMISSION_DENIED"
 
 
 class Unauthenticated(LoraflowError):
     """No valid credentials: a missing, malformed or unknown bearer token."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = "UNAUTHENTICATED"
     default_reason = "UNAUTHENTICATED"
 
 
 class ResourceExhausted(LoraflowError):
     """A queue or batch is full."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
     default_reason = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(LoraflowError):
     """A dependency (Redis, the store) cannot be reached right now; the client may retry."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
     default_reason = "UNAVAILABLE"
 
 
 class IntegrityError(LoraflowError):
     """Stored bytes do not match their recorded sha256 or size (corruption or a torn write)."""
 
-    code = grpc.StatusCode.DATA_LOSS
+    code = "DATA_LOSS"
     default_reason = "CHECKSUM_MISMATCH"
 
 

@@ -131,7 +131,7 @@ def error_dict(exc: errors.LoraflowError) -> dict[str, Any]:
     """The stable JSON shape of an error: code, message, reason, field, value, metadata."""
     code = getattr(exc, "code", None)
     return {"error": {
-        "code": code.name if code is not None else "UNKNOWN",
+        "code": code or "UNKNOWN",
         "message": str(exc),
         "reason": getattr(exc, "reason", None),
         "field": getattr(exc, "field", None),

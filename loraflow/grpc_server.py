@@ -8,13 +8,13 @@ is also logged with the traceback; the traceback never reaches the client.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent import futures
 from datetime import UTC, datetime
 
 import grpc
@@ -25,8 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from loraflow.errors import InvalidArgument, LoraflowError
+from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
+from loraflow.security.auth import Authenticator, AuthInterceptor
 from loraflow.security.settings import SecuritySettings
+from loraflow.security.tls import server_credentials
+from loraflow.server_concurrency import ConcurrencyInterceptor, ServerPools, StreamLimiter
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ def _clip(text: str) -> str:
 
 
 def status_for(exc: LoraflowError) -> grpc.Status:
-    return error_status(exc.code, _clip(exc.message), exc.reason, exc.metadata)
+    return error_status(grpc.StatusCode[exc.code], _clip(exc.message), exc.reason, exc.metadata)
 
 
 def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -149,7 +152,7 @@ def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> N
         context.abort_with_status(error_status(grpc.StatusCode.UNAVAILABLE, "job store (redis) is unreachable; "
                                                "retry later", "REDIS_UNAVAILABLE"))
     if isinstance(exc, LoraflowError):
-        log.info("%s -> %s: %s", method, exc.code.name, exc.message)
+        log.info("%s -> %s: %s", method, exc.code, exc.message)
         context.abort_with_status(status_for(exc))
     if _already_aborted(context):
         raise exc
@@ -202,10 +205,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 # -- server --
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; False for wildcards (0.0.0.0, ::) and every other address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere
+
+
 class GrpcServer:
-    """A grpc.server with the error interceptor, health (per service name and overall "") and reflection.
+    """A grpc.server with auth, the stream cap, the error interceptor, health (per service name and
+    overall "") and reflection.
 
     service_names: full names (e.g. "loraflow.v1.TrainerService") reported by health and reflection.
+    security: tokens (`auth_tokens_file`), TLS/mTLS and `max_concurrent_streams`.
+    max_workers: threads for unary RPCs. Streams run on threads of their own (`max_concurrent_streams`
+    of them, RESOURCE_EXHAUSTED beyond) and health Check on two more, so neither can starve the other.
     """
 
     def __init__(self, listen: str = "127.0.0.1:0", service_names: Sequence[str] = (), *, max_workers: int = 16,
@@ -220,9 +237,16 @@ class GrpcServer:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                                   interceptors=[ErrorInterceptor(), *interceptors], options=options,
-                                   maximum_concurrent_rpcs=None)
+        self.authenticator = Authenticator(self.security.auth_tokens_file) if self.security.auth_tokens_file \
+            else None
+        self._check_exposure()  # here too, so a process refuses before it starts workers around the server
+        self.streams = StreamLimiter(self.security.max_concurrent_streams)
+        self._pools = ServerPools(self.security.max_concurrent_streams, max_workers)
+        chain: list[grpc.ServerInterceptor] = [ConcurrencyInterceptor(self._pools, self.streams)]
+        if self.authenticator is not None:
+            chain.append(AuthInterceptor(self.authenticator))
+        self._server = grpc.server(self._pools.unary, interceptors=[*chain, ErrorInterceptor(), *interceptors],
+                                   options=options, maximum_concurrent_rpcs=None)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.port: int | None = None
@@ -245,19 +269,58 @@ class GrpcServer:
 
     def start(self, *, serving: bool = True) -> int:
         """Bind and start; health is set before the port accepts RPCs (`serving=False` for a server
-        that becomes ready later, e.g. inference before a model is loaded)."""
+        that becomes ready later, e.g. inference before a model is loaded).
+
+        Refuses (FailedPrecondition) a non-loopback address without tokens unless allow_unauthenticated."""
+        self._check_exposure()
+        self._warn_exposure()
         names = [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self._server)
         bind_host = f"[{self.host}]" if ":" in self.host else self.host
-        self.port = self._server.add_insecure_port(f"{bind_host}:{self.requested_port}")
+        credentials = server_credentials(self.security)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(f"{bind_host}:{self.requested_port}")
+        else:
+            self.port = self._server.add_secure_port(f"{bind_host}:{self.requested_port}", credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {self.host}:{self.requested_port}")
         self.set_serving(serving)
         self._server.start()
         self._started = True
-        log.info("gRPC server on %s serving %s", self.address, ", ".join(self.service_names) or "-")
+        log.info("gRPC server on %s (%s, %s) serving %s", self.address,
+                 "mTLS" if self.security.tls_client_ca else "TLS" if self.security.tls else "plaintext",
+                 "token auth" if self.authenticator else "no auth", ", ".join(self.service_names) or "-")
         return self.port
+
+    def _check_exposure(self) -> None:
+        if is_loopback(self.host):
+            return
+        if self.authenticator is None and not self.security.allow_unauthenticated:
+            raise FailedPrecondition(
+                f"refusing to serve {self.host}:{self.requested_port} without authentication: anyone who reaches "
+                f"a non-loopback address could call every RPC. Give --auth-tokens-file (env "
+                f"LORAFLOW_AUTH_TOKENS_FILE), listen on 127.0.0.1, or pass --allow-unauthenticated (env "
+                f"LORAFLOW_ALLOW_UNAUTHENTICATED=1) if something in front of it authenticates callers",
+                field="listen", value=f"{self.host}:{self.requested_port}", reason="UNAUTHENTICATED_EXPOSURE")
+
+    def _warn_exposure(self) -> None:
+        if is_loopback(self.host):
+            return
+        if self.authenticator is None:
+            log.warning("serving %s without authentication (--allow-unauthenticated)", self.host)
+        elif not self.security.tls:
+            log.warning("serving %s with tokens over plaintext: configure --tls-cert/--tls-key so bearer tokens "
+                        "cannot be read off the network", self.host)
+
+    @property
+    def active_streams(self) -> int:
+        """Streaming RPCs being served now (each holds a stream thread)."""
+        return self.streams.active
+
+    def reload_auth(self) -> bool:
+        """Re-read the tokens file (SIGHUP); False when there is none or it failed to parse (old tokens kept)."""
+        return self.authenticator.reload() if self.authenticator is not None else False
 
     def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -268,7 +331,11 @@ class GrpcServer:
     def stop(self, grace: float | None = 10) -> threading.Event:
         """Stop accepting RPCs; in-flight ones get `grace` seconds. Returns the event set when done."""
         self.set_serving(False)
-        return self._server.stop(grace)
+        done = self._server.stop(grace)
+        # Free the pools' idle threads once every RPC has ended.
+        threading.Thread(target=lambda: (done.wait(), self._pools.shutdown()), name="grpc-pools-shutdown",
+                         daemon=True).start()
+        return done
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
@@ -280,6 +347,7 @@ def run_until_signal(server: GrpcServer, on_shutdown: Sequence[Callable[[], None
                      not_serving_delay: float = 0.0) -> None:
     """Serve until SIGTERM/SIGINT (or `stop_event`): health NOT_SERVING, stop accepting, let in-flight
     RPCs finish within `grace`, and run the `on_shutdown` callbacks (stop workers) meanwhile.
+    With `signals` given and tokens configured, SIGHUP re-reads the tokens file.
 
     `not_serving_delay` keeps accepting RPCs for that long after health turns NOT_SERVING, so load
     balancers that poll health stop routing here first. Must be called from the main thread when
@@ -292,11 +360,20 @@ def run_until_signal(server: GrpcServer, on_shutdown: Sequence[Callable[[], None
         log.info("signal %s: shutting down (grace %.0fs)", signal.Signals(signum).name, grace)
         stop_event.set()
 
+    reload_requested = threading.Event()
+
+    def on_hangup(_signum, _frame):
+        reload_requested.set()  # the file is read in the loop below, not inside the signal handler
+
     for sig in signals:
         previous[sig] = signal.signal(sig, on_signal)
+    if signals and server.authenticator is not None:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
-        while not stop_event.wait(0.5):
-            pass
+        while not stop_event.wait(0.25):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                server.reload_auth()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # a second signal acts as usual (hard stop)

@@ -16,6 +16,13 @@ and every write of a running job is checked against it (Lua scripts or WATCH/MUL
 worker of an older attempt can no longer write: it gets LeaseLost. A job whose runs were lost
 `max_deliveries` times goes to the dead-letter stream and ends FAILED. A worker that stops
 gracefully re-queues its job (a fresh stream entry) without counting a failed delivery.
+
+Redis outages: inside a running job every Redis call of JobContext is retried with backoff for up to
+`outage_seconds` (2 leases by default, so nobody can have taken the job over meanwhile); a blip is
+never a crash of the job. An outage longer than that ends the attempt with RedisOutage (a LeaseLost):
+the job is released when Redis answers again, or taken over by the reaper, and runs again; it is
+never marked FAILED for it. The worker loop itself (including creating the consumer group at start)
+survives outages, logging once per outage, and reports readiness through `on_ready`.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from typing import Any
 
 import redis
 
+from loraflow import names
 from loraflow.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -60,6 +68,21 @@ MAX_PAGE_SIZE = 1000
 MAX_REQUEST_ID_LEN = 128
 MAX_LABELS = 64
 MAX_LABEL_LEN = 256
+
+# What "Redis is unreachable" looks like: the client's errors, and ours wrapping them (JobQueue._run).
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, Unavailable)
+
+
+def redis_unavailable(exc: BaseException) -> Unavailable:
+    """What a caller sees of an unreachable Redis: the same reason as the server's interceptor gives, and
+    no address (the cause stays chained for the logs)."""
+    log.debug("redis unreachable: %s", exc)
+    return Unavailable(f"job store (redis) is unreachable; retry later ({type(exc).__name__})",
+                       reason="REDIS_UNAVAILABLE")
+
+
+class RedisOutage(LeaseLost):
+    """Redis stayed unreachable past a running job's outage budget: the attempt stops, the job is redelivered."""
 
 
 def _s(value: Any) -> str:
@@ -290,10 +313,8 @@ def _validate_state(state: str | None) -> str | None:
 
 
 def validate_request_id(request_id: str) -> str:
-    if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-        raise InvalidArgument(f"request_id must be printable text of at most {MAX_REQUEST_ID_LEN} characters",
-                              field="request_id", value=request_id)
-    return request_id
+    # One rule for every service's request_id (trainer, compiler, inference): loraflow.names.
+    return names.validate_request_id(request_id)
 
 
 def validate_labels(labels: dict[str, str] | None) -> dict[str, str]:
@@ -313,10 +334,12 @@ class JobQueue:
 
     lease_seconds: renewal every lease/3 s; another worker takes a job over after 3 leases without renewal.
     max_deliveries: runs a job may lose (worker death, transient errors) before it is dead-lettered.
+    outage_seconds: how long a running job retries Redis before giving the attempt up (default 2 leases,
+    below the 3 leases after which the reaper takes a job over).
     """
 
     def __init__(self, redis_client: redis.Redis, kind: str, *, lease_seconds: float = 30.0,
-                 max_deliveries: int = 3, events_maxlen: int = 10_000):
+                 max_deliveries: int = 3, events_maxlen: int = 10_000, outage_seconds: float | None = None):
         if kind not in KINDS:
             raise InvalidArgument(f"kind must be one of {KINDS}, got {kind!r}", field="kind", value=kind)
         if not lease_seconds > 0:
@@ -330,6 +353,10 @@ class JobQueue:
         self.lease_seconds = float(lease_seconds)
         self.max_deliveries = int(max_deliveries)
         self.events_maxlen = int(events_maxlen)
+        self.outage_seconds = float(outage_seconds if outage_seconds is not None else 2 * self.lease_seconds)
+        if not self.outage_seconds >= 0:
+            raise InvalidArgument(f"outage_seconds must be >= 0, got {outage_seconds}", field="outage_seconds",
+                                  value=outage_seconds)
         base = f"loraflow:jobs:{kind}"
         self.stream_key = f"{base}:stream"
         self.dead_key = f"{base}:dead"
@@ -368,7 +395,7 @@ class JobQueue:
         try:
             return self._scripts[name](keys=keys, args=args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise Unavailable(f"redis unreachable: {exc}") from exc
+            raise redis_unavailable(exc) from exc
 
     def new_job_id(self) -> str:
         return f"{self.kind}-{uuid.uuid4().hex[:16]}"
@@ -404,7 +431,7 @@ class JobQueue:
         try:
             raw = self.redis.hgetall(self.job_key(job_id))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise Unavailable(f"redis unreachable: {exc}") from exc
+            raise redis_unavailable(exc) from exc
         if not raw:
             raise NotFound(f"no {self.kind} job {job_id!r}", field="job_id", value=job_id)
         return self._record(raw)
@@ -564,6 +591,34 @@ def list_jobs_merged(queues: Iterable[JobQueue], state: str | None = None, page_
     return merged, _encode_token(score, last.id)
 
 
+def retry_redis(call: Callable[[], Any], *, budget: float, what: str, stop: threading.Event | None = None) -> Any:
+    """call() again (backoff 0.05 s doubling to 1 s) while Redis is unreachable, for up to `budget` seconds.
+
+    Logs once when the outage starts and once when it ends. RedisOutage once the budget is spent, or
+    at once when `stop` is set (a stopping worker must not wait for Redis).
+    """
+    deadline = None
+    delay = 0.05
+    while True:
+        try:
+            value = call()
+        except REDIS_UNREACHABLE as exc:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + budget
+                log.warning("%s: redis unreachable (%s); retrying for up to %.0fs", what, exc.__cause__ or exc,
+                            budget)
+            if now >= deadline or (stop is not None and stop.is_set()):
+                raise RedisOutage(f"{what}: redis unreachable for {now - deadline + budget:.1f}s ({exc}); "
+                                  "the job will be redelivered") from exc
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 1.0)
+            continue
+        if deadline is not None:
+            log.info("%s: redis reachable again", what)
+        return value
+
+
 class JobContext:
     """What a handler sees of its job: payload, attempt, progress reporting and the control checks."""
 
@@ -580,6 +635,11 @@ class JobContext:
         self._cancelled = threading.Event()
         self._lost = threading.Event()
         self.finished = False
+
+    def _redis(self, what: str, call: Callable[[], Any]) -> Any:
+        """call() retried through a Redis outage for up to queue.outage_seconds (RedisOutage after)."""
+        return retry_redis(call, budget=self.queue.outage_seconds, what=f"job {self.job_id} {what}",
+                           stop=self._stop_event)
 
     @property
     def stopping(self) -> bool:
@@ -600,7 +660,8 @@ class JobContext:
             raise JobCancelled(f"job {self.job_id} was cancelled")
         if self._lost.is_set():
             raise LeaseLost(f"job {self.job_id} attempt {self.attempt} was taken over by another worker")
-        state, attempt = (_s(v) for v in self.queue.redis.hmget(self.queue.job_key(self.job_id), "state", "attempt"))
+        state, attempt = (_s(v) for v in self._redis("check", lambda: self.queue.redis.hmget(
+            self.queue.job_key(self.job_id), "state", "attempt")))
         if attempt != str(self.attempt) or state not in ("RUNNING", "CANCELLED"):
             self._raise_for("LOST")
         if state == "CANCELLED":
@@ -613,9 +674,10 @@ class JobContext:
         for cancellation and lost leases (not for stopping: use check() or `stopping` for that)."""
         progress = min(max(float(progress), 0.0), 1.0)
         clean = {str(k): float(v) for k, v in (metrics or {}).items() if math.isfinite(float(v))}
-        outcome = _s(self.queue._run("report", [self.queue.job_key(self.job_id), self.queue.events_key(self.job_id)],
-                                     [self.attempt, repr(time.time()), repr(progress), message, json.dumps(clean),
-                                      self.queue.events_maxlen]))
+        now = repr(time.time())
+        outcome = _s(self._redis("report", lambda: self.queue._run(
+            "report", [self.queue.job_key(self.job_id), self.queue.events_key(self.job_id)],
+            [self.attempt, now, repr(progress), message, json.dumps(clean), self.queue.events_maxlen])))
         self._raise_for(outcome)
 
     def succeed(self, result: dict, commit: Callable[[redis.client.Pipeline], None] | None = None,
@@ -624,13 +686,18 @@ class JobContext:
         q = self.queue
         job_key, events_key = q.job_key(self.job_id), q.events_key(self.job_id)
         payload = json.dumps(result)
-        while True:
+        interrupted = False  # a connection error may hide a transaction that did commit
+
+        def attempt_publish() -> bool:
+            nonlocal interrupted
             with q.redis.pipeline() as pipe:
                 try:
                     pipe.watch(job_key)
                     state, attempt, seq = (_s(v) for v in pipe.hmget(job_key, "state", "attempt", "seq"))
                     if attempt != str(self.attempt):
                         self._raise_for("LOST")
+                    if state == "SUCCEEDED" and interrupted:
+                        return True  # our EXEC landed before the connection broke; only this attempt writes it
                     if state == "CANCELLED":
                         self._raise_for("CANCELLED")
                     if state != "RUNNING":
@@ -648,11 +715,18 @@ class JobContext:
                         commit(pipe)
                     pipe.xack(q.stream_key, GROUP, self.msg_id)
                     pipe.xdel(q.stream_key, self.msg_id)
-                    pipe.execute()
-                    self.finished = True
-                    return
+                    try:
+                        pipe.execute()
+                    except REDIS_UNREACHABLE:
+                        interrupted = True
+                        raise
+                    return True
                 except redis.WatchError:
-                    continue  # someone wrote the job meanwhile (a report, a cancel): look again
+                    return False  # someone wrote the job meanwhile (a report, a cancel): look again
+
+        while not self._redis("publish", attempt_publish):
+            pass
+        self.finished = True
 
 
 HandlerFn = Callable[[JobContext], dict | None]
@@ -663,13 +737,20 @@ class JobWorker:
 
     Handler outcomes: a returned dict → SUCCEEDED (unless cancelled or fenced); JobCancelled → acked,
     nothing published; LeaseLost → dropped (another worker owns it); WorkerStopping → re-queued without
-    counting a failed delivery; Unavailable → re-queued, counted; any other exception → FAILED.
+    counting a failed delivery; RedisOutage or a Redis connection error → released once Redis answers
+    (else left to the reaper), never FAILED; Unavailable → re-queued, counted; any other exception → FAILED.
+
+    on_ready(bool) is called when the worker becomes able to take jobs (consumer group created, Redis
+    answering) and when it loses that (a Redis outage); see loraflow.redis_health for probes.
     """
 
     def __init__(self, queue: JobQueue, handler: HandlerFn, consumer: str | None = None,
                  stop_event: threading.Event | None = None, *, poll_ms: int = 2000,
-                 reaper_interval: float | None = None):
+                 reaper_interval: float | None = None, on_ready: Callable[[bool], None] | None = None):
         self.queue = queue
+        self.on_ready = on_ready
+        self.ready = False
+        self._started = False
         self.handler = handler
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.stop_event = stop_event or threading.Event()
@@ -681,12 +762,29 @@ class JobWorker:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self.ready:
+            if ready and not self._started:
+                self._started = True
+                log.info("worker %s on queue %s started", self.consumer, self.queue.kind)
+            self.ready = ready
+            if self.on_ready is not None:
+                self.on_ready(ready)
+
     def run(self) -> None:
-        self.queue.ensure_group()
-        log.info("worker %s on queue %s started", self.consumer, self.queue.kind)
+        """The job loop; survives Redis outages (backoff up to 2 s, one log line per outage)."""
+        self._started = False
         next_reap = 0.0
+        outage_since: float | None = None
+        backoff = 0.1
         while not self.stop_event.is_set():
             try:
+                self.queue.ensure_group()
+                if outage_since is not None:
+                    log.info("worker %s: redis reachable again after %.1fs", self.consumer,
+                             time.monotonic() - outage_since)
+                    outage_since, backoff = None, 0.1
+                self._set_ready(True)
                 message = None
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + self.reaper_interval
@@ -695,16 +793,21 @@ class JobWorker:
                     message = self._read_one()
                 if message is not None:
                     self._process(*message)
-            except (redis.ConnectionError, redis.TimeoutError, Unavailable) as exc:
-                log.warning("worker %s: redis unavailable (%s); retrying", self.consumer, exc)
-                self.stop_event.wait(1.0)
+            except REDIS_UNREACHABLE as exc:
+                self._set_ready(False)
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.warning("worker %s: redis unreachable (%s); not ready, retrying with backoff",
+                                self.consumer, exc.__cause__ or exc)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 # The stream was deleted under us (a flushed or restarted Redis): recreate the group.
                 log.warning("worker %s: consumer group missing; recreating it", self.consumer)
                 self.queue._group_ready = False
-                self.queue.ensure_group()
+        self._set_ready(False)
         log.info("worker %s on queue %s stopped", self.consumer, self.queue.kind)
 
     def run_once(self, timeout_ms: int | None = None) -> bool:
@@ -747,7 +850,12 @@ class JobWorker:
         if status != "STARTED":
             log.info("job %s skipped (%s)", job_id, status)
             return
-        record = q.get(job_id)
+        try:
+            record = retry_redis(lambda: q.get(job_id), budget=q.outage_seconds, what=f"job {job_id} load",
+                                 stop=self.stop_event)
+        except RedisOutage as exc:
+            log.warning("job %s attempt %d not run: %s", job_id, attempt, exc)
+            return  # RUNNING with a pending entry: the reaper hands it out again
         ctx = JobContext(q, record, attempt, msg_id, self.stop_event)
         self.current = ctx
         done = threading.Event()
@@ -761,6 +869,9 @@ class JobWorker:
         except JobCancelled:
             q._ack(msg_id)
             log.info("job %s attempt %d cancelled; nothing published", job_id, attempt)
+        except (RedisOutage, redis.ConnectionError, redis.TimeoutError) as exc:
+            # Not the job's fault: hand it back without counting a lost delivery, if Redis lets us.
+            self._release_after_outage(ctx, exc)
         except LeaseLost as exc:
             log.warning("job %s attempt %d fenced: %s", job_id, attempt, exc)
         except WorkerStopping:
@@ -768,6 +879,9 @@ class JobWorker:
                                 f"re-queued: worker {self.consumer} stopped (attempt {attempt})")
             log.info("job %s attempt %d released on stop (%s)", job_id, attempt, outcome)
         except Unavailable as exc:
+            if exc.reason == "REDIS_UNAVAILABLE":  # raised by a JobQueue call of the handler's own
+                self._release_after_outage(ctx, exc)
+                return
             outcome = q._finish(job_id, attempt, msg_id, "RETRY", f"re-queued after a transient error: {exc}")
             log.warning("job %s attempt %d re-queued after %s (%s)", job_id, attempt, exc, outcome)
         except Exception as exc:  # noqa: BLE001 - a handler bug must end the job, not the worker
@@ -784,16 +898,35 @@ class JobWorker:
             self.current = None
             self.jobs_done += 1
 
+    def _release_after_outage(self, ctx: JobContext, exc: BaseException) -> None:
+        q = self.queue
+        text = f"re-queued: redis was unreachable during attempt {ctx.attempt}"
+        try:
+            outcome = retry_redis(lambda: q._finish(ctx.job_id, ctx.attempt, ctx.msg_id, "RELEASE", text),
+                                  budget=q.lease_seconds, what=f"job {ctx.job_id} release")
+        except RedisOutage:
+            log.warning("job %s attempt %d stopped (%s); redis still away: the reaper will redeliver it",
+                        ctx.job_id, ctx.attempt, exc)
+            return
+        log.warning("job %s attempt %d released after a redis outage (%s): %s", ctx.job_id, ctx.attempt,
+                    outcome, exc)
+
     def _renew_loop(self, ctx: JobContext, done: threading.Event) -> None:
         """Keep the lease while the handler runs; flag cancellation and takeover for ctx.check()."""
         q = self.queue
+        failing = False
         while not done.wait(q.lease_seconds / 3):
             try:
                 outcome = _s(q._run("renew", [q.job_key(ctx.job_id), q.stream_key],
                                     [GROUP, self.consumer, ctx.msg_id, ctx.attempt]))
             except (Unavailable, redis.RedisError) as exc:
-                log.warning("lease renewal of %s failed: %s", ctx.job_id, exc)
+                if not failing:  # once per outage; the handler's own calls decide when to give up
+                    log.warning("lease renewal of %s failed (%s); retrying", ctx.job_id, exc)
+                failing = True
                 continue
+            if failing:
+                log.info("lease renewal of %s works again", ctx.job_id)
+                failing = False
             if outcome == "CANCELLED":
                 ctx._cancelled.set()
                 return

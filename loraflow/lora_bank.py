@@ -15,10 +15,8 @@ names the adapter, the field and the value.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from loraflow import adapter_files
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from loraflow.graph_contract import LORA_TARGET_MODULES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+
+MAX_PATTERN_ENTRIES = 4096
+# rank_pattern/alpha_pattern keys are regexes to PEFT; only module paths (no quantifiers, groups or
+# alternations) are accepted, so a pattern can never be a catastrophic regex run against every module.
+_PATTERN_KEY_RE = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 
 # PEFT key of one LoRA matrix in a decoder block, e.g.
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
@@ -113,10 +117,22 @@ class Adapter:
 
     def scaling(self, layer: int, module: str) -> float:
         """PEFT's scaling for one module, honouring rank_pattern/alpha_pattern."""
-        key = f"model.layers.{layer}.{_BLOCK_OF[module]}.{module}"
+        key = _module_key(layer, module)
         r = _pattern_value(self.config.get("rank_pattern") or {}, key, self.r)
         alpha = _pattern_value(self.config.get("alpha_pattern") or {}, key, self.lora_alpha)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _module_key(layer: int, module: str) -> str:
+    return f"model.layers.{layer}.{_BLOCK_OF[module]}.{module}"
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _pattern_value(pattern: Mapping[str, Any], key: str, default: float) -> float:
@@ -147,11 +163,7 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
         raise InvalidArgument(
             f"adapter {name!r}: {path} is not a PEFT adapter dir (needs {CONFIG_FILE} and {WEIGHTS_FILE})",
             field="adapters", value=str(path))
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"adapter {name!r}: {CONFIG_FILE} is not valid JSON: {exc}",
-                              field="adapter_config", value=str(cfg_path)) from exc
+    config = adapter_files.read_config(cfg_path)  # InvalidArgument naming the file when malformed
 
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
@@ -168,22 +180,32 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
         _reject(name, "bias", bias, "trained biases change base weights; only bias='none' is supported")
     targets = config.get("target_modules")
     if isinstance(targets, list):  # a str is a regex or "all-linear"; the weights below are checked anyway
-        extra = sorted(t for t in targets if t not in LORA_TARGET_MODULES)
+        # PEFT may write full module paths (model.layers.0.self_attn.q_proj); the leaf name is what counts.
+        extra = sorted(str(t) for t in targets
+                       if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in LORA_TARGET_MODULES)
         if extra:
             _reject(name, "target_modules", extra, f"only {list(LORA_TARGET_MODULES)} can be adapted "
                     "(no embeddings or lm_head)")
     r = config.get("r")
-    if not isinstance(r, int) or r <= 0:
+    if not _positive_int(r):
         _reject(name, "r", r, "r must be a positive integer")
     alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, int | float) or alpha <= 0:
-        _reject(name, "lora_alpha", alpha, "lora_alpha must be a positive number")
-    for pattern_field in ("rank_pattern", "alpha_pattern"):
-        for p, v in (config.get(pattern_field) or {}).items():
-            if not isinstance(v, int | float) or v <= 0:
-                _reject(name, f"{pattern_field}[{p!r}]", v, "pattern values must be positive numbers")
+    if not _positive_finite(alpha):
+        _reject(name, "lora_alpha", alpha, "lora_alpha must be a finite positive number")
+    for pattern_field, valid, what in (("rank_pattern", _positive_int, "positive integers"),
+                                       ("alpha_pattern", _positive_finite, "finite positive numbers")):
+        pattern = config.get(pattern_field) or {}
+        if not isinstance(pattern, dict) or len(pattern) > MAX_PATTERN_ENTRIES:
+            shown = f"<{len(pattern)} entries>" if isinstance(pattern, dict) else f"<a JSON {type(pattern).__name__}>"
+            _reject(name, pattern_field, shown, f"must be an object of at most {MAX_PATTERN_ENTRIES} module patterns")
+        for p, v in pattern.items():
+            if not _PATTERN_KEY_RE.fullmatch(p):
+                _reject(name, pattern_field, f"<{len(p)}-char key>" if len(p) > 128 else p,
+                        "pattern keys must be module paths of at most 256 characters of [A-Za-z0-9_.-]")
+            if not valid(v):
+                _reject(name, f"{pattern_field}[{p!r}]", v, f"pattern values must be {what}")
 
-    raw = _read_safetensors(w_path)
+    raw = adapter_files.read_float_tensors(w_path)  # InvalidArgument naming the file when malformed
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, arr in raw.items():
         m = _KEY_RE.match(key)
@@ -202,6 +224,11 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             _reject(name, "weights", f"layers.{layer}.{module}: A{list(a.shape)} B{list(b.shape)}",
                     "lora_A must be [r, in] and lora_B [out, r]")
+        expected = _pattern_value(config.get("rank_pattern") or {}, _module_key(layer, module), r)
+        if a.shape[0] != expected:
+            field_name = "r" if expected == r else "rank_pattern"
+            _reject(name, field_name, expected, f"layers.{layer}.{module} has rank {a.shape[0]} in the weights; "
+                    f"scaling by lora_alpha/{expected} would be wrong")
         weights[(layer, module)] = (a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
 
     targets = tuple(m for m in LORA_TARGET_MODULES if any(mod == m for _, mod in weights))
@@ -288,31 +315,3 @@ def clear_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], s
 def _reject(name: str, field_name: str, value: Any, why: str):
     raise InvalidArgument(f"adapter {name!r}: {field_name}={value!r} is not supported: {why}",
                           field=field_name, value=value, metadata={"adapter": name})
-
-
-_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Minimal safetensors reader that also handles BF16 (numpy has no bfloat16)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        data = f.read()
-    out: dict[str, np.ndarray] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        buf = data[start:end]
-        dtype = info["dtype"]
-        if dtype == "BF16":
-            # bf16 is the top half of a float32.
-            arr = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif dtype in _NP_DTYPES:
-            arr = np.frombuffer(buf, _NP_DTYPES[dtype])
-        else:
-            raise InvalidArgument(f"{path}: tensor {key!r} has dtype {dtype}; LoRA weights must be float",
-                                  field="weights.dtype", value=dtype)
-        out[key] = arr.reshape(info["shape"])
-    return out

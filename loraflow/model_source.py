@@ -1,19 +1,33 @@
-"""Where a base model or an adapter directory comes from: a local path, file:// or s3:// URI.
+"""What a request names — a registered name, a local path, a file:// or an s3:// URI — and whether it may.
 
-The API processes only read `config.json` (no weights); workers materialise whole directories,
-fetching remote ones into the cache (sha256-verified, reused while unchanged).
+One rule for every service (trainer, compiler, inference):
+
+* a *name* has no '/', no '://' and no leading '~' (``is_location`` is False) and is validated by
+  loraflow.names;
+* a *local path* (plain path, ``~``, or ``file://``) is resolved (realpath) and must lie under the store's
+  own directory (a file store) or under a root the operator allowed (``--allow-local-paths``);
+* an ``s3://`` URI must name the store's own bucket or one in ``--allow-s3-buckets``.
+
+``InputPolicy.check`` applies it (PERMISSION_DENIED otherwise); the API calls it at submit time and the
+worker again before it reads, because a job payload in Redis could have been planted. The API processes
+only read ``config.json`` (no weights, bounded size); workers materialise whole directories, fetching
+remote ones into the cache (sha256-verified) and checking local ones for symlinks that leave them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from loraflow.errors import InvalidArgument, NotFound
-from loraflow.store import ObjectStore, resolve
+from loraflow.errors import InvalidArgument, NotFound, PermissionDenied
+from loraflow.security.local_paths import LocalPathPolicy
+from loraflow.security.safe_files import MAX_CONFIG_BYTES, check_tree, confined_file, read_regular_file
+from loraflow.store import FileStore, ObjectStore, S3Store, resolve
 
 MAX_URI_LEN = 4096
 
@@ -28,54 +42,107 @@ def is_remote(uri: str) -> bool:
 
 
 def local_path(uri: str) -> Path:
-    """The filesystem path of a plain path or a file:// URI."""
+    """The filesystem path of a plain path or a file:// URI (not yet resolved or checked)."""
     return Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri).expanduser()
 
 
 def check_uri(uri: str, field: str) -> str:
+    """Syntax only: non-empty, bounded, printable, and a path, file:// or s3:// URI."""
     if not isinstance(uri, str) or not uri.strip():
         raise InvalidArgument(f"{field} must not be empty", field=field, value=uri)
     if len(uri) > MAX_URI_LEN:
         raise InvalidArgument(f"{field} is longer than {MAX_URI_LEN} characters", field=field, value=uri[:64] + "…")
+    if "\x00" in uri or not uri.isprintable():
+        raise InvalidArgument(f"{field} contains control characters", field=field, value=uri)
     if "://" in uri and not uri.startswith(("file://", "s3://")):
         raise InvalidArgument(f"{field} must be a local path, file:// or s3:// URI, got {uri!r}", field=field,
                               value=uri)
+    if uri.startswith("file://") and urlparse(uri).netloc not in ("", "localhost"):
+        raise InvalidArgument(f"{field} must be file:///absolute/path, got {uri!r}", field=field, value=uri)
     return uri
 
 
-def read_json_file(uri: str, name: str, store: ObjectStore, *, field: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Location:
+    """A checked location: ``path`` (resolved) for a local one, ``bucket`` for an s3:// one."""
+
+    spec: str  # as the request gave it
+    path: Path | None = None
+    bucket: str | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.bucket is not None
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """Where requests may read from besides the store: allowed local roots and extra S3 buckets."""
+
+    local: LocalPathPolicy = dataclass_field(default_factory=LocalPathPolicy)
+    s3_buckets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, security) -> InputPolicy:
+        """From SecuritySettings (allow_local_paths, allow_s3_buckets)."""
+        return cls(LocalPathPolicy.from_settings(security), tuple(security.allow_s3_buckets))
+
+    def check(self, spec: str, store: ObjectStore, *, field: str) -> Location:
+        """The Location of a path or URI this service may read; PermissionDenied (or InvalidArgument) if not."""
+        check_uri(spec, field)
+        if is_remote(spec):
+            bucket = urlparse(spec).netloc
+            own = store.bucket if isinstance(store, S3Store) else None
+            if bucket != own and bucket not in self.s3_buckets:
+                raise PermissionDenied(f"{field} {spec!r}: bucket {bucket!r} is neither the store's own nor in "
+                                       "--allow-s3-buckets (env LORAFLOW_ALLOW_S3_BUCKETS)", field=field, value=spec)
+            return Location(spec=spec, bucket=bucket)
+        policy = self.local.with_roots(store.root) if isinstance(store, FileStore) else self.local
+        return Location(spec=spec, path=policy.check(local_path(spec), field=field, given=spec))
+
+
+def read_json_file(uri: str, name: str, store: ObjectStore, *, field: str,
+                   policy: InputPolicy | None = None) -> dict[str, Any]:
     """`name` (e.g. config.json) inside the directory `uri`; InvalidArgument naming `field` if absent or bad."""
-    check_uri(uri, field)
-    if is_remote(uri):
+    location = (policy or InputPolicy()).check(uri, store, field=field)
+    if location.remote:
         src, key = resolve(uri, store, field=field)
         try:
-            raw = src.get_bytes(f"{key}/{name}")
+            raw = src.get_bytes(f"{key}/{name}", max_bytes=MAX_CONFIG_BYTES)
         except NotFound:
             raise InvalidArgument(f"{field} {uri!r} has no {name}", field=field, value=uri) from None
     else:
-        path = local_path(uri)
-        if not path.is_dir():
+        if not location.path.is_dir():
             raise InvalidArgument(f"{field} {uri!r} is not a directory", field=field, value=uri)
-        if not (path / name).is_file():
+        if not (location.path / name).exists():
             raise InvalidArgument(f"{field} {uri!r} has no {name}", field=field, value=uri)
-        raw = (path / name).read_bytes()
+        # The file itself may be a link: it must resolve inside the directory and be a regular file.
+        path = confined_file(location.path, name, field=field)
+        raw = read_regular_file(path, field=field, limit=MAX_CONFIG_BYTES, shown=f"{uri}/{name}")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"{field} {name} is not valid JSON: {e}", field=field, value=uri) from None
+        # The decoder's position, never its excerpt of the file.
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise InvalidArgument(f"{field} {name} is not valid JSON{where}", field=field, value=uri) from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"{field} {name} is not a JSON object", field=field, value=uri)
     return data
 
 
-def materialize(uri: str, store: ObjectStore, cache_dir: str | Path, *, field: str, kind: str) -> Path:
-    """A local directory holding `uri`: the path itself, or a verified copy of a remote one in the cache."""
-    check_uri(uri, field)
-    if not is_remote(uri):
-        path = local_path(uri)
-        if not path.is_dir():
+def materialize(uri: str, store: ObjectStore, cache_dir: str | Path, *, field: str, kind: str,
+                policy: InputPolicy | None = None) -> Path:
+    """A local directory holding `uri`: the checked path itself, or a verified copy of a remote one in the cache.
+
+    A local directory is walked first: a symlink leading out of it (or any non-regular file) is refused,
+    so nothing read or copied from it can come from elsewhere on the host.
+    """
+    location = (policy or InputPolicy()).check(uri, store, field=field)
+    if not location.remote:
+        if not location.path.is_dir():
             raise InvalidArgument(f"{field} {uri!r} is not a directory", field=field, value=uri)
-        return path
+        check_tree(location.path, field=field)
+        return location.path
     src, key = resolve(uri, store, field=field)
     dest = Path(cache_dir) / kind / hashlib.sha256(uri.encode()).hexdigest()[:24]
     return src.fetch_dir(key, dest)

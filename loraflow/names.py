@@ -39,3 +39,22 @@ def is_valid_name(value: object, *, max_len: int = MAX_NAME_LEN) -> bool:
     except InvalidArgument:
         return False
     return True
+
+
+MAX_REQUEST_ID_LEN = 128
+# A caller's id for idempotency, logs and metrics: echoed in every streamed chunk and stored as a Redis
+# hash field, so it is short and of a charset safe in logs, headers and keys (UUIDs, ULIDs, "job:42/a").
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/@+-]+")
+
+
+def validate_request_id(value: object, *, field: str = "request_id") -> str:
+    """Return ``value`` when it is "" (none given) or 1..128 characters of [A-Za-z0-9._:/@+-], else InvalidArgument."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{field} must be a string, got {type(value).__name__}", field=field, value=value)
+    if len(value) > MAX_REQUEST_ID_LEN:
+        raise InvalidArgument(f"{field} must be at most {MAX_REQUEST_ID_LEN} characters, got {len(value)}",
+                              field=field, value=f"<{len(value)} chars>")
+    if value and not _REQUEST_ID_RE.fullmatch(value):
+        raise InvalidArgument(f"{field} may only contain letters, digits and . _ : / @ + -, got {value!r}",
+                              field=field, value=value)
+    return value

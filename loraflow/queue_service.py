@@ -4,12 +4,20 @@
 health and reflection; `worker` runs the job loop; `all` (default) does both in one process.
 Without a Redis URL an embedded redis-server is started. SIGTERM/SIGINT: health NOT_SERVING,
 in-flight RPCs drain, a running job is released for another worker.
+
+Readiness follows Redis: a monitor pings it every second. With the API (`all`, `api`), gRPC health
+is SERVING only while Redis answers (and, in `all`, the worker's consumer group exists); RPCs that
+need Redis answer UNAVAILABLE meanwhile. For `worker` (no gRPC port) the signals are the
+`loraflow_worker_ready{queue=...}` gauge on the metrics endpoint and `--ready-file PATH`, a file that
+exists exactly while ready (a Kubernetes exec probe: `test -f PATH`). A worker started before Redis
+keeps retrying; if its loop ever dies the process exits 1 rather than staying up idle.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,8 +26,9 @@ from dataclasses import dataclass
 
 import redis
 
-from loraflow.config import Settings, connect_redis
+from loraflow.config import Settings, connect_redis, mask_redis_url
 from loraflow.jobs import HandlerFn, JobQueue, JobWorker
+from loraflow.redis_health import WORKER_READY, ReadinessGate, ReadyFile, RedisMonitor
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import ObjectStore, open_store
@@ -54,7 +63,7 @@ class QueueServiceSpec:
 
 
 def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argparse.Namespace:
-    listen = f"0.0.0.0:{spec.default_port}"
+    listen = f"127.0.0.1:{spec.default_port}"  # loopback unless told otherwise: secure by default
     p = argparse.ArgumentParser(prog=f"python -m services.{spec.name}",
                                 description=f"loraflow {spec.name}: API, worker, or both")
     p.add_argument("mode", nargs="?", default="all", choices=("all", "api", "worker"))
@@ -67,6 +76,9 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
                    help="job lease; a dead worker's job is taken over after 3 leases")
     p.add_argument("--max-deliveries", type=int, default=3, help="lost runs before a job is dead-lettered")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on shutdown")
+    p.add_argument("--ready-file", default=os.environ.get("LORAFLOW_READY_FILE") or None, metavar="PATH",
+                   help="a file that exists exactly while this process is ready (Redis reachable, worker "
+                        "consumer group created): for exec readiness probes (env LORAFLOW_READY_FILE)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
     if spec.add_arguments is not None:
@@ -88,7 +100,7 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
 
         embedded = EmbeddedRedis()
         redis_url = embedded.url
-        log.info("no redis URL given: started an embedded redis-server at %s", redis_url)
+        log.info("no redis URL given: started an embedded redis-server at %s", mask_redis_url(redis_url))
     else:
         embedded = None
     client = connect_redis(redis_url)
@@ -99,10 +111,47 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
         spec.serve_metrics(args.metrics_port, security.metrics_host)
         log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
 
+    server = None
+    serve_stop = threading.Event()  # set by SIGTERM/SIGINT (run_until_signal) or a dead worker thread
+    if args.mode != "worker":
+        from loraflow.grpc_server import GrpcServer
+        from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+
+        server = GrpcServer(listen=args.listen, service_names=[spec.grpc_service_name, JOB_SERVICE_NAME],
+                            security=security)
+    ready_file = ReadyFile(args.ready_file)
+    has_worker = args.mode in ("all", "worker")
+
+    def on_readiness(ready: bool) -> None:
+        # One place decides what "ready" means: Redis answers and, with a worker, its group exists.
+        ready_file(ready and not serve_stop.is_set())
+        if has_worker:
+            WORKER_READY.labels(queue=spec.kind).set(1 if ready else 0)
+        if server is not None and not serve_stop.is_set():
+            server.set_serving(ready)
+
+    gate = ReadinessGate(on_readiness, redis=False, worker=not has_worker)
+    monitor = RedisMonitor(client, gate).start()
+    shutdown.append(monitor.stop)
+
     stop = threading.Event()
-    if args.mode in ("all", "worker"):
-        worker = JobWorker(queue, spec.make_handler(ctx), stop_event=stop)
-        worker_thread = threading.Thread(target=worker.run, name=f"{spec.kind}-worker")
+    exit_code = 0
+    if has_worker:
+        worker = JobWorker(queue, spec.make_handler(ctx), stop_event=stop,
+                           on_ready=lambda ready: gate.set("worker", ready))
+
+        def run_worker() -> None:
+            nonlocal exit_code
+            try:
+                worker.run()
+            except BaseException:  # noqa: BLE001 - a dead loop must end the process, not leave it "up"
+                log.exception("%s worker loop died; stopping the process", spec.name)
+                exit_code = 1
+                gate.set("worker", False)
+                serve_stop.set()
+                stop.set()
+
+        worker_thread = threading.Thread(target=run_worker, name=f"{spec.kind}-worker")
         worker_thread.start()
         log.info("%s worker %s started (store %s)", spec.name, worker.consumer, ctx.store.uri())
 
@@ -111,26 +160,26 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
             worker_thread.join()
 
         shutdown.append(stop_worker)
+    shutdown.append(lambda: ready_file(False))
     if embedded is not None:
         shutdown.append(embedded.stop)
 
-    if args.mode == "worker":
+    if server is None:
         _wait_for_signal(stop, log)
         for callback in shutdown:
             callback()
-        return 0
+        return exit_code
 
-    from loraflow.grpc_server import GrpcServer, run_until_signal
-    from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+    from loraflow.grpc_server import run_until_signal
     from loraflow.job_service import add_job_service
 
-    server = GrpcServer(listen=args.listen, service_names=[spec.grpc_service_name, JOB_SERVICE_NAME], security=security)
     server.add(spec.add_servicer, spec.make_servicer(ctx))
     add_job_service(server, {spec.kind: queue})
-    port = server.start()
+    port = server.start(serving=False)
+    gate.publish()  # health as of now (the monitor may have flipped it before the port was bound)
     log.info("%s %s listening on port %d", spec.name, args.mode, port)
-    run_until_signal(server, on_shutdown=shutdown, grace=args.grace)
-    return 0
+    run_until_signal(server, on_shutdown=shutdown, grace=args.grace, stop_event=serve_stop)
+    return exit_code
 
 
 def _wait_for_signal(stop: threading.Event, log: logging.Logger) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from loraflow.errors import IntegrityError, InvalidArgument, NotFound, Unavailable
+from loraflow.security.safe_files import check_tree, read_regular_file
 
 MANIFEST_NAME = ".manifest.json"
 MANIFEST_VERSION = 1
@@ -38,6 +39,25 @@ _MAX_KEY_LEN = 1024
 _CHUNK = 1 << 20
 # Progress bars appear only for transfers at least this large (and only on a TTY unless asked).
 PROGRESS_MIN_BYTES = 64 << 20
+
+
+# The store's layout, shared by the services, the inference cache and `registry rebuild`: trained adapters
+# under adapters/<name>/<job>-a<attempt>, compiled artifacts under artifacts/<artifact_id>.
+ADAPTERS_PREFIX = "adapters"
+ARTIFACTS_PREFIX = "artifacts"
+
+
+def adapter_key(name: str, job_id: str, attempt: int) -> str:
+    return f"{ADAPTERS_PREFIX}/{name}/{job_id}-a{attempt}"
+
+
+def artifact_key(artifact_id: str) -> str:
+    return f"{ARTIFACTS_PREFIX}/{artifact_id}"
+
+
+def is_under(key: str | None, prefix: str) -> bool:
+    """True when `key` (from ObjectStore.key_of; None = outside the store) lies strictly inside `prefix`."""
+    return key is not None and key.startswith(prefix + "/")
 
 
 def validate_key(key: str, *, field: str = "key", allow_empty: bool = False) -> str:
@@ -78,20 +98,21 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def build_manifest(local_dir: str | os.PathLike) -> dict:
-    """Manifest of every regular file under local_dir (relative POSIX paths), ignoring a stale manifest."""
+    """Manifest of every regular file under local_dir (relative POSIX paths), ignoring a stale manifest.
+
+    A copy never follows a link out of the directory: a file symlink is published (as the bytes of its
+    target) only when the target resolves inside local_dir; a link leading outside, a link to a
+    directory, or a FIFO/device refuses the whole directory, naming the file (see safe_files.check_tree).
+    """
     root = Path(local_dir)
     if not root.is_dir():
         raise InvalidArgument(f"local_dir {str(root)!r} is not a directory", field="local_dir", value=str(root))
     files: dict[str, dict] = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            raise InvalidArgument(f"symlinks are not published: {str(path)!r}", field="local_dir", value=str(path))
-        if not path.is_file():
-            continue
-        rel = path.relative_to(root).as_posix()
+    for rel in check_tree(root, field="local_dir"):
         if rel == MANIFEST_NAME:
             continue
         validate_key(rel, field="local_dir file")
+        path = root / rel
         files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return {"version": MANIFEST_VERSION, "created": time.time(), "files": files}
 
@@ -105,7 +126,8 @@ def _parse_manifest(raw: bytes, uri: str) -> dict:
             if not isinstance(info.get("sha256"), str) or not isinstance(info.get("size"), int):
                 raise ValueError(rel)
     except (ValueError, KeyError, TypeError, AttributeError, InvalidArgument) as exc:
-        raise IntegrityError(f"corrupt manifest at {uri}: {exc}", metadata={"uri": uri}) from exc
+        # The kind of fault only: the manifest's own bytes never travel back in an error.
+        raise IntegrityError(f"corrupt manifest at {uri} ({type(exc).__name__})", metadata={"uri": uri}) from exc
     return manifest
 
 
@@ -172,7 +194,12 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes) -> str: ...
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; InvalidArgument when it is larger than ``max_bytes``."""
+
+    @abstractmethod
+    def key_of(self, uri: str) -> str | None:
+        """The key of ``uri`` when it lies inside this store (resolved, so no link or '..' leads out), else None."""
 
     @abstractmethod
     def put_file(self, key: str, local_path: str | os.PathLike) -> str: ...
@@ -308,12 +335,31 @@ class FileStore(ObjectStore):
                 tmp.unlink()
         return target.as_uri()
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         target = self.path(validate_key(key))
-        try:
+        if not target.is_file():
+            raise NotFound(f"no object at {target.as_uri()}", field="key", value=key)
+        if max_bytes is None:
             return target.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFound(f"no object at {target.as_uri()}", field="key", value=key) from None
+        return read_regular_file(target, field="key", limit=max_bytes, shown=target.as_uri())
+
+    def key_of(self, uri: str) -> str | None:
+        if uri.startswith("s3://") or ("://" in uri and not uri.startswith("file://")):
+            return None
+        local = Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri).expanduser()
+        if "\x00" in str(local):
+            return None
+        resolved = Path(os.path.realpath(local))
+        try:
+            rel = resolved.relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+        if rel in ("", "."):
+            return None
+        try:
+            return validate_key(rel)
+        except InvalidArgument:
+            return None
 
     def get_file(self, key: str, dest: str | os.PathLike) -> Path:
         src = self.path(validate_key(key))
@@ -345,6 +391,13 @@ class FileStore(ObjectStore):
 
     def delete(self, key_or_prefix: str) -> int:
         target = self.path(validate_key(key_or_prefix))
+        if self.key_of(str(target)) is None:
+            # A link planted inside the store must not lead a delete outside it.
+            raise InvalidArgument(f"{target.as_uri()} resolves outside the store; nothing deleted", field="key",
+                                  value=key_or_prefix)
+        if target.is_symlink():
+            target.unlink()
+            return 1
         if target.is_file():
             target.unlink()
             return 1
@@ -491,10 +544,31 @@ class S3Store(ObjectStore):
             self.client.upload_file(str(local_path), self.bucket, self._full(key))
         return self.uri(key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         key = validate_key(key)
         with self._errors(key):
-            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+            size = int(obj.get("ContentLength") or 0)
+            if max_bytes is not None and size > max_bytes:
+                obj["Body"].close()
+                raise InvalidArgument(f"{self.uri(key)} is {size} bytes, more than the {max_bytes}-byte limit",
+                                      field="key", value=key)
+            data = obj["Body"].read() if max_bytes is None else obj["Body"].read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise InvalidArgument(f"{self.uri(key)} is more than the {max_bytes}-byte limit", field="key", value=key)
+        return data
+
+    def key_of(self, uri: str) -> str | None:
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or parsed.netloc != self.bucket:
+            return None
+        try:
+            path = validate_key(parsed.path.strip("/"))
+        except InvalidArgument:
+            return None
+        if not self.prefix:
+            return path
+        return path[len(self.prefix) + 1:] if path.startswith(self.prefix + "/") else None
 
     def get_file(self, key: str, dest: str | os.PathLike) -> Path:
         key = validate_key(key)

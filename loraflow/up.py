@@ -12,6 +12,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,8 +28,10 @@ from rich.console import Console
 
 from loraflow import errors
 from loraflow import formatting as fmt
-from loraflow.client import ADDRESS_ENV, DEFAULT_ADDRESSES
-from loraflow.embedded_redis import find_redis_server, free_port
+from loraflow.client import ADDRESS_ENV, DEFAULT_ADDRESSES, UP_CLIENT_TOKEN_FILE, UP_TOKENS_FILE
+from loraflow.config import mask_redis_url, validate_redis_url
+from loraflow.embedded_redis import free_port, redis_server_args
+from loraflow.security.private_files import write_private
 
 SERVICES = ("trainer", "compiler", "inference")
 
@@ -67,9 +70,8 @@ class UpConfig:
                                          field="ready_timeout", value=self.ready_timeout)
         if self.grace < 0:
             raise errors.InvalidArgument(f"grace must be >= 0, got {self.grace}", field="grace", value=self.grace)
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise errors.InvalidArgument(f"redis_url must start with redis://, rediss:// or unix://, got "
-                                         f"{self.redis_url!r}", field="redis_url", value=self.redis_url)
+        if self.redis_url:
+            validate_redis_url(self.redis_url)
 
     @classmethod
     def build(cls, *, services: list[str], redis_url: str | None, store_url: str | None, home: str | None,
@@ -269,6 +271,23 @@ def redis_ready(url: str) -> Callable[[], str | None]:
     return check
 
 
+# ------------------------------------------------------------------------------------------------ token
+
+UP_CALLER_NAME = "loraflow-up"
+
+
+def write_tokens(home: Path) -> tuple[Path, Path]:
+    """A fresh random token for this run of `up`: the services' tokens file and the clients' token file,
+    both 0600 in a 0700 directory under the home. Returns (tokens_file, client_token_file)."""
+    tokens_file, client_file = home / UP_TOKENS_FILE, home / UP_CLIENT_TOKEN_FILE
+    tokens_file.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(tokens_file.parent, 0o700)
+    token = secrets.token_urlsafe(32)
+    write_private(tokens_file, f"# written by `loraflow up`; a new token every start\n{UP_CALLER_NAME}:{token}\n")
+    write_private(client_file, token + "\n")
+    return tokens_file, client_file
+
+
 # ------------------------------------------------------------------------------------------------ plan + run
 
 def plan(config: UpConfig, log: Callable[[str], None]) -> tuple[list[ChildSpec], str]:
@@ -280,14 +299,16 @@ def plan(config: UpConfig, log: Callable[[str], None]) -> tuple[list[ChildSpec],
         port = free_port()
         data_dir = config.home / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
-        redis_url = f"redis://127.0.0.1:{port}/0"
-        # AOF persistence so queued jobs and the registries survive a restart of `loraflow up`.
+        password = secrets.token_urlsafe(24)
+        redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
+        # AOF persistence so queued jobs and the registries survive a restart of `loraflow up`; loopback
+        # and a fresh random password (in a 0600 config file, not on the command line).
         specs.append(ChildSpec(
             name="redis", address=f"127.0.0.1:{port}", log_path=logs / "redis.log", ready=redis_ready(redis_url),
-            argv=(find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                  "--daemonize", "no", "--appendonly", "yes", "--save", "60 1", "--loglevel", "warning")))
+            argv=tuple(redis_server_args(port, data_dir, password))))
     env = (("LORAFLOW_REDIS_URL", redis_url), ("LORAFLOW_STORE_URL", config.store_url),
            ("LORAFLOW_CACHE_DIR", str(config.home / "cache")))
+    tokens_file, _ = write_tokens(config.home)
     for name in config.services:
         if not service_available(name):
             if config.explicit_services:
@@ -297,7 +318,10 @@ def plan(config: UpConfig, log: Callable[[str], None]) -> tuple[list[ChildSpec],
             continue
         address = config.addresses[name]
         specs.append(ChildSpec(name=name, address=address, log_path=logs / f"{name}.log", ready=grpc_ready(address),
-                               argv=(sys.executable, "-m", f"services.{name}", "all", "--listen", address), env=env))
+                               argv=(sys.executable, "-m", f"services.{name}", "all", "--listen", address,
+                                     "--auth-tokens-file", str(tokens_file),
+                                     # A laptop's services may read the user's own files, nothing else.
+                                     "--allow-local-paths", f"{Path.home()},{Path.cwd()}"), env=env))
     return specs, redis_url
 
 
@@ -349,10 +373,13 @@ def _print_endpoints(config: UpConfig, redis_url: str, supervisor: Supervisor, o
     rows = supervisor.table_rows()
     if config.json_output:
         sys.stdout.write(json.dumps({"ready": True, "redis_url": redis_url, "store_url": config.store_url,
-                                     "home": str(config.home), "services": rows}, sort_keys=True) + "\n")
+                                     "home": str(config.home), "services": rows,
+                                     "token_file": str(config.home / UP_CLIENT_TOKEN_FILE)}, sort_keys=True) + "\n")
         sys.stdout.flush()
         return
     table = fmt.table(f"loraflow up — store {config.store_url}", ["service", "address", "pid", "health", "log"],
                       [(r["name"], r["address"], r["pid"], r["status"], r["log"]) for r in rows])
     out.print(table)
-    out.print(f"redis {redis_url} · Ctrl-C stops everything", highlight=False)
+    out.print(f"redis {mask_redis_url(redis_url)} · client token in {config.home / UP_CLIENT_TOKEN_FILE} (found by the CLI "
+              f"when the home is ~/.loraflow, else set LORAFLOW_TOKEN_FILE) · Ctrl-C stops everything",
+              highlight=False)

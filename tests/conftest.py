@@ -26,6 +26,22 @@ def redis_url(redis_server) -> str:
 
 
 @pytest.fixture(scope="session")
+def allowed_root(tmp_path_factory) -> str:
+    """The one directory tests let services read local paths under (as `--allow-local-paths` does):
+    the session's temporary directory, where tiny models, adapters and datasets live."""
+    return str(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def input_policy(allowed_root):
+    """The InputPolicy in-process servicers and handlers get in tests: local paths under allowed_root only."""
+    from loraflow.model_source import InputPolicy
+    from loraflow.security.local_paths import LocalPathPolicy
+
+    return InputPolicy(LocalPathPolicy((allowed_root,)))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """tiny_model_factory(arch="llama", seed=0) -> Path of a saved random checkpoint (cached)."""
     cache: dict[tuple[str, int], object] = {}

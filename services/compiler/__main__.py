@@ -14,9 +14,10 @@ from loraflow.v1 import compiler_pb2_grpc
 
 
 def _inputs(ctx: ServiceContext):
+    from loraflow.model_source import InputPolicy
     from services.compiler.inputs import CompileInputs
 
-    return CompileInputs(ctx.store, ctx.registry, ctx.settings.cache_dir)
+    return CompileInputs(ctx.store, ctx.registry, ctx.settings.cache_dir, policy=InputPolicy.from_settings(ctx.security))
 
 
 def make_servicer(ctx: ServiceContext):

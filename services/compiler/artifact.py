@@ -33,6 +33,7 @@ from loraflow.manifest import (
     file_sha256,
 )
 from loraflow.names import validate_name
+from loraflow.security.safe_files import MAX_CONFIG_BYTES, confined_file, read_regular_file
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
@@ -204,7 +205,8 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         dst = out_dir / rel
         dst.mkdir(parents=True, exist_ok=True)
         for name in (lora_bank.CONFIG_FILE, lora_bank.WEIGHTS_FILE):
-            shutil.copy2(adapter.path / name, dst / name)
+            # Never copy a link's target from outside the adapter directory into the artifact.
+            shutil.copyfile(confined_file(adapter.path, name, field=f"adapter {adapter.name}"), dst / name)
         entries.append(AdapterEntry(slot=slot, name=adapter.name, digest=adapter.digest, r=adapter.r,
                                     lora_alpha=adapter.lora_alpha, use_rslora=adapter.use_rslora,
                                     target_modules=adapter.target_modules, path=rel))
@@ -280,8 +282,9 @@ def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:
     copied = []
     for name in TOKENIZER_FILES:
         src = base_model_dir / name
-        if src.is_file():
-            shutil.copy2(src, dst / name)
+        if src.is_file() or src.is_symlink():
+            # A tokenizer file linked to outside the model directory (chat_template.jinja -> a secret) is refused.
+            shutil.copyfile(confined_file(base_model_dir, name, field="base_model"), dst / name)
             copied.append(name)
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied and "vocab.json" not in copied:
         raise InvalidArgument(f"{base_model_dir} has no tokenizer files", field="base_model",
@@ -295,11 +298,24 @@ def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:
     return None
 
 
+def _read_json(model_dir: Path, name: str) -> dict[str, Any]:
+    """A bounded JSON object from inside the model directory; errors name the file, never its bytes."""
+    path = confined_file(model_dir, name, field="base_model")
+    try:
+        data = json.loads(read_regular_file(path, field="base_model", limit=MAX_CONFIG_BYTES))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"base_model {name} is not valid JSON", field="base_model",
+                              value=str(path)) from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"base_model {name} is not a JSON object", field="base_model", value=str(path))
+    return data
+
+
 def _generation_config(base_model_dir: Path) -> dict[str, Any]:
     """eos/pad/bos ids from generation_config.json, falling back to config.json."""
-    merged: dict[str, Any] = json.loads((base_model_dir / "config.json").read_text())
+    merged: dict[str, Any] = _read_json(base_model_dir, "config.json")
     gen_path = base_model_dir / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen = _read_json(base_model_dir, "generation_config.json") if gen_path.exists() else {}
     merged.update({k: v for k, v in gen.items() if v is not None})
     eos = merged.get("eos_token_id")
     eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound
-from loraflow.model_source import check_uri, is_location, materialize
+from loraflow.model_source import InputPolicy, check_uri, is_location, materialize
 from loraflow.names import validate_name
 from loraflow.registry import Registry
 from loraflow.store import ObjectStore
@@ -38,17 +38,16 @@ class ResolvedInputs:
     plan: ArtifactPlan
 
 
-def artifact_key(artifact_id: str) -> str:
-    return f"artifacts/{artifact_id}"
-
-
 class CompileInputs:
     """Turns (base_model, adapter specs, options) into a validated plan. Thread-safe."""
 
-    def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path):
+    def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
+                 policy: InputPolicy | None = None):
         self.store = store
         self.registry = registry
         self.cache_dir = Path(cache_dir)
+        # The API and the worker both plan through here, so the worker re-checks a (possibly planted) payload.
+        self.policy = policy or InputPolicy()
         self._fingerprints: dict[tuple, str] = {}
         self._lock = threading.Lock()
 
@@ -58,14 +57,15 @@ class CompileInputs:
             raise InvalidArgument(f"{field} must not be empty", field=field, value=spec)
         if is_location(spec):
             check_uri(spec, field)
-            path = materialize(spec, self.store, self.cache_dir, field=field, kind="adapters")
+            path = materialize(spec, self.store, self.cache_dir, field=field, kind="adapters", policy=self.policy)
             name = validate_name(field, spec.rstrip("/").rsplit("/", 1)[-1])
             return ResolvedAdapter(name=name, uri=spec, path=path)
         name = validate_name(field, spec)
         record = self.registry.find_adapter(name)
         if record is None:
             raise NotFound(f"adapter {name!r} is not registered ({field})", field=field, value=name)
-        path = materialize(record.uri, self.store, self.cache_dir, field=field, kind="adapters")
+        # A registry record is checked like a request: Redis could hold a planted uri.
+        path = materialize(record.uri, self.store, self.cache_dir, field=field, kind="adapters", policy=self.policy)
         return ResolvedAdapter(name=name, uri=record.uri, path=path)
 
     def fingerprint(self, base_dir: Path) -> str:
@@ -87,7 +87,8 @@ class CompileInputs:
             raise InvalidArgument(f"adapters lists {len(adapter_specs)} entries; at most {MAX_ADAPTERS}",
                                   field="adapters", value=len(adapter_specs))
         options.validate(num_adapters=len(adapter_specs))
-        base_dir = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models")
+        base_dir = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models",
+                               policy=self.policy)
         if not (base_dir / "config.json").is_file():
             raise InvalidArgument(f"base_model {base_model!r} has no config.json (not a Hugging Face checkpoint)",
                                   field="base_model", value=base_model)

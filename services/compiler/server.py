@@ -13,9 +13,9 @@ from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
 from loraflow.names import validate_name
 from loraflow.registry import MAX_ARTIFACT_ID_LEN, ArtifactRecord, Registry
-from loraflow.store import ObjectStore
+from loraflow.store import ObjectStore, artifact_key
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2
-from services.compiler.inputs import CompileInputs, artifact_key
+from services.compiler.inputs import CompileInputs
 from services.compiler.options import CompileOptions
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from loraflow.jobs import JobContext
 from loraflow.registry import ArtifactAdapterRecord, ArtifactRecord, Registry
-from loraflow.store import ObjectStore
+from loraflow.store import ObjectStore, artifact_key
 from services.compiler import metrics
 from services.compiler.artifact import build_artifact
-from services.compiler.inputs import CompileInputs, ResolvedInputs, artifact_key
+from services.compiler.inputs import CompileInputs, ResolvedInputs
 from services.compiler.options import CompileOptions
 
 log = logging.getLogger(__name__)

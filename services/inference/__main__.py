@@ -10,18 +10,42 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
 from loraflow.config import Settings, connect_redis
 from loraflow.errors import LoraflowError
+from loraflow.model_source import InputPolicy
+from loraflow.redis_health import ReadinessGate, RedisMonitor
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import open_store
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.metrics import serve_metrics
 from services.inference.model_manager import ModelManager
+from services.inference.runtime import MAX_NUM_THREADS
 from services.inference.server import SERVICE_NAME, InferenceServicer
 
-DEFAULT_LISTEN = "0.0.0.0:50053"
+DEFAULT_LISTEN = "127.0.0.1:50053"  # loopback unless told otherwise: secure by default
+# Each waiting request holds its prompt and sampler; beyond this a queue only hides overload.
+MAX_WAITING_LIMIT = 100_000
+
+
+def _bounded_int(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+    return value
+
+
+def _num_threads(text: str) -> int:
+    return _bounded_int(text, 0, MAX_NUM_THREADS)
+
+
+def _max_waiting(text: str) -> int:
+    return _bounded_int(text, 1, MAX_WAITING_LIMIT)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,11 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--load", action="append", default=[], metavar="ARTIFACT_ID[@device]",
                    help="load an artifact at start (repeatable)")
-    p.add_argument("--num-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
+    p.add_argument("--num-threads", type=_num_threads, default=0,
+                   help=f"ONNX Runtime intra-op threads, 0..{MAX_NUM_THREADS} (0 = default)")
     p.add_argument("--ort-spinning", action="store_true",
                    help="let ONNX Runtime threads busy-wait (about 5%% faster on an idle host, much slower on a "
                         "busy one)")
-    p.add_argument("--max-waiting", type=int, default=64, help="waiting-queue bound per model")
+    p.add_argument("--max-waiting", type=_max_waiting, default=64,
+                   help=f"waiting-queue bound per model, 1..{MAX_WAITING_LIMIT} (a GenerateBatch larger than it "
+                        "queues its requests as room frees)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
     return p.parse_args(argv)
@@ -62,18 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = embedded.url
     else:
         redis_url = settings.redis_url
-    registry = Registry(connect_redis(redis_url))
+    redis_client = connect_redis(redis_url)
+    registry = Registry(redis_client)
     store = open_store(settings.store_url)
 
     server = GrpcServer(listen=args.listen, service_names=[SERVICE_NAME], security=security)
+    serve_stop = threading.Event()
+    # Serving = Redis answers AND a model is loaded; both conditions meet here only.
+    gate = ReadinessGate(lambda ready: serve_stop.is_set() or server.set_serving(ready), redis=False, model=False)
+    monitor = RedisMonitor(redis_client, gate).start()
     manager = ModelManager(store=store, registry=registry, cache_dir=settings.cache_dir,
-                           max_waiting=args.max_waiting, on_change=lambda n: server.set_serving(n > 0),
-                           allow_spinning=args.ort_spinning)
+                           max_waiting=args.max_waiting, on_change=lambda n: gate.set("model", n > 0),
+                           allow_spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security))
     server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
     if args.metrics_port:
         serve_metrics(args.metrics_port, security.metrics_host)
         log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
     port = server.start(serving=False)
+    gate.publish()
     log.info("inference service listening on port %d", port)
 
     for spec in args.load:
@@ -83,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             log.info("loaded %s as %s on %s", artifact_id, model.model_id, model.device)
         except LoraflowError as err:
             log.error("cannot load %s: %s", spec, err)
+            serve_stop.set()
+            monitor.stop()
             server.stop(grace=0)
             manager.close()
             return 2
 
-    shutdown = [manager.close]
+    shutdown = [monitor.stop, manager.close]
     if embedded is not None:
         shutdown.append(embedded.stop)
-    run_until_signal(server, on_shutdown=shutdown)
+    run_until_signal(server, on_shutdown=shutdown, stop_event=serve_stop)
     return 0
 
 

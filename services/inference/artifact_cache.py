@@ -11,10 +11,10 @@ import shutil
 import threading
 from pathlib import Path
 
-from loraflow.errors import IntegrityError, InvalidArgument
+from loraflow.errors import FailedPrecondition, IntegrityError, InvalidArgument
 from loraflow.manifest import Manifest, file_sha256
 from loraflow.names import validate_name
-from loraflow.store import ObjectStore, resolve
+from loraflow.store import ObjectStore, artifact_key
 
 
 def verify_artifact_dir(path: Path) -> Manifest:
@@ -60,7 +60,13 @@ class ArtifactCache:
                     return dest, self._check(dest, artifact_id)
                 except IntegrityError:
                     shutil.rmtree(dest, ignore_errors=True)  # corrupt: fetch again below
-            store, key = resolve(artifact_uri, self.store, field="artifact_uri")
+            # Redis is not trusted to say what to read: only this store's artifacts/<artifact_id>.
+            key = self.store.key_of(artifact_uri)
+            if key != artifact_key(artifact_id):
+                raise FailedPrecondition(f"artifact {artifact_id} is recorded at a location other than this "
+                                         f"store's {artifact_key(artifact_id)}; refusing to read it",
+                                         field="artifact_id", value=artifact_id)
+            store = self.store
             for attempt in (1, 2):
                 self.fetches += 1
                 try:

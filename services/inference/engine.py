@@ -19,9 +19,10 @@ from typing import Protocol
 import numpy as np
 
 from loraflow.errors import FailedPrecondition, LoraflowError
+from loraflow.names import validate_request_id
 from services.inference import metrics
 from services.inference.detokenizer import IncrementalDetokenizer
-from services.inference.sampling import Sampler, SamplingParams
+from services.inference.sampling import NonFiniteLogits, Sampler, SamplingParams
 from services.inference.scheduler import FinishReason, Scheduler, SchedulerOutput, Sequence
 
 # How long the idle loop sleeps before re-checking the stop flag.
@@ -44,6 +45,9 @@ class StepRuntime(Protocol):
 
     def release_adapter(self, lora_id: int) -> None: ...
 
+    def reset_slot(self, slot: int) -> None:
+        """Zero one KV-cache slot (after a request whose values may be NaN/inf)."""
+
 
 class Tokenizer(Protocol):
     eos_ids: frozenset[int]
@@ -57,6 +61,9 @@ class GenerationRequest:
     adapter: str = ""
     sampling: SamplingParams = SamplingParams()
     request_id: str = ""
+
+    def __post_init__(self) -> None:
+        validate_request_id(self.request_id)  # echoed in every chunk: bounded and of a safe charset
 
 
 @dataclass(frozen=True)
@@ -170,8 +177,12 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     # ---- requests --------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request; InvalidArgument (prompt too long, ...) / ResourceExhausted (queue full) / NotFound."""
+    def submit(self, request: GenerationRequest, *, wait_for_room: threading.Event | None = None) -> RequestHandle:
+        """Queue a request; InvalidArgument (prompt too long, ...) / ResourceExhausted (queue full) / NotFound.
+
+        With ``wait_for_room``, a full waiting queue makes the call wait until the loop admits a request
+        (or the event is set: the caller gave up) instead of failing, so a bounded batch always fits
+        through a bounded queue."""
         request_id = request.request_id or uuid.uuid4().hex
         lora_id = self.runtime.acquire_adapter(request.adapter)
         seq = Sequence(request_id=request_id, prompt_ids=list(request.prompt_ids), lora_id=lora_id,
@@ -184,9 +195,14 @@ class Engine:
         try:
             with self._wake:
                 # Checked under the lock: stop() cleans up under it, so nothing slips in after that.
-                if self._stop.is_set():
-                    raise FailedPrecondition(f"model {self.model_id!r} is shutting down", field="model_id",
-                                             value=self.model_id)
+                while True:
+                    if self._stop.is_set():
+                        raise FailedPrecondition(f"model {self.model_id!r} is shutting down", field="model_id",
+                                                 value=self.model_id)
+                    full = self.scheduler.num_waiting >= self.scheduler.max_waiting
+                    if not full or wait_for_room is None or wait_for_room.is_set():
+                        break
+                    self._wake.wait(_IDLE_WAIT_S)  # the loop notifies after each admission
                 self.scheduler.add(seq)
                 self._states[request_id] = state
                 metrics.QUEUE_DEPTH.labels(self.model_id).set(self.scheduler.num_waiting)
@@ -213,7 +229,10 @@ class Engine:
         while not self._stop.is_set():
             with self._wake:
                 self._apply_cancels()
+                waiting = self.scheduler.num_waiting
                 step = self.scheduler.schedule()
+                if self.scheduler.num_waiting < waiting:
+                    self._wake.notify_all()  # room in the waiting queue for submitters that wait for it
                 if step is None:
                     self._wake.wait(_IDLE_WAIT_S)
                     continue
@@ -238,11 +257,17 @@ class Engine:
             metrics.PROMPT_TOKENS.labels(self.model_id).inc(sum(len(r.token_ids) for r in step.rows))
         sampled: dict[str, int] = {}
         with self._lock:
+            failed: list[tuple[_RequestState, Exception]] = []
             for i, row in enumerate(step.rows):
                 state = self._states.get(row.request_id)
                 if row.samples and state is not None:
                     history = state.seq.all_ids if state.sampler.needs_history else []
-                    sampled[row.request_id] = state.sampler(logits[i], history)
+                    try:
+                        sampled[row.request_id] = state.sampler(logits[i], history)
+                    except Exception as err:  # this row alone: NaN/inf logits, or a sampler fault
+                        failed.append((state, err))
+            for state, err in failed:
+                self._fail_request(state, err)
             touched = self.scheduler.update(step, sampled)
             now = time.monotonic()
             for seq in touched:
@@ -280,6 +305,31 @@ class Engine:
                           finish_reason=seq.finish_reason.value, prompt_tokens=len(seq.prompt_ids),
                           completion_tokens=len(seq.output_ids),
                           seconds=round(time.monotonic() - state.submit_time, 4))
+
+    def _fail_request(self, state: _RequestState, err: Exception) -> None:
+        """End one request with an error (the rest of its step goes on); its slot and cache are freed."""
+        seq, adapter = state.seq, state.request.adapter or "<base>"
+        if isinstance(err, NonFiniteLogits):
+            error: LoraflowError = FailedPrecondition(
+                f"request {seq.request_id!r} on model {self.model_id!r} with adapter {adapter!r}: the model "
+                f"produced non-finite logits ({err}); the adapter's weights or scaling overflow",
+                reason="NON_FINITE_LOGITS",
+                metadata={"request_id": seq.request_id, "adapter": adapter, "model_id": self.model_id})
+        else:
+            error = err if isinstance(err, LoraflowError) else LoraflowError(
+                f"request {seq.request_id!r}: sampling failed: {err}", metadata={"request_id": seq.request_id})
+        metrics.log_event("request_failed", model=self.model_id, request_id=seq.request_id, adapter=adapter,
+                          error=repr(err))
+        slot = seq.slot
+        self.scheduler.abort(seq.request_id)
+        self._states.pop(seq.request_id, None)
+        if slot is not None:
+            # NaN K/V left in the slot would leak into its next request (0 * NaN in masked attention).
+            self.runtime.reset_slot(slot)
+        self.runtime.release_adapter(seq.lora_id)
+        metrics.REQUESTS.labels(self.model_id, adapter, "error").inc()
+        state.handle._put(error)
+        state.handle._close()
 
     def _fail(self, step: SchedulerOutput, err: Exception) -> None:
         metrics.log_event("step_failed", model=self.model_id, error=repr(err),

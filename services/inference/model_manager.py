@@ -15,7 +15,9 @@ from pathlib import Path
 
 from loraflow.errors import AlreadyExists, InvalidArgument, NotFound
 from loraflow.manifest import Manifest
+from loraflow.model_source import InputPolicy, is_location
 from loraflow.names import validate_name
+from loraflow.security.safe_files import check_tree
 from loraflow.store import ObjectStore, resolve
 from services.inference import metrics
 from services.inference.artifact_cache import ArtifactCache
@@ -62,8 +64,10 @@ class ModelManager:
     """Thread-safe set of loaded models; ``on_change(n_models)`` lets the server flip its health."""
 
     def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
-                 on_change: Callable[[int], None] | None = None, allow_spinning: bool = False):
+                 on_change: Callable[[int], None] | None = None, allow_spinning: bool = False,
+                 inputs: InputPolicy | None = None):
         self.store = store
+        self.inputs = inputs or InputPolicy()  # which local paths / buckets LoadAdapter may name
         self.registry = registry
         self.cache_dir = Path(cache_dir)
         self.cache = ArtifactCache(cache_dir, store)
@@ -134,7 +138,7 @@ class ModelManager:
         model = self.get(model_id)
         if not adapter:
             raise InvalidArgument("adapter must name a registered adapter or a URI", field="adapter", value=adapter)
-        if "://" in adapter or adapter.startswith(("/", "./", "~")):
+        if is_location(adapter):
             local = self._fetch_adapter_uri(adapter)
             name = name or local.name
             source = adapter
@@ -149,14 +153,17 @@ class ModelManager:
         return model
 
     def _fetch_adapter_uri(self, uri: str) -> Path:
+        # Requests and registry records alike: Redis could hold a planted uri.
+        location = self.inputs.check(uri, self.store, field="adapter")
         store, key = resolve(uri, self.store, field="adapter")
         if store.dir_exists(key):
             dest = self.cache_dir / "adapters" / key.replace("/", "__")
             return store.fetch_dir(key, dest)
-        # A plain local PEFT directory (not published to a store) is read in place.
-        local = Path(uri.removeprefix("file://")).expanduser()
-        if local.is_dir():
-            return local
+        # A plain local PEFT directory (not published to a store) is read in place, once no link in it
+        # leads outside it.
+        if location.path is not None and location.path.is_dir():
+            check_tree(location.path, field="adapter")
+            return location.path
         raise NotFound(f"no adapter directory at {uri}", field="adapter", value=uri)
 
     def close(self) -> None:

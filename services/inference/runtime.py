@@ -26,6 +26,9 @@ from loraflow.names import validate_name
 from services.inference.scheduler import SchedulerOutput
 
 DEVICES = ("cpu", "cuda", "ai100")
+# ORT starts this many OS threads per session; past the host's cores they only add contention, and
+# 256 is above the core count of any CPU host we serve on, so a request cannot spawn thousands.
+MAX_NUM_THREADS = 256
 # Past inputs are bound in multiples of this many positions (see OrtRuntime._bind_past).
 PAST_BUCKET = 16
 
@@ -37,6 +40,14 @@ class AdapterSlot:
     source: str
     active_requests: int = 0
     last_used: int = 0  # step counter of the last acquire, for picking an idle slot to reuse
+
+
+def check_num_threads(num_threads: int) -> int:
+    """0 (ONNX Runtime's default) or 1..MAX_NUM_THREADS intra-op threads; InvalidArgument otherwise."""
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or not 0 <= num_threads <= MAX_NUM_THREADS:
+        raise InvalidArgument(f"num_threads must be in 0..{MAX_NUM_THREADS} (0 = runtime default), got {num_threads!r}",
+                              field="num_threads", value=num_threads)
+    return num_threads
 
 
 def check_device(device: str) -> str:
@@ -81,9 +92,7 @@ class OrtRuntime:
         if graph.target != "onnxruntime":
             raise FailedPrecondition(f"artifact target is {graph.target!r}; ONNX Runtime serves only "
                                      "'onnxruntime' artifacts", field="artifact_id", value=self.manifest.artifact_id)
-        if num_threads < 0:
-            raise InvalidArgument(f"num_threads must be >= 0, got {num_threads}", field="num_threads",
-                                  value=num_threads)
+        check_num_threads(num_threads)
         options = self.manifest.options
         self.full_batch_size = int(options["full_batch_size"])
         self.prefill_seq_len = int(options["prefill_seq_len"])
@@ -225,7 +234,8 @@ class OrtRuntime:
             return 0
         with self._lock:
             for i, s in enumerate(self.slots):
-                if s is not None and s.name == name:
+                # A "\x00loading:" reservation is never a servable name, whatever a client sends.
+                if s is not None and s.name == name and not name.startswith("\x00"):
                     s.active_requests += 1
                     self._clock += 1
                     s.last_used = self._clock
@@ -241,6 +251,14 @@ class OrtRuntime:
             s = self.slots[lora_id]
             if s is not None and s.active_requests > 0:
                 s.active_requests -= 1
+
+    def reset_slot(self, slot: int) -> None:
+        """Zero one KV-cache slot across layers and positions. A failed request may have left NaN/inf
+        there, and masked attention still multiplies stale values by 0 (0 * NaN = NaN)."""
+        if not 0 <= slot < self.full_batch_size:
+            raise InvalidArgument(f"slot {slot} is outside 0..{self.full_batch_size - 1}", field="slot", value=slot)
+        self.k_all[:, :, slot] = 0
+        self.v_all[:, :, slot] = 0
 
     def memory_bytes(self) -> int:
         weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))

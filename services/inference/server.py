@@ -10,10 +10,12 @@ from __future__ import annotations
 import queue
 import threading
 
-from loraflow.errors import InvalidArgument
+from loraflow.errors import InvalidArgument, NotFound
+from loraflow.names import validate_request_id
 from loraflow.v1 import inference_pb2, inference_pb2_grpc
-from services.inference.engine import GenerationChunk, GenerationRequest, RequestHandle
+from services.inference.engine import Engine, GenerationChunk, GenerationRequest, RequestHandle
 from services.inference.model_manager import LoadedModel, ModelManager
+from services.inference.runtime import check_num_threads
 from services.inference.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from services.inference.scheduler import FinishReason
 
@@ -26,6 +28,9 @@ _FINISH = {
     FinishReason.STOP_STRING: inference_pb2.FINISH_REASON_STOP_STRING,
     FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
 }
+# GenerateBatch's documented maximum. It may exceed the engine's waiting-queue bound (--max-waiting):
+# a batch's requests enter the queue as the engine admits earlier ones, so the queue stays bounded and
+# a batch of up to this many requests succeeds on an idle server.
 MAX_BATCH_REQUESTS = 256
 
 
@@ -76,9 +81,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # ---- models ----------------------------------------------------------------------------
     def LoadArtifact(self, request, context):
-        if request.num_threads < 0:
-            raise InvalidArgument(f"num_threads must be >= 0, got {request.num_threads}", field="num_threads",
-                                  value=request.num_threads)
+        check_num_threads(request.num_threads)
         model = self.manager.load_artifact(request.artifact_id, request.device or "cpu", request.model_id,
                                            request.num_threads)
         return model_to_proto(model)
@@ -98,6 +101,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     # ---- generation ------------------------------------------------------------------------
     def _submit(self, request: inference_pb2.GenerateRequest, prefix: str = "") -> RequestHandle:
+        engine, generation = self._prepare(request, prefix)
+        return engine.submit(generation)
+
+    def _prepare(self, request: inference_pb2.GenerateRequest, prefix: str = "") -> tuple[Engine, GenerationRequest]:
+        """Validate one request (errors name ``prefix``-ed fields) into what its model's engine takes."""
+        validate_request_id(request.request_id, field=f"{prefix}request_id")
         model = self.manager.get(request.model_id)
         tokenizer = model.tokenizer
         which = request.WhichOneof("input")
@@ -118,8 +127,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument(f"{prefix}prompt has {len(ids)} tokens but the model's context is {ctx_len} "
                                   f"tokens (at most {ctx_len - 1} prompt tokens fit)", field=f"{prefix}prompt",
                                   value=len(ids), metadata={"prompt_tokens": len(ids), "ctx_len": ctx_len})
+        if request.adapter and (request.adapter.startswith("\x00") or request.adapter not in model.runtime.adapter_names()):
+            raise NotFound(f"{prefix}adapter {request.adapter!r} is not loaded on model {model.model_id!r}",
+                           field=f"{prefix}adapter", value=request.adapter)
         sampling = sampling_from_proto(request.sampling, f"{prefix}sampling")
-        return model.engine.submit(GenerationRequest(tuple(ids), request.adapter, sampling, request.request_id))
+        return model.engine, GenerationRequest(tuple(ids), request.adapter, sampling, request.request_id)
 
     def Generate(self, request, context):
         handle = self._submit(request)
@@ -132,22 +144,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 handle.cancel()
 
     def GenerateBatch(self, request, context):
+        """Every request is validated before any is queued; they then enter their engine's waiting queue
+        as it has room (see MAX_BATCH_REQUESTS), and their chunks stream as they come, tagged by index."""
         if not request.requests:
             raise InvalidArgument("requests must not be empty", field="requests", value=0)
         if len(request.requests) > MAX_BATCH_REQUESTS:
             raise InvalidArgument(f"requests may hold at most {MAX_BATCH_REQUESTS} entries, got "
                                   f"{len(request.requests)}", field="requests", value=len(request.requests))
+        prepared = [self._prepare(r, prefix=f"requests[{i}].") for i, r in enumerate(request.requests)]
+        gave_up = threading.Event()  # client cancel, deadline, or the RPC ended
         handles: list[RequestHandle] = []
-        try:
-            for i, r in enumerate(request.requests):
-                handles.append(self._submit(r, prefix=f"requests[{i}]."))
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        lock = threading.Lock()
 
         def cancel_all():
-            for h in handles:
+            gave_up.set()
+            with lock:
+                started = list(handles)
+            for h in started:
                 h.cancel()
 
         context.add_callback(cancel_all)
@@ -161,10 +174,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 merged.put((index, err))
             merged.put((index, None))
 
-        threads = [threading.Thread(target=pump, args=(i, h), daemon=True) for i, h in enumerate(handles)]
-        for t in threads:
-            t.start()
-        remaining = len(handles)
+        def feed() -> None:
+            for index, (engine, generation) in enumerate(prepared):
+                if gave_up.is_set():
+                    return
+                try:
+                    handle = engine.submit(generation, wait_for_room=gave_up)
+                except BaseException as err:  # re-raised in the RPC thread
+                    merged.put((index, err))
+                    return
+                with lock:
+                    handles.append(handle)
+                if gave_up.is_set():
+                    handle.cancel()
+                threading.Thread(target=pump, args=(index, handle), daemon=True).start()
+
+        threading.Thread(target=feed, name="generate-batch-feed", daemon=True).start()
+        remaining = len(prepared)
         try:
             while remaining:
                 index, item = merged.get()

@@ -20,17 +20,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_servicer(ctx: ServiceContext):
+    from loraflow.model_source import InputPolicy
     from services.trainer.server import TrainerServiceServicer
 
-    return TrainerServiceServicer(ctx.queue, ctx.registry, ctx.store)
+    return TrainerServiceServicer(ctx.queue, ctx.registry, ctx.store, inputs=InputPolicy.from_settings(ctx.security))
 
 
 def make_handler(ctx: ServiceContext):
+    from loraflow.model_source import InputPolicy
     from services.trainer.metrics import TrainerMetrics
     from services.trainer.worker import TrainingHandler
 
     return TrainingHandler(ctx.store, ctx.registry, ctx.settings.cache_dir,
-                           report_every_steps=ctx.args.report_every_steps, metrics=TrainerMetrics())
+                           report_every_steps=ctx.args.report_every_steps, metrics=TrainerMetrics(),
+                           inputs=InputPolicy.from_settings(ctx.security))
 
 
 def serve_metrics(port: int, host: str) -> None:

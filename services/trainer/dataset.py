@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.errors import InvalidArgument
+from loraflow.security.safe_files import read_regular_file
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
-MAX_DATASET_BYTES = 1 << 30
+# Largest dataset a request may name; the API reads it whole to validate and copy it into the store.
+MAX_DATASET_BYTES = 256 << 20
 ROLES = ("system", "user", "assistant", "tool")
 
 _FORMAT_KEYS = {
@@ -60,14 +62,16 @@ class DatasetSplits:
     dropped: int  # examples with no loss token left after truncation
 
 
-def _bad_line(line: int, field: str, message: str, value: Any) -> InvalidArgument:
-    return InvalidArgument(f"dataset line {line}: {message}", field=f"dataset line {line}: {field}", value=value,
-                           metadata={"line": str(line)})
+def _bad_line(line: int, field: str, message: str) -> InvalidArgument:
+    """An error about one line. It names the line, the field and what was wrong, and never quotes the
+    file: a request may name any file, so its bytes must not travel back in an error."""
+    return InvalidArgument(f"dataset line {line}: {message}", field=f"dataset line {line}: {field}",
+                           value=f"line {line}", metadata={"line": str(line)})
 
 
 def _check_string(line: int, field: str, value: Any) -> None:
     if not isinstance(value, str):
-        raise _bad_line(line, field, f"{field!r} must be a string, got {type(value).__name__}", value)
+        raise _bad_line(line, field, f"{field!r} must be a string, got {type(value).__name__}")
 
 
 def parse_line(line: int, text: str) -> Record:
@@ -75,23 +79,24 @@ def parse_line(line: int, text: str) -> Record:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _bad_line(line, "json", f"invalid JSON ({e.msg} at column {e.colno})", text) from None
+        raise _bad_line(line, "json", f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise _bad_line(line, "json", f"expected a JSON object, got {type(obj).__name__}", text)
+        raise _bad_line(line, "json", f"expected a JSON object, got {type(obj).__name__}")
     keys = set(obj)
     kind = next((k for k, want in _FORMAT_KEYS.items() if keys == want), None)
     if kind is None:
-        raise _bad_line(line, "keys", f"expected keys {{prompt, completion}}, {{messages}} or {{text}}, "
-                                      f"got {sorted(keys)}", sorted(keys))
+        known = sorted(keys & {"prompt", "completion", "messages", "text"})
+        raise _bad_line(line, "keys", f"expected keys {{prompt, completion}}, {{messages}} or {{text}}; the line "
+                                      f"has {len(keys)} key(s), of which known: {known}")
     if kind == "prompt_completion":
         _check_string(line, "prompt", obj["prompt"])
         _check_string(line, "completion", obj["completion"])
         if not obj["completion"]:
-            raise _bad_line(line, "completion", "'completion' must not be empty", obj["completion"])
+            raise _bad_line(line, "completion", "'completion' must not be empty")
     elif kind == "text":
         _check_string(line, "text", obj["text"])
         if not obj["text"]:
-            raise _bad_line(line, "text", "'text' must not be empty", obj["text"])
+            raise _bad_line(line, "text", "'text' must not be empty")
     else:
         _check_messages(line, obj["messages"])
     return Record(line=line, kind=kind, data=obj)
@@ -99,20 +104,19 @@ def parse_line(line: int, text: str) -> Record:
 
 def _check_messages(line: int, messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
-        raise _bad_line(line, "messages", "'messages' must be a non-empty list", messages)
+        raise _bad_line(line, "messages", "'messages' must be a non-empty list")
     for i, msg in enumerate(messages):
         field = f"messages[{i}]"
         if not isinstance(msg, dict):
-            raise _bad_line(line, field, f"{field} must be an object, got {type(msg).__name__}", msg)
+            raise _bad_line(line, field, f"{field} must be an object, got {type(msg).__name__}")
         if set(msg) - {"role", "content"} or "role" not in msg or "content" not in msg:
-            raise _bad_line(line, field, f"{field} must have exactly the keys role and content, got {sorted(msg)}",
-                            sorted(msg))
+            raise _bad_line(line, field, f"{field} must have exactly the keys role and content (it has "
+                                         f"{len(msg)} key(s))")
         if msg["role"] not in ROLES:
-            raise _bad_line(line, f"{field}.role", f"{field}.role must be one of {list(ROLES)}, got {msg['role']!r}",
-                            msg["role"])
+            raise _bad_line(line, f"{field}.role", f"{field}.role must be one of {list(ROLES)}")
         _check_string(line, f"{field}.content", msg["content"])
     if not any(m["role"] == "assistant" for m in messages):
-        raise _bad_line(line, "messages", "'messages' has no assistant turn to learn from", len(messages))
+        raise _bad_line(line, "messages", "'messages' has no assistant turn to learn from")
 
 
 def parse_jsonl(data: bytes | str, *, field: str = "dataset_uri") -> list[Record]:
@@ -135,14 +139,8 @@ def parse_jsonl(data: bytes | str, *, field: str = "dataset_uri") -> list[Record
 
 
 def read_jsonl(path: str | Path, *, field: str = "dataset_uri") -> list[Record]:
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgument(f"dataset {str(path)!r} does not exist or is not a file", field=field, value=str(path))
-    size = path.stat().st_size
-    if size > MAX_DATASET_BYTES:
-        raise InvalidArgument(f"dataset is {size} bytes, more than the {MAX_DATASET_BYTES} limit",
-                              field=field, value=size)
-    return parse_jsonl(path.read_bytes(), field=field)
+    """Parse a local JSONL file (a regular file of at most MAX_DATASET_BYTES; see safe_files)."""
+    return parse_jsonl(read_regular_file(path, field=field, limit=MAX_DATASET_BYTES), field=field)
 
 
 # --- tokenization -------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, 
 from loraflow.grpc_server import page_size_from_proto, set_timestamp
 from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
-from loraflow.model_source import check_uri, is_remote, local_path, read_json_file
+from loraflow.model_source import InputPolicy, read_json_file
 from loraflow.names import validate_name
 from loraflow.registry import AdapterRecord, Registry
-from loraflow.store import ObjectStore, resolve
+from loraflow.security.safe_files import read_regular_file
+from loraflow.store import ADAPTERS_PREFIX, ObjectStore, is_under, resolve
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.dataset import MAX_DATASET_BYTES, parse_jsonl
 from services.trainer.training import (
@@ -97,27 +98,25 @@ def _check_uri(field: str, value: str) -> str:
 
 # --- base model and dataset ---------------------------------------------------------------------
 
-def read_base_config(base_model: str, store: ObjectStore) -> dict[str, Any]:
-    """config.json of a base model (local dir, file:// or s3:// published dir); InvalidArgument if absent."""
-    return read_json_file(base_model, "config.json", store, field="base_model")
+def read_base_config(base_model: str, store: ObjectStore, policy: InputPolicy | None = None) -> dict[str, Any]:
+    """config.json of a base model (local dir, file:// or s3:// published dir); InvalidArgument if absent,
+    PermissionDenied if the policy does not let requests name it."""
+    return read_json_file(base_model, "config.json", store, field="base_model", policy=policy)
 
 
-def read_dataset_bytes(dataset_uri: str, store: ObjectStore) -> bytes:
-    check_uri(dataset_uri, "dataset_uri")
-    if not is_remote(dataset_uri):
-        path = local_path(dataset_uri)
-        if not path.is_file():
-            raise InvalidArgument(f"dataset_uri {dataset_uri!r} does not exist or is not a file",
-                                  field="dataset_uri", value=dataset_uri)
-        if path.stat().st_size > MAX_DATASET_BYTES:
-            raise InvalidArgument(f"dataset is larger than {MAX_DATASET_BYTES} bytes", field="dataset_uri",
-                                  value=dataset_uri)
-        return path.read_bytes()
+def read_dataset_bytes(dataset_uri: str, store: ObjectStore, policy: InputPolicy | None = None) -> bytes:
+    """The dataset's bytes: a regular file of at most MAX_DATASET_BYTES the policy lets requests name."""
+    location = (policy or InputPolicy()).check(dataset_uri, store, field="dataset_uri")
+    if not location.remote:
+        return read_regular_file(location.path, field="dataset_uri", limit=MAX_DATASET_BYTES, shown=dataset_uri)
     src, key = resolve(dataset_uri, store, field="dataset_uri")
     try:
-        return src.get_bytes(key)
+        return src.get_bytes(key, max_bytes=MAX_DATASET_BYTES)
     except NotFound:
         raise InvalidArgument(f"dataset_uri {dataset_uri!r} does not exist", field="dataset_uri",
+                              value=dataset_uri) from None
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"dataset_uri {dataset_uri!r}: {exc.message}", field="dataset_uri",
                               value=dataset_uri) from None
 
 
@@ -148,10 +147,12 @@ def validate_request(request: trainer_pb2.SubmitTrainingJobRequest) -> TrainingR
 
 
 class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore):
+    def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore, *,
+                 inputs: InputPolicy | None = None):
         self.queue = queue
         self.registry = registry
         self.store = store
+        self.inputs = inputs or InputPolicy()  # default: no local paths beyond the store's own directory
         self.redis: redis.Redis = queue.redis
 
     # --- submit --------------------------------------------------------------------------------
@@ -163,9 +164,9 @@ class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if existing is not None:
                 return job_to_proto(self.queue.get(existing.decode()))
 
-        info = inspect_base_model(read_base_config(req.base_model, self.store))
+        info = inspect_base_model(read_base_config(req.base_model, self.store, self.inputs))
         req.lora.check_targets(info.linear_modules)
-        data = read_dataset_bytes(req.dataset_uri, self.store)
+        data = read_dataset_bytes(req.dataset_uri, self.store, self.inputs)
         records = parse_jsonl(data)
         # Content-addressed copy: the worker never reads the client's filesystem.
         dataset_key = f"datasets/{hashlib.sha256(data).hexdigest()}.jsonl"
@@ -220,11 +221,17 @@ class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def DeleteAdapter(self, request, context):
         validate_name("name", request.name)
+        # Redis is not trusted to say what to delete: only a directory inside this store's adapters/ prefix.
+        key = self.store.key_of(self.registry.get_adapter(request.name).uri)
+        if not is_under(key, ADAPTERS_PREFIX):
+            log.error("refusing to delete adapter %s: its recorded uri is outside the store's adapters/ prefix",
+                      request.name)
+            raise FailedPrecondition(f"adapter {request.name!r} is recorded at a location outside this store's "
+                                     "adapters/; nothing was deleted", field="name", value=request.name)
         record = self.registry.delete_adapter(request.name)
         self.redis.hdel(NAME_RESERVATIONS_KEY, request.name)
         try:
-            src, key = resolve(record.uri, self.store, field="uri")
-            src.delete(key)
+            self.store.delete(key)
         except Exception:  # noqa: BLE001 - the registry entry is gone; stray bytes are only garbage
             log.warning("adapter %s deleted from the registry, but its files at %s could not be removed",
                         record.name, record.uri, exc_info=True)

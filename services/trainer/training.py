@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import random
 import threading
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from loraflow.errors import FailedPrecondition, InvalidArgument
+from loraflow.graph_contract import LORA_TARGET_MODULES
 from services.trainer.dataset import IGNORE_INDEX, DatasetSplits, Example
 from services.trainer.loss_plot import plot_loss_curve
 
@@ -39,6 +41,8 @@ MAX_TARGET_MODULES = 64
 MAX_MODULE_NAME_LEN = 128
 
 CHECKPOINT_STATE = "trainer_state.json"
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -73,6 +77,10 @@ class LoraSettings:
         if self.bias not in BIASES:
             raise InvalidArgument(f"lora.bias must be one of {list(BIASES)}, got {self.bias!r}",
                                   field="lora.bias", value=self.bias)
+        if self.bias != "none":
+            # PEFT's trained biases change the base weights; the compiler's adapter banks cannot hold them.
+            raise InvalidArgument(f"lora.bias {self.bias!r} cannot be served (the compiler accepts only 'none')",
+                                  field="lora.bias", value=self.bias)
         targets = self.target_modules
         if not targets:
             raise InvalidArgument("lora.target_modules must not be empty", field="lora.target_modules", value=[])
@@ -84,6 +92,14 @@ class LoraSettings:
                     or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
                 raise InvalidArgument(f"lora.target_modules[{i}] is not a module name: {name!r}",
                                       field=f"lora.target_modules[{i}]", value=name)
+        for i, name in enumerate(targets):
+            # Only what the compiler's adapter banks can serve: a trained lm_head or embedding would be
+            # rejected at compile time, after the whole training run.
+            if name != ALL_LINEAR and name not in LORA_TARGET_MODULES:
+                raise InvalidArgument(
+                    f"lora.target_modules[{i}] = {name!r} cannot be served; accepted: "
+                    f"{list(LORA_TARGET_MODULES)} or {ALL_LINEAR!r}", field=f"lora.target_modules[{i}]",
+                    value=name, metadata={"accepted": ",".join((*LORA_TARGET_MODULES, ALL_LINEAR))})
         if ALL_LINEAR in targets and len(targets) > 1:
             raise InvalidArgument(f"lora.target_modules: {ALL_LINEAR!r} must be the only entry, got {list(targets)}",
                                   field="lora.target_modules", value=list(targets))
@@ -98,8 +114,9 @@ class LoraSettings:
     def check_targets(self, linear_modules: Sequence[str]) -> None:
         """Raise InvalidArgument when a target is not one of the model's linear module names."""
         if self.all_linear:
+            self.resolved_targets(linear_modules)
             return
-        known = set(linear_modules) | {"lm_head"}
+        known = set(linear_modules)
         for i, name in enumerate(self.target_modules):
             if name not in known:
                 raise InvalidArgument(
@@ -108,15 +125,34 @@ class LoraSettings:
                     field=f"lora.target_modules[{i}]", value=name,
                     metadata={"linear_modules": ",".join(sorted(linear_modules))})
 
-    def to_peft(self):
-        """The peft.LoraConfig for a causal LM (as QEfficient's apply_peft builds it)."""
+    def resolved_targets(self, linear_modules: Sequence[str]) -> tuple[str, ...]:
+        """The explicit short module names to adapt: ``all-linear`` becomes the model's servable linears.
+
+        PEFT would expand ``all-linear`` itself, but writes full module paths into adapter_config.json
+        and may pick linears the compiler cannot serve; explicit names keep the saved config servable.
+        """
+        if not self.all_linear:
+            return self.target_modules
+        resolved = tuple(m for m in LORA_TARGET_MODULES if m in set(linear_modules))
+        if not resolved:
+            raise InvalidArgument(f"lora.target_modules: {ALL_LINEAR!r} matches none of {list(LORA_TARGET_MODULES)} "
+                                  f"in this model (its linear modules are {sorted(linear_modules)})",
+                                  field="lora.target_modules", value=ALL_LINEAR)
+        return resolved
+
+    def to_peft(self, linear_modules: Sequence[str] | None = None):
+        """The peft.LoraConfig for a causal LM (as QEfficient's apply_peft builds it); ``linear_modules``
+        (the model's) resolves ``all-linear``."""
         from peft import LoraConfig, TaskType
 
+        if self.all_linear and linear_modules is None:
+            raise FailedPrecondition("lora.target_modules 'all-linear' needs the model's linear modules to resolve",
+                                     field="lora.target_modules", value=ALL_LINEAR)
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=self.r,
             lora_alpha=self.lora_alpha,
-            target_modules=ALL_LINEAR if self.all_linear else list(self.target_modules),
+            target_modules=list(self.resolved_targets(linear_modules or ())),
             lora_dropout=self.lora_dropout,
             bias=self.bias,
             use_rslora=self.use_rslora,
@@ -237,7 +273,10 @@ def inspect_base_model(config_json: dict[str, Any], *, field: str = "base_model"
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # a malformed config.json is the client's input, not our bug
-        raise InvalidArgument(f"base model config.json cannot build a {model_type} model: {e}",
+        # The exception's text may quote config values (file bytes): the client gets its type, the log the rest.
+        log.info("config.json of %s cannot build a %s model: %s", field, model_type, e)
+        raise InvalidArgument(f"base model config.json cannot build a {model_type} model "
+                              f"({type(e).__name__}; the trainer's log has the details)",
                               field=field, value=model_type) from None
     return BaseModelInfo(model_type=model_type, linear_modules=linear_module_names(model))
 
@@ -250,14 +289,19 @@ def linear_module_names(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def read_config_json(model_dir: str | Path, *, field: str = "base_model") -> dict[str, Any]:
+    from loraflow.security.safe_files import MAX_CONFIG_BYTES, confined_file, read_regular_file
+
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise InvalidArgument(f"base model {str(model_dir)!r} has no config.json (not a Hugging Face checkpoint)",
                               field=field, value=str(model_dir))
+    raw = read_regular_file(confined_file(model_dir, "config.json", field=field), field=field, limit=MAX_CONFIG_BYTES)
     try:
-        return json.loads(path.read_text())
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"base model config.json is not valid JSON: {e}", field=field,
+        # Only the position: a JSON error's text never quotes the file.
+        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise InvalidArgument(f"base model config.json is not valid JSON{where}", field=field,
                               value=str(model_dir)) from None
 
 
@@ -280,8 +324,9 @@ def apply_peft(model, lora: LoraSettings):
     """Wrap ``model`` with fresh LoRA adapters (QEfficient's apply_peft, minus the from-checkpoint branch)."""
     from peft import get_peft_model
 
-    lora.check_targets(linear_module_names(model))
-    return get_peft_model(model, lora.to_peft())
+    linear = linear_module_names(model)
+    lora.check_targets(linear)
+    return get_peft_model(model, lora.to_peft(linear))
 
 
 # --- loss ---------------------------------------------------------------------------------------
@@ -567,14 +612,22 @@ class LoraTrainer:
 
     # --- output --------------------------------------------------------------------------------
 
-    def save_adapter(self, out_dir: str | Path, *, extra_metrics: dict[str, float] | None = None) -> Path:
-        """Plain PEFT dir (adapter_config.json + adapter_model.safetensors) + metrics.json + loss_curve.png."""
+    def save_adapter(self, out_dir: str | Path, *, extra_metrics: dict[str, float] | None = None,
+                     base_model: str = "") -> Path:
+        """Plain PEFT dir (adapter_config.json + adapter_model.safetensors) + metrics.json + loss_curve.png.
+
+        `base_model` is the model as the job named it (PEFT records only the local path it was loaded from);
+        metrics.json keeps it so `loraflow registry rebuild` can restore the adapter's record from the store."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out_dir)
+        # The one validated adapter loader the compiler and inference use: what is published can be served.
+        from loraflow.lora_bank import read_adapter
+
+        read_adapter(out_dir.name, out_dir)
         metrics = {**self.metrics(), **(extra_metrics or {})}
         (out_dir / METRICS_FILE).write_text(json.dumps(
-            {"metrics": metrics, "train_history": self.train_history, "eval_history": self.eval_history,
+            {"base_model": base_model, "metrics": metrics, "train_history": self.train_history, "eval_history": self.eval_history,
              "lora": self.lora.to_dict(), "training": self.training.to_dict()}, indent=2))
         plot_loss_curve(self.train_history, self.eval_history, out_dir / LOSS_CURVE_FILE,
                         title=f"LoRA r={self.lora.r}, {self.step} steps")

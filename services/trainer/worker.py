@@ -18,9 +18,9 @@ from typing import Any
 
 from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, WorkerStopping
 from loraflow.jobs import JobContext
-from loraflow.model_source import materialize
+from loraflow.model_source import InputPolicy, materialize
 from loraflow.registry import AdapterRecord, Registry
-from loraflow.store import ObjectStore, sha256_file
+from loraflow.store import ObjectStore, adapter_key, sha256_file
 from services.trainer.dataset import build_splits, parse_jsonl
 from services.trainer.training import (
     LOSS_CURVE_FILE,
@@ -90,8 +90,10 @@ class TrainingHandler:
     """``handler(ctx) -> result`` for loraflow.jobs.JobWorker on the "train" queue."""
 
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
-                 report_every_steps: int = 5, metrics=None):
+                 report_every_steps: int = 5, metrics=None, inputs: InputPolicy | None = None):
         self.store = store
+        # Checked again here, not only at submit: the payload in Redis could have been planted.
+        self.inputs = inputs or InputPolicy()
         self.registry = registry
         self.cache_dir = Path(cache_dir)
         self.report_every_steps = max(1, int(report_every_steps))
@@ -106,7 +108,8 @@ class TrainingHandler:
     def base_model_dir(self, base_model: str) -> Path:
         """A local checkpoint dir: as given, or fetched from the store into the cache (sha256-verified)."""
         try:
-            path = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models")
+            path = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models",
+                               policy=self.inputs)
         except InvalidArgument:
             path = None
         if path is None or not (path / "config.json").is_file():
@@ -185,14 +188,14 @@ class TrainingHandler:
     def _publish(self, ctx: JobContext, trainer, name: str, resumed: int) -> dict[str, Any]:
         p = ctx.payload
         out = trainer.save_adapter(self.cache_dir / "jobs" / ctx.job_id / f"adapter-a{ctx.attempt}",
-                                   extra_metrics={"resumed_from_step": float(resumed)})
+                                   extra_metrics={"resumed_from_step": float(resumed)}, base_model=p["base_model"])
         try:
             existing = self.registry.find_adapter(name)
             if existing is not None and existing.job_id != ctx.job_id:
                 raise AlreadyExists(f"adapter {name!r} was registered by job {existing.job_id} meanwhile",
                                     field="adapter_name", value=name)
             self.fence(ctx)
-            key = f"adapters/{name}/{ctx.job_id}-a{ctx.attempt}"
+            key = adapter_key(name, ctx.job_id, ctx.attempt)
             uri = self.store.publish_dir(key, out)
             digest = sha256_file(out / "adapter_model.safetensors")
             metrics = {k: float(v) for k, v in trainer.metrics().items()}

@@ -124,6 +124,19 @@ def test_health_and_reflection(server, channel):
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
 
 
+def test_health_check_answers_while_every_unary_thread_is_busy(server, channel):
+    # The fixture's server has 4 unary threads; 8 slow GetJobs hold all of them (and queue 4 more).
+    stub = jobs_pb2_grpc.JobServiceStub(channel)
+    slow = [stub.GetJob.future(jobs_pb2.GetJobRequest(job_id="slow"), timeout=10) for _ in range(8)]
+    time.sleep(0.3)
+    with grpc.insecure_channel(server.address) as fresh:
+        started = time.monotonic()
+        resp = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - started < 0.5  # not queued behind the slow calls (each takes 1 s)
+    assert [f.result().id for f in slow] == ["slow"] * 8
+
+
 def test_graceful_shutdown_finishes_in_flight_rpcs(server, channel):
     stub = jobs_pb2_grpc.JobServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)

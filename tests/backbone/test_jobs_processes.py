@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from loraflow.jobs import JobQueue
+from tests.support.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -50,14 +51,6 @@ def workers(redis_url, tmp_path):
     w.stop_all()
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _setup(redis_url, **kw):

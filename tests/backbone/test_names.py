@@ -19,7 +19,7 @@ def test_invalid_names_name_field_and_value(name):
     err = info.value
     assert err.field == "adapter_name"
     assert err.metadata["field"] == "adapter_name"
-    assert err.code.name == "INVALID_ARGUMENT"
+    assert err.code == "INVALID_ARGUMENT"
     assert "adapter_name" in str(err)
     assert not is_valid_name(name)
 

@@ -108,12 +108,13 @@ class TrainerStack:
     def start_worker(self, run_worker):
         from services.trainer.worker import TrainingHandler
 
-        handler = TrainingHandler(self.store, self.registry, self.store_dir.parent / "cache", report_every_steps=1)
+        handler = TrainingHandler(self.store, self.registry, self.store_dir.parent / "cache", report_every_steps=1,
+                                  inputs=self.inputs)
         return run_worker(self.queue, handler)
 
 
 @pytest.fixture
-def trainer_stack(redis_url, tmp_path):
+def trainer_stack(redis_url, tmp_path, input_policy):
     """The real trainer API in-process (TrainerService + JobService, as `services.trainer api` wires them)
     over real Redis and a file store; `start_worker(run_worker)` adds the real training worker."""
     from loraflow.registry import Registry
@@ -127,11 +128,13 @@ def trainer_stack(redis_url, tmp_path):
     store_dir = tmp_path / "store"
     store = open_store(store_dir.as_uri())
     server = GrpcServer("127.0.0.1:0", [SERVICE_NAME, JOB_SERVICE_NAME])
-    server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, TrainerServiceServicer(queue, registry, store))
+    server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
+               TrainerServiceServicer(queue, registry, store, inputs=input_policy))
     add_job_service(server, {"train": queue})
     server.start()
     stack = TrainerStack(server.address, queue, registry, store)
     stack.store_dir = store_dir
+    stack.inputs = input_policy
     yield stack
     server.stop(0).wait(5)
     client.close()
@@ -148,7 +151,7 @@ def tiny_dataset(tmp_path):
 
 
 @pytest.fixture
-def inference_address(redis_url, tmp_path):
+def inference_address(redis_url, tmp_path, input_policy):
     """The real inference API in-process (as `python -m services.inference` wires it), no model loaded."""
     from loraflow.registry import Registry
     from loraflow.store import open_store
@@ -159,7 +162,8 @@ def inference_address(redis_url, tmp_path):
     client = redis.Redis.from_url(redis_url)
     server = GrpcServer("127.0.0.1:0", [SERVICE_NAME])
     manager = ModelManager(store=open_store((tmp_path / "store").as_uri()), registry=Registry(client),
-                           cache_dir=tmp_path / "cache", on_change=lambda n: server.set_serving(n > 0))
+                           cache_dir=tmp_path / "cache", on_change=lambda n: server.set_serving(n > 0),
+                           inputs=input_policy)
     server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
     server.start()
     server.set_serving(False)
@@ -170,7 +174,7 @@ def inference_address(redis_url, tmp_path):
 
 
 @pytest.fixture
-def compiler_address(redis_url, tmp_path):
+def compiler_address(redis_url, tmp_path, input_policy):
     """The real compiler API in-process (CompilerService + JobService over a real "compile" queue)."""
     from loraflow.registry import Registry
     from loraflow.store import open_store
@@ -185,7 +189,8 @@ def compiler_address(redis_url, tmp_path):
     name = compiler_pb2.DESCRIPTOR.services_by_name["CompilerService"].full_name
     server = GrpcServer("127.0.0.1:0", [name, JOB_SERVICE_NAME])
     server.add(compiler_pb2_grpc.add_CompilerServiceServicer_to_server,
-               CompilerServiceServicer(queue, registry, store, CompileInputs(store, registry, tmp_path / "ccache")))
+               CompilerServiceServicer(queue, registry, store, CompileInputs(store, registry, tmp_path / "ccache",
+                                                                       policy=input_policy)))
     add_job_service(server, {"compile": queue})
     server.start()
     yield server.address

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 
-import grpc
 import pytest
 
 from loraflow import errors
@@ -72,7 +71,7 @@ def test_client_raises_loraflow_errors_from_status_details(train_jobs_server, cl
     with pytest.raises(errors.NotFound) as info:
         client.get_job("train-ffffffffffffffff")
     exc = info.value
-    assert exc.code == grpc.StatusCode.NOT_FOUND
+    assert exc.code == "NOT_FOUND"
     assert exc.field == "job_id" and exc.value == "train-ffffffffffffffff"
     assert exc.reason and exc.service == "trainer" and exc.address == train_jobs_server.address
     with pytest.raises(errors.InvalidArgument):

@@ -13,7 +13,7 @@ def test_adapters_list_get_delete_json(trainer_stack, cli, cli_json):
     assert cli_json("adapters", "list", trainer=trainer) == {"adapters": []}
     for name in ("beta", "alpha"):
         trainer_stack.registry.put_adapter(AdapterRecord(
-            name=name, uri=f"file:///adapters/{name}", base_model="tiny", job_id=f"train-{name}",
+            name=name, uri=trainer_stack.store.uri(f"adapters/{name}"), base_model="tiny", job_id=f"train-{name}",
             lora={"r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}, metrics={"train_loss": 1.5}))
     listed = cli_json("adapters", "list", trainer=trainer)["adapters"]
     assert [a["name"] for a in listed] == ["alpha", "beta"]
@@ -21,7 +21,7 @@ def test_adapters_list_get_delete_json(trainer_stack, cli, cli_json):
     assert listed[0]["metrics"] == {"train_loss": 1.5} and listed[0]["create_time"]
     code, out, _ = cli("adapters", "list", trainer=trainer)
     assert code == 0 and "alpha" in out and "q_proj,v_proj" in out
-    assert cli_json("adapters", "get", "beta", trainer=trainer)["uri"] == "file:///adapters/beta"
+    assert cli_json("adapters", "get", "beta", trainer=trainer)["uri"] == trainer_stack.store.uri("adapters/beta")
     assert cli_json("adapters", "delete", "beta", trainer=trainer)["deleted"]["name"] == "beta"
     code, _, err = cli("adapters", "get", "beta", trainer=trainer)
     assert code == 1 and "NOT_FOUND" in err and "field: name" in err

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from loraflow import errors
 from loraflow.client import Client
 from loraflow.embedded_redis import free_port
 from loraflow.up import SERVICES, service_available
@@ -70,7 +72,17 @@ def test_up_starts_services_and_stops_cleanly_on_sigint(tmp_path):
         pids = [row["pid"] for row in running.values()]
         assert all(pids)
 
-        with Client(**{name: f"127.0.0.1:{port}" for name, port in ports.items()}, timeout=10) as client:
+        addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+        token_file = Path(ready["token_file"])
+        assert token_file == home / "auth" / "token"
+        for secret in (token_file, home / "auth" / "tokens"):  # the token up generated, readable by us only
+            assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+        assert stat.S_IMODE((home / "auth").stat().st_mode) == 0o700
+        if "trainer" in running:  # the services demand the token: a client without it is turned away
+            with Client(**addresses, token="not-the-token-0123456789", timeout=10) as stranger, \
+                    pytest.raises(errors.Unauthenticated):
+                stranger.list_jobs(kind="train")
+        with Client(**addresses, token_file=str(token_file), timeout=10) as client:
             if "trainer" in running:
                 assert running["trainer"]["status"] == "SERVING"
                 assert client.health("trainer") == "SERVING"

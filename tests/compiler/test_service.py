@@ -15,9 +15,9 @@ from loraflow.grpc_server import GrpcServer, error_info
 from loraflow.job_service import add_job_service
 from loraflow.jobs import JobQueue, JobWorker
 from loraflow.registry import AdapterRecord, Registry
-from loraflow.store import open_store
+from loraflow.store import artifact_key, open_store
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from services.compiler.inputs import CompileInputs, artifact_key
+from services.compiler.inputs import CompileInputs
 from services.compiler.server import SERVICE_NAME, CompilerServiceServicer, options_from_proto
 from services.compiler.worker import CompileHandler
 from tests.support.bare_onnx import bare_prefill
@@ -26,12 +26,12 @@ from tests.support.bare_onnx import bare_prefill
 class Stack:
     """One compiler process: API + JobService + worker, on a shared redis and store."""
 
-    def __init__(self, redis_url: str, store_url: str, cache_dir, *, worker: bool = True):
+    def __init__(self, redis_url: str, store_url: str, cache_dir, *, worker: bool = True, policy=None):
         self.redis = redis.Redis.from_url(redis_url)
         self.store = open_store(store_url)
         self.registry = Registry(self.redis)
         self.queue = JobQueue(self.redis, "compile", lease_seconds=2.0)
-        inputs = CompileInputs(self.store, self.registry, cache_dir)
+        inputs = CompileInputs(self.store, self.registry, cache_dir, policy=policy)
         self.server = GrpcServer("127.0.0.1:0", [SERVICE_NAME])
         self.server.add(compiler_pb2_grpc.add_CompilerServiceServicer_to_server,
                         CompilerServiceServicer(self.queue, self.registry, self.store, inputs))
@@ -66,12 +66,12 @@ class Stack:
 
 
 @pytest.fixture
-def stack_factory(redis_url, tmp_path):
+def stack_factory(redis_url, tmp_path, input_policy):
     stacks = []
     store_url = f"file://{tmp_path / 'store'}"
 
     def make(worker: bool = True) -> Stack:
-        s = Stack(redis_url, store_url, tmp_path / f"cache{len(stacks)}", worker=worker)
+        s = Stack(redis_url, store_url, tmp_path / f"cache{len(stacks)}", worker=worker, policy=input_policy)
         stacks.append(s)
         return s
 
@@ -206,7 +206,8 @@ def test_rejections_name_the_field(stack_factory, tiny_llama, adapter_factory, t
         (R(base_model=str(tiny_llama), adapters=["ghost"]), grpc.StatusCode.NOT_FOUND, "adapters[0]"),
         (R(base_model=str(tiny_llama), adapters=[a, ""]), grpc.StatusCode.INVALID_ARGUMENT, "adapters[1]"),
         (R(base_model=str(tiny_llama), adapters=["bad name!"]), grpc.StatusCode.INVALID_ARGUMENT, "adapters[0]"),
-        (R(base_model=str(tiny_llama), adapters=["../../etc"]), grpc.StatusCode.INVALID_ARGUMENT, None),
+        # A relative path resolves outside every allowed root: refused, not read.
+        (R(base_model=str(tiny_llama), adapters=["../../etc"]), grpc.StatusCode.PERMISSION_DENIED, "adapters[0]"),
         (R(base_model=str(tiny_llama), adapters=[str(tmp_path)]), grpc.StatusCode.INVALID_ARGUMENT, None),
         (R(base_model=str(tiny_llama), adapters=[a], request_id="x" * 5000), grpc.StatusCode.INVALID_ARGUMENT,
          "request_id"),
@@ -261,11 +262,11 @@ def test_artifact_rpcs_validate_and_delete(stack_factory, tiny_llama, adapter_fa
 
 
 def test_default_context_fits_a_model_with_a_short_position_table(stack_factory, tiny_llama, adapter_factory,
-                                                                   tmp_path):
+                                                                   tmp_path, input_policy):
     """tiny_llama has max_position_embeddings=256 < the default ctx_len of 512."""
     stack = stack_factory(worker=False)
     a = adapter_factory("llama", "alpha", r=4, target_modules=("q_proj", "v_proj"))
-    inputs = CompileInputs(stack.store, stack.registry, tmp_path / "cache")
+    inputs = CompileInputs(stack.store, stack.registry, tmp_path / "cache", policy=input_policy)
     plan = inputs.plan(str(tiny_llama), [str(a)], options_from_proto(compiler_pb2.CompileOptions())).plan
     assert plan.options.ctx_len == 256
     request = compiler_pb2.SubmitCompileJobRequest(base_model=str(tiny_llama), adapters=[str(a)],

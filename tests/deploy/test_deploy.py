@@ -9,6 +9,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -130,7 +131,7 @@ def test_compose_graph_has_no_missing_references():
         if spec.get("image", "").startswith("loraflow-"):
             env = spec["environment"]
             assert {"LORAFLOW_REDIS_URL", "LORAFLOW_STORE_URL", "AWS_ENDPOINT_URL"} <= set(env), name
-            host = env["LORAFLOW_REDIS_URL"].split("//", 1)[1].split(":", 1)[0]
+            host = urlsplit(env["LORAFLOW_REDIS_URL"]).hostname
             assert host in services
             s3_host = env["AWS_ENDPOINT_URL"].split("//", 1)[1].split(":", 1)[0]
             assert s3_host in services
@@ -269,3 +270,108 @@ def test_every_service_command_and_flag_exists(service):
         for flag in (a for a in args if a.startswith("--")):
             assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", text), \
                 f"{where}: `python -m services.{service} {shlex.join(args)}` uses {flag}, unknown to the module"
+
+
+# ------------------------------------------------------------------------------------------------ redis
+
+def _redis_flags(args: list[str]) -> dict[str, str]:
+    return {args[i].lstrip("-"): args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+
+
+def test_every_redis_keeps_an_append_only_file_on_a_volume_and_requires_a_password():
+    compose = _compose()
+    redis_spec = compose["services"]["redis"]
+    flags = _redis_flags(redis_spec["command"][1:])
+    assert flags["appendonly"] == "yes" and flags["appendfsync"] == "everysec"
+    assert flags["requirepass"]
+    assert any(v.split(":", 1) == ["redis-data", "/data"] for v in redis_spec["volumes"])
+    assert redis_spec["environment"]["REDISCLI_AUTH"] == flags["requirepass"]  # the healthcheck authenticates
+    for name, spec in compose["services"].items():
+        if spec.get("image", "").startswith("loraflow-"):
+            assert urlsplit(spec["environment"]["LORAFLOW_REDIS_URL"]).password == flags["requirepass"], name
+
+    (statefulset,) = [d for d in _k8s_docs() if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "redis"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    flags = _redis_flags(container["args"])
+    assert flags["appendonly"] == "yes" and flags["appendfsync"] == "everysec"
+    assert flags["requirepass"] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": "loraflow-redis", "key": "REDIS_PASSWORD"}
+    claims = {c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]}
+    assert {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/data"} <= claims
+    (secret,) = [d for d in _k8s_docs() if d["kind"] == "Secret" and d["metadata"]["name"] == "loraflow-redis"]
+    url = urlsplit(secret["stringData"]["LORAFLOW_REDIS_URL"])
+    assert url.password == secret["stringData"]["REDIS_PASSWORD"] and url.hostname == "redis"
+    # The URL (with its password) reaches every loraflow pod from the Secret, never from the ConfigMap.
+    for doc in _k8s_docs():
+        if doc["kind"] == "ConfigMap":
+            assert "LORAFLOW_REDIS_URL" not in doc.get("data", {})
+    for doc, container in _containers():
+        if container["image"].startswith("loraflow-"):
+            refs = [s.get("secretRef", {}).get("name") for s in container["envFrom"]]
+            assert "loraflow-redis" in refs, doc["metadata"]["name"]
+
+
+def test_workers_have_a_readiness_signal_their_probe_reads():
+    compose = _compose()
+    for name in ("trainer-worker", "compiler-worker"):
+        spec = compose["services"][name]
+        ready_file = spec["command"][spec["command"].index("--ready-file") + 1]
+        assert spec["healthcheck"]["test"] == ["CMD", "test", "-f", ready_file], name
+    workers = [(d, c) for d, c in _containers() if d["metadata"]["name"].endswith("-worker")]
+    assert {d["metadata"]["name"] for d, _ in workers} == {"trainer-worker", "compiler-worker"}
+    for doc, container in workers:
+        args = container["args"]
+        ready_file = args[args.index("--ready-file") + 1]
+        assert container["readinessProbe"]["exec"]["command"] == ["test", "-f", ready_file], doc["metadata"]["name"]
+        # The liveness probe fetches /metrics on the pod IP, so it must not bind loopback only.
+        assert args[args.index("--metrics-host") + 1] == "0.0.0.0"
+
+
+def _serves_grpc_beyond_loopback(args: tuple[str, ...]) -> bool:
+    from loraflow.grpc_server import is_loopback, parse_listen
+
+    if args and args[0] == "worker":
+        return False
+    return "--listen" in args and not is_loopback(parse_listen(args[args.index("--listen") + 1])[0])
+
+
+def test_every_api_beyond_loopback_gets_a_tokens_file_from_a_secret_and_none_opts_out():
+    compose = _compose()
+    secrets = compose.get("secrets") or {}
+    checked = 0
+    for name, spec in compose["services"].items():
+        args = tuple(spec.get("command") or ())
+        if not spec.get("image", "").startswith("loraflow-"):
+            continue
+        assert "--allow-unauthenticated" not in args, name
+        if not _serves_grpc_beyond_loopback(args):
+            assert "LORAFLOW_AUTH_TOKENS_FILE" not in spec["environment"], f"{name} serves no gRPC, mounts no tokens"
+            continue
+        path = spec["environment"].get("LORAFLOW_AUTH_TOKENS_FILE", "")
+        assert path.startswith("/run/secrets/"), f"compose {name} listens beyond loopback without tokens"
+        secret = path.removeprefix("/run/secrets/")
+        assert secret in (spec.get("secrets") or []) and secret in secrets, name
+        checked += 1
+    assert checked == 3
+    checked = 0
+    for doc, container in _containers():
+        args = tuple(container.get("args") or ())
+        if not container["image"].startswith("loraflow-"):
+            continue
+        assert "--allow-unauthenticated" not in args, doc["metadata"]["name"]
+        if not _serves_grpc_beyond_loopback(args):
+            continue
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        path = Path(env.get("LORAFLOW_AUTH_TOKENS_FILE") or "/missing")
+        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
+        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"].get("volumes") or []}
+        mounted = [name for name, where in mounts.items() if Path(where) == path.parent]
+        assert mounted, f"k8s {doc['metadata']['name']}: {path} is not on a mounted volume"
+        secret = volumes[mounted[0]]["secret"]
+        assert secret["secretName"] == "loraflow-auth" and secret["defaultMode"] & 0o022 == 0  # never writable
+        # uid 10001 reads it through its group; the Secret itself is created by the operator, not applied here.
+        assert doc["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+        checked += 1
+    assert checked == 3
+    assert not any(d["kind"] == "Secret" and d["metadata"]["name"] == "loraflow-auth" for d in _k8s_docs())

@@ -37,7 +37,7 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, smollm2):
     home = tmp_path_factory.mktemp("e2e-home")
     redis = EmbeddedRedis()
     env = dict(os.environ, LORAFLOW_REDIS_URL=redis.url, LORAFLOW_STORE_URL=f"file://{home / 'store'}",
@@ -47,8 +47,10 @@ def cluster(tmp_path_factory):
     for name, port in ports.items():
         log = open(home / f"{name}.log", "wb")
         logs.append(log)
+        # The services may read the imported model and the example datasets, nothing else on the host.
         procs.append(subprocess.Popen([sys.executable, "-m", f"services.{name}", "all", "--listen",
-                                       f"127.0.0.1:{port}", "--log-level", "WARNING"],
+                                       f"127.0.0.1:{port}", "--log-level", "WARNING",
+                                       "--allow-local-paths", f"{smollm2},{DATA}"],
                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     client = Client(trainer=f"127.0.0.1:{ports['trainer']}", compiler=f"127.0.0.1:{ports['compiler']}",
                     inference=f"127.0.0.1:{ports['inference']}", timeout=120)

@@ -35,3 +35,25 @@ def test_fetch_reuse_refetch_and_fail(tiny_artifact, tmp_path):
         cache.fetch(manifest.artifact_id, uri)
     assert manifest.graph.file in str(err.value)
     assert not path.exists()
+
+
+def test_a_record_pointing_outside_the_stores_artifacts_is_refused_and_nothing_is_read(tiny_artifact, tmp_path):
+    import shutil
+
+    from loraflow.errors import FailedPrecondition
+
+    artifact_dir, manifest = tiny_artifact
+    store = open_store((tmp_path / "store").as_uri())
+    store.publish_dir(f"artifacts/{manifest.artifact_id}", artifact_dir)
+    elsewhere = open_store((tmp_path / "elsewhere").as_uri())
+    planted = elsewhere.publish_dir(f"artifacts/{manifest.artifact_id}", artifact_dir)  # a complete, valid copy
+    shutil.copytree(artifact_dir, tmp_path / "loose")
+    cache = ArtifactCache(tmp_path / "cache", store)
+    own = store.uri(f"artifacts/{manifest.artifact_id}")
+    for uri in (planted, str(tmp_path / "loose"), (tmp_path / "loose").as_uri(), own + "/../../elsewhere",
+                store.uri("artifacts/other-id"), "s3://someone-elses-bucket/artifacts/" + manifest.artifact_id):
+        with pytest.raises(FailedPrecondition) as err:
+            cache.fetch(manifest.artifact_id, uri)
+        assert err.value.metadata["field"] == "artifact_id", uri
+    assert cache.fetches == 0 and not cache.path(manifest.artifact_id).exists()
+    assert cache.fetch(manifest.artifact_id, own)[1].artifact_id == manifest.artifact_id

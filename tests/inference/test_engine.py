@@ -194,3 +194,60 @@ def test_engine_stop_cancels_what_is_left(tiny_artifact, tiny_tokenizer):
     t.start()
     t.join(10)
     assert list(h)[-1].finish_reason == FinishReason.CANCELLED and not m.engine.running
+
+
+def _overflowing_adapter(source, out):
+    """A copy of ``source`` whose lora_B is finite but 1e30 times larger: it passes every load check
+    and overflows to inf/NaN inside the graph (the "slipped through" case)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: (v * np.float32(1e30) if "lora_B" in k else v) for k, v in tensors.items()},
+              str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_a_nan_producing_request_fails_alone_and_the_rest_of_its_step_goes_on(tiny_artifact, tiny_adapters,
+                                                                             tiny_tokenizer, peft_reference,
+                                                                             tmp_path):
+    from services.inference.runtime import OrtRuntime
+
+    artifact_dir, manifest = tiny_artifact
+    runtime = OrtRuntime(artifact_dir, manifest, num_threads=1)
+    runtime.load_adapter("boom", _overflowing_adapter(tiny_adapters["hot"], tmp_path / "boom"))
+    engine = Engine(runtime, tiny_tokenizer, model_id="nan-isolation")
+    prompt = tiny_tokenizer.encode(PROMPTS[0])
+    expected = peft_reference.generate(prompt, "", 12)
+    try:
+        # Queued before the loop starts, so the first prefill step holds the greedy row and a NaN row.
+        good = engine.submit(GenerationRequest(tuple(prompt), "", greedy(12), "good"))
+        sampled = engine.submit(GenerationRequest(tuple(prompt), "boom", SamplingParams(temperature=1.0, seed=1),
+                                                  "boom-sampled"))
+        greedy_bad = engine.submit(GenerationRequest(tuple(prompt), "boom", greedy(12), "boom-greedy"))
+        engine.start()
+        assert list(good.result().token_ids) == expected
+        for handle in (sampled, greedy_bad):
+            with pytest.raises(FailedPrecondition) as err:
+                handle.result()
+            assert err.value.reason == "NON_FINITE_LOGITS"
+            assert handle.request_id in str(err.value) and "'boom'" in str(err.value)
+            assert err.value.metadata["adapter"] == "boom"
+        assert engine.num_active() == 0 and runtime.slots[runtime.adapter_names()["boom"]].active_requests == 0
+        # The failed requests' slots (and their zeroed caches) serve new requests exactly.
+        again = [engine.submit(GenerationRequest(tuple(prompt), "", greedy(12))) for _ in range(4)]
+        assert [list(h.result().token_ids) for h in again] == [expected] * 4
+    finally:
+        engine.stop()
+        runtime.close()
+
+
+def test_request_id_is_bounded_and_of_a_safe_charset(model):
+    for bad in ("x" * 129, "x" * 1_000_000, "a b", "id\n", "ünï"):
+        with pytest.raises(InvalidArgument) as err:
+            GenerationRequest((1, 2), request_id=bad)
+        assert err.value.field == "request_id" and len(str(err.value)) < 300
+    assert submit(model, [1, 2, 3], request_id="job:42/a-1_b.c@x+y").result().request_id == "job:42/a-1_b.c@x+y"

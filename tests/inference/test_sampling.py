@@ -47,3 +47,47 @@ def test_same_seed_same_draws_different_seed_different_draws():
     draws = [[Sampler(SamplingParams(temperature=1.0, seed=seed)) for _ in range(2)] for seed in (7, 8)]
     seq = [[[s(logits, []) for _ in range(20)] for s in pair] for pair in draws]
     assert seq[0][0] == seq[0][1] and seq[1][0] == seq[1][1] and seq[0][0] != seq[1][0]
+
+
+# Values that used to pass and turned finite logits into NaN probabilities (or asked for unbounded work).
+@pytest.mark.parametrize("field,kwargs", [
+    ("sampling.temperature", {"temperature": 1e-320}),
+    ("sampling.temperature", {"temperature": 1e-3}),
+    ("sampling.temperature", {"temperature": float("nan")}),
+    ("sampling.temperature", {"temperature": float("inf")}),
+    ("sampling.temperature", {"temperature": 1e6}),
+    ("sampling.repetition_penalty", {"repetition_penalty": 1e-320}),
+    ("sampling.repetition_penalty", {"repetition_penalty": float("nan")}),
+    ("sampling.repetition_penalty", {"repetition_penalty": 1e300}),
+    ("sampling.top_p", {"top_p": float("nan")}),
+    ("sampling.top_k", {"top_k": 2**31 - 1}),
+    ("sampling.max_new_tokens", {"max_new_tokens": 2**31 - 1}),
+    ("sampling.seed", {"seed": -1}),
+    ("sampling.stop", {"stop": ("x" * 10_000,)}),
+    ("sampling.stop", {"stop": tuple(str(i) for i in range(17))}),
+])
+def test_values_that_could_make_nan_or_unbounded_work_are_refused(field, kwargs):
+    with pytest.raises(InvalidArgument) as err:
+        SamplingParams(**kwargs)
+    assert err.value.field == field
+    assert field in str(err.value)
+    assert len(str(err.value)) < 400  # an oversized value is summarised, not echoed
+
+
+def test_every_accepted_extreme_keeps_probabilities_finite():
+    # Logits as large as a real model's, sampled at each bound of every parameter.
+    logits = np.linspace(-1e4, 1e4, 4096).astype(np.float32)
+    for kw in ({"temperature": 1e-2}, {"temperature": 100.0}, {"temperature": 1.0, "repetition_penalty": 1e-2},
+               {"temperature": 1.0, "repetition_penalty": 100.0}, {"temperature": 1.0, "top_p": 1e-300},
+               {"temperature": 1.0, "top_k": 1 << 20}):
+        token = Sampler(SamplingParams(seed=3, **kw))(logits, list(range(0, 4096, 7)))
+        assert 0 <= token < 4096
+
+
+def test_non_finite_logits_raise_instead_of_drawing():
+    from services.inference.sampling import NonFiniteLogits
+
+    logits = np.array([0.0, np.nan, 1.0], dtype=np.float32)
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=1)):
+        with pytest.raises(NonFiniteLogits):
+            Sampler(params)(logits, [])

@@ -22,7 +22,7 @@ from tests.inference.conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def service(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory):
+def service(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory, input_policy):
     artifact_dir, manifest = tiny_artifact
     root = tmp_path_factory.mktemp("svc")
     store = open_store((root / "store").as_uri())
@@ -36,7 +36,7 @@ def service(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory):
     registry.put_adapter(AdapterRecord(name="hot", uri=adapter_uri, base_model=manifest.base_model.source))
     server = GrpcServer(listen="127.0.0.1:0", service_names=[SERVICE_NAME])
     manager = ModelManager(store=store, registry=registry, cache_dir=root / "cache",
-                           on_change=lambda n: server.set_serving(n > 0))
+                           on_change=lambda n: server.set_serving(n > 0), inputs=input_policy)
     server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
     port = server.start()
     server.set_serving(False)
@@ -143,6 +143,11 @@ def test_lifecycle_generate_batch_adapters_and_errors(service, tiny_tokenizer, p
     assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "requests[1].sampling.top_k"
     assert code_of(lambda: stub.LoadAdapter(pb.LoadAdapterRequest(model_id="m", adapter="ghost")))[0] == \
         grpc.StatusCode.NOT_FOUND
+    # Confined inputs: outside the allowed roots, kernel files, another bucket, a record planted in Redis.
+    service["manager"].registry.put_adapter(AdapterRecord(name="planted", uri="/var/tmp", base_model="m"))
+    for adapter in ("/var/tmp", "/proc/self", "file:///etc", "s3://someone-elses-bucket/a", "planted"):
+        code, _, meta = code_of(lambda a=adapter: stub.LoadAdapter(pb.LoadAdapterRequest(model_id="m", adapter=a)))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and meta["field"] == "adapter", adapter
 
     # A client that goes away cancels its request: the slot frees and the request counts as cancelled.
     engine = service["manager"].get("m").engine
@@ -162,3 +167,104 @@ def test_lifecycle_generate_batch_adapters_and_errors(service, tiny_tokenizer, p
     assert removed.model_id == "m"
     assert health.Check(check).status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert code_of(lambda: stub.UnloadModel(pb.UnloadModelRequest(model_id="m")))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def _broken_adapter(source, out, case):
+    import shutil
+    import struct
+
+    shutil.copytree(source, out)
+    weights, config = out / "adapter_model.safetensors", out / "adapter_config.json"
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif case == "header_len_2_40":
+        weights.write_bytes(struct.pack("<Q", 2**40) + weights.read_bytes()[8:])
+    elif case == "config_list":
+        config.write_text("[1, 2, 3]")
+    elif case == "config_not_utf8":
+        config.write_bytes(b'{"r": "\xff\xfe"}')
+    elif case == "alpha_inf":
+        config.write_text(config.read_text().replace('"lora_alpha": 12', '"lora_alpha": 1e400'))
+    return out
+
+
+def test_hostile_requests_fail_alone_with_invalid_argument(service, tiny_adapters, tiny_tokenizer, peft_reference,
+                                                           tmp_path):
+    stub = service["stub"]
+    code, _, meta = code_of(lambda: stub.LoadArtifact(pb.LoadArtifactRequest(
+        artifact_id=service["artifact_id"], model_id="bounds", num_threads=100_000)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "num_threads"
+    stub.LoadArtifact(pb.LoadArtifactRequest(artifact_id=service["artifact_id"], model_id="bounds", num_threads=1))
+    try:
+        # Malformed adapter files: INVALID_ARGUMENT naming the file, never INTERNAL.
+        for case, file in (("truncated", "adapter_model.safetensors"), ("header_len_2_40", "adapter_model.safetensors"),
+                           ("config_list", "adapter_config.json"), ("config_not_utf8", "adapter_config.json"),
+                           ("alpha_inf", "lora_alpha")):
+            path = _broken_adapter(tiny_adapters["hot"], tmp_path / case, case)
+            name = f"bad-{case}".replace("_", "-")
+            code, details, meta = code_of(lambda p=path, n=name: stub.LoadAdapter(pb.LoadAdapterRequest(
+                model_id="bounds", adapter=str(p), name=n)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (case, code, details)
+            assert file in details, (case, details)
+
+        def gen(**kw):
+            return lambda: stub.Generate(pb.GenerateRequest(**{"model_id": "bounds", "prompt": "hi", **kw}))
+
+        # An adapter that passes every check but overflows in the graph: its stream alone ends with
+        # FAILED_PRECONDITION naming the request and adapter; the model serves on.
+        from tests.inference.test_engine import _overflowing_adapter
+
+        boom = _overflowing_adapter(tiny_adapters["hot"], tmp_path / "boom")
+        stub.LoadAdapter(pb.LoadAdapterRequest(model_id="bounds", adapter=str(boom), name="boom"))
+        code, details, meta = code_of(gen(adapter="boom", request_id="nan-1",
+                                          sampling=pb.SamplingParams(temperature=1.0, seed=3)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "nan-1" in details and "'boom'" in details
+        assert meta["adapter"] == "boom"
+        prompt2 = tiny_tokenizer.encode(PROMPTS[1])
+        after = list(stub.Generate(pb.GenerateRequest(model_id="bounds", prompt_token_ids=pb.TokenIds(ids=prompt2),
+                                                      sampling=pb.SamplingParams(max_new_tokens=6))))
+        assert [t for c in after for t in c.token_ids] == peft_reference.generate(prompt2, "", 6)
+
+        for sampling, field in ((pb.SamplingParams(temperature=1e-320), "sampling.temperature"),
+                                (pb.SamplingParams(repetition_penalty=1e-320), "sampling.repetition_penalty"),
+                                (pb.SamplingParams(temperature=float("nan")), "sampling.temperature"),
+                                (pb.SamplingParams(max_new_tokens=2**31 - 1), "sampling.max_new_tokens"),
+                                (pb.SamplingParams(stop=["x" * 100_000]), "sampling.stop")):
+            code, details, meta = code_of(gen(sampling=sampling))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == field, (field, details)
+        code, details, meta = code_of(gen(request_id="r" * 1_000_000))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "request_id" and len(details) < 300
+        code, _, meta = code_of(lambda: stub.GenerateBatch(pb.GenerateBatchRequest(requests=[
+            pb.GenerateRequest(model_id="bounds", prompt="hi"),
+            pb.GenerateRequest(model_id="bounds", prompt="hi", request_id="a\nb")])))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "requests[1].request_id"
+        # An unknown adapter late in a batch is refused before any of the batch is queued.
+        before = REGISTRY.get_sample_value("loraflow_inference_requests_total",
+                                           {"model": "bounds", "adapter": "<base>", "finish_reason": "cancelled"})
+        code, _, meta = code_of(lambda: stub.GenerateBatch(pb.GenerateBatchRequest(requests=[
+            *[pb.GenerateRequest(model_id="bounds", prompt="hi")] * 3,
+            pb.GenerateRequest(model_id="bounds", prompt="hi", adapter="\x00loading:x")])))
+        assert code == grpc.StatusCode.NOT_FOUND and meta["field"] == "requests[3].adapter"
+        assert REGISTRY.get_sample_value("loraflow_inference_requests_total",
+                                         {"model": "bounds", "adapter": "<base>", "finish_reason": "cancelled"}) \
+            == before
+
+        # The documented maximum batch (256) succeeds on an idle server whose queue bound is 64;
+        # one more is refused naming the count.
+        engine = service["manager"].get("bounds").engine
+        assert engine.scheduler.max_waiting == 64
+        prompt = tiny_tokenizer.encode(PROMPTS[2])
+        expected = peft_reference.generate(prompt, "", 2)
+        one = pb.GenerateRequest(model_id="bounds", prompt_token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(max_new_tokens=2, ignore_eos=True))
+        tokens: dict[int, list[int]] = {}
+        finished = set()
+        for r in stub.GenerateBatch(pb.GenerateBatchRequest(requests=[one] * 256), timeout=300):
+            tokens.setdefault(r.index, []).extend(r.response.token_ids)
+            if r.response.finish_reason:
+                finished.add(r.index)
+        assert finished == set(range(256)) and all(tokens[i] == expected for i in range(256))
+        code, details, meta = code_of(lambda: stub.GenerateBatch(pb.GenerateBatchRequest(requests=[one] * 257)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and meta["field"] == "requests" and "257" in details
+    finally:
+        stub.UnloadModel(pb.UnloadModelRequest(model_id="bounds"))

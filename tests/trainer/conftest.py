@@ -23,7 +23,7 @@ class TrainerStack:
     """TrainerService + JobService on a real loopback gRPC server, a real Redis and a file store;
     ``start_worker()`` runs a JobWorker thread in this process."""
 
-    def __init__(self, redis_url: str, tmp_path, lease_seconds: float = 30.0):
+    def __init__(self, redis_url: str, tmp_path, lease_seconds: float = 30.0, *, inputs=None):
         import grpc
 
         from loraflow.config import connect_redis
@@ -42,9 +42,10 @@ class TrainerStack:
         self.store_dir = tmp_path / "store"
         self.store = open_store(self.store_dir.as_uri())
         self.cache_dir = tmp_path / "cache"
+        self.inputs = inputs  # the InputPolicy of API and workers (None: no local paths but the store's)
         self.server = GrpcServer("127.0.0.1:0", service_names=[SERVICE_NAME, JOB_SERVICE_NAME])
         self.server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
-                        TrainerServiceServicer(self.queue, self.registry, self.store))
+                        TrainerServiceServicer(self.queue, self.registry, self.store, inputs=inputs))
         add_job_service(self.server, {"train": self.queue})
         self.port = self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -58,7 +59,8 @@ class TrainerStack:
         from loraflow.jobs import JobWorker
         from services.trainer.worker import TrainingHandler
 
-        handler = TrainingHandler(self.store, self.registry, self.cache_dir, report_every_steps=report_every_steps)
+        handler = TrainingHandler(self.store, self.registry, self.cache_dir, report_every_steps=report_every_steps,
+                                  inputs=self.inputs)
         worker = JobWorker(self.queue, handler, poll_ms=200, reaper_interval=0.5)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
@@ -80,7 +82,7 @@ class TrainerStack:
 
 
 @pytest.fixture
-def stack(redis_url, tmp_path):
-    s = TrainerStack(redis_url, tmp_path)
+def stack(redis_url, tmp_path, input_policy):
+    s = TrainerStack(redis_url, tmp_path, inputs=input_policy)
     yield s
     s.close()

@@ -17,22 +17,23 @@ REPO = Path(__file__).resolve().parents[2]
 LEASE_SECONDS = 1.0
 
 
-def _worker(stack: TrainerStack, redis_url: str, cache: Path, log: Path) -> subprocess.Popen:
+def _worker(stack: TrainerStack, redis_url: str, cache: Path, log: Path, allowed_root: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, "-m", "services.trainer", "worker", "--redis-url", redis_url,
          "--store-url", stack.store.uri(""), "--cache-dir", str(cache), "--lease-seconds", str(LEASE_SECONDS),
-         "--report-every-steps", "1", "--log-level", "INFO"],
+         "--report-every-steps", "1", "--log-level", "INFO", "--allow-local-paths", allowed_root],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
 
 
 @pytest.mark.slow
 def test_sigkilled_worker_is_resumed_from_its_checkpoint_by_another_process(redis_url, tmp_path, tiny_llama,
-                                                                               dataset_file):
-    stack = TrainerStack(redis_url, tmp_path, lease_seconds=LEASE_SECONDS)
+                                                                               dataset_file, allowed_root,
+                                                                               input_policy):
+    stack = TrainerStack(redis_url, tmp_path, lease_seconds=LEASE_SECONDS, inputs=input_policy)
     procs: list[subprocess.Popen] = []
     try:
-        first = _worker(stack, redis_url, tmp_path / "cache-a", tmp_path / "worker-a.log")
+        first = _worker(stack, redis_url, tmp_path / "cache-a", tmp_path / "worker-a.log", allowed_root)
         procs.append(first)
         job = stack.trainer.SubmitTrainingJob(trainer_pb2.SubmitTrainingJobRequest(
             base_model=str(tiny_llama), dataset_uri=str(dataset_file), adapter_name="survivor",
@@ -43,7 +44,7 @@ def test_sigkilled_worker_is_resumed_from_its_checkpoint_by_another_process(redi
         for event in stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=120):
             if event.state == jobs_pb2.JOB_STATE_RUNNING and len(procs) == 1:
                 # Start the second worker now, so its imports overlap the first one's training.
-                procs.append(_worker(stack, redis_url, tmp_path / "cache-b", tmp_path / "worker-b.log"))
+                procs.append(_worker(stack, redis_url, tmp_path / "cache-b", tmp_path / "worker-b.log", allowed_root))
             if event.message.startswith("checkpoint at step"):
                 first.send_signal(signal.SIGKILL)
                 first.wait(10)
@@ -86,7 +87,7 @@ def test_sigkilled_worker_is_resumed_from_its_checkpoint_by_another_process(redi
 
 @pytest.mark.slow
 def test_all_mode_serves_health_and_sigterm_checkpoints_and_releases_the_job(redis_url, tmp_path, tiny_llama,
-                                                                               dataset_file):
+                                                                               dataset_file, allowed_root):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -102,7 +103,7 @@ def test_all_mode_serves_health_and_sigterm_checkpoints_and_releases_the_job(red
            "LORAFLOW_STORE_URL": store.uri(""), "LORAFLOW_CACHE_DIR": str(tmp_path / "cache")}
     log = tmp_path / "all.log"
     proc = subprocess.Popen([sys.executable, "-m", "services.trainer", "--listen", f"127.0.0.1:{port}",
-                             "--report-every-steps", "1", "--grace", "2"],
+                             "--report-every-steps", "1", "--grace", "2", "--allow-local-paths", allowed_root],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -186,6 +186,8 @@ def _bad_jsonl(tmp_path, text, name="bad.jsonl"):
     (lambda r, p: setattr(r, "dataset_uri", str(_bad_jsonl(p, '{"text": "a"}\n{oops\n'))), "dataset line 2: json"),
     (lambda r, p: setattr(r, "dataset_uri", str(_bad_jsonl(p, '{"prompt": "a"}\n'))), "dataset line 1: keys"),
     (lambda r, p: r.lora.target_modules.append("qkv_proj"), "lora.target_modules[2]"),
+    (lambda r, p: r.lora.target_modules.append("lm_head"), "lora.target_modules[2]"),
+    (lambda r, p: r.lora.target_modules.append("embed_tokens"), "lora.target_modules[2]"),
     (lambda r, p: setattr(r.lora, "r", -1), "lora.r"),
     (lambda r, p: setattr(r.lora, "r", 0), "lora.r"),
     (lambda r, p: setattr(r.lora, "r", 100000), "lora.r"),
@@ -198,6 +200,8 @@ def _bad_jsonl(tmp_path, text, name="bad.jsonl"):
     (lambda r, p: setattr(r.training, "lr_scheduler", "exp"), "training.lr_scheduler"),
     (lambda r, p: setattr(r.training, "learning_rate", float("nan")), "training.learning_rate"),
     (lambda r, p: setattr(r, "request_id", "r" * 500), "request_id"),
+    (lambda r, p: setattr(r, "request_id", "r" * 1_000_000), "request_id"),
+    (lambda r, p: setattr(r, "request_id", "id with spaces\n"), "request_id"),
     (lambda r, p: r.labels.update({"bad key!": "v"}), "labels"),
 ])
 def test_submit_rejects_every_bad_field(stack, tiny_llama, dataset_file, tmp_path, mutate, field):

@@ -81,8 +81,9 @@ def test_all_linear_and_rslora(tiny_llama, tmp_path):
     trainer.train()
     out = trainer.save_adapter(tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
-    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"}
+    # Explicit short names, not PEFT's full module paths: what the compiler's adapter validation accepts.
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"])
     assert config["use_rslora"] is True and config["r"] == 4
     q = trainer.causal_lm.model.layers[0].self_attn.q_proj
     assert q.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r)
@@ -166,6 +167,7 @@ def test_unknown_target_module_lists_the_models_linear_modules(tiny_llama, tmp_p
     ({"r": 0}, "lora.r"), ({"r": -3}, "lora.r"), ({"lora_alpha": -1.0}, "lora.lora_alpha"),
     ({"lora_alpha": float("nan")}, "lora.lora_alpha"), ({"lora_dropout": 1.0}, "lora.lora_dropout"),
     ({"lora_dropout": -0.1}, "lora.lora_dropout"), ({"bias": "some"}, "lora.bias"),
+    ({"bias": "all"}, "lora.bias"), ({"bias": "lora_only"}, "lora.bias"),
     ({"target_modules": ()}, "lora.target_modules"), ({"target_modules": ("all-linear", "q_proj")}, "lora.target_modules"),
     ({"target_modules": ("../x",)}, "lora.target_modules[0]"), ({"target_modules": ("q_proj", "q_proj")}, "lora.target_modules"),
 ])
@@ -202,3 +204,27 @@ def test_unavailable_devices_fail_precondition():
 def test_epochs_set_total_steps(tiny_llama, tmp_path):
     trainer = _trainer(tiny_llama, tmp_path, num_epochs=2.0, batch_size=6, eval_fraction=0)
     assert trainer.steps_per_epoch == 4 and trainer.total_steps == 8
+
+
+def test_all_linear_adapter_compiles_into_an_artifact(tiny_llama, tmp_path):
+    from services.compiler.artifact import build_artifact
+    from services.compiler.options import CompileOptions
+
+    trainer = _trainer(tiny_llama, tmp_path, lora=LoraSettings(r=4, target_modules=("all-linear",)), max_steps=2,
+                       eval_fraction=0)
+    trainer.train()
+    out = trainer.save_adapter(tmp_path / "adapter")
+    options = CompileOptions(batch_size=1, full_batch_size=1, prefill_seq_len=8, ctx_len=32, max_rank=4,
+                             adapter_slots=1)
+    manifest = build_artifact(tiny_llama, [("trained", out)], options, tmp_path / "artifact")
+    assert [a.name for a in manifest.adapters] == ["trained"]
+    assert set(manifest.adapters[0].target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
+def test_targets_the_compiler_cannot_serve_are_refused_before_training(module):
+    with pytest.raises(InvalidArgument) as e:
+        LoraSettings(target_modules=("q_proj", module))
+    assert e.value.field == "lora.target_modules[1]" and e.value.value == module
+    assert "q_proj" in str(e.value) and "down_proj" in str(e.value) and "all-linear" in str(e.value)
