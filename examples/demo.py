@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from loraflow.client import UP_CLIENT_TOKEN_FILE, Client  # noqa: E402
+from loraflow.config import mask_redis_url  # noqa: E402
 from loraflow.embedded_redis import free_port  # noqa: E402
 from loraflow.models_import import import_model  # noqa: E402
 from loraflow.store import open_store  # noqa: E402
@@ -97,7 +98,7 @@ def start_services(home: Path) -> tuple[Supervisor, Client]:
     supervisor.wait_ready(config.ready_timeout, threading.Event())
     for row in supervisor.table_rows():
         console.print(f"  [green]ready[/green] {row['name']:<9} {row['address']:<21} pid {row['pid']}")
-    console.print(f"  redis {redis_url}, store {config.store_url}")
+    console.print(f"  redis {mask_redis_url(redis_url)}, store {config.store_url}")
     client = Client(trainer=addresses["trainer"], compiler=addresses["compiler"],
                     inference=addresses["inference"], timeout=120.0,
                     token_file=str(home / UP_CLIENT_TOKEN_FILE))  # the token plan() generated for the services
