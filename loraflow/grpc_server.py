@@ -215,6 +215,19 @@ def is_loopback(host: str) -> bool:
         return False  # a host name may resolve anywhere
 
 
+def check_exposure(host: str, port: int, *, authenticated: bool, security: SecuritySettings,
+                   field: str = "listen") -> None:
+    """Refuse (FailedPrecondition) a non-loopback address without tokens unless allow_unauthenticated;
+    every front door of a service (gRPC, the inference HTTP API) applies this one rule."""
+    if is_loopback(host) or authenticated or security.allow_unauthenticated:
+        return
+    raise FailedPrecondition(
+        f"refusing to serve {host}:{port} without authentication: anyone who reaches a non-loopback address "
+        f"could call every RPC. Give --auth-tokens-file (env LORAFLOW_AUTH_TOKENS_FILE), listen on 127.0.0.1, "
+        f"or pass --allow-unauthenticated (env LORAFLOW_ALLOW_UNAUTHENTICATED=1) if something in front of it "
+        f"authenticates callers", field=field, value=f"{host}:{port}", reason="UNAUTHENTICATED_EXPOSURE")
+
+
 class GrpcServer:
     """A grpc.server with auth, the stream cap, the error interceptor, health (per service name and
     overall "") and reflection.
@@ -294,15 +307,8 @@ class GrpcServer:
         return self.port
 
     def _check_exposure(self) -> None:
-        if is_loopback(self.host):
-            return
-        if self.authenticator is None and not self.security.allow_unauthenticated:
-            raise FailedPrecondition(
-                f"refusing to serve {self.host}:{self.requested_port} without authentication: anyone who reaches "
-                f"a non-loopback address could call every RPC. Give --auth-tokens-file (env "
-                f"LORAFLOW_AUTH_TOKENS_FILE), listen on 127.0.0.1, or pass --allow-unauthenticated (env "
-                f"LORAFLOW_ALLOW_UNAUTHENTICATED=1) if something in front of it authenticates callers",
-                field="listen", value=f"{self.host}:{self.requested_port}", reason="UNAUTHENTICATED_EXPOSURE")
+        check_exposure(self.host, self.requested_port, authenticated=self.authenticator is not None,
+                       security=self.security)
 
     def _warn_exposure(self) -> None:
         if is_loopback(self.host):

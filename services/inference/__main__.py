@@ -1,14 +1,16 @@
 """python -m services.inference [--listen HOST:PORT] [--redis-url ...] [--store-url ...] [--cache-dir ...]
-[--metrics-port N] [--load ARTIFACT_ID[@device]] ...
+[--metrics-port N] [--load ARTIFACT_ID[@device]] [--http-listen HOST:PORT] ...
 
-Serves InferenceService (plus health and reflection). Health says NOT_SERVING until a model is
-loaded. SIGTERM/SIGINT: NOT_SERVING, drain the RPCs, stop every engine.
+Serves InferenceService (plus health and reflection), and with --http-listen the OpenAI-compatible
+/v1 API on the same engines, tokens and TLS. Health says NOT_SERVING until a model is loaded.
+SIGTERM/SIGINT: NOT_SERVING, drain the RPCs and HTTP requests, stop every engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 
@@ -20,8 +22,10 @@ from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import open_store
 from loraflow.v1 import inference_pb2_grpc
+from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, MAX_ADAPTER_CACHE_BYTES
 from services.inference.metrics import serve_metrics
 from services.inference.model_manager import ModelManager
+from services.inference.on_demand_adapters import DEFAULT_ADAPTER_WAIT_S, MAX_ADAPTER_WAIT_S
 from services.inference.runtime import MAX_NUM_THREADS
 from services.inference.server import SERVICE_NAME, InferenceServicer
 
@@ -48,6 +52,20 @@ def _max_waiting(text: str) -> int:
     return _bounded_int(text, 1, MAX_WAITING_LIMIT)
 
 
+def _adapter_wait_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value <= MAX_ADAPTER_WAIT_S:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_ADAPTER_WAIT_S:g}, got {text}")
+    return value
+
+
+def _adapter_cache_bytes(text: str) -> int:
+    return _bounded_int(text, 0, MAX_ADAPTER_CACHE_BYTES)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.inference", description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", default="all", choices=("all", "api"),
@@ -67,6 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-waiting", type=_max_waiting, default=64,
                    help=f"waiting-queue bound per model, 1..{MAX_WAITING_LIMIT} (a GenerateBatch larger than it "
                         "queues its requests as room frees)")
+    p.add_argument("--adapter-wait-s", type=_adapter_wait_s, default=DEFAULT_ADAPTER_WAIT_S,
+                   help="how long a request for an adapter not in a slot waits for an idle slot before "
+                        f"RESOURCE_EXHAUSTED, 0..{MAX_ADAPTER_WAIT_S:g} s (default {DEFAULT_ADAPTER_WAIT_S:g})")
+    p.add_argument("--adapter-cache-bytes", type=_adapter_cache_bytes, default=DEFAULT_ADAPTER_CACHE_BYTES,
+                   help="host memory kept for evicted adapters' weights, so reloading one is a memory copy "
+                        f"(0 = off; default {DEFAULT_ADAPTER_CACHE_BYTES})")
+    p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible /v1 API here (env LORAFLOW_HTTP_LISTEN; off unless set)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
     return p.parse_args(argv)
@@ -97,10 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     serve_stop = threading.Event()
     # Serving = Redis answers AND a model is loaded; both conditions meet here only.
     gate = ReadinessGate(lambda ready: serve_stop.is_set() or server.set_serving(ready), redis=False, model=False)
+    http_listen = args.http_listen or os.environ.get("LORAFLOW_HTTP_LISTEN") or None
+    http = None
+    if http_listen:
+        from services.inference.openai_api.serve import HttpServer
+
+        try:  # refuses an exposed address without tokens and a busy port before anything starts
+            http = HttpServer(http_listen, security=security, authenticated=server.authenticator is not None,
+                              max_connections=security.max_concurrent_streams)
+        except (LoraflowError, OSError) as err:
+            log.error("cannot serve the HTTP API on %s: %s", http_listen, err)
+            if embedded is not None:
+                embedded.stop()
+            return 2
     monitor = RedisMonitor(redis_client, gate).start()
     manager = ModelManager(store=store, registry=registry, cache_dir=settings.cache_dir,
                            max_waiting=args.max_waiting, on_change=lambda n: gate.set("model", n > 0),
-                           allow_spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security))
+                           allow_spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security),
+                           adapter_wait_s=args.adapter_wait_s, adapter_cache_bytes=args.adapter_cache_bytes)
     server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
     if args.metrics_port:
         serve_metrics(args.metrics_port, security.metrics_host)
@@ -108,6 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     port = server.start(serving=False)
     gate.publish()
     log.info("inference service listening on port %d", port)
+    shutdown = [monitor.stop, manager.close]
+    if http is not None:
+        from services.inference.openai_api.app import ApiLimits, OpenAIApi
+
+        # The gRPC server's Authenticator itself: a SIGHUP reload applies to both front doors.
+        api = OpenAIApi(manager, authenticator=server.authenticator,
+                        ready=lambda: gate.ready and not serve_stop.is_set(),
+                        limits=ApiLimits(max_concurrent_generations=security.max_concurrent_streams))
+        http.start(api.app)
+        shutdown.insert(0, http.stop)  # in-flight HTTP requests get the grace, then the engines stop
 
     for spec in args.load:
         artifact_id, _, device = spec.partition("@")
@@ -117,12 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         except LoraflowError as err:
             log.error("cannot load %s: %s", spec, err)
             serve_stop.set()
-            monitor.stop()
+            for stop in shutdown:
+                stop()
             server.stop(grace=0)
-            manager.close()
             return 2
 
-    shutdown = [monitor.stop, manager.close]
     if embedded is not None:
         shutdown.append(embedded.stop)
     run_until_signal(server, on_shutdown=shutdown, stop_event=serve_stop)

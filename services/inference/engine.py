@@ -49,6 +49,28 @@ class StepRuntime(Protocol):
         """Zero one KV-cache slot (after a request whose values may be NaN/inf)."""
 
 
+class AdapterAcquirer(Protocol):
+    """Resolves a request's adapter to a lora_id, counting the request on it (OnDemandAdapters loads
+    absent adapters here); released through the runtime's ``release_adapter``."""
+
+    def acquire_adapter(self, name: str) -> int: ...
+
+    def waiting(self) -> dict[str, int]:
+        """Adapter name -> requests waiting for it to be loaded."""
+
+
+@dataclass(frozen=True)
+class RoutingSnapshot:
+    """What a LoRA-aware router reads about one engine (see services.inference.metrics)."""
+
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float  # fraction of KV-cache slots in use
+    max_lora: int
+    running_adapters: tuple[str, ...]
+    waiting_adapters: tuple[str, ...]
+
+
 class Tokenizer(Protocol):
     eos_ids: frozenset[int]
 
@@ -135,8 +157,9 @@ class Engine:
     """Continuous batching over one runtime; thread-safe submit/cancel, one loop thread."""
 
     def __init__(self, runtime: StepRuntime, tokenizer: Tokenizer, *, model_id: str = "model",
-                 max_waiting: int = 64):
+                 max_waiting: int = 64, adapters: AdapterAcquirer | None = None):
         self.runtime = runtime
+        self.adapters = adapters  # None: only adapters already in a slot serve
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.scheduler = Scheduler(full_batch_size=runtime.full_batch_size,
@@ -150,6 +173,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         metrics.SLOTS_TOTAL.labels(model_id).set(runtime.full_batch_size)
+        metrics.ROUTING.track(model_id, self)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -171,6 +195,7 @@ class Engine:
                 if seq is not None:
                     self._finalize(self._states[rid], "")
         metrics.forget_model(self.model_id)
+        metrics.ROUTING.forget(self.model_id, self)
 
     @property
     def running(self) -> bool:
@@ -184,7 +209,8 @@ class Engine:
         (or the event is set: the caller gave up) instead of failing, so a bounded batch always fits
         through a bounded queue."""
         request_id = request.request_id or uuid.uuid4().hex
-        lora_id = self.runtime.acquire_adapter(request.adapter)
+        # With OnDemandAdapters this may load the adapter first (bounded wait for a slot).
+        lora_id = (self.adapters or self.runtime).acquire_adapter(request.adapter)
         seq = Sequence(request_id=request_id, prompt_ids=list(request.prompt_ids), lora_id=lora_id,
                        max_new_tokens=request.sampling.max_new_tokens, eos_ids=self.tokenizer.eos_ids,
                        ignore_eos=request.sampling.ignore_eos)
@@ -223,6 +249,19 @@ class Engine:
     def num_active(self) -> int:
         with self._lock:
             return len(self._states)
+
+    def routing_snapshot(self) -> RoutingSnapshot:
+        loading = {n: w for n, w in self.adapters.waiting().items() if w} if self.adapters is not None else {}
+        with self._lock:
+            running = {self._states[rid].request.adapter for rid in self.scheduler.running if rid in self._states}
+            waiting = {self._states[s.request_id].request.adapter for s in self.scheduler.waiting
+                       if s.request_id in self._states}
+            num_waiting, num_running = self.scheduler.num_waiting, self.scheduler.num_running
+        return RoutingSnapshot(
+            num_waiting=num_waiting + sum(loading.values()), num_running=num_running,
+            kv_cache_usage=num_running / self.scheduler.full_batch_size,
+            max_lora=int(getattr(self.runtime, "adapter_slots", 0)),
+            running_adapters=tuple(sorted(running - {""})), waiting_adapters=tuple(sorted((waiting | set(loading)) - {""})))
 
     # ---- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -300,7 +339,10 @@ class Engine:
         state.handle._close()
         self._states.pop(seq.request_id, None)
         self.runtime.release_adapter(seq.lora_id)
-        metrics.REQUESTS.labels(self.model_id, state.request.adapter or "<base>", seq.finish_reason.value).inc()
+        adapter = state.request.adapter or "<base>"
+        metrics.REQUESTS.labels(self.model_id, adapter, seq.finish_reason.value).inc()
+        metrics.ADAPTER_PROMPT_TOKENS.labels(self.model_id, adapter).inc(len(seq.prompt_ids))
+        metrics.ADAPTER_GENERATED_TOKENS.labels(self.model_id, adapter).inc(len(seq.output_ids))
         metrics.log_event("request_finished", model=self.model_id, request_id=seq.request_id,
                           finish_reason=seq.finish_reason.value, prompt_tokens=len(seq.prompt_ids),
                           completion_tokens=len(seq.output_ids),

@@ -20,8 +20,15 @@ from loraflow.names import validate_name
 from loraflow.security.safe_files import check_tree
 from loraflow.store import ObjectStore, resolve
 from services.inference import metrics
+from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, HostAdapterCache
 from services.inference.artifact_cache import ArtifactCache
 from services.inference.engine import Engine
+from services.inference.on_demand_adapters import (
+    DEFAULT_ADAPTER_WAIT_S,
+    MAX_ADAPTER_WAIT_S,
+    AdapterOrigin,
+    OnDemandAdapters,
+)
 from services.inference.runtime import OrtRuntime, check_device
 from services.inference.tokenization import TextTokenizer
 
@@ -35,6 +42,7 @@ class LoadedModel:
     runtime: OrtRuntime
     tokenizer: TextTokenizer
     engine: Engine
+    adapters: OnDemandAdapters
 
     @property
     def base_model(self) -> str:
@@ -45,9 +53,23 @@ class LoadedModel:
         self.runtime.close()
 
 
+def compiled_in_origin(artifact_dir: Path, manifest: Manifest, name: str) -> AdapterOrigin | None:
+    """Where an adapter compiled into the artifact is read from again after its eviction."""
+    for entry in manifest.adapters:
+        if entry.name == name:
+            return AdapterOrigin(f"artifact:{entry.path}", lambda p=artifact_dir / entry.path: p, "artifact")
+    return None
+
+
 def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: int = 0, model_id: str = "",
-               max_waiting: int = 64, manifest: Manifest | None = None, allow_spinning: bool = False) -> LoadedModel:
-    """Open a local, already verified artifact directory and start its engine."""
+               max_waiting: int = 64, manifest: Manifest | None = None, allow_spinning: bool = False,
+               resolve_adapter: Callable[[str], AdapterOrigin | None] | None = None,
+               adapter_cache: HostAdapterCache | None = None,
+               adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S) -> LoadedModel:
+    """Open a local, already verified artifact directory and start its engine.
+
+    A request naming an adapter that is not in a slot loads it on first use from the artifact (one
+    compiled in) or from ``resolve_adapter(name)`` (the registry, for a ModelManager)."""
     artifact_dir = Path(artifact_dir)
     manifest = manifest or Manifest.load(artifact_dir)
     runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads,
@@ -56,16 +78,38 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
     model_id = model_id or manifest.artifact_id
-    engine = Engine(runtime, tokenizer, model_id=model_id, max_waiting=max_waiting).start()
-    return LoadedModel(model_id, manifest.artifact_id, runtime.device, manifest, runtime, tokenizer, engine)
+
+    def resolve(name: str) -> AdapterOrigin:
+        origin = compiled_in_origin(artifact_dir, manifest, name) or (resolve_adapter and resolve_adapter(name))
+        if origin is None:
+            raise NotFound(f"adapter {name!r} is neither loaded on model {model_id!r} nor registered",
+                           field="adapter", value=name)
+        return origin
+
+    adapters = OnDemandAdapters(runtime, model_id=model_id, artifact_id=manifest.artifact_id, resolve=resolve,
+                                cache=adapter_cache if adapter_cache is not None else HostAdapterCache(),
+                                wait_s=adapter_wait_s)
+    engine = Engine(runtime, tokenizer, model_id=model_id, max_waiting=max_waiting, adapters=adapters).start()
+    return LoadedModel(model_id, manifest.artifact_id, runtime.device, manifest, runtime, tokenizer, engine,
+                       adapters)
 
 
 class ModelManager:
-    """Thread-safe set of loaded models; ``on_change(n_models)`` lets the server flip its health."""
+    """Thread-safe set of loaded models; ``on_change(n_models)`` lets the server flip its health.
+
+    Registered adapters load on first use (see services.inference.on_demand_adapters); evicted ones
+    stay in one host cache of ``adapter_cache_bytes`` shared by every model; a request waits at most
+    ``adapter_wait_s`` for an idle adapter slot."""
 
     def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
                  on_change: Callable[[int], None] | None = None, allow_spinning: bool = False,
-                 inputs: InputPolicy | None = None):
+                 inputs: InputPolicy | None = None, adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
+                 adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S):
+        self.adapter_cache = HostAdapterCache(adapter_cache_bytes)  # InvalidArgument outside its bounds
+        if not isinstance(adapter_wait_s, int | float) or not 0 <= adapter_wait_s <= MAX_ADAPTER_WAIT_S:
+            raise InvalidArgument(f"adapter_wait_s must be in 0..{MAX_ADAPTER_WAIT_S:g} seconds, got {adapter_wait_s!r}",
+                                  field="adapter_wait_s", value=adapter_wait_s)
+        self.adapter_wait_s = float(adapter_wait_s)
         self.store = store
         self.inputs = inputs or InputPolicy()  # which local paths / buckets LoadAdapter may name
         self.registry = registry
@@ -100,7 +144,8 @@ class ModelManager:
             local_dir, manifest = self.cache.fetch(artifact_id, record.uri)
             model = open_model(local_dir, device=device, num_threads=num_threads, model_id=model_id,
                                max_waiting=self.max_waiting, manifest=manifest,
-                               allow_spinning=self.allow_spinning)
+                               allow_spinning=self.allow_spinning, resolve_adapter=self._registered_origin,
+                               adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s)
         finally:
             with self._lock:
                 self._loading.discard(model_id)
@@ -129,28 +174,40 @@ class ModelManager:
         if model is None:
             raise NotFound(f"model {model_id!r} is not loaded", field="model_id", value=model_id)
         model.close()
+        with self._lock:
+            artifact_in_use = any(m.artifact_id == model.artifact_id for m in self._models.values())
+        if not artifact_in_use:  # its evicted adapters' weights fit no other loaded model
+            self.adapter_cache.forget_artifact(model.artifact_id)
+            metrics.ADAPTER_CACHE_BYTES.set(self.adapter_cache.nbytes)
         metrics.log_event("model_unloaded", model=model_id)
         self._on_change(count)
         return model
 
     def load_adapter(self, model_id: str, adapter: str, name: str = "") -> LoadedModel:
-        """Hot-add a registered adapter (by name) or a PEFT dir (store URI or local path) into a free slot."""
+        """Hot-add a registered adapter (by name) or a PEFT dir (store URI or local path) into a free slot
+        (or the least recently used idle one)."""
         model = self.get(model_id)
         if not adapter:
             raise InvalidArgument("adapter must name a registered adapter or a URI", field="adapter", value=adapter)
         if is_location(adapter):
-            local = self._fetch_adapter_uri(adapter)
+            local = self._fetch_adapter_uri(adapter)  # confined: PermissionDenied outside the allowed roots
             name = name or local.name
-            source = adapter
+            origin = AdapterOrigin(adapter, lambda: local, "path")
         else:
             validate_name("adapter", adapter)
             record = self.registry.get_adapter(adapter)  # NotFound for an unknown name
-            local = self._fetch_adapter_uri(record.uri)
             name = name or record.name
-            source = record.uri
-        slot = model.runtime.load_adapter(name, local, source=source)
-        metrics.log_event("adapter_loaded", model=model_id, adapter=name, slot=slot, source=source)
+            origin = AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri), "store")
+        slot = model.adapters.load(name, origin)
+        metrics.log_event("adapter_hot_added", model=model_id, adapter=name, slot=slot, source=origin.source)
         return model
+
+    def _registered_origin(self, name: str) -> AdapterOrigin | None:
+        """A registered adapter's origin (its record's URI, confined when fetched), or None."""
+        record = self.registry.find_adapter(name)
+        if record is None:
+            return None
+        return AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri), "store")
 
     def _fetch_adapter_uri(self, uri: str) -> Path:
         # Requests and registry records alike: Redis could hold a planted uri.

@@ -14,6 +14,7 @@ adapter is written into its slot in place and serves at once. Slot 0 is the base
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ DEVICES = ("cpu", "cuda", "ai100")
 MAX_NUM_THREADS = 256
 # Past inputs are bound in multiples of this many positions (see OrtRuntime._bind_past).
 PAST_BUCKET = 16
+# Name prefix of a slot reserved while weights are written; no valid adapter name starts with NUL.
+_LOADING = "\x00loading:"
 
 
 @dataclass
@@ -145,6 +148,7 @@ class OrtRuntime:
             self.lora_b[module] = np.zeros((self.layers, n, self.max_rank, spec.out_features), self.dtype)
         self.slots: list[AdapterSlot | None] = [None] * n
         self._lock = threading.Lock()
+        self._slot_idle = threading.Condition(self._lock)  # notified when a slot's last request ends
         self._clock = 0
 
         self._binding = self.session.io_binding()
@@ -176,26 +180,77 @@ class OrtRuntime:
         the artifact or the name is taken; ResourceExhausted when every slot serves a request.
         """
         validate_name("name", name)
-        tensors, rank = self._slot_tensors(name, Path(path))
-        with self._lock:
-            if any(s is not None and s.name == name for s in self.slots):
-                raise FailedPrecondition(f"adapter {name!r} is already loaded on this model", field="name",
-                                         value=name)
-            free = [i for i in range(1, len(self.slots)) if self.slots[i] is None]
-            if free:
-                slot = free[0]
-            else:
-                idle = [i for i in range(1, len(self.slots)) if self.slots[i].active_requests == 0]
-                if not idle:
-                    raise ResourceExhausted(f"all {self.adapter_slots} adapter slots serve running requests; "
-                                            "retry when one is idle", metadata={"adapter_slots": self.adapter_slots})
-                slot = min(idle, key=lambda i: self.slots[i].last_used)
-            # Reserve the slot (an unresolvable name) so no request uses it while its weights change.
-            self.slots[slot] = AdapterSlot(name=f"\x00loading:{name}", r=0, source=source)
-        self._write_slot(slot, tensors)
-        with self._lock:
-            self.slots[slot] = AdapterSlot(name=name, r=rank, source=source or str(path))
+        tensors, rank = self.slot_tensors_of(name, Path(path))
+        slot, _ = self.reserve_slot(name)
+        self.install(slot, name, tensors, rank, source=source or str(path))
         return slot
+
+    def reserve_slot(self, name: str, *, wait_s: float = 0.0) -> tuple[int, AdapterSlot | None]:
+        """Reserve a free slot, else the least recently used idle one, for ``name``: (slot, evicted).
+
+        ``evicted`` is the adapter that held the slot (its weights are still in the banks until
+        ``install``; ``copy_slot`` saves them). With every slot serving a request, waits up to ``wait_s``
+        for one to go idle, then ResourceExhausted. FailedPrecondition when ``name`` is already loaded.
+        """
+        deadline = time.monotonic() + wait_s
+        with self._slot_idle:
+            while True:
+                if any(s is not None and s.name in (name, _LOADING + name) for s in self.slots):
+                    raise FailedPrecondition(f"adapter {name!r} is already loaded on this model", field="name",
+                                             value=name)
+                free = [i for i in range(1, len(self.slots)) if self.slots[i] is None]
+                idle = [i for i in range(1, len(self.slots))
+                        if self.slots[i] is not None and self.slots[i].active_requests == 0
+                        and not self.slots[i].name.startswith(_LOADING)]
+                if free or idle:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    waited = f" for {wait_s:g} s" if wait_s else ""
+                    raise ResourceExhausted(f"all {self.adapter_slots} adapter slots serve running requests "
+                                            f"(waited{waited or ' not at all'}); retry when one is idle",
+                                            metadata={"adapter_slots": self.adapter_slots, "adapter": name})
+                self._slot_idle.wait(left)
+            slot = free[0] if free else min(idle, key=lambda i: self.slots[i].last_used)
+            evicted = self.slots[slot]
+            # Reserve the slot (an unresolvable name) so no request uses it while its weights change.
+            self.slots[slot] = AdapterSlot(name=_LOADING + name, r=0, source="")
+        return slot, evicted
+
+    def copy_slot(self, slot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A copy of one slot's bank slices (of a reserved slot, before ``install`` overwrites it)."""
+        return {m: (self.lora_a[m][:, slot].copy(), self.lora_b[m][:, slot].copy()) for m in self.lora_a}
+
+    def install(self, slot: int, name: str, tensors: dict, rank: int, *, source: str) -> None:
+        """Write ``tensors`` into a reserved slot and name it (it serves from now on)."""
+        self.write_reserved(slot, tensors)
+        self.commit_slot(slot, name, rank, source=source)
+
+    def write_reserved(self, slot: int, tensors: dict) -> None:
+        """Write an adapter's tensors into a slot ``reserve_slot`` returned (no request reads it yet)."""
+        self._write_slot(slot, tensors)
+
+    def commit_slot(self, slot: int, name: str, rank: int, *, source: str, active_requests: int = 0) -> None:
+        """Name a written slot so requests resolve it; ``active_requests`` counts requests that acquire
+        it in the same instant (so no other load can evict it before they are queued)."""
+        with self._lock:
+            self._clock += 1
+            self.slots[slot] = AdapterSlot(name=name, r=rank, source=source, active_requests=active_requests,
+                                           last_used=self._clock)
+
+    def release_reservation(self, slot: int) -> None:
+        """Free a reserved slot whose load failed (zeroed: it may hold part of the new weights)."""
+        for module in self.lora_a:
+            self.lora_a[module][:, slot] = 0
+            self.lora_b[module][:, slot] = 0
+        self._sync_banks()
+        with self._slot_idle:
+            self.slots[slot] = None
+            self._slot_idle.notify_all()
+
+    def slot_tensors_of(self, name: str, path: Path) -> tuple[dict, int]:
+        """Read a PEFT dir and lay it out for one slot: InvalidArgument / FailedPrecondition (see load_adapter)."""
+        return self._slot_tensors(name, path)
 
     def _slot_tensors(self, name: str, path: Path) -> tuple[dict, int]:
         from loraflow.lora_bank import BankSpec, read_adapter, slot_tensors
@@ -235,7 +290,7 @@ class OrtRuntime:
         with self._lock:
             for i, s in enumerate(self.slots):
                 # A "\x00loading:" reservation is never a servable name, whatever a client sends.
-                if s is not None and s.name == name and not name.startswith("\x00"):
+                if s is not None and s.name == name and not name.startswith(_LOADING[0]):
                     s.active_requests += 1
                     self._clock += 1
                     s.last_used = self._clock
@@ -247,10 +302,12 @@ class OrtRuntime:
     def release_adapter(self, lora_id: int) -> None:
         if lora_id == 0:
             return
-        with self._lock:
+        with self._slot_idle:
             s = self.slots[lora_id]
             if s is not None and s.active_requests > 0:
                 s.active_requests -= 1
+                if s.active_requests == 0:
+                    self._slot_idle.notify_all()
 
     def reset_slot(self, slot: int) -> None:
         """Zero one KV-cache slot across layers and positions. A failed request may have left NaN/inf

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from loraflow.errors import InvalidArgument, NotFound
+from loraflow.errors import InvalidArgument
 from loraflow.names import validate_request_id
 from loraflow.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine, GenerationChunk, GenerationRequest, RequestHandle
@@ -75,6 +75,24 @@ def chunk_to_proto(chunk: GenerationChunk) -> inference_pb2.GenerateResponse:
     return response
 
 
+def build_generation(manager: ModelManager, model: LoadedModel, ids: list[int], adapter: str,
+                     sampling: SamplingParams, request_id: str = "", *, prompt_field: str = "prompt",
+                     adapter_field: str = "adapter") -> GenerationRequest:
+    """The checks every front door (gRPC Generate, the OpenAI HTTP API) applies to a tokenized request
+    before it reaches its model's engine; errors name the caller's fields."""
+    if not ids:
+        raise InvalidArgument(f"{prompt_field} must not be empty", field=prompt_field, value="")
+    ctx_len = model.runtime.ctx_len
+    if len(ids) >= ctx_len:
+        raise InvalidArgument(f"{prompt_field} has {len(ids)} tokens but the model's context is {ctx_len} "
+                              f"tokens (at most {ctx_len - 1} prompt tokens fit)", field=prompt_field,
+                              value=len(ids), metadata={"prompt_tokens": len(ids), "ctx_len": ctx_len})
+    # Loaded, or loadable on first use (compiled in or registered): NotFound otherwise. The load itself
+    # runs in the engine's submit (OnDemandAdapters), so every front door shares it.
+    model.adapters.check_servable(adapter, field=adapter_field)
+    return GenerationRequest(tuple(ids), adapter, sampling, request_id)
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, manager: ModelManager):
         self.manager = manager
@@ -120,18 +138,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             ids = tokenizer.encode_chat(request.prompt) if request.chat else tokenizer.encode(request.prompt)
         else:
             ids = []
-        if not ids:
-            raise InvalidArgument(f"{prefix}prompt must not be empty", field=f"{prefix}prompt", value="")
-        ctx_len = model.runtime.ctx_len
-        if len(ids) >= ctx_len:
-            raise InvalidArgument(f"{prefix}prompt has {len(ids)} tokens but the model's context is {ctx_len} "
-                                  f"tokens (at most {ctx_len - 1} prompt tokens fit)", field=f"{prefix}prompt",
-                                  value=len(ids), metadata={"prompt_tokens": len(ids), "ctx_len": ctx_len})
-        if request.adapter and (request.adapter.startswith("\x00") or request.adapter not in model.runtime.adapter_names()):
-            raise NotFound(f"{prefix}adapter {request.adapter!r} is not loaded on model {model.model_id!r}",
-                           field=f"{prefix}adapter", value=request.adapter)
         sampling = sampling_from_proto(request.sampling, f"{prefix}sampling")
-        return model.engine, GenerationRequest(tuple(ids), request.adapter, sampling, request.request_id)
+        generation = build_generation(self.manager, model, ids, request.adapter, sampling, request.request_id,
+                                      prompt_field=f"{prefix}prompt", adapter_field=f"{prefix}adapter")
+        return model.engine, generation
 
     def Generate(self, request, context):
         handle = self._submit(request)

@@ -154,7 +154,7 @@ def test_dockerfiles_copy_existing_files_and_install_the_right_extras():
         assert "download.pytorch.org/whl/cpu" in _dockerfile(service)
     inference = _dockerfile("inference")
     assert "pip install torch" not in inference and "[trainer" not in inference and "[compiler" not in inference
-    inference_extra = re.search(r"^inference\s*=\s*\[(.*)\]", pyproject, re.M).group(1)
+    inference_extra = re.search(r"^inference\s*=\s*\[(.*?)\]", pyproject, re.M | re.S).group(1)
     assert "torch" not in inference_extra
 
 
@@ -375,3 +375,109 @@ def test_every_api_beyond_loopback_gets_a_tokens_file_from_a_secret_and_none_opt
         checked += 1
     assert checked == 3
     assert not any(d["kind"] == "Secret" and d["metadata"]["name"] == "loraflow-auth" for d in _k8s_docs())
+
+
+# ------------------------------------------------------------------------------------------------ gateway
+
+GATEWAY = K8S / "gateway"
+
+
+def _gateway_docs() -> dict[tuple[str, str], dict]:
+    docs = {}
+    for path in sorted(GATEWAY.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] != "Kustomization":
+                docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def _apply_json_patch(doc: dict, ops: list[dict]) -> dict:
+    """The subset of RFC 6902 the example uses: ``add`` to a list end (``/-``) or a map key."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        assert op["op"] == "add", op
+        *parents, last = op["path"].strip("/").split("/")
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if last == "-":
+            node.append(op["value"])
+        else:
+            node[last] = op["value"]
+    return doc
+
+
+def test_gateway_example_inferencepool_and_endpoint_picker_use_the_metrics_we_export():
+    from prometheus_client import REGISTRY, generate_latest
+
+    from services.inference import metrics
+    from services.inference.__main__ import parse_args
+
+    kustomization = yaml.safe_load((GATEWAY / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == "loraflow"
+    for resource in kustomization["resources"]:
+        target = GATEWAY / resource
+        assert (target / "kustomization.yaml").is_file() if resource.endswith("/") else target.is_file(), resource
+    # The example is opt-in: the default apply needs no Gateway API CRDs.
+    assert "gateway" not in str(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+    docs = _gateway_docs()
+    for (kind, name), doc in docs.items():
+        assert doc["apiVersion"] and doc["metadata"]["namespace"] == "loraflow", (kind, name)
+
+    # InferencePool, as the v1 CRD (inference.networking.k8s.io/v1) defines it.
+    pool = docs[("InferencePool", "loraflow")]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    spec = pool["spec"]
+    assert set(spec) <= {"selector", "targetPorts", "endpointPickerRef"} and set(spec) >= {"selector", "targetPorts",
+                                                                                           "endpointPickerRef"}
+    assert set(spec["selector"]) == {"matchLabels"}
+    assert len(spec["targetPorts"]) == 1 and set(spec["targetPorts"][0]) == {"number"}
+    target_port = spec["targetPorts"][0]["number"]
+    assert isinstance(target_port, int) and 1 <= target_port <= 65535
+    picker = spec["endpointPickerRef"]
+    assert set(picker) <= {"group", "kind", "name", "port", "failureMode"} and picker.get("kind", "Service") == "Service"
+    assert picker["failureMode"] in ("FailOpen", "FailClose") and set(picker["port"]) == {"number"}
+
+    # The pool selects the inference pods, on the HTTP port the patch opens with the real flag.
+    base = next(d for d, _ in _containers() if d["metadata"]["name"] == "inference")
+    patch = next(p for p in kustomization["patches"] if p["target"]["name"] == "inference")
+    deployment = _apply_json_patch(base, yaml.safe_load(patch["patch"]))
+    pod = deployment["spec"]["template"]
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    args = parse_args(container["args"])
+    assert int(args.http_listen.rsplit(":", 1)[1]) == target_port
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["http"] == target_port
+
+    # The picker's Service and Deployment: the port the pool names, the pool it watches.
+    service = docs[("Service", picker["name"])]
+    assert service["spec"]["ports"][0]["port"] == picker["port"]["number"]
+    epp = docs[("Deployment", picker["name"])]
+    epp_container = epp["spec"]["template"]["spec"]["containers"][0]
+    assert service["spec"]["selector"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
+    assert {p["name"]: p["containerPort"] for p in epp_container["ports"]}["grpc"] == picker["port"]["number"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in epp_container["args"])
+    assert flags["pool-name"] == pool["metadata"]["name"] and flags["pool-namespace"] == "loraflow"
+    assert epp["spec"]["template"]["spec"]["serviceAccountName"] in {n for k, n in docs if k == "ServiceAccount"}
+
+    # It scrapes the inference pods' --metrics-port, for names our /metrics really exports.
+    assert int(flags["model-server-metrics-port"]) == args.metrics_port
+    assert flags["total-queued-requests-metric"] == metrics.NUM_REQUESTS_WAITING
+    assert flags["kv-cache-usage-percentage-metric"] == metrics.KV_CACHE_USAGE
+    assert flags["lora-info-metric"] == metrics.LORA_REQUESTS_INFO
+    exported = generate_latest(REGISTRY).decode()
+    for name in (metrics.NUM_REQUESTS_WAITING, metrics.KV_CACHE_USAGE, metrics.LORA_REQUESTS_INFO):
+        assert f"# TYPE {name} gauge" in exported, name
+
+    # The scheduling profile only names plugins it declares, and scores LoRA affinity.
+    config_map = docs[("ConfigMap", "loraflow-epp")]
+    mounted = {v["name"]: v["configMap"]["name"] for v in epp["spec"]["template"]["spec"]["volumes"]}
+    assert config_map["metadata"]["name"] in mounted.values()
+    config_file = Path(flags["config-file"])
+    plugins = yaml.safe_load(config_map["data"][config_file.name])
+    declared = {p.get("name", p["type"]) for p in plugins["plugins"]}
+    assert "lora-affinity-scorer" in declared
+    for profile in plugins["schedulingProfiles"]:
+        assert {p["pluginRef"] for p in profile["plugins"]} <= declared

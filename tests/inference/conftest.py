@@ -3,6 +3,7 @@ and greedy reference tokens from PEFT/HF ``generate`` (torch appears only here, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,34 @@ class PeftReference:
 @pytest.fixture(scope="session")
 def peft_reference(tiny_llama, tiny_adapters) -> PeftReference:
     return PeftReference(tiny_llama, tiny_adapters)
+
+
+@dataclass(frozen=True)
+class PublishedStore:
+    """The tiny artifact and the "hot" adapter published in a fresh store and registered in a flushed Redis."""
+
+    root: Path
+    store: object
+    registry: object
+    artifact_id: str
+
+
+@pytest.fixture(scope="module")
+def published_store(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory) -> PublishedStore:
+    import redis
+
+    from loraflow.registry import AdapterRecord, ArtifactRecord, Registry
+    from loraflow.store import artifact_key, open_store
+
+    artifact_dir, manifest = tiny_artifact
+    root = tmp_path_factory.mktemp("published")
+    store = open_store((root / "store").as_uri())
+    artifact_uri = store.publish_dir(artifact_key(manifest.artifact_id), artifact_dir)
+    adapter_uri = store.publish_dir("adapters/hot", tiny_adapters["hot"])
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    registry = Registry(client)
+    base = manifest.base_model.source
+    registry.put_artifact(ArtifactRecord(artifact_id=manifest.artifact_id, uri=artifact_uri, base_model=base))
+    registry.put_adapter(AdapterRecord(name="hot", uri=adapter_uri, base_model=base))
+    return PublishedStore(root=root, store=store, registry=registry, artifact_id=manifest.artifact_id)

@@ -13,6 +13,9 @@ import pytest
     ("--num-threads", "-1", "must be in 0..256"),
     ("--max-waiting", "0", "must be in 1..100000"),
     ("--max-waiting", "10**9", "must be an integer"),
+    ("--adapter-wait-s", "nan", "must be in 0..3600"),
+    ("--adapter-wait-s", "-1", "must be in 0..3600"),
+    ("--adapter-cache-bytes", str(2**41), "must be in 0..1099511627776"),
 ])
 def test_out_of_range_flag_refuses_to_start(flag, value, words):
     proc = subprocess.run([sys.executable, "-m", "services.inference", "--listen", "127.0.0.1:0", flag, value],

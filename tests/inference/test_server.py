@@ -7,13 +7,11 @@ import time
 import grpc
 import onnxruntime
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.registry import AdapterRecord, ArtifactRecord, Registry
-from loraflow.store import open_store
+from loraflow.registry import AdapterRecord
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.model_manager import ModelManager
@@ -22,18 +20,8 @@ from tests.inference.conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def service(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory, input_policy):
-    artifact_dir, manifest = tiny_artifact
-    root = tmp_path_factory.mktemp("svc")
-    store = open_store((root / "store").as_uri())
-    artifact_uri = store.publish_dir(f"artifacts/{manifest.artifact_id}", artifact_dir)
-    adapter_uri = store.publish_dir("adapters/hot", tiny_adapters["hot"])
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    registry = Registry(client)
-    registry.put_artifact(ArtifactRecord(artifact_id=manifest.artifact_id, uri=artifact_uri,
-                                         base_model=manifest.base_model.source))
-    registry.put_adapter(AdapterRecord(name="hot", uri=adapter_uri, base_model=manifest.base_model.source))
+def service(published_store, input_policy):
+    root, store, registry = published_store.root, published_store.store, published_store.registry
     server = GrpcServer(listen="127.0.0.1:0", service_names=[SERVICE_NAME])
     manager = ModelManager(store=store, registry=registry, cache_dir=root / "cache",
                            on_change=lambda n: server.set_serving(n > 0), inputs=input_policy)
@@ -42,7 +30,7 @@ def service(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory, input_
     server.set_serving(False)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield {"stub": inference_pb2_grpc.InferenceServiceStub(channel), "channel": channel, "manager": manager,
-           "artifact_id": manifest.artifact_id}
+           "artifact_id": published_store.artifact_id}
     channel.close()
     server.stop(grace=0)
     manager.close()

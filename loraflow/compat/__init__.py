@@ -1,0 +1,1 @@
+"""Drop-in names for code written against other LoRA serving libraries."""

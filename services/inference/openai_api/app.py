@@ -1,0 +1,204 @@
+"""The Starlette app of the OpenAI-compatible API: routes, bearer auth, bounded bodies, bounded generations.
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (all need a bearer
+token when the server has tokens), ``GET /health`` (alive) and ``GET /ready`` (serving, the same gate as
+gRPC health), which probes reach without a token. Generations in flight are capped (429 beyond) and a
+body over ``max_body_bytes`` is a 413 before it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from loraflow.errors import InvalidArgument, LoraflowError, ResourceExhausted
+from loraflow.security.auth import Authenticator, bearer_token
+from loraflow.security.settings import DEFAULT_MAX_CONCURRENT_STREAMS
+from loraflow.server_concurrency import StreamLimiter
+from services.inference.model_manager import ModelManager
+from services.inference.openai_api import errors
+from services.inference.openai_api.generation import prepare, servable_adapters
+from services.inference.openai_api.responses import CollectedResponse, event_stream
+from services.inference.openai_api.schemas import parse_chat, parse_completion
+from services.inference.openai_api.streaming import ChunkStream, EventStreamResponse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+OPEN_PATHS = frozenset({"/health", "/ready"})
+OWNED_BY = "loraflow"
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_concurrent_generations: int = DEFAULT_MAX_CONCURRENT_STREAMS
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_concurrent_generations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class BearerAuth:
+    """ASGI middleware: 401 in OpenAI's shape unless ``Authorization: Bearer`` holds a known token."""
+
+    def __init__(self, app, authenticator: Authenticator | None):
+        self.app = app
+        self.authenticator = authenticator
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.authenticator is None or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        token = bearer_token(headers)
+        if token is None:
+            message = "this API needs an 'Authorization: Bearer <token>' header"
+        elif self.authenticator.identify(token) is None:
+            message = "the bearer token is not valid for this service"
+        else:
+            await self.app(scope, receive, send)
+            return
+        log.info("%s %s -> 401: %s", scope.get("method"), scope["path"], message)
+        response = errors.error_response(401, errors.error_body(401, message, None, "invalid_api_key"),
+                                         headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_json(request: Request, limit: int):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _BodyTooLarge(int(length))
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise _BodyTooLarge(len(body))
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidArgument("the request body is not valid JSON: " + str(err).split(":")[0],
+                              field="body", value=f"<{len(body)} bytes>") from None
+    except RecursionError:
+        raise InvalidArgument("the request body nests too deeply", field="body",
+                              value=f"<{len(body)} bytes>") from None
+
+
+def _unix_seconds(rfc3339: str) -> int:
+    """A manifest's RFC 3339 creation time as unix seconds (0 when it does not parse)."""
+    try:
+        return int(datetime.fromisoformat(rfc3339).timestamp())
+    except ValueError:
+        return 0
+
+
+class OpenAIApi:
+    """The handlers, bound to one ModelManager (and so to the engines gRPC uses)."""
+
+    def __init__(self, manager: ModelManager, *, authenticator: Authenticator | None = None,
+                 ready: Callable[[], bool] = lambda: True, limits: ApiLimits = ApiLimits()):
+        self.manager = manager
+        self.ready = ready
+        self.limits = limits
+        self.generations = StreamLimiter(limits.max_concurrent_generations)
+        self.app = Starlette(
+            routes=[Route("/health", self.health), Route("/ready", self.is_ready),
+                    Route("/v1/models", self.list_models),
+                    Route("/v1/completions", self.completions, methods=["POST"]),
+                    Route("/v1/chat/completions", self.chat_completions, methods=["POST"])],
+            middleware=[Middleware(BearerAuth, authenticator=authenticator)],
+            exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
+
+    # ---- probes and models -----------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def is_ready(self, request: Request) -> Response:
+        if self.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    async def list_models(self, request: Request) -> Response:
+        models = self.manager.list()
+        adapters = await anyio.to_thread.run_sync(servable_adapters, self.manager, models)  # Redis: off the loop
+        data = []
+        for model in models:
+            created = _unix_seconds(model.manifest.created)
+            data.append({"id": model.model_id, "object": "model", "created": created, "owned_by": OWNED_BY,
+                         "root": model.artifact_id, "parent": None})
+            for name in adapters[model.model_id]:
+                data.append({"id": name, "object": "model", "created": created, "owned_by": OWNED_BY,
+                             "root": model.artifact_id, "parent": model.model_id})
+        return JSONResponse({"object": "list", "data": data})
+
+    # ---- generation ------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_completion, "text_completion", "cmpl")
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_chat, "chat.completion", "chatcmpl")
+
+    async def _generate(self, request: Request, parse, kind: str, id_prefix: str):
+        where = f"POST {request.url.path}"
+        try:
+            body = await _read_json(request, self.limits.max_body_bytes)
+            parsed = parse(body)
+        except _BodyTooLarge as err:
+            return errors.error_response(413, errors.error_body(
+                413, f"the request body is {err.args[0]} bytes; at most {self.limits.max_body_bytes} are accepted",
+                "body", "request_too_large"))
+        except LoraflowError as err:
+            return errors.error_response(*errors.from_loraflow(err))
+        if not self.generations.acquire():
+            err = ResourceExhausted(f"{self.limits.max_concurrent_generations} generations are in progress on "
+                                    f"this server already (--max-concurrent-streams); retry later",
+                                    reason="TOO_MANY_STREAMS")
+            return errors.error_response(*errors.from_loraflow(err))
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.generations.release()
+
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        try:
+            # Off the event loop: the registry is Redis, tokenizing is CPU, submit may wait for an adapter.
+            model, generation = await anyio.to_thread.run_sync(prepare, self.manager, parsed, request_id)
+            handle = await anyio.to_thread.run_sync(model.engine.submit, generation)
+        except Exception as exc:  # noqa: BLE001 - mapped to OpenAI's error shape
+            release()
+            return errors.error_response(*errors.from_exception(exc, where))
+        chunks = ChunkStream(handle)
+        if parsed.stream:
+            events = event_stream(chunks, parsed, request_id, where)
+            return EventStreamResponse(events, on_disconnect=chunks.cancel, on_close=lambda: (chunks.cancel(),
+                                                                                             release()))
+        return CollectedResponse(chunks, parsed, request_id, kind, where, release)
+
+    # ---- errors ----------------------------------------------------------------------------
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"
+                   }.get(exc.status_code, str(exc.detail))
+        return errors.error_response(exc.status_code, errors.error_body(exc.status_code, message))
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        return errors.error_response(*errors.from_exception(exc, f"{request.method} {request.url.path}"))
