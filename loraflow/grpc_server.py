@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
-from loraflow.security.auth import Authenticator, AuthInterceptor
+from loraflow.security.auth import Authenticator, AuthInterceptor, current_caller
 from loraflow.security.settings import SecuritySettings
 from loraflow.security.tls import server_credentials
 from loraflow.server_concurrency import ConcurrencyInterceptor, ServerPools, StreamLimiter
@@ -146,18 +146,23 @@ def _already_aborted(context: grpc.ServicerContext) -> bool:
 _REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
+def _by_caller() -> str:
+    caller = current_caller()
+    return f" (caller {caller})" if caller else ""
+
+
 def _handle(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
     if isinstance(exc, _REDIS_UNREACHABLE):
         log.warning("%s -> UNAVAILABLE: redis unreachable: %s", method, exc)
         context.abort_with_status(error_status(grpc.StatusCode.UNAVAILABLE, "job store (redis) is unreachable; "
                                                "retry later", "REDIS_UNAVAILABLE"))
     if isinstance(exc, LoraflowError):
-        log.info("%s -> %s: %s", method, exc.code, exc.message)
+        log.info("%s -> %s: %s%s", method, exc.code, exc.message, _by_caller())
         context.abort_with_status(status_for(exc))
     if _already_aborted(context):
         raise exc
     correlation_id = uuid.uuid4().hex[:12]
-    log.error("internal error in %s [correlation id %s]", method, correlation_id, exc_info=exc)
+    log.error("internal error in %s%s [correlation id %s]", method, _by_caller(), correlation_id, exc_info=exc)
     context.abort_with_status(error_status(
         grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation_id})", "INTERNAL",
         {"correlation_id": correlation_id}))

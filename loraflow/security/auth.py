@@ -48,6 +48,11 @@ def current_caller() -> str:
     return _current_caller.get()
 
 
+def bind_caller(name: str) -> None:
+    """Make `name` the current_caller() of the request served in this context (a gRPC RPC, an HTTP request)."""
+    _current_caller.set(name)
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -230,14 +235,14 @@ def _as_caller(handler: grpc.RpcMethodHandler, caller: str, method: str) -> grpc
     # scoped to this RPC.
     def unary(behavior: Callable):
         def wrapped(request, context):
-            _current_caller.set(caller)
+            bind_caller(caller)
             log.debug("%s called by %s", method, caller)
             return behavior(request, context)
         return wrapped
 
     def streaming(behavior: Callable):
         def wrapped(request, context):
-            _current_caller.set(caller)
+            bind_caller(caller)
             log.debug("%s called by %s", method, caller)
             yield from behavior(request, context)
         return wrapped

@@ -45,6 +45,8 @@ class CallerJobs(jobs_pb2_grpc.JobServiceServicer):
 
     def GetJob(self, request, context):
         self.calls += 1
+        if request.job_id == "missing":
+            raise errors.NotFound("no job 'missing'", field="job_id", value=request.job_id)
         return jobs_pb2.Job(id=request.job_id, message=current_caller())
 
     def WatchJob(self, request, context):
@@ -191,6 +193,16 @@ def test_the_handler_sees_the_callers_name_and_logs_never_carry_the_token(authed
     assert "GetJob called by alice" in logged and "WatchJob called by bob" in logged
     assert "UNAUTHENTICATED: unknown token" in logged
     assert ALICE not in logged and BOB not in logged
+
+
+def test_a_failed_rpc_is_logged_with_its_callers_name(authed, caplog):
+    _server, channel, _ = authed
+    stub = jobs_pb2_grpc.JobServiceStub(channel)
+    with caplog.at_level(logging.INFO, logger="loraflow.grpc_server"):
+        err = rpc_error(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id="missing"), metadata=bearer(BOB), timeout=5))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "GetJob -> NOT_FOUND: no job 'missing' (caller bob)" in logged and BOB not in logged
 
 
 def test_reload_swaps_the_tokens_and_a_broken_file_keeps_the_previous_ones(authed, tokens_file):

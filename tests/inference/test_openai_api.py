@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -377,7 +378,7 @@ def test_generations_beyond_the_cap_are_429(env, slow_engine):
         server.stop()
 
 
-def test_bearer_tokens_are_the_grpc_servers_and_reload_together(env, tmp_path):
+def test_bearer_tokens_are_the_grpc_servers_and_reload_together(env, tmp_path, caplog):
     tokens = tmp_path / "tokens"
     good = add_token(tokens, "alice")
     authenticator = Authenticator(tokens)
@@ -399,8 +400,11 @@ def test_bearer_tokens_are_the_grpc_servers_and_reload_together(env, tmp_path):
         assert request(server, "GET", "/ready") == (200, {"status": "ready"})
 
         client = openai.OpenAI(base_url=url, api_key=good, max_retries=0)
-        out = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        with caplog.at_level(logging.DEBUG, logger="services.inference.openai_api.app"):
+            out = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4, temperature=0)
         assert out.choices[0].text == grpc_text(env, PROMPTS[0], "alpha", 4)[0]
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "POST /v1/completions called by alice" in logged and good not in logged
         # A reload (what SIGHUP does to the gRPC server's Authenticator) applies here at once.
         tokens.write_text(f"bob:{'b' * 32}\n")
         assert authenticator.reload()

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from loraflow.errors import InvalidArgument, LoraflowError, ResourceExhausted
-from loraflow.security.auth import Authenticator, bearer_token
+from loraflow.security.auth import Authenticator, bearer_token, bind_caller
 from loraflow.security.settings import DEFAULT_MAX_CONCURRENT_STREAMS
 from loraflow.server_concurrency import StreamLimiter
 from services.inference.model_manager import ModelManager
@@ -65,11 +65,14 @@ class BearerAuth:
             return
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         token = bearer_token(headers)
+        caller = None if token is None else self.authenticator.identify(token)
         if token is None:
             message = "this API needs an 'Authorization: Bearer <token>' header"
-        elif self.authenticator.identify(token) is None:
+        elif caller is None:
             message = "the bearer token is not valid for this service"
         else:
+            bind_caller(caller)  # the route runs in this context: logs can name the caller, never the token
+            log.debug("%s %s called by %s", scope.get("method"), scope["path"], caller)
             await self.app(scope, receive, send)
             return
         log.info("%s %s -> 401: %s", scope.get("method"), scope["path"], message)
