@@ -79,8 +79,11 @@ def test_routing_metrics_follow_requests_and_adapter_loads(few_slots):
         assert value(busy, metrics.NUM_REQUESTS_RUNNING, model="routed") == running
         assert value(busy, metrics.KV_CACHE_USAGE, model="routed") == running / 4
         info = lora_info(busy, "routed")
-        assert info.labels["running_lora_adapters"] == "beta"  # the first request, beta, runs; "" is the base
+        # Which of the five the server admitted first is up to its threads; "" (the base model) is no adapter.
+        running_beta = any(model.engine._states[rid].request.adapter == "beta" for rid in scheduler.running)
         waiting_beta = any(model.engine._states[s.request_id].request.adapter == "beta" for s in scheduler.waiting)
+        assert running_beta or waiting_beta
+        assert info.labels["running_lora_adapters"] == ("beta" if running_beta else "")
         assert info.labels["waiting_lora_adapters"] == ("beta,hot" if waiting_beta else "hot")
 
         time.sleep(0.2)
