@@ -1,5 +1,5 @@
 """python -m services.trainer [all|api|worker] [--listen HOST:PORT] [--redis-url URL] [--store-url URL]
-[--cache-dir DIR] [--metrics-port N] [--report-every-steps N]
+[--cache-dir DIR] [--metrics-port N] [--report-every-steps N] [--allow-distributed-training] [--max-ranks N]
 
 `api` serves TrainerService + JobService (+ health and reflection); `worker` trains queued jobs;
 `all` (default) does both in one process. Default port 50051. SIGTERM/SIGINT: health NOT_SERVING,
@@ -9,6 +9,7 @@ in-flight RPCs drain, a running job checkpoints and is released.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from loraflow.queue_service import QueueServiceSpec, ServiceContext, main
@@ -17,6 +18,14 @@ from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-every-steps", type=int, default=5, help="progress event every N steps")
+    parser.add_argument(
+        "--allow-distributed-training", action="store_true",
+        default=os.environ.get("LORAFLOW_ALLOW_DISTRIBUTED_TRAINING", "") in ("1", "true", "yes"),
+        help="run world_size > 1 jobs (torchrun ranks). Off by default: torch's c10d rendezvous store listens "
+             "unauthenticated on all interfaces while a job trains, so enable it only where the worker's ports "
+             "are private (a NetworkPolicy, a firewall). Env LORAFLOW_ALLOW_DISTRIBUTED_TRAINING=1")
+    parser.add_argument("--max-ranks", type=int, default=0,
+                        help="most ranks one job may start on this machine (0 = 2 x CPU cores, at least 2)")
 
 
 def make_servicer(ctx: ServiceContext):
@@ -31,9 +40,13 @@ def make_handler(ctx: ServiceContext):
     from services.trainer.metrics import TrainerMetrics
     from services.trainer.worker import TrainingHandler
 
+    if ctx.args.max_ranks < 0:
+        raise SystemExit(f"--max-ranks must be >= 0, got {ctx.args.max_ranks}")
     return TrainingHandler(ctx.store, ctx.registry, ctx.settings.cache_dir,
                            report_every_steps=ctx.args.report_every_steps, metrics=TrainerMetrics(),
-                           inputs=InputPolicy.from_settings(ctx.security))
+                           inputs=InputPolicy.from_settings(ctx.security),
+                           allow_distributed=ctx.args.allow_distributed_training,
+                           max_local_ranks=ctx.args.max_ranks or None)
 
 
 def serve_metrics(port: int, host: str) -> None:

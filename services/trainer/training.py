@@ -39,6 +39,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 MAX_RANK = 1024
 MAX_TARGET_MODULES = 64
 MAX_MODULE_NAME_LEN = 128
+MAX_WORLD_SIZE = 64
 
 CHECKPOINT_STATE = "trainer_state.json"
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ class TrainingSettings:
     gradient_checkpointing: bool = False
     weight_decay: float = 0.0
     eval_every_steps: int = 0  # 0 = at checkpoints and at the end
+    world_size: int = 1  # data-parallel ranks; the global batch (batch_size x accumulation) does not change
 
     def __post_init__(self) -> None:
         def int_in(name: str, lo: int, hi: int) -> None:
@@ -219,6 +221,19 @@ class TrainingSettings:
                                                         and self.device[5:].isdigit())):
             raise InvalidArgument(f"training.device must be 'cpu', 'cuda', 'cuda:N' or 'qaic', got {self.device!r}",
                                   field="training.device", value=self.device)
+        int_in("world_size", 1, MAX_WORLD_SIZE)
+        if self.world_size > 1:
+            if self.device not in ("cpu", "cuda"):
+                # Each rank picks its own GPU (cuda:LOCAL_RANK); qaic has no collective backend here.
+                raise InvalidArgument(f"training.world_size={self.world_size} needs device 'cpu' (gloo) or 'cuda' "
+                                      f"(NCCL), got {self.device!r}", field="training.world_size",
+                                      value=self.world_size)
+            global_batch = self.batch_size * self.gradient_accumulation_steps
+            if global_batch < self.world_size:
+                raise InvalidArgument(
+                    f"training.world_size={self.world_size} exceeds the global batch (batch_size x "
+                    f"gradient_accumulation_steps = {global_batch}): some ranks would have no examples",
+                    field="training.world_size", value=self.world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -508,29 +523,19 @@ class LoraTrainer:
         first_step = self.step
         start = time.monotonic()
         while self.step < self.total_steps:
-            if self.stop.is_set():
+            if self._should_stop():
                 return TrainOutcome(completed=False, step=self.step, metrics=self.metrics())
             t0 = time.monotonic()
-            batches = self._step_batches(self.step)
-            batches = [collate(b, self.pad_id, self.device) for b in batches]
-            # Normalise by the step's total loss tokens so accumulation equals one big batch.
-            n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            step_loss = 0.0
-            for b in batches:
-                loss_sum, _ = selected_token_loss(self.causal_lm, **b)
-                (loss_sum / max(n_tokens, 1)).backward()
-                step_loss += loss_sum.item()
+            loss, seen = self._forward_backward(self._step_batches(self.step))
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
 
-            seen = sum(int(b["attention_mask"].sum()) for b in batches)
             self.tokens_seen += seen
             elapsed = time.monotonic() - t0
             self.train_seconds += elapsed
-            loss = step_loss / max(n_tokens, 1)
             self.train_history.append((self.step, loss))
             eval_loss = self.evaluate() if self.splits.eval and self._should_eval(self.step) else None
             if eval_loss is not None:
@@ -541,8 +546,27 @@ class LoraTrainer:
                 learning_rate=lr, tokens_per_second=seen / max(elapsed, 1e-9),
                 eta_seconds=per_step * (self.total_steps - self.step), eval_loss=eval_loss))
             if self.step % t.checkpoint_every_steps == 0 and self.step < self.total_steps:
-                self.callback.on_checkpoint(self.step, self.save_checkpoint())
+                self._checkpoint_due()
         return TrainOutcome(completed=True, step=self.step, metrics=self.metrics())
+
+    def _forward_backward(self, step_batches: list[list[Example]]) -> tuple[float, int]:
+        """Accumulate one optimiser step's gradients; returns (mean loss per loss token, tokens seen)."""
+        batches = [collate(b, self.pad_id, self.device) for b in step_batches]
+        # Normalise by the step's total loss tokens so accumulation equals one big batch.
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        step_loss = 0.0
+        for b in batches:
+            loss_sum, _ = selected_token_loss(self.causal_lm, **b)
+            (loss_sum / max(n_tokens, 1)).backward()
+            step_loss += loss_sum.item()
+        seen = sum(int(b["attention_mask"].sum()) for b in batches)
+        return step_loss / max(n_tokens, 1), seen
+
+    def _checkpoint_due(self) -> None:
+        self.callback.on_checkpoint(self.step, self.save_checkpoint())
+
+    def _should_stop(self) -> bool:
+        return self.stop.is_set()
 
     def metrics(self) -> dict[str, float]:
         m = {"steps": float(self.step), "total_steps": float(self.total_steps), "tokens": float(self.tokens_seen),
@@ -561,7 +585,10 @@ class LoraTrainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"lora": self.lora.to_dict(), "training": self.training.to_dict(),
+        training = self.training.to_dict()
+        if training["world_size"] == 1:
+            del training["world_size"]  # as checkpoints written before world_size existed say it
+        return {"lora": self.lora.to_dict(), "training": training,
                 "train_examples": len(self.splits.train), "eval_examples": len(self.splits.eval)}
 
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:

@@ -10,6 +10,7 @@ Store layout (keys):
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -66,20 +67,7 @@ class _JobCallback(TrainingCallback):
             self.ctx.check()
         except WorkerStopping:
             self.stop.set()
-        due = (p.step % self.handler.report_every_steps == 0 or p.step in (1, p.total_steps)
-               or p.eval_loss is not None)
-        if not due:
-            return
-        metrics = {"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
-                   "tokens_per_second": p.tokens_per_second, "epoch": p.epoch, "total_steps": p.total_steps}
-        if p.eval_loss is not None:
-            metrics["eval_loss"] = p.eval_loss
-        message = f"step {p.step}/{p.total_steps} loss {p.loss:.4f}"
-        if p.eval_loss is not None:
-            message += f" eval_loss {p.eval_loss:.4f}"
-        message += f", eta {_fmt_eta(p.eta_seconds)}"
-        self.ctx.report(0.02 + 0.93 * p.step / p.total_steps, message, metrics)
-        self.handler.on_metrics(p)
+        self.handler.report_step(self.ctx, p)
 
     def on_checkpoint(self, step: int, directory: Path) -> None:
         self.handler.publish_checkpoint(self.ctx, step, directory)
@@ -90,8 +78,13 @@ class TrainingHandler:
     """``handler(ctx) -> result`` for loraflow.jobs.JobWorker on the "train" queue."""
 
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
-                 report_every_steps: int = 5, metrics=None, inputs: InputPolicy | None = None):
+                 report_every_steps: int = 5, metrics=None, inputs: InputPolicy | None = None,
+                 allow_distributed: bool = False, max_local_ranks: int | None = None):
         self.store = store
+        # world_size > 1 is opt-in: the ranks' c10d store is unauthenticated (see services.trainer.rank_group).
+        self.allow_distributed = bool(allow_distributed)
+        # Ranks one job may start on this machine (oversubscribing cores only slows every rank down).
+        self.max_local_ranks = max_local_ranks or max(2, 2 * (os.cpu_count() or 1))
         # Checked again here, not only at submit: the payload in Redis could have been planted.
         self.inputs = inputs or InputPolicy()
         self.registry = registry
@@ -102,6 +95,22 @@ class TrainingHandler:
     def on_metrics(self, p: StepProgress) -> None:
         if self.metrics is not None:
             self.metrics.observe_step(p)
+
+    def report_step(self, ctx: JobContext, p: StepProgress) -> None:
+        """A progress event for step p when one is due (every report_every_steps, first, last, eval)."""
+        due = p.step % self.report_every_steps == 0 or p.step in (1, p.total_steps) or p.eval_loss is not None
+        if not due:
+            return
+        metrics = {"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
+                   "tokens_per_second": p.tokens_per_second, "epoch": p.epoch, "total_steps": p.total_steps}
+        if p.eval_loss is not None:
+            metrics["eval_loss"] = p.eval_loss
+        message = f"step {p.step}/{p.total_steps} loss {p.loss:.4f}"
+        if p.eval_loss is not None:
+            message += f" eval_loss {p.eval_loss:.4f}"
+        message += f", eta {_fmt_eta(p.eta_seconds)}"
+        ctx.report(0.02 + 0.93 * p.step / p.total_steps, message, metrics)
+        self.on_metrics(p)
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -151,7 +160,12 @@ class TrainingHandler:
         name = p["adapter_name"]
         ctx.report(0.0, f"attempt {ctx.attempt}: fetching base model and dataset")
         model_dir = self.base_model_dir(p["base_model"])
-        records = parse_jsonl(self.store.get_bytes(p["dataset_key"]), field="dataset_uri")
+        data = self.store.get_bytes(p["dataset_key"])
+        if training.world_size > 1:
+            from services.trainer.distributed_job import run_distributed_job
+
+            return run_distributed_job(self, ctx, model_dir, data, lora, training)
+        records = parse_jsonl(data, field="dataset_uri")
         work = self.cache_dir / "jobs" / ctx.job_id / f"attempt-{ctx.attempt}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -185,10 +199,18 @@ class TrainingHandler:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def adapter_dir(self, ctx: JobContext) -> Path:
+        return self.cache_dir / "jobs" / ctx.job_id / f"adapter-a{ctx.attempt}"
+
     def _publish(self, ctx: JobContext, trainer, name: str, resumed: int) -> dict[str, Any]:
+        out = trainer.save_adapter(self.adapter_dir(ctx), extra_metrics={"resumed_from_step": float(resumed)},
+                                   base_model=ctx.payload["base_model"])
+        return self.publish_adapter(ctx, out, name, trainer.metrics(), trainer.lora, trainer.step, resumed)
+
+    def publish_adapter(self, ctx: JobContext, out: Path, name: str, trained_metrics: dict[str, float],
+                        lora: LoraSettings, step: int, resumed: int) -> dict[str, Any]:
+        """Fenced: the adapter dir in the store, then the result and the registry entry in one transaction."""
         p = ctx.payload
-        out = trainer.save_adapter(self.cache_dir / "jobs" / ctx.job_id / f"adapter-a{ctx.attempt}",
-                                   extra_metrics={"resumed_from_step": float(resumed)}, base_model=p["base_model"])
         try:
             existing = self.registry.find_adapter(name)
             if existing is not None and existing.job_id != ctx.job_id:
@@ -198,14 +220,14 @@ class TrainingHandler:
             key = adapter_key(name, ctx.job_id, ctx.attempt)
             uri = self.store.publish_dir(key, out)
             digest = sha256_file(out / "adapter_model.safetensors")
-            metrics = {k: float(v) for k, v in trainer.metrics().items()}
+            metrics = {k: float(v) for k, v in trained_metrics.items()}
             metrics["resumed_from_step"] = float(resumed)
-            record = AdapterRecord(name=name, uri=uri, base_model=p["base_model"], lora=trainer.lora.to_dict(),
+            record = AdapterRecord(name=name, uri=uri, base_model=p["base_model"], lora=lora.to_dict(),
                                    metrics=metrics, create_time=time.time(), job_id=ctx.job_id, digest=digest)
             result = {"adapter_name": name, "adapter_uri": uri, "metrics": metrics,
                       "loss_curve_uri": self.store.uri(f"{key}/{LOSS_CURVE_FILE}")}
             try:
-                ctx.report(0.99, f"published adapter {name}", {"step": trainer.step})
+                ctx.report(0.99, f"published adapter {name}", {"step": step})
                 # The result and the registry entry land in one transaction, or not at all.
                 ctx.succeed(result, commit=lambda pipe: self.registry.put_adapter(record, pipe=pipe),
                             message=f"adapter {name} registered")

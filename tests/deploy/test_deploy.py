@@ -481,3 +481,38 @@ def test_gateway_example_inferencepool_and_endpoint_picker_use_the_metrics_we_ex
     assert "lora-affinity-scorer" in declared
     for profile in plugins["schedulingProfiles"]:
         assert {p["pluginRef"] for p in profile["plugins"]} <= declared
+
+
+# ------------------------------------------------------------------------------------------------ distributed training
+
+def test_distributed_training_example_opts_in_and_its_network_policy_fences_the_ranks():
+    """deploy/k8s/training-distributed: the worker that may start torchrun ranks (their c10d store has no
+    auth) is reachable only on its metrics port, sized for its --max-ranks, and its flags exist."""
+    root = K8S / "training-distributed"
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {p.name for p in root.glob("*.yaml")} - {"kustomization.yaml"}
+    docs = [d for name in kustomization["resources"] for d in yaml.safe_load_all((root / name).read_text()) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "worker" and "--allow-distributed-training" in args
+    text = _help("trainer", "worker")
+    for flag in (a for a in args if a.startswith("--")):
+        assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", text), flag
+    max_ranks = int(args[args.index("--max-ranks") + 1])
+    assert int(container["resources"]["requests"]["cpu"]) >= max_ranks
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= 120
+    assert any(v["mountPath"] == "/dev/shm" for v in container["volumeMounts"])
+
+    # The policy selects exactly these pods (and not the plain workers), and admits only the metrics port.
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    plain = [d for d in _k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "trainer-worker"]
+    assert plain and not selector.items() <= plain[0]["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    metrics = {p["containerPort"] for p in container["ports"]}
+    admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert admitted == metrics == {9100}
+    assert all(set(rule) == {"ports"} for rule in policy["spec"]["ingress"])

@@ -53,14 +53,14 @@ class TrainerStack:
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.workers: list[tuple[object, object]] = []
 
-    def start_worker(self, report_every_steps: int = 1):
+    def start_worker(self, report_every_steps: int = 1, **handler_options):
         import threading
 
         from loraflow.jobs import JobWorker
         from services.trainer.worker import TrainingHandler
 
         handler = TrainingHandler(self.store, self.registry, self.cache_dir, report_every_steps=report_every_steps,
-                                  inputs=self.inputs)
+                                  inputs=self.inputs, **handler_options)
         worker = JobWorker(self.queue, handler, poll_ms=200, reaper_interval=0.5)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()

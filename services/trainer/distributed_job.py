@@ -1,0 +1,157 @@
+"""A ``world_size > 1`` training job under its JobContext: one owner (this worker process), many ranks.
+
+The worker process keeps everything that makes the job one job: the lease (JobWorker's renewal
+thread), cancel/fencing checks (``ctx.check()`` every POLL_SECONDS), progress events, the fenced
+checkpoint uploads and the adapter publication. The ranks (torchrun children, see rank_group and
+rank_main) only train; rank 0 writes checkpoints and the adapter locally and says so on its event
+channel.
+
+Outcomes: cancelled or fenced → every rank is SIGKILLed at once, nothing published; worker stopping →
+the ranks agree to stop at a step boundary, rank 0 checkpoints, the job is released; a rank that dies
+→ torchrun ends the others (``--max-restarts 0``) and the attempt fails with Unavailable, so the job
+is redelivered (counted against max_deliveries) and resumes from its last checkpoint with the same
+world_size (the checkpoint's fingerprint includes it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraflow import errors
+from loraflow.errors import FailedPrecondition, Unavailable, WorkerStopping
+from loraflow.jobs import JobContext
+from services.trainer.rank_group import RankGroup
+from services.trainer.rank_main import RankSpec
+from services.trainer.training import LoraSettings, StepProgress, TrainingSettings
+
+if TYPE_CHECKING:
+    from services.trainer.worker import TrainingHandler
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+_RELAYED_ERRORS = ("InvalidArgument", "FailedPrecondition", "NotFound", "PermissionDenied", "ResourceExhausted")
+
+
+def check_capacity(handler: TrainingHandler, training: TrainingSettings) -> None:
+    """FailedPrecondition when this worker cannot host the job's ranks."""
+    if not handler.allow_distributed:
+        raise FailedPrecondition(f"training.world_size={training.world_size} needs a worker started with "
+                                 "--allow-distributed-training (torch's c10d rendezvous store is unauthenticated, so "
+                                 "distributed training is off unless the operator keeps the worker's ports private)",
+                                 field="training.world_size", value=training.world_size)
+    if training.world_size > handler.max_local_ranks:
+        raise FailedPrecondition(f"training.world_size={training.world_size} is more ranks than this worker runs "
+                                 f"(at most {handler.max_local_ranks} on one machine)",
+                                 field="training.world_size", value=training.world_size)
+    if training.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < training.world_size:
+            raise FailedPrecondition(f"training.world_size={training.world_size} on device 'cuda' needs one GPU "
+                                     f"per rank; this worker has {have}", field="training.world_size",
+                                     value=training.world_size)
+
+
+def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Path, data: bytes,
+                        lora: LoraSettings, training: TrainingSettings) -> dict[str, Any]:
+    check_capacity(handler, training)
+    work = handler.cache_dir / "jobs" / ctx.job_id / f"attempt-{ctx.attempt}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    group = RankGroup(work, training.world_size, rdzv_id=f"{ctx.job_id}-a{ctx.attempt}")
+    try:
+        (work / "dataset.jsonl").write_bytes(data)
+        resumed, resume_dir = 0, None
+        latest = handler.latest_checkpoint(ctx.job_id)
+        if latest is not None:
+            resume_dir = handler.store.fetch_dir(latest, work / "resume")
+            resumed = int(latest.rsplit("step-", 1)[-1])
+        RankSpec(model_dir=str(model_dir), dataset_file=str(work / "dataset.jsonl"),
+                 base_model=ctx.payload["base_model"], lora=lora.to_dict(), training=training.to_dict(),
+                 resume_dir=str(resume_dir) if resume_dir else None, resumed_step=resumed,
+                 out_dir=str(handler.adapter_dir(ctx)), worker_pid=os.getpid()).write(work)
+        ctx.report(0.01, f"starting {training.world_size} ranks (torch.distributed)",
+                   {"world_size": training.world_size})
+        group.start()
+        run = _Run(handler, ctx, group, training, resumed)
+        rc = run.follow()
+        if run.done is not None and rc == 0:
+            out = Path(run.done["dir"])
+            return handler.publish_adapter(ctx, out, ctx.payload["adapter_name"], run.done["metrics"], lora,
+                                           int(run.done["step"]), resumed)
+        if run.stopping:
+            raise WorkerStopping(f"job {ctx.job_id} released at step {run.last_step}")
+        if run.error is not None:
+            raise run.error
+        log.warning("ranks of job %s attempt %d exited with status %s; their output:\n%s", ctx.job_id,
+                    ctx.attempt, rc, group.log_tail())
+        raise Unavailable(f"a rank of job {ctx.job_id} attempt {ctx.attempt} exited (torchrun status {rc}) before "
+                          f"training finished; the job is redelivered and resumes from its last checkpoint",
+                          reason="RANK_FAILED")
+    finally:
+        group.kill()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(handler.adapter_dir(ctx), ignore_errors=True)  # rank 0's copy when the attempt failed
+
+
+class _Run:
+    """Follows rank 0's events and the job's control state until the rank group exits."""
+
+    def __init__(self, handler: TrainingHandler, ctx: JobContext, group: RankGroup, training: TrainingSettings,
+                 resumed: int):
+        self.handler, self.ctx, self.group, self.training = handler, ctx, group, training
+        self.resumed = resumed
+        self.last_step = resumed
+        self.stopping = False
+        self.done: dict[str, Any] | None = None
+        self.error: Exception | None = None
+
+    def follow(self) -> int:
+        while True:
+            self._handle(self.group.read_events())
+            rc = self.group.poll()
+            if rc is not None:
+                self._handle(self.group.read_events())  # what rank 0 wrote just before exiting
+                return rc
+            try:
+                self.ctx.check()  # JobCancelled / LeaseLost propagate: the caller kills every rank
+            except WorkerStopping:
+                if not self.stopping:
+                    self.stopping = True
+                    self.group.request_stop()
+            time.sleep(POLL_SECONDS)
+
+    def _handle(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            kind = event["kind"]
+            if kind == "started":
+                self._started(event)
+            elif kind == "step":
+                progress = StepProgress(**event["progress"])
+                self.last_step = progress.step
+                self.handler.report_step(self.ctx, progress)
+            elif kind == "checkpoint":
+                self.handler.publish_checkpoint(self.ctx, int(event["step"]), Path(event["dir"]))
+            elif kind == "done":
+                self.done = event
+            elif kind == "error":
+                cls = getattr(errors, event["type"]) if event["type"] in _RELAYED_ERRORS else FailedPrecondition
+                self.error = cls(event["message"], field=event.get("field"), value=event.get("value"))
+
+    def _started(self, event: dict[str, Any]) -> None:
+        total = int(event["total_steps"])
+        metrics = {**event["metrics"], "step": self.resumed, "total_steps": total}
+        if self.resumed:
+            metrics["resumed_from_step"] = self.resumed
+            message = f"resumed from the checkpoint at step {self.resumed} on {self.training.world_size} ranks"
+        else:
+            message = (f"training {total} steps on {event['train_examples']} examples "
+                       f"({event['eval_examples']} eval) across {self.training.world_size} ranks")
+        self.ctx.report(0.02 + 0.93 * self.resumed / total, message, metrics)
