@@ -364,6 +364,7 @@ def train(ctx: typer.Context,
           device: Annotated[str, typer.Option(help="cpu, cuda or qaic.")] = "",
           world_size: Annotated[int, typer.Option(help="Data-parallel ranks (torch.distributed) for this job; "
                                                        "0 = 1.")] = 0,
+          nodes: Annotated[int, typer.Option(help="Machines the ranks span (must divide --world-size); 0 = 1.")] = 0,
           request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
           wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = False,
           output: OutputOpt = Output.table) -> None:
@@ -374,7 +375,7 @@ def train(ctx: typer.Context,
                        max_seq_len=max_seq_len, eval_fraction=eval_fraction, seed=seed,
                        checkpoint_every=checkpoint_every, device=device, warmup_steps=warmup_steps,
                        lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing,
-                       request_id=request_id, world_size=world_size)
+                       request_id=request_id, world_size=world_size, nodes=nodes)
     if wait:
         job = _follow(client, job, output, _train_line)
     _print_job(job, output)

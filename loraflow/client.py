@@ -291,7 +291,7 @@ class Client:
               max_seq_len: int = 0, eval_fraction: float = 0.0, seed: int = 0, checkpoint_every: int = 0,
               device: str = "", warmup_steps: int = 0, lr_scheduler: str = "",
               gradient_checkpointing: bool = False, request_id: str = "",
-              labels: dict[str, str] | None = None, world_size: int = 0) -> jobs_pb2.Job:
+              labels: dict[str, str] | None = None, world_size: int = 0, nodes: int = 0) -> jobs_pb2.Job:
         """Submit a LoRA fine-tuning job; None/0/empty values take the server's defaults."""
         request = trainer_pb2.SubmitTrainingJobRequest(
             base_model=absolute_local_path(base_model), dataset_uri=absolute_local_path(dataset), adapter_name=name, request_id=request_id,
@@ -302,7 +302,8 @@ class Client:
                 max_steps=steps, num_epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=grad_accum,
                 learning_rate=lr, max_seq_len=max_seq_len, seed=seed, eval_fraction=eval_fraction,
                 checkpoint_every_steps=checkpoint_every, device=device, warmup_steps=warmup_steps,
-                lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing, world_size=world_size))
+                lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing, world_size=world_size,
+                nodes=nodes))
         job = self._call("trainer", trainer_pb2_grpc.TrainerServiceStub, "SubmitTrainingJob", request)
         self._job_service[job.id] = "trainer"
         return job

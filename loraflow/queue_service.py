@@ -60,6 +60,8 @@ class QueueServiceSpec:
     make_handler: Callable[[ServiceContext], HandlerFn]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     serve_metrics: Callable[[int, str], None] | None = None  # (port, host)
+    # Work beside the job loop (the trainer's --join-distributed follower): (ctx, handler, stop) -> join.
+    start_companion: Callable[[ServiceContext, HandlerFn, threading.Event], Callable[[], None] | None] | None = None
 
 
 def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,8 +139,8 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     stop = threading.Event()
     exit_code = 0
     if has_worker:
-        worker = JobWorker(queue, spec.make_handler(ctx), stop_event=stop,
-                           on_ready=lambda ready: gate.set("worker", ready))
+        handler = spec.make_handler(ctx)
+        worker = JobWorker(queue, handler, stop_event=stop, on_ready=lambda ready: gate.set("worker", ready))
 
         def run_worker() -> None:
             nonlocal exit_code
@@ -160,6 +162,9 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
             worker_thread.join()
 
         shutdown.append(stop_worker)
+        join_companion = spec.start_companion(ctx, handler, stop) if spec.start_companion else None
+        if join_companion is not None:
+            shutdown.append(join_companion)
     shutdown.append(lambda: ready_file(False))
     if embedded is not None:
         shutdown.append(embedded.stop)

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loraflow.v1 import jobs_pb2 as loraflow_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraflow/v1/trainer.proto\x12\x0bloraflow.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16loraflow/v1/jobs.proto\"\x86\x01\n\nLoraConfig\x12\x0e\n\x01r\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nlora_alpha\x18\x02 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x14\n\x0clora_dropout\x18\x04 \x01(\x01\x12\x0c\n\x04\x62ias\x18\x05 \x01(\t\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x42\x04\n\x02_r\"\x81\x03\n\x0eTrainingConfig\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nnum_epochs\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12#\n\x1bgradient_accumulation_steps\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x15\n\reval_fraction\x18\x08 \x01(\x01\x12\x1e\n\x16\x63heckpoint_every_steps\x18\t \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x0b \x01(\x05\x12\x14\n\x0clr_scheduler\x18\x0c \x01(\t\x12\x1e\n\x16gradient_checkpointing\x18\r \x01(\x08\x12\x14\n\x0cweight_decay\x18\x0e \x01(\x01\x12\x18\n\x10\x65val_every_steps\x18\x0f \x01(\x05\x12\x12\n\nworld_size\x18\x10 \x01(\x05\"\xb5\x02\n\x18SubmitTrainingJobRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x61taset_uri\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x03 \x01(\t\x12%\n\x04lora\x18\x04 \x01(\x0b\x32\x17.loraflow.v1.LoraConfig\x12-\n\x08training\x18\x05 \x01(\x0b\x32\x1b.loraflow.v1.TrainingConfig\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x41\n\x06labels\x18\x07 \x03(\x0b\x32\x31.loraflow.v1.SubmitTrainingJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x02\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12%\n\x04lora\x18\x04 \x01(\x0b\x32\x17.loraflow.v1.LoraConfig\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.loraflow.v1.Adapter.MetricsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraflow.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x15\x44\x65leteAdapterResponse\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.loraflow.v1.Adapter2\xcf\x02\n\x0eTrainerService\x12L\n\x11SubmitTrainingJob\x12%.loraflow.v1.SubmitTrainingJobRequest\x1a\x10.loraflow.v1.Job\x12S\n\x0cListAdapters\x12 .loraflow.v1.ListAdaptersRequest\x1a!.loraflow.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraflow.v1.GetAdapterRequest\x1a\x14.loraflow.v1.Adapter\x12V\n\rDeleteAdapter\x12!.loraflow.v1.DeleteAdapterRequest\x1a\".loraflow.v1.DeleteAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loraflow/v1/trainer.proto\x12\x0bloraflow.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16loraflow/v1/jobs.proto\"\x86\x01\n\nLoraConfig\x12\x0e\n\x01r\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nlora_alpha\x18\x02 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x14\n\x0clora_dropout\x18\x04 \x01(\x01\x12\x0c\n\x04\x62ias\x18\x05 \x01(\t\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x42\x04\n\x02_r\"\x90\x03\n\x0eTrainingConfig\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nnum_epochs\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12#\n\x1bgradient_accumulation_steps\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x15\n\reval_fraction\x18\x08 \x01(\x01\x12\x1e\n\x16\x63heckpoint_every_steps\x18\t \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x0b \x01(\x05\x12\x14\n\x0clr_scheduler\x18\x0c \x01(\t\x12\x1e\n\x16gradient_checkpointing\x18\r \x01(\x08\x12\x14\n\x0cweight_decay\x18\x0e \x01(\x01\x12\x18\n\x10\x65val_every_steps\x18\x0f \x01(\x05\x12\x12\n\nworld_size\x18\x10 \x01(\x05\x12\r\n\x05nodes\x18\x11 \x01(\x05\"\xb5\x02\n\x18SubmitTrainingJobRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x61taset_uri\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x03 \x01(\t\x12%\n\x04lora\x18\x04 \x01(\x0b\x32\x17.loraflow.v1.LoraConfig\x12-\n\x08training\x18\x05 \x01(\x0b\x32\x1b.loraflow.v1.TrainingConfig\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x41\n\x06labels\x18\x07 \x03(\x0b\x32\x31.loraflow.v1.SubmitTrainingJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x02\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12%\n\x04lora\x18\x04 \x01(\x0b\x32\x17.loraflow.v1.LoraConfig\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.loraflow.v1.Adapter.MetricsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06\x64igest\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraflow.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x15\x44\x65leteAdapterResponse\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.loraflow.v1.Adapter2\xcf\x02\n\x0eTrainerService\x12L\n\x11SubmitTrainingJob\x12%.loraflow.v1.SubmitTrainingJobRequest\x1a\x10.loraflow.v1.Job\x12S\n\x0cListAdapters\x12 .loraflow.v1.ListAdaptersRequest\x1a!.loraflow.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraflow.v1.GetAdapterRequest\x1a\x14.loraflow.v1.Adapter\x12V\n\rDeleteAdapter\x12!.loraflow.v1.DeleteAdapterRequest\x1a\".loraflow.v1.DeleteAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LORACONFIG']._serialized_start=100
   _globals['_LORACONFIG']._serialized_end=234
   _globals['_TRAININGCONFIG']._serialized_start=237
-  _globals['_TRAININGCONFIG']._serialized_end=622
-  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_start=625
-  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_end=934
-  _globals['_SUBMITTRAININGJOBREQUEST_LABELSENTRY']._serialized_start=889
-  _globals['_SUBMITTRAININGJOBREQUEST_LABELSENTRY']._serialized_end=934
-  _globals['_ADAPTER']._serialized_start=937
-  _globals['_ADAPTER']._serialized_end=1213
-  _globals['_ADAPTER_METRICSENTRY']._serialized_start=1167
-  _globals['_ADAPTER_METRICSENTRY']._serialized_end=1213
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1215
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1275
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1277
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1364
-  _globals['_GETADAPTERREQUEST']._serialized_start=1366
-  _globals['_GETADAPTERREQUEST']._serialized_end=1399
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1401
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1437
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1439
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1501
-  _globals['_TRAINERSERVICE']._serialized_start=1504
-  _globals['_TRAINERSERVICE']._serialized_end=1839
+  _globals['_TRAININGCONFIG']._serialized_end=637
+  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_start=640
+  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_end=949
+  _globals['_SUBMITTRAININGJOBREQUEST_LABELSENTRY']._serialized_start=904
+  _globals['_SUBMITTRAININGJOBREQUEST_LABELSENTRY']._serialized_end=949
+  _globals['_ADAPTER']._serialized_start=952
+  _globals['_ADAPTER']._serialized_end=1228
+  _globals['_ADAPTER_METRICSENTRY']._serialized_start=1182
+  _globals['_ADAPTER_METRICSENTRY']._serialized_end=1228
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1230
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1290
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1292
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1379
+  _globals['_GETADAPTERREQUEST']._serialized_start=1381
+  _globals['_GETADAPTERREQUEST']._serialized_end=1414
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1416
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1452
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1454
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1516
+  _globals['_TRAINERSERVICE']._serialized_start=1519
+  _globals['_TRAINERSERVICE']._serialized_end=1854
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class LoraConfig(_message.Message):
     def __init__(self, r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lora_dropout: _Optional[float] = ..., bias: _Optional[str] = ..., use_rslora: _Optional[bool] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "learning_rate", "max_seq_len", "seed", "eval_fraction", "checkpoint_every_steps", "device", "warmup_steps", "lr_scheduler", "gradient_checkpointing", "weight_decay", "eval_every_steps", "world_size")
+    __slots__ = ("max_steps", "num_epochs", "batch_size", "gradient_accumulation_steps", "learning_rate", "max_seq_len", "seed", "eval_fraction", "checkpoint_every_steps", "device", "warmup_steps", "lr_scheduler", "gradient_checkpointing", "weight_decay", "eval_every_steps", "world_size", "nodes")
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class TrainingConfig(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     max_steps: int
     num_epochs: float
     batch_size: int
@@ -60,7 +61,8 @@ class TrainingConfig(_message.Message):
     weight_decay: float
     eval_every_steps: int
     world_size: int
-    def __init__(self, max_steps: _Optional[int] = ..., num_epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., checkpoint_every_steps: _Optional[int] = ..., device: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., lr_scheduler: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., eval_every_steps: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    nodes: int
+    def __init__(self, max_steps: _Optional[int] = ..., num_epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., checkpoint_every_steps: _Optional[int] = ..., device: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., lr_scheduler: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., eval_every_steps: _Optional[int] = ..., world_size: _Optional[int] = ..., nodes: _Optional[int] = ...) -> None: ...
 
 class SubmitTrainingJobRequest(_message.Message):
     __slots__ = ("base_model", "dataset_uri", "adapter_name", "lora", "training", "request_id", "labels")

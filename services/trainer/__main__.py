@@ -1,5 +1,6 @@
 """python -m services.trainer [all|api|worker] [--listen HOST:PORT] [--redis-url URL] [--store-url URL]
 [--cache-dir DIR] [--metrics-port N] [--report-every-steps N] [--allow-distributed-training] [--max-ranks N]
+[--join-distributed] [--rdzv-host HOST]
 
 `api` serves TrainerService + JobService (+ health and reflection); `worker` trains queued jobs;
 `all` (default) does both in one process. Default port 50051. SIGTERM/SIGINT: health NOT_SERVING,
@@ -26,6 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "are private (a NetworkPolicy, a firewall). Env LORAFLOW_ALLOW_DISTRIBUTED_TRAINING=1")
     parser.add_argument("--max-ranks", type=int, default=0,
                         help="most ranks one job may start on this machine (0 = 2 x CPU cores, at least 2)")
+    parser.add_argument(
+        "--join-distributed", action="store_true",
+        default=os.environ.get("LORAFLOW_JOIN_DISTRIBUTED", "") in ("1", "true", "yes"),
+        help="also host the other nodes of multi-machine jobs (TrainingConfig.nodes > 1) that other workers "
+             "took; implies --allow-distributed-training, with the same exposure: the ranks' gloo sockets and "
+             "node 0's rendezvous store are unauthenticated, keep them on a private network. "
+             "Env LORAFLOW_JOIN_DISTRIBUTED=1")
+    parser.add_argument("--rdzv-host", default="",
+                        help="the address other machines reach this worker's rendezvous endpoint on when it is "
+                             "node 0 of a multi-machine job (default: env LORAFLOW_RDZV_HOST, else the hostname)")
 
 
 def make_servicer(ctx: ServiceContext):
@@ -45,8 +56,22 @@ def make_handler(ctx: ServiceContext):
     return TrainingHandler(ctx.store, ctx.registry, ctx.settings.cache_dir,
                            report_every_steps=ctx.args.report_every_steps, metrics=TrainerMetrics(),
                            inputs=InputPolicy.from_settings(ctx.security),
-                           allow_distributed=ctx.args.allow_distributed_training,
-                           max_local_ranks=ctx.args.max_ranks or None)
+                           allow_distributed=ctx.args.allow_distributed_training or ctx.args.join_distributed,
+                           max_local_ranks=ctx.args.max_ranks or None, rdzv_host=ctx.args.rdzv_host or None)
+
+
+def start_follower(ctx: ServiceContext, handler, stop):
+    """--join-distributed: a RunFollower thread beside the job loop; returns its join for shutdown."""
+    if not ctx.args.join_distributed:
+        return None
+    import threading
+
+    from services.trainer.follower import RunFollower
+
+    follower = RunFollower(handler, ctx.queue, stop)
+    thread = threading.Thread(target=follower.run, name="train-follower")
+    thread.start()
+    return thread.join
 
 
 def serve_metrics(port: int, host: str) -> None:
@@ -60,7 +85,7 @@ SPEC = QueueServiceSpec(
     grpc_service_name=trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
     add_servicer=trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
     make_servicer=make_servicer, make_handler=make_handler, add_arguments=add_arguments,
-    serve_metrics=serve_metrics)
+    serve_metrics=serve_metrics, start_companion=start_follower)
 
 if __name__ == "__main__":
     sys.exit(main(SPEC))

@@ -11,22 +11,34 @@ the ranks agree to stop at a step boundary, rank 0 checkpoints, the job is relea
 → torchrun ends the others (``--max-restarts 0``) and the attempt fails with Unavailable, so the job
 is redelivered (counted against max_deliveries) and resumes from its last checkpoint with the same
 world_size (the checkpoint's fingerprint includes it).
+
+Several machines (``nodes > 1``): this worker is node 0. It opens a run on the RunBoard (Redis) with its
+rendezvous endpoint (``--rdzv-host``, a free port), starts its own ranks_per_node ranks as node 0, and
+refreshes the run while it follows; workers started with ``--join-distributed`` claim the other node
+ranks and start theirs against the endpoint (services.trainer.follower). Whatever ends the attempt, node
+0 marks the run ended and the followers kill their ranks; a follower that dies takes its ranks with it,
+torchrun on node 0 fails, and the attempt fails like a crashed rank; a follower that stops asks node 0 to
+release the job (checkpoint, re-queue).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraflow import errors
+from loraflow.embedded_redis import free_port
 from loraflow.errors import FailedPrecondition, Unavailable, WorkerStopping
 from loraflow.jobs import JobContext
 from services.trainer.rank_group import RankGroup
 from services.trainer.rank_main import RankSpec
+from services.trainer.run_board import RunBoard
 from services.trainer.training import LoraSettings, StepProgress, TrainingSettings
 
 if TYPE_CHECKING:
@@ -45,18 +57,19 @@ def check_capacity(handler: TrainingHandler, training: TrainingSettings) -> None
                                  "--allow-distributed-training (torch's c10d rendezvous store is unauthenticated, so "
                                  "distributed training is off unless the operator keeps the worker's ports private)",
                                  field="training.world_size", value=training.world_size)
-    if training.world_size > handler.max_local_ranks:
-        raise FailedPrecondition(f"training.world_size={training.world_size} is more ranks than this worker runs "
-                                 f"(at most {handler.max_local_ranks} on one machine)",
-                                 field="training.world_size", value=training.world_size)
+    local = training.ranks_per_node
+    if local > handler.max_local_ranks:
+        raise FailedPrecondition(f"training.world_size={training.world_size} on {training.nodes} node(s) is {local} "
+                                 f"ranks per machine, more than this worker runs (at most {handler.max_local_ranks} "
+                                 "on one machine)", field="training.world_size", value=training.world_size)
     if training.device == "cuda":
         import torch
 
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if have < training.world_size:
+        if have < local:
             raise FailedPrecondition(f"training.world_size={training.world_size} on device 'cuda' needs one GPU "
-                                     f"per rank; this worker has {have}", field="training.world_size",
-                                     value=training.world_size)
+                                     f"per rank ({local} on this machine); this worker has {have}",
+                                     field="training.world_size", value=training.world_size)
 
 
 def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Path, data: bytes,
@@ -65,11 +78,20 @@ def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Pa
     work = handler.cache_dir / "jobs" / ctx.job_id / f"attempt-{ctx.attempt}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    group = RankGroup(work, training.world_size, rdzv_id=f"{ctx.job_id}-a{ctx.attempt}")
+    rdzv_id = f"{ctx.job_id}-a{ctx.attempt}"
+    board, run_key, endpoint = None, None, None
+    if training.nodes > 1:
+        board = RunBoard(ctx.queue.redis)
+        endpoint = f"{handler.rdzv_host}:{free_port(_probe_address(handler.rdzv_host))}"
+    group = RankGroup(work, training.ranks_per_node, rdzv_id=rdzv_id, nnodes=training.nodes, node_rank=0,
+                      endpoint=endpoint)
     try:
         (work / "dataset.jsonl").write_bytes(data)
         resumed, resume_dir = 0, None
         latest = handler.latest_checkpoint(ctx.job_id)
+        if board is not None:
+            run_key = board.open(ctx.job_id, ctx.attempt, endpoint, training.nodes, training.ranks_per_node,
+                                 latest or "")
         if latest is not None:
             resume_dir = handler.store.fetch_dir(latest, work / "resume")
             resumed = int(latest.rsplit("step-", 1)[-1])
@@ -80,7 +102,7 @@ def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Pa
         ctx.report(0.01, f"starting {training.world_size} ranks (torch.distributed)",
                    {"world_size": training.world_size})
         group.start()
-        run = _Run(handler, ctx, group, training, resumed)
+        run = _Run(handler, ctx, group, training, resumed, board, run_key)
         rc = run.follow()
         if run.done is not None and rc == 0:
             out = Path(run.done["dir"])
@@ -96,6 +118,8 @@ def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Pa
                           f"training finished; the job is redelivered and resumes from its last checkpoint",
                           reason="RANK_FAILED")
     finally:
+        if board is not None and run_key is not None:
+            board.end(run_key)  # the followers kill their ranks
         group.kill()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(handler.adapter_dir(ctx), ignore_errors=True)  # rank 0's copy when the attempt failed
@@ -105,8 +129,10 @@ class _Run:
     """Follows rank 0's events and the job's control state until the rank group exits."""
 
     def __init__(self, handler: TrainingHandler, ctx: JobContext, group: RankGroup, training: TrainingSettings,
-                 resumed: int):
+                 resumed: int, board: RunBoard | None = None, run_key: str | None = None):
         self.handler, self.ctx, self.group, self.training = handler, ctx, group, training
+        self.board, self.run_key = board, run_key
+        self.join_deadline = time.monotonic() + handler.join_timeout
         self.resumed = resumed
         self.last_step = resumed
         self.stopping = False
@@ -122,6 +148,19 @@ class _Run:
                 return rc
             try:
                 self.ctx.check()  # JobCancelled / LeaseLost propagate: the caller kills every rank
+                if self.board is not None:
+                    state = self.board.refresh(self.run_key)
+                    if state.failed:
+                        raise Unavailable(f"a follower node of job {self.ctx.job_id} attempt {self.ctx.attempt} "
+                                          f"could not start its ranks: {state.failed}; the job is redelivered",
+                                          reason="FOLLOWER_FAILED")
+                    if state.claimed < self.training.nodes - 1 and time.monotonic() > self.join_deadline:
+                        raise Unavailable(f"job {self.ctx.job_id} attempt {self.ctx.attempt}: {state.claimed} of "
+                                          f"{self.training.nodes - 1} other nodes joined within "
+                                          f"{self.handler.join_timeout:g}s (no idle worker with --join-distributed?); "
+                                          "the job is redelivered", reason="NODES_MISSING")
+                    if state.release:
+                        raise WorkerStopping(f"a follower node of job {self.ctx.job_id} is stopping")
             except WorkerStopping:
                 if not self.stopping:
                     self.stopping = True
@@ -155,3 +194,15 @@ class _Run:
             message = (f"training {total} steps on {event['train_examples']} examples "
                        f"({event['eval_examples']} eval) across {self.training.world_size} ranks")
         self.ctx.report(0.02 + 0.93 * self.resumed / total, message, metrics)
+
+
+def _probe_address(host: str) -> str:
+    """Where to look for a free port: the loopback itself, else every interface (torch binds all of them)."""
+    try:
+        return "127.0.0.1" if ipaddress.ip_address(host).is_loopback else "0.0.0.0"  # noqa: S104
+    except ValueError:
+        return "127.0.0.1" if host == "localhost" else "0.0.0.0"  # noqa: S104
+
+
+def default_rdzv_host() -> str:
+    return os.environ.get("LORAFLOW_RDZV_HOST") or socket.gethostname()

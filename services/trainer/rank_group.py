@@ -7,6 +7,10 @@ object a line, appended and flushed; the reader takes complete lines only); the 
 stop by creating ``stop``; each rank writes its pid under ``pids/`` so the worker can SIGKILL every
 rank directly (torchrun starts each rank in a new session, out of reach of the agent's group).
 
+Across machines (``nnodes > 1``) every node runs one such agent with ``--rdzv-backend=static``, its
+``--node-rank`` and node 0's endpoint, so global rank 0 is always on node 0 (see distributed_job and
+follower).
+
 Security: the c10d store and gloo's sockets are not authenticated (torch has no auth for them); on one
 machine the rendezvous endpoint is 127.0.0.1 and gloo is pinned to the loopback interface. Across
 machines they must stay on a private network (see deploy/k8s/training-distributed/networkpolicy.yaml).
@@ -53,23 +57,43 @@ class EventWriter:
 class RankGroup:
     """Start, watch, stop and kill the torchrun process tree of one attempt."""
 
-    def __init__(self, run_dir: Path, world_size: int, rdzv_id: str):
+    def __init__(self, run_dir: Path, world_size: int, rdzv_id: str, *, nnodes: int = 1, node_rank: int = 0,
+                 endpoint: str | None = None):
         self.run_dir = Path(run_dir)
-        self.world_size = int(world_size)
+        self.world_size = int(world_size)  # the ranks of this machine (nproc per node)
         self.rdzv_id = rdzv_id
+        self.nnodes, self.node_rank = int(nnodes), int(node_rank)
+        # Multi-machine: node 0's endpoint HOST:PORT (see distributed_job); one machine: a loopback port.
+        self.endpoint = endpoint
         self.proc: subprocess.Popen | None = None
         self._offset = 0
         (self.run_dir / PIDS_DIR).mkdir(parents=True, exist_ok=True)
 
     def command(self, port: int) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-                f"--nproc-per-node={self.world_size}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={self.rdzv_id}", "--max-restarts=0",
-                "--monitor-interval=0.2", "-m", "services.trainer.rank_main", str(self.run_dir / SPEC_FILE)]
+        if self.nnodes == 1:
+            rdzv = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+        else:
+            # static rendezvous: node ranks are fixed, so global rank 0 (the one that reports, checkpoints and
+            # writes the adapter) runs on node 0, whose agent hosts the store on the endpoint.
+            rdzv = [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", "--rdzv-backend=static",
+                    f"--rdzv-endpoint={self.endpoint}"]
+        return [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc-per-node={self.world_size}",
+                f"--rdzv-id={self.rdzv_id}", "--max-restarts=0", "--monitor-interval=0.2",
+                "-m", "services.trainer.rank_main", str(self.run_dir / SPEC_FILE)]
+
+    def _gloo_interface(self) -> str | None:
+        """Loopback when every rank is on this machine (or the endpoint is loopback); else gloo picks."""
+        if self.nnodes == 1:
+            return "lo"
+        host = (self.endpoint or "").rsplit(":", 1)[0].strip("[]")
+        return "lo" if host in ("127.0.0.1", "localhost", "::1") else os.environ.get("GLOO_SOCKET_IFNAME")
 
     def start(self) -> None:
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo",
+        env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        interface = self._gloo_interface()
+        if interface:
+            env["GLOO_SOCKET_IFNAME"] = interface
         # One thread per rank unless the operator set it: W ranks on W cores, not W x cores threads.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.world_size)))
         with open(self.run_dir / LOG_FILE, "ab") as out:

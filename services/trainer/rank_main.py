@@ -103,7 +103,13 @@ def main(spec_path: str) -> int:
             events.write("checkpoint", step=step, dir=str(directory))
             self.last_checkpoint_step = step
 
-    callback = RankZeroCallback() if rank == 0 else TrainingCallback()
+    class PeerCallback(TrainingCallback):
+        def on_step(self, progress: StepProgress) -> None:
+            # Another machine's rank has no rank 0 beside it to notice its worker died: it leaves itself.
+            if not _alive(spec.worker_pid):
+                os._exit(3)
+
+    callback = RankZeroCallback() if rank == 0 else PeerCallback()
     try:
         device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
         if cuda:
@@ -120,10 +126,11 @@ def main(spec_path: str) -> int:
             stop_requested=lambda: stop_file.exists() or not _alive(spec.worker_pid))
         if spec.resume_dir:
             trainer.resume_from(spec.resume_dir)
-        dist.barrier()  # every rank has written its pid
+        # Every rank's pid, whichever machine it runs on (each also wrote it under its own run dir's pids/).
+        all_pids: list[int] = [0] * dist.get_world_size()
+        dist.all_gather_object(all_pids, os.getpid())
         if rank == 0:
-            pids = {f"rank_{r}_pid": float((run_dir / PIDS_DIR / f"rank-{r}").read_text())
-                    for r in range(dist.get_world_size())}
+            pids = {f"rank_{r}_pid": float(pid) for r, pid in enumerate(all_pids)}
             tensors, elements = trainer.synced_parameters()
             trainable = [p for p in trainer.model.parameters() if p.requires_grad]
             events.write("started", total_steps=trainer.total_steps, train_examples=len(splits.train),

@@ -67,7 +67,8 @@ def training_from_proto(msg: trainer_pb2.TrainingConfig) -> TrainingSettings:
         eval_fraction=msg.eval_fraction, checkpoint_every_steps=default(msg.checkpoint_every_steps, 50),
         device=msg.device or "cpu", warmup_steps=msg.warmup_steps, lr_scheduler=msg.lr_scheduler or "cosine",
         gradient_checkpointing=msg.gradient_checkpointing, weight_decay=msg.weight_decay,
-        eval_every_steps=msg.eval_every_steps, world_size=default(msg.world_size, 1))
+        eval_every_steps=msg.eval_every_steps, world_size=default(msg.world_size, 1),
+        nodes=default(msg.nodes, 1))
 
 
 def lora_to_proto(lora: dict[str, Any]) -> trainer_pb2.LoraConfig:

@@ -40,6 +40,7 @@ MAX_RANK = 1024
 MAX_TARGET_MODULES = 64
 MAX_MODULE_NAME_LEN = 128
 MAX_WORLD_SIZE = 64
+MAX_NODES = 16
 
 CHECKPOINT_STATE = "trainer_state.json"
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ class TrainingSettings:
     weight_decay: float = 0.0
     eval_every_steps: int = 0  # 0 = at checkpoints and at the end
     world_size: int = 1  # data-parallel ranks; the global batch (batch_size x accumulation) does not change
+    nodes: int = 1  # machines the ranks span (world_size / nodes ranks on each)
 
     def __post_init__(self) -> None:
         def int_in(name: str, lo: int, hi: int) -> None:
@@ -234,6 +236,15 @@ class TrainingSettings:
                     f"training.world_size={self.world_size} exceeds the global batch (batch_size x "
                     f"gradient_accumulation_steps = {global_batch}): some ranks would have no examples",
                     field="training.world_size", value=self.world_size)
+        int_in("nodes", 1, MAX_NODES)
+        if self.world_size % self.nodes:
+            raise InvalidArgument(f"training.nodes={self.nodes} must divide training.world_size={self.world_size} "
+                                  "(every machine runs the same number of ranks)", field="training.nodes",
+                                  value=self.nodes)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nodes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -588,6 +599,10 @@ class LoraTrainer:
         training = self.training.to_dict()
         if training["world_size"] == 1:
             del training["world_size"]  # as checkpoints written before world_size existed say it
+        # The machines do not change the model (the same world_size trains the same steps), but a resumed
+        # attempt keeps its layout so its ranks shard the batch as before.
+        if training["nodes"] == 1:
+            del training["nodes"]
         return {"lora": self.lora.to_dict(), "training": training,
                 "train_examples": len(self.splits.train), "eval_examples": len(self.splits.eval)}
 

@@ -79,12 +79,19 @@ class TrainingHandler:
 
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
                  report_every_steps: int = 5, metrics=None, inputs: InputPolicy | None = None,
-                 allow_distributed: bool = False, max_local_ranks: int | None = None):
+                 allow_distributed: bool = False, max_local_ranks: int | None = None, rdzv_host: str | None = None,
+                 join_timeout: float = 300.0):
         self.store = store
         # world_size > 1 is opt-in: the ranks' c10d store is unauthenticated (see services.trainer.rank_group).
         self.allow_distributed = bool(allow_distributed)
         # Ranks one job may start on this machine (oversubscribing cores only slows every rank down).
         self.max_local_ranks = max_local_ranks or max(2, 2 * (os.cpu_count() or 1))
+        # nodes > 1: the address the other machines reach this worker's rendezvous endpoint on.
+        from services.trainer.distributed_job import default_rdzv_host
+
+        self.rdzv_host = rdzv_host or default_rdzv_host()
+        self.join_timeout = float(join_timeout)  # how long node 0 waits for the other nodes to be claimed
+        self.busy = threading.Event()  # a queue job runs here: a follower thread does not claim nodes meanwhile
         # Checked again here, not only at submit: the payload in Redis could have been planted.
         self.inputs = inputs or InputPolicy()
         self.registry = registry
@@ -154,6 +161,13 @@ class TrainingHandler:
     # --- the job -------------------------------------------------------------------------------
 
     def __call__(self, ctx: JobContext) -> dict[str, Any]:
+        self.busy.set()
+        try:
+            return self._run_job(ctx)
+        finally:
+            self.busy.clear()
+
+    def _run_job(self, ctx: JobContext) -> dict[str, Any]:
         p = ctx.payload
         lora = LoraSettings(**p["lora"])
         training = TrainingSettings(**p["training"])

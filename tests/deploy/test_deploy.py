@@ -487,7 +487,8 @@ def test_gateway_example_inferencepool_and_endpoint_picker_use_the_metrics_we_ex
 
 def test_distributed_training_example_opts_in_and_its_network_policy_fences_the_ranks():
     """deploy/k8s/training-distributed: the worker that may start torchrun ranks (their c10d store has no
-    auth) is reachable only on its metrics port, sized for its --max-ranks, and its flags exist."""
+    auth) is reachable on its metrics port and, for multi-machine jobs, by its own pool only; sized for its
+    --max-ranks, and its flags exist."""
     root = K8S / "training-distributed"
     kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
     assert set(kustomization["resources"]) == {p.name for p in root.glob("*.yaml")} - {"kustomization.yaml"}
@@ -513,6 +514,14 @@ def test_distributed_training_example_opts_in_and_its_network_policy_fences_the_
     assert plain and not selector.items() <= plain[0]["spec"]["template"]["metadata"]["labels"].items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     metrics = {p["containerPort"] for p in container["ports"]}
-    admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    open_rules = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    admitted = {p["port"] for rule in open_rules for p in rule["ports"]}
     assert admitted == metrics == {9100}
-    assert all(set(rule) == {"ports"} for rule in policy["spec"]["ingress"])
+    # Multi-machine jobs: the rendezvous and gloo ports (torch picks them) open only to this pool's own pods.
+    peer_rules = [rule for rule in policy["spec"]["ingress"] if "from" in rule]
+    assert len(peer_rules) == 1 and "ports" not in peer_rules[0]
+    (peer,) = peer_rules[0]["from"]
+    assert set(peer) == {"podSelector"} and peer["podSelector"]["matchLabels"] == selector
+    assert "--join-distributed" in args and deployment["spec"]["replicas"] >= 2
+    (rdzv,) = [e for e in container["env"] if e["name"] == "LORAFLOW_RDZV_HOST"]
+    assert rdzv["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
