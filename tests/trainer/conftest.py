@@ -86,3 +86,17 @@ def stack(redis_url, tmp_path, input_policy):
     s = TrainerStack(redis_url, tmp_path, inputs=input_policy)
     yield s
     s.close()
+
+
+def trainer_cli(port: int):
+    """cli(*args) -> (exit code, stdout, stderr) of the real `loraflow` CLI against the trainer on `port`."""
+    from typer.testing import CliRunner
+
+    from loraflow.cli import app
+
+    def cli(*args: str):
+        result = CliRunner().invoke(app, ["--trainer", f"127.0.0.1:{port}", "--timeout", "10", *args],
+                                    catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return cli

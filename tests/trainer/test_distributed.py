@@ -17,7 +17,7 @@ from loraflow.grpc_server import error_info
 from loraflow.v1 import jobs_pb2, trainer_pb2
 from services.trainer.rank_group import process_running, wait_gone
 from services.trainer.training import TrainingSettings
-from tests.trainer.conftest import TrainerStack
+from tests.trainer.conftest import TrainerStack, trainer_cli
 
 # world_size 2 vs 1 on the same global batch: equal up to float summation order (the gradient
 # all-reduce and the split micro-batches add in another order). Measured: per-step loss differs by
@@ -298,15 +298,7 @@ def test_ranks_do_not_outlive_a_sigkilled_worker(redis_url, tmp_path, tiny_llama
 
 
 def test_cli_train_world_size_reaches_the_job_and_bad_values_name_the_field(stack, tiny_llama, dataset_file):
-    from typer.testing import CliRunner
-
-    from loraflow.cli import app
-
-    def cli(*args: str):
-        result = CliRunner().invoke(app, ["--trainer", f"127.0.0.1:{stack.port}", "--timeout", "10", *args],
-                                    catch_exceptions=False)
-        return result.exit_code, result.stdout, result.stderr
-
+    cli = trainer_cli(stack.port)
     code, out, err = cli("train", str(tiny_llama), str(dataset_file), "--name", "wide", "--world-size", "2",
                          "--batch-size", "2", "-o", "json")
     assert code == 0, err

@@ -19,6 +19,7 @@ from services.trainer.follower import RunFollower
 from services.trainer.rank_group import process_running, wait_gone
 from services.trainer.run_board import RUNS_KEY, RunBoard
 from services.trainer.worker import TrainingHandler
+from tests.trainer.conftest import trainer_cli
 from tests.trainer.test_distributed import LOSS_TOLERANCE, _events, _published_metrics, _rank_pids, _request
 
 
@@ -240,15 +241,7 @@ def test_node_zero_gives_the_attempt_up_when_no_node_joins(stack, tiny_llama, da
 
 
 def test_cli_train_nodes_reaches_the_job_and_bad_values_name_the_field(stack, tiny_llama, dataset_file):
-    from typer.testing import CliRunner
-
-    from loraflow.cli import app
-
-    def cli(*args: str):
-        result = CliRunner().invoke(app, ["--trainer", f"127.0.0.1:{stack.port}", "--timeout", "10", *args],
-                                    catch_exceptions=False)
-        return result.exit_code, result.stdout, result.stderr
-
+    cli = trainer_cli(stack.port)
     code, out, err = cli("train", str(tiny_llama), str(dataset_file), "--name", "spread", "--world-size", "4",
                          "--nodes", "2", "--batch-size", "4", "-o", "json")
     assert code == 0, err
