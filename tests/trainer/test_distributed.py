@@ -48,6 +48,17 @@ def _rank_pids(event) -> list[int]:
     return [int(event.metrics[f"rank_{r}_pid"]) for r in range(int(event.metrics["world_size"]))]
 
 
+def _ranks_once_training(stack, job_id: str, min_step: int = 2) -> list[int]:
+    """The job's rank pids (from its events), once it has trained `min_step` steps."""
+    pids: list[int] = []
+    for event in stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), timeout=180):
+        if "rank_0_pid" in event.metrics:
+            pids = _rank_pids(event)
+        if pids and event.metrics.get("step", 0) >= min_step:
+            break
+    return pids
+
+
 def _listening_hosts(pid: int) -> set[str]:
     """Local addresses of the TCP sockets ``pid`` listens on (from /proc: its fds' inodes)."""
     inodes = set()
@@ -169,12 +180,7 @@ def test_cancel_reaches_every_rank_within_one_renewal(stack, tiny_llama, dataset
     worker, _ = stack.start_worker(allow_distributed=True)
     job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, "never", world_size=2,
                                                    max_steps=100000, checkpoint_every_steps=100000))
-    pids: list[int] = []
-    for event in stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=180):
-        if "rank_0_pid" in event.metrics:
-            pids = _rank_pids(event)
-        if pids and event.metrics.get("step", 0) >= 2:
-            break
+    pids = _ranks_once_training(stack, job.id)
     assert len(pids) == 2 and all(process_running(p) for p in pids)
     # gloo, the ranks' own transport, is pinned to loopback (torchrun's c10d store cannot be: see rank_group).
     listening = {pid: _listening_hosts(pid) for pid in pids}
@@ -237,12 +243,7 @@ def test_worker_stop_checkpoints_every_rank_at_one_step_and_the_job_resumes(stac
     job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, "handover", world_size=2,
                                                    max_steps=200, gradient_accumulation_steps=1,
                                                    checkpoint_every_steps=1000))
-    pids: list[int] = []
-    for event in stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=180):
-        if "rank_0_pid" in event.metrics:
-            pids = _rank_pids(event)
-        if event.metrics.get("step", 0) >= 3:
-            break
+    pids = _ranks_once_training(stack, job.id, min_step=3)
     stack.stop_worker(worker, thread)  # what SIGTERM does in __main__
     assert wait_gone(pids, timeout=5) == []
     released = stack.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id))
@@ -279,12 +280,7 @@ def test_ranks_do_not_outlive_a_sigkilled_worker(redis_url, tmp_path, tiny_llama
     try:
         job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, "orphan", world_size=2,
                                                        max_steps=100000, checkpoint_every_steps=100000))
-        pids: list[int] = []
-        for event in stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=180):
-            if "rank_0_pid" in event.metrics:
-                pids = _rank_pids(event)
-            if pids and event.metrics.get("step", 0) >= 2:
-                break
+        pids = _ranks_once_training(stack, job.id)
         assert pids, log.read_text()[-3000:]
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)

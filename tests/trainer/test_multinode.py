@@ -20,7 +20,14 @@ from services.trainer.rank_group import process_running, wait_gone
 from services.trainer.run_board import RUNS_KEY, RunBoard
 from services.trainer.worker import TrainingHandler
 from tests.trainer.conftest import trainer_cli
-from tests.trainer.test_distributed import LOSS_TOLERANCE, _events, _published_metrics, _rank_pids, _request
+from tests.trainer.test_distributed import (
+    LOSS_TOLERANCE,
+    _events,
+    _published_metrics,
+    _rank_pids,
+    _ranks_once_training,
+    _request,
+)
 
 
 @pytest.fixture
@@ -111,12 +118,7 @@ def test_cancel_reaches_the_follower_ranks(stack, tiny_llama, dataset_file, tmp_
     start_follower(stack)
     job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, "never", world_size=2, nodes=2,
                                                    max_steps=100000, checkpoint_every_steps=100000))
-    pids: list[int] = []
-    for event in stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=180):
-        if "rank_0_pid" in event.metrics:
-            pids = _rank_pids(event)
-        if pids and event.metrics.get("step", 0) >= 2:
-            break
+    pids = _ranks_once_training(stack, job.id)
     assert len(pids) == 2 and all(process_running(p) for p in pids)
     assert pids[1] in _follower_pids(tmp_path / "cache-node1")  # rank 1 runs under the follower
     stack.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id))
@@ -168,12 +170,7 @@ def test_a_stopping_follower_has_node_zero_checkpoint_and_release_the_job(stack,
     job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, "handover", world_size=2, nodes=2,
                                                    max_steps=80, gradient_accumulation_steps=1,
                                                    checkpoint_every_steps=1000))
-    pids: list[int] = []
-    for event in stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=180):
-        if "rank_0_pid" in event.metrics:
-            pids = _rank_pids(event)
-        if event.metrics.get("step", 0) >= 3:
-            break
+    pids = _ranks_once_training(stack, job.id, min_step=3)
     first.stop.set()  # what SIGTERM does to a --join-distributed worker
     assert wait_gone(pids, timeout=20) == []
     deadline = time.monotonic() + 30
