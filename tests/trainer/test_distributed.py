@@ -48,6 +48,16 @@ def _rank_pids(event) -> list[int]:
     return [int(event.metrics[f"rank_{r}_pid"]) for r in range(int(event.metrics["world_size"]))]
 
 
+def _same_trajectory(stack, single_id: str, double_id: str, steps: int) -> tuple[dict, dict]:
+    """The two jobs' published metrics, after asserting their loss curves agree step by step."""
+    one = _published_metrics(stack, stack.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=single_id)).train_result.adapter_uri)
+    two = _published_metrics(stack, stack.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=double_id)).train_result.adapter_uri)
+    assert [s for s, _ in one["train_history"]] == [s for s, _ in two["train_history"]] == list(range(1, steps + 1))
+    for (_, a), (_, b) in zip(one["train_history"], two["train_history"], strict=True):
+        assert abs(a - b) < LOSS_TOLERANCE, (one["train_history"], two["train_history"])
+    return one, two
+
+
 def _ranks_once_training(stack, job_id: str, min_step: int = 2) -> list[int]:
     """The job's rank pids (from its events), once it has trained `min_step` steps."""
     pids: list[int] = []
@@ -149,12 +159,8 @@ def test_two_ranks_train_the_same_model_as_one_process(stack, tiny_llama, datase
     assert m["ddp_synced_tensors"] == m["trainable_tensors"] > 0
     assert m["ddp_synced_elements"] == m["trainable_elements"]
 
-    one = _published_metrics(stack, stack.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=single.id)).train_result.adapter_uri)
+    one, two = _same_trajectory(stack, single.id, double.id, steps=6)
     result = stack.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=double.id)).train_result
-    two = _published_metrics(stack, result.adapter_uri)
-    assert [s for s, _ in one["train_history"]] == [s for s, _ in two["train_history"]] == list(range(1, 7))
-    for (_, a), (_, b) in zip(one["train_history"], two["train_history"], strict=True):
-        assert abs(a - b) < LOSS_TOLERANCE, (one["train_history"], two["train_history"])
     assert one["train_history"][-1][1] < one["train_history"][0][1]  # it learned something
     # Global metrics: every token of the global batch counted once, whatever world_size is.
     assert two["metrics"]["tokens"] == one["metrics"]["tokens"] and two["metrics"]["world_size"] == 2

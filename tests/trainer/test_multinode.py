@@ -21,12 +21,11 @@ from services.trainer.run_board import RUNS_KEY, RunBoard
 from services.trainer.worker import TrainingHandler
 from tests.trainer.conftest import trainer_cli
 from tests.trainer.test_distributed import (
-    LOSS_TOLERANCE,
     _events,
-    _published_metrics,
     _rank_pids,
     _ranks_once_training,
     _request,
+    _same_trajectory,
 )
 
 
@@ -98,12 +97,7 @@ def test_two_nodes_train_the_same_model_as_one_process(stack, tiny_llama, datase
     assert events[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1]
     (started,) = [e for e in events if "ddp_synced_tensors" in e.metrics]
     assert started.metrics["world_size"] == 2
-    one = _published_metrics(stack, stack.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=single.id)).train_result.adapter_uri)
-    result = stack.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=double.id)).train_result
-    two = _published_metrics(stack, result.adapter_uri)
-    assert [s for s, _ in one["train_history"]] == [s for s, _ in two["train_history"]] == list(range(1, 7))
-    for (_, a), (_, b) in zip(one["train_history"], two["train_history"], strict=True):
-        assert abs(a - b) < LOSS_TOLERANCE, (one["train_history"], two["train_history"])
+    one, two = _same_trajectory(stack, single.id, double.id, steps=6)
     assert two["metrics"]["tokens"] == one["metrics"]["tokens"]
     assert stack.store.list_dirs("adapters/double") == [f"adapters/double/{double.id}-a1"]
     deadline = time.monotonic() + 10
