@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -732,6 +733,14 @@ class JobContext:
 HandlerFn = Callable[[JobContext], dict | None]
 
 
+# Longest wait between two tries of a worker that cannot reach Redis (or create its group).
+MAX_BACKOFF_S = 2.0
+
+
+class _GroupRefused(Exception):
+    """Redis answered XGROUP CREATE with an error: retried like an outage."""
+
+
 class JobWorker:
     """Takes jobs of one queue and runs `handler(ctx) -> result dict` until `stop_event` is set.
 
@@ -772,14 +781,19 @@ class JobWorker:
                 self.on_ready(ready)
 
     def run(self) -> None:
-        """The job loop; survives Redis outages (backoff up to 2 s, one log line per outage)."""
+        """The job loop; survives Redis outages (capped exponential backoff with jitter, one log line per
+        outage) and a consumer group Redis refuses to create (READONLY replica, WRONGTYPE key, ...)."""
         self._started = False
         next_reap = 0.0
         outage_since: float | None = None
         backoff = 0.1
         while not self.stop_event.is_set():
             try:
-                self.queue.ensure_group()
+                try:
+                    self.queue.ensure_group()
+                except redis.ResponseError as exc:
+                    # Not an outage, but the worker cannot take jobs either: retry, never die.
+                    raise _GroupRefused(str(exc)) from exc
                 if outage_since is not None:
                     log.info("worker %s: redis reachable again after %.1fs", self.consumer,
                              time.monotonic() - outage_since)
@@ -793,14 +807,17 @@ class JobWorker:
                     message = self._read_one()
                 if message is not None:
                     self._process(*message)
-            except REDIS_UNREACHABLE as exc:
+            except (*REDIS_UNREACHABLE, _GroupRefused) as exc:
                 self._set_ready(False)
                 if outage_since is None:
                     outage_since = time.monotonic()
-                    log.warning("worker %s: redis unreachable (%s); not ready, retrying with backoff",
-                                self.consumer, exc.__cause__ or exc)
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                    what = ("cannot create its consumer group" if isinstance(exc, _GroupRefused)
+                            else "redis unreachable")
+                    log.warning("worker %s: %s (%s); not ready, retrying with backoff", self.consumer, what,
+                                exc.__cause__ or exc)
+                # Full jitter: workers that lost the same Redis do not all knock again at the same instant.
+                self.stop_event.wait(random.uniform(0.5, 1.0) * backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise

@@ -9,8 +9,10 @@ Readiness follows Redis: a monitor pings it every second. With the API (`all`, `
 is SERVING only while Redis answers (and, in `all`, the worker's consumer group exists); RPCs that
 need Redis answer UNAVAILABLE meanwhile. For `worker` (no gRPC port) the signals are the
 `loraflow_worker_ready{queue=...}` gauge on the metrics endpoint and `--ready-file PATH`, a file that
-exists exactly while ready (a Kubernetes exec probe: `test -f PATH`). A worker started before Redis
-keeps retrying; if its loop ever dies the process exits 1 rather than staying up idle.
+exists exactly while ready (a Kubernetes exec probe: `test -f PATH`). The metrics port also answers
+`/readyz` (200 while ready, else 503) and `/healthz` (503 once the process has been unable to work for
+`--liveness-grace` seconds, or its loop died): httpGet probes. A worker started before Redis keeps
+retrying with backoff; if its loop ever dies the process exits 1 rather than staying up idle.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ import redis
 
 from loraflow.config import Settings, connect_redis, mask_redis_url
 from loraflow.jobs import HandlerFn, JobQueue, JobWorker
-from loraflow.redis_health import WORKER_READY, ReadinessGate, ReadyFile, RedisMonitor
+from loraflow.redis_health import (
+    DEFAULT_LIVENESS_GRACE_S,
+    HEALTH,
+    MAX_LIVENESS_GRACE_S,
+    WORKER_READY,
+    ReadinessGate,
+    ReadyFile,
+    RedisMonitor,
+)
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import ObjectStore, open_store
@@ -81,6 +91,11 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
     p.add_argument("--ready-file", default=os.environ.get("LORAFLOW_READY_FILE") or None, metavar="PATH",
                    help="a file that exists exactly while this process is ready (Redis reachable, worker "
                         "consumer group created): for exec readiness probes (env LORAFLOW_READY_FILE)")
+    p.add_argument("--liveness-grace", type=_liveness_grace,
+                   default=os.environ.get("LORAFLOW_LIVENESS_GRACE") or DEFAULT_LIVENESS_GRACE_S, metavar="SECONDS",
+                   help="after this long unable to work (Redis unreachable, no consumer group) /healthz on the "
+                        f"metrics port answers 503, 0..{MAX_LIVENESS_GRACE_S:g} (default "
+                        f"{DEFAULT_LIVENESS_GRACE_S:g}; env LORAFLOW_LIVENESS_GRACE)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
     if spec.add_arguments is not None:
@@ -88,8 +103,20 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
     return p.parse_args(argv)
 
 
+def _liveness_grace(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value <= MAX_LIVENESS_GRACE_S:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_LIVENESS_GRACE_S:g}, got {text}")
+    return value
+
+
 def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     args = parse_args(spec, argv)
+    args.liveness_grace = _liveness_grace(str(args.liveness_grace))  # the env default is checked too
+    HEALTH.configure(args.liveness_grace)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stderr)
     log = logging.getLogger(f"loraflow.{spec.name}")
@@ -127,6 +154,8 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     def on_readiness(ready: bool) -> None:
         # One place decides what "ready" means: Redis answers and, with a worker, its group exists.
         ready_file(ready and not serve_stop.is_set())
+        HEALTH.set_ready(ready and not serve_stop.is_set())
+        HEALTH.set_working(ready)
         if has_worker:
             WORKER_READY.labels(queue=spec.kind).set(1 if ready else 0)
         if server is not None and not serve_stop.is_set():
@@ -149,6 +178,7 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
             except BaseException:  # noqa: BLE001 - a dead loop must end the process, not leave it "up"
                 log.exception("%s worker loop died; stopping the process", spec.name)
                 exit_code = 1
+                HEALTH.mark_dead(f"the {spec.kind} worker loop died")
                 gate.set("worker", False)
                 serve_stop.set()
                 stop.set()

@@ -3,22 +3,150 @@
 `ReadinessGate` holds named boolean conditions and calls `on_change(ready)` whenever the conjunction
 flips, so a gRPC server's health and a worker's readiness file follow Redis outages. `RedisMonitor`
 pings Redis every `interval` seconds on a daemon thread and feeds the gate's "redis" condition.
+
+`ProcessHealth` (one per process: `HEALTH`) is what the metrics port answers besides /metrics
+(`start_metrics_server`): `/readyz` 200 while ready, else 503; `/healthz` 200 while live, else 503.
+Live = the work loop has not died and the process has not been unable to work (Redis unreachable, the
+consumer group not created) for longer than `liveness_grace` seconds, so a Kubernetes httpGet
+liveness probe restarts a worker that cannot work instead of passing while a job stays queued.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from wsgiref.simple_server import make_server
 
 import redis
-from prometheus_client import Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 log = logging.getLogger(__name__)
 
 # 1 while this process's worker can take jobs (Redis answers, consumer group created), else 0.
 WORKER_READY = Gauge("loraflow_worker_ready", "1 while the job worker can take jobs, else 0.", ["queue"])
+# 1 while this process's Redis answers the monitor's pings, else 0 (workers and the inference server).
+REDIS_UP = Gauge("loraflow_redis_up", "1 while Redis answers this process's health pings, else 0.")
+# What /readyz and /healthz answer, as gauges for dashboards and alerts.
+PROCESS_READY = Gauge("loraflow_process_ready", "1 while /readyz answers 200, else 0.")
+PROCESS_LIVE = Gauge("loraflow_process_live", "1 while /healthz answers 200, else 0.")
+# Longest --liveness-grace accepted: a day; beyond that the probe would never fire.
+MAX_LIVENESS_GRACE_S = 86_400.0
+DEFAULT_LIVENESS_GRACE_S = 120.0
+
+
+def check_liveness_grace(value: float, field: str = "liveness_grace") -> float:
+    """Seconds of being unable to work before /healthz fails: 0..MAX_LIVENESS_GRACE_S."""
+    from loraflow.errors import InvalidArgument
+
+    if not isinstance(value, int | float) or not math.isfinite(value) or not 0 <= value <= MAX_LIVENESS_GRACE_S:
+        raise InvalidArgument(f"{field} must be in 0..{MAX_LIVENESS_GRACE_S:g} seconds, got {value!r}",
+                              field=field, value=value)
+    return float(value)
+
+
+class ProcessHealth:
+    """Readiness and liveness of this process, for /readyz, /healthz and their gauges.
+
+    `set_ready(ready)` follows the ReadinessGate; `set_working(working)` says whether the process can do
+    its work (for a worker: ready; for the inference server: Redis answers); `mark_dead(reason)` when the
+    work loop ended for good. Not working for more than `liveness_grace` seconds = not live.
+    """
+
+    def __init__(self, liveness_grace: float = DEFAULT_LIVENESS_GRACE_S):
+        self._lock = threading.Lock()
+        self.liveness_grace = check_liveness_grace(liveness_grace)
+        self._ready = False
+        self._not_working_since: float | None = None  # None while working
+        self._dead: str | None = None
+        self._publish()
+
+    def configure(self, liveness_grace: float) -> None:
+        with self._lock:
+            self.liveness_grace = check_liveness_grace(liveness_grace)
+        self._publish()
+
+    def reset(self) -> None:
+        """Back to the state of a fresh process (tests that start several services in one process)."""
+        with self._lock:
+            self._ready, self._not_working_since, self._dead = False, None, None
+        self._publish()
+
+    def set_ready(self, ready: bool) -> None:
+        with self._lock:
+            self._ready = bool(ready)
+        self._publish()
+
+    def set_working(self, working: bool) -> None:
+        with self._lock:
+            if working:
+                self._not_working_since = None
+            elif self._not_working_since is None:
+                self._not_working_since = time.monotonic()
+        self._publish()
+
+    def mark_dead(self, reason: str) -> None:
+        with self._lock:
+            self._dead = reason
+            self._ready = False
+        self._publish()
+
+    def readiness(self) -> tuple[bool, str]:
+        with self._lock:
+            if self._dead is not None:
+                return False, f"not ready: {self._dead}"
+            return self._ready, "ready" if self._ready else "not ready"
+
+    def liveness(self) -> tuple[bool, str]:
+        with self._lock:
+            if self._dead is not None:
+                return False, f"not live: {self._dead}"
+            if self._not_working_since is not None:
+                down = time.monotonic() - self._not_working_since
+                if down >= self.liveness_grace:
+                    return False, f"not live: unable to work for {down:.0f}s (grace {self.liveness_grace:g}s)"
+            return True, "live"
+
+    def _publish(self) -> None:
+        PROCESS_READY.set(1 if self.readiness()[0] else 0)
+        PROCESS_LIVE.set(1 if self.liveness()[0] else 0)
+
+
+HEALTH = ProcessHealth()
+
+
+def metrics_app(health: ProcessHealth = HEALTH, registry: CollectorRegistry = REGISTRY):
+    """WSGI: /healthz and /readyz (200 or 503, a one-line text body), everything else /metrics."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok, text = health.liveness() if path == "/healthz" else health.readiness()
+            health._publish()  # the gauges follow the grace running out, not only the flips
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")])
+            return [(text + "\n").encode()]
+        health._publish()
+        return metrics(environ, start_response)
+
+    return app
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY,
+                         health: ProcessHealth = HEALTH):
+    """/metrics, /healthz and /readyz on one port, in a daemon thread; returns (server, thread).
+
+    The same exposure as prometheus_client's start_http_server (loopback unless --metrics-host says
+    otherwise); the probes reveal one word of state and take no input."""
+    httpd = make_server(addr, port, metrics_app(health, registry), ThreadingWSGIServer, handler_class=_SilentHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return httpd, thread
 
 
 class ReadinessGate:
@@ -58,7 +186,8 @@ class RedisMonitor:
     """Pings Redis every `interval` s and sets `gate`'s `condition`; logs once per outage, not per ping."""
 
     def __init__(self, client: redis.Redis, gate: ReadinessGate, *, condition: str = "redis",
-                 interval: float = 1.0, ping_timeout: float = 1.0):
+                 interval: float = 1.0, ping_timeout: float = 1.0,
+                 on_result: Callable[[bool], None] | None = None):
         # A client of its own with short timeouts: a hung Redis must not hang the probe.
         kwargs = dict(client.connection_pool.connection_kwargs)
         kwargs.update(socket_timeout=ping_timeout, socket_connect_timeout=ping_timeout, health_check_interval=0)
@@ -66,6 +195,7 @@ class RedisMonitor:
             connection_class=client.connection_pool.connection_class, max_connections=2, **kwargs))
         self.gate = gate
         self.condition = condition
+        self.on_result = on_result  # every ping's outcome (ProcessHealth.set_working for the inference server)
         self.interval = float(interval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,6 +214,9 @@ class RedisMonitor:
                 log.warning("redis not usable (%s): reporting NOT ready until it answers", exc)
         if ok and not self.gate.condition(self.condition):
             log.info("redis reachable again")
+        REDIS_UP.set(1 if ok else 0)
+        if self.on_result is not None:
+            self.on_result(ok)
         self.gate.set(self.condition, ok)
         return ok
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 JOBS = Counter("loraflow_compiler_jobs_total", "Compile jobs finished by this process, by outcome.", ["outcome"])
 STAGE_SECONDS = Histogram("loraflow_compiler_stage_seconds", "Seconds spent per compile stage.", ["stage"],
@@ -10,4 +10,7 @@ STAGE_SECONDS = Histogram("loraflow_compiler_stage_seconds", "Seconds spent per 
 
 
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
-    start_http_server(port, addr=addr)
+    # /metrics plus the /healthz and /readyz probes (loraflow.redis_health.HEALTH).
+    from loraflow.redis_health import start_metrics_server
+
+    start_metrics_server(port, addr=addr)

@@ -16,8 +16,9 @@ import threading
 
 from loraflow.config import Settings, connect_redis
 from loraflow.errors import LoraflowError
+from loraflow.jobs import RedisOutage, retry_redis
 from loraflow.model_source import InputPolicy
-from loraflow.redis_health import ReadinessGate, RedisMonitor
+from loraflow.redis_health import HEALTH, ReadinessGate, RedisMonitor
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import open_store
@@ -93,9 +94,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(0 = off; default {DEFAULT_ADAPTER_CACHE_BYTES})")
     p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible /v1 API here (env LORAFLOW_HTTP_LISTEN; off unless set)")
+    p.add_argument("--deployment", default=os.environ.get("LORAFLOW_DEPLOYMENT") or None, metavar="NAME",
+                   help="keep the served models as desired state in Redis under NAME, shared by every replica "
+                        "started with it: LoadArtifact/LoadAdapter/UnloadModel through any replica reach all, and "
+                        "a replica is SERVING once it holds every desired model (env LORAFLOW_DEPLOYMENT; unset = "
+                        "models are local to this process)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.deployment is not None:
+        from loraflow.errors import InvalidArgument
+        from loraflow.names import validate_name
+
+        try:
+            validate_name("deployment", args.deployment)
+        except InvalidArgument as err:
+            p.error(f"--deployment: {err}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     server = GrpcServer(listen=args.listen, service_names=[SERVICE_NAME], security=security)
     serve_stop = threading.Event()
     # Serving = Redis answers AND a model is loaded; both conditions meet here only.
-    gate = ReadinessGate(lambda ready: serve_stop.is_set() or server.set_serving(ready), redis=False, model=False)
+    def on_readiness(ready: bool) -> None:
+        HEALTH.set_ready(ready and not serve_stop.is_set())  # /readyz on the metrics port
+        if not serve_stop.is_set():
+            server.set_serving(ready)
+
+    gate = ReadinessGate(on_readiness, redis=False, model=False)
     http_listen = args.http_listen or os.environ.get("LORAFLOW_HTTP_LISTEN") or None
     http = None
     if http_listen:
@@ -136,12 +156,22 @@ def main(argv: list[str] | None = None) -> int:
             if embedded is not None:
                 embedded.stop()
             return 2
-    monitor = RedisMonitor(redis_client, gate).start()
+    # /healthz fails once Redis has been unreachable past the liveness grace (the registry is needed to load).
+    monitor = RedisMonitor(redis_client, gate, on_result=HEALTH.set_working).start()
     manager = ModelManager(store=store, registry=registry, cache_dir=settings.cache_dir,
-                           max_waiting=args.max_waiting, on_change=lambda n: gate.set("model", n > 0),
+                           max_waiting=args.max_waiting,
+                           on_change=None if args.deployment else (lambda n: gate.set("model", n > 0)),
                            allow_spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security),
                            adapter_wait_s=args.adapter_wait_s, adapter_cache_bytes=args.adapter_cache_bytes)
-    server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
+    reconciler = None
+    if args.deployment:
+        from services.inference.desired_state import DesiredState
+        from services.inference.reconciler import Reconciler
+
+        # Ready = every desired model is loaded here (a deployment with none: ready at once).
+        reconciler = Reconciler(DesiredState(redis_client, args.deployment), manager,
+                                on_converged=lambda ok: gate.set("model", ok))
+    server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager, reconciler))
     if args.metrics_port:
         serve_metrics(args.metrics_port, security.metrics_host)
         log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
@@ -149,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     gate.publish()
     log.info("inference service listening on port %d", port)
     shutdown = [monitor.stop, manager.close]
+    if reconciler is not None:
+        reconciler.start()
+        shutdown.insert(0, reconciler.stop)  # no loads behind the engines' backs while they stop
     if http is not None:
         from services.inference.openai_api.app import ApiLimits, OpenAIApi
 
@@ -162,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.load:
         artifact_id, _, device = spec.partition("@")
         try:
-            model = manager.load_artifact(artifact_id, device or "cpu", num_threads=args.num_threads)
+            # Redis away at start (the registry, the desired state): wait for it with backoff, NOT_SERVING
+            # meanwhile, rather than die; RedisOutage after an hour ends the process.
+            model = retry_redis(lambda a=artifact_id, d=device: (reconciler or manager).load_artifact(
+                a, d or "cpu", num_threads=args.num_threads), budget=3600.0, what=f"--load {spec}")
             log.info("loaded %s as %s on %s", artifact_id, model.model_id, model.device)
-        except LoraflowError as err:
+        except (LoraflowError, RedisOutage) as err:
             log.error("cannot load %s: %s", spec, err)
             serve_stop.set()
             for stop in shutdown:

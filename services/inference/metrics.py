@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -141,5 +141,8 @@ def forget_model(model: str) -> None:
 
 
 def serve_metrics(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY):
-    """Start the /metrics HTTP endpoint in a daemon thread; returns (server, thread)."""
-    return start_http_server(port, addr=addr, registry=registry)
+    """Start the /metrics (+ /healthz, /readyz) HTTP endpoint in a daemon thread; returns (server, thread)."""
+    # /metrics plus the /healthz and /readyz probes (loraflow.redis_health.HEALTH).
+    from loraflow.redis_health import start_metrics_server
+
+    return start_metrics_server(port, addr=addr, registry=registry)

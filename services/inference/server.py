@@ -94,27 +94,30 @@ def build_generation(manager: ModelManager, model: LoadedModel, ids: list[int], 
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, manager: ModelManager):
+    def __init__(self, manager: ModelManager, reconciler=None):
         self.manager = manager
+        # With a deployment (services.inference.reconciler.Reconciler), model changes go through its desired
+        # state in Redis so every replica follows; without, they stay local to this process.
+        self.models = reconciler if reconciler is not None else manager
 
     # ---- models ----------------------------------------------------------------------------
     def LoadArtifact(self, request, context):
         check_num_threads(request.num_threads)
-        model = self.manager.load_artifact(request.artifact_id, request.device or "cpu", request.model_id,
-                                           request.num_threads)
+        model = self.models.load_artifact(request.artifact_id, request.device or "cpu", request.model_id,
+                                          request.num_threads)
         return model_to_proto(model)
 
     def UnloadModel(self, request, context):
         model = self.manager.get(request.model_id)
         snapshot = model_to_proto(model)
-        self.manager.unload(request.model_id)
+        self.models.unload(request.model_id)
         return inference_pb2.UnloadModelResponse(model=snapshot)
 
     def ListModels(self, request, context):
         return inference_pb2.ListModelsResponse(models=[model_to_proto(m) for m in self.manager.list()])
 
     def LoadAdapter(self, request, context):
-        model = self.manager.load_adapter(request.model_id, request.adapter, request.name)
+        model = self.models.load_adapter(request.model_id, request.adapter, request.name)
         return model_to_proto(model)
 
     # ---- generation ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 STEPS = Counter("loraflow_trainer_steps_total", "Optimiser steps reported by training jobs.")
 LOSS = Gauge("loraflow_trainer_loss", "Train loss of the latest reported step.")
@@ -23,4 +23,7 @@ class TrainerMetrics:
 
 
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
-    start_http_server(port, addr=addr)
+    # /metrics plus the /healthz and /readyz probes (loraflow.redis_health.HEALTH).
+    from loraflow.redis_health import start_metrics_server
+
+    start_metrics_server(port, addr=addr)
