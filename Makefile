@@ -33,6 +33,7 @@ demo: install
 	$(BIN)/python examples/demo.py
 
 bench: install
+	$(BIN)/pip install -q -c requirements.lock -e '.[bench]'
 	$(BIN)/python bench/inference.py
 
 up: install

@@ -1,0 +1,1 @@
+"""Pieces of the fused ONNX Runtime graph (issue 8): today the MatMulNBits weight quantiser."""
