@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from loraflow.errors import InvalidArgument, NotFound, PermissionDenied
+from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from loraflow.security.local_paths import LocalPathPolicy
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, check_tree, confined_file, read_regular_file
-from loraflow.store import FileStore, ObjectStore, S3Store, resolve
+from loraflow.store import MANIFEST_NAME, FileStore, ObjectStore, S3Store, resolve
 
 MAX_URI_LEN = 4096
 
@@ -101,12 +101,27 @@ class InputPolicy:
         return Location(spec=spec, path=policy.check(local_path(spec), field=field, given=spec))
 
 
+def require_published(src: ObjectStore, key: str, uri: str, *, field: str) -> None:
+    """A store directory must be published whole (its manifest written last). Files put there some other
+    way (boto3, ``aws s3 cp``) are refused here, at submit time, instead of failing later in a worker."""
+    if src.dir_exists(key):
+        return
+    if src.list(key):
+        raise FailedPrecondition(
+            f"{field} {uri!r} holds files but no {MANIFEST_NAME}, so it is not a published directory (files "
+            "uploaded with boto3 or `aws s3 cp` are not published); publish it with "
+            "loraflow.store.open_store(STORE_URL).publish_dir(KEY, LOCAL_DIR), which verifies and writes the "
+            "marker last", field=field, value=uri)
+    raise NotFound(f"{field} {uri!r}: no published directory there", field=field, value=uri)
+
+
 def read_json_file(uri: str, name: str, store: ObjectStore, *, field: str,
                    policy: InputPolicy | None = None) -> dict[str, Any]:
     """`name` (e.g. config.json) inside the directory `uri`; InvalidArgument naming `field` if absent or bad."""
     location = (policy or InputPolicy()).check(uri, store, field=field)
     if location.remote:
         src, key = resolve(uri, store, field=field)
+        require_published(src, key, uri, field=field)
         try:
             raw = src.get_bytes(f"{key}/{name}", max_bytes=MAX_CONFIG_BYTES)
         except NotFound:
@@ -144,5 +159,6 @@ def materialize(uri: str, store: ObjectStore, cache_dir: str | Path, *, field: s
         check_tree(location.path, field=field)
         return location.path
     src, key = resolve(uri, store, field=field)
+    require_published(src, key, uri, field=field)
     dest = Path(cache_dir) / kind / hashlib.sha256(uri.encode()).hexdigest()[:24]
     return src.fetch_dir(key, dest)
