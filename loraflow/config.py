@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -105,3 +106,13 @@ def mask_redis_url(url: str | None) -> str:
     netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
+
+def seconds_arg(text: str, limit: float) -> float:
+    """An argparse value of seconds in 0..limit (NaN and inf refused): one rule for every duration flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value <= limit:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in 0..{limit:g}, got {text}")
+    return value

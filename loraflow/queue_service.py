@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
-from loraflow.config import Settings, connect_redis, mask_redis_url
+from loraflow.config import Settings, connect_redis, mask_redis_url, seconds_arg
 from loraflow.jobs import HandlerFn, JobQueue, JobWorker
 from loraflow.redis_health import (
     DEFAULT_LIVENESS_GRACE_S,
@@ -104,13 +104,7 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
 
 
 def _liveness_grace(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 <= value <= MAX_LIVENESS_GRACE_S:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_LIVENESS_GRACE_S:g}, got {text}")
-    return value
+    return seconds_arg(text, MAX_LIVENESS_GRACE_S)
 
 
 def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 
-from loraflow.config import Settings, connect_redis
+from loraflow.config import Settings, connect_redis, seconds_arg
 from loraflow.errors import LoraflowError
 from loraflow.jobs import RedisOutage, retry_redis
 from loraflow.model_source import InputPolicy
@@ -54,13 +54,7 @@ def _max_waiting(text: str) -> int:
 
 
 def _adapter_wait_s(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 <= value <= MAX_ADAPTER_WAIT_S:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_ADAPTER_WAIT_S:g}, got {text}")
-    return value
+    return seconds_arg(text, MAX_ADAPTER_WAIT_S)
 
 
 def _adapter_cache_bytes(text: str) -> int:

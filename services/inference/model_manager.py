@@ -94,6 +94,16 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
                        adapters)
 
 
+def model_identity(artifact_id: str, device: str, model_id: str) -> tuple[str, str]:
+    """(device, model_id) of a LoadArtifact, validated; the model id defaults to the artifact id (plus the
+    device when it is not the CPU), so every replica names the same load the same way."""
+    validate_name("artifact_id", artifact_id)
+    device = check_device(device or "cpu")
+    if model_id:
+        validate_name("model_id", model_id)
+    return device, model_id or (artifact_id if device == "cpu" else f"{artifact_id}-{device}")
+
+
 class ModelManager:
     """Thread-safe set of loaded models; ``on_change(n_models)`` lets the server flip its health.
 
@@ -124,11 +134,7 @@ class ModelManager:
 
     def load_artifact(self, artifact_id: str, device: str = "cpu", model_id: str = "",
                       num_threads: int = 0) -> LoadedModel:
-        validate_name("artifact_id", artifact_id)
-        device = check_device(device or "cpu")
-        if model_id:
-            validate_name("model_id", model_id)
-        model_id = model_id or (artifact_id if device == "cpu" else f"{artifact_id}-{device}")
+        device, model_id = model_identity(artifact_id, device, model_id)
         with self._lock:
             existing = self._models.get(model_id)
             if existing is not None:

@@ -24,10 +24,8 @@ import redis
 from prometheus_client import Gauge
 
 from loraflow.errors import InvalidArgument, LoraflowError, NotFound, Unavailable
-from loraflow.names import validate_name
 from services.inference.desired_state import DesiredModel, DesiredState
-from services.inference.model_manager import LoadedModel, ModelManager
-from services.inference.runtime import check_device
+from services.inference.model_manager import LoadedModel, ModelManager, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +205,7 @@ class Reconciler:
     # ---- the RPCs ------------------------------------------------------------------------------
     def load_artifact(self, artifact_id: str, device: str = "cpu", model_id: str = "",
                       num_threads: int = 0) -> LoadedModel:
-        validate_name("artifact_id", artifact_id)
-        device = check_device(device or "cpu")
-        if model_id:
-            validate_name("model_id", model_id)
-        model_id = model_id or (artifact_id if device == "cpu" else f"{artifact_id}-{device}")
+        device, model_id = model_identity(artifact_id, device, model_id)
         self.manager.registry.get_artifact(artifact_id)  # NotFound before anything is written
         with self._lock:
             before = self.state.get(model_id)
