@@ -109,7 +109,6 @@ def _liveness_grace(text: str) -> float:
 
 def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     args = parse_args(spec, argv)
-    args.liveness_grace = _liveness_grace(str(args.liveness_grace))  # the env default is checked too
     HEALTH.configure(args.liveness_grace)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stderr)
