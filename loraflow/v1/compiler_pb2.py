@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loraflow.v1 import jobs_pb2 as loraflow_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraflow/v1/compiler.proto\x12\x0bloraflow.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16loraflow/v1/jobs.proto\"\x83\x03\n\x0e\x43ompileOptions\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x17\n\nbatch_size\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x0f\x66ull_batch_size\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprefill_seq_len\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x07\x63tx_len\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\x08max_rank\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\radapter_slots\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\tnum_cores\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x14\n\x0cmxfp6_matmul\x18\x0b \x01(\x08\x42\r\n\x0b_batch_sizeB\x12\n\x10_full_batch_sizeB\x12\n\x10_prefill_seq_lenB\n\n\x08_ctx_lenB\x0b\n\t_max_rankB\x10\n\x0e_adapter_slotsB\x0c\n\n_num_cores\"\xf2\x01\n\x17SubmitCompileJobRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.loraflow.v1.CompileOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12@\n\x06labels\x18\x05 \x03(\x0b\x32\x30.loraflow.v1.SubmitCompileJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x0f\x41rtifactAdapter\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\t\n\x01r\x18\x04 \x01(\x05\"\xf9\x01\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12.\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1c.loraflow.v1.ArtifactAdapter\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.loraflow.v1.CompileOptions\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\"=\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListArtifactsResponse\x12(\n\tartifacts\x18\x01 \x03(\x0b\x32\x15.loraflow.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\",\n\x15\x44\x65leteArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"A\n\x16\x44\x65leteArtifactResponse\x12\'\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x15.loraflow.v1.Artifact2\xd7\x02\n\x0f\x43ompilerService\x12J\n\x10SubmitCompileJob\x12$.loraflow.v1.SubmitCompileJobRequest\x1a\x10.loraflow.v1.Job\x12V\n\rListArtifacts\x12!.loraflow.v1.ListArtifactsRequest\x1a\".loraflow.v1.ListArtifactsResponse\x12\x45\n\x0bGetArtifact\x12\x1f.loraflow.v1.GetArtifactRequest\x1a\x15.loraflow.v1.Artifact\x12Y\n\x0e\x44\x65leteArtifact\x12\".loraflow.v1.DeleteArtifactRequest\x1a#.loraflow.v1.DeleteArtifactResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraflow/v1/compiler.proto\x12\x0bloraflow.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16loraflow/v1/jobs.proto\"\xa2\x04\n\x0e\x43ompileOptions\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x17\n\nbatch_size\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x0f\x66ull_batch_size\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1c\n\x0fprefill_seq_len\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x07\x63tx_len\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\x08max_rank\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\radapter_slots\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\tnum_cores\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x14\n\x0cmxfp6_matmul\x18\x0b \x01(\x08\x12\x1d\n\x10quant_block_size\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12!\n\x14quant_accuracy_level\x18\r \x01(\x05H\x08\x88\x01\x01\x12\x13\n\x0b\x61i100_stage\x18\x0e \x01(\t\x12\x18\n\x10\x63ompiler_options\x18\x0f \x03(\tB\r\n\x0b_batch_sizeB\x12\n\x10_full_batch_sizeB\x12\n\x10_prefill_seq_lenB\n\n\x08_ctx_lenB\x0b\n\t_max_rankB\x10\n\x0e_adapter_slotsB\x0c\n\n_num_coresB\x13\n\x11_quant_block_sizeB\x17\n\x15_quant_accuracy_level\"\xf2\x01\n\x17SubmitCompileJobRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.loraflow.v1.CompileOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12@\n\x06labels\x18\x05 \x03(\x0b\x32\x30.loraflow.v1.SubmitCompileJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x0f\x41rtifactAdapter\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\t\n\x01r\x18\x04 \x01(\x05\"\xf9\x01\n\x08\x41rtifact\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12.\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1c.loraflow.v1.ArtifactAdapter\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.loraflow.v1.CompileOptions\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x08 \x01(\t\"=\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListArtifactsResponse\x12(\n\tartifacts\x18\x01 \x03(\x0b\x32\x15.loraflow.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\",\n\x15\x44\x65leteArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\"A\n\x16\x44\x65leteArtifactResponse\x12\'\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x15.loraflow.v1.Artifact2\xd7\x02\n\x0f\x43ompilerService\x12J\n\x10SubmitCompileJob\x12$.loraflow.v1.SubmitCompileJobRequest\x1a\x10.loraflow.v1.Job\x12V\n\rListArtifacts\x12!.loraflow.v1.ListArtifactsRequest\x1a\".loraflow.v1.ListArtifactsResponse\x12\x45\n\x0bGetArtifact\x12\x1f.loraflow.v1.GetArtifactRequest\x1a\x15.loraflow.v1.Artifact\x12Y\n\x0e\x44\x65leteArtifact\x12\".loraflow.v1.DeleteArtifactRequest\x1a#.loraflow.v1.DeleteArtifactResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITCOMPILEJOBREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_SUBMITCOMPILEJOBREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_COMPILEOPTIONS']._serialized_start=101
-  _globals['_COMPILEOPTIONS']._serialized_end=488
-  _globals['_SUBMITCOMPILEJOBREQUEST']._serialized_start=491
-  _globals['_SUBMITCOMPILEJOBREQUEST']._serialized_end=733
-  _globals['_SUBMITCOMPILEJOBREQUEST_LABELSENTRY']._serialized_start=688
-  _globals['_SUBMITCOMPILEJOBREQUEST_LABELSENTRY']._serialized_end=733
-  _globals['_ARTIFACTADAPTER']._serialized_start=735
-  _globals['_ARTIFACTADAPTER']._serialized_end=807
-  _globals['_ARTIFACT']._serialized_start=810
-  _globals['_ARTIFACT']._serialized_end=1059
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=1061
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1122
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1124
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1214
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1216
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1257
-  _globals['_DELETEARTIFACTREQUEST']._serialized_start=1259
-  _globals['_DELETEARTIFACTREQUEST']._serialized_end=1303
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=1305
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1370
-  _globals['_COMPILERSERVICE']._serialized_start=1373
-  _globals['_COMPILERSERVICE']._serialized_end=1716
+  _globals['_COMPILEOPTIONS']._serialized_end=647
+  _globals['_SUBMITCOMPILEJOBREQUEST']._serialized_start=650
+  _globals['_SUBMITCOMPILEJOBREQUEST']._serialized_end=892
+  _globals['_SUBMITCOMPILEJOBREQUEST_LABELSENTRY']._serialized_start=847
+  _globals['_SUBMITCOMPILEJOBREQUEST_LABELSENTRY']._serialized_end=892
+  _globals['_ARTIFACTADAPTER']._serialized_start=894
+  _globals['_ARTIFACTADAPTER']._serialized_end=966
+  _globals['_ARTIFACT']._serialized_start=969
+  _globals['_ARTIFACT']._serialized_end=1218
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=1220
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1281
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1283
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1373
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1375
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1416
+  _globals['_DELETEARTIFACTREQUEST']._serialized_start=1418
+  _globals['_DELETEARTIFACTREQUEST']._serialized_end=1462
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=1464
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1529
+  _globals['_COMPILERSERVICE']._serialized_start=1532
+  _globals['_COMPILERSERVICE']._serialized_end=1875
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CompileOptions(_message.Message):
-    __slots__ = ("target", "batch_size", "full_batch_size", "prefill_seq_len", "ctx_len", "max_rank", "adapter_slots", "dtype", "num_cores", "target_modules", "mxfp6_matmul")
+    __slots__ = ("target", "batch_size", "full_batch_size", "prefill_seq_len", "ctx_len", "max_rank", "adapter_slots", "dtype", "num_cores", "target_modules", "mxfp6_matmul", "quant_block_size", "quant_accuracy_level", "ai100_stage", "compiler_options")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     FULL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,10 @@ class CompileOptions(_message.Message):
     NUM_CORES_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     MXFP6_MATMUL_FIELD_NUMBER: _ClassVar[int]
+    QUANT_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUANT_ACCURACY_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    AI100_STAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPILER_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     target: str
     batch_size: int
     full_batch_size: int
@@ -34,7 +38,11 @@ class CompileOptions(_message.Message):
     num_cores: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     mxfp6_matmul: bool
-    def __init__(self, target: _Optional[str] = ..., batch_size: _Optional[int] = ..., full_batch_size: _Optional[int] = ..., prefill_seq_len: _Optional[int] = ..., ctx_len: _Optional[int] = ..., max_rank: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., dtype: _Optional[str] = ..., num_cores: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., mxfp6_matmul: _Optional[bool] = ...) -> None: ...
+    quant_block_size: int
+    quant_accuracy_level: int
+    ai100_stage: str
+    compiler_options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, target: _Optional[str] = ..., batch_size: _Optional[int] = ..., full_batch_size: _Optional[int] = ..., prefill_seq_len: _Optional[int] = ..., ctx_len: _Optional[int] = ..., max_rank: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., dtype: _Optional[str] = ..., num_cores: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., mxfp6_matmul: _Optional[bool] = ..., quant_block_size: _Optional[int] = ..., quant_accuracy_level: _Optional[int] = ..., ai100_stage: _Optional[str] = ..., compiler_options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitCompileJobRequest(_message.Message):
     __slots__ = ("base_model", "adapters", "options", "request_id", "labels")

@@ -17,7 +17,14 @@ from loraflow.errors import InvalidArgument
 from loraflow.graph_contract import LORA_TARGET_MODULES
 
 TARGETS = ("onnxruntime", "ai100")
-DTYPES = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "fp16", "int8", "int4")
+# dtypes whose base weights are MatMulNBits blocks (quant_block_size / quant_accuracy_level apply).
+QUANTIZED_DTYPES = ("int8", "int4")
+AI100_STAGES = ("compile", "export")
+DEFAULT_QUANT_BLOCK_SIZE = 32
+DEFAULT_QUANT_ACCURACY_LEVEL = 0
+MAX_COMPILER_OPTIONS = 64
+MAX_COMPILER_OPTION_LEN = 256
 
 DEFAULT_PREFILL_SEQ_LEN = 32
 DEFAULT_CTX_LEN = 512
@@ -46,11 +53,16 @@ class CompileOptions:
     num_cores: int | None = None  # ai100 only (default 16)
     target_modules: tuple[str, ...] = ()  # default: union of the adapters' targets (all 7 if none)
     mxfp6_matmul: bool = False
+    quant_block_size: int | None = None  # int4/int8 only (default 32)
+    quant_accuracy_level: int | None = None  # int4/int8 only, 0..4 (default 0)
+    ai100_stage: str | None = None  # ai100 only: "compile" (default) or "export"
+    compiler_options: tuple[str, ...] = ()  # ai100 only: extra qaic-exec options, "-name[=value]"
 
     def __post_init__(self):
         # Accept lists from JSON/protos but keep the dataclass hashable and frozen.
-        if not isinstance(self.target_modules, tuple):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("target_modules", "compiler_options"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @classmethod
     def from_proto_values(cls, **values: Any) -> CompileOptions:
@@ -92,6 +104,11 @@ class CompileOptions:
             dtype=self.dtype or "fp32",
             num_cores=_default(self.num_cores, DEFAULT_NUM_CORES) if target == "ai100" else None,
             target_modules=modules,
+            quant_block_size=(_default(self.quant_block_size, DEFAULT_QUANT_BLOCK_SIZE)
+                              if (self.dtype or "fp32") in QUANTIZED_DTYPES else None),
+            quant_accuracy_level=(_default(self.quant_accuracy_level, DEFAULT_QUANT_ACCURACY_LEVEL)
+                                  if (self.dtype or "fp32") in QUANTIZED_DTYPES else None),
+            ai100_stage=(self.ai100_stage or "compile") if target == "ai100" else None,
         )
 
     # --- checks ---------------------------------------------------------------------------
@@ -106,7 +123,8 @@ class CompileOptions:
             _bad("dtype", self.dtype, f"must be one of {list(DTYPES)}")
         for name, upper in (("batch_size", MAX_BATCH), ("full_batch_size", MAX_BATCH),
                             ("prefill_seq_len", MAX_CTX_LEN), ("ctx_len", MAX_CTX_LEN),
-                            ("max_rank", MAX_RANK), ("adapter_slots", MAX_SLOTS), ("num_cores", MAX_CORES)):
+                            ("max_rank", MAX_RANK), ("adapter_slots", MAX_SLOTS), ("num_cores", MAX_CORES),
+                            ("quant_block_size", 256)):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -131,6 +149,26 @@ class CompileOptions:
             _bad("target_modules", unknown, f"unknown module(s); allowed: {list(LORA_TARGET_MODULES)}")
         if len(set(self.target_modules)) != len(self.target_modules):
             _bad("target_modules", list(self.target_modules), "lists a module twice")
+        if self.quant_block_size is not None:
+            if self.dtype not in QUANTIZED_DTYPES:
+                _bad("quant_block_size", self.quant_block_size, f"only applies to dtype {list(QUANTIZED_DTYPES)}")
+            if self.quant_block_size < 16 or self.quant_block_size & (self.quant_block_size - 1):
+                _bad("quant_block_size", self.quant_block_size, "must be a power of two in 16..256")
+        if self.quant_accuracy_level is not None:
+            level = self.quant_accuracy_level
+            if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
+                _bad("quant_accuracy_level", level, "must be an integer in 0..4")
+            if self.dtype not in QUANTIZED_DTYPES:
+                _bad("quant_accuracy_level", level, f"only applies to dtype {list(QUANTIZED_DTYPES)}")
+        if self.ai100_stage is not None and self.ai100_stage not in AI100_STAGES:
+            _bad("ai100_stage", self.ai100_stage, f"must be one of {list(AI100_STAGES)}")
+        if len(self.compiler_options) > MAX_COMPILER_OPTIONS:
+            _bad("compiler_options", len(self.compiler_options), f"at most {MAX_COMPILER_OPTIONS} options")
+        for opt in self.compiler_options:
+            if (not isinstance(opt, str) or not opt.startswith("-") or len(opt) > MAX_COMPILER_OPTION_LEN
+                    or any(c.isspace() or ord(c) < 32 for c in opt)):
+                _bad("compiler_options", opt, f'each must be "-name" or "-name=value", no spaces, at most '
+                     f"{MAX_COMPILER_OPTION_LEN} characters")
         if self.target == "ai100":
             if self.dtype != "fp32":
                 _bad("dtype", self.dtype, "ai100 takes an fp32 graph and converts it with -convert-to-fp16 "
@@ -140,12 +178,17 @@ class CompileOptions:
                 _bad("mxfp6_matmul", True, "only applies to target 'ai100'")
             if self.num_cores is not None:
                 _bad("num_cores", self.num_cores, "only applies to target 'ai100'")
+            if self.ai100_stage is not None:
+                _bad("ai100_stage", self.ai100_stage, "only applies to target 'ai100'")
+            if self.compiler_options:
+                _bad("compiler_options", list(self.compiler_options), "only applies to target 'ai100'")
         return self
 
     # --- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["compiler_options"] = list(self.compiler_options)
         return d
 
     @classmethod
@@ -154,7 +197,7 @@ class CompileOptions:
         unknown = sorted(set(d) - known)
         if unknown:
             _bad(unknown[0], d[unknown[0]], f"is not a compile option; known: {sorted(known)}")
-        return cls(**{k: (tuple(v) if k == "target_modules" else v) for k, v in d.items()})
+        return cls(**{k: (tuple(v) if k in ("target_modules", "compiler_options") else v) for k, v in d.items()})
 
 
 def _default(value: int | None, default: int) -> int:

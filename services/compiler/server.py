@@ -27,18 +27,23 @@ MAX_STRING = 256
 def options_from_proto(msg: compiler_pb2.CompileOptions) -> CompileOptions:
     """Unset numeric fields and "" strings mean "the default"; an explicit 0 is kept and rejected by
     CompileOptions.validate, naming the field (compiler.proto marks the numbers `optional`)."""
-    for name in ("target", "dtype"):
+    for name in ("target", "dtype", "ai100_stage"):
         value = getattr(msg, name)
         if len(value) > MAX_STRING:
             raise InvalidArgument(f"options.{name} is longer than {MAX_STRING} characters",
                                   field=f"options.{name}", value=value[:32] + "…")
     numbers = {name: getattr(msg, name) for name in _OPTIONAL_INTS if msg.HasField(name)}
+    if len(msg.compiler_options) > 64:
+        raise InvalidArgument(f"options.compiler_options has {len(msg.compiler_options)} entries; at most 64",
+                              field="options.compiler_options", value=len(msg.compiler_options))
     return CompileOptions(target=msg.target or "onnxruntime", dtype=msg.dtype or "fp32",
-                          target_modules=tuple(msg.target_modules), mxfp6_matmul=msg.mxfp6_matmul, **numbers)
+                          target_modules=tuple(msg.target_modules), mxfp6_matmul=msg.mxfp6_matmul,
+                          ai100_stage=msg.ai100_stage or None,
+                          compiler_options=tuple(o[:MAX_STRING + 1] for o in msg.compiler_options), **numbers)
 
 
 _OPTIONAL_INTS = ("batch_size", "full_batch_size", "prefill_seq_len", "ctx_len", "max_rank", "adapter_slots",
-                  "num_cores")
+                  "num_cores", "quant_block_size", "quant_accuracy_level")
 
 
 def options_to_proto(options: dict) -> compiler_pb2.CompileOptions:
@@ -46,6 +51,7 @@ def options_to_proto(options: dict) -> compiler_pb2.CompileOptions:
     return compiler_pb2.CompileOptions(
         target=options.get("target") or "", dtype=options.get("dtype") or "",
         target_modules=list(options.get("target_modules") or ()), mxfp6_matmul=bool(options.get("mxfp6_matmul")),
+        ai100_stage=options.get("ai100_stage") or "", compiler_options=list(options.get("compiler_options") or ()),
         **numbers)
 
 

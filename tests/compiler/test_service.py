@@ -177,7 +177,7 @@ def _code_and_field(call):
     (dict(max_rank=0), "options.max_rank"),
     (dict(max_rank=2, ctx_len=64), None),  # adapter r=4 does not fit: the error names the adapter
     (dict(target="tpu"), "options.target"),
-    (dict(dtype="int4"), "options.dtype"),
+    (dict(dtype="int3"), "options.dtype"),
     (dict(target_modules=["q_proj", "embed_tokens"]), "options.target_modules"),
     (dict(batch_size=-1), "options.batch_size"),
 ])
