@@ -29,6 +29,25 @@ Target "onnxruntime" (the portable graph):
     present_value.{i} float [S, B, H, D]  writes cache[position_ids[b, s], batch_index[b]] for
                                           every non-padding (b, s).
 
+Target "onnxruntime", kv_layout "shared-buffer" (the fused graph, services/compiler/fused; fp32, int8,
+int4): no padding and no batch_index. The runtime calls it with B = 1 for a prefill chunk and with the
+contiguous KV-slot range lo..hi of the decoding rows (others in the range ride along as dummy rows);
+driver: loraflow/artifact/step_driver.py.
+
+  inputs
+    input_ids              int64 [B, S]
+    lora_ids               int64 [B, 1]
+    seqlens_k              int32 [B]   tokens in row b's cache after this call, minus one
+    total_sequence_length  int32 []    max over rows of seqlens_k + 1
+    past_key.{i}   float [B, H, C, D]  cache[i, lo:hi] (C = ctx_len); bound as present_key.{i} too:
+    past_value.{i} float [B, H, C, D]  GroupQueryAttention writes this call's K (after RoPE) / V in place
+    lora_a.{m}     float [L*N, in, R]  the banks above, flattened (layer, slot): row b of layer i uses
+    lora_b.{m}     float [L*N, R, out] slice i*N + lora_ids[b]
+  outputs
+    logits            float [B, 1, V]  at each row's last token
+    present_key.{i}   float [B, H, C, D]  the same memory as past_key.{i}
+    present_value.{i} float [B, H, C, D]
+
 Target "ai100" (QEfficient-compatible): past_key.{i} / past_value.{i} are [F, H, ctx_len, D],
 updated inside the graph by position and returned as past_key.{i}_RetainedState.
 """
@@ -47,6 +66,13 @@ LORA_TARGET_MODULES: tuple[str, ...] = (
 )
 
 INPUT_IDS = "input_ids"
+# Fused layout only (GroupQueryAttention): per row, tokens in its cache after this call minus one;
+# and the longest row's total length.
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+# GraphSpec.kv_layout values.
+KV_LAYOUT_TIME_MAJOR = "time-major"
+KV_LAYOUT_SHARED = "shared-buffer"
 POSITION_IDS = "position_ids"
 LORA_IDS = "lora_ids"
 BATCH_INDEX = "batch_index"

@@ -62,9 +62,17 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     lora_modules: Mapping[str, LoraModuleSpec]  # canonical order (graph_contract.LORA_TARGET_MODULES)
+    # "time-major" (traced graph: past [P, F, H, D] in, new K/V out) or "shared-buffer" (fused graph:
+    # GroupQueryAttention updates [B, H, ctx_len, D] cache views in place); see graph_contract.py.
+    kv_layout: str = "time-major"
+
+    @property
+    def shared_kv(self) -> bool:
+        return self.kv_layout == "shared-buffer"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "kv_layout": self.kv_layout,
             "file": self.file,
             "target": self.target,
             "dtype": self.dtype,
@@ -90,6 +98,7 @@ class GraphSpec:
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             lora_modules={m: LoraModuleSpec.from_dict(s) for m, s in d["lora_modules"].items()},
+            kv_layout=str(d.get("kv_layout", "time-major")),  # manifests before the fused graph lack it
         )
 
     def input(self, name: str) -> TensorSpec:

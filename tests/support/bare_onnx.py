@@ -19,6 +19,18 @@ def bare_prefill(artifact_dir: Path, token_rows: list[list[int]], lora_ids: list
     session = ort.InferenceSession(str(artifact_dir / manifest.graph.file), providers=["CPUExecutionProvider"])
     cfg = manifest.base_model.config
     rows, seq = len(token_rows), len(token_rows[0])
+    if manifest.graph.shared_kv:
+        # Fused graph: equal-length rows from an empty cache; the [B, H, ctx_len, D] cache is updated in place.
+        feeds = {gc.INPUT_IDS: np.array(token_rows, dtype=np.int64),
+                 gc.LORA_IDS: np.array(lora_ids, dtype=np.int64).reshape(rows, 1),
+                 gc.SEQLENS_K: np.full(rows, seq - 1, dtype=np.int32),
+                 gc.TOTAL_SEQUENCE_LENGTH: np.array(seq, dtype=np.int32)}
+        for spec in manifest.graph.inputs:
+            if spec.name.startswith(("past_key", "past_value")):
+                feeds[spec.name] = np.zeros([rows, *spec.shape[1:]], dtype=np.float32)
+            elif spec.name.startswith(("lora_a", "lora_b")):
+                feeds[spec.name] = np.zeros(list(spec.shape), dtype=np.float32)
+        return session.run([gc.LOGITS], feeds)[0]
     feeds = {gc.INPUT_IDS: np.array(token_rows, dtype=np.int64),
              gc.POSITION_IDS: np.tile(np.arange(seq, dtype=np.int64), (rows, 1)),
              gc.LORA_IDS: np.array(lora_ids, dtype=np.int64).reshape(rows, 1),

@@ -1,0 +1,280 @@
+"""Writes the fused "onnxruntime" graph node by node from the decoder's tensors (no tracing).
+
+The graph uses ONNX Runtime's fused contrib operators the way onnxruntime-genai's builder does:
+``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` for RMSNorm with the residual add,
+one packed q|k|v MatMul, ``GroupQueryAttention`` with rotary inside and the KV cache as one buffer per
+layer that the operator updates in place (past and present bound to the same memory), and
+``MatMulNBits`` for int4/int8 base weights. The LoRA banks stay graph inputs ([L*N, in, R] /
+[L*N, R, out], so a hot-added adapter needs no recompile) and each row gathers its own slice by
+``lora_ids``. Logits are computed at each row's last token only. Names: loraflow/graph_contract.py
+("fused" layout).
+
+Rows never carry padding: the runtime prefills one row per call (B = 1, S = chunk) and decodes any
+number of rows with S = 1, so every token of a call is real and each row's position is implied by
+its ``seqlens_k`` (tokens in its cache after this call, minus one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from loraflow import graph_contract as gc
+from loraflow.errors import FailedPrecondition, InvalidArgument
+from services.compiler.fused import quantize
+from services.compiler.modeling.config import DecoderConfig
+
+OPSET = 17
+MS = "com.microsoft"
+# GroupQueryAttention's rotary kernel handles head sizes in multiples of 16 only (ONNX Runtime 1.32).
+ROTARY_HEAD_MULTIPLE = 16
+FLOAT_DTYPES = {"fp32": TensorProto.FLOAT}
+WEIGHT_BITS = {"fp32": None, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class FusedGraphOptions:
+    """What the builder needs besides the weights: dtype of the base weights, bank sizes, cache length."""
+
+    dtype: str  # "fp32" | "int8" | "int4"
+    ctx_len: int
+    num_slots: int  # N = adapter_slots + 1 (slot 0 = base model)
+    max_rank: int
+    lora_modules: tuple[str, ...]
+    quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
+    quant_accuracy_level: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in WEIGHT_BITS:
+            raise InvalidArgument(f"options.dtype={self.dtype!r} has no fused graph; fused dtypes: "
+                                  f"{list(WEIGHT_BITS)}", field="options.dtype", value=self.dtype)
+
+    @property
+    def bits(self) -> int | None:
+        return WEIGHT_BITS[self.dtype]
+
+
+def fused_graph_supported(cfg: DecoderConfig) -> str | None:
+    """None when the fused builder can write ``cfg``; else why not (the caller falls back to the trace)."""
+    if cfg.head_dim % ROTARY_HEAD_MULTIPLE:
+        return (f"head_dim={cfg.head_dim} is not a multiple of {ROTARY_HEAD_MULTIPLE} "
+                "(GroupQueryAttention's rotary kernel)")
+    return None
+
+
+def rotary_caches(cfg: DecoderConfig, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [ctx_len, D/2] for positions 0..ctx_len-1 (any rope type: the frequencies carry it)."""
+    from services.compiler.modeling.rope import inverse_frequencies
+
+    inv_freq = inverse_frequencies(cfg).double().numpy()  # [D/2]
+    # float64 angles, rounded once: positions up to 131072 keep full float32 precision.
+    angles = np.arange(ctx_len, dtype=np.float64)[:, None] * inv_freq[None, :]  # [C, D/2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@dataclass
+class _Graph:
+    """Nodes and initializers being written, with unique names."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[TensorProto] = field(default_factory=list)
+    dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # weight name -> what the graph multiplies by
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | int = 1, *, name: str,
+             domain: str = "", **attrs) -> list[str]:
+        if isinstance(outputs, int):
+            outputs = [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        # np.require, not ascontiguousarray: the latter turns a 0-d scalar into shape [1].
+        self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
+        return name
+
+
+class FusedGraphBuilder:
+    """One model from a MultiLoraDecoder's weights (float32 tensors are read, never modified)."""
+
+    def __init__(self, cfg: DecoderConfig, weights: Callable[[str], np.ndarray], options: FusedGraphOptions):
+        why = fused_graph_supported(cfg)
+        if why:
+            raise FailedPrecondition(f"the fused graph cannot express this model: {why}", field="base_model",
+                                     value=cfg.architecture)
+        self.cfg, self.weights, self.opts = cfg, weights, options
+        self.g = _Graph()
+
+    # --- pieces ---------------------------------------------------------------------------------
+    def _linear(self, x: str, weight_name: str, w_kn: np.ndarray, bias: np.ndarray | None, name: str) -> str:
+        """y = x @ W (+ b) for W [K, N]: MatMul in fp32, MatMulNBits for int4/int8."""
+        g = self.g
+        if self.opts.bits is None:
+            (y,) = g.node("MatMul", [x, g.const(f"{name}.weight", w_kn)], name=name)
+            g.dequantized[weight_name] = w_kn
+        else:
+            q = quantize.quantize_blockwise(w_kn, self.opts.bits, self.opts.quant_block_size)
+            node, inits = quantize.matmul_nbits_node(name, x, f"{name}/out0", q,
+                                                     accuracy_level=self.opts.quant_accuracy_level)
+            g.nodes.append(node)
+            g.initializers.extend(inits)
+            g.dequantized[weight_name] = quantize.dequantize(q)
+            y = f"{name}/out0"
+        if bias is not None:
+            (y,) = g.node("Add", [y, g.const(f"{name}.bias", bias)], name=f"{name}/bias")
+        return y
+
+    def _lora_delta(self, module: str, x: str, row_index: str, name: str) -> str:
+        """x [B, S, in] -> (x A_row) B_row [B, S, out], each row's slices gathered from the flat banks."""
+        g = self.g
+        (a,) = g.node("Gather", [gc.lora_a(module), row_index], name=f"{name}/gather_a", axis=0)  # [B, in, R]
+        (b,) = g.node("Gather", [gc.lora_b(module), row_index], name=f"{name}/gather_b", axis=0)  # [B, R, out]
+        (xa,) = g.node("MatMul", [x, a], name=f"{name}/xa")  # [B, S, R]
+        (delta,) = g.node("MatMul", [xa, b], name=f"{name}/xab")  # [B, S, out]
+        return delta
+
+    def _adapted(self, module: str, y: str, x: str, row_index: str, name: str) -> str:
+        if module not in self.opts.lora_modules:
+            return y
+        (out,) = self.g.node("Add", [y, self._lora_delta(module, x, row_index, f"{name}/lora")], name=f"{name}/add")
+        return out
+
+    # --- the model ----------------------------------------------------------------------------
+    def build(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """(model, dequantized weights by decoder parameter name, for the verification reference)."""
+        cfg, opts, g, w = self.cfg, self.opts, self.g, self.weights
+        L, H, Hq, D, C = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, opts.ctx_len
+        N, R = opts.num_slots, opts.max_rank
+        q_size, kv_size = Hq * D, H * D
+        float_t = FLOAT_DTYPES["fp32"]
+
+        cos, sin = rotary_caches(cfg, C)
+        g.const("rotary.cos", cos)
+        g.const("rotary.sin", sin)
+        lora_rows = "lora_rows"  # [B]
+        g.node("Reshape", [gc.LORA_IDS, g.const("shape.rows", np.array([-1], np.int64))], [lora_rows],
+               name="lora_ids/flat")  # [B, 1] -> [B]
+
+        (h,) = g.node("Gather", [g.const("embed_tokens.weight", w("embed_tokens.weight")), gc.INPUT_IDS],
+                      name="embed", axis=0)  # [B, S, hidden]
+        (x,) = g.node("SimplifiedLayerNormalization", [h, g.const("layers.0.input_layernorm.weight",
+                                                                  w("layers.0.input_layernorm.weight"))],
+                      name="layers.0/input_norm", axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+        residual = h
+        for i in range(L):
+            p = f"layers.{i}"
+            if opts.lora_modules:
+                # Row b's slices sit at i*N + lora_ids[b] in the flat [L*N, ...] banks.
+                (row_index,) = g.node("Add", [lora_rows, g.const(f"{p}.bank_offset", np.array(i * N, np.int64))],
+                                      name=f"{p}/bank_rows")
+            else:
+                row_index = ""
+            # Attention: packed q|k|v projection, per-row adapter deltas, GQA with rotary and in-place cache.
+            qkv_w = w(f"{p}.self_attn.qkv_proj.weight")  # [q+2kv, hidden]
+            qkv_b = w(f"{p}.self_attn.qkv_proj.bias") if cfg.attention_bias else None
+            qkv = self._linear(x, f"{p}.self_attn.qkv_proj.weight", qkv_w.T, qkv_b, f"{p}/attn/qkv")
+            q, k, v = g.node("Split", [qkv, g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size], np.int64))],
+                             3, name=f"{p}/attn/split", axis=-1)  # [B, S, q+2kv] -> q, k, v
+            q = self._adapted("q_proj", q, x, row_index, f"{p}/attn/q")
+            k = self._adapted("k_proj", k, x, row_index, f"{p}/attn/k")
+            v = self._adapted("v_proj", v, x, row_index, f"{p}/attn/v")
+            attn, _, _ = g.node(
+                "GroupQueryAttention",
+                [q, k, v, gc.past_key(i), gc.past_value(i), gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH,
+                 "rotary.cos", "rotary.sin"],
+                [f"{p}/attn/out", gc.present_key(i), gc.present_value(i)],
+                name=f"{p}/attn/gqa", domain=MS, num_heads=Hq, kv_num_heads=H, scale=1.0 / math.sqrt(D),
+                do_rotary=1, rotary_interleaved=0)  # -> [B, S, Hq*D]
+            o_b = w(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
+            o = self._linear(attn, f"{p}.self_attn.o_proj.weight", w(f"{p}.self_attn.o_proj.weight").T, o_b,
+                             f"{p}/attn/o")
+            o = self._adapted("o_proj", o, attn, row_index, f"{p}/attn/o")
+            # residual + attention, then RMSNorm: one SkipSimplifiedLayerNormalization (output 3 = the sum).
+            x, _, _, residual = g.node(
+                "SkipSimplifiedLayerNormalization",
+                [o, residual, g.const(f"{p}.post_attention_layernorm.weight", w(f"{p}.post_attention_layernorm.weight"))],
+                [f"{p}/post_norm/out", "", "", f"{p}/post_norm/sum"], name=f"{p}/post_norm", domain=MS,
+                epsilon=cfg.rms_norm_eps)
+            # MLP (SwiGLU) with gate|up packed in one projection.
+            inter = cfg.intermediate_size
+            gu_w = w(f"{p}.mlp.gate_up_proj.weight")  # [2I, hidden]
+            gu_b = w(f"{p}.mlp.gate_up_proj.bias") if cfg.mlp_bias else None
+            gu = self._linear(x, f"{p}.mlp.gate_up_proj.weight", gu_w.T, gu_b, f"{p}/mlp/gate_up")
+            gate, up = g.node("Split", [gu, g.const(f"{p}.gate_up_split", np.array([inter, inter], np.int64))], 2,
+                              name=f"{p}/mlp/split", axis=-1)  # [B, S, 2I] -> [B, S, I] x 2
+            gate = self._adapted("gate_proj", gate, x, row_index, f"{p}/mlp/gate")
+            up = self._adapted("up_proj", up, x, row_index, f"{p}/mlp/up")
+            (sig,) = g.node("Sigmoid", [gate], name=f"{p}/mlp/sigmoid")
+            (silu,) = g.node("Mul", [gate, sig], name=f"{p}/mlp/silu")
+            (act,) = g.node("Mul", [silu, up], name=f"{p}/mlp/act")  # [B, S, I]
+            d_b = w(f"{p}.mlp.down_proj.bias") if cfg.mlp_bias else None
+            down = self._linear(act, f"{p}.mlp.down_proj.weight", w(f"{p}.mlp.down_proj.weight").T, d_b,
+                                f"{p}/mlp/down")
+            down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down")
+            # residual + MLP, then the next layer's input norm (the final norm after the last layer).
+            weight_key, node_name = ((f"layers.{i + 1}.input_layernorm.weight", f"layers.{i + 1}/input_norm")
+                                     if i + 1 < L else ("norm.weight", "final_norm"))
+            x, _, _, residual = g.node(
+                "SkipSimplifiedLayerNormalization", [down, residual, g.const(weight_key, w(weight_key))],
+                [f"{node_name}/out", "", "", f"{node_name}/sum"], name=node_name, domain=MS,
+                epsilon=cfg.rms_norm_eps)
+        # Logits at each row's last token only: [B, S, hidden] -> [B, hidden] -> [B, V] -> [B, 1, V].
+        (last,) = g.node("Gather", [x, g.const("last_token", np.array(-1, np.int64))], name="last_token", axis=1)
+        head_name = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        head = w(head_name)  # [V, hidden]
+        if opts.bits is None:
+            # Gemm with transB reads the [V, hidden] table as stored: tied heads need no transposed copy.
+            (logits2d,) = g.node("Gemm", [last, head_name if cfg.tie_word_embeddings else g.const(head_name, head)],
+                                 name="lm_head", transB=1)
+            g.dequantized["lm_head"] = head.T
+        else:
+            logits2d = self._linear(last, "lm_head", head.T, None, "lm_head")
+        g.node("Unsqueeze", [logits2d, g.const("axis.1", np.array([1], np.int64))], [gc.LOGITS], name="logits")
+
+        inputs = [helper.make_tensor_value_info(gc.INPUT_IDS, TensorProto.INT64, ["B", "S"]),
+                  helper.make_tensor_value_info(gc.LORA_IDS, TensorProto.INT64, ["B", 1]),
+                  helper.make_tensor_value_info(gc.SEQLENS_K, TensorProto.INT32, ["B"]),
+                  helper.make_tensor_value_info(gc.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]
+        outputs = [helper.make_tensor_value_info(gc.LOGITS, float_t, ["B", 1, cfg.vocab_size])]
+        for i in range(L):
+            inputs += [helper.make_tensor_value_info(gc.past_key(i), float_t, ["B", H, C, D]),
+                       helper.make_tensor_value_info(gc.past_value(i), float_t, ["B", H, C, D])]
+            outputs += [helper.make_tensor_value_info(gc.present_key(i), float_t, ["B", H, C, D]),
+                        helper.make_tensor_value_info(gc.present_value(i), float_t, ["B", H, C, D])]
+        shapes = cfg.lora_module_shapes()
+        for m in opts.lora_modules:
+            fin, fout = shapes[m]
+            inputs += [helper.make_tensor_value_info(gc.lora_a(m), float_t, [L * N, fin, R]),
+                       helper.make_tensor_value_info(gc.lora_b(m), float_t, [L * N, R, fout])]
+        graph = helper.make_graph(g.nodes, "loraflow_fused_decoder", inputs, outputs, g.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                  producer_name="loraflow")
+        model.ir_version = 8
+        return model, g.dequantized
+
+
+def dequantized_decoder(decoder, dequantized: dict[str, np.ndarray]):
+    """A copy of ``decoder`` (a MultiLoraDecoder) whose linears hold exactly what the graph multiplies
+    by: the reference against which a quantised graph's wiring is verified (its error against the
+    float model is measured separately). A tied head gets its own (quantised) lm_head."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    ref = copy.deepcopy(decoder)
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, w_kn in dequantized.items():
+            if name == "lm_head":
+                continue
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(w_kn.T)))  # [K, N] -> [N, K] (Linear)
+        head = torch.from_numpy(np.ascontiguousarray(dequantized["lm_head"].T))  # [hidden, V] -> [V, hidden]
+        if ref.lm_head is None:
+            ref.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        ref.lm_head.weight.copy_(head)
+    return ref.eval()

@@ -1,0 +1,63 @@
+"""Write the fused graph of a decoder into an artifact directory (model.onnx + model.onnx.data)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from loraflow import graph_contract as gc
+from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
+from services.compiler.fused.builder import FusedGraphBuilder, FusedGraphOptions
+from services.compiler.modeling.decoder import MultiLoraDecoder
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def fused_io(decoder: MultiLoraDecoder, opts: FusedGraphOptions) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The fused graph's inputs and outputs (symbolic dims as letters; see graph_contract.py)."""
+    cfg = decoder.cfg
+    H, D, L, C = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, opts.ctx_len
+    inputs = [TensorSpec(gc.INPUT_IDS, "int64", ("B", "S")), TensorSpec(gc.LORA_IDS, "int64", ("B", 1)),
+              TensorSpec(gc.SEQLENS_K, "int32", ("B",)), TensorSpec(gc.TOTAL_SEQUENCE_LENGTH, "int32", ())]
+    outputs = [TensorSpec(gc.LOGITS, "float32", ("B", 1, cfg.vocab_size))]
+    for i in range(L):
+        inputs += [TensorSpec(gc.past_key(i), "float32", ("B", H, C, D)),
+                   TensorSpec(gc.past_value(i), "float32", ("B", H, C, D))]
+        outputs += [TensorSpec(gc.present_key(i), "float32", ("B", H, C, D)),
+                    TensorSpec(gc.present_value(i), "float32", ("B", H, C, D))]
+    shapes = cfg.lora_module_shapes()
+    for m in opts.lora_modules:
+        fin, fout = shapes[m]
+        inputs += [TensorSpec(gc.lora_a(m), "float32", (L * opts.num_slots, fin, opts.max_rank)),
+                   TensorSpec(gc.lora_b(m), "float32", (L * opts.num_slots, opts.max_rank, fout))]
+    return tuple(inputs), tuple(outputs)
+
+
+def export_fused(decoder: MultiLoraDecoder, out_dir: str | Path, opts: FusedGraphOptions
+                 ) -> tuple[GraphSpec, dict[str, float], dict[str, np.ndarray]]:
+    """(GraphSpec, stage timings, dequantized weights for the verification reference)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    state = {k: v.detach().to("cpu").float().numpy() for k, v in decoder.state_dict().items()}
+    model, dequantized = FusedGraphBuilder(decoder.cfg, state.__getitem__, opts).build()
+    timings = {"export": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    onnx.save(model, str(out_dir / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=1024)
+    if not (out_dir / DATA_FILE).exists():
+        (out_dir / DATA_FILE).touch()  # tiny models may have nothing above the threshold
+    timings["save"] = time.perf_counter() - t0
+    cfg = decoder.cfg
+    inputs, outputs = fused_io(decoder, opts)
+    shapes = cfg.lora_module_shapes()
+    graph = GraphSpec(file=ONNX_FILE, target="onnxruntime", dtype="float32", layers=cfg.num_layers,
+                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                      inputs=inputs, outputs=outputs,
+                      lora_modules={m: LoraModuleSpec(*shapes[m]) for m in opts.lora_modules},
+                      kv_layout=gc.KV_LAYOUT_SHARED)
+    return graph, timings, dequantized
