@@ -38,7 +38,7 @@ from services.compiler.modeling.config import DecoderConfig
 from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
 # Bump when the graph or bank layout changes: it is part of every artifact id.
-COMPILER_VERSION = "loraflow-compiler/0.1.0+graph1"
+COMPILER_VERSION = "loraflow-compiler/0.2.0+graph2"  # graph2: the fused (GroupQueryAttention) graph
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -93,9 +93,18 @@ def plan_artifact(base_model_dir: str | Path, adapters: Sequence[tuple[str, Path
     resolved = options.resolve(adapter_ranks=[a.max_module_rank for a in loaded],
                                adapter_targets=[a.target_modules for a in loaded]).validate(len(loaded))
     if resolved.target == "ai100":
-        from services.compiler.ai100 import require_sdk
+        from services.compiler import ai100
 
-        require_sdk()
+        ai100.check_compiler_options(resolved.compiler_options)
+        if resolved.ai100_stage == "compile":
+            ai100.require_sdk()  # "export" publishes the bundle without the SDK
+    if resolved.target == "onnxruntime" and resolved.dtype == "int4":
+        from services.compiler.fused.builder import fused_graph_supported
+
+        why = fused_graph_supported(cfg)
+        if why:
+            raise FailedPrecondition(f"options.dtype='int4' needs the fused graph, which cannot express this "
+                                     f"model: {why}", field="options.dtype", value="int4")
     if resolved.ctx_len > cfg.max_position_embeddings:
         raise InvalidArgument(f"options.ctx_len={resolved.ctx_len} exceeds the model's max_position_embeddings="
                               f"{cfg.max_position_embeddings}", field="options.ctx_len", value=resolved.ctx_len)
@@ -111,7 +120,10 @@ def plan_artifact(base_model_dir: str | Path, adapters: Sequence[tuple[str, Path
     for adapter in loaded:
         lora_bank.check_fits(adapter, spec)
     fp = fingerprint or base_fingerprint(base_model_dir)
-    artifact_id = compute_artifact_id(fp, [a.digest for a in loaded], resolved.to_dict(), COMPILER_VERSION,
+    id_options = resolved.to_dict()
+    if resolved.target == "ai100":
+        id_options["ai100_graph"] = ai100.GRAPH_VERSION  # the ai100 graph changes on its own schedule
+    artifact_id = compute_artifact_id(fp, [a.digest for a in loaded], id_options, COMPILER_VERSION,
                                       adapter_names=names)
     return ArtifactPlan(artifact_id=artifact_id, options=resolved, config=cfg, base_fingerprint=fp,
                         adapters=loaded, bank_spec=spec)
@@ -161,7 +173,34 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
     bank_feeds = _bank_feeds(banks_a, banks_b)
     extra: dict[str, Any] = {}
     specs = None
-    if opts.target == "onnxruntime":
+    if opts.target == "onnxruntime" and _uses_fused_graph(plan):
+        from services.compiler.fused.builder import FusedGraphOptions
+        from services.compiler.fused.export import export_fused
+
+        fused = FusedGraphOptions(dtype=opts.dtype, ctx_len=int(opts.ctx_len), num_slots=banks.num_slots,
+                                  max_rank=banks.max_rank, lora_modules=tuple(decoder.lora_modules),
+                                  quant_block_size=int(opts.quant_block_size or 32),
+                                  quant_accuracy_level=int(opts.quant_accuracy_level or 0))
+        t0 = time.perf_counter()
+        graph, export_times, dequantized = export_fused(decoder, out_dir, fused)
+        timings["export"] = export_times["export"]
+        report("export", 0.5, f"fused ONNX {opts.dtype} graph written ({timings['export']:.1f}s)")
+        stop()
+        timings["optimize"] = export_times["save"]
+        report("optimize", 0.6, f"weights saved ({timings['optimize']:.1f}s)")
+        stop()
+        t0 = time.perf_counter()
+        verify_report = _verify_fused(out_dir / graph.file, decoder, dequantized, graph, bank_feeds, opts,
+                                      len(plan.adapters))
+        extra["verify"] = {"max_abs_diff": verify_report.max_abs_diff, "relative_diff": verify_report.relative_diff,
+                           "tolerance": verify_report.tolerance, "tokens_match": verify_report.tokens_match,
+                           "calls": verify_report.calls}
+        if verify_report.quant_relative_diff is not None:
+            extra["verify"]["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
+            extra["verify"]["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement
+        stage("verify", 0.85, f"the runtime's step driver matches PyTorch: max abs diff "
+              f"{verify_report.max_abs_diff:.3g}", t0)
+    elif opts.target == "onnxruntime":
         t0 = time.perf_counter()
         graph, export_times = export_onnxruntime(decoder, out_dir, banks=banks, dtype=opts.dtype)
         timings["export"] = export_times["export"] + export_times.get("quantize", 0.0)
@@ -176,23 +215,28 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
                            "tolerance": verify_report.tolerance, "tokens_match": verify_report.tokens_match}
         stage("verify", 0.85, f"ONNX Runtime matches PyTorch: max abs diff {verify_report.max_abs_diff:.3g}", t0)
     else:
-        from services.compiler import ai100
+        from services.compiler import ai100, ai100_verify
 
         t0 = time.perf_counter()
-        graph = ai100.export_ai100(decoder, out_dir, banks=banks, ctx_len=int(opts.ctx_len))
-        stage("export", 0.4, "AI 100 retained-state graph exported", t0)
+        cb = ai100.continuous_batching(opts)
+        graph = ai100.export_ai100(decoder, out_dir, banks=banks, ctx_len=int(opts.ctx_len), cb=cb)
+        exe = ai100.require_sdk() if opts.ai100_stage == "compile" else None
+        bundle = ai100.write_bundle(out_dir, opts, plan.config.num_layers, qaic_exec=exe)
+        specs = bundle.specializations
+        stage("export", 0.4, f"AI 100 bundle exported ({'continuous batching' if cb else 'static batch'})", t0)
         t0 = time.perf_counter()
-        verify_report = _verify_ai100(out_dir / graph.file, decoder, graph, bank_feeds, opts, len(plan.adapters))
-        extra["verify"] = {"max_abs_diff": verify_report.max_abs_diff, "relative_diff": verify_report.relative_diff,
-                           "tolerance": verify_report.tolerance}
-        stage("verify", 0.5, f"ONNX Runtime runs the AI 100 graph like PyTorch: max abs diff "
-              f"{verify_report.max_abs_diff:.3g}", t0)
-        t0 = time.perf_counter()
-        qpc, cmd = ai100.compile_qpc(out_dir / graph.file, out_dir, opts, plan.config.num_layers)
-        specs = tuple(ai100.specializations(opts))
-        extra["qpc_dir"] = qpc.name
-        extra["qaic_exec"] = cmd
-        stage("optimize", 0.8, "qaic-exec compiled the QPC", t0)
+        feeds, occupied = _verification_banks(bank_feeds, len(plan.adapters))
+        verify_report = ai100_verify.verify_bundle(out_dir, graph, decoder, feeds, opts, occupied_slots=occupied)
+        extra["verify"] = verify_report.to_dict()
+        stage("verify", 0.5, "ONNX Runtime, driven as the card, matches PyTorch: max abs diff fp32 "
+              + ", ".join(f"{r.precision} {r.max_abs_diff:.3g}" for r in verify_report.runs), t0)
+        extra["ai100"] = bundle.to_dict()
+        extra["qaic_exec"] = list(bundle.command)
+        if opts.ai100_stage == "compile":
+            t0 = time.perf_counter()
+            qpc = ai100.compile_qpc(out_dir, bundle)
+            extra["qpc_dir"] = qpc.name
+            stage("optimize", 0.8, "qaic-exec compiled the QPC", t0)
 
     # write
     t0 = time.perf_counter()
@@ -251,30 +295,47 @@ def _verify_ort(onnx_path: Path, decoder, graph, bank_feeds, opts: CompileOption
 
     from services.compiler.verify import verify_graph
 
-    feeds = dict(bank_feeds)
-    occupied = num_adapters
-    if num_adapters == 0:
-        # No adapter yet: exercise the LoRA path anyway with a random slot 1 (verification only).
-        rng = np.random.default_rng(0)
-        for name, bank in feeds.items():
-            bank = bank.copy()
-            bank[:, 1] = rng.normal(0, 0.05, bank[:, 1].shape)
-            feeds[name] = bank
-        occupied = 1
+    feeds, occupied = _verification_banks(bank_feeds, num_adapters)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     chunk = max(1, min(int(opts.prefill_seq_len), 4))
     return verify_graph(session, decoder, graph, feeds, dtype=opts.dtype, occupied_slots=occupied, chunk=chunk,
                         ctx_len=min(int(opts.ctx_len), 64))
 
 
-def _verify_ai100(onnx_path: Path, decoder, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
+def _uses_fused_graph(plan: ArtifactPlan) -> bool:
+    """fp32/int8/int4 get the fused graph where it can express the model; fp16 (GPU) keeps the trace."""
+    from services.compiler.fused.builder import WEIGHT_BITS, fused_graph_supported
+
+    return plan.options.dtype in WEIGHT_BITS and fused_graph_supported(plan.config) is None
+
+
+def _verification_banks(bank_feeds: dict[str, np.ndarray], num_adapters: int) -> tuple[dict[str, np.ndarray], int]:
+    """(banks, occupied slots): with no adapter yet, a random slot 1 exercises the LoRA path anyway."""
+    feeds = dict(bank_feeds)
+    if num_adapters:
+        return feeds, num_adapters
+    rng = np.random.default_rng(0)
+    for name, bank in feeds.items():
+        bank = bank.copy()
+        bank[:, 1] = rng.normal(0, 0.05, bank[:, 1].shape)
+        feeds[name] = bank
+    return feeds, 1
+
+
+def _verify_fused(onnx_path: Path, decoder, dequantized, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
     import onnxruntime as ort
 
-    from services.compiler.verify import verify_ai100_graph
+    from services.compiler.fused.builder import dequantized_decoder
+    from services.compiler.fused.verify import verify_fused_graph
 
+    feeds, occupied = _verification_banks(bank_feeds, num_adapters)
+    quantized = opts.dtype != "fp32"
+    reference = dequantized_decoder(decoder, dequantized) if quantized else decoder
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return verify_ai100_graph(session, decoder, graph, bank_feeds, occupied_slots=num_adapters,
-                              prefill_len=max(1, min(int(opts.prefill_seq_len), 8)))
+    chunk = max(1, min(int(opts.prefill_seq_len), 4))
+    return verify_fused_graph(session, reference, graph, feeds, ctx_len=int(opts.ctx_len), occupied_slots=occupied,
+                              chunk=chunk, accuracy_level=opts.quant_accuracy_level,
+                              float_decoder=decoder if quantized else None)
 
 
 def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:

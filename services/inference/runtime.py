@@ -1,4 +1,9 @@
-"""ONNX Runtime execution of a compiled artifact: session, time-major KV cache, adapter banks.
+"""ONNX Runtime execution of a compiled artifact: session, KV cache, adapter banks.
+
+Fused graphs (fp32/int8/int4, ``graph.kv_layout == "shared-buffer"``) run through
+loraflow.artifact.step_driver.FusedStepDriver, the same code verification runs before publishing: the
+cache is [L, F, H, ctx_len, D] per kind and GroupQueryAttention updates it in place. The rest of this
+docstring is the traced (fp16) graph's time-major layout.
 
 The KV cache is one preallocated numpy array per kind, [L, ctx_len, F, H, D]: layer i's cache is
 time-major, so its first P positions ``cache[i][:P]`` are one contiguous block handed to the graph
@@ -21,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from loraflow import graph_contract as gc
+from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.step_driver import FusedStepDriver, Row
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from loraflow.manifest import Manifest
 from loraflow.names import validate_name
@@ -67,14 +74,13 @@ def check_device(device: str) -> str:
                                      f"installation lacks (has {ort.get_available_providers()})",
                                      field="device", value=device)
     if device == "ai100":
+        from services.inference.ai100_runtime import import_qaic
+
         try:
-            import qaicrt  # noqa: F401  (the Cloud AI 100 platform SDK's Python runtime)
+            import_qaic()  # the Cloud AI 100 platform SDK's Python runtime (services.inference.ai100_runtime)
         except ImportError as err:
             raise FailedPrecondition("device 'ai100' needs the Qualcomm Cloud AI 100 runtime (qaicrt), "
                                      "which is not installed on this host", field="device", value=device) from err
-        raise FailedPrecondition("device 'ai100': the QAic runtime is installed, but running AI 100 QPCs "
-                                 "is not implemented in this service; load an 'onnxruntime' artifact on "
-                                 "cpu or cuda", field="device", value=device)
     return device
 
 
@@ -121,23 +127,34 @@ class OrtRuntime:
         self.session = ort.InferenceSession(str(self.artifact_dir / graph.file), so, providers=providers)
         self._ort = ort
         input_names = {i.name for i in self.session.get_inputs()}
-        missing = [n for n in (gc.INPUT_IDS, gc.POSITION_IDS, gc.LORA_IDS, gc.BATCH_INDEX) if n not in input_names]
+        required = ((gc.INPUT_IDS, gc.LORA_IDS, gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH) if graph.shared_kv
+                    else (gc.INPUT_IDS, gc.POSITION_IDS, gc.LORA_IDS, gc.BATCH_INDEX))
+        missing = [n for n in required if n not in input_names]
         if missing:
             raise FailedPrecondition(f"artifact graph lacks inputs {missing}", field="artifact_id",
                                      value=self.manifest.artifact_id)
 
-        # KV cache, time-major: [L, ctx_len, F, H, D] per kind; layer i is the contiguous view [i], and
-        # its first P positions [i][:P] are contiguous too. One array per kind lets a single indexed
-        # write store every layer's new K/V.
-        shape = (self.layers, self.ctx_len, self.full_batch_size, self.kv_heads, self.head_dim)
-        self.k_all = np.zeros(shape, self.dtype)
-        self.v_all = np.zeros(shape, self.dtype)
-        self.k_cache = [self.k_all[i] for i in range(self.layers)]  # L x [ctx_len, F, H, D]
-        self.v_cache = [self.v_all[i] for i in range(self.layers)]
-        self._bound_past = 0  # P of the past inputs currently bound
-        self._past_values: list[object] = []
-        self._out_shape: tuple[int, int] | None = None  # (S, B) of the output buffers currently bound
-        self._out_buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.shared_kv = graph.shared_kv
+        if self.shared_kv and self.device != "cpu":
+            raise FailedPrecondition(f"artifact {self.manifest.artifact_id} is a fused CPU graph (fp32/int8/int4); "
+                                     "for device 'cuda' compile with dtype 'fp16'", field="device", value=self.device)
+        if self.shared_kv:
+            # One buffer per kind that the graph updates in place (loraflow/artifact/kv_cache.py).
+            self.kv = SharedKvCache(layers=self.layers, slots=self.full_batch_size, kv_heads=self.kv_heads,
+                                    ctx_len=self.ctx_len, head_dim=self.head_dim, dtype=self.dtype)
+        else:
+            # KV cache, time-major: [L, ctx_len, F, H, D] per kind; layer i is the contiguous view [i], and
+            # its first P positions [i][:P] are contiguous too. One array per kind lets a single indexed
+            # write store every layer's new K/V.
+            shape = (self.layers, self.ctx_len, self.full_batch_size, self.kv_heads, self.head_dim)
+            self.k_all = np.zeros(shape, self.dtype)
+            self.v_all = np.zeros(shape, self.dtype)
+            self.k_cache = [self.k_all[i] for i in range(self.layers)]  # L x [ctx_len, F, H, D]
+            self.v_cache = [self.v_all[i] for i in range(self.layers)]
+            self._bound_past = 0  # P of the past inputs currently bound
+            self._past_values: list[object] = []
+            self._out_shape: tuple[int, int] | None = None  # (S, B) of the output buffers currently bound
+            self._out_buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
         # Adapter banks; slot 0 (the base model) stays zero.
         n = self.adapter_slots + 1
@@ -151,13 +168,19 @@ class OrtRuntime:
         self._slot_idle = threading.Condition(self._lock)  # notified when a slot's last request ends
         self._clock = 0
 
-        self._binding = self.session.io_binding()
         bank_device = "cuda" if self.device == "cuda" else "cpu"
         self._bank_values: dict[str, object] = {}
         for module in graph.lora_modules:
             for name, bank in ((gc.lora_a(module), self.lora_a[module]), (gc.lora_b(module), self.lora_b[module])):
-                value = ort.OrtValue.ortvalue_from_numpy(bank, bank_device, 0)
-                self._bank_values[name] = value
+                if self.shared_kv:
+                    bank = bank.reshape(bank.shape[0] * bank.shape[1], *bank.shape[2:])  # [L, N, ...] -> [L*N, ...] view
+                self._bank_values[name] = ort.OrtValue.ortvalue_from_numpy(bank, bank_device, 0)
+        if self.shared_kv:
+            self._driver = FusedStepDriver(self.session, self.kv, self._bank_values, vocab_size=self.vocab_size,
+                                           logits_dtype=self.logits_dtype)
+        else:
+            self._binding = self.session.io_binding()
+            for name, value in self._bank_values.items():
                 self._binding.bind_ortvalue_input(name, value)
 
         for entry in self.manifest.adapters:
@@ -314,18 +337,23 @@ class OrtRuntime:
         there, and masked attention still multiplies stale values by 0 (0 * NaN = NaN)."""
         if not 0 <= slot < self.full_batch_size:
             raise InvalidArgument(f"slot {slot} is outside 0..{self.full_batch_size - 1}", field="slot", value=slot)
+        if self.shared_kv:
+            self.kv.reset(slot)
+            return
         self.k_all[:, :, slot] = 0
         self.v_all[:, :, slot] = 0
 
     def memory_bytes(self) -> int:
         weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
-        cache = self.k_all.nbytes + self.v_all.nbytes
+        cache = self.kv.nbytes if self.shared_kv else self.k_all.nbytes + self.v_all.nbytes
         banks = sum(b.nbytes for b in list(self.lora_a.values()) + list(self.lora_b.values()))
         return int(weights + cache + banks)
 
     # ---- execution -------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         """Run one step; returns logits [B, V] (valid until the next call) and stores the new K/V."""
+        if self.shared_kv:
+            return self._driver.step([Row(r.slot, r.lora_id, r.token_ids, r.start_position) for r in step.rows])
         ids, positions = step.padded_inputs(gc.PAD_POSITION)
         input_ids = np.asarray(ids, dtype=np.int64)  # [B, S]
         position_ids = np.asarray(positions, dtype=np.int64)  # [B, S]
@@ -385,6 +413,11 @@ class OrtRuntime:
         return self._out_buffers
 
     def close(self) -> None:
+        if self.shared_kv:
+            self._driver.close()
+            self._bank_values.clear()
+            del self.session
+            return
         self._binding.clear_binding_inputs()
         self._binding.clear_binding_outputs()
         self._bank_values.clear()
