@@ -1,44 +1,79 @@
-"""Target "ai100": the QEfficient-compatible graph, its specializations / custom IO, and qaic-exec.
+"""Target "ai100": the graph QEfficient hands to qaic-exec, its specializations / custom IO, the command.
 
-The graph keeps the whole KV cache as retained state, QEfficient-style:
+The KV cache is retained state, [F, H, ctx_len, D] per layer, written and read inside the graph by
+the Cloud AI 100 operators of the ``com.qualcomm.cloud`` domain, as QEfficient's cache does:
+
+  continuous batching (full_batch_size > batch_size): CtxScatterCB / CtxGatherCB, rows pick their
+      cache slot with ``batch_index``; a padding position (-1) is written as INT32_MAX, an index
+      past the cache, which writes nothing.
+  otherwise (full_batch_size == batch_size, QEfficient's "full_batch_size unset"): CtxScatter /
+      CtxGather, row b owns cache row b and there is no batch_index input; a padding position -1
+      is passed as is and counts from the end (ctx_len - 1), which no valid token reads before it
+      writes it itself.
+  reads: positions past the row's largest position are gathered as INT32_MAX (out of range: read
+      as zero) and masked with AI100_MASK_VALUE, a finite value that survives -convert-to-fp16.
+
+Each operator is carried in the model as an ONNX function (FunctionProto, domain com.qualcomm.cloud)
+whose body is standard ONNX, so ONNX Runtime executes the very file qaic-exec compiles; qaic-exec
+maps the domain's operators to its own kernels. Bodies keep the operators' out-of-range rules
+(ONNX Runtime's ScatterND / GatherND would reject such an index): a write past the cache goes to a
+scratch position that is sliced off, a read past it yields zero.
 
   inputs   input_ids [batch_size, seq_len], position_ids [batch_size, seq_len], lora_ids [batch_size, 1],
-           batch_index [batch_size, 1], past_key.{i} / past_value.{i} [full_batch_size, H, ctx_len, D],
-           lora_a.{m} / lora_b.{m} (banks, as in the onnxruntime graph)
-  outputs  logits [batch_size, 1, V], past_key.{i}_RetainedState / past_value.{i}_RetainedState
+           batch_index [batch_size, 1] (continuous batching only),
+           past_key.{i} / past_value.{i} [full_batch_size | batch_size, H, ctx_len, D],
+           lora_a.{m} / lora_b.{m} (adapter banks, graph inputs as in the onnxruntime graph)
+  outputs  logits [batch_size, 1, V] at each row's largest position,
+           past_key.{i}_RetainedState / past_value.{i}_RetainedState
 
-New K/V are written inside the graph at (batch_index[b], position_ids[b, s]); padding (-1) writes
-nothing. Compiling needs the Cloud AI 100 SDK (``qaic-exec``); without it we fail with
-FailedPrecondition instead of pretending.
+Compiling needs the Cloud AI 100 SDK (``qaic-exec``); ``ai100_stage="export"`` stops before it and
+publishes the bundle with the exact command line instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import torch
+from onnx import helper
 from torch import nn
 
 from loraflow import graph_contract as gc
-from loraflow.errors import FailedPrecondition, LoraflowError
+from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
 from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
-from services.compiler.export import BankShape, sample_args, torch_export
-from services.compiler.modeling.decoder import MultiLoraDecoder, last_token_index
+from services.compiler.export import BankShape
+from services.compiler.modeling.decoder import MultiLoraDecoder
 from services.compiler.modeling.layers import Dims, LoraSelector
 from services.compiler.options import CompileOptions
 
 SDK_EXEC_DIR = Path("/opt/qti-aic/exec")
+DEFAULT_QAIC_EXEC = SDK_EXEC_DIR / "qaic-exec"
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
 SPECIALIZATIONS_FILE = "specializations.json"
 CUSTOM_IO_FILE = "custom_io.yaml"
+COMMAND_FILE = "qaic_exec_command.txt"
 QPC_DIR = "qpc"
-# QEfficient masks with a finite value that survives -convert-to-fp16 (finfo(float32).min would not).
+OPSET = 17
+QAIC_DOMAIN = "com.qualcomm.cloud"
+# Part of every ai100 artifact id: bump when the graph changes.
+GRAPH_VERSION = "ai100-ctx-ops/1"
+# Finite, so a fully masked row (padding, idle slot) stays finite after -convert-to-fp16
+# (float32's min would overflow fp16 to -inf and a row of -inf softmaxes to NaN).
 AI100_MASK_VALUE = -10000.0
+INVALID_INDEX = int(np.iinfo(np.int32).max)  # QEfficient's "write nothing / read nothing" index
+HW_VERSION = "2.0"
 
 
 def find_qaic_exec() -> Path | None:
@@ -58,35 +93,223 @@ def require_sdk() -> Path:
     if exe is None:
         raise FailedPrecondition(
             "target 'ai100' needs the Qualcomm Cloud AI 100 SDK: qaic-exec is not on PATH nor in "
-            f"{SDK_EXEC_DIR}; install the SDK on the compiler host or use target 'onnxruntime'",
+            f"{SDK_EXEC_DIR}; install the SDK on the compiler host, use options.ai100_stage='export' for "
+            "the bundle without a QPC, or use target 'onnxruntime'",
             field="options.target", value="ai100", reason="AI100_SDK_MISSING")
     return exe
 
 
-class Ai100Graph(nn.Module):
-    """Same weights and LoRA selection as the onnxruntime graph; cache layout [F, H, ctx_len, D]."""
+def continuous_batching(options: CompileOptions) -> bool:
+    """More KV-cache slots than prefill rows needs batch_index: QEfficient's continuous batching."""
+    return int(options.full_batch_size) > int(options.batch_size)
 
-    def __init__(self, decoder: MultiLoraDecoder):
+
+# --- the com.qualcomm.cloud operators: PyTorch semantics, ONNX symbolic, ONNX function body ---------
+def _in_range(index: torch.Tensor, size: int) -> torch.Tensor:
+    return (index >= 0) & (index < size)
+
+
+class CtxScatterCB(torch.autograd.Function):
+    """data [F, H, C, D]; batch_index [B, 1]; position_ids [B, S]; updates [B, H, S, D] -> data with
+    updates[b, :, s] at (batch_index[b], :, position_ids[b, s]); positions outside [0, C) write nothing."""
+
+    @staticmethod
+    def forward(ctx, data, batch_index, position_ids, updates):
+        C = data.shape[2]
+        scratch = torch.zeros_like(data[:, :, :1])
+        ext = torch.cat([data, scratch], dim=2)  # [F, H, C+1, D]: index C is the scratch position
+        pos = torch.where(_in_range(position_ids, C), position_ids, torch.full_like(position_ids, C))
+        heads = torch.arange(data.shape[1]).view(1, -1, 1)
+        ext[batch_index.view(-1, 1, 1), heads, pos.unsqueeze(1)] = updates
+        return ext[:, :, :C]
+
+    @staticmethod
+    def symbolic(g, data, batch_index, position_ids, updates):
+        return g.op(f"{QAIC_DOMAIN}::CtxScatterCB", data, batch_index, position_ids, updates).setTypeAs(data)
+
+
+class CtxGatherCB(torch.autograd.Function):
+    """data [F, H, C, D]; batch_index [B, 1]; ctx_indices [B, 1, C] -> [B, H, C, D]: row b reads slot
+    batch_index[b] at ctx_indices[b, 0, j]; an index outside [0, C) reads zero."""
+
+    @staticmethod
+    def forward(ctx, data, batch_index, ctx_indices):
+        C = data.shape[2]
+        valid = _in_range(ctx_indices, C)  # [B, 1, C]
+        safe = torch.where(valid, ctx_indices, torch.zeros_like(ctx_indices))
+        heads = torch.arange(data.shape[1]).view(1, -1, 1)
+        out = data[batch_index.view(-1, 1, 1), heads, safe]  # [B, H, C, D]
+        return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=data.dtype))
+
+    @staticmethod
+    def symbolic(g, data, batch_index, ctx_indices):
+        return g.op(f"{QAIC_DOMAIN}::CtxGatherCB", data, batch_index, ctx_indices).setTypeAs(data)
+
+
+class CtxScatter(torch.autograd.Function):
+    """data [B, H, C, D]; position_ids [B, S]; updates [B, H, S, D]: row b of the cache is row b; a
+    negative position counts from the end (ONNX ScatterND's convention, as QEfficient relies on)."""
+
+    @staticmethod
+    def forward(ctx, data, position_ids, updates):
+        C = data.shape[2]
+        pos = torch.where(position_ids < 0, position_ids + C, position_ids)
+        out = data.clone()
+        rows = torch.arange(data.shape[0]).view(-1, 1, 1)
+        heads = torch.arange(data.shape[1]).view(1, -1, 1)
+        out[rows, heads, pos.unsqueeze(1)] = updates
+        return out
+
+    @staticmethod
+    def symbolic(g, data, position_ids, updates):
+        return g.op(f"{QAIC_DOMAIN}::CtxScatter", data, position_ids, updates).setTypeAs(data)
+
+
+class CtxGather(torch.autograd.Function):
+    """data [B, H, C, D]; ctx_indices [B, 1, C] -> [B, H, C, D]; an index outside [0, C) reads zero."""
+
+    @staticmethod
+    def forward(ctx, data, ctx_indices):
+        C = data.shape[2]
+        valid = _in_range(ctx_indices, C)
+        safe = torch.where(valid, ctx_indices, torch.zeros_like(ctx_indices))
+        rows = torch.arange(data.shape[0]).view(-1, 1, 1)
+        heads = torch.arange(data.shape[1]).view(1, -1, 1)
+        out = data[rows, heads, safe]
+        return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=data.dtype))
+
+    @staticmethod
+    def symbolic(g, data, ctx_indices):
+        return g.op(f"{QAIC_DOMAIN}::CtxGather", data, ctx_indices).setTypeAs(data)
+
+
+def _const(name: str, values: Sequence[int]):
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64,
+                                                                             [len(values)], list(values)))
+
+
+def _dims(data: str, prefix: str) -> list:
+    """Nodes giving {prefix}_d0..d3: the four dims of ``data`` as 1-element int64 tensors."""
+    nodes = [helper.make_node("Shape", [data], [f"{prefix}_shape"])]
+    for i in range(4):
+        nodes += [_const(f"{prefix}_i{i}", [i]),
+                  helper.make_node("Gather", [f"{prefix}_shape", f"{prefix}_i{i}"], [f"{prefix}_d{i}"], axis=0)]
+    return nodes
+
+
+def _in_range_nodes(index: str, size: str, out: str) -> list:
+    return [_const("zero_i", [0]),
+            helper.make_node("GreaterOrEqual", [index, "zero_i"], [f"{out}_ge"]),
+            helper.make_node("Less", [index, size], [f"{out}_lt"]),
+            helper.make_node("And", [f"{out}_ge", f"{out}_lt"], [out])]
+
+
+def _index_grid(batch: str | None, rows: str, heads: str, cols: str, ctx: str, ctx_axes: Sequence[int]) -> list:
+    """indices [rows, heads, cols, 3] = (row or batch_index[row], head, ctx[row, ., col])."""
+    nodes = [_const("one", [1]), _const("zero", [0]),
+             helper.make_node("Concat", [rows, heads, cols, "one"], ["grid_shape"], axis=0)]
+    if batch is None:
+        nodes += [helper.make_node("Range", ["zero_s", rows + "_s", "one_s"], ["row_range"])]
+        nodes += [_const("ax123", [1, 2, 3]), helper.make_node("Unsqueeze", ["row_range", "ax123"], ["row_u"])]
+    else:
+        nodes += [_const("ax23", [2, 3]), helper.make_node("Unsqueeze", [batch, "ax23"], ["row_u"])]
+    nodes += [helper.make_node("Expand", ["row_u", "grid_shape"], ["row_idx"]),
+              helper.make_node("Range", ["zero_s", heads + "_s", "one_s"], ["head_range"]),
+              _const("ax023", [0, 2, 3]), helper.make_node("Unsqueeze", ["head_range", "ax023"], ["head_u"]),
+              helper.make_node("Expand", ["head_u", "grid_shape"], ["head_idx"]),
+              _const("ctx_axes", list(ctx_axes)), helper.make_node("Unsqueeze", [ctx, "ctx_axes"], ["ctx_u"]),
+              helper.make_node("Expand", ["ctx_u", "grid_shape"], ["ctx_idx"]),
+              helper.make_node("Concat", ["row_idx", "head_idx", "ctx_idx"], ["indices"], axis=3)]
+    return nodes
+
+
+def _scalars(*names: str) -> list:
+    """Scalar views ({name}_s) of 1-element dims, for Range; plus scalar 0 and 1."""
+    nodes = [helper.make_node("Constant", [], ["zero_s"], value=helper.make_tensor("z", onnx.TensorProto.INT64, [], [0])),
+             helper.make_node("Constant", [], ["one_s"], value=helper.make_tensor("o", onnx.TensorProto.INT64, [], [1])),
+             _const("ax0", [0])]
+    for n in names:
+        nodes.append(helper.make_node("Squeeze", [n, "ax0"], [n + "_s"]))
+    return nodes
+
+
+def _scatter_function(cb: bool) -> onnx.FunctionProto:
+    name = "CtxScatterCB" if cb else "CtxScatter"
+    inputs = ["data", "batch_index", "position_ids", "updates"] if cb else ["data", "position_ids", "updates"]
+    nodes = _dims("data", "dd") + _dims("updates", "ud")
+    nodes += _scalars("ud_d0", "dd_d1")
+    if cb:
+        # Out-of-range positions go to scratch position C of a one-longer copy, sliced off after.
+        nodes += _in_range_nodes("position_ids", "dd_d2", "valid")
+        nodes += [helper.make_node("Where", ["valid", "position_ids", "dd_d2"], ["pos"]),
+                  _const("one_c", [1]),
+                  helper.make_node("Concat", ["dd_d0", "dd_d1", "one_c", "dd_d3"], ["pad_shape"], axis=0),
+                  helper.make_node("Constant", [], ["zero_f"], value=helper.make_tensor("zf", onnx.TensorProto.FLOAT,
+                                                                                         [], [0.0])),
+                  helper.make_node("CastLike", ["zero_f", "data"], ["zero_t"]),
+                  helper.make_node("Expand", ["zero_t", "pad_shape"], ["pad"]),
+                  helper.make_node("Concat", ["data", "pad"], ["ext"], axis=2)]
+        nodes += _index_grid("batch_index", "ud_d0", "dd_d1", "ud_d2", "pos", (1, 3))
+        nodes += [helper.make_node("ScatterND", ["ext", "indices", "updates"], ["ext_out"]),
+                  _const("start0", [0]), _const("axis2", [2]),
+                  helper.make_node("Slice", ["ext_out", "start0", "dd_d2", "axis2"], ["out"])]
+    else:
+        # Negative positions count from the end, as ONNX ScatterND defines and QEfficient relies on.
+        nodes += _index_grid(None, "ud_d0", "dd_d1", "ud_d2", "position_ids", (1, 3))
+        nodes += [helper.make_node("ScatterND", ["data", "indices", "updates"], ["out"])]
+    return helper.make_function(QAIC_DOMAIN, name, inputs, ["out"], nodes, [helper.make_opsetid("", OPSET)])
+
+
+def _gather_function(cb: bool) -> onnx.FunctionProto:
+    name = "CtxGatherCB" if cb else "CtxGather"
+    inputs = ["data", "batch_index", "ctx_indices"] if cb else ["data", "ctx_indices"]
+    rows_src = "batch_index" if cb else "data"
+    nodes = _dims("data", "dd")
+    nodes += [helper.make_node("Shape", [rows_src], ["rows_shape"]), _const("r0", [0]),
+              helper.make_node("Gather", ["rows_shape", "r0"], ["rows"], axis=0)]
+    nodes += _scalars("rows", "dd_d1")
+    nodes += _in_range_nodes("ctx_indices", "dd_d2", "valid")  # [B, 1, C]
+    nodes += [_const("zero_idx", [0]),
+              helper.make_node("Where", ["valid", "ctx_indices", "zero_idx"], ["safe"])]
+    nodes += _index_grid("batch_index" if cb else None, "rows", "dd_d1", "dd_d2", "safe", (3,))
+    nodes += [helper.make_node("GatherND", ["data", "indices"], ["picked"]),
+              _const("axm1", [-1]), helper.make_node("Unsqueeze", ["valid", "axm1"], ["valid_u"]),
+              helper.make_node("Constant", [], ["zero_f"], value=helper.make_tensor("zf", onnx.TensorProto.FLOAT,
+                                                                                     [], [0.0])),
+              helper.make_node("CastLike", ["zero_f", "data"], ["zero_t"]),
+              helper.make_node("Where", ["valid_u", "picked", "zero_t"], ["out"])]
+    return helper.make_function(QAIC_DOMAIN, name, inputs, ["out"], nodes, [helper.make_opsetid("", OPSET)])
+
+
+def qaic_functions(cb: bool) -> list[onnx.FunctionProto]:
+    return [_scatter_function(cb), _gather_function(cb)]
+
+
+def attach_functions(model: onnx.ModelProto, cb: bool) -> None:
+    """Add the operators' FunctionProtos (and the domain's opset) so ONNX Runtime can run the model."""
+    used = {n.op_type for n in model.graph.node if n.domain == QAIC_DOMAIN}
+    del model.functions[:]
+    model.functions.extend(f for f in qaic_functions(cb) if f.name in used)
+    if not any(o.domain == QAIC_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(QAIC_DOMAIN, 1))
+
+
+# --- the graph ------------------------------------------------------------------------------------
+class Ai100Graph(nn.Module):
+    """The decoder's weights and LoRA selection around a retained-state cache [rows, H, ctx_len, D]."""
+
+    def __init__(self, decoder: MultiLoraDecoder, cb: bool):
         super().__init__()
         self.decoder = decoder
+        self.cb = cb
         self.num_layers = decoder.cfg.num_layers
         self.modules_ = decoder.lora_modules
 
-    @staticmethod
-    def write_cache(cache: torch.Tensor, rows: torch.Tensor, position_ids: torch.Tensor, new: torch.Tensor
-                    ) -> torch.Tensor:
-        """cache [F, H, C, D]; new [B, S, H, D] lands at (rows[b], :, position_ids[b, s]); -1 is dropped."""
-        C = cache.shape[2]
-        hit = (position_ids.unsqueeze(-1) == torch.arange(C).view(1, 1, C)).to(new.dtype)  # [B, S, C]
-        written = hit.sum(dim=1) > 0  # [B, C]
-        placed = torch.einsum("bsc,bshd->bhcd", hit, new)  # [B, H, C, D]
-        current = cache[rows]  # [F, H, C, D] -> [B, H, C, D]
-        updated = torch.where(written.unsqueeze(1).unsqueeze(-1), placed, current)  # [B, H, C, D]
-        return cache.index_put((rows,), updated)  # rows of [F, H, C, D] replaced
-
-    def forward(self, input_ids, position_ids, lora_ids, batch_index, *rest):
+    def forward(self, input_ids, position_ids, lora_ids, *rest):
         dec = self.decoder
         L = self.num_layers
+        if self.cb:
+            batch_index, rest = rest[0], rest[1:]
         past_k, past_v = list(rest[0:2 * L:2]), list(rest[1:2 * L:2])
         banks = rest[2 * L:]
         lora_a = {m: banks[2 * i] for i, m in enumerate(self.modules_)}
@@ -98,33 +321,52 @@ class Ai100Graph(nn.Module):
         rope = dec.rope(position_ids, h.dtype)
         dims = Dims(rows=B, tokens=S)
         lora = LoraSelector(lora_a, lora_b, lora_ids, num_slots)
-        rows = batch_index.reshape(-1)  # [B, 1] -> [B]
-        # Cache position j is visible to token (b, s) when j <= position_ids[b, s].
-        visible = torch.arange(C).view(1, 1, C) <= position_ids.unsqueeze(-1)  # [B, S, C]
+        ctx = torch.arange(C).view(1, 1, C)
+        # Reads: positions up to each row's largest one; the rest is INT32_MAX (read nothing).
+        limit = position_ids.max(dim=1, keepdim=True).values.unsqueeze(1)  # [B, 1, 1]
+        unread = ctx > limit  # [B, 1, C]
+        ctx_indices = torch.where(unread, torch.full((), INVALID_INDEX, dtype=torch.int64), ctx)
+        if self.cb:
+            scatter_pos = torch.where(position_ids < 0, torch.full((), INVALID_INDEX, dtype=torch.int64),
+                                      position_ids)
+        visible = ctx <= position_ids.unsqueeze(-1)  # [B, S, C]: causal, padding sees nothing
         bias = torch.where(visible, torch.zeros((), dtype=h.dtype),
                            torch.full((), AI100_MASK_VALUE, dtype=h.dtype)).view(B, 1, 1, S, C)
         retained = []
         for i, layer in enumerate(dec.layers):
             attn = layer.self_attn
             q, k, v = attn.project_qkv(layer.input_layernorm(h), lora, i, rope, dims)
-            cache_k = self.write_cache(past_k[i], rows, position_ids, k)  # [F, H, C, D]
-            cache_v = self.write_cache(past_v[i], rows, position_ids, v)
-            out = attn.attend(q, cache_k[rows], cache_v[rows], bias, dims)  # keys/values [B, H, C, D]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D]
+            if self.cb:
+                cache_k = CtxScatterCB.apply(past_k[i], batch_index, scatter_pos, k)
+                cache_v = CtxScatterCB.apply(past_v[i], batch_index, scatter_pos, v)
+                keys = CtxGatherCB.apply(cache_k, batch_index, ctx_indices)  # [B, H, C, D]
+                values = CtxGatherCB.apply(cache_v, batch_index, ctx_indices)
+            else:
+                cache_k = CtxScatter.apply(past_k[i], position_ids, k)
+                cache_v = CtxScatter.apply(past_v[i], position_ids, v)
+                keys = CtxGather.apply(cache_k, ctx_indices)
+                values = CtxGather.apply(cache_v, ctx_indices)
+            values = torch.where(unread.unsqueeze(-1), torch.zeros((), dtype=values.dtype), values)
+            out = attn.attend(q, keys, values, bias, dims)
             h = h + attn.output(out, lora, i)
             h = h + layer.mlp(layer.post_attention_layernorm(h), lora, i)
             retained += [cache_k, cache_v]
-        idx = last_token_index(position_ids).view(B, 1, 1).expand(B, 1, h.shape[-1])  # [B, 1, hidden]
+        # QEfficient's logit index: the position of each row's largest position id.
+        idx = position_ids.argmax(dim=1).view(B, 1, 1).expand(B, 1, h.shape[-1])  # [B, 1, hidden]
         return (dec.logits_from_hidden(torch.gather(h, 1, idx)), *retained)
 
 
-def ai100_io(decoder: MultiLoraDecoder, banks: BankShape) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def ai100_io(decoder: MultiLoraDecoder, banks: BankShape, cb: bool
+             ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     cfg = decoder.cfg
     H, D, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-    cache = ("full_batch_size", H, "ctx_len", D)
+    cache = ("full_batch_size" if cb else "batch_size", H, "ctx_len", D)
     inputs = [TensorSpec(gc.INPUT_IDS, "int64", ("batch_size", "seq_len")),
               TensorSpec(gc.POSITION_IDS, "int64", ("batch_size", "seq_len")),
-              TensorSpec(gc.LORA_IDS, "int64", ("batch_size", 1)),
-              TensorSpec(gc.BATCH_INDEX, "int64", ("batch_size", 1))]
+              TensorSpec(gc.LORA_IDS, "int64", ("batch_size", 1))]
+    if cb:
+        inputs.append(TensorSpec(gc.BATCH_INDEX, "int64", ("batch_size", 1)))
     for i in range(L):
         inputs += [TensorSpec(gc.past_key(i), "float32", cache), TensorSpec(gc.past_value(i), "float32", cache)]
     shapes = cfg.lora_module_shapes()
@@ -139,17 +381,53 @@ def ai100_io(decoder: MultiLoraDecoder, banks: BankShape) -> tuple[tuple[TensorS
     return tuple(inputs), tuple(outputs)
 
 
-def export_ai100(decoder: MultiLoraDecoder, out_dir: str | Path, *, banks: BankShape, ctx_len: int,
-                 file_name: str = "model.onnx") -> GraphSpec:
-    """Export the retained-state graph (fp32; qaic-exec converts to fp16) to out_dir/file_name."""
+def _sample_args(inputs: Sequence[TensorSpec], dims: Mapping[str, int], vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    args = []
+    for spec in inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in spec.shape]
+        if spec.name == gc.INPUT_IDS:
+            args.append(torch.randint(0, vocab, shape, generator=g))
+        elif spec.name == gc.POSITION_IDS:
+            args.append(torch.arange(shape[1]).repeat(shape[0], 1))
+        elif spec.name in (gc.LORA_IDS, gc.BATCH_INDEX):
+            args.append(torch.arange(shape[0]).view(-1, 1))
+        else:
+            args.append(torch.randn(shape, generator=g) * 0.1)
+    return args
+
+
+def export_ai100(decoder: MultiLoraDecoder, out_dir: str | Path, *, banks: BankShape, ctx_len: int, cb: bool = True,
+                 file_name: str = ONNX_FILE) -> GraphSpec:
+    """Write the fp32 retained-state graph (qaic-exec converts it to fp16) to out_dir/file_name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     decoder.cast(torch.float32)
-    inputs, outputs = ai100_io(decoder, banks)
-    dims = {"batch_size": 2, "seq_len": 3, "full_batch_size": 3, "ctx_len": min(ctx_len, 16),
-            "N": banks.num_slots, "B": 2, "S": 3, "P": 0, "F": 3}
-    args = sample_args(inputs, dims, decoder.cfg.vocab_size)
-    torch_export(Ai100Graph(decoder), args, inputs, outputs, out_dir / file_name)
+    inputs, outputs = ai100_io(decoder, banks, cb)
+    dims = {"batch_size": 2, "seq_len": 3, "full_batch_size": 3 if cb else 2, "ctx_len": max(4, min(ctx_len, 16))}
+    args = _sample_args(inputs, dims, decoder.cfg.vocab_size)
+    path = out_dir / file_name
+    axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in [*inputs, *outputs]
+            if any(isinstance(d, str) for d in s.shape)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Ai100Graph(decoder, cb).eval(), tuple(args), str(path),
+                          input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          custom_opsets={QAIC_DOMAIN: 1})
+    model = onnx.load(str(path))
+    for out in model.graph.output:  # the tracer names some output dims after internal nodes
+        spec = next(s for s in outputs if s.name == out.name)
+        for dim, want in zip(out.type.tensor_type.shape.dim, spec.shape, strict=True):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
+    attach_functions(model, cb)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
+              size_threshold=1024)
+    if not (out_dir / DATA_FILE).exists():
+        (out_dir / DATA_FILE).touch()  # tiny models: keep the file set fixed
     cfg = decoder.cfg
     shapes = cfg.lora_module_shapes()
     return GraphSpec(file=file_name, target="ai100", dtype="float32", layers=cfg.num_layers,
@@ -160,17 +438,17 @@ def export_ai100(decoder: MultiLoraDecoder, out_dir: str | Path, *, banks: BankS
 
 # --- compile inputs ------------------------------------------------------------------------------
 def specializations(options: CompileOptions) -> list[dict[str, int]]:
-    """Prefill (seq_len = prefill_seq_len) and decode (seq_len = 1) for resolved ``options``.
+    """Prefill (batch_size rows of prefill_seq_len) and decode (full_batch_size rows of 1).
 
-    Our graph always has batch_index, so it is always the continuous-batching pair QEfficient
-    writes: prefill runs batch_size rows into a cache of full_batch_size slots, decode runs all
-    full_batch_size slots.
+    With continuous batching the pair carries full_batch_size (the cache's rows); without it
+    the cache has batch_size rows and both specializations run batch_size rows, as QEfficient writes.
     """
-    fbs, ctx = int(options.full_batch_size), int(options.ctx_len)
-    prefill = {"batch_size": int(options.batch_size), "seq_len": int(options.prefill_seq_len), "ctx_len": ctx,
-               "full_batch_size": fbs}
-    decode = {"batch_size": fbs, "seq_len": 1, "ctx_len": ctx, "full_batch_size": fbs}
-    return [prefill, decode]
+    bs, fbs, ctx = int(options.batch_size), int(options.full_batch_size), int(options.ctx_len)
+    if continuous_batching(options):
+        return [{"batch_size": bs, "seq_len": int(options.prefill_seq_len), "ctx_len": ctx, "full_batch_size": fbs},
+                {"batch_size": fbs, "seq_len": 1, "ctx_len": ctx, "full_batch_size": fbs}]
+    return [{"batch_size": bs, "seq_len": int(options.prefill_seq_len), "ctx_len": ctx},
+            {"batch_size": bs, "seq_len": 1, "ctx_len": ctx}]
 
 
 def write_specializations(path: Path, specs: Sequence[Mapping[str, Any]]) -> Path:
@@ -181,7 +459,7 @@ def write_specializations(path: Path, specs: Sequence[Mapping[str, Any]]) -> Pat
 
 
 def custom_io(num_layers: int, kv_dtype: str = "float16") -> dict[str, str]:
-    """The KV cache travels in fp16 both ways (in and retained out), as QEfficient compiles it."""
+    """The KV cache travels in ``kv_dtype`` both ways (in and retained out), as QEfficient compiles it."""
     io: dict[str, str] = {}
     for suffix in ("", "_RetainedState"):
         for i in range(num_layers):
@@ -195,41 +473,107 @@ def write_custom_io(path: Path, io: Mapping[str, str]) -> Path:
     return path
 
 
-def qaic_exec_command(*, qaic_exec: str | Path, onnx_path: Path, specializations_path: Path,
-                      custom_io_path: Path, qpc_dir: Path, num_cores: int, mxfp6_matmul: bool,
-                      num_devices: int = 1) -> list[str]:
+# Flags qaic_exec_command sets itself: a compiler option may not repeat or override one.
+OWN_FLAGS = ("-m", "-aic-hw", "-aic-hw-version", "-compile-only", "-retained-state", "-convert-to-fp16",
+             "-network-specialization-config", "-custom-IO-list-file", "-aic-num-cores", "-mxfp6-matmul",
+             "-mxint8", "-aic-binary-dir", "-mdp-num-devices")
+# Passed-through options may not name files: the compiler host's paths are not the caller's.
+_PATH_CHARS = ("/", "\\", "..", "~")
+
+
+def check_compiler_options(options: Sequence[str]) -> tuple[str, ...]:
+    """Validated passthrough options (their syntax is CompileOptions.validate's): no flag we set,
+    no repeats, no file paths. ``-mxint8`` is ours (it also makes the KV custom IO mxint8)."""
+    seen: set[str] = set()
+    for opt in options:
+        flag, _, value = opt.partition("=")
+        if flag in OWN_FLAGS and flag != "-mxint8":
+            raise InvalidArgument(f"options.compiler_options {opt!r} repeats a flag loraflow sets itself "
+                                  f"({', '.join(OWN_FLAGS)}); use the matching compile option",
+                                  field="options.compiler_options", value=opt)
+        if flag == "-mxint8" and value:
+            raise InvalidArgument("options.compiler_options '-mxint8' takes no value", field="options.compiler_options",
+                                  value=opt)
+        if flag in seen:
+            raise InvalidArgument(f"options.compiler_options names {flag!r} twice", field="options.compiler_options",
+                                  value=opt)
+        if any(c in value for c in _PATH_CHARS):
+            raise InvalidArgument(f"options.compiler_options {opt!r}: values may not be file paths",
+                                  field="options.compiler_options", value=opt)
+        seen.add(flag)
+    return tuple(options)
+
+
+def qaic_exec_command(*, qaic_exec: str | Path, onnx_path: str | Path, specializations_path: str | Path,
+                      custom_io_path: str | Path, qpc_dir: str | Path, num_cores: int, mxfp6_matmul: bool,
+                      mxint8: bool = False, num_devices: int = 1, compiler_options: Sequence[str] = ()) -> list[str]:
+    """The qaic-exec argv QEfficient's _compile builds, plus validated passthrough options."""
+    extra = [o for o in check_compiler_options(compiler_options) if o != "-mxint8"]
     cmd = [
         str(qaic_exec),
         f"-m={onnx_path}",
         "-aic-hw",
-        "-aic-hw-version=2.0",
-        f"-network-specialization-config={specializations_path}",
-        "-convert-to-fp16",
-        "-retained-state",
-        f"-aic-num-cores={num_cores}",
-        f"-custom-IO-list-file={custom_io_path}",
+        f"-aic-hw-version={HW_VERSION}",
         "-compile-only",
-        f"-aic-binary-dir={qpc_dir}",
+        "-retained-state",
+        "-convert-to-fp16",
+        f"-network-specialization-config={specializations_path}",
+        f"-custom-IO-list-file={custom_io_path}",
+        f"-aic-num-cores={num_cores}",
     ]
     if mxfp6_matmul:
         cmd.append("-mxfp6-matmul")
+    if mxint8:
+        cmd.append("-mxint8")  # KV cache IO compressed to MXINT8 (custom_io says mxint8)
     if num_devices > 1:
         cmd.append(f"-mdp-num-devices={num_devices}")  # only when tensor-slicing over several cards
+    cmd += extra
+    cmd.append(f"-aic-binary-dir={qpc_dir}")
     return cmd
 
 
-def compile_qpc(onnx_path: Path, out_dir: Path, options: CompileOptions, num_layers: int,
-                *, timeout_s: float = 3600) -> tuple[Path, list[str]]:
-    """Write specializations + custom IO next to the graph and run qaic-exec; returns (qpc dir, command)."""
-    exe = require_sdk()
-    spec_path = write_specializations(out_dir / SPECIALIZATIONS_FILE, specializations(options))
-    io_path = write_custom_io(out_dir / CUSTOM_IO_FILE, custom_io(num_layers))
-    qpc = out_dir / QPC_DIR
-    cmd = qaic_exec_command(qaic_exec=exe, onnx_path=onnx_path, specializations_path=spec_path,
-                            custom_io_path=io_path, qpc_dir=qpc, num_cores=int(options.num_cores or 16),
-                            mxfp6_matmul=options.mxfp6_matmul)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+@dataclass(frozen=True)
+class Bundle:
+    """What qaic-exec compiles, relative to the artifact directory (the command runs there)."""
+
+    specializations: tuple[Mapping[str, int], ...]
+    custom_io: Mapping[str, str]
+    command: tuple[str, ...]
+    continuous_batching: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"specializations_file": SPECIALIZATIONS_FILE, "custom_io_file": CUSTOM_IO_FILE,
+                "command_file": COMMAND_FILE, "qaic_exec": list(self.command), "cwd": ".",
+                "continuous_batching": self.continuous_batching, "graph_version": GRAPH_VERSION,
+                "kv_precision": next(iter(self.custom_io.values()), "float16")}
+
+
+def write_bundle(out_dir: Path, options: CompileOptions, num_layers: int, qaic_exec: str | Path | None = None
+                 ) -> Bundle:
+    """specializations.json, custom_io.yaml and the qaic-exec command line (run from ``out_dir``)."""
+    specs = specializations(options)
+    mxint8 = "-mxint8" in options.compiler_options
+    io = custom_io(num_layers, "mxint8" if mxint8 else "float16")
+    write_specializations(out_dir / SPECIALIZATIONS_FILE, specs)
+    write_custom_io(out_dir / CUSTOM_IO_FILE, io)
+    cmd = qaic_exec_command(qaic_exec=qaic_exec or DEFAULT_QAIC_EXEC, onnx_path=ONNX_FILE,
+                            specializations_path=SPECIALIZATIONS_FILE, custom_io_path=CUSTOM_IO_FILE,
+                            qpc_dir=QPC_DIR, num_cores=int(options.num_cores or 16),
+                            mxfp6_matmul=bool(options.mxfp6_matmul), mxint8=mxint8,
+                            compiler_options=options.compiler_options)
+    (out_dir / COMMAND_FILE).write_text(shlex.join(cmd) + "\n")
+    return Bundle(specializations=tuple(specs), custom_io=io, command=tuple(cmd),
+                  continuous_batching=continuous_batching(options))
+
+
+def compile_qpc(out_dir: Path, bundle: Bundle, *, timeout_s: float = 3600) -> Path:
+    """Run the bundle's qaic-exec command in ``out_dir``; returns the QPC directory."""
+    proc = subprocess.run(list(bundle.command), cwd=out_dir, capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
     if proc.returncode != 0:
         raise LoraflowError(f"qaic-exec failed with exit code {proc.returncode}: {proc.stderr[-2000:]}",
                             reason="AI100_COMPILE_FAILED")
-    return qpc, cmd
+    qpc = out_dir / QPC_DIR
+    if not qpc.is_dir():
+        raise LoraflowError(f"qaic-exec exited 0 but wrote no {QPC_DIR}/ directory", reason="AI100_COMPILE_FAILED")
+    return qpc

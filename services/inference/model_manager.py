@@ -72,8 +72,13 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
     compiled in) or from ``resolve_adapter(name)`` (the registry, for a ModelManager)."""
     artifact_dir = Path(artifact_dir)
     manifest = manifest or Manifest.load(artifact_dir)
-    runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads,
-                         allow_spinning=allow_spinning)
+    if check_device(device) == "ai100":  # a QPC on Cloud AI 100 through qaicrt
+        from services.inference.ai100_runtime import Ai100Runtime
+
+        runtime = Ai100Runtime(artifact_dir, manifest)
+    else:
+        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads,
+                             allow_spinning=allow_spinning)
     eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
