@@ -40,6 +40,8 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(models_app, name="models")
+datasets_app = typer.Typer(help="Datasets: push a local JSONL file into the services' store.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -71,7 +73,7 @@ class _State:
     def client(self) -> Client:
         if self._client is None:
             self._client = Client(self.trainer, self.compiler, self.inference, timeout=self.timeout,
-                                  **self.credentials)
+                                  on_upload=_report_upload, **self.credentials)
         return self._client
 
 
@@ -121,6 +123,22 @@ def handles_errors(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def _report_upload(result) -> None:
+    """train/compile pushed a local input because the service is remote: say so, and where it went."""
+    if result.uploaded_files:
+        sent = f"{result.uploaded_files} of {result.files} files, {fmt.human_bytes(result.uploaded_bytes)} sent"
+    else:
+        sent = "already in the store, nothing sent"
+    err_console.print(f"uploaded {result.local_path} -> {result.target} ({sent})", highlight=False)
+
+
+UploadOpt = Annotated[bool | None, typer.Option(
+    "--upload/--no-upload",
+    help="Push local paths through the service's StorageService and send their store URIs (default: only "
+         "when the service is not on this machine).")]
+ServiceOpt = Annotated[str, typer.Option(help="Service whose store to use: trainer or compiler.")]
 
 
 def _split(values: str | None) -> list[str]:
@@ -367,15 +385,16 @@ def train(ctx: typer.Context,
           nodes: Annotated[int, typer.Option(help="Machines the ranks span (must divide --world-size); 0 = 1.")] = 0,
           request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
           wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = False,
+          upload: UploadOpt = None,
           output: OutputOpt = Output.table) -> None:
-    """Submit a LoRA fine-tuning job."""
+    """Submit a LoRA fine-tuning job (local inputs are pushed first when the trainer is remote)."""
     client = _state(ctx).client
     job = client.train(base, data, name, r=r, alpha=alpha, targets=_split(targets), dropout=dropout, rslora=rslora,
                        bias=bias, steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                        max_seq_len=max_seq_len, eval_fraction=eval_fraction, seed=seed,
                        checkpoint_every=checkpoint_every, device=device, warmup_steps=warmup_steps,
                        lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing,
-                       request_id=request_id, world_size=world_size, nodes=nodes)
+                       request_id=request_id, world_size=world_size, nodes=nodes, upload=upload)
     if wait:
         job = _follow(client, job, output, _train_line)
     _print_job(job, output)
@@ -440,19 +459,31 @@ def compile_(ctx: typer.Context,
              full_batch_size: Annotated[int | None, typer.Option(help="Continuous-batching slots.")] = None,
              slots: Annotated[int | None, typer.Option(help="Adapter slots (>= number of adapters).")] = None,
              max_rank: Annotated[int | None, typer.Option()] = None,
-             dtype: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "",
+             dtype: Annotated[str, typer.Option(help="fp32, fp16 (GPU), int8 or int4 (weight-only, MatMulNBits).")] = "",
+             quant_block_size: Annotated[int | None, typer.Option(
+                 help="int4/int8: weights per quantisation block, a power of two in 16..256 (default 32).")] = None,
+             quant_accuracy_level: Annotated[int | None, typer.Option(
+                 help="int4/int8: MatMulNBits accuracy_level 0..4 (default 0 = float activations).")] = None,
              num_cores: Annotated[int | None, typer.Option(help="AI 100 cores.")] = None,
              target_modules: Annotated[str | None, typer.Option(help="Comma-separated modules to adapt.")] = None,
              mxfp6_matmul: Annotated[bool, typer.Option(help="AI 100: MXFP6 matmul weights.")] = False,
+             ai100_stage: Annotated[str, typer.Option(
+                 help="AI 100: 'compile' (needs the SDK) or 'export' (bundle and qaic-exec command, no SDK).")] = "",
+             compiler_option: Annotated[list[str] | None, typer.Option(
+                 help="AI 100: an extra qaic-exec option, '-name' or '-name=value' (repeatable).")] = None,
              request_id: Annotated[str, typer.Option(help="Idempotency key.")] = "",
              wait: Annotated[bool, typer.Option(help="Follow the job with a progress bar until it ends.")] = False,
+             upload: UploadOpt = None,
              output: OutputOpt = Output.table) -> None:
-    """Compile a base model with an adapter set into an artifact."""
+    """Compile a base model with an adapter set into an artifact (local directories are pushed first when the
+    compiler is remote)."""
     client = _state(ctx).client
     job = client.compile(base, _split(adapters), target=target, ctx_len=ctx_len, prefill_seq_len=prefill_seq_len,
                          batch_size=batch_size, full_batch_size=full_batch_size, slots=slots, max_rank=max_rank,
                          dtype=dtype, num_cores=num_cores, target_modules=_split(target_modules),
-                         mxfp6_matmul=mxfp6_matmul, request_id=request_id)
+                         mxfp6_matmul=mxfp6_matmul, request_id=request_id, upload=upload,
+                         quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level,
+                         ai100_stage=ai100_stage, compiler_options=compiler_option or ())
     if wait and job.state not in (jobs_pb2.JOB_STATE_SUCCEEDED,):
         job = _follow(client, job, output, _compile_line)
     _print_job(job, output)
@@ -637,6 +668,94 @@ def generate(ctx: typer.Context,
         err_console.print(f"[dim]{reason} · {usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
                           f"completion tokens[/dim]")
 
+
+
+# ------------------------------------------------------------------------------------------------ push / pull
+
+def _print_push(result, output: Output) -> None:
+    if output == Output.json:
+        fmt.print_json({"kind": result.kind, "name": result.name, "local_path": result.local_path,
+                        "uri": result.uri, "file_uri": result.file_uri, "target": result.target,
+                        "files": result.files, "total_bytes": result.total_bytes,
+                        "uploaded_files": result.uploaded_files, "uploaded_bytes": result.uploaded_bytes,
+                        "already_published": result.already_published})
+        return
+    status = "already published, nothing sent" if result.already_published and not result.uploaded_files \
+        else f"published ({result.uploaded_files} files, {fmt.human_bytes(result.uploaded_bytes)} sent)"
+    out_console.print(fmt.key_values(f"{result.kind} {result.name}", [
+        ("uri", result.target), ("files", result.files), ("size", fmt.human_bytes(result.total_bytes)),
+        ("status", status)]))
+    err_console.print(f"[dim]use it as: {result.target}[/dim]", highlight=False)
+
+
+def _print_pull(result, output: Output) -> None:
+    if output == Output.json:
+        fmt.print_json({"uri": result.uri, "dest": result.dest, "files": result.files,
+                        "total_bytes": result.total_bytes})
+    else:
+        out_console.print(f"pulled {result.uri} -> {result.dest} ({result.files} files, "
+                          f"{fmt.human_bytes(result.total_bytes)})", highlight=False)
+
+
+def _push(ctx: typer.Context, kind: str, path: str, name: str | None, service: str, output: Output) -> None:
+    client = _state(ctx).client
+    _print_push(client.push(kind, path, name=name or None, service=service,
+                            progress=None if output == Output.table else False), output)
+
+
+PushNameOpt = Annotated[str | None, typer.Option(help="Name to publish it under (default: the file or directory "
+                                                      "name).")]
+
+
+@models_app.command("push")
+@handles_errors
+def models_push(ctx: typer.Context, path: Annotated[str, typer.Argument(help="Hugging Face checkpoint directory.")],
+                name: PushNameOpt = None, service: ServiceOpt = "trainer", output: OutputOpt = Output.table) -> None:
+    """Upload a model directory into the store (sha256-checked, the same files upload once); prints its URI."""
+    _push(ctx, "model", path, name, service, output)
+
+
+@models_app.command("pull")
+@handles_errors
+def models_pull(ctx: typer.Context, uri: Annotated[str, typer.Argument(help="Store URI of a published directory.")],
+                dest: Annotated[str, typer.Argument(help="Local directory to create.")],
+                service: ServiceOpt = "trainer", output: OutputOpt = Output.table) -> None:
+    """Download a published store directory (a model, adapter or artifact), sha256-checked."""
+    _print_pull(_state(ctx).client.pull(uri, dest, service=service,
+                                        progress=None if output == Output.table else False), output)
+
+
+@adapters_app.command("push")
+@handles_errors
+def adapters_push(ctx: typer.Context, path: Annotated[str, typer.Argument(help="PEFT adapter directory.")],
+                  name: PushNameOpt = None, service: ServiceOpt = "trainer",
+                  output: OutputOpt = Output.table) -> None:
+    """Upload a PEFT adapter directory into the store; prints its URI (for compile --adapters)."""
+    _push(ctx, "adapter", path, name, service, output)
+
+
+@adapters_app.command("pull")
+@handles_errors
+def adapters_pull(ctx: typer.Context,
+                  adapter: Annotated[str, typer.Argument(help="Registered adapter name, or a store URI.")],
+                  dest: Annotated[str, typer.Argument(help="Local directory to create.")],
+                  service: ServiceOpt = "trainer", output: OutputOpt = Output.table) -> None:
+    """Download an adapter (by registered name or store URI) as a plain PEFT directory."""
+    from loraflow.model_source import is_location
+
+    client = _state(ctx).client
+    uri = adapter if is_location(adapter) else client.get_adapter(adapter).uri
+    _print_pull(client.pull(uri, dest, service=service, progress=None if output == Output.table else False),
+                output)
+
+
+@datasets_app.command("push")
+@handles_errors
+def datasets_push(ctx: typer.Context, path: Annotated[str, typer.Argument(help="JSONL file (or a directory).")],
+                  name: PushNameOpt = None, service: ServiceOpt = "trainer",
+                  output: OutputOpt = Output.table) -> None:
+    """Upload a dataset into the store; prints the URI to train on."""
+    _push(ctx, "dataset", path, name, service, output)
 
 
 # ------------------------------------------------------------------------------------------------ registry (operator)

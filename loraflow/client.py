@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -31,9 +31,13 @@ from loraflow.v1 import (
     inference_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
+    storage_pb2_grpc,
     trainer_pb2,
     trainer_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from loraflow.transfer import PullResult, PushResult
 
 DEFAULT_ADDRESSES = {"trainer": "127.0.0.1:50051", "compiler": "127.0.0.1:50052", "inference": "127.0.0.1:50053"}
 ADDRESS_ENV = {"trainer": "LORAFLOW_TRAINER_ADDR", "compiler": "LORAFLOW_COMPILER_ADDR",
@@ -204,12 +208,20 @@ class Client:
     are checked against; `tls_client_cert` + `tls_client_key` ($LORAFLOW_TLS_CLIENT_CERT / _KEY) present
     a client certificate (mTLS); `tls=True` ($LORAFLOW_TLS=1) uses TLS with the system's roots. A token
     sent in plaintext to a non-loopback address logs a warning.
+
+    Local inputs. `train` and `compile` given a local path (a model or adapter directory, a dataset file)
+    while the service is not on this machine (a non-loopback address) push it through the service's
+    StorageService first and send the store URI instead (`upload=True` always does, `upload=False` never);
+    `on_upload(PushResult)` hears of each push. `push`/`pull` move data explicitly.
     """
 
     def __init__(self, trainer: str | None = None, compiler: str | None = None, inference: str | None = None,
                  *, timeout: float | None = 30.0, token: str | None = None, token_file: str | None = None,
                  tls_ca: str | None = None, tls_client_cert: str | None = None, tls_client_key: str | None = None,
-                 tls: bool | None = None):
+                 tls: bool | None = None, on_upload: Callable[[PushResult], None] | None = None,
+                 progress: bool | None = None):
+        self.on_upload = on_upload
+        self.progress = progress  # transfer progress bars: None = when stderr is a terminal
         self.addresses = {"trainer": _address("trainer", trainer), "compiler": _address("compiler", compiler),
                           "inference": _address("inference", inference)}
         self.timeout = timeout
@@ -291,10 +303,13 @@ class Client:
               max_seq_len: int = 0, eval_fraction: float = 0.0, seed: int = 0, checkpoint_every: int = 0,
               device: str = "", warmup_steps: int = 0, lr_scheduler: str = "",
               gradient_checkpointing: bool = False, request_id: str = "",
-              labels: dict[str, str] | None = None, world_size: int = 0, nodes: int = 0) -> jobs_pb2.Job:
-        """Submit a LoRA fine-tuning job; None/0/empty values take the server's defaults."""
+              labels: dict[str, str] | None = None, world_size: int = 0, nodes: int = 0,
+              upload: bool | None = None) -> jobs_pb2.Job:
+        """Submit a LoRA fine-tuning job; None/0/empty values take the server's defaults. Local inputs are
+        pushed first when the trainer is remote (see the class docstring, `upload`)."""
         request = trainer_pb2.SubmitTrainingJobRequest(
-            base_model=absolute_local_path(base_model), dataset_uri=absolute_local_path(dataset), adapter_name=name, request_id=request_id,
+            base_model=self._input("trainer", "model", base_model, upload),
+            dataset_uri=self._input("trainer", "dataset", dataset, upload), adapter_name=name, request_id=request_id,
             labels=labels or {},
             lora=trainer_pb2.LoraConfig(**_present(r=r), lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                                         bias=bias, use_rslora=rslora),
@@ -329,16 +344,22 @@ class Client:
                 max_rank: int | None = None, slots: int | None = None, dtype: str = "",
                 num_cores: int | None = None, target_modules: Iterable[str] = (),
                 mxfp6_matmul: bool = False, request_id: str = "",
-                labels: dict[str, str] | None = None) -> jobs_pb2.Job:
-        """Submit a compile job for base + adapters (slot order); None/empty options take the defaults."""
+                labels: dict[str, str] | None = None, upload: bool | None = None,
+                quant_block_size: int | None = None, quant_accuracy_level: int | None = None,
+                ai100_stage: str = "", compiler_options: Iterable[str] = ()) -> jobs_pb2.Job:
+        """Submit a compile job for base + adapters (slot order); None/empty options take the defaults. Local
+        directories are pushed first when the compiler is remote (see the class docstring, `upload`)."""
         request = compiler_pb2.SubmitCompileJobRequest(
-            base_model=absolute_local_path(base_model),
-            adapters=[absolute_local_path(a) if is_location(a) else a for a in adapters], request_id=request_id,
+            base_model=self._input("compiler", "model", base_model, upload),
+            adapters=[self._input("compiler", "adapter", a, upload) if is_location(a) else a for a in adapters],
+            request_id=request_id,
             labels=labels or {},
             options=compiler_pb2.CompileOptions(
                 target=target, dtype=dtype, target_modules=list(target_modules), mxfp6_matmul=mxfp6_matmul,
+                ai100_stage=ai100_stage, compiler_options=list(compiler_options),
                 **_present(batch_size=batch_size, full_batch_size=full_batch_size, prefill_seq_len=prefill_seq_len,
-                           ctx_len=ctx_len, max_rank=max_rank, adapter_slots=slots, num_cores=num_cores)))
+                           ctx_len=ctx_len, max_rank=max_rank, adapter_slots=slots, num_cores=num_cores,
+                           quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level)))
         job = self._call("compiler", compiler_pb2_grpc.CompilerServiceStub, "SubmitCompileJob", request)
         self._job_service[job.id] = "compiler"
         return job
@@ -368,6 +389,56 @@ class Client:
     def delete_artifact(self, artifact_id: str) -> compiler_pb2.Artifact:
         return self._call("compiler", compiler_pb2_grpc.CompilerServiceStub, "DeleteArtifact",
                           compiler_pb2.DeleteArtifactRequest(artifact_id=artifact_id)).artifact
+
+    # ---------------------------------------------------------------- storage (served by trainer and compiler)
+
+    def push(self, kind: str, path: str | os.PathLike, *, name: str | None = None, service: str = "trainer",
+             progress: bool | None = None) -> PushResult:
+        """Upload a local model/adapter directory or dataset file into `service`'s store and publish it;
+        `.target` of the result is the URI to name in requests. The same files upload once."""
+        from loraflow import transfer
+
+        service = _storage_service(service)
+        endpoint = self._endpoint(service)
+
+        def upload(messages):
+            return self._call(service, storage_pb2_grpc.StorageServiceStub, "Upload", messages, timeout=None)
+
+        def call(method, request):
+            return self._call(service, storage_pb2_grpc.StorageServiceStub, method, request, timeout=None)
+
+        log.debug("pushing %s to %s (%s)", path, service, endpoint.address)
+        return transfer.push(call, upload, kind, path, name=name,
+                             progress=self.progress if progress is None else progress)
+
+    def pull(self, uri: str, dest: str | os.PathLike, *, service: str = "trainer",
+             progress: bool | None = None) -> PullResult:
+        """Download the published store directory `uri` into `dest` (absent or empty), sha256-checked."""
+        from loraflow import transfer
+
+        service = _storage_service(service)
+
+        def call(method, request):
+            return self._call(service, storage_pb2_grpc.StorageServiceStub, method, request)
+
+        def download(request):
+            return self._stream(service, storage_pb2_grpc.StorageServiceStub, "Download", request)
+
+        return transfer.pull(call, download, uri, dest, progress=self.progress if progress is None else progress)
+
+    def _input(self, service: str, kind: str, spec: str, upload: bool | None) -> str:
+        """What a request names for `spec`: a pushed copy's store URI when `spec` is a local path the
+        service cannot read from here (remote service, or upload=True), else the path made absolute."""
+        if not spec or "://" in spec or not Path(spec).expanduser().exists():
+            return spec
+        if upload is None:
+            upload = not _is_loopback_address(self.addresses[service])
+        if not upload:
+            return absolute_local_path(spec)
+        result = self.push(kind, spec, service=service)
+        if self.on_upload is not None:
+            self.on_upload(result)
+        return result.target
 
     # ---------------------------------------------------------------- jobs (served by trainer and compiler)
 
@@ -532,6 +603,13 @@ class Client:
                               inference_pb2.GenerateBatchRequest(requests=built))
         for item in stream:
             yield item.index, item.response
+
+
+def _storage_service(service: str) -> str:
+    if service not in ("trainer", "compiler"):
+        raise errors.InvalidArgument(f"service must be trainer or compiler (the processes that serve "
+                                     f"StorageService), got {service!r}", field="service", value=service)
+    return service
 
 
 def absolute_local_path(value: str) -> str:

@@ -101,6 +101,17 @@ class InputPolicy:
         return Location(spec=spec, path=policy.check(local_path(spec), field=field, given=spec))
 
 
+def push_command(field: str) -> str:
+    """The CLI command that publishes what a request field names (base_model -> `loraflow models push DIR`)."""
+    if field.startswith("base_model"):
+        return "loraflow models push DIR"
+    if field.startswith("adapter"):
+        return "loraflow adapters push DIR"
+    if field.startswith("dataset"):
+        return "loraflow datasets push FILE"
+    return "loraflow models push DIR (or adapters push / datasets push)"
+
+
 def require_published(src: ObjectStore, key: str, uri: str, *, field: str) -> None:
     """A store directory must be published whole (its manifest written last). Files put there some other
     way (boto3, ``aws s3 cp``) are refused here, at submit time, instead of failing later in a worker."""
@@ -109,9 +120,10 @@ def require_published(src: ObjectStore, key: str, uri: str, *, field: str) -> No
     if src.list(key):
         raise FailedPrecondition(
             f"{field} {uri!r} holds files but no {MANIFEST_NAME}, so it is not a published directory (files "
-            "uploaded with boto3 or `aws s3 cp` are not published); publish it with "
-            "loraflow.store.open_store(STORE_URL).publish_dir(KEY, LOCAL_DIR), which verifies and writes the "
-            "marker last", field=field, value=uri)
+            f"uploaded with boto3 or `aws s3 cp` are not published); upload the local copy with "
+            f"`{push_command(field)}` and use the URI it prints (from Python: Client.push, or "
+            "loraflow.store.open_store(STORE_URL).publish_dir(KEY, LOCAL_DIR)), which verify and write the "
+            "marker last", field=field, value=uri, reason="NOT_PUBLISHED")
     raise NotFound(f"{field} {uri!r}: no published directory there", field=field, value=uri)
 
 

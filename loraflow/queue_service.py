@@ -98,6 +98,9 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
                         f"{DEFAULT_LIVENESS_GRACE_S:g}; env LORAFLOW_LIVENESS_GRACE)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
+    from loraflow.storage_service import add_storage_arguments
+
+    add_storage_arguments(p)
     if spec.add_arguments is not None:
         spec.add_arguments(p)
     return p.parse_args(argv)
@@ -138,8 +141,10 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     if args.mode != "worker":
         from loraflow.grpc_server import GrpcServer
         from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+        from loraflow.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
 
-        server = GrpcServer(listen=args.listen, service_names=[spec.grpc_service_name, JOB_SERVICE_NAME],
+        server = GrpcServer(listen=args.listen,
+                            service_names=[spec.grpc_service_name, JOB_SERVICE_NAME, STORAGE_SERVICE_NAME],
                             security=security)
     ready_file = ReadyFile(args.ready_file)
     has_worker = args.mode in ("all", "worker")
@@ -203,6 +208,10 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
 
     server.add(spec.add_servicer, spec.make_servicer(ctx))
     add_job_service(server, {spec.kind: queue})
+    # Clients push models, adapters and datasets through the API they already talk to (loraflow models push).
+    from loraflow.storage_service import add_storage_service, limits_from_args
+
+    add_storage_service(server, ctx.store, settings.cache_dir, limits_from_args(args))
     port = server.start(serving=False)
     gate.publish()  # health as of now (the monitor may have flipped it before the port was bound)
     log.info("%s %s listening on port %d", spec.name, args.mode, port)

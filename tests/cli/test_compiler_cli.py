@@ -22,6 +22,16 @@ def test_compile_rejects_bad_options_and_adapters_before_queueing(compiler_addre
     code, _, err = cli("compile", str(tiny_llama), "--adapters", "a", "--ctx-len", "16", "--prefill-seq-len", "32",
                        compiler=compiler)
     assert code == 1 and "INVALID_ARGUMENT" in err and "field: options." in err
+    # The quantisation and AI 100 flags reach the server's validation under their own field names.
+    for flags, field in ((["--dtype", "fp32", "--quant-block-size", "64"], "options.quant_block_size"),
+                         (["--dtype", "int4", "--quant-block-size", "48"], "options.quant_block_size"),
+                         (["--dtype", "int8", "--quant-accuracy-level", "7"], "options.quant_accuracy_level"),
+                         (["--ai100-stage", "export"], "options.ai100_stage"),
+                         (["--target", "ai100", "--compiler-option", "-bad value"], "options.compiler_options")):
+        code, _, err = cli("compile", str(tiny_llama), *flags, "-o", "json", compiler=compiler)
+        assert code == 1, flags
+        detail = json.loads(err)["error"]
+        assert (detail["code"], detail["field"]) == ("INVALID_ARGUMENT", field), (flags, detail)
     code, out, _ = cli("jobs", "list", "--kind", "compile", "-o", "json", compiler=compiler)
     assert code == 0 and json.loads(out) == {"jobs": []}
 
