@@ -1,10 +1,12 @@
 """python -m services.trainer [all|api|worker] [--listen HOST:PORT] [--redis-url URL] [--store-url URL]
 [--cache-dir DIR] [--metrics-port N] [--report-every-steps N] [--allow-distributed-training] [--max-ranks N]
-[--join-distributed] [--rdzv-host HOST]
+[--join-distributed] [--rdzv-host HOST] [--rdzv-port PORT] [--role worker|follower|auto] [--node-rank K]
+[--one-job]
 
 `api` serves TrainerService + JobService (+ health and reflection); `worker` trains queued jobs;
 `all` (default) does both in one process. Default port 50051. SIGTERM/SIGINT: health NOT_SERVING,
-in-flight RPCs drain, a running job checkpoints and is released.
+in-flight RPCs drain, a running job checkpoints and is released. `--one-job` and `--role follower` (a
+Kubernetes Indexed Job's pods) run services.trainer.node_main instead: flags in services.trainer.node_flags.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "Env LORAFLOW_JOIN_DISTRIBUTED=1")
     parser.add_argument("--rdzv-host", default="",
                         help="the address other machines reach this worker's rendezvous endpoint on when it is "
-                             "node 0 of a multi-machine job (default: env LORAFLOW_RDZV_HOST, else the hostname)")
+                             "node 0 of a multi-machine job (default: env LORAFLOW_RDZV_HOST, else the hostname); "
+                             "for --role follower, node 0's address (an Indexed Job: its headless Service name)")
+    from services.trainer.node_flags import add_node_arguments
+
+    add_node_arguments(parser)
 
 
 def make_servicer(ctx: ServiceContext):
@@ -57,7 +63,8 @@ def make_handler(ctx: ServiceContext):
                            report_every_steps=ctx.args.report_every_steps, metrics=TrainerMetrics(),
                            inputs=InputPolicy.from_settings(ctx.security),
                            allow_distributed=ctx.args.allow_distributed_training or ctx.args.join_distributed,
-                           max_local_ranks=ctx.args.max_ranks or None, rdzv_host=ctx.args.rdzv_host or None)
+                           max_local_ranks=ctx.args.max_ranks or None, rdzv_host=ctx.args.rdzv_host or None,
+                           rdzv_port=ctx.args.rdzv_port)
 
 
 def start_follower(ctx: ServiceContext, handler, stop):
@@ -87,5 +94,20 @@ SPEC = QueueServiceSpec(
     make_servicer=make_servicer, make_handler=make_handler, add_arguments=add_arguments,
     serve_metrics=serve_metrics, start_companion=start_follower)
 
+
+def run(argv: list[str] | None = None) -> int:
+    """The plain API/worker process, or (--one-job, --role follower/auto) one Indexed Job pod's."""
+    from loraflow.queue_service import parse_args
+    from services.trainer.node_flags import NodeMode
+
+    args = parse_args(SPEC, argv)
+    mode = NodeMode.from_args(args)
+    if mode.plain:
+        return main(SPEC, argv)
+    from services.trainer.node_main import main as node_main
+
+    return node_main(args, mode, make_handler)
+
+
 if __name__ == "__main__":
-    sys.exit(main(SPEC))
+    sys.exit(run())

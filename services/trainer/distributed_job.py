@@ -18,7 +18,8 @@ refreshes the run while it follows; workers started with ``--join-distributed`` 
 ranks and start theirs against the endpoint (services.trainer.follower). Whatever ends the attempt, node
 0 marks the run ended and the followers kill their ranks; a follower that dies takes its ranks with it,
 torchrun on node 0 fails, and the attempt fails like a crashed rank; a follower that stops asks node 0 to
-release the job (checkpoint, re-queue).
+release the job (checkpoint, re-queue). The endpoint's port is ``--rdzv-port`` when the worker was given
+one (TrainingHandler.rdzv_port, so a NetworkPolicy can name it), else a free port per attempt.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Pa
     board, run_key, endpoint = None, None, None
     if training.nodes > 1:
         board = RunBoard(ctx.queue.redis)
-        endpoint = f"{handler.rdzv_host}:{free_port(_probe_address(handler.rdzv_host))}"
+        probe = _probe_address(handler.rdzv_host)
+        endpoint = f"{handler.rdzv_host}:{_rdzv_port(handler.rdzv_port, probe, ctx.job_id)}"
     group = RankGroup(work, training.ranks_per_node, rdzv_id=rdzv_id, nnodes=training.nodes, node_rank=0,
                       endpoint=endpoint)
     try:
@@ -202,6 +204,20 @@ def _probe_address(host: str) -> str:
         return "127.0.0.1" if ipaddress.ip_address(host).is_loopback else "0.0.0.0"  # noqa: S104
     except ValueError:
         return "127.0.0.1" if host == "localhost" else "0.0.0.0"  # noqa: S104
+
+
+def _rdzv_port(fixed: int | None, probe: str, job_id: str) -> int:
+    """The fixed --rdzv-port when it is free here (else Unavailable: redelivered), or any free port."""
+    if fixed is None:
+        return free_port(probe)
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-closed store's TIME_WAIT is fine
+            s.bind((probe, fixed))
+    except OSError as exc:
+        raise Unavailable(f"job {job_id}: the rendezvous port {fixed} (--rdzv-port) is in use on this machine "
+                          f"({exc.strerror}); the job is redelivered", reason="RDZV_PORT_IN_USE") from None
+    return fixed
 
 
 def default_rdzv_host() -> str:

@@ -11,6 +11,10 @@ Ending: node 0 marks the run ended (success, cancel, crash, lease lost) or stops
 job (every rank stops at one step, rank 0 checkpoints, the job is re-queued) and waits for the run to
 end. A follower whose inputs fail tells node 0, which fails the attempt (redelivery) instead of waiting
 for a node that never comes.
+
+Pinned (``--role follower``, services.trainer.node_main): ``node_rank`` makes it claim that node rank only
+(an Indexed Job's pod index), ``endpoint`` makes it join only the runs of the node 0 listening there (the
+same Job's index-0 pod, through its headless Service name), so two Jobs sharing one Redis never mix.
 """
 
 from __future__ import annotations
@@ -41,11 +45,18 @@ POLL_SECONDS = 0.2
 class RunFollower:
     """``run()`` until ``stop`` is set: claim nodes of open runs, one at a time."""
 
-    def __init__(self, handler: TrainingHandler, queue: JobQueue, stop: threading.Event | None = None):
+    def __init__(self, handler: TrainingHandler, queue: JobQueue, stop: threading.Event | None = None, *,
+                 node_rank: int | None = None, endpoint: str | None = None):
         self.handler, self.queue = handler, queue
         self.board = RunBoard(queue.redis)
         self.stop = stop or threading.Event()
+        self.node_rank = node_rank  # None: any free node rank
+        self.endpoint = endpoint  # None: any node 0's runs
         self.runs_followed = 0
+        # The last run hosted: (run, node, the ranks' exit status or None when killed).
+        self.last: tuple[RunRecord, int, int | None] | None = None
+        # Pinned to an endpoint: the last run of that node 0 which needs fewer nodes than node_rank + 1.
+        self.not_needed: RunRecord | None = None
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -65,9 +76,20 @@ class RunFollower:
         if self.handler.busy.is_set():
             return False
         for run in self.board.open_runs():
-            node = self.board.claim(run)
+            if self.endpoint is not None and run.endpoint != self.endpoint:
+                continue
+            if self.node_rank is None:
+                node = self.board.claim(run)
+            elif self.node_rank >= run.nnodes:
+                if self.endpoint is not None and self.not_needed != run:
+                    log.info("job %s attempt %d spans %d nodes: node rank %d is not part of it", run.job_id,
+                             run.attempt, run.nnodes, self.node_rank)
+                    self.not_needed = run
+                continue
+            else:
+                node = self.node_rank if self.board.claim_node(run, self.node_rank) else None
             if node is not None:
-                self.follow(run, node)
+                self.last = (run, node, self.follow(run, node))
                 return True
         return False
 

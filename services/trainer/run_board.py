@@ -8,7 +8,9 @@
 
 Crash safety: the run hash expires unless node 0 refreshes it (every poll, TTL = RUN_TTL_SECONDS), so a
 run whose node 0 died reads as ended; followers drop set entries whose hash is gone. Node ranks are
-claimed with HINCRBY, so two followers never get the same node rank.
+claimed in one script (a ``node:K`` field set once, then the ``claimed`` counter), so two followers never get
+the same node rank, whether they take any free one (``claim``) or a fixed one (``claim_node``, an Indexed
+Job's pod index).
 """
 
 from __future__ import annotations
@@ -20,10 +22,19 @@ import redis
 RUN_PREFIX = "loraflow:train:run:"
 RUNS_KEY = "loraflow:train:runs"
 RUN_TTL_SECONDS = 10
-# Claim only while the run is open (HINCRBY alone would recreate an expired hash without a TTL).
+# Claim only while the run is open (a write alone would recreate an expired hash without a TTL).
+# ARGV[1] = the node rank wanted, 0 = the lowest free one. Returns {node, claimed so far} or -1.
 _CLAIM = """
 if redis.call('hget', KEYS[1], 'state') ~= 'open' then return -1 end
-return redis.call('hincrby', KEYS[1], 'claimed', 1)
+local n = tonumber(redis.call('hget', KEYS[1], 'nnodes'))
+local lo, hi = tonumber(ARGV[1]), tonumber(ARGV[1])
+if lo == 0 then lo, hi = 1, n - 1 end
+for k = lo, hi do
+  if k >= 1 and k < n and redis.call('hsetnx', KEYS[1], 'node:' .. k, 1) == 1 then
+    return {k, redis.call('hincrby', KEYS[1], 'claimed', 1)}
+  end
+end
+return -1
 """
 
 
@@ -105,10 +116,18 @@ class RunBoard:
 
     def claim(self, run: RunRecord) -> int | None:
         """A node rank 1..nnodes-1 of the run for this caller, or None when every node is taken."""
-        node = int(self.redis.eval(_CLAIM, 1, run.key))
-        if node < 1 or node >= run.nnodes:
+        return self._claim(run, 0)
+
+    def claim_node(self, run: RunRecord, node: int) -> bool:
+        """Node rank ``node`` (1..nnodes-1) of the run for this caller; False when taken or out of range."""
+        return 1 <= node < run.nnodes and self._claim(run, node) == node
+
+    def _claim(self, run: RunRecord, want: int) -> int | None:
+        reply = self.redis.eval(_CLAIM, 1, run.key, int(want))
+        if not isinstance(reply, list):
             return None
-        if node == run.nnodes - 1:
+        node, claimed = int(reply[0]), int(reply[1])
+        if claimed >= run.nnodes - 1:
             self.redis.srem(RUNS_KEY, run.key)  # full: nobody else needs to look at it
         return node
 

@@ -80,7 +80,7 @@ class TrainingHandler:
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
                  report_every_steps: int = 5, metrics=None, inputs: InputPolicy | None = None,
                  allow_distributed: bool = False, max_local_ranks: int | None = None, rdzv_host: str | None = None,
-                 join_timeout: float = 300.0):
+                 join_timeout: float = 300.0, rdzv_port: int | None = None):
         self.store = store
         # world_size > 1 is opt-in: the ranks' c10d store is unauthenticated (see services.trainer.rank_group).
         self.allow_distributed = bool(allow_distributed)
@@ -90,6 +90,11 @@ class TrainingHandler:
         from services.trainer.distributed_job import default_rdzv_host
 
         self.rdzv_host = rdzv_host or default_rdzv_host()
+        # ...and the port node 0's c10d store listens on (None: any free port, chosen per attempt).
+        if rdzv_port is not None and not 1 <= int(rdzv_port) <= 65535:
+            raise InvalidArgument(f"rdzv_port must be in 1..65535, got {rdzv_port!r}", field="rdzv_port",
+                                  value=rdzv_port)
+        self.rdzv_port = None if rdzv_port is None else int(rdzv_port)
         self.join_timeout = float(join_timeout)  # how long node 0 waits for the other nodes to be claimed
         self.busy = threading.Event()  # a queue job runs here: a follower thread does not claim nodes meanwhile
         # Checked again here, not only at submit: the payload in Redis could have been planted.
