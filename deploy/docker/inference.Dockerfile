@@ -17,10 +17,23 @@ COPY services ./services
 RUN pip install -c requirements.lock '.[inference]' \
     && ! python -c "import torch" 2>/dev/null
 
-RUN useradd --uid 10001 --create-home --home-dir /home/loraflow loraflow \
+# The GPU image (deploy/k8s/overlays/gpu): --build-arg ONNXRUNTIME="onnxruntime-gpu[cuda,cudnn]==1.31.1"
+# swaps in onnxruntime-gpu with the CUDA/cuDNN libraries from their wheels (the node supplies the driver),
+# registered with the dynamic loader so the CUDA execution provider finds them.
+ARG ONNXRUNTIME=onnxruntime
+RUN if [ "$ONNXRUNTIME" != onnxruntime ]; then \
+        pip uninstall -y onnxruntime && pip install "$ONNXRUNTIME" \
+        && python -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+        && find /usr/local/lib -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u \
+           > /etc/ld.so.conf.d/nvidia-wheels.conf && ldconfig; \
+    fi
+
+# A numeric USER (uid and gid 10001), so Kubernetes can verify runAsNonRoot.
+RUN groupadd --gid 10001 loraflow \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/loraflow loraflow \
     && mkdir -p /var/cache/loraflow \
     && chown -R loraflow:loraflow /var/cache/loraflow
-USER loraflow
+USER 10001:10001
 
 EXPOSE 50053
 ENTRYPOINT ["python", "-m", "services.inference"]

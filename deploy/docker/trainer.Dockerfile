@@ -19,10 +19,12 @@ COPY loraflow ./loraflow
 COPY services ./services
 RUN pip install -c requirements.lock '.[trainer]'
 
-RUN useradd --uid 10001 --create-home --home-dir /home/loraflow loraflow \
+# A numeric USER (uid and gid 10001), so Kubernetes can verify runAsNonRoot.
+RUN groupadd --gid 10001 loraflow \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/loraflow loraflow \
     && mkdir -p /var/cache/loraflow \
     && chown -R loraflow:loraflow /var/cache/loraflow
-USER loraflow
+USER 10001:10001
 
 EXPOSE 50051
 ENTRYPOINT ["python", "-m", "services.trainer"]
