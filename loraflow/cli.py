@@ -463,7 +463,7 @@ def compile_(ctx: typer.Context,
              quant_block_size: Annotated[int | None, typer.Option(
                  help="int4/int8: weights per quantisation block, a power of two in 16..256 (default 32).")] = None,
              quant_accuracy_level: Annotated[int | None, typer.Option(
-                 help="int4/int8: MatMulNBits accuracy_level 0..4 (default 0 = float activations).")] = None,
+                 help="int4/int8: MatMulNBits accuracy_level 0..4 (default 4 = int8 activations; 0 = float, slow).")] = None,
              num_cores: Annotated[int | None, typer.Option(help="AI 100 cores.")] = None,
              target_modules: Annotated[str | None, typer.Option(help="Comma-separated modules to adapt.")] = None,
              mxfp6_matmul: Annotated[bool, typer.Option(help="AI 100: MXFP6 matmul weights.")] = False,

@@ -173,6 +173,7 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
     bank_feeds = _bank_feeds(banks_a, banks_b)
     extra: dict[str, Any] = {}
     specs = None
+    known_digests: dict[str, str] = {}  # artifact files hashed while they were written
     if opts.target == "onnxruntime" and _uses_fused_graph(plan):
         from services.compiler.fused.builder import FusedGraphOptions
         from services.compiler.fused.export import export_fused
@@ -182,7 +183,9 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
                                   quant_block_size=int(opts.quant_block_size or 32),
                                   quant_accuracy_level=int(opts.quant_accuracy_level or 0))
         t0 = time.perf_counter()
-        graph, export_times, dequantized = export_fused(decoder, out_dir, fused)
+        exported = export_fused(decoder, out_dir, fused)
+        graph, export_times, dequantized = exported.graph, exported.timings, exported.dequantized
+        known_digests.update(exported.digests)
         timings["export"] = export_times["export"]
         report("export", 0.5, f"fused ONNX {opts.dtype} graph written ({timings['export']:.1f}s)")
         stop()
@@ -254,7 +257,8 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         entries.append(AdapterEntry(slot=slot, name=adapter.name, digest=adapter.digest, r=adapter.r,
                                     lora_alpha=adapter.lora_alpha, use_rslora=adapter.use_rslora,
                                     target_modules=adapter.target_modules, path=rel))
-    files = tuple(FileEntry(path=str(p.relative_to(out_dir)), sha256=file_sha256(p), size=p.stat().st_size)
+    files = tuple(FileEntry(path=str(p.relative_to(out_dir)), size=p.stat().st_size,
+                            sha256=known_digests.get(str(p.relative_to(out_dir))) or file_sha256(p))
                   for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != "manifest.json")
     extra["timings"] = {k: round(v, 3) for k, v in timings.items()}
     cfg = plan.config

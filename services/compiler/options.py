@@ -22,7 +22,7 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
 QUANTIZED_DTYPES = ("int8", "int4")
 AI100_STAGES = ("compile", "export")
 DEFAULT_QUANT_BLOCK_SIZE = 32
-DEFAULT_QUANT_ACCURACY_LEVEL = 0
+DEFAULT_QUANT_ACCURACY_LEVEL = 4  # int8 activations: the only fast CPU kernels (see the proto comment)
 MAX_COMPILER_OPTIONS = 64
 MAX_COMPILER_OPTION_LEN = 256
 

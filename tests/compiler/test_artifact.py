@@ -74,17 +74,18 @@ def test_quantized_dtypes_quantize_base_weights_only(tmp_path, tiny_llama, two_a
     assert len(nbits) == 4 * manifest.graph.layers + 1
     for node in nbits:
         attrs = {a.name: a.i for a in node.attribute}
-        assert attrs["bits"] == bits and attrs["block_size"] == 16 and attrs["accuracy_level"] == 0
+        assert attrs["bits"] == bits and attrs["block_size"] == 16 and attrs["accuracy_level"] == 4
     # No float base weight is left in a MatMul: only the per-row LoRA products (activation x gathered bank).
     inits = {i.name for i in model.graph.initializer}
     assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
     bank_inputs = [i for i in model.graph.input if i.name.startswith(("lora_a.", "lora_b."))]
     assert bank_inputs and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in bank_inputs)
     verify = manifest.extra["verify"]
-    # The wiring is checked against the dequantised weights; the error against the float model is measured.
-    assert manifest.graph.dtype == "float32" and verify["relative_diff"] < 1e-3 and verify["tokens_match"]
+    # The wiring is checked against the dequantised weights (int8 activations: within 0.1); the error
+    # against the float model is measured and recorded.
+    assert manifest.graph.dtype == "float32" and verify["relative_diff"] < verify["tolerance"] == 0.1
     assert 0 < verify["quant_relative_diff_vs_float"] and 0 <= verify["quant_token_agreement_vs_float"] <= 1
-    assert manifest.options["quant_block_size"] == 16 and manifest.options["quant_accuracy_level"] == 0
+    assert manifest.options["quant_block_size"] == 16 and manifest.options["quant_accuracy_level"] == 4
 
 
 def test_cancel_between_stages_leaves_no_manifest(tmp_path, tiny_llama, two_adapters):

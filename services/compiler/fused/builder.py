@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -47,7 +48,7 @@ class FusedGraphOptions:
     max_rank: int
     lora_modules: tuple[str, ...]
     quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
-    quant_accuracy_level: int = 0
+    quant_accuracy_level: int = 4
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_BITS:
@@ -77,6 +78,41 @@ def rotary_caches(cfg: DecoderConfig, ctx_len: int) -> tuple[np.ndarray, np.ndar
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+class ExternalData:
+    """Writes initializer bytes straight into the artifact's data file (ONNX external data), hashing them
+    on the way: no TensorProto ever holds the weights, so nothing copies 500 MB through protobuf."""
+
+    def __init__(self, path: Path, location: str):
+        import hashlib
+
+        self.path, self.location = Path(path), location
+        self._file = open(self.path, "wb")  # noqa: SIM115  (closed by close())
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def tensor(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.require(array, requirements="C")
+        data = memoryview(array).cast("B")
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.size)), ("length", str(data.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self._file.write(data)
+        self._sha.update(data)
+        self.size += data.nbytes
+        return t
+
+    def close(self) -> str:
+        """Closes the file; returns its sha256 (hex)."""
+        self._file.close()
+        return self._sha.hexdigest()
+
+
+# Initializers at least this large go to the external data file (the rest stay inline in the graph).
+EXTERNAL_MIN_BYTES = 1024
+
+
 @dataclass
 class _Graph:
     """Nodes and initializers being written, with unique names."""
@@ -84,6 +120,7 @@ class _Graph:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[TensorProto] = field(default_factory=list)
     dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # weight name -> what the graph multiplies by
+    external: ExternalData | None = None
 
     def node(self, op: str, inputs: list[str], outputs: list[str] | int = 1, *, name: str,
              domain: str = "", **attrs) -> list[str]:
@@ -93,21 +130,34 @@ class _Graph:
         return outputs
 
     def const(self, name: str, array: np.ndarray) -> str:
-        # np.require, not ascontiguousarray: the latter turns a 0-d scalar into shape [1].
-        self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
+        if self.external is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+            self.initializers.append(self.external.tensor(name, array))
+        else:
+            # np.require, not ascontiguousarray: the latter turns a 0-d scalar into shape [1].
+            self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
         return name
+
+    def add_initializers(self, tensors: list[TensorProto]) -> None:
+        """Initializers made elsewhere (MatMulNBits'); large ones are moved to the external file."""
+        for t in tensors:
+            if self.external is None:
+                self.initializers.append(t)
+            else:
+                self.const(t.name, numpy_helper.to_array(t))
 
 
 class FusedGraphBuilder:
     """One model from a MultiLoraDecoder's weights (float32 tensors are read, never modified)."""
 
-    def __init__(self, cfg: DecoderConfig, weights: Callable[[str], np.ndarray], options: FusedGraphOptions):
+    def __init__(self, cfg: DecoderConfig, weights: Callable[[str], np.ndarray], options: FusedGraphOptions,
+                 external: ExternalData | None = None):
+        """``external``: where large initializers are written (None: inline in the model, for tests)."""
         why = fused_graph_supported(cfg)
         if why:
             raise FailedPrecondition(f"the fused graph cannot express this model: {why}", field="base_model",
                                      value=cfg.architecture)
         self.cfg, self.weights, self.opts = cfg, weights, options
-        self.g = _Graph()
+        self.g = _Graph(external=external)
 
     # --- pieces ---------------------------------------------------------------------------------
     def _linear(self, x: str, weight_name: str, w_kn: np.ndarray, bias: np.ndarray | None, name: str) -> str:
@@ -121,7 +171,7 @@ class FusedGraphBuilder:
             node, inits = quantize.matmul_nbits_node(name, x, f"{name}/out0", q,
                                                      accuracy_level=self.opts.quant_accuracy_level)
             g.nodes.append(node)
-            g.initializers.extend(inits)
+            g.add_initializers(inits)
             g.dequantized[weight_name] = quantize.dequantize(q)
             y = f"{name}/out0"
         if bias is not None:
@@ -222,18 +272,18 @@ class FusedGraphBuilder:
                 "SkipSimplifiedLayerNormalization", [down, residual, g.const(weight_key, w(weight_key))],
                 [f"{node_name}/out", "", "", f"{node_name}/sum"], name=node_name, domain=MS,
                 epsilon=cfg.rms_norm_eps)
-        # Logits at each row's last token only: [B, S, hidden] -> [B, hidden] -> [B, V] -> [B, 1, V].
-        (last,) = g.node("Gather", [x, g.const("last_token", np.array(-1, np.int64))], name="last_token", axis=1)
+        # Logits at each row's last token only: [B, S, hidden] -> [B, 1, hidden] -> [B, 1, V].
+        (last,) = g.node("Gather", [x, g.const("last_token", np.array([-1], np.int64))], name="last_token", axis=1)
         head_name = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        head = w(head_name)  # [V, hidden]
+        # A transposed [hidden, V] copy even for tied heads, as onnxruntime-genai does: a B=8 decode step
+        # measured ~4 ms (7%) faster with MatMul over it than with Gemm(transB) over the [V, hidden] table.
+        head_kn = np.ascontiguousarray(w(head_name).T)  # [V, hidden] -> [hidden, V]
         if opts.bits is None:
-            # Gemm with transB reads the [V, hidden] table as stored: tied heads need no transposed copy.
-            (logits2d,) = g.node("Gemm", [last, head_name if cfg.tie_word_embeddings else g.const(head_name, head)],
-                                 name="lm_head", transB=1)
-            g.dequantized["lm_head"] = head.T
+            g.node("MatMul", [last, g.const("lm_head.weight_t", head_kn)], [gc.LOGITS], name="lm_head")
+            g.dequantized["lm_head"] = head_kn
         else:
-            logits2d = self._linear(last, "lm_head", head.T, None, "lm_head")
-        g.node("Unsqueeze", [logits2d, g.const("axis.1", np.array([1], np.int64))], [gc.LOGITS], name="logits")
+            head_out = self._linear(last, "lm_head", head_kn, None, "lm_head")
+            g.node("Identity", [head_out], [gc.LOGITS], name="logits")
 
         inputs = [helper.make_tensor_value_info(gc.INPUT_IDS, TensorProto.INT64, ["B", "S"]),
                   helper.make_tensor_value_info(gc.LORA_IDS, TensorProto.INT64, ["B", 1]),

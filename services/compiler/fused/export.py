@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import onnx
 
 from loraflow import graph_contract as gc
 from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
-from services.compiler.fused.builder import FusedGraphBuilder, FusedGraphOptions
+from services.compiler.fused.builder import ExternalData, FusedGraphBuilder, FusedGraphOptions
 from services.compiler.modeling.decoder import MultiLoraDecoder
 
 ONNX_FILE = "model.onnx"
@@ -37,20 +38,28 @@ def fused_io(decoder: MultiLoraDecoder, opts: FusedGraphOptions) -> tuple[tuple[
     return tuple(inputs), tuple(outputs)
 
 
-def export_fused(decoder: MultiLoraDecoder, out_dir: str | Path, opts: FusedGraphOptions
-                 ) -> tuple[GraphSpec, dict[str, float], dict[str, np.ndarray]]:
-    """(GraphSpec, stage timings, dequantized weights for the verification reference)."""
+@dataclass(frozen=True)
+class FusedExport:
+    graph: GraphSpec
+    timings: dict[str, float]
+    dequantized: dict[str, np.ndarray]  # what the graph multiplies by, for the verification reference
+    digests: dict[str, str]  # file name -> sha256 of the files written (hashed while writing)
+
+
+def export_fused(decoder: MultiLoraDecoder, out_dir: str | Path, opts: FusedGraphOptions) -> FusedExport:
+    """Write out_dir/model.onnx and its weights file (model.onnx.data, written directly and hashed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     state = {k: v.detach().to("cpu").float().numpy() for k, v in decoder.state_dict().items()}
-    model, dequantized = FusedGraphBuilder(decoder.cfg, state.__getitem__, opts).build()
+    external = ExternalData(out_dir / DATA_FILE, DATA_FILE)
+    try:
+        model, dequantized = FusedGraphBuilder(decoder.cfg, state.__getitem__, opts, external).build()
+    finally:
+        data_sha = external.close()
     timings = {"export": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    onnx.save(model, str(out_dir / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=DATA_FILE, size_threshold=1024)
-    if not (out_dir / DATA_FILE).exists():
-        (out_dir / DATA_FILE).touch()  # tiny models may have nothing above the threshold
+    onnx.save(model, str(out_dir / ONNX_FILE))  # the graph only: every large tensor is already external
     timings["save"] = time.perf_counter() - t0
     cfg = decoder.cfg
     inputs, outputs = fused_io(decoder, opts)
@@ -60,4 +69,4 @@ def export_fused(decoder: MultiLoraDecoder, out_dir: str | Path, opts: FusedGrap
                       inputs=inputs, outputs=outputs,
                       lora_modules={m: LoraModuleSpec(*shapes[m]) for m in opts.lora_modules},
                       kv_layout=gc.KV_LAYOUT_SHARED)
-    return graph, timings, dequantized
+    return FusedExport(graph=graph, timings=timings, dequantized=dequantized, digests={DATA_FILE: data_sha})
