@@ -64,7 +64,7 @@ def make_handler(ctx: ServiceContext):
                            inputs=InputPolicy.from_settings(ctx.security),
                            allow_distributed=ctx.args.allow_distributed_training or ctx.args.join_distributed,
                            max_local_ranks=ctx.args.max_ranks or None, rdzv_host=ctx.args.rdzv_host or None,
-                           rdzv_port=ctx.args.rdzv_port)
+                           rdzv_port=ctx.args.rdzv_port, join_timeout=ctx.args.join_timeout)
 
 
 def start_follower(ctx: ServiceContext, handler, stop):

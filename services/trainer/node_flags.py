@@ -9,6 +9,7 @@
     --one-job     (env LORAFLOW_ONE_JOB=1) one job (a follower: one rendezvous), then exit with its outcome
     --rdzv-port P (env LORAFLOW_RDZV_PORT; default DEFAULT_RDZV_PORT) node 0's c10d store port, so a
                   NetworkPolicy can name it
+    --join-timeout S (env LORAFLOW_JOIN_TIMEOUT; default 300) how long node 0 waits for the other nodes
     --rdzv-host H (env LORAFLOW_RDZV_HOST; services.trainer.__main__) a worker: the address it advertises as
                   node 0; a follower: node 0's address, joined at H:P only. One value fits every pod of an
                   Indexed Job: index 0's stable name, e.g. <job>-0.<headless service>
@@ -24,10 +25,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from loraflow.config import seconds_arg
 from services.trainer.training import MAX_NODES
 
 # torchrun's own default c10d rendezvous port: NetworkPolicies and firewall rules written for torchrun match.
 DEFAULT_RDZV_PORT = 29400
+DEFAULT_JOIN_TIMEOUT_S = 300.0
+MAX_JOIN_TIMEOUT_S = 86400.0
 ROLES = ("worker", "follower", "auto")
 
 
@@ -89,10 +93,24 @@ def add_node_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] |
                    help="run exactly one job (a follower: one rendezvous) and exit: 0 succeeded, 1 failed, "
                         "3 cancelled, 4 released or redelivered (stop signal, lost lease, crashed rank), 5 stopped "
                         "before a job came (env LORAFLOW_ONE_JOB=1)")
+    g.add_argument("--join-timeout", type=join_timeout_arg,
+                   default=env.get("LORAFLOW_JOIN_TIMEOUT") or str(DEFAULT_JOIN_TIMEOUT_S),
+                   help=f"seconds node 0 waits for the other nodes of a multi-machine job to join before the attempt "
+                        f"fails and the job is redelivered, 0 < s <= {MAX_JOIN_TIMEOUT_S:g} (env "
+                        f"LORAFLOW_JOIN_TIMEOUT; default {DEFAULT_JOIN_TIMEOUT_S:g}): an Indexed Job's pods may "
+                        "start minutes apart")
     g.add_argument("--rdzv-port", type=rdzv_port_arg, default=env.get("LORAFLOW_RDZV_PORT") or DEFAULT_RDZV_PORT,
                    help=f"TCP port of node 0's c10d rendezvous store, 1..65535 (env LORAFLOW_RDZV_PORT; default "
                         f"{DEFAULT_RDZV_PORT}); a follower joins only runs at --rdzv-host:--rdzv-port when a "
                         "rendezvous host is given. Two node-0 workers on one machine need different ports")
+
+
+def join_timeout_arg(text: str) -> float:
+    """Seconds node 0 waits for the other nodes of a multi-machine job: > 0, at most MAX_JOIN_TIMEOUT_S."""
+    value = seconds_arg(text, MAX_JOIN_TIMEOUT_S)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -590,7 +590,7 @@ def test_distributed_training_is_an_indexed_job_whose_pods_find_each_other_by_dn
         assert env["LORAFLOW_RDZV_HOST"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
         args = _parse_service_args("trainer", [_expand(a, env) for a in container["args"]])
         assert args.rdzv_host == env["LORAFLOW_RDZV_HOST"] and args.rdzv_port == 29400
-        assert args.role == "auto" and args.one_job
+        assert args.role == "auto" and args.one_job and args.join_timeout >= 300
         # Index 0 takes the job from the queue and is node 0; every other index follows as its node rank.
         mode = NodeMode.from_args(args, env=env)
         assert (mode.role, mode.node_rank, mode.one_job) == ("worker" if index == 0 else "follower", index, True)

@@ -16,7 +16,7 @@ from services.trainer.worker import TrainingHandler
 
 _NODE_ENV = ("JOB_COMPLETION_INDEX", "LORAFLOW_NODE_RANK", "LORAFLOW_TRAINER_ROLE", "LORAFLOW_ONE_JOB",
              "LORAFLOW_RDZV_PORT", "LORAFLOW_RDZV_HOST", "LORAFLOW_ALLOW_DISTRIBUTED_TRAINING",
-             "LORAFLOW_JOIN_DISTRIBUTED", "LORAFLOW_REDIS_URL")
+             "LORAFLOW_JOIN_DISTRIBUTED", "LORAFLOW_REDIS_URL", "LORAFLOW_JOIN_TIMEOUT")
 
 
 @pytest.fixture
@@ -44,6 +44,9 @@ def _refusal(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize(("argv", "env", "expected"), [
+    (["worker", "--join-timeout", "0"], {}, "argument --join-timeout: must be > 0 seconds, got 0"),
+    (["worker", "--join-timeout", "nan"], {}, "argument --join-timeout: must be in 0..86400, got nan"),
+    (["worker"], {"LORAFLOW_JOIN_TIMEOUT": "1e9"}, "argument --join-timeout: must be in 0..86400, got 1e9"),
     (["worker", "--rdzv-port", "0"], {}, "argument --rdzv-port: must be a TCP port in 1..65535, got 0"),
     (["worker", "--rdzv-port", "65536"], {}, "argument --rdzv-port: must be a TCP port in 1..65535, got 65536"),
     (["worker", "--rdzv-port", "http"], {}, "argument --rdzv-port: must be a TCP port in 1..65535, got 'http'"),
@@ -97,6 +100,18 @@ def test_the_indexed_job_index_picks_the_role_and_node_rank(clean_env):
     for name in _NODE_ENV:
         clean_env.delenv(name, raising=False)
     assert _mode([]).plain and _mode(["worker", "--rdzv-port", "29500"]).rdzv_port == 29500
+
+
+def test_the_join_timeout_reaches_the_handler(clean_env, tmp_path):
+    from loraflow.queue_service import parse_args
+    from services.trainer.__main__ import SPEC
+    from services.trainer.node_flags import DEFAULT_JOIN_TIMEOUT_S
+
+    assert parse_args(SPEC, ["worker"]).join_timeout == DEFAULT_JOIN_TIMEOUT_S
+    clean_env.setenv("LORAFLOW_JOIN_TIMEOUT", "900")
+    args = parse_args(SPEC, ["worker"])
+    assert args.join_timeout == 900.0
+    assert TrainingHandler(None, None, tmp_path, join_timeout=args.join_timeout).join_timeout == 900.0
 
 
 def test_the_handler_refuses_a_port_out_of_range(tmp_path):
