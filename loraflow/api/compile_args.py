@@ -25,7 +25,7 @@ QAIC_ONLY_OPTIONS = frozenset({
 })
 # CompileOptions fields a caller may set beyond QEfficient's named arguments.
 LORAFLOW_OPTIONS = ("max_rank", "adapter_slots", "target_modules")
-DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "int8": "int8"}
+DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "int8": "int8", "int4": "int4"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def build_compile_request(*, prefill_seq_len: int, ctx_len: int, full_batch_size
 
 
 def _dtype_name(dtype: Any) -> str:
-    """'fp32' / 'fp16' / 'int8', also from torch or numpy dtypes and their names."""
+    """'fp32' / 'fp16' / 'int8' / 'int4', also from torch or numpy dtypes and their names."""
     name = str(dtype).removeprefix("torch.").lower()
     if name not in DTYPE_ALIASES:
         return str(dtype)  # CompileOptions.validate names it with the allowed values

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,8 @@ def test_ai100_only_options_are_recorded_and_ignored_by_onnxruntime(llama_model,
             model.compile(**COMPILE, no_such_option=1)
         with pytest.raises(InvalidArgument, match="options.dtype"):
             model.compile(**COMPILE, dtype="bf16")
+        int4 = model.compile(**COMPILE, dtype="int4")  # the weight-only dtype reaches the compiler too
+        assert int4 != path and json.loads((Path(int4) / "manifest.json").read_text())["options"]["dtype"] == "int4"
     finally:
         model.close()
 
