@@ -99,6 +99,16 @@ def test_wait_ready_gives_up_on_a_child_that_crashes_while_starting(tmp_path):
     assert "boom" in str(info.value)  # the log tail tells the user why
 
 
+def _proc_status(pid: int) -> str:
+    """The /proc lines that say why a process is still there (state, parent, pending and caught signals)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as err:
+        return f"no /proc entry ({err})"
+    keep = ("State", "PPid", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+    return "; ".join(line for line in lines if line.split(":")[0] in keep)
+
+
 def test_children_die_with_a_killed_supervisor(tmp_path):
     """SIGKILL the supervisor process: PR_SET_PDEATHSIG takes its children down, no orphans."""
     port = free_port()
@@ -121,7 +131,10 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
         assert alive(child_pid)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(5)
-        assert wait_gone([child_pid], 20) == [], "child outlived its killed supervisor"
+        # Once, in a full run on the shared 2-core host, the child was still there after 20 s (cause not found):
+        # wait longer, and say what state it is in if it happens again.
+        left = wait_gone([child_pid], 60)
+        assert left == [], f"child outlived its killed supervisor: {_proc_status(child_pid)}"
     finally:
         if parent.poll() is None:
             parent.kill()
