@@ -25,6 +25,15 @@ from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.errors import InvalidArgument
 
 
+def flat_bank(bank: np.ndarray) -> np.ndarray:
+    """A bank [L, N, in, R] / [L, N, R, out] as the fused graph's [L*N, ...] input: a view (no copy) of a
+    C-contiguous array, so writes into the bank reach the bound input."""
+    if not bank.flags.c_contiguous:
+        raise InvalidArgument(f"bank of shape {list(bank.shape)} is not C-contiguous (a reshape would copy it)",
+                              field="bank", value=list(bank.shape))
+    return bank.reshape(bank.shape[0] * bank.shape[1], *bank.shape[2:])  # [L, N, ...] -> [L*N, ...]
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of a call: KV slot, adapter slot (0 = base), its new tokens and the first one's position."""

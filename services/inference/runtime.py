@@ -27,7 +27,7 @@ import numpy as np
 
 from loraflow import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
-from loraflow.artifact.step_driver import FusedStepDriver, Row
+from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from loraflow.manifest import Manifest
 from loraflow.names import validate_name
@@ -173,7 +173,7 @@ class OrtRuntime:
         for module in graph.lora_modules:
             for name, bank in ((gc.lora_a(module), self.lora_a[module]), (gc.lora_b(module), self.lora_b[module])):
                 if self.shared_kv:
-                    bank = bank.reshape(bank.shape[0] * bank.shape[1], *bank.shape[2:])  # [L, N, ...] -> [L*N, ...] view
+                    bank = flat_bank(bank)  # [L, N, ...] -> [L*N, ...] view: hot-adds reach the bound input
                 self._bank_values[name] = ort.OrtValue.ortvalue_from_numpy(bank, bank_device, 0)
         if self.shared_kv:
             self._driver = FusedStepDriver(self.session, self.kv, self._bank_values, vocab_size=self.vocab_size,

@@ -19,7 +19,7 @@ import torch
 
 from loraflow import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
-from loraflow.artifact.step_driver import FusedStepDriver, Row
+from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.manifest import GraphSpec
 from services.compiler.verify import VerificationFailed, VerifyReport
 
@@ -49,12 +49,8 @@ def _reference_logits(decoder, seq: list[int], lora_id: int, banks: Mapping[str,
 
 
 def flat_bank_views(banks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """[L, N, in, R] / [L, N, R, out] banks as the fused graph's [L*N, ...] inputs (views, no copy)."""
-    out = {}
-    for name, bank in banks.items():
-        bank = np.ascontiguousarray(bank, dtype=np.float32)
-        out[name] = bank.reshape(bank.shape[0] * bank.shape[1], *bank.shape[2:])  # [L, N, ...] -> [L*N, ...]
-    return out
+    """[L, N, in, R] / [L, N, R, out] banks as the fused graph's [L*N, ...] float32 inputs."""
+    return {name: flat_bank(np.ascontiguousarray(bank, dtype=np.float32)) for name, bank in banks.items()}
 
 
 def verify_fused_graph(session, reference, graph: GraphSpec, banks: Mapping[str, np.ndarray], *, ctx_len: int,
