@@ -16,7 +16,7 @@ from loraflow.registry import MAX_ARTIFACT_ID_LEN, ArtifactRecord, Registry
 from loraflow.store import ObjectStore, artifact_key
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2
 from services.compiler.inputs import CompileInputs
-from services.compiler.options import CompileOptions
+from services.compiler.options import MAX_COMPILER_OPTIONS, CompileOptions
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ def options_from_proto(msg: compiler_pb2.CompileOptions) -> CompileOptions:
             raise InvalidArgument(f"options.{name} is longer than {MAX_STRING} characters",
                                   field=f"options.{name}", value=value[:32] + "…")
     numbers = {name: getattr(msg, name) for name in _OPTIONAL_INTS if msg.HasField(name)}
-    if len(msg.compiler_options) > 64:
-        raise InvalidArgument(f"options.compiler_options has {len(msg.compiler_options)} entries; at most 64",
+    if len(msg.compiler_options) > MAX_COMPILER_OPTIONS:
+        raise InvalidArgument(f"options.compiler_options has {len(msg.compiler_options)} entries; at most "
+                              f"{MAX_COMPILER_OPTIONS}",
                               field="options.compiler_options", value=len(msg.compiler_options))
     return CompileOptions(target=msg.target or "onnxruntime", dtype=msg.dtype or "fp32",
                           target_modules=tuple(msg.target_modules), mxfp6_matmul=msg.mxfp6_matmul,
