@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROTOS  := $(wildcard protos/loraflow/v1/*.proto)
 
-.PHONY: install test test-fast proto lint demo bench clean up
+.PHONY: install test test-fast test-compose proto lint demo bench clean up
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml requirements.lock
 test: install
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
+# The compose stack for real (root: it may install Docker from Debian's packages and start dockerd): the
+# README's compose quickstart verbatim, a mixed batch equal to PEFT, a worker killed mid-job, a Redis crash.
+test-compose: install
+	deploy/compose-test/run.sh
+
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
@@ -27,7 +32,7 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 
 lint: install
-	$(BIN)/ruff check loraflow services tests bench examples
+	$(BIN)/ruff check loraflow services tests bench examples deploy
 
 demo: install
 	$(BIN)/python examples/demo.py

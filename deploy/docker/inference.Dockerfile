@@ -1,6 +1,9 @@
 # loraflow inference: ONNX Runtime + tokenizers, no torch (the artifacts are compiled elsewhere).
 # Build from the repository root:  docker build -f deploy/docker/inference.Dockerfile -t loraflow-inference .
-FROM python:3.11-slim
+# BASE_IMAGE: any Debian-based Python 3.11 with `python` and `pip` on PATH (the compose test builds one
+# locally with debootstrap where no registry is reachable).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -10,13 +13,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-COPY pyproject.toml README.md requirements.lock ./
-COPY loraflow ./loraflow
-COPY services ./services
-# Only the inference extra: the lock pins versions, and nothing here pulls in torch.
-RUN pip install -c requirements.lock '.[inference]' \
+# Only the inference extra: the lock pins versions, and nothing here pulls in torch. Dependencies before
+# sources (from the metadata alone, an empty package), so a code or README change does not reinstall them.
+COPY pyproject.toml requirements.lock ./
+RUN touch README.md && pip install -c requirements.lock '.[inference]' && pip uninstall -y loraflow \
     && ! python -c "import torch" 2>/dev/null
-
 # The GPU image (deploy/k8s/overlays/gpu): --build-arg ONNXRUNTIME="onnxruntime-gpu[cuda,cudnn]==1.31.1"
 # swaps in onnxruntime-gpu with the CUDA/cuDNN libraries from their wheels (the node supplies the driver),
 # registered with the dynamic loader so the CUDA execution provider finds them.
@@ -24,9 +25,14 @@ ARG ONNXRUNTIME=onnxruntime
 RUN if [ "$ONNXRUNTIME" != onnxruntime ]; then \
         pip uninstall -y onnxruntime && pip install "$ONNXRUNTIME" \
         && python -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
-        && find /usr/local/lib -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u \
+        && find "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" -path '*/site-packages/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u \
            > /etc/ld.so.conf.d/nvidia-wheels.conf && ldconfig; \
     fi
+
+COPY README.md ./
+COPY loraflow ./loraflow
+COPY services ./services
+RUN pip install --no-deps .
 
 # A numeric USER (uid and gid 10001), so Kubernetes can verify runAsNonRoot.
 RUN groupadd --gid 10001 loraflow \

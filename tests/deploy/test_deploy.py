@@ -143,15 +143,45 @@ def test_dockerfiles_copy_existing_files_and_install_the_right_extras():
                 assert (ROOT / source).exists(), f"{service}.Dockerfile copies missing {source}"
         assert f"'.[{service}]'" in text
         assert re.search(rf"^{service}\s*=", pyproject, re.M), f"pyproject has no [{service}] extra"
-        assert (DEPLOY / "docker" / f"{service}.Dockerfile.dockerignore").is_file()
         assert "USER " in text, "containers must not run as root"
     for service in ("trainer", "compiler"):
-        assert "torch==2.13.0" in _dockerfile(service)
-        assert "download.pytorch.org/whl/cpu" in _dockerfile(service)
+        assert "torch==2.13.0+cpu" in _dockerfile(service)
+        assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in _dockerfile(service)
+    for service in SERVICES:
+        # The public base by default; the compose test passes its locally built one.
+        assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}" in _dockerfile(service)
+        # Dependencies are installed before the sources are copied, so a code change reuses that layer.
+        text = _dockerfile(service)
+        assert text.index(f"'.[{service}]'") < text.index("COPY loraflow")
+    # One build context rule for every image: an allow-list, so the venv, models and git never travel.
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("**") + 1:][:1] and "!loraflow/**" in ignore and "!services/**" in ignore
     inference = _dockerfile("inference")
     assert "pip install torch" not in inference and "[trainer" not in inference and "[compiler" not in inference
     inference_extra = re.search(r"^inference\s*=\s*\[(.*?)\]", pyproject, re.M | re.S).group(1)
     assert "torch" not in inference_extra
+
+
+def test_long_running_services_restart_and_the_compose_test_swaps_only_third_party_images():
+    compose = _compose()
+    one_shots = {dep for spec in compose["services"].values() for dep, cond in (spec.get("depends_on") or {}).items()
+                 if cond.get("condition") == "service_completed_successfully"}
+    assert one_shots == {"minio-init"}
+    for name, spec in compose["services"].items():
+        if name not in one_shots:
+            assert spec.get("restart") == "unless-stopped", f"{name} has no restart policy"
+    override = yaml.safe_load((DEPLOY / "compose-test" / "docker-compose.test.yml").read_text())
+    for name, spec in override["services"].items():
+        assert name in compose["services"], f"the override adds a service {name}"
+        base_image = compose["services"][name]["image"]
+        if base_image.startswith("loraflow-"):
+            assert set(spec) == {"build"}, f"the override changes {sorted(set(spec) - {'build'})} of {name}"
+            assert set(spec["build"]["args"]) <= {"BASE_IMAGE", "TORCH_INDEX_URL", "TORCH_FIND_LINKS"}
+        else:
+            assert spec["image"].startswith("loraflow-test-"), name
+    replaced = {n for n, s in compose["services"].items() if not s["image"].startswith("loraflow-")}
+    assert replaced == set(override["services"]) - {n for n, s in compose["services"].items()
+                                                    if s["image"].startswith("loraflow-")}
 
 
 # ------------------------------------------------------------------------------------------------ ports + probes
