@@ -212,6 +212,9 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     from loraflow.storage_service import add_storage_service, limits_from_args
 
     add_storage_service(server, ctx.store, settings.cache_dir, limits_from_args(args))
+    from loraflow.upload_sweeper import BlobSweeper
+
+    shutdown.append(BlobSweeper(ctx.store, args.upload_blob_ttl).start().stop)
     port = server.start(serving=False)
     gate.publish()  # health as of now (the monitor may have flipped it before the port was bound)
     log.info("%s %s listening on port %d", spec.name, args.mode, port)

@@ -46,6 +46,12 @@ from loraflow.storage_layout import (
     manifest_entries,
 )
 from loraflow.store import FileStore, ObjectStore, join_key, sha256_file
+from loraflow.upload_sweeper import (
+    DEFAULT_BLOB_TTL_SECONDS,
+    MAX_BLOB_TTL_SECONDS,
+    MIN_BLOB_TTL_SECONDS,
+    check_blob_ttl,
+)
 from loraflow.v1 import storage_pb2, storage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -279,6 +285,19 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-upload-total-bytes", type=byte_size, metavar="BYTES",
                    default=os.environ.get("LORAFLOW_MAX_UPLOAD_TOTAL_BYTES") or d.max_total_bytes,
                    help="most bytes one push may hold (default 256GiB; env LORAFLOW_MAX_UPLOAD_TOTAL_BYTES)")
+    g.add_argument("--upload-blob-ttl", type=_blob_ttl, metavar="SECONDS",
+                   default=os.environ.get("LORAFLOW_UPLOAD_BLOB_TTL") or DEFAULT_BLOB_TTL_SECONDS,
+                   help=f"remove uploaded files of pushes never committed after this long (0 = never, else "
+                        f"{MIN_BLOB_TTL_SECONDS:.0f}..{MAX_BLOB_TTL_SECONDS:.0f}; default "
+                        f"{DEFAULT_BLOB_TTL_SECONDS:.0f}; env LORAFLOW_UPLOAD_BLOB_TTL)")
+
+
+def _blob_ttl(text: str) -> float:
+    try:
+        return check_blob_ttl(float(text), "--upload-blob-ttl")
+    except (ValueError, InvalidArgument) as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, InvalidArgument) else
+                                         f"must be a number of seconds, got {text!r}") from None
 
 
 def limits_from_args(args: argparse.Namespace) -> StorageLimits:

@@ -211,8 +211,13 @@ class ObjectStore(ABC):
     def _object_exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def list_modified(self, prefix: str = "") -> list[tuple[str, float]]:
+        """(key, last-modified unix time) of every object at or under ``prefix`` (a '/'-separated path
+        prefix), sorted by key."""
+
     def list(self, prefix: str = "") -> list[str]:
         """Every object key at or under ``prefix`` (a '/'-separated path prefix), sorted."""
+        return [key for key, _ in self.list_modified(prefix)]
 
     @abstractmethod
     def delete(self, key_or_prefix: str) -> int:
@@ -375,19 +380,25 @@ class FileStore(ObjectStore):
     def _object_exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list_modified(self, prefix: str = "") -> list[tuple[str, float]]:
         base = self.path(prefix)
         if base.is_file():
-            return [validate_key(prefix)]
+            return [(validate_key(prefix), base.stat().st_mtime)]
         if not base.is_dir():
             return []
-        keys = []
+        found = []
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames[:] = [d for d in dirnames if not d.startswith(_STAGING_PREFIX)]
             for name in filenames:
-                if not name.startswith(_STAGING_PREFIX):
-                    keys.append((Path(dirpath) / name).relative_to(self.root).as_posix())
-        return sorted(keys)
+                if name.startswith(_STAGING_PREFIX):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    modified = path.stat().st_mtime
+                except FileNotFoundError:  # deleted while we walked
+                    continue
+                found.append((path.relative_to(self.root).as_posix(), modified))
+        return sorted(found)
 
     def delete(self, key_or_prefix: str) -> int:
         target = self.path(validate_key(key_or_prefix))
@@ -592,19 +603,24 @@ class S3Store(ObjectStore):
             return False
         return True
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list_modified(self, prefix: str = "") -> list[tuple[str, float]]:
         prefix = validate_key(prefix, field="prefix", allow_empty=True)
         full = self._full(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
+        found = []
+        # An exact object plus everything under "prefix/" (a path prefix, not a string prefix).
+        if prefix:
+            try:
+                with self._errors(prefix):
+                    head = self.client.head_object(Bucket=self.bucket, Key=full)
+                found.append((prefix, head["LastModified"].timestamp()))
+            except NotFound:
+                pass
         with self._errors(prefix):
-            # An exact object plus everything under "prefix/" (a path prefix, not a string prefix).
-            if prefix and self._object_exists(prefix):
-                keys.append(prefix)
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{full}/" if full else ""):
-                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return sorted(keys)
+                found.extend((obj["Key"][strip:], obj["LastModified"].timestamp()) for obj in page.get("Contents", []))
+        return sorted(found)
 
     def delete(self, key_or_prefix: str) -> int:
         key = validate_key(key_or_prefix)

@@ -9,6 +9,7 @@ import filecmp
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -329,3 +330,97 @@ def test_a_pull_of_damaged_store_bytes_is_data_loss_and_leaves_no_partial_copy(s
         served.client.pull(result.uri, tmp_path / "copy")
     assert "config.json" in err.value.message and "missing" in err.value.message
     assert not (tmp_path / "copy").exists() and not list(tmp_path.glob(".tmp-pull-*"))
+
+
+# ------------------------------------------------------------------------------------------------ abandoned blobs
+
+def _interrupted_push(served, model_dir) -> None:
+    """A push whose third file upload drops: two blobs stay behind, nothing is published."""
+    calls = {"n": 0}
+
+    def call(method, request):
+        return served.client._call("trainer", storage_pb2_grpc.StorageServiceStub, method, request)
+
+    def flaky_upload(messages):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise errors.Unavailable("connection dropped")
+        return served.client._call("trainer", storage_pb2_grpc.StorageServiceStub, "Upload", messages, timeout=None)
+
+    with pytest.raises(errors.Unavailable):
+        transfer_push(call, flaky_upload, "model", model_dir, name="tiny", progress=False, retries=0)
+    assert len(served.blobs()) == 2
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_blobs_of_an_abandoned_push_are_swept_after_the_ttl_and_a_later_push_still_works(
+        backend, tmp_path, model_dir, request):
+    from loraflow.upload_sweeper import sweep_abandoned_blobs
+
+    store = request.getfixturevalue("s3_store") if backend == "s3" else open_store((tmp_path / "store").as_uri())
+    served = Served(store, tmp_path)
+    try:
+        _interrupted_push(served, model_dir)
+        ttl = 3600.0
+        assert sweep_abandoned_blobs(store, ttl) == (0, 2)  # young: a resumed push would still use them
+        assert sweep_abandoned_blobs(store, ttl, now=time.time() + ttl + 60) == (2, 0)
+        assert served.blobs() == []
+        result = served.client.push("model", model_dir, name="tiny")
+        assert result.uploaded_files == result.files  # nothing left to resume from: all sent again
+        assert served.store.list_dirs("uploads/models") == [served.store.key_of(result.uri)]
+        assert served.blobs() == []  # the commit consumed what it uploaded
+    finally:
+        served.close()
+
+
+def test_a_blob_swept_between_upload_and_commit_is_sent_again_and_the_push_publishes(served, model_dir, tmp_path):
+    from loraflow.upload_sweeper import sweep_abandoned_blobs
+
+    swept = []
+
+    def call(method, request):
+        if method == "CommitDirectory" and not swept:
+            swept.append(sweep_abandoned_blobs(served.store, 600, now=time.time() + 3600))
+        return served.client._call("trainer", storage_pb2_grpc.StorageServiceStub, method, request)
+
+    def upload(messages):
+        return served.client._call("trainer", storage_pb2_grpc.StorageServiceStub, "Upload", messages, timeout=None)
+
+    result = transfer_push(call, upload, "model", model_dir, name="tiny", progress=False)
+    assert swept and swept[0][0] == result.files  # every blob was gone when the first commit ran
+    served.client.pull(result.uri, tmp_path / "copy")
+    assert _same_tree(model_dir, tmp_path / "copy")
+
+
+def test_the_sweeper_thread_removes_an_old_blob_and_stops(served, model_dir):
+    from loraflow.upload_sweeper import BlobSweeper
+    from tests.support.polling import wait_for
+
+    _interrupted_push(served, model_dir)
+    old, young = (served.store.path(k) for k in served.blobs())
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    sweeper = BlobSweeper(served.store, 3600).start()
+    try:
+        wait_for(lambda: not old.exists(), timeout=10, what="the sweeper to remove the old blob")
+        assert young.exists()
+    finally:
+        sweeper.stop()
+    assert not sweeper._thread.is_alive()
+
+
+@pytest.mark.parametrize("value", [-1, 1, 599, 31 * 86400])
+def test_the_blob_ttl_is_zero_or_bounded_and_the_error_names_it(value):
+    import argparse
+
+    from loraflow.storage_service import add_storage_arguments
+    from loraflow.upload_sweeper import check_blob_ttl
+
+    with pytest.raises(errors.InvalidArgument) as info:
+        check_blob_ttl(value)
+    assert info.value.field == "upload_blob_ttl" and str(value) in info.value.message
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_storage_arguments(parser)
+    with pytest.raises(argparse.ArgumentError, match="--upload-blob-ttl"):
+        parser.parse_args(["--upload-blob-ttl", str(value)])
+    assert parser.parse_args(["--upload-blob-ttl", "0"]).upload_blob_ttl == 0
+    assert parser.parse_args([]).upload_blob_ttl == 86400
