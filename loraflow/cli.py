@@ -136,8 +136,8 @@ def _report_upload(result) -> None:
 
 UploadOpt = Annotated[bool | None, typer.Option(
     "--upload/--no-upload",
-    help="Push local paths through the service's StorageService and send their store URIs (default: only "
-         "when the service is not on this machine).")]
+    help="Push local paths through the service's StorageService and send their store URIs (default: when the "
+         "service is not on this machine, or refuses the paths, as one in a container does).")]
 ServiceOpt = Annotated[str, typer.Option(help="Service whose store to use: trainer or compiler.")]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -211,7 +212,9 @@ class Client:
 
     Local inputs. `train` and `compile` given a local path (a model or adapter directory, a dataset file)
     while the service is not on this machine (a non-loopback address) push it through the service's
-    StorageService first and send the store URI instead (`upload=True` always does, `upload=False` never);
+    StorageService first and send the store URI instead (`upload=True` always does, `upload=False` never).
+    A service on loopback is sent the paths, and when it refuses one (it runs in a container or under a
+    policy that lets requests name no host path) the inputs are pushed and the request sent again;
     `on_upload(PushResult)` hears of each push. `push`/`pull` move data explicitly.
     """
 
@@ -307,19 +310,23 @@ class Client:
               upload: bool | None = None) -> jobs_pb2.Job:
         """Submit a LoRA fine-tuning job; None/0/empty values take the server's defaults. Local inputs are
         pushed first when the trainer is remote (see the class docstring, `upload`)."""
-        request = trainer_pb2.SubmitTrainingJobRequest(
-            base_model=self._input("trainer", "model", base_model, upload),
-            dataset_uri=self._input("trainer", "dataset", dataset, upload), adapter_name=name, request_id=request_id,
-            labels=labels or {},
-            lora=trainer_pb2.LoraConfig(**_present(r=r), lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                                        bias=bias, use_rslora=rslora),
-            training=trainer_pb2.TrainingConfig(
-                max_steps=steps, num_epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-                learning_rate=lr, max_seq_len=max_seq_len, seed=seed, eval_fraction=eval_fraction,
-                checkpoint_every_steps=checkpoint_every, device=device, warmup_steps=warmup_steps,
-                lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing, world_size=world_size,
-                nodes=nodes))
-        job = self._call("trainer", trainer_pb2_grpc.TrainerServiceStub, "SubmitTrainingJob", request)
+        lora = trainer_pb2.LoraConfig(**_present(r=r), lora_alpha=alpha, target_modules=list(targets),
+                                      lora_dropout=dropout, bias=bias, use_rslora=rslora)
+        training = trainer_pb2.TrainingConfig(
+            max_steps=steps, num_epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+            learning_rate=lr, max_seq_len=max_seq_len, seed=seed, eval_fraction=eval_fraction,
+            checkpoint_every_steps=checkpoint_every, device=device, warmup_steps=warmup_steps,
+            lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing, world_size=world_size,
+            nodes=nodes)
+
+        def build(push: bool | None) -> trainer_pb2.SubmitTrainingJobRequest:
+            return trainer_pb2.SubmitTrainingJobRequest(
+                base_model=self._input("trainer", "model", base_model, push),
+                dataset_uri=self._input("trainer", "dataset", dataset, push), adapter_name=name,
+                request_id=request_id, labels=labels or {}, lora=lora, training=training)
+
+        job = self._submit("trainer", trainer_pb2_grpc.TrainerServiceStub, "SubmitTrainingJob", build, upload,
+                           {"base_model": [base_model], "dataset_uri": [dataset]})
         self._job_service[job.id] = "trainer"
         return job
 
@@ -349,18 +356,22 @@ class Client:
                 ai100_stage: str = "", compiler_options: Iterable[str] = ()) -> jobs_pb2.Job:
         """Submit a compile job for base + adapters (slot order); None/empty options take the defaults. Local
         directories are pushed first when the compiler is remote (see the class docstring, `upload`)."""
-        request = compiler_pb2.SubmitCompileJobRequest(
-            base_model=self._input("compiler", "model", base_model, upload),
-            adapters=[self._input("compiler", "adapter", a, upload) if is_location(a) else a for a in adapters],
-            request_id=request_id,
-            labels=labels or {},
-            options=compiler_pb2.CompileOptions(
+        adapters = list(adapters)
+
+        def build(push: bool | None) -> compiler_pb2.SubmitCompileJobRequest:
+            return compiler_pb2.SubmitCompileJobRequest(
+                base_model=self._input("compiler", "model", base_model, push),
+                adapters=[self._input("compiler", "adapter", a, push) if is_location(a) else a for a in adapters],
+                request_id=request_id, labels=labels or {}, options=options)
+
+        options = compiler_pb2.CompileOptions(
                 target=target, dtype=dtype, target_modules=list(target_modules), mxfp6_matmul=mxfp6_matmul,
                 ai100_stage=ai100_stage, compiler_options=list(compiler_options),
                 **_present(batch_size=batch_size, full_batch_size=full_batch_size, prefill_seq_len=prefill_seq_len,
                            ctx_len=ctx_len, max_rank=max_rank, adapter_slots=slots, num_cores=num_cores,
-                           quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level)))
-        job = self._call("compiler", compiler_pb2_grpc.CompilerServiceStub, "SubmitCompileJob", request)
+                           quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level))
+        job = self._submit("compiler", compiler_pb2_grpc.CompilerServiceStub, "SubmitCompileJob", build, upload,
+                           {"base_model": [base_model], "adapters": [a for a in adapters if is_location(a)]})
         self._job_service[job.id] = "compiler"
         return job
 
@@ -425,6 +436,23 @@ class Client:
             return self._stream(service, storage_pb2_grpc.StorageServiceStub, "Download", request)
 
         return transfer.pull(call, download, uri, dest, progress=self.progress if progress is None else progress)
+
+    def _submit(self, service: str, stub_cls, method: str, build: Callable[[bool | None], Any],
+                upload: bool | None, inputs: dict[str, list[str]]):
+        """Send build(upload); when the service is on loopback (so local paths went as paths) but refuses one
+        of them, it cannot see this machine's files (a container, another user's sandbox): push them through
+        its StorageService and send again. The refused request created no job, so nothing runs twice."""
+        try:
+            return self._call(service, stub_cls, method, build(upload))
+        except (errors.InvalidArgument, errors.PermissionDenied, errors.NotFound) as exc:
+            field = re.split(r"[.\[]", exc.field or "", maxsplit=1)[0]
+            local = [spec for spec in inputs.get(field, ()) if spec and "://" not in spec
+                     and Path(spec).expanduser().exists()]
+            if upload is not None or not local or not _is_loopback_address(self.addresses[service]):
+                raise
+            log.info("the %s cannot read %s (%s); pushing the local inputs through its StorageService",
+                     service, local[0], exc.message)
+            return self._call(service, stub_cls, method, build(True))
 
     def _input(self, service: str, kind: str, spec: str, upload: bool | None) -> str:
         """What a request names for `spec`: a pushed copy's store URI when `spec` is a local path the

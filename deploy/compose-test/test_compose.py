@@ -167,6 +167,20 @@ def test_quickstart_then_one_mixed_batch_whose_rows_equal_peft(stack, tmp_path):
         got[4] != reference.generate(tokenizer.encode(prompts[2]).ids, "", 8)
 
 
+@pytest.mark.timeout(600)
+def test_host_paths_given_to_train_reach_the_containers_through_a_push(stack):
+    """`loraflow train ./model ./data.jsonl` with no flag: the trainer on localhost runs in a container and
+    refuses host paths, so the CLI pushes both and sends the store URIs."""
+    env = {**os.environ, "LORAFLOW_TOKEN": stack.token}
+    proc = subprocess.run([str(ROOT / ".venv/bin/loraflow"), "train", str(stack.model_dir),
+                           "examples/data/vex_train.jsonl", "--name", "from-host", "--steps", "3", "--wait",
+                           "-o", "json"], cwd=stack.work, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = json.loads(proc.stdout)
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job
+    assert stack.client().get_adapter("from-host").base_model.startswith("s3://loraflow/store/uploads/models/")
+
+
 # ------------------------------------------------------------------------------------------------ faults
 
 def _running_and_healthy(container: str, restarts_above: int) -> bool:

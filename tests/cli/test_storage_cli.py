@@ -107,13 +107,16 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_train_with_local_paths_uploads_them_for_a_service_that_sees_no_host_path(remote, workdir, cli):
-    code, _, err = cli("train", "./model", "./data.jsonl", "--name", "plain", "--steps", "1", "-o", "json",
-                       trainer=remote.trainer, compiler=remote.compiler)
-    assert code == 1 and "PERMISSION_DENIED" in err  # what a container's trainer answers to a host path
+@pytest.mark.parametrize("flag", ["--upload", None])
+def test_train_with_local_paths_uploads_them_for_a_service_that_sees_no_host_path(remote, workdir, cli, flag):
+    """On loopback the paths go first; a service that refuses them (a container's trainer: PERMISSION_DENIED
+    for a host path) gets them pushed and the request again, with no flag. --no-upload keeps the refusal."""
+    code, _, err = cli("train", "./model", "./data.jsonl", "--name", "plain", "--steps", "1", "--no-upload",
+                       "-o", "json", trainer=remote.trainer, compiler=remote.compiler)
+    assert code == 1 and "PERMISSION_DENIED" in err
 
-    code, out, err = cli("train", "./model", "./data.jsonl", "--name", "uploaded", "--steps", "1", "--upload",
-                         "-o", "json", trainer=remote.trainer, compiler=remote.compiler)
+    code, out, err = cli("train", "./model", "./data.jsonl", "--name", "uploaded", "--steps", "1",
+                         *([flag] if flag else []), "-o", "json", trainer=remote.trainer, compiler=remote.compiler)
     assert code == 0, err
     job = json.loads(out)
     payload = remote.train_queue.get(job["id"]).payload
@@ -123,11 +126,15 @@ def test_train_with_local_paths_uploads_them_for_a_service_that_sees_no_host_pat
     said = err.replace("\n", "")
     assert f"uploaded model -> {payload['base_model']}" in said
     assert f"uploaded data.jsonl -> {payload['dataset_uri']}" in said
+    # The refused first send created no job: exactly one, the one that names the pushed copies.
+    assert [j.id for j in remote.train_queue.list()[0]] == [job["id"]]
 
 
-def test_compile_with_a_local_model_and_peft_dir_uploads_both(remote, workdir, cli):
+@pytest.mark.parametrize("flag", ["--upload", None])
+def test_compile_with_a_local_model_and_peft_dir_uploads_both(remote, workdir, cli, flag):
     code, out, err = cli("compile", "./model", "--adapters", "./peft-dir", "--ctx-len", "32", "--prefill-seq-len",
-                         "8", "--upload", "-o", "json", trainer=remote.trainer, compiler=remote.compiler)
+                         "8", *([flag] if flag else []), "-o", "json", trainer=remote.trainer,
+                         compiler=remote.compiler)
     assert code == 0, err
     payload = remote.compile_queue.get(json.loads(out)["id"]).payload
     assert payload["base_model"].startswith(remote.store.uri("uploads/models/model/"))
