@@ -30,21 +30,24 @@ Target "onnxruntime" (the portable graph):
                                           every non-padding (b, s).
 
 Target "onnxruntime", kv_layout "shared-buffer" (the fused graph, services/compiler/fused; fp32, int8,
-int4): no padding and no batch_index. The runtime calls it with B = 1 for a prefill chunk and with the
-contiguous KV-slot range lo..hi of the decoding rows (others in the range ride along as dummy rows);
-driver: loraflow/artifact/step_driver.py.
+int4): no batch_index. The runtime calls it over a contiguous KV-slot range lo..hi: a prefill call with
+one row's chunk, or with the first chunks of rows in adjacent slots (the shorter ones right-padded to the
+longest, their padding written past their real length), a decode call with the decoding rows (others in
+the range ride along as dummy rows); driver: loraflow/artifact/step_driver.py.
 
   inputs
     input_ids              int64 [B, S]
     lora_ids               int64 [B, 1]
     seqlens_k              int32 [B]   tokens in row b's cache after this call, minus one
     total_sequence_length  int32 []    max over rows of seqlens_k + 1
+    logits_index           int64 [B, 1] index in 0..S-1 (or -1, the last) of the token whose logits
+                                        row b returns (its last real token); absent before graph3
     past_key.{i}   float [B, H, C, D]  cache[i, lo:hi] (C = ctx_len); bound as present_key.{i} too:
     past_value.{i} float [B, H, C, D]  GroupQueryAttention writes this call's K (after RoPE) / V in place
     lora_a.{m}     float [L*N, in, R]  the banks above, flattened (layer, slot): row b of layer i uses
     lora_b.{m}     float [L*N, R, out] slice i*N + lora_ids[b]
   outputs
-    logits            float [B, 1, V]  at each row's last token
+    logits            float [B, 1, V]  at each row's token logits_index[b]
     present_key.{i}   float [B, H, C, D]  the same memory as past_key.{i}
     present_value.{i} float [B, H, C, D]
 
@@ -70,6 +73,9 @@ INPUT_IDS = "input_ids"
 # and the longest row's total length.
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+# Fused layout only: per row, the index (within this call's S tokens) of the token whose logits it returns
+# (-1: the last). Graphs compiled before it (graph2) lack it and prefill one row per call.
+LOGITS_INDEX = "logits_index"
 # GraphSpec.kv_layout values.
 KV_LAYOUT_TIME_MAJOR = "time-major"
 KV_LAYOUT_SHARED = "shared-buffer"

@@ -3,8 +3,14 @@
 The one copy of the runtime's part of the fused graph contract (loraflow/graph_contract.py):
 verification before publishing and the inference service both run an artifact through this class.
 
-* A prefill chunk runs as its own call with B = 1 over the row's KV slot (no padding anywhere:
-  every token of a call is real, and GroupQueryAttention places them after the row's past).
+* First prefill chunks (position 0) of rows in adjacent KV slots run as one call over those slots, each
+  right-padded to the longest (S): the padding's K/V lands past the row's real length (the next real
+  token overwrites it, no real token attends it), and ``logits_index`` returns each row's logits at its
+  last real token. Any other chunk runs as a call of its own with B = 1: ONNX Runtime's CPU
+  GroupQueryAttention takes several rows with S > 1 only when none has a past ("batch_size must be 1
+  when sequence_length > 1 and past context is given"), except that short continuing chunks of rows in
+  adjacent slots are fed as decode calls of one token per row (see ``_prefill_groups``). A graph
+  without ``logits_index`` (compiled before it) prefills first chunks one row per call.
 * A decode step runs every decoding row in one call over the contiguous slot range lo..hi that
   holds them. Slots in that range that are not decoding ride along as dummy rows: token 0, base
   model, written at their own next free position (which their next real token overwrites), their
@@ -67,6 +73,8 @@ class FusedStepDriver:
         self._bound_range: tuple[int, int] | None = None
         self._range_values: dict[tuple[int, int], list[object]] = {}
         self._logits: dict[int, tuple[np.ndarray, object]] = {}
+        self.batched_prefill = gc.LOGITS_INDEX in {i.name for i in session.get_inputs()}
+        self._last_index: dict[int, np.ndarray] = {}  # B -> [B, 1] of -1 (each row's last token)
         self.calls = 0
 
     # --- binding ----------------------------------------------------------------------------------
@@ -99,12 +107,24 @@ class FusedStepDriver:
         self.binding.bind_ortvalue_output(gc.LOGITS, value)
         return array
 
-    def _run(self, ids: np.ndarray, lora_ids: np.ndarray, seqlens: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    def _run(self, ids: np.ndarray, lora_ids: np.ndarray, seqlens: np.ndarray, lo: int, hi: int,
+             logits_index: np.ndarray | None = None) -> np.ndarray:
+        """``logits_index`` [B, 1]: the token of each row whose logits are returned (None: the last)."""
         ort = self._ort
         total = np.asarray(int(seqlens.max()) + 1, np.int32)  # [] scalar
-        small = (ids, lora_ids, seqlens, total)  # kept alive until the run returns
-        for name, array in zip((gc.INPUT_IDS, gc.LORA_IDS, gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH), small,
-                               strict=True):
+        names = [gc.INPUT_IDS, gc.LORA_IDS, gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH]
+        small = [ids, lora_ids, seqlens, total]  # kept alive until the run returns
+        if self.batched_prefill:  # a graph3 input, bound on every call (its shape follows B)
+            if logits_index is None:
+                logits_index = self._last_index.get(ids.shape[0])
+                if logits_index is None:
+                    logits_index = self._last_index[ids.shape[0]] = np.full((ids.shape[0], 1), -1, np.int64)
+            names.append(gc.LOGITS_INDEX)
+            small.append(logits_index)
+        elif logits_index is not None:
+            raise InvalidArgument(f"this graph has no {gc.LOGITS_INDEX} input (compiled before batched prefill)",
+                                  field=gc.LOGITS_INDEX, value=logits_index.ravel().tolist())
+        for name, array in zip(names, small, strict=True):
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         self._bind_slots(lo, hi)
         logits = self._bind_logits(ids.shape[0])
@@ -133,8 +153,85 @@ class FusedStepDriver:
         self.cache.lengths[row.slot] = row.start_position + n
         return logits[0]
 
+    def prefill_rows(self, rows: Sequence[Row]) -> np.ndarray:
+        """Prefill chunks of several rows (distinct slots); returns logits [len(rows), V] at each row's
+        last token, in ``rows`` order. Rows in adjacent slots share a call (see the module docstring)."""
+        for row in rows:
+            self._check(row)
+        slots = [r.slot for r in rows]
+        if len(set(slots)) != len(slots):
+            raise InvalidArgument(f"two prefill rows share a KV slot: {slots}", field="slot", value=slots)
+        out = np.empty((len(rows), self.vocab_size), self.logits_dtype)
+        for kind, group in self._prefill_groups(rows):
+            members = [rows[i] for i in group]
+            if kind == "one":
+                out[group[0]] = self.prefill(members[0])
+            elif kind == "stepped":
+                # Token t of every member that has one, in one decode call per t.
+                for t in range(max(len(r.token_ids) for r in members)):
+                    live = [j for j, r in enumerate(members) if len(r.token_ids) > t]
+                    logits = self.decode([Row(members[j].slot, members[j].lora_id, (members[j].token_ids[t],),
+                                              members[j].start_position + t) for j in live])
+                    for k, j in enumerate(live):
+                        if t == len(members[j].token_ids) - 1:
+                            out[group[j]] = logits[k]
+            else:
+                out[group] = self._prefill_padded(members)
+        return out
+
+    def _prefill_padded(self, members: Sequence[Row]) -> np.ndarray:
+        """First chunks of rows in adjacent slots, in one call, right-padded; logits [len(members), V]."""
+        S = max(len(r.token_ids) for r in members)
+        B = len(members)  # adjacent slots: lo..hi holds exactly these rows
+        ids = np.zeros((B, S), np.int64)  # [B, S], right-padded with token 0
+        lora_ids = np.empty((B, 1), np.int64)  # [B, 1]
+        seqlens = np.empty(B, np.int32)  # [B]: padding counts (it sits in the cache past the row)
+        index = np.empty((B, 1), np.int64)  # [B, 1]: each row's last real token
+        for b, row in enumerate(members):
+            n = len(row.token_ids)
+            ids[b, :n] = row.token_ids
+            lora_ids[b, 0] = row.lora_id
+            seqlens[b] = row.start_position + S - 1
+            index[b, 0] = n - 1
+        logits = self._run(ids, lora_ids, seqlens, members[0].slot, members[-1].slot + 1, index)
+        for row in members:
+            self.cache.lengths[row.slot] = row.start_position + len(row.token_ids)
+        return logits
+
+    def _prefill_groups(self, rows: Sequence[Row]) -> list[tuple[str, list[int]]]:
+        """Indices of ``rows`` by call kind, each group a run of adjacent slots:
+
+        * "padded": first chunks (position 0), one call, padded to the group's longest (which fits, as
+          each fits alone); only on a graph with ``logits_index``;
+        * "stepped": chunks that continue a prompt, at most half as long as the group has rows, fed as
+          that many decode calls over the group (one token per row each: a decode call over 8 rows cost
+          ~45 ms on SmolLM2-135M, a 4-token chunk of one row ~31 ms, so 4 calls beat 8);
+        * "one": any other row, a call of its own (B = 1).
+        """
+        order = sorted(range(len(rows)), key=lambda i: rows[i].slot)
+        runs: list[list[int]] = []
+        for i in order:
+            prev = rows[runs[-1][-1]] if runs else None
+            first = rows[i].start_position == 0
+            if (prev is not None and rows[i].slot == prev.slot + 1 and first == (prev.start_position == 0)
+                    and (not first or self.batched_prefill)):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        groups: list[tuple[str, list[int]]] = []
+        for run in runs:
+            longest = max(len(rows[i].token_ids) for i in run)
+            if len(run) > 1 and rows[run[0]].start_position == 0:
+                groups.append(("padded", run))
+            elif len(run) > 1 and 2 * longest <= len(run):
+                groups.append(("stepped", run))
+            else:
+                groups += [("one", [i]) for i in run]
+        return groups
+
     def decode(self, rows: Sequence[Row]) -> np.ndarray:
-        """One token for each row, all in one call; returns logits [len(rows), V] in ``rows`` order."""
+        """One token for each row, all in one call; returns logits [len(rows), V] in ``rows`` order (valid
+        until the next call)."""
         if not rows:
             raise InvalidArgument("a decode step needs at least one row", field="rows", value=0)
         for row in rows:
@@ -159,16 +256,20 @@ class FusedStepDriver:
         logits = self._run(ids, lora_ids, seqlens, lo, hi)
         for row in rows:
             self.cache.lengths[row.slot] = row.start_position + 1
+        if len(rows) == B and all(r.slot == lo + b for b, r in enumerate(rows)):
+            return logits  # every slot of the range, in order: the bound buffer itself, no copy
         return logits[[r.slot - lo for r in rows]]  # [B, V] -> [len(rows), V]
 
     def step(self, rows: Sequence[Row]) -> np.ndarray:
-        """Logits [len(rows), V] for a scheduler step: single-token rows decode together, longer rows
-        are prefilled one call each."""
-        out = np.empty((len(rows), self.vocab_size), self.logits_dtype)
+        """Logits [len(rows), V] for a scheduler step (valid until the next call): single-token rows decode
+        together, longer rows are prefilled (rows in adjacent slots together)."""
         singles = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
-        for i, row in enumerate(rows):
-            if len(row.token_ids) != 1:
-                out[i] = self.prefill(row)
+        longer = [i for i, r in enumerate(rows) if len(r.token_ids) != 1]
+        if singles and not longer:
+            return self.decode(rows)  # a decode step: no gathering copy of [B, V]
+        out = np.empty((len(rows), self.vocab_size), self.logits_dtype)
+        if longer:
+            out[longer] = self.prefill_rows([rows[i] for i in longer])
         if singles:
             out[singles] = self.decode([rows[i] for i in singles])
         return out

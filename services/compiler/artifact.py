@@ -38,7 +38,8 @@ from services.compiler.modeling.config import DecoderConfig
 from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
 # Bump when the graph or bank layout changes: it is part of every artifact id.
-COMPILER_VERSION = "loraflow-compiler/0.2.0+graph2"  # graph2: the fused (GroupQueryAttention) graph
+# graph2: the fused (GroupQueryAttention) graph; graph3: its logits_index input (batched prefill).
+COMPILER_VERSION = "loraflow-compiler/0.2.0+graph3"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")

@@ -170,7 +170,9 @@ def test_the_past_is_never_copied(tmp_path, tiny_llama):
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GroupQueryAttention") == graph.layers
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * graph.layers
-    assert "Concat" not in ops and "Transpose" not in ops
+    assert "Transpose" not in ops
+    # The only Concat joins a layer's q, k and v LoRA deltas ([B, S, q+2kv]), never the cache.
+    assert all("/lora/" in n.name for n in model.graph.node if n.op_type == "Concat")
     for i in range(graph.layers):
         for name in (gc.past_key(i), gc.past_value(i)):
             users = [n.op_type for n in model.graph.node if name in n.input]
@@ -197,3 +199,100 @@ def test_driver_writes_the_cache_in_place_and_refuses_bad_rows(tmp_path, tiny_ll
         driver.decode([Row(3, 0, (1,), 0)])
     cache.reset(1)
     assert not cache.k[:, 1].any() and cache.lengths[1] == 0
+
+
+def test_prefill_of_adjacent_rows_is_one_call_and_equals_one_row_per_call(tmp_path, tiny_llama, adapter_factory):
+    """Chunks of rows in adjacent slots share a call, the shorter right-padded: the logits at each row's last
+    real token, the cache up to its real length, and the next decode step equal one call per row."""
+    adapters = _adapters(adapter_factory, "llama")
+    decoder, banks, _ = decoder_with_adapters(tiny_llama, adapters, gc.LORA_TARGET_MODULES, slots=3)
+    graph, session, _ = _build(tmp_path, decoder)
+    prompts = random_prompts(graph.vocab_size, [5, 2, 7, 3], seed=3)
+    rows = [Row(slot, lora, tuple(p), 0) for slot, lora, p in zip([1, 2, 3, 0], [1, 2, 0, 1], prompts, strict=True)]
+    results = {}
+    for mode in ("alone", "together"):
+        cache = SharedKvCache(layers=graph.layers, slots=4, kv_heads=graph.num_kv_heads, ctx_len=CTX,
+                              head_dim=graph.head_dim)
+        driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+        assert driver.batched_prefill
+        if mode == "alone":
+            logits = np.stack([driver.prefill(r).copy() for r in rows])  # each a view of one buffer
+        else:
+            logits = driver.prefill_rows(rows)
+        calls = driver.calls
+        step = driver.decode([Row(r.slot, r.lora_id, (7,), len(r.token_ids)) for r in rows]).copy()
+        results[mode] = (logits, calls, cache, step)
+    alone, together = results["alone"], results["together"]
+    assert alone[1] == 4 and together[1] == 1  # slots 0..3 are adjacent: one call
+    np.testing.assert_allclose(together[0], alone[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(together[3], alone[3], rtol=0, atol=1e-5)  # the padding is never attended
+    for r in rows:
+        n = len(r.token_ids) + 1  # prompt and the decoded token
+        for kind in ("k", "v"):
+            np.testing.assert_allclose(getattr(together[2], kind)[:, r.slot, :, :n],
+                                       getattr(alone[2], kind)[:, r.slot, :, :n], rtol=0, atol=1e-5)
+    assert together[2].lengths.tolist() == alone[2].lengths.tolist() == [4, 6, 3, 8]
+
+
+def test_prefill_groups_by_call_kind(tmp_path, tiny_llama):
+    decoder, banks, _ = decoder_with_adapters(tiny_llama, [], gc.LORA_TARGET_MODULES)
+    graph, session, _ = _build(tmp_path, decoder)
+    cache = SharedKvCache(layers=graph.layers, slots=8, kv_heads=graph.num_kv_heads, ctx_len=CTX,
+                          head_dim=graph.head_dim)
+    driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+    rows = [Row(4, 0, (1, 2), 0), Row(0, 0, (1, 2, 3), 0), Row(1, 0, (4,) * 2, 0), Row(5, 0, (5,) * 4, 0),
+            Row(2, 0, (6,) * 6, 0), Row(3, 0, (7,) * 2, 5)]
+    # 0, 1, 2 adjacent first chunks; 3 continues a prompt (ONNX Runtime takes a past only with B = 1) and is
+    # alone, so it goes by itself and 4, 5 form their own group.
+    assert driver._prefill_groups(rows) == [("padded", [1, 2, 4]), ("one", [5]), ("padded", [0, 3])]
+    # Continuing chunks of adjacent rows: as decode calls when at most half as long as the run has rows.
+    cont = [Row(s, 0, (1,) * n, 9) for s, n in zip(range(5), [2, 1, 2, 2, 1], strict=True)]
+    assert driver._prefill_groups(cont) == [("stepped", [0, 1, 2, 3, 4])]
+    assert driver._prefill_groups(cont[:3]) == [("one", [0]), ("one", [1]), ("one", [2])]  # 2 * 2 > 3
+    with pytest.raises(InvalidArgument, match="share a KV slot"):
+        driver.prefill_rows([Row(1, 0, (1, 2), 0), Row(1, 0, (3, 4), 0)])
+
+
+def test_continuing_chunks_fed_as_decode_calls_equal_one_call_per_row(tmp_path, tiny_llama, adapter_factory):
+    adapters = _adapters(adapter_factory, "llama")
+    decoder, banks, _ = decoder_with_adapters(tiny_llama, adapters, gc.LORA_TARGET_MODULES, slots=3)
+    graph, session, _ = _build(tmp_path, decoder)
+    prompts = random_prompts(graph.vocab_size, [6, 5, 6, 6, 5], seed=4)
+    lora = [1, 2, 0, 1, 2]
+    results = {}
+    for mode in ("alone", "stepped"):
+        cache = SharedKvCache(layers=graph.layers, slots=5, kv_heads=graph.num_kv_heads, ctx_len=CTX,
+                              head_dim=graph.head_dim)
+        driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+        driver.prefill_rows([Row(s, lora[s], tuple(p[:4]), 0) for s, p in enumerate(prompts)])
+        rest = [Row(s, lora[s], tuple(p[4:]), 4) for s, p in enumerate(prompts)]  # 2, 1, 2, 2, 1 tokens
+        calls = driver.calls
+        if mode == "alone":
+            logits = np.stack([driver.prefill(r).copy() for r in rest])
+        else:
+            assert driver._prefill_groups(rest) == [("stepped", [0, 1, 2, 3, 4])]
+            logits = driver.prefill_rows(rest)
+        results[mode] = (logits, driver.calls - calls, cache)
+    np.testing.assert_allclose(results["stepped"][0], results["alone"][0], rtol=0, atol=1e-5)
+    assert results["alone"][1] == 5 and results["stepped"][1] == 2  # 2 decode calls for 2-token chunks
+    for s, p in enumerate(prompts):
+        np.testing.assert_allclose(results["stepped"][2].k[:, s, :, :len(p)], results["alone"][2].k[:, s, :, :len(p)],
+                                   rtol=0, atol=1e-5)
+    assert results["stepped"][2].lengths.tolist() == [len(p) for p in prompts]
+
+
+@pytest.mark.parametrize("modules,packed", [(("q_proj", "v_proj", "o_proj"), False), (("gate_proj",), True),
+                                            (("q_proj", "k_proj", "v_proj"), True)])
+def test_qkv_wiring_for_every_target_set(tmp_path, tiny_llama, adapter_factory, modules, packed):
+    """q, k and v all adapted (deltas joined into the packed q|k|v) or none (packed as is): GroupQueryAttention
+    takes the packed projection; some adapted: split, each adapted one its own delta. Either way the graph
+    equals the PyTorch decoder."""
+    adapter = adapter_factory("llama", "sub-" + "-".join(modules), r=4, lora_alpha=8, target_modules=modules, seed=5)
+    decoder, banks, _ = decoder_with_adapters(tiny_llama, [("a", adapter)], modules, slots=2)
+    graph, session, _ = _build(tmp_path, decoder, slots=2)
+    model = onnx.load(str(tmp_path / graph.file), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all((list(n.input[1:3]) == ["", ""]) == packed for n in gqa)
+    assert ("Split" in [n.op_type for n in model.graph.node if "/attn/" in n.name]) == (not packed)
+    report = verify_fused_graph(session, decoder, graph, banks, ctx_len=CTX, occupied_slots=1, chunk=4)
+    assert report.relative_diff < 1e-4 and report.tokens_match

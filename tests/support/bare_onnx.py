@@ -25,6 +25,8 @@ def bare_prefill(artifact_dir: Path, token_rows: list[list[int]], lora_ids: list
                  gc.LORA_IDS: np.array(lora_ids, dtype=np.int64).reshape(rows, 1),
                  gc.SEQLENS_K: np.full(rows, seq - 1, dtype=np.int32),
                  gc.TOTAL_SEQUENCE_LENGTH: np.array(seq, dtype=np.int32)}
+        if any(spec.name == gc.LOGITS_INDEX for spec in manifest.graph.inputs):
+            feeds[gc.LOGITS_INDEX] = np.full((rows, 1), -1, dtype=np.int64)  # each row's last token
         for spec in manifest.graph.inputs:
             if spec.name.startswith(("past_key", "past_value")):
                 feeds[spec.name] = np.zeros([rows, *spec.shape[1:]], dtype=np.float32)

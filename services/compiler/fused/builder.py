@@ -6,12 +6,16 @@ one packed q|k|v MatMul, ``GroupQueryAttention`` with rotary inside and the KV c
 layer that the operator updates in place (past and present bound to the same memory), and
 ``MatMulNBits`` for int4/int8 base weights. The LoRA banks stay graph inputs ([L*N, in, R] /
 [L*N, R, out], so a hot-added adapter needs no recompile) and each row gathers its own slice by
-``lora_ids``. Logits are computed at each row's last token only. Names: loraflow/graph_contract.py
+``lora_ids``. When q, k and v are all adapted (or none is) GroupQueryAttention takes the packed q|k|v
+(their deltas joined by one Concat and added once) instead of three split tensors. Logits are computed
+at one token per row only. Names: loraflow/graph_contract.py
 ("fused" layout).
 
-Rows never carry padding: the runtime prefills one row per call (B = 1, S = chunk) and decodes any
-number of rows with S = 1, so every token of a call is real and each row's position is implied by
-its ``seqlens_k`` (tokens in its cache after this call, minus one).
+A call's rows all feed S tokens: decode steps S = 1; a prefill call takes one row's chunk, or the first
+chunks of rows in adjacent KV slots together, the shorter ones right-padded to the longest. Each row's position is implied
+by its ``seqlens_k`` (tokens in its cache after this call, minus one, padding included: the padding's K/V
+lands past the row's real length, where the next real token overwrites it and no real token attends
+it), and ``logits_index`` picks the token whose logits the row returns (its last real one).
 """
 
 from __future__ import annotations
@@ -227,11 +231,22 @@ class FusedGraphBuilder:
             qkv_w = w(f"{p}.self_attn.qkv_proj.weight")  # [q+2kv, hidden]
             qkv_b = w(f"{p}.self_attn.qkv_proj.bias") if cfg.attention_bias else None
             qkv = self._linear(x, f"{p}.self_attn.qkv_proj.weight", qkv_w.T, qkv_b, f"{p}/attn/qkv")
-            q, k, v = g.node("Split", [qkv, g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size], np.int64))],
-                             3, name=f"{p}/attn/split", axis=-1)  # [B, S, q+2kv] -> q, k, v
-            q = self._adapted("q_proj", q, x, row_index, f"{p}/attn/q")
-            k = self._adapted("k_proj", k, x, row_index, f"{p}/attn/k")
-            v = self._adapted("v_proj", v, x, row_index, f"{p}/attn/v")
+            adapted = [m in opts.lora_modules for m in ("q_proj", "k_proj", "v_proj")]
+            if all(adapted) or not any(adapted):
+                # GroupQueryAttention takes the packed q|k|v (no Split); deltas, if any, go in as one.
+                if all(adapted):
+                    deltas = [self._lora_delta(m, x, row_index, f"{p}/attn/{m[0]}/lora")
+                              for m in ("q_proj", "k_proj", "v_proj")]
+                    (delta,) = g.node("Concat", deltas, name=f"{p}/attn/qkv/lora/concat", axis=-1)  # [B, S, q+2kv]
+                    (qkv,) = g.node("Add", [qkv, delta], name=f"{p}/attn/qkv/add")
+                q, k, v = qkv, "", ""
+            else:
+                q, k, v = g.node("Split",
+                                 [qkv, g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size], np.int64))],
+                                 3, name=f"{p}/attn/split", axis=-1)  # [B, S, q+2kv] -> q, k, v
+                q = self._adapted("q_proj", q, x, row_index, f"{p}/attn/q")
+                k = self._adapted("k_proj", k, x, row_index, f"{p}/attn/k")
+                v = self._adapted("v_proj", v, x, row_index, f"{p}/attn/v")
             attn, _, _ = g.node(
                 "GroupQueryAttention",
                 [q, k, v, gc.past_key(i), gc.past_value(i), gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH,
@@ -272,8 +287,12 @@ class FusedGraphBuilder:
                 "SkipSimplifiedLayerNormalization", [down, residual, g.const(weight_key, w(weight_key))],
                 [f"{node_name}/out", "", "", f"{node_name}/sum"], name=node_name, domain=MS,
                 epsilon=cfg.rms_norm_eps)
-        # Logits at each row's last token only: [B, S, hidden] -> [B, 1, hidden] -> [B, 1, V].
-        (last,) = g.node("Gather", [x, g.const("last_token", np.array([-1], np.int64))], name="last_token", axis=1)
+        # Logits at one token per row only: the one at logits_index[b] (-1 = the last; a batched prefill
+        # call points each right-padded row at its last real token).
+        # [B, S, hidden] -> [B, 1, hidden] -> [B, 1, V].
+        (index,) = g.node("Unsqueeze", [gc.LOGITS_INDEX, g.const("axes.last", np.array([2], np.int64))],
+                          name="logits_index/unsqueeze")  # [B, 1] -> [B, 1, 1]
+        (last,) = g.node("GatherND", [x, index], name="last_token", batch_dims=1)  # [B, 1, hidden]
         head_name = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         # A transposed [hidden, V] copy even for tied heads, as onnxruntime-genai does: a B=8 decode step
         # measured ~4 ms (7%) faster with MatMul over it than with Gemm(transB) over the [V, hidden] table.
@@ -288,7 +307,8 @@ class FusedGraphBuilder:
         inputs = [helper.make_tensor_value_info(gc.INPUT_IDS, TensorProto.INT64, ["B", "S"]),
                   helper.make_tensor_value_info(gc.LORA_IDS, TensorProto.INT64, ["B", 1]),
                   helper.make_tensor_value_info(gc.SEQLENS_K, TensorProto.INT32, ["B"]),
-                  helper.make_tensor_value_info(gc.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]
+                  helper.make_tensor_value_info(gc.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+                  helper.make_tensor_value_info(gc.LOGITS_INDEX, TensorProto.INT64, ["B", 1])]
         outputs = [helper.make_tensor_value_info(gc.LOGITS, float_t, ["B", 1, cfg.vocab_size])]
         for i in range(L):
             inputs += [helper.make_tensor_value_info(gc.past_key(i), float_t, ["B", H, C, D]),

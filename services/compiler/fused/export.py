@@ -23,7 +23,8 @@ def fused_io(decoder: MultiLoraDecoder, opts: FusedGraphOptions) -> tuple[tuple[
     cfg = decoder.cfg
     H, D, L, C = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, opts.ctx_len
     inputs = [TensorSpec(gc.INPUT_IDS, "int64", ("B", "S")), TensorSpec(gc.LORA_IDS, "int64", ("B", 1)),
-              TensorSpec(gc.SEQLENS_K, "int32", ("B",)), TensorSpec(gc.TOTAL_SEQUENCE_LENGTH, "int32", ())]
+              TensorSpec(gc.SEQLENS_K, "int32", ("B",)), TensorSpec(gc.TOTAL_SEQUENCE_LENGTH, "int32", ()),
+              TensorSpec(gc.LOGITS_INDEX, "int64", ("B", 1))]
     outputs = [TensorSpec(gc.LOGITS, "float32", ("B", 1, cfg.vocab_size))]
     for i in range(L):
         inputs += [TensorSpec(gc.past_key(i), "float32", ("B", H, C, D)),

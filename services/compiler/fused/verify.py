@@ -1,8 +1,9 @@
 """Verify a fused graph before publishing: the runtime's own step driver against the PyTorch decoder.
 
 The graph runs through ``loraflow.artifact.step_driver.FusedStepDriver`` (the code the inference service
-runs): rows in shuffled KV slots with a gap (so decode calls carry a dummy row), chunked prefill, mixed
-adapters with slot 0 (base) among them, and one request joining after the others have decoded. Each
+runs): rows in shuffled KV slots with a gap (so decode calls carry a dummy row), chunked prefill with rows
+in adjacent slots sharing a call (a shorter chunk right-padded), mixed adapters with slot 0 (base) among
+them, and one request joining alone after the others have decoded. Each
 row's logits at every sampled token are compared with the PyTorch decoder run on that row's whole
 sequence. For int4/int8 the reference holds the dequantised weights the graph multiplies by (so the
 check is of the wiring, tight); the quantisation error itself is measured against the float decoder
@@ -77,6 +78,19 @@ def verify_fused_graph(session, reference, graph: GraphSpec, banks: Mapping[str,
             logits = driver.prefill(Row(kv_slots[b], lora_ids[b], piece, start))
         sampled[b].append((len(seqs[b]) - 1, logits.copy()))
 
+    def prefill_together(rows: list[int]) -> None:
+        """Chunk by chunk, all of ``rows`` in each call as the scheduler hands them out: rows in adjacent
+        slots share a call, the shorter chunks right-padded."""
+        done = dict.fromkeys(rows, 0)
+        while any(done[b] < len(prompts[b]) for b in rows):
+            step = [b for b in rows if done[b] < len(prompts[b])]
+            logits = driver.prefill_rows([Row(kv_slots[b], lora_ids[b], tuple(prompts[b][done[b]:done[b] + chunk]),
+                                              done[b]) for b in step])
+            for j, b in enumerate(step):
+                done[b] = min(len(prompts[b]), done[b] + chunk)
+                if done[b] == len(prompts[b]):
+                    sampled[b].append((len(seqs[b]) - 1, logits[j].copy()))
+
     def decode(rows: list[int]) -> None:
         step = [Row(kv_slots[b], lora_ids[b], (int(np.argmax(sampled[b][-1][1])),), len(seqs[b])) for b in rows]
         logits = driver.decode(step)
@@ -85,8 +99,7 @@ def verify_fused_graph(session, reference, graph: GraphSpec, banks: Mapping[str,
             sampled[b].append((len(seqs[b]) - 1, logits[j].copy()))
 
     try:
-        for b in range(B - 1):
-            prefill(b)
+        prefill_together(list(range(B - 1)))  # slots 4 and 3 in one call (3 tokens padded), 1 alone
         decode([0, 1, 2])
         decode([0, 2])  # row 1 waits: a dummy row inside the slot range
         prefill(B - 1)  # joins the running batch
