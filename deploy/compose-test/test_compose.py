@@ -183,6 +183,18 @@ def test_host_paths_given_to_train_reach_the_containers_through_a_push(stack):
 
 # ------------------------------------------------------------------------------------------------ faults
 
+def crash_and_wait_for_restart(stack: Stack, service: str, timeout: float) -> float:
+    """SIGKILL the service's main process from the host (a crash, not an operator's stop) and wait for the
+    restart policy to bring it back healthy; the seconds that took."""
+    container = stack.container(service)
+    before = inspect(container)
+    os.kill(before["State"]["Pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: _running_and_healthy(container, before["RestartCount"]), timeout=timeout,
+               what=f"the restart policy to bring {service} back, healthy")
+    return time.monotonic() - killed
+
+
 def _running_and_healthy(container: str, restarts_above: int) -> bool:
     state = inspect(container)
     return (state["RestartCount"] > restarts_above and state["State"]["Running"]
@@ -199,13 +211,8 @@ def test_trainer_worker_killed_mid_job_restarts_and_the_job_succeeds_exactly_onc
                        request_id=request_id)
     wait_until(lambda: _running_past(client, job.id, 0.3), timeout=300,
                what="the job to pass 30% (two checkpoints)")
-    worker = stack.container("trainer-worker")
-    before = inspect(worker)
-    os.kill(before["State"]["Pid"], signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: _running_and_healthy(worker, before["RestartCount"]), timeout=180,
-               what="the restart policy to bring the trainer worker back, healthy")
-    back = time.monotonic() - killed
+    back = crash_and_wait_for_restart(stack, "trainer-worker", timeout=180)
     done = client.wait(job.id, "train", timeout=600)
     print(f"killed worker: healthy again after {back:.0f} s, job done {time.monotonic() - killed:.0f} s after the kill")
     assert _state(done) == "SUCCEEDED"
@@ -231,13 +238,7 @@ def test_redis_crash_loses_no_accepted_job(stack):
     job = client.train(stack.base, _dataset_uri(stack), "after-crash", steps=5, request_id=uuid.uuid4().hex)
     assert _state(client.get_job(job.id)) == "QUEUED"
     time.sleep(2.5)  # past one AOF fsync (everysec)
-    redis = stack.container("redis")
-    before = inspect(redis)
-    os.kill(before["State"]["Pid"], signal.SIGKILL)
-    killed = time.monotonic()
-    wait_until(lambda: _running_and_healthy(redis, before["RestartCount"]), timeout=120,
-               what="the restart policy to bring Redis back, healthy")
-    print(f"killed Redis: healthy again after {time.monotonic() - killed:.0f} s")
+    print(f"killed Redis: healthy again after {crash_and_wait_for_restart(stack, 'redis', timeout=120):.0f} s")
     assert _state(wait_until(lambda: client.get_job(job.id), timeout=60, what="the trainer API to reach Redis")) \
         == "QUEUED"
     compose("start", "trainer-worker", work=stack.work)

@@ -52,6 +52,13 @@ def _build(tmp_path, decoder, dtype="fp32", slots=3, **quant):
     return graph, session, dequantized
 
 
+def _driver(graph, session, banks, *, slots: int) -> tuple[SharedKvCache, FusedStepDriver]:
+    """A fresh shared KV cache of `slots` rows and the runtime's step driver over it."""
+    cache = SharedKvCache(layers=graph.layers, slots=slots, kv_heads=graph.num_kv_heads, ctx_len=CTX,
+                          head_dim=graph.head_dim)
+    return cache, FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+
+
 def _peft_tokens(model_dir, adapter_path, prompt):
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = base if adapter_path is None else PeftModel.from_pretrained(base, adapter_path)
@@ -72,9 +79,7 @@ def test_mixed_batch_through_the_step_driver_matches_peft(tmp_path, kind, parity
     graph, session, _ = _build(tmp_path, decoder)
     prompts = random_prompts(graph.vocab_size, [7, 4, 9], seed=len(kind))
     lora_ids, kv_slots = [1, 0, 2], [3, 0, 1]  # slot 2 stays free: a dummy row in every decode call
-    cache = SharedKvCache(layers=graph.layers, slots=4, kv_heads=graph.num_kv_heads, ctx_len=CTX,
-                          head_dim=graph.head_dim)
-    driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+    cache, driver = _driver(graph, session, banks, slots=4)
     tokens: list[list[int]] = [[], [], []]
     lengths = [0, 0, 0]
 
@@ -184,9 +189,7 @@ def test_the_past_is_never_copied(tmp_path, tiny_llama):
 def test_driver_writes_the_cache_in_place_and_refuses_bad_rows(tmp_path, tiny_llama):
     decoder, banks, _ = decoder_with_adapters(tiny_llama, [], gc.LORA_TARGET_MODULES)
     graph, session, _ = _build(tmp_path, decoder)
-    cache = SharedKvCache(layers=graph.layers, slots=3, kv_heads=graph.num_kv_heads, ctx_len=CTX,
-                          head_dim=graph.head_dim)
-    driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+    cache, driver = _driver(graph, session, banks, slots=3)
     driver.prefill(Row(1, 0, (5, 6, 7), 0))
     assert np.abs(cache.k[:, 1, :, :3]).min(initial=1.0) >= 0 and np.abs(cache.k[:, 1, :, :3]).max() > 0
     assert not cache.k[:, 0].any() and not cache.k[:, 2].any() and not cache.k[:, 1, :, 3:].any()
@@ -211,9 +214,7 @@ def test_prefill_of_adjacent_rows_is_one_call_and_equals_one_row_per_call(tmp_pa
     rows = [Row(slot, lora, tuple(p), 0) for slot, lora, p in zip([1, 2, 3, 0], [1, 2, 0, 1], prompts, strict=True)]
     results = {}
     for mode in ("alone", "together"):
-        cache = SharedKvCache(layers=graph.layers, slots=4, kv_heads=graph.num_kv_heads, ctx_len=CTX,
-                              head_dim=graph.head_dim)
-        driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+        cache, driver = _driver(graph, session, banks, slots=4)
         assert driver.batched_prefill
         if mode == "alone":
             logits = np.stack([driver.prefill(r).copy() for r in rows])  # each a view of one buffer
@@ -237,9 +238,7 @@ def test_prefill_of_adjacent_rows_is_one_call_and_equals_one_row_per_call(tmp_pa
 def test_prefill_groups_by_call_kind(tmp_path, tiny_llama):
     decoder, banks, _ = decoder_with_adapters(tiny_llama, [], gc.LORA_TARGET_MODULES)
     graph, session, _ = _build(tmp_path, decoder)
-    cache = SharedKvCache(layers=graph.layers, slots=8, kv_heads=graph.num_kv_heads, ctx_len=CTX,
-                          head_dim=graph.head_dim)
-    driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+    cache, driver = _driver(graph, session, banks, slots=8)
     rows = [Row(4, 0, (1, 2), 0), Row(0, 0, (1, 2, 3), 0), Row(1, 0, (4,) * 2, 0), Row(5, 0, (5,) * 4, 0),
             Row(2, 0, (6,) * 6, 0), Row(3, 0, (7,) * 2, 5)]
     # 0, 1, 2 adjacent first chunks; 3 continues a prompt (ONNX Runtime takes a past only with B = 1) and is
@@ -261,9 +260,7 @@ def test_continuing_chunks_fed_as_decode_calls_equal_one_call_per_row(tmp_path, 
     lora = [1, 2, 0, 1, 2]
     results = {}
     for mode in ("alone", "stepped"):
-        cache = SharedKvCache(layers=graph.layers, slots=5, kv_heads=graph.num_kv_heads, ctx_len=CTX,
-                              head_dim=graph.head_dim)
-        driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+        cache, driver = _driver(graph, session, banks, slots=5)
         driver.prefill_rows([Row(s, lora[s], tuple(p[:4]), 0) for s, p in enumerate(prompts)])
         rest = [Row(s, lora[s], tuple(p[4:]), 4) for s, p in enumerate(prompts)]  # 2, 1, 2, 2, 1 tokens
         calls = driver.calls
