@@ -155,6 +155,11 @@ def _resolve_token(token: str | None, token_file: str | None) -> tuple[str | Non
     return (read_token_file(fallback), True) if fallback.is_file() else (None, False)
 
 
+def _existing_local_path(spec: str) -> bool:
+    """A request input naming a file or directory on this machine (not a URI, not a registered name)."""
+    return bool(spec) and "://" not in spec and Path(spec).expanduser().exists()
+
+
 def _is_loopback_address(address: str) -> bool:
     from loraflow.grpc_server import is_loopback
 
@@ -357,6 +362,12 @@ class Client:
         """Submit a compile job for base + adapters (slot order); None/empty options take the defaults. Local
         directories are pushed first when the compiler is remote (see the class docstring, `upload`)."""
         adapters = list(adapters)
+        options = compiler_pb2.CompileOptions(
+            target=target, dtype=dtype, target_modules=list(target_modules), mxfp6_matmul=mxfp6_matmul,
+            ai100_stage=ai100_stage, compiler_options=list(compiler_options),
+            **_present(batch_size=batch_size, full_batch_size=full_batch_size, prefill_seq_len=prefill_seq_len,
+                       ctx_len=ctx_len, max_rank=max_rank, adapter_slots=slots, num_cores=num_cores,
+                       quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level))
 
         def build(push: bool | None) -> compiler_pb2.SubmitCompileJobRequest:
             return compiler_pb2.SubmitCompileJobRequest(
@@ -364,12 +375,6 @@ class Client:
                 adapters=[self._input("compiler", "adapter", a, push) if is_location(a) else a for a in adapters],
                 request_id=request_id, labels=labels or {}, options=options)
 
-        options = compiler_pb2.CompileOptions(
-                target=target, dtype=dtype, target_modules=list(target_modules), mxfp6_matmul=mxfp6_matmul,
-                ai100_stage=ai100_stage, compiler_options=list(compiler_options),
-                **_present(batch_size=batch_size, full_batch_size=full_batch_size, prefill_seq_len=prefill_seq_len,
-                           ctx_len=ctx_len, max_rank=max_rank, adapter_slots=slots, num_cores=num_cores,
-                           quant_block_size=quant_block_size, quant_accuracy_level=quant_accuracy_level))
         job = self._submit("compiler", compiler_pb2_grpc.CompilerServiceStub, "SubmitCompileJob", build, upload,
                            {"base_model": [base_model], "adapters": [a for a in adapters if is_location(a)]})
         self._job_service[job.id] = "compiler"
@@ -446,8 +451,7 @@ class Client:
             return self._call(service, stub_cls, method, build(upload))
         except (errors.InvalidArgument, errors.PermissionDenied, errors.NotFound) as exc:
             field = re.split(r"[.\[]", exc.field or "", maxsplit=1)[0]
-            local = [spec for spec in inputs.get(field, ()) if spec and "://" not in spec
-                     and Path(spec).expanduser().exists()]
+            local = [spec for spec in inputs.get(field, ()) if _existing_local_path(spec)]
             if upload is not None or not local or not _is_loopback_address(self.addresses[service]):
                 raise
             log.info("the %s cannot read %s (%s); pushing the local inputs through its StorageService",
@@ -457,7 +461,7 @@ class Client:
     def _input(self, service: str, kind: str, spec: str, upload: bool | None) -> str:
         """What a request names for `spec`: a pushed copy's store URI when `spec` is a local path the
         service cannot read from here (remote service, or upload=True), else the path made absolute."""
-        if not spec or "://" in spec or not Path(spec).expanduser().exists():
+        if not _existing_local_path(spec):
             return spec
         if upload is None:
             upload = not _is_loopback_address(self.addresses[service])

@@ -294,10 +294,13 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _blob_ttl(text: str) -> float:
     try:
-        return check_blob_ttl(float(text), "--upload-blob-ttl")
-    except (ValueError, InvalidArgument) as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, InvalidArgument) else
-                                         f"must be a number of seconds, got {text!r}") from None
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    try:
+        return check_blob_ttl(seconds, "--upload-blob-ttl")
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def limits_from_args(args: argparse.Namespace) -> StorageLimits:
