@@ -14,10 +14,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraflow import graph_contract as gc
 from loraflow.errors import InvalidArgument
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+
+
+# The layouts a runtime knows; it must not guess at another (the first is what old manifests mean).
+KV_LAYOUTS = (gc.KV_LAYOUT_TIME_MAJOR, gc.KV_LAYOUT_SHARED)
+
+
+def _kv_layout(value: Any) -> str:
+    if value not in KV_LAYOUTS:
+        raise InvalidArgument(f"manifest graph.kv_layout {value!r} is not one of {list(KV_LAYOUTS)} (an artifact "
+                              "from a newer compiler? recompile it)", field="graph.kv_layout", value=value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -64,11 +76,11 @@ class GraphSpec:
     lora_modules: Mapping[str, LoraModuleSpec]  # canonical order (graph_contract.LORA_TARGET_MODULES)
     # "time-major" (traced graph: past [P, F, H, D] in, new K/V out) or "shared-buffer" (fused graph:
     # GroupQueryAttention updates [B, H, ctx_len, D] cache views in place); see graph_contract.py.
-    kv_layout: str = "time-major"
+    kv_layout: str = gc.KV_LAYOUT_TIME_MAJOR
 
     @property
     def shared_kv(self) -> bool:
-        return self.kv_layout == "shared-buffer"
+        return self.kv_layout == gc.KV_LAYOUT_SHARED
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,7 +110,7 @@ class GraphSpec:
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             lora_modules={m: LoraModuleSpec.from_dict(s) for m, s in d["lora_modules"].items()},
-            kv_layout=str(d.get("kv_layout", "time-major")),  # manifests before the fused graph lack it
+            kv_layout=_kv_layout(d.get("kv_layout", KV_LAYOUTS[0])),  # manifests before the fused graph lack it
         )
 
     def input(self, name: str) -> TensorSpec:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+SHUTDOWN_LIMIT = 10.0  # seconds from SIGTERM to a forced exit with a stack dump
 
 
 def main() -> int:
@@ -26,7 +30,15 @@ def main() -> int:
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_term(*_):
+        # The supervisor tests read this line to tell "SIGTERM never came" from "it came and shutdown hung";
+        # a shutdown still running after SHUTDOWN_LIMIT dumps every thread's stack to the log and exits.
+        print("health_child: SIGTERM", flush=True)
+        faulthandler.dump_traceback_later(SHUTDOWN_LIMIT, exit=True, file=sys.stdout)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
     if args.crash_once_after:
         seconds, marker = float(args.crash_once_after[0]), Path(args.crash_once_after[1])
         if not marker.exists():

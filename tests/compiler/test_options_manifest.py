@@ -101,6 +101,20 @@ def test_manifest_round_trip(tmp_path):
         Manifest.load(tmp_path)
 
 
+def test_manifest_with_an_unknown_kv_layout_is_refused_and_an_old_one_means_time_major(tmp_path):
+    _manifest().save(tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    del data["graph"]["kv_layout"]  # written before the fused graph existed
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.load(tmp_path).graph.kv_layout == "time-major"
+    data["graph"]["kv_layout"] = "paged"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InvalidArgument) as info:
+        Manifest.load(tmp_path)
+    assert info.value.field == "graph.kv_layout" and info.value.value == "paged"
+    assert "recompile" in str(info.value)
+
+
 def test_artifact_id_is_stable_across_processes_and_sensitive_to_every_input():
     opts = CompileOptions().resolve(adapter_ranks=[4], adapter_targets=[("q_proj",)]).to_dict()
     args = ("fp", ["d1", "d2"], opts, "v1")
