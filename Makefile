@@ -5,9 +5,17 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROTOS  := $(wildcard protos/loraflow/v1/*.proto)
 
-.PHONY: install test test-fast test-compose proto lint demo bench clean up
+.PHONY: install native test test-fast test-compose proto lint demo bench clean up
 
-install: $(STAMP)
+install: $(STAMP) native
+
+# The LoraRows ONNX Runtime kernel (loraflow/native): built where a C++ compiler is, skipped with a message
+# where none is (the standard-operator graph serves then).
+NATIVE_LIB := loraflow/native/liblora_rows.so
+native: $(NATIVE_LIB)
+
+$(NATIVE_LIB): loraflow/native/lora_rows.cc loraflow/native/build.sh
+	loraflow/native/build.sh
 
 # torch first and by exact version: pip takes the CPU build from local disk.
 $(STAMP): pyproject.toml requirements.lock

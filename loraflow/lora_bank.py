@@ -298,9 +298,37 @@ def write_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], s
     if not 1 <= slot <= spec.adapter_slots:
         raise InvalidArgument(f"adapter {adapter.name!r}: slot {slot} is outside 1..{spec.adapter_slots}",
                               field="slot", value=slot)
-    for module, (a_slot, b_slot) in slot_tensors(adapter, spec).items():
-        banks_a[module][:, slot] = a_slot
-        banks_b[module][:, slot] = b_slot
+    write_slot_tensors(banks_a, banks_b, slot, slot_tensors(adapter, spec))
+
+
+def write_slot_tensors(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
+                       tensors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write ``slot_tensors`` output (module -> (A^T [L, in, R], B^T [L, R, out])) into ``slot`` of the
+    banks in place, cast to the banks' dtype; a bank module absent from ``tensors`` gets zeros (the
+    adapter does not touch it, so its delta there is zero)."""
+    unknown = sorted(m for m in tensors if m not in banks_a)
+    if unknown:
+        raise InvalidArgument(f"slot tensors for modules {unknown} the banks do not hold (they hold "
+                              f"{list(banks_a)})", field="tensors", value=unknown)
+    slots = next(iter(banks_a.values())).shape[1] if banks_a else 0
+    if banks_a and not 1 <= slot < slots:
+        raise InvalidArgument(f"slot {slot} is outside 1..{slots - 1} (slot 0 is the base model)", field="slot",
+                              value=slot)
+    # Every shape is checked before anything is written, so a refused call leaves the slot as it was.
+    for module, (a_slot, b_slot) in tensors.items():
+        for kind, bank, value in (("A", banks_a[module], a_slot), ("B", banks_b[module], b_slot)):
+            want = bank.shape[:1] + bank.shape[2:]  # [L, N, x, y] -> the slot's [L, x, y]
+            if tuple(np.shape(value)) != want:
+                raise InvalidArgument(f"{module} {kind} slot tensor has shape {list(np.shape(value))}, the bank "
+                                      f"slot is {list(want)}", field=f"tensors.{module}", value=list(np.shape(value)))
+    for module in banks_a:
+        if module in tensors:
+            a_slot, b_slot = tensors[module]
+            banks_a[module][:, slot] = a_slot  # [L, in, R]
+            banks_b[module][:, slot] = b_slot  # [L, R, out]
+        else:
+            banks_a[module][:, slot] = 0
+            banks_b[module][:, slot] = 0
 
 
 def clear_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int) -> None:

@@ -77,6 +77,9 @@ class GraphSpec:
     # "time-major" (traced graph: past [P, F, H, D] in, new K/V out) or "shared-buffer" (fused graph:
     # GroupQueryAttention updates [B, H, ctx_len, D] cache views in place); see graph_contract.py.
     kv_layout: str = gc.KV_LAYOUT_TIME_MAJOR
+    # The same graph with loraflow/native's LoraRows kernel ("" = none): a runtime that can load the
+    # kernel runs it, any other runs ``file``. Both were verified before the artifact was published.
+    native_file: str = ""
 
     @property
     def shared_kv(self) -> bool:
@@ -85,6 +88,7 @@ class GraphSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "kv_layout": self.kv_layout,
+            "native_file": self.native_file,
             "file": self.file,
             "target": self.target,
             "dtype": self.dtype,
@@ -111,6 +115,7 @@ class GraphSpec:
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             lora_modules={m: LoraModuleSpec.from_dict(s) for m, s in d["lora_modules"].items()},
             kv_layout=_kv_layout(d.get("kv_layout", KV_LAYOUTS[0])),  # manifests before the fused graph lack it
+            native_file=str(d.get("native_file", "")),
         )
 
     def input(self, name: str) -> TensorSpec:

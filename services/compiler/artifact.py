@@ -39,7 +39,8 @@ from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
 # Bump when the graph or bank layout changes: it is part of every artifact id.
 # graph2: the fused (GroupQueryAttention) graph; graph3: its logits_index input (batched prefill).
-COMPILER_VERSION = "loraflow-compiler/0.2.0+graph3"
+# 0.3: artifacts also carry model.native.onnx (LoraRows) where the compiling host has loraflow/native.
+COMPILER_VERSION = "loraflow-compiler/0.3.0+graph3-native"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -194,16 +195,22 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         report("optimize", 0.6, f"weights saved ({timings['optimize']:.1f}s)")
         stop()
         t0 = time.perf_counter()
-        verify_report = _verify_fused(out_dir / graph.file, decoder, dequantized, graph, bank_feeds, opts,
-                                      len(plan.adapters))
+        verify_report, native_report = _verify_fused(out_dir, decoder, dequantized, graph, bank_feeds, opts,
+                                                     len(plan.adapters))
         extra["verify"] = {"max_abs_diff": verify_report.max_abs_diff, "relative_diff": verify_report.relative_diff,
                            "tolerance": verify_report.tolerance, "tokens_match": verify_report.tokens_match,
                            "calls": verify_report.calls}
         if verify_report.quant_relative_diff is not None:
             extra["verify"]["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
             extra["verify"]["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement
+        if native_report is not None:
+            extra["verify"]["native"] = {"max_abs_diff": native_report.max_abs_diff,
+                                         "relative_diff": native_report.relative_diff,
+                                         "tokens_match": native_report.tokens_match, "calls": native_report.calls}
+        native_note = (f", native LoRA kernel {native_report.max_abs_diff:.3g}" if native_report is not None
+                       else "")
         stage("verify", 0.85, f"the runtime's step driver matches PyTorch: max abs diff "
-              f"{verify_report.max_abs_diff:.3g}", t0)
+              f"{verify_report.max_abs_diff:.3g}{native_note}", t0)
     elif opts.target == "onnxruntime":
         t0 = time.perf_counter()
         graph, export_times = export_onnxruntime(decoder, out_dir, banks=banks, dtype=opts.dtype)
@@ -327,20 +334,33 @@ def _verification_banks(bank_feeds: dict[str, np.ndarray], num_adapters: int) ->
     return feeds, 1
 
 
-def _verify_fused(onnx_path: Path, decoder, dequantized, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
+def _verify_fused(out_dir: Path, decoder, dequantized, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
+    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise): each
+    runs through the runtime's step driver against the PyTorch reference."""
     import onnxruntime as ort
 
+    from loraflow import native as native_lora
     from services.compiler.fused.builder import dequantized_decoder
     from services.compiler.fused.verify import verify_fused_graph
 
     feeds, occupied = _verification_banks(bank_feeds, num_adapters)
     quantized = opts.dtype != "fp32"
     reference = dequantized_decoder(decoder, dequantized) if quantized else decoder
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     chunk = max(1, min(int(opts.prefill_seq_len), 4))
-    return verify_fused_graph(session, reference, graph, feeds, ctx_len=int(opts.ctx_len), occupied_slots=occupied,
-                              chunk=chunk, accuracy_level=opts.quant_accuracy_level,
-                              float_decoder=decoder if quantized else None)
+    reports = []
+    for file in (graph.file, graph.native_file):
+        if not file:
+            reports.append(None)
+            continue
+        so = ort.SessionOptions()
+        if file == graph.native_file:
+            native_lora.register(so)
+        session = ort.InferenceSession(str(out_dir / file), so, providers=["CPUExecutionProvider"])
+        reports.append(verify_fused_graph(session, reference, graph, feeds, ctx_len=int(opts.ctx_len),
+                                          occupied_slots=occupied, chunk=chunk,
+                                          accuracy_level=opts.quant_accuracy_level,
+                                          float_decoder=decoder if quantized else None))
+    return reports[0], reports[1]
 
 
 def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:

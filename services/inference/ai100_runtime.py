@@ -29,6 +29,7 @@ import numpy as np
 
 from loraflow import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
+from loraflow.lora_bank import BankSpec, empty_banks
 from loraflow.manifest import Manifest
 from services.inference.runtime import AdapterSlot, OrtRuntime
 from services.inference.scheduler import SchedulerOutput
@@ -287,13 +288,9 @@ class Ai100Runtime(OrtRuntime):
         self.max_rank = self.manifest.max_rank
         self.session = session
         self.stepper = Ai100Stepper(session, self.layout, self.layers, self.vocab_size)
-        n = self.adapter_slots + 1
-        self.lora_a: dict[str, np.ndarray] = {}
-        self.lora_b: dict[str, np.ndarray] = {}
-        for module, spec in graph.lora_modules.items():
-            self.lora_a[module] = np.zeros((self.layers, n, spec.in_features, self.max_rank), self.dtype)
-            self.lora_b[module] = np.zeros((self.layers, n, self.max_rank, spec.out_features), self.dtype)
-        self.slots: list[AdapterSlot | None] = [None] * n
+        # The compiler's bank layout (loraflow.lora_bank); slot 0 (the base model) stays zero.
+        self.lora_a, self.lora_b = empty_banks(BankSpec.from_manifest(self.manifest), self.dtype)
+        self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
         self._lock = threading.Lock()
         self._slot_idle = threading.Condition(self._lock)
         self._clock = 0

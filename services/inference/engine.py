@@ -27,6 +27,11 @@ from services.inference.scheduler import FinishReason, Scheduler, SchedulerOutpu
 
 # How long the idle loop sleeps before re-checking the stop flag.
 _IDLE_WAIT_S = 0.1
+# An idle engine that just got a request waits while more keep arriving (each within this long of the
+# last, at most _ADMISSION_MAX_S in all), so a batch submitted row by row (GenerateBatch, generate())
+# is prefilled as one call instead of its first row alone and the rest behind that row's decode steps.
+_ADMISSION_GAP_S = 0.002
+_ADMISSION_MAX_S = 0.02
 
 
 class StepRuntime(Protocol):
@@ -36,6 +41,9 @@ class StepRuntime(Protocol):
     prefill_seq_len: int
     ctx_len: int
     max_prefill_rows: int
+    # Optional: the chunk limit while no row decodes (graphs that take any chunk length); default
+    # prefill_seq_len.
+    idle_prefill_seq_len: int | None
 
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         """Logits [B, V] (float32) at the last real token of each row of ``step``."""
@@ -164,11 +172,14 @@ class Engine:
         self.model_id = model_id
         self.scheduler = Scheduler(full_batch_size=runtime.full_batch_size,
                                    prefill_seq_len=runtime.prefill_seq_len, ctx_len=runtime.ctx_len,
-                                   max_waiting=max_waiting, max_prefill_rows=runtime.max_prefill_rows)
+                                   max_waiting=max_waiting, max_prefill_rows=runtime.max_prefill_rows,
+                                   idle_prefill_seq_len=getattr(runtime, "idle_prefill_seq_len", None))
         self._states: dict[str, _RequestState] = {}
         self._cancels: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._last_submit = 0.0  # monotonic time of the latest admission into the scheduler
+        self._admission_started = 0.0  # when the current admission wait began (0: none)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -230,6 +241,7 @@ class Engine:
                         break
                     self._wake.wait(_IDLE_WAIT_S)  # the loop notifies after each admission
                 self.scheduler.add(seq)
+                self._last_submit = time.monotonic()
                 self._states[request_id] = state
                 metrics.QUEUE_DEPTH.labels(self.model_id).set(self.scheduler.num_waiting)
                 self._wake.notify_all()
@@ -264,10 +276,25 @@ class Engine:
             running_adapters=tuple(sorted(running - {""})), waiting_adapters=tuple(sorted((waiting | set(loading)) - {""})))
 
     # ---- the loop --------------------------------------------------------------------------
+    def _admission_wait(self) -> float:
+        """Seconds to wait for more arrivals before scheduling (0: schedule now). Called under the lock."""
+        sched = self.scheduler
+        if sched.num_running or not sched.num_waiting or sched.num_waiting >= min(sched.max_waiting,
+                                                                                     sched.num_free_slots):
+            return 0.0
+        now = time.monotonic()
+        first = self._admission_started = self._admission_started or now
+        return max(0.0, min(self._last_submit + _ADMISSION_GAP_S, first + _ADMISSION_MAX_S) - now)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._wake:
                 self._apply_cancels()
+                pause = self._admission_wait()
+                if pause > 0:
+                    self._wake.wait(pause)
+                    continue
+                self._admission_started = 0.0
                 waiting = self.scheduler.num_waiting
                 step = self.scheduler.schedule()
                 if self.scheduler.num_waiting < waiting:

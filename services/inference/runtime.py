@@ -1,19 +1,18 @@
 """ONNX Runtime execution of a compiled artifact: session, KV cache, adapter banks.
 
-Fused graphs (fp32/int8/int4, ``graph.kv_layout == "shared-buffer"``) run through
-loraflow.artifact.step_driver.FusedStepDriver, the same code verification runs before publishing: the
-cache is [L, F, H, ctx_len, D] per kind and GroupQueryAttention updates it in place. The rest of this
-docstring is the traced (fp16) graph's time-major layout.
+Graphs run through the same step drivers verification runs before publishing:
 
-The KV cache is one preallocated numpy array per kind, [L, ctx_len, F, H, D]: layer i's cache is
-time-major, so its first P positions ``cache[i][:P]`` are one contiguous block handed to the graph
-without a copy (P rounded up to 16, so one binding serves many steps); a decode step therefore costs
-what is in use, not ctx_len. The graph writes the new tokens' K/V (``present_*`` [S, B, H, D]) into
-preallocated buffers, and one indexed assignment per kind stores them at ``cache[:, position, slot]``.
+* fused graphs (fp32/int8/int4, ``graph.kv_layout == "shared-buffer"``):
+  loraflow.artifact.step_driver.FusedStepDriver; the cache is [L, F, H, ctx_len, D] per kind and
+  GroupQueryAttention updates it in place;
+* traced graphs (fp16, and fp32/int8 for models the fused builder refuses):
+  loraflow.artifact.traced_step_driver.TracedStepDriver, which owns a time-major cache
+  [L, ctx_len, F, H, D] per kind and binds only the positions in use.
 
-Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] are graph inputs bound
-once through an IOBinding; on CPU the OrtValues share memory with the numpy banks, so a hot-added
-adapter is written into its slot in place and serves at once. Slot 0 is the base model (zeros).
+Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] come from loraflow.lora_bank
+(the compiler's layout) and are graph inputs bound once through an IOBinding; on CPU the OrtValues share
+memory with the numpy banks, so a hot-added adapter is written into its slot in place and serves at once.
+Slot 0 is the base model (zeros).
 """
 
 from __future__ import annotations
@@ -26,9 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from loraflow import graph_contract as gc
+from loraflow import native as native_lora
 from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
+from loraflow.artifact.traced_step_driver import TracedStepDriver
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from loraflow.lora_bank import BankSpec, clear_slot, empty_banks, write_slot_tensors
 from loraflow.manifest import Manifest
 from loraflow.names import validate_name
 from services.inference.scheduler import SchedulerOutput
@@ -37,8 +39,6 @@ DEVICES = ("cpu", "cuda", "ai100")
 # ORT starts this many OS threads per session; past the host's cores they only add contention, and
 # 256 is above the core count of any CPU host we serve on, so a request cannot spawn thousands.
 MAX_NUM_THREADS = 256
-# Past inputs are bound in multiples of this many positions (see OrtRuntime._bind_past).
-PAST_BUCKET = 16
 # Name prefix of a slot reserved while weights are written; no valid adapter name starts with NUL.
 _LOADING = "\x00loading:"
 
@@ -84,6 +84,9 @@ def check_device(device: str) -> str:
     return device
 
 
+IDLE_PREFILL_FACTOR = 4
+
+
 class OrtRuntime:
     """Runs SchedulerOutput steps on an artifact's ONNX graph; owns the KV cache and adapter banks."""
 
@@ -124,8 +127,14 @@ class OrtRuntime:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
             else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.artifact_dir / graph.file), so, providers=providers)
-        self._ort = ort
+        # The native LoRA kernel's graph where this process can load the kernel (CPU only), else the
+        # standard-operator one; the artifact holds both, each verified before it was published.
+        self.lora_kernel = "native" if graph.native_file and self.device == "cpu" and native_lora.library_path() \
+            else "onnx"
+        if self.lora_kernel == "native":
+            native_lora.register(so)
+        file = graph.native_file if self.lora_kernel == "native" else graph.file
+        self.session = ort.InferenceSession(str(self.artifact_dir / file), so, providers=providers)
         input_names = {i.name for i in self.session.get_inputs()}
         required = ((gc.INPUT_IDS, gc.LORA_IDS, gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH) if graph.shared_kv
                     else (gc.INPUT_IDS, gc.POSITION_IDS, gc.LORA_IDS, gc.BATCH_INDEX))
@@ -135,6 +144,10 @@ class OrtRuntime:
                                      value=self.manifest.artifact_id)
 
         self.shared_kv = graph.shared_kv
+        # A fused graph takes any chunk length: while no row decodes, the scheduler may feed whole prompts of
+        # up to IDLE_PREFILL_FACTOR chunks in one call (8 prompts of 35-39 tokens: one call, not 1 + 8).
+        self.idle_prefill_seq_len = (min(self.ctx_len - 1, IDLE_PREFILL_FACTOR * self.prefill_seq_len)
+                                     if self.shared_kv else self.prefill_seq_len)
         if self.shared_kv and self.device != "cpu":
             raise FailedPrecondition(f"artifact {self.manifest.artifact_id} is a fused CPU graph (fp32/int8/int4); "
                                      "for device 'cuda' compile with dtype 'fp16'", field="device", value=self.device)
@@ -142,28 +155,10 @@ class OrtRuntime:
             # One buffer per kind that the graph updates in place (loraflow/artifact/kv_cache.py).
             self.kv = SharedKvCache(layers=self.layers, slots=self.full_batch_size, kv_heads=self.kv_heads,
                                     ctx_len=self.ctx_len, head_dim=self.head_dim, dtype=self.dtype)
-        else:
-            # KV cache, time-major: [L, ctx_len, F, H, D] per kind; layer i is the contiguous view [i], and
-            # its first P positions [i][:P] are contiguous too. One array per kind lets a single indexed
-            # write store every layer's new K/V.
-            shape = (self.layers, self.ctx_len, self.full_batch_size, self.kv_heads, self.head_dim)
-            self.k_all = np.zeros(shape, self.dtype)
-            self.v_all = np.zeros(shape, self.dtype)
-            self.k_cache = [self.k_all[i] for i in range(self.layers)]  # L x [ctx_len, F, H, D]
-            self.v_cache = [self.v_all[i] for i in range(self.layers)]
-            self._bound_past = 0  # P of the past inputs currently bound
-            self._past_values: list[object] = []
-            self._out_shape: tuple[int, int] | None = None  # (S, B) of the output buffers currently bound
-            self._out_buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-        # Adapter banks; slot 0 (the base model) stays zero.
-        n = self.adapter_slots + 1
-        self.lora_a: dict[str, np.ndarray] = {}
-        self.lora_b: dict[str, np.ndarray] = {}
-        for module, spec in graph.lora_modules.items():
-            self.lora_a[module] = np.zeros((self.layers, n, spec.in_features, self.max_rank), self.dtype)
-            self.lora_b[module] = np.zeros((self.layers, n, self.max_rank, spec.out_features), self.dtype)
-        self.slots: list[AdapterSlot | None] = [None] * n
+        # Adapter banks, laid out as the compiler lays them; slot 0 (the base model) stays zero.
+        self.lora_a, self.lora_b = empty_banks(BankSpec.from_manifest(self.manifest), self.dtype)
+        self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
         self._lock = threading.Lock()
         self._slot_idle = threading.Condition(self._lock)  # notified when a slot's last request ends
         self._clock = 0
@@ -179,9 +174,11 @@ class OrtRuntime:
             self._driver = FusedStepDriver(self.session, self.kv, self._bank_values, vocab_size=self.vocab_size,
                                            logits_dtype=self.logits_dtype)
         else:
-            self._binding = self.session.io_binding()
-            for name, value in self._bank_values.items():
-                self._binding.bind_ortvalue_input(name, value)
+            # Owns the time-major cache [L, ctx_len, F, H, D] per kind (loraflow/artifact/traced_step_driver.py).
+            self._driver = TracedStepDriver(self.session, self._bank_values, layers=self.layers,
+                                            slots=self.full_batch_size, kv_heads=self.kv_heads, ctx_len=self.ctx_len,
+                                            head_dim=self.head_dim, vocab_size=self.vocab_size, dtype=self.dtype,
+                                            logits_dtype=self.logits_dtype)
 
         for entry in self.manifest.adapters:
             self._fill_slot(entry.slot, entry.name, self.artifact_dir / entry.path, source=f"artifact:{entry.path}")
@@ -263,9 +260,7 @@ class OrtRuntime:
 
     def release_reservation(self, slot: int) -> None:
         """Free a reserved slot whose load failed (zeroed: it may hold part of the new weights)."""
-        for module in self.lora_a:
-            self.lora_a[module][:, slot] = 0
-            self.lora_b[module][:, slot] = 0
+        clear_slot(self.lora_a, self.lora_b, slot)
         self._sync_banks()
         with self._slot_idle:
             self.slots[slot] = None
@@ -283,14 +278,8 @@ class OrtRuntime:
         return tensors, adapter.max_module_rank
 
     def _write_slot(self, slot: int, tensors: dict) -> None:
-        for module in self.lora_a:
-            if module in tensors:
-                a_slot, b_slot = tensors[module]
-                self.lora_a[module][:, slot] = a_slot  # [L, in, R]
-                self.lora_b[module][:, slot] = b_slot  # [L, R, out]
-            else:  # a module the adapter does not touch: a zero delta
-                self.lora_a[module][:, slot] = 0
-                self.lora_b[module][:, slot] = 0
+        # A module the adapter does not touch gets zeros (a zero delta).
+        write_slot_tensors(self.lora_a, self.lora_b, slot, tensors)
         self._sync_banks()
 
     def _fill_slot(self, slot: int, name: str, path: Path, *, source: str) -> None:
@@ -339,86 +328,27 @@ class OrtRuntime:
             raise InvalidArgument(f"slot {slot} is outside 0..{self.full_batch_size - 1}", field="slot", value=slot)
         if self.shared_kv:
             self.kv.reset(slot)
-            return
-        self.k_all[:, :, slot] = 0
-        self.v_all[:, :, slot] = 0
+        else:
+            self._driver.reset(slot)
 
     def memory_bytes(self) -> int:
         weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
-        cache = self.kv.nbytes if self.shared_kv else self.k_all.nbytes + self.v_all.nbytes
+        cache = self.kv.nbytes if self.shared_kv else self._driver.nbytes
         banks = sum(b.nbytes for b in list(self.lora_a.values()) + list(self.lora_b.values()))
         return int(weights + cache + banks)
 
     # ---- execution -------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         """Run one step; returns logits [B, V] (valid until the next call) and stores the new K/V."""
+        rows = [Row(r.slot, r.lora_id, r.token_ids, r.start_position) for r in step.rows]
         if self.shared_kv:
-            return self._driver.step([Row(r.slot, r.lora_id, r.token_ids, r.start_position) for r in step.rows])
-        ids, positions = step.padded_inputs(gc.PAD_POSITION)
-        input_ids = np.asarray(ids, dtype=np.int64)  # [B, S]
-        position_ids = np.asarray(positions, dtype=np.int64)  # [B, S]
-        lora_ids = np.asarray([[r.lora_id] for r in step.rows], dtype=np.int64)  # [B, 1]
-        batch_index = np.asarray([[r.slot] for r in step.rows], dtype=np.int64)  # [B, 1]
+            return self._driver.step(rows)
         if step.past_len > self.ctx_len:
             raise InvalidArgument(f"step needs {step.past_len} past positions but ctx_len is {self.ctx_len}",
                                   field="position_ids", value=step.past_len)
-        ort = self._ort
-        small = (input_ids, position_ids, lora_ids, batch_index)  # kept alive until the run returns
-        for name, array in zip((gc.INPUT_IDS, gc.POSITION_IDS, gc.LORA_IDS, gc.BATCH_INDEX), small, strict=True):
-            self._binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        self._bind_past(step.past_len)
-        logits, k_out, v_out = self._bind_outputs(input_ids.shape[1], input_ids.shape[0])
-        self.session.run_with_iobinding(self._binding)
-
-        b_idx, s_idx = np.nonzero(position_ids >= 0)
-        t_idx = position_ids[b_idx, s_idx]
-        slot_idx = batch_index[b_idx, 0]
-        # k_out [L, S, B, H, D] -> [L, n, H, D] into cache[:, position, slot]
-        self.k_all[:, t_idx, slot_idx] = k_out[:, s_idx, b_idx]
-        self.v_all[:, t_idx, slot_idx] = v_out[:, s_idx, b_idx]
-        return logits[:, -1, :]  # [B, 1, V] -> [B, V]
-
-    def _bind_past(self, past_len: int) -> None:
-        """Bind cache[:P'] with P' = past_len rounded up to PAST_BUCKET, rebinding only when P' changes.
-
-        Entries past a row's own position are masked by the graph (row b attends j < position_ids[b, 0]),
-        so a few extra positions change nothing but let the same binding serve many decode steps.
-        """
-        bucket = min(self.ctx_len, -(-past_len // PAST_BUCKET) * PAST_BUCKET)
-        if bucket == self._bound_past:
-            return
-        ort = self._ort
-        values = []
-        for i in range(self.layers):
-            for name, cache in ((gc.past_key(i), self.k_cache[i]), (gc.past_value(i), self.v_cache[i])):
-                value = ort.OrtValue.ortvalue_from_numpy(cache[:bucket])  # [P', F, H, D] view, no copy
-                self._binding.bind_ortvalue_input(name, value)
-                values.append(value)
-        self._past_values = values
-        self._bound_past = bucket
-
-    def _bind_outputs(self, seq_len: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Preallocated output buffers the graph writes into; rebound only when (S, B) changes."""
-        if self._out_shape != (seq_len, rows):
-            ort = self._ort
-            logits = np.empty((rows, 1, self.vocab_size), self.logits_dtype)
-            shape = (self.layers, seq_len, rows, self.kv_heads, self.head_dim)
-            k_out, v_out = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
-            self._binding.bind_ortvalue_output(gc.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
-            for i in range(self.layers):
-                self._binding.bind_ortvalue_output(gc.present_key(i), ort.OrtValue.ortvalue_from_numpy(k_out[i]))
-                self._binding.bind_ortvalue_output(gc.present_value(i), ort.OrtValue.ortvalue_from_numpy(v_out[i]))
-            self._out_buffers = (logits, k_out, v_out)
-            self._out_shape = (seq_len, rows)
-        return self._out_buffers
+        return self._driver.step(rows)
 
     def close(self) -> None:
-        if self.shared_kv:
-            self._driver.close()
-            self._bank_values.clear()
-            del self.session
-            return
-        self._binding.clear_binding_inputs()
-        self._binding.clear_binding_outputs()
+        self._driver.close()
         self._bank_values.clear()
         del self.session

@@ -114,6 +114,33 @@ def test_fit_rejections(adapter_dir):
         lora_bank.write_slot(banks_a, banks_b, 4, ad, spec())
 
 
+
+def test_write_slot_tensors_casts_zeroes_untouched_modules_and_refuses_bad_input(adapter_dir):
+    """The runtimes' writer: what write_slot writes, in the banks' dtype; a module the tensors lack is zeroed."""
+    s = spec()
+    ad = lora_bank.read_adapter("qv", adapter_dir)
+    ref_a, ref_b = lora_bank.empty_banks(s)
+    lora_bank.write_slot(ref_a, ref_b, 1, ad, s)
+    banks_a, banks_b = lora_bank.empty_banks(s, np.float16)
+    banks_a["o_proj"][:, 1] = 1  # stale weights of a previous adapter in the slot
+    banks_b["o_proj"][:, 1] = 1
+    tensors = {m: t for m, t in lora_bank.slot_tensors(ad, s).items() if m in ("q_proj", "v_proj")}
+    lora_bank.write_slot_tensors(banks_a, banks_b, 1, tensors)
+    for m in MODULES:
+        assert banks_a[m].dtype == np.float16 and banks_b[m].dtype == np.float16
+        np.testing.assert_array_equal(banks_a[m], ref_a[m].astype(np.float16))
+        np.testing.assert_array_equal(banks_b[m], ref_b[m].astype(np.float16))
+    bad = [(0, tensors, "slot", 0), (4, tensors, "slot", 4),
+           (1, {"lm_head": tensors["q_proj"]}, "tensors", ["lm_head"]),
+           (1, {**tensors, "v_proj": (tensors["v_proj"][0][:, :, :4], tensors["v_proj"][1])}, "tensors.v_proj",
+            [LAYERS, 64, 4])]
+    for slot, given, field, value in bad:
+        with pytest.raises(InvalidArgument) as err:
+            lora_bank.write_slot_tensors(banks_a, banks_b, slot, given)
+        assert (err.value.field, err.value.value) == (field, value)
+    for m in MODULES:  # every refused call left the banks as they were
+        np.testing.assert_array_equal(banks_a[m], ref_a[m].astype(np.float16))
+
 def test_bf16_weights_are_read(adapter_dir):
     import torch
     from safetensors.torch import load_file as tload

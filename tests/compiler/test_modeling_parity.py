@@ -13,8 +13,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraflow.graph_contract import LORA_TARGET_MODULES
-from services.compiler.verify import drive, torch_runner
 from tests.compiler.helpers import decoder_with_adapters, random_prompts
+from tests.support.chunked_reference import drive_decoder
 
 LOGIT_TOL = 1e-4
 NEW_TOKENS = 5
@@ -52,9 +52,8 @@ def test_mixed_adapter_batch_matches_peft(kind, parity_model, adapter_factory):
     lora_ids = list(range(len(adapters) + 1))  # row 0 is the base model
     prompts = random_prompts(graph.vocab_size, [7, 4, 9, 5][: len(lora_ids)], seed=len(kind))
     # Our decoder: one mixed batch, chunked prefill (3 tokens per call), then greedy decode steps.
-    (_,), ours, _ = drive([torch_runner(decoder, graph)], graph, banks, prompts, lora_ids, chunk=3,
-                          decode_steps=NEW_TOKENS, ctx_len=32, full_batch=len(lora_ids) + 1,
-                          kv_slots=list(reversed(range(len(lora_ids)))))
+    _, ours, _ = drive_decoder(decoder, graph, banks, prompts, lora_ids, chunk=3, decode_steps=NEW_TOKENS,
+                               ctx_len=32, full_batch=len(lora_ids) + 1, kv_slots=list(reversed(range(len(lora_ids)))))
     for row, slot in enumerate(lora_ids):
         ref = _reference(model_dir, None if slot == 0 else adapters[slot - 1][1])
         ids = torch.tensor([prompts[row]])
@@ -80,8 +79,8 @@ def test_chunked_prefill_and_decode_equal_one_full_forward(parity_model, adapter
     prompts = random_prompts(graph.vocab_size, [11, 6, 1], seed=7)
     lora_ids = [2, 0, 1]
     for chunk in (1, 4, 16):
-        (final,), _, _ = drive([torch_runner(decoder, graph)], graph, banks, prompts, lora_ids, chunk=chunk,
-                               decode_steps=0, ctx_len=32, full_batch=4, kv_slots=[3, 0, 2])
+        final, _, _ = drive_decoder(decoder, graph, banks, prompts, lora_ids, chunk=chunk, decode_steps=0,
+                                    ctx_len=32, full_batch=4, kv_slots=[3, 0, 2])
         for row, prompt in enumerate(prompts):
             seq = torch.tensor([prompt])
             with torch.no_grad():

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.inference import engine as engine_module
 from services.inference.engine import Engine, GenerationRequest
 from services.inference.model_manager import open_model
 from services.inference.sampling import SamplingParams
@@ -251,3 +252,33 @@ def test_request_id_is_bounded_and_of_a_safe_charset(model):
             GenerationRequest((1, 2), request_id=bad)
         assert err.value.field == "request_id" and len(str(err.value)) < 300
     assert submit(model, [1, 2, 3], request_id="job:42/a-1_b.c@x+y").result().request_id == "job:42/a-1_b.c@x+y"
+
+
+def test_an_idle_engine_prefills_requests_submitted_back_to_back_as_one_call(tiny_artifact, tiny_tokenizer,
+                                                                           monkeypatch):
+    # Wider windows than the defaults, and gaps between submissions that the engine thread would otherwise
+    # use to start the first request alone: the test does not depend on the host's scheduling.
+    monkeypatch.setattr(engine_module, "_ADMISSION_GAP_S", 0.2)
+    monkeypatch.setattr(engine_module, "_ADMISSION_MAX_S", 5.0)
+    artifact_dir, manifest = tiny_artifact
+    m = open_model(artifact_dir, num_threads=1, model_id="admission", manifest=manifest)
+    calls = []
+    execute = m.runtime.execute
+    m.runtime.execute = lambda step: (calls.append((step.kind, [len(r.token_ids) for r in step.rows])),
+                                      execute(step))[1]
+    try:
+        # Longer than one chunk: with nothing decoding, each goes in whole (the runtime's idle limit).
+        prompts = [tiny_tokenizer.encode(p * 3) for p in PROMPTS]
+        assert all(m.runtime.prefill_seq_len < len(p) <= m.runtime.idle_prefill_seq_len for p in prompts)
+        handles = []
+        for p in prompts:  # row by row, as GenerateBatch does
+            handles.append(submit(m, p, "", greedy(3)))
+            time.sleep(0.02)
+        for h in handles:
+            h.result()
+    finally:
+        m.close()
+    # The first call holds as many of them as one prefill call may (the artifact's batch_size), whole.
+    rows = m.runtime.max_prefill_rows
+    assert 1 < rows < len(prompts)
+    assert calls[0] == ("prefill", [len(p) for p in prompts[:rows]])

@@ -115,3 +115,23 @@ def test_staggered_arrivals_keep_each_request_on_its_own_slot_and_positions():
     s.update(out, {"b": 8})
     out = s.schedule()
     assert {(r.request_id, r.start_position) for r in out.rows} == {("a", 4), ("b", 1)}
+
+
+def test_idle_prefill_takes_longer_chunks_only_while_no_row_decodes():
+    s = make(prefill_seq_len=4, idle_prefill_seq_len=12, full_batch_size=3)
+    s.add(Sequence("a", list(range(100, 110)), lora_id=1, max_new_tokens=4))  # 10 tokens
+    s.add(Sequence("b", list(range(200, 215)), lora_id=2, max_new_tokens=4))  # 15 tokens
+    out, _ = run_step(s)  # nothing decodes: up to 12 tokens per row
+    assert out.kind == "prefill" and [len(r.token_ids) for r in out.rows] == [10, 12]
+    assert [r.samples for r in out.rows] == [True, False]
+    out, _ = run_step(s)  # a decodes first (prefill and decode alternate)
+    assert out.kind == "decode" and [r.request_id for r in out.rows] == ["a"]
+    s.add(Sequence("c", list(range(300, 310)), lora_id=0, max_new_tokens=4))
+    out, _ = run_step(s)  # a is decoding: b's rest and the newcomer c get the 4-token bound
+    assert out.kind == "prefill" and {r.request_id: len(r.token_ids) for r in out.rows} == {"b": 3, "c": 4}
+
+
+def test_idle_prefill_shorter_than_a_chunk_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument) as info:
+        make(prefill_seq_len=8, idle_prefill_seq_len=4)
+    assert info.value.field == "idle_prefill_seq_len" and info.value.value == 4

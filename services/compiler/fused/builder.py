@@ -7,7 +7,9 @@ layer that the operator updates in place (past and present bound to the same mem
 ``MatMulNBits`` for int4/int8 base weights. The LoRA banks stay graph inputs ([L*N, in, R] /
 [L*N, R, out], so a hot-added adapter needs no recompile) and each row gathers its own slice by
 ``lora_ids``. When q, k and v are all adapted (or none is) GroupQueryAttention takes the packed q|k|v
-(their deltas joined by one Concat and added once) instead of three split tensors. Logits are computed
+(their deltas joined by one Concat and added once) instead of three split tensors. With
+``lora_kernel="native"`` each adapted projection is instead one ``ai.loraflow.LoraRows`` node
+(loraflow/native) adding its delta into its columns of the packed output. Logits are computed
 at one token per row only. Names: loraflow/graph_contract.py
 ("fused" layout).
 
@@ -30,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from loraflow import graph_contract as gc
+from loraflow import native as native_lora
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from services.compiler.fused import quantize
 from services.compiler.modeling.config import DecoderConfig
@@ -40,6 +43,7 @@ MS = "com.microsoft"
 ROTARY_HEAD_MULTIPLE = 16
 FLOAT_DTYPES = {"fp32": TensorProto.FLOAT}
 WEIGHT_BITS = {"fp32": None, "int8": 8, "int4": 4}
+LORA_KERNELS = ("onnx", "native")
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,17 @@ class FusedGraphOptions:
     lora_modules: tuple[str, ...]
     quant_block_size: int = quantize.DEFAULT_BLOCK_SIZE
     quant_accuracy_level: int = 4
+    # "onnx": the per-row delta in standard operators (Gather, MatMul, Add), runnable anywhere;
+    # "native": one LoraRows node per adapted projection (loraflow/native), for runtimes that load it.
+    lora_kernel: str = "onnx"
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_BITS:
             raise InvalidArgument(f"options.dtype={self.dtype!r} has no fused graph; fused dtypes: "
                                   f"{list(WEIGHT_BITS)}", field="options.dtype", value=self.dtype)
+        if self.lora_kernel not in LORA_KERNELS:
+            raise InvalidArgument(f"lora_kernel={self.lora_kernel!r} is not one of {list(LORA_KERNELS)}",
+                                  field="lora_kernel", value=self.lora_kernel)
 
     @property
     def bits(self) -> int | None:
@@ -93,10 +103,19 @@ class ExternalData:
         self._file = open(self.path, "wb")  # noqa: SIM115  (closed by close())
         self._sha = hashlib.sha256()
         self.size = 0
+        self._written: dict[str, TensorProto] = {}  # a second graph over the same file reuses these
 
     def tensor(self, name: str, array: np.ndarray) -> TensorProto:
         array = np.require(array, requirements="C")
         data = memoryview(array).cast("B")
+        known = self._written.get(name)
+        if known is not None:
+            if list(known.dims) != list(array.shape) or known.data_type != helper.np_dtype_to_tensor_dtype(array.dtype):
+                raise InvalidArgument(f"initializer {name!r} was written as {list(known.dims)} and is now "
+                                      f"{list(array.shape)}", field="initializer", value=name)
+            t = TensorProto()
+            t.CopyFrom(known)
+            return t
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", str(self.size)), ("length", str(data.nbytes))):
@@ -105,6 +124,7 @@ class ExternalData:
         self._file.write(data)
         self._sha.update(data)
         self.size += data.nbytes
+        self._written[name] = t
         return t
 
     def close(self) -> str:
@@ -154,14 +174,17 @@ class FusedGraphBuilder:
     """One model from a MultiLoraDecoder's weights (float32 tensors are read, never modified)."""
 
     def __init__(self, cfg: DecoderConfig, weights: Callable[[str], np.ndarray], options: FusedGraphOptions,
-                 external: ExternalData | None = None):
-        """``external``: where large initializers are written (None: inline in the model, for tests)."""
+                 external: ExternalData | None = None, quantized: dict | None = None):
+        """``external``: where large initializers are written (None: inline in the model, for tests).
+        ``quantized``: block-quantised weights by node name, filled by one build and reused by the next
+        (a second graph over the same ExternalData, e.g. the other lora_kernel, quantises nothing again)."""
         why = fused_graph_supported(cfg)
         if why:
             raise FailedPrecondition(f"the fused graph cannot express this model: {why}", field="base_model",
                                      value=cfg.architecture)
         self.cfg, self.weights, self.opts = cfg, weights, options
         self.g = _Graph(external=external)
+        self.quantized = {} if quantized is None else quantized
 
     # --- pieces ---------------------------------------------------------------------------------
     def _linear(self, x: str, weight_name: str, w_kn: np.ndarray, bias: np.ndarray | None, name: str) -> str:
@@ -171,7 +194,10 @@ class FusedGraphBuilder:
             (y,) = g.node("MatMul", [x, g.const(f"{name}.weight", w_kn)], name=name)
             g.dequantized[weight_name] = w_kn
         else:
-            q = quantize.quantize_blockwise(w_kn, self.opts.bits, self.opts.quant_block_size)
+            q = self.quantized.get(name)
+            if q is None:
+                q = self.quantized[name] = quantize.quantize_blockwise(w_kn, self.opts.bits,
+                                                                       self.opts.quant_block_size)
             node, inits = quantize.matmul_nbits_node(name, x, f"{name}/out0", q,
                                                      accuracy_level=self.opts.quant_accuracy_level)
             g.nodes.append(node)
@@ -191,9 +217,19 @@ class FusedGraphBuilder:
         (delta,) = g.node("MatMul", [xa, b], name=f"{name}/xab")  # [B, S, out]
         return delta
 
-    def _adapted(self, module: str, y: str, x: str, row_index: str, name: str) -> str:
+    def _adapted(self, module: str, y: str, x: str, row_index: str, name: str, *, layer: int,
+                 column_offset: int = 0) -> str:
+        """y with ``module``'s per-row delta added in columns column_offset.. (y itself if not a target)."""
         if module not in self.opts.lora_modules:
             return y
+        if self.opts.lora_kernel == "native":
+            (out,) = self.g.node("LoraRows", [y, x, gc.LORA_IDS, gc.lora_a(module), gc.lora_b(module)],
+                                 name=f"{name}/lora", domain=native_lora.DOMAIN,
+                                 bank_offset=layer * self.opts.num_slots, column_offset=column_offset)
+            return out
+        if column_offset:
+            raise InvalidArgument("a column offset needs the native LoRA kernel", field="column_offset",
+                                  value=column_offset)
         (out,) = self.g.node("Add", [y, self._lora_delta(module, x, row_index, f"{name}/lora")], name=f"{name}/add")
         return out
 
@@ -213,6 +249,8 @@ class FusedGraphBuilder:
         g.node("Reshape", [gc.LORA_IDS, g.const("shape.rows", np.array([-1], np.int64))], [lora_rows],
                name="lora_ids/flat")  # [B, 1] -> [B]
 
+        if opts.lora_kernel == "native":
+            qkv_shape = g.const("shape.qkv", np.array([0, 0, q_size + 2 * kv_size], np.int64))  # 0: keep B, S
         (h,) = g.node("Gather", [g.const("embed_tokens.weight", w("embed_tokens.weight")), gc.INPUT_IDS],
                       name="embed", axis=0)  # [B, S, hidden]
         (x,) = g.node("SimplifiedLayerNormalization", [h, g.const("layers.0.input_layernorm.weight",
@@ -221,7 +259,7 @@ class FusedGraphBuilder:
         residual = h
         for i in range(L):
             p = f"layers.{i}"
-            if opts.lora_modules:
+            if opts.lora_modules and opts.lora_kernel == "onnx":
                 # Row b's slices sit at i*N + lora_ids[b] in the flat [L*N, ...] banks.
                 (row_index,) = g.node("Add", [lora_rows, g.const(f"{p}.bank_offset", np.array(i * N, np.int64))],
                                       name=f"{p}/bank_rows")
@@ -232,7 +270,17 @@ class FusedGraphBuilder:
             qkv_b = w(f"{p}.self_attn.qkv_proj.bias") if cfg.attention_bias else None
             qkv = self._linear(x, f"{p}.self_attn.qkv_proj.weight", qkv_w.T, qkv_b, f"{p}/attn/qkv")
             adapted = [m in opts.lora_modules for m in ("q_proj", "k_proj", "v_proj")]
-            if all(adapted) or not any(adapted):
+            if opts.lora_kernel == "native":
+                # Each adapted projection's delta goes straight into its columns of the packed q|k|v.
+                for module, offset in (("q_proj", 0), ("k_proj", q_size), ("v_proj", q_size + kv_size)):
+                    qkv = self._adapted(module, qkv, x, row_index, f"{p}/attn/{module[0]}", layer=i,
+                                        column_offset=offset)
+                if any(adapted):
+                    # A custom op's output has no inferred shape; GroupQueryAttention behind one ran a prefill
+                    # chunk ~7x slower (SmolLM2-135M, B=8, S=32). A Reshape to [B, S, q+2kv] declares it.
+                    (qkv,) = g.node("Reshape", [qkv, qkv_shape], name=f"{p}/attn/qkv/shape")  # [B, S, q+2kv]
+                q, k, v = qkv, "", ""
+            elif all(adapted) or not any(adapted):
                 # GroupQueryAttention takes the packed q|k|v (no Split); deltas, if any, go in as one.
                 if all(adapted):
                     deltas = [self._lora_delta(m, x, row_index, f"{p}/attn/{m[0]}/lora")
@@ -244,9 +292,9 @@ class FusedGraphBuilder:
                 q, k, v = g.node("Split",
                                  [qkv, g.const(f"{p}.qkv_split", np.array([q_size, kv_size, kv_size], np.int64))],
                                  3, name=f"{p}/attn/split", axis=-1)  # [B, S, q+2kv] -> q, k, v
-                q = self._adapted("q_proj", q, x, row_index, f"{p}/attn/q")
-                k = self._adapted("k_proj", k, x, row_index, f"{p}/attn/k")
-                v = self._adapted("v_proj", v, x, row_index, f"{p}/attn/v")
+                q = self._adapted("q_proj", q, x, row_index, f"{p}/attn/q", layer=i)
+                k = self._adapted("k_proj", k, x, row_index, f"{p}/attn/k", layer=i)
+                v = self._adapted("v_proj", v, x, row_index, f"{p}/attn/v", layer=i)
             attn, _, _ = g.node(
                 "GroupQueryAttention",
                 [q, k, v, gc.past_key(i), gc.past_value(i), gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH,
@@ -257,7 +305,7 @@ class FusedGraphBuilder:
             o_b = w(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
             o = self._linear(attn, f"{p}.self_attn.o_proj.weight", w(f"{p}.self_attn.o_proj.weight").T, o_b,
                              f"{p}/attn/o")
-            o = self._adapted("o_proj", o, attn, row_index, f"{p}/attn/o")
+            o = self._adapted("o_proj", o, attn, row_index, f"{p}/attn/o", layer=i)
             # residual + attention, then RMSNorm: one SkipSimplifiedLayerNormalization (output 3 = the sum).
             x, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization",
@@ -269,17 +317,21 @@ class FusedGraphBuilder:
             gu_w = w(f"{p}.mlp.gate_up_proj.weight")  # [2I, hidden]
             gu_b = w(f"{p}.mlp.gate_up_proj.bias") if cfg.mlp_bias else None
             gu = self._linear(x, f"{p}.mlp.gate_up_proj.weight", gu_w.T, gu_b, f"{p}/mlp/gate_up")
+            if opts.lora_kernel == "native":  # deltas into the packed gate|up columns, before the Split
+                gu = self._adapted("gate_proj", gu, x, row_index, f"{p}/mlp/gate", layer=i)
+                gu = self._adapted("up_proj", gu, x, row_index, f"{p}/mlp/up", layer=i, column_offset=inter)
             gate, up = g.node("Split", [gu, g.const(f"{p}.gate_up_split", np.array([inter, inter], np.int64))], 2,
                               name=f"{p}/mlp/split", axis=-1)  # [B, S, 2I] -> [B, S, I] x 2
-            gate = self._adapted("gate_proj", gate, x, row_index, f"{p}/mlp/gate")
-            up = self._adapted("up_proj", up, x, row_index, f"{p}/mlp/up")
+            if opts.lora_kernel == "onnx":
+                gate = self._adapted("gate_proj", gate, x, row_index, f"{p}/mlp/gate", layer=i)
+                up = self._adapted("up_proj", up, x, row_index, f"{p}/mlp/up", layer=i)
             (sig,) = g.node("Sigmoid", [gate], name=f"{p}/mlp/sigmoid")
             (silu,) = g.node("Mul", [gate, sig], name=f"{p}/mlp/silu")
             (act,) = g.node("Mul", [silu, up], name=f"{p}/mlp/act")  # [B, S, I]
             d_b = w(f"{p}.mlp.down_proj.bias") if cfg.mlp_bias else None
             down = self._linear(act, f"{p}.mlp.down_proj.weight", w(f"{p}.mlp.down_proj.weight").T, d_b,
                                 f"{p}/mlp/down")
-            down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down")
+            down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down", layer=i)
             # residual + MLP, then the next layer's input norm (the final norm after the last layer).
             weight_key, node_name = ((f"layers.{i + 1}.input_layernorm.weight", f"layers.{i + 1}/input_norm")
                                      if i + 1 < L else ("norm.weight", "final_norm"))
@@ -321,7 +373,10 @@ class FusedGraphBuilder:
             inputs += [helper.make_tensor_value_info(gc.lora_a(m), float_t, [L * N, fin, R]),
                        helper.make_tensor_value_info(gc.lora_b(m), float_t, [L * N, R, fout])]
         graph = helper.make_graph(g.nodes, "loraflow_fused_decoder", inputs, outputs, g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+        if opts.lora_kernel == "native":
+            opsets.append(helper.make_opsetid(native_lora.DOMAIN, native_lora.OPSET))
+        model = helper.make_model(graph, opset_imports=opsets,
                                   producer_name="loraflow")
         model.ir_version = 8
         return model, g.dequantized

@@ -1,20 +1,22 @@
-"""Write the fused graph of a decoder into an artifact directory (model.onnx + model.onnx.data)."""
+"""Write the fused graph of a decoder into an artifact directory (model.onnx [+ model.native.onnx] + model.onnx.data)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from loraflow import graph_contract as gc
+from loraflow import native as native_lora
 from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
 from services.compiler.fused.builder import ExternalData, FusedGraphBuilder, FusedGraphOptions
 from services.compiler.modeling.decoder import MultiLoraDecoder
 
 ONNX_FILE = "model.onnx"
+NATIVE_ONNX_FILE = "model.native.onnx"  # the same graph with loraflow/native's LoraRows (optional)
 DATA_FILE = "model.onnx.data"
 
 
@@ -47,20 +49,33 @@ class FusedExport:
     digests: dict[str, str]  # file name -> sha256 of the files written (hashed while writing)
 
 
-def export_fused(decoder: MultiLoraDecoder, out_dir: str | Path, opts: FusedGraphOptions) -> FusedExport:
-    """Write out_dir/model.onnx and its weights file (model.onnx.data, written directly and hashed)."""
+def export_fused(decoder: MultiLoraDecoder, out_dir: str | Path, opts: FusedGraphOptions, *,
+                 native: bool | None = None) -> FusedExport:
+    """Write out_dir/model.onnx (LoRA in standard operators) and its weights file (model.onnx.data,
+    written directly and hashed); with ``native`` (default: when loraflow/native's library is built
+    here) also model.native.onnx, the same graph with LoraRows nodes over the same weights file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if native is None:
+        native = bool(opts.lora_modules) and native_lora.library_path() is not None
     t0 = time.perf_counter()
     state = {k: v.detach().to("cpu").float().numpy() for k, v in decoder.state_dict().items()}
     external = ExternalData(out_dir / DATA_FILE, DATA_FILE)
+    quantized: dict = {}
     try:
-        model, dequantized = FusedGraphBuilder(decoder.cfg, state.__getitem__, opts, external).build()
+        model, dequantized = FusedGraphBuilder(decoder.cfg, state.__getitem__, replace(opts, lora_kernel="onnx"),
+                                               external, quantized).build()
+        native_model = None
+        if native:  # every initializer is already in the data file: this build writes nothing to it
+            native_model, _ = FusedGraphBuilder(decoder.cfg, state.__getitem__, replace(opts, lora_kernel="native"),
+                                                external, quantized).build()
     finally:
         data_sha = external.close()
     timings = {"export": time.perf_counter() - t0}
     t0 = time.perf_counter()
     onnx.save(model, str(out_dir / ONNX_FILE))  # the graph only: every large tensor is already external
+    if native_model is not None:
+        onnx.save(native_model, str(out_dir / NATIVE_ONNX_FILE))
     timings["save"] = time.perf_counter() - t0
     cfg = decoder.cfg
     inputs, outputs = fused_io(decoder, opts)
@@ -69,5 +84,5 @@ def export_fused(decoder: MultiLoraDecoder, out_dir: str | Path, opts: FusedGrap
                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
                       inputs=inputs, outputs=outputs,
                       lora_modules={m: LoraModuleSpec(*shapes[m]) for m in opts.lora_modules},
-                      kv_layout=gc.KV_LAYOUT_SHARED)
+                      kv_layout=gc.KV_LAYOUT_SHARED, native_file=NATIVE_ONNX_FILE if native_model is not None else "")
     return FusedExport(graph=graph, timings=timings, dequantized=dequantized, digests={DATA_FILE: data_sha})

@@ -1,0 +1,246 @@
+// LoraRows: the per-row LoRA delta of the fused graph as one ONNX Runtime CPU kernel.
+//
+// The standard-op form of one adapted projection is Gather A, Gather B, MatMul, MatMul, Add: five nodes of
+// microseconds of work each, whose thread-pool wake-ups and executor overhead cost more than the
+// arithmetic (bench/step_profile.py: 510 LoRA nodes, ~8.5 ms of a 46 ms SmolLM2-135M decode step at B=8).
+// This kernel does the same in one node, reading each row's slot straight out of the bank (no gathered
+// copy) and skipping base-model rows.
+//
+//   inputs   y        float [B, S, Y]      the base projection's output (q|k|v packed, or one projection)
+//            x        float [B, S, K]      the projection's input
+//            lora_ids int64 [B, 1]         adapter slot per row, 0 = base model (its bank slot is zero)
+//            a_bank   float [M, K, R]      A^T of every (layer, slot), M = layers * slots
+//            b_bank   float [M, R, O]      B^T * scaling of every (layer, slot)
+//   attrs    bank_offset   int             this layer's first bank row (layer * slots)
+//            column_offset int             where the O delta columns start inside Y
+//   output   float [B, S, Y] = y, plus (x[b, s] @ a_bank[off + id_b]) @ b_bank[off + id_b] in the columns
+//            column_offset .. column_offset + O
+//
+// Built by `make native` into loraflow/native/liblora_rows.so against ONNX Runtime's C API headers;
+// loraflow/native/__init__.py loads it. Errors are ORT_INVALID_ARGUMENT naming the input and the value.
+
+// The API table comes from the loading runtime (RegisterCustomOps), so nothing links libonnxruntime.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr const char* kDomain = "ai.loraflow";
+// Multiply-adds from which one node splits its rows over ONNX Runtime's intra-op threads. Reading each
+// row's slot of the banks is memory-bound (~31 us per node for 8 rows of SmolLM2-135M's r=8 q/k/v/o on one
+// core); a second thread halves that when the pool's threads spin, but waking sleeping ones costs more,
+// so without spinning only prefill-sized work (many tokens per row) is split.
+constexpr int64_t kParallelMinSpinning = 16384;
+constexpr int64_t kParallelMinSleeping = 1000000;
+
+struct Task {
+  const float* x;
+  const int64_t* ids;
+  const float* a_bank;
+  const float* b_bank;
+  float* out;
+  int64_t S, K, R, O, Y, bank_offset, column_offset;
+};
+
+// out[off:off+O] += sum_r xa[r] * B[r, :] for one token: one pass over the output, vectorised over o.
+template <int R>
+inline void AddXaB(const float* __restrict xa, const float* __restrict Bm, float* __restrict ys, int64_t O) {
+  for (int64_t o = 0; o < O; ++o) {
+    float sum = ys[o];
+    for (int r = 0; r < R; ++r) sum += xa[r] * Bm[r * O + o];
+    ys[o] = sum;
+  }
+}
+
+// One row b with a compile-time rank R: tokens four at a time share each load of A's row k (four
+// independent accumulators of R lanes), then each token's R values multiply B in one pass over its output.
+template <int R>
+void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const float* __restrict Bm) {
+  constexpr int64_t kTile = 4;
+  const int64_t K = t.K, O = t.O;
+  if (t.S == 1) {  // a decode row: four partial sums over k instead of four tokens
+    alignas(32) float part[kTile][R] = {};
+    const float* __restrict xs = t.x + static_cast<int64_t>(b) * K;
+    int64_t k = 0;
+    for (; k + kTile <= K; k += kTile) {
+      for (int64_t i = 0; i < kTile; ++i) {
+        const float xk = xs[k + i];
+        const float* __restrict ak = A + (k + i) * R;
+        for (int r = 0; r < R; ++r) part[i][r] += xk * ak[r];
+      }
+    }
+    for (; k < K; ++k) {
+      for (int r = 0; r < R; ++r) part[0][r] += xs[k] * A[k * R + r];
+    }
+    alignas(32) float xa[R];
+    for (int r = 0; r < R; ++r) xa[r] = (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]);
+    AddXaB<R>(xa, Bm, t.out + static_cast<int64_t>(b) * t.Y + t.column_offset, O);
+    return;
+  }
+  for (int64_t s0 = 0; s0 < t.S; s0 += kTile) {
+    const int64_t n = std::min(kTile, t.S - s0);
+    alignas(32) float xa[kTile][R] = {};
+    const float* xs[kTile];
+    for (int64_t i = 0; i < kTile; ++i) xs[i] = t.x + (static_cast<int64_t>(b) * t.S + s0 + std::min(i, n - 1)) * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* __restrict ak = A + k * R;
+      const float x0 = xs[0][k], x1 = xs[1][k], x2 = xs[2][k], x3 = xs[3][k];
+      for (int r = 0; r < R; ++r) {
+        const float a = ak[r];
+        xa[0][r] += x0 * a;
+        xa[1][r] += x1 * a;
+        xa[2][r] += x2 * a;
+        xa[3][r] += x3 * a;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      float* ys = t.out + (static_cast<int64_t>(b) * t.S + s0 + i) * t.Y + t.column_offset;
+      AddXaB<R>(xa[i], Bm, ys, O);
+    }
+  }
+}
+
+// Any other rank: the same arithmetic with runtime loops.
+void RowDeltaAny(const Task& t, size_t b, const float* A, const float* Bm) {
+  std::vector<float> xa(static_cast<size_t>(t.R));
+  for (int64_t s = 0; s < t.S; ++s) {
+    const float* xs = t.x + (static_cast<int64_t>(b) * t.S + s) * t.K;
+    float* ys = t.out + (static_cast<int64_t>(b) * t.S + s) * t.Y + t.column_offset;
+    std::fill(xa.begin(), xa.end(), 0.0f);
+    for (int64_t k = 0; k < t.K; ++k) {
+      const float xk = xs[k];
+      const float* ak = A + k * t.R;
+      for (int64_t r = 0; r < t.R; ++r) xa[r] += xk * ak[r];
+    }
+    for (int64_t r = 0; r < t.R; ++r) {
+      const float c = xa[r];
+      const float* br = Bm + r * t.O;
+      for (int64_t o = 0; o < t.O; ++o) ys[o] += c * br[o];
+    }
+  }
+}
+
+// One row b: out[b, s, off:off+O] += (x[b, s] @ A) @ B with row b's slot of the banks.
+void RowDelta(const Task& t, size_t b) {
+  const int64_t id = t.ids[b];
+  if (id == 0) return;  // the base model: slot 0 of every bank is zero
+  const float* A = t.a_bank + (t.bank_offset + id) * t.K * t.R;  // [K, R]
+  const float* Bm = t.b_bank + (t.bank_offset + id) * t.R * t.O;  // [R, O]
+  switch (t.R) {
+    case 4: return RowDeltaFixed<4>(t, b, A, Bm);
+    case 8: return RowDeltaFixed<8>(t, b, A, Bm);
+    case 16: return RowDeltaFixed<16>(t, b, A, Bm);
+    case 32: return RowDeltaFixed<32>(t, b, A, Bm);
+    case 64: return RowDeltaFixed<64>(t, b, A, Bm);
+    default: return RowDeltaAny(t, b, A, Bm);
+  }
+}
+
+void RowDeltaThunk(void* data, size_t b) { RowDelta(*static_cast<const Task*>(data), b); }
+
+[[noreturn]] void Fail(std::string message) { throw Ort::Exception(std::move(message), ORT_INVALID_ARGUMENT); }
+
+std::string Shape(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+struct LoraRowsKernel {
+  LoraRowsKernel(const OrtKernelInfo* info, int64_t parallel_min) : parallel_min_(parallel_min) {
+    Ort::ConstKernelInfo ki(info);
+    bank_offset_ = ki.GetAttribute<int64_t>("bank_offset");
+    column_offset_ = ki.GetAttribute<int64_t>("column_offset");
+  }
+
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    auto y = ctx.GetInput(0), x = ctx.GetInput(1), ids = ctx.GetInput(2);
+    auto a = ctx.GetInput(3), bb = ctx.GetInput(4);
+    const auto ys = y.GetTensorTypeAndShapeInfo().GetShape();
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto is = ids.GetTensorTypeAndShapeInfo().GetShape();
+    const auto as = a.GetTensorTypeAndShapeInfo().GetShape();
+    const auto bs = bb.GetTensorTypeAndShapeInfo().GetShape();
+    if (ys.size() != 3 || xs.size() != 3 || as.size() != 3 || bs.size() != 3)
+      Fail("LoraRows: y, x, a_bank and b_bank must be rank 3, got y " + Shape(ys) + ", x " + Shape(xs) +
+           ", a_bank " + Shape(as) + ", b_bank " + Shape(bs));
+    const int64_t B = ys[0], S = ys[1], Y = ys[2], K = xs[2], R = as[2], O = bs[2], M = as[0];
+    if (xs[0] != B || xs[1] != S) Fail("LoraRows: x " + Shape(xs) + " does not match y " + Shape(ys));
+    if (is.empty() || is[0] != B || ids.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(B))
+      Fail("LoraRows: lora_ids " + Shape(is) + " is not [B, 1] for B=" + std::to_string(B));
+    if (as[1] != K) Fail("LoraRows: a_bank " + Shape(as) + " does not take x's " + std::to_string(K) + " features");
+    if (bs[0] != M || bs[1] != R) Fail("LoraRows: b_bank " + Shape(bs) + " does not match a_bank " + Shape(as));
+    if (column_offset_ < 0 || column_offset_ + O > Y)
+      Fail("LoraRows: column_offset " + std::to_string(column_offset_) + " + " + std::to_string(O) +
+           " columns do not fit y's " + std::to_string(Y));
+    const int64_t* id = ids.GetTensorData<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (id[b] < 0 || bank_offset_ + id[b] >= M || bank_offset_ < 0)
+        Fail("lora_ids: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) + ", bank row " +
+             std::to_string(bank_offset_ + id[b]) + " is outside 0.." + std::to_string(M - 1));
+    }
+    auto out = ctx.GetOutput(0, ys);
+    float* o = out.GetTensorMutableData<float>();
+    std::memcpy(o, y.GetTensorData<float>(), static_cast<size_t>(B * S * Y) * sizeof(float));
+    Task task{x.GetTensorData<float>(), id, a.GetTensorData<float>(), bb.GetTensorData<float>(), o,
+              S, K, R, O, Y, bank_offset_, column_offset_};
+    // A decode step (a few thousand multiply-adds per row) runs inline: waking the pool costs more.
+    // Prefill chunks (S tokens per row) are split by row over ONNX Runtime's intra-op threads.
+    if (B > 1 && B * S * (K * R + R * O) >= parallel_min_) {
+      ctx.ParallelFor(RowDeltaThunk, static_cast<size_t>(B), 0, &task);
+    } else {
+      for (int64_t b = 0; b < B; ++b) RowDelta(task, static_cast<size_t>(b));
+    }
+  }
+
+ private:
+  int64_t parallel_min_;
+  int64_t bank_offset_ = 0;
+  int64_t column_offset_ = 0;
+};
+
+struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
+  explicit LoraRowsOp(int64_t parallel_min) : parallel_min_(parallel_min) {}
+  void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) const {
+    return new LoraRowsKernel(info, parallel_min_);
+  }
+  const char* GetName() const { return "LoraRows"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+ private:
+  int64_t parallel_min_;
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  // Must outlive every session that uses them; which one a session gets follows its spinning setting
+  // (set it on the SessionOptions before registering this library).
+  static LoraRowsOp spinning_op(kParallelMinSpinning), sleeping_op(kParallelMinSleeping);
+  OrtStatus* status = nullptr;
+  try {
+    const bool spinning =
+        Ort::ConstSessionOptions(options).GetConfigEntryOrDefault("session.intra_op.allow_spinning", "1") == "1";
+    Ort::CustomOpDomain domain{kDomain};
+    domain.Add(spinning ? &spinning_op : &sleeping_op);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    domain.release();  // the session options keep the domain alive from here on
+  } catch (const Ort::Exception& e) {
+    status = Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+  return status;
+}
