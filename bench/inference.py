@@ -6,6 +6,9 @@ medians reported. Prints one JSON object:
 
   engine_mixed_tok_s   8 rows, 8 different adapters, one continuous batch (prefill included)
   engine_base_tok_s    the same engine and prompts, every row on the base model
+  engine_mixed_onnx_kernel_tok_s  engine_mixed on the artifact's standard-operator graph (present when
+                       the runtime runs the native LoRA kernel, lora_kernel="native": what a runtime
+                       without loraflow/native gets)
   peft_mixed_tok_s     PEFT's generate(adapter_names=[...]) on the same base, adapters, prompts
   *_decode_tok_s       the same runs counting only the decode phase (after every row's first token)
   *_tok_per_cpu_s      tokens per CPU-second of this process (less sensitive to a busy shared host)
@@ -320,6 +323,7 @@ def main() -> int:
 
     import torch
 
+    from loraflow import native as native_lora
     from loraflow.models_import import import_model
     from services.inference.model_manager import open_model
 
@@ -347,6 +351,17 @@ def main() -> int:
     ttft_prompt = prompt_of(prompts_ids[0], 30)
     sides["engine_mixed"] = lambda m=model: run_engine(m, prompts_ids, names, args.tokens)
     sides["engine_base"] = lambda m=model: run_engine(m, prompts_ids, [""] * args.rows, args.tokens)
+    lora_kernel = model.runtime.lora_kernel
+    if lora_kernel == "native":
+        # The same artifact's standard-operator graph, as a runtime without loraflow/native runs it.
+        os.environ[native_lora.DISABLE_ENV] = "1"
+        try:
+            onnx_model = open_model(artifact_dir, num_threads=args.threads, model_id="bench-onnx",
+                                    allow_spinning=args.spinning)
+        finally:
+            del os.environ[native_lora.DISABLE_ENV]
+        opened.append(onnx_model)
+        sides["engine_mixed_onnx_kernel"] = lambda m=onnx_model: run_engine(m, prompts_ids, names, args.tokens)
 
     int4_reason = int4_unavailable()
     int4_model = None
@@ -409,14 +424,14 @@ def main() -> int:
     result = {
         "model": "smollm2-135m-instruct", "rows": args.rows, "new_tokens": args.tokens,
         "adapters": len(adapters), "rank": args.rank, "repeats": args.repeats, "statistic": "median",
-        "ort_spinning": args.spinning, "targets": targets, "threads": args.threads,
+        "ort_spinning": args.spinning, "targets": targets, "threads": args.threads, "lora_kernel": lora_kernel,
         "uptime_before": load_before,
     }
     for key in sides:
         result[f"{key}_tok_s"] = med(key, "tok_s")
         result[f"{key}_decode_tok_s"] = med(key, "decode_tok_s")
         result[f"{key}_tok_per_cpu_s"] = med(key, "tok_per_cpu_s")
-        if key.startswith(("engine", "int4_engine")):
+        if key.startswith(("engine", "int4_engine")):  # engine_mixed_onnx_kernel included
             result[f"{key}_decode_step_ms"] = med(key, "decode_step_ms", 2)
             result[f"{key}_prefill_s"] = med(key, "prefill_seconds", 3)
     if int4_reason is not None:
