@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,6 +21,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraflow import graph_contract as gc
+from loraflow import native as native_lora
 from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.artifact.step_driver import FusedStepDriver, Row
 from loraflow.errors import InvalidArgument
@@ -42,13 +45,26 @@ def _adapters(adapter_factory, arch: str):
     ]
 
 
-def _build(tmp_path, decoder, dtype="fp32", slots=3, **quant):
+KERNELS = ["onnx", "native"]  # the standard-operator graph and the LoraRows one (loraflow/native)
+
+
+def _build(tmp_path, decoder, dtype="fp32", slots=3, kernel="onnx", **quant):
+    """(graph, session over the graph of ``kernel``, dequantized weights)."""
+    if kernel == "native" and native_lora.library_path() is None:
+        if os.environ.get("LORAFLOW_REQUIRE_NATIVE") == "1":
+            raise RuntimeError("LORAFLOW_REQUIRE_NATIVE=1 but loraflow/native is not built")
+        pytest.skip("loraflow/native is not built here (make native)")
     opts = FusedGraphOptions(dtype=dtype, ctx_len=CTX, num_slots=slots + 1, max_rank=8,
                              lora_modules=tuple(decoder.lora_modules), **quant)
-    exported = export_fused(decoder, tmp_path, opts)
+    exported = export_fused(decoder, tmp_path, opts, native=kernel == "native")
     graph, dequantized = exported.graph, exported.dequantized
+    # The native graph adds nothing to the weights file: it reuses every initializer the first one wrote.
     assert exported.digests == {"model.onnx.data": file_sha256(tmp_path / "model.onnx.data")}
-    session = ort.InferenceSession(str(tmp_path / graph.file), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if kernel == "native":
+        native_lora.register(so)
+    session = ort.InferenceSession(str(tmp_path / (graph.native_file if kernel == "native" else graph.file)), so,
+                                   providers=["CPUExecutionProvider"])
     return graph, session, dequantized
 
 
@@ -70,13 +86,14 @@ def _peft_tokens(model_dir, adapter_path, prompt):
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3rope"])
-def test_mixed_batch_through_the_step_driver_matches_peft(tmp_path, kind, parity_model, adapter_factory):
+def test_mixed_batch_through_the_step_driver_matches_peft(tmp_path, kind, kernel, parity_model, adapter_factory):
     model_dir = parity_model(kind)
     arch = "llama" if kind == "llama3rope" else kind
     adapters = _adapters(adapter_factory, arch)
     decoder, banks, _ = decoder_with_adapters(model_dir, adapters, gc.LORA_TARGET_MODULES, slots=3)
-    graph, session, _ = _build(tmp_path, decoder)
+    graph, session, _ = _build(tmp_path, decoder, kernel=kernel)
     prompts = random_prompts(graph.vocab_size, [7, 4, 9], seed=len(kind))
     lora_ids, kv_slots = [1, 0, 2], [3, 0, 1]  # slot 2 stays free: a dummy row in every decode call
     cache, driver = _driver(graph, session, banks, slots=4)
@@ -278,18 +295,39 @@ def test_continuing_chunks_fed_as_decode_calls_equal_one_call_per_row(tmp_path, 
     assert results["stepped"][2].lengths.tolist() == [len(p) for p in prompts]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("modules,packed", [(("q_proj", "v_proj", "o_proj"), False), (("gate_proj",), True),
                                             (("q_proj", "k_proj", "v_proj"), True)])
-def test_qkv_wiring_for_every_target_set(tmp_path, tiny_llama, adapter_factory, modules, packed):
+def test_qkv_wiring_for_every_target_set(tmp_path, tiny_llama, adapter_factory, modules, packed, kernel):
     """q, k and v all adapted (deltas joined into the packed q|k|v) or none (packed as is): GroupQueryAttention
-    takes the packed projection; some adapted: split, each adapted one its own delta. Either way the graph
-    equals the PyTorch decoder."""
+    takes the packed projection; some adapted: split, each adapted one its own delta. With LoraRows every
+    delta goes into its columns of the packed q|k|v, which is always packed. Either way the graph equals the
+    PyTorch decoder."""
     adapter = adapter_factory("llama", "sub-" + "-".join(modules), r=4, lora_alpha=8, target_modules=modules, seed=5)
     decoder, banks, _ = decoder_with_adapters(tiny_llama, [("a", adapter)], modules, slots=2)
-    graph, session, _ = _build(tmp_path, decoder, slots=2)
-    model = onnx.load(str(tmp_path / graph.file), load_external_data=False)
+    graph, session, _ = _build(tmp_path, decoder, slots=2, kernel=kernel)
+    packed = packed or kernel == "native"
+    model = onnx.load(str(tmp_path / (graph.native_file if kernel == "native" else graph.file)),
+                      load_external_data=False)
+    lora_rows = [n for n in model.graph.node if n.op_type == "LoraRows"]
+    assert len(lora_rows) == (len(modules) * graph.layers if kernel == "native" else 0)
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert all((list(n.input[1:3]) == ["", ""]) == packed for n in gqa)
     assert ("Split" in [n.op_type for n in model.graph.node if "/attn/" in n.name]) == (not packed)
     report = verify_fused_graph(session, decoder, graph, banks, ctx_len=CTX, occupied_slots=1, chunk=4)
     assert report.relative_diff < 1e-4 and report.tokens_match
+
+
+def test_the_native_graph_shares_the_weights_file_byte_for_byte(tmp_path, tiny_llama, adapter_factory):
+    if native_lora.library_path() is None and os.environ.get("LORAFLOW_REQUIRE_NATIVE") != "1":
+        pytest.skip("loraflow/native is not built here (make native)")
+    adapter = adapter_factory("llama", "share", r=4, lora_alpha=8, target_modules=gc.LORA_TARGET_MODULES, seed=7)
+    decoder, _, _ = decoder_with_adapters(tiny_llama, [("a", adapter)], gc.LORA_TARGET_MODULES, slots=2)
+    opts = FusedGraphOptions(dtype="int4", ctx_len=CTX, num_slots=3, max_rank=8,
+                             lora_modules=tuple(decoder.lora_modules))
+    alone = export_fused(decoder, tmp_path / "alone", opts, native=False)
+    both = export_fused(decoder, tmp_path / "both", opts, native=True)
+    assert not alone.graph.native_file and both.graph.native_file == "model.native.onnx"
+    assert both.digests == alone.digests  # the second build quantised and wrote nothing more
+    native = onnx.load(str(tmp_path / "both" / both.graph.native_file), load_external_data=False)
+    assert not [n for n in native.graph.node if n.op_type == "Gather" and "/lora" in n.name]
