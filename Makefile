@@ -53,4 +53,4 @@ up: install
 	$(BIN)/loraflow up
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(NATIVE_LIB)
