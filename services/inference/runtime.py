@@ -39,6 +39,8 @@ DEVICES = ("cpu", "cuda", "ai100")
 # ORT starts this many OS threads per session; past the host's cores they only add contention, and
 # 256 is above the core count of any CPU host we serve on, so a request cannot spawn thousands.
 MAX_NUM_THREADS = 256
+# While no row decodes, a fused graph's prefill chunks may be this many times prefill_seq_len long.
+IDLE_PREFILL_FACTOR = 4
 # Name prefix of a slot reserved while weights are written; no valid adapter name starts with NUL.
 _LOADING = "\x00loading:"
 
@@ -82,9 +84,6 @@ def check_device(device: str) -> str:
             raise FailedPrecondition("device 'ai100' needs the Qualcomm Cloud AI 100 runtime (qaicrt), "
                                      "which is not installed on this host", field="device", value=device) from err
     return device
-
-
-IDLE_PREFILL_FACTOR = 4
 
 
 class OrtRuntime:
