@@ -2,9 +2,10 @@
 
 One step is ``schedule() -> SchedulerOutput`` → the runtime executes it → ``update(output, sampled)``.
 Requests wait in a bounded queue, are admitted into free KV-cache slots and prefilled in chunks of
-at most ``prefill_seq_len`` tokens (``idle_prefill_seq_len`` while no row decodes); all prefilled slots decode together, each row with its own
-adapter (``lora_id``) and position; prefill chunks and decode steps alternate while both have work. A finished or aborted request
-frees its slot at once, so the next waiting request is admitted on the following step.
+at most ``prefill_seq_len`` tokens (``idle_prefill_seq_len`` while no row decodes); all prefilled slots
+decode together, each row with its own adapter (``lora_id``) and position; prefill chunks and decode
+steps alternate while both have work. A finished or aborted request frees its slot at once, so the next
+waiting request is admitted on the following step.
 """
 
 from __future__ import annotations
