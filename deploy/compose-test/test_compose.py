@@ -165,6 +165,11 @@ def test_quickstart_then_one_mixed_batch_whose_rows_equal_peft(stack, tmp_path):
     # The adapters change the output (else equal rows would prove little about per-row adapters).
     assert got[0] != reference.generate(tokenizer.encode(prompts[0]).ids, "", 8) or \
         got[4] != reference.generate(tokenizer.encode(prompts[2]).ids, "", 8)
+    # Those rows ran through the LoraRows kernel the images build (compiler: the native graph; inference:
+    # the library it loads).
+    logs = compose("logs", "--no-color", "inference", work=stack.work).stdout
+    loaded = [line for line in logs.splitlines() if '"event": "model_loaded"' in line and stack.model_id in line]
+    assert loaded and all('"lora_kernel": "native"' in line for line in loaded), loaded or logs[-3000:]
 
 
 @pytest.mark.timeout(600)

@@ -2,7 +2,17 @@
 # Build from the repository root:  docker build -f deploy/docker/inference.Dockerfile -t loraflow-inference .
 # BASE_IMAGE: any Debian-based Python 3.11 with `python` and `pip` on PATH (the compose test builds one
 # locally with debootstrap where no registry is reachable).
+# The LoraRows kernel (loraflow/native), built in a stage of its own so g++ and the headers stay out of the
+# image; for x86-64-v2, not this builder's CPU, since the image runs elsewhere. Where it cannot be built
+# (another architecture, no Debian mirror) /out stays empty and the image runs the standard-operator graph.
 ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE} AS native
+RUN mkdir -p /out && { apt-get update && apt-get install -y --no-install-recommends g++ curl \
+        || echo "no compiler for loraflow/native: the image serves the standard-operator graph" >&2; }
+COPY loraflow/native /src/loraflow/native
+RUN NATIVE_MARCH=x86-64-v2 ORT_HEADERS_DIR=/tmp/ort-headers /src/loraflow/native/build.sh \
+    && { cp /src/loraflow/native/liblora_rows.so /out/ 2>/dev/null || true; }
+
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -33,6 +43,8 @@ COPY README.md ./
 COPY loraflow ./loraflow
 COPY services ./services
 RUN pip install --no-deps .
+COPY --from=native /out/ /opt/loraflow-native/
+ENV LORAFLOW_NATIVE_LIBRARY=/opt/loraflow-native/liblora_rows.so
 
 # A numeric USER (uid and gid 10001), so Kubernetes can verify runAsNonRoot.
 RUN groupadd --gid 10001 loraflow \

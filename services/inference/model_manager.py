@@ -163,7 +163,8 @@ class ModelManager:
         with self._lock:
             self._models[model_id] = model
             count = len(self._models)
-        metrics.log_event("model_loaded", model=model_id, artifact_id=artifact_id, device=device)
+        metrics.log_event("model_loaded", model=model_id, artifact_id=artifact_id, device=device,
+                          lora_kernel=getattr(model.runtime, "lora_kernel", ""))
         self._on_change(count)
         return model
 

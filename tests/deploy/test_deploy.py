@@ -137,7 +137,7 @@ def test_dockerfiles_copy_existing_files_and_install_the_right_extras():
     pyproject = (ROOT / "pyproject.toml").read_text()
     for service in SERVICES:
         text = _dockerfile(service)
-        for line in re.findall(r"^COPY\s+(.+)$", text, re.M):
+        for line in re.findall(r"^COPY\s+(?!--from=)(.+)$", text, re.M):  # --from: another stage's files
             sources = line.split()[:-1]
             for source in sources:
                 assert (ROOT / source).exists(), f"{service}.Dockerfile copies missing {source}"
@@ -150,9 +150,17 @@ def test_dockerfiles_copy_existing_files_and_install_the_right_extras():
     for service in SERVICES:
         # The public base by default; the compose test passes its locally built one.
         assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}" in _dockerfile(service)
-        # Dependencies are installed before the sources are copied, so a code change reuses that layer.
+        # Dependencies are installed before the sources are copied, so a code change reuses that layer
+        # (in the image's own stage, the last one).
         text = _dockerfile(service)
-        assert text.index(f"'.[{service}]'") < text.index("COPY loraflow")
+        final = text[text.rindex("\nFROM "):]
+        assert final.index(f"'.[{service}]'") < final.index("COPY loraflow")
+    for service in ("compiler", "inference"):
+        # The LoraRows kernel comes from a stage of its own, built for a baseline CPU, never -march=native.
+        text = _dockerfile(service)
+        assert "FROM ${BASE_IMAGE} AS native" in text and "NATIVE_MARCH=x86-64-v2" in text
+        assert "COPY --from=native /out/ /opt/loraflow-native/" in text
+        assert "ENV LORAFLOW_NATIVE_LIBRARY=/opt/loraflow-native/liblora_rows.so" in text
     # One build context rule for every image: an allow-list, so the venv, models and git never travel.
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("**") + 1:][:1] and "!loraflow/**" in ignore and "!services/**" in ignore
