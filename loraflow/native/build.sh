@@ -38,8 +38,9 @@ if [ ! -f "$include/onnxruntime_cxx_api.h" ]; then
         (cd "$tmp" && ar x ort.deb && tar -xf data.tar.* -C "$headers")
     fi
 fi
-# -march=native: the library is built on the machine that runs it (make install), never shipped.
-"$cxx" -std=c++17 -O3 -march="${NATIVE_MARCH:-native}" -fPIC -shared -fvisibility=hidden -Wall -Wextra \
-    -I"$include" "$src" -o "$out.tmp"
+# -march=native: the library is built on the machine that runs it (make install), never shipped (the images
+# pass NATIVE_MARCH=x86-64-v2). 256-bit vectors: with AVX-512 a B=8 decode node took 15-29 us against 10-12.
+"$cxx" -std=c++17 -O3 -march="${NATIVE_MARCH:-native}" -mprefer-vector-width=256 -fPIC -shared \
+    -fvisibility=hidden -Wall -Wextra -I"$include" "$src" -o "$out.tmp"
 mv "$out.tmp" "$out"
 echo "built $out" >&2
