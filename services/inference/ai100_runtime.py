@@ -280,6 +280,7 @@ class Ai100Runtime(OrtRuntime):
         self.prefill_seq_len = self.layout.prefill_seq_len
         self.ctx_len = self.layout.ctx_len
         self.max_prefill_rows = self.layout.batch_size
+        self.idle_prefill_seq_len = self.prefill_seq_len  # the QPC's specializations fix the chunk length
         self.layers, self.kv_heads, self.head_dim = graph.layers, graph.num_kv_heads, graph.head_dim
         self.vocab_size = graph.vocab_size
         self.dtype = np.dtype(np.float32)  # banks are fp32 inputs (-convert-to-fp16 converts them on the card)

@@ -41,9 +41,8 @@ class StepRuntime(Protocol):
     prefill_seq_len: int
     ctx_len: int
     max_prefill_rows: int
-    # Optional: the chunk limit while no row decodes (graphs that take any chunk length); default
-    # prefill_seq_len.
-    idle_prefill_seq_len: int | None
+    # The chunk limit while no row decodes: longer than prefill_seq_len for graphs that take any chunk length.
+    idle_prefill_seq_len: int
 
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         """Logits [B, V] (float32) at the last real token of each row of ``step``."""
@@ -173,7 +172,7 @@ class Engine:
         self.scheduler = Scheduler(full_batch_size=runtime.full_batch_size,
                                    prefill_seq_len=runtime.prefill_seq_len, ctx_len=runtime.ctx_len,
                                    max_waiting=max_waiting, max_prefill_rows=runtime.max_prefill_rows,
-                                   idle_prefill_seq_len=getattr(runtime, "idle_prefill_seq_len", None))
+                                   idle_prefill_seq_len=runtime.idle_prefill_seq_len)
         self._states: dict[str, _RequestState] = {}
         self._cancels: set[str] = set()
         self._lock = threading.Lock()

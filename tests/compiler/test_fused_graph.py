@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -31,6 +29,7 @@ from services.compiler.fused.export import export_fused
 from services.compiler.fused.verify import flat_bank_views, verify_fused_graph
 from services.compiler.verify import VerificationFailed
 from tests.compiler.helpers import decoder_with_adapters, random_prompts
+from tests.support.native import require_native
 
 CTX = 48
 NEW_TOKENS = 5
@@ -50,10 +49,8 @@ KERNELS = ["onnx", "native"]  # the standard-operator graph and the LoraRows one
 
 def _build(tmp_path, decoder, dtype="fp32", slots=3, kernel="onnx", **quant):
     """(graph, session over the graph of ``kernel``, dequantized weights)."""
-    if kernel == "native" and native_lora.library_path() is None:
-        if os.environ.get("LORAFLOW_REQUIRE_NATIVE") == "1":
-            raise RuntimeError("LORAFLOW_REQUIRE_NATIVE=1 but loraflow/native is not built")
-        pytest.skip("loraflow/native is not built here (make native)")
+    if kernel == "native":
+        require_native()
     opts = FusedGraphOptions(dtype=dtype, ctx_len=CTX, num_slots=slots + 1, max_rank=8,
                              lora_modules=tuple(decoder.lora_modules), **quant)
     exported = export_fused(decoder, tmp_path, opts, native=kernel == "native")
@@ -319,8 +316,7 @@ def test_qkv_wiring_for_every_target_set(tmp_path, tiny_llama, adapter_factory, 
 
 
 def test_the_native_graph_shares_the_weights_file_byte_for_byte(tmp_path, tiny_llama, adapter_factory):
-    if native_lora.library_path() is None and os.environ.get("LORAFLOW_REQUIRE_NATIVE") != "1":
-        pytest.skip("loraflow/native is not built here (make native)")
+    require_native()
     adapter = adapter_factory("llama", "share", r=4, lora_alpha=8, target_modules=gc.LORA_TARGET_MODULES, seed=7)
     decoder, _, _ = decoder_with_adapters(tiny_llama, [("a", adapter)], gc.LORA_TARGET_MODULES, slots=2)
     opts = FusedGraphOptions(dtype="int4", ctx_len=CTX, num_slots=3, max_rank=8,

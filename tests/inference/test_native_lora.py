@@ -7,7 +7,6 @@ missing library fails instead.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnxruntime as ort
@@ -18,11 +17,7 @@ from loraflow import native as native_lora
 from loraflow.errors import FailedPrecondition
 from services.inference.model_manager import open_model
 from tests.inference.conftest import PROMPTS
-
-if native_lora.library_path() is None:
-    if os.environ.get("LORAFLOW_REQUIRE_NATIVE") == "1":
-        raise RuntimeError(f"LORAFLOW_REQUIRE_NATIVE=1 but {native_lora.LIBRARY_NAME} is not built (make native)")
-    pytest.skip(f"{native_lora.LIBRARY_NAME} is not built here (make native)", allow_module_level=True)
+from tests.support.native import require_native
 
 
 def _one_node(bank_offset: int, column_offset: int, spinning: bool = False) -> ort.InferenceSession:
@@ -59,6 +54,7 @@ def _reference(y, x, ids, a, b, bank_offset, column_offset):
 @pytest.mark.parametrize("seq", [1, 3, 32])
 @pytest.mark.parametrize("spinning", [False, True])
 def test_lora_rows_adds_each_rows_delta_in_its_columns(rank, seq, spinning):
+    require_native()
     rng = np.random.default_rng(rank * 100 + seq)
     B, K, width, Y, slots, layer = 5, 24, 10, 30, 4, 2
     M = 3 * slots  # three layers of banks
@@ -77,6 +73,7 @@ def test_lora_rows_adds_each_rows_delta_in_its_columns(rank, seq, spinning):
 
 
 def test_lora_rows_refuses_a_slot_outside_the_bank_and_columns_that_do_not_fit():
+    require_native()
     rng = np.random.default_rng(0)
     y = rng.normal(size=(2, 1, 8)).astype(np.float32)
     x = rng.normal(size=(2, 1, 4)).astype(np.float32)
@@ -100,6 +97,7 @@ def test_register_without_the_library_names_the_command(monkeypatch):
 
 def test_the_artifact_holds_both_graphs_verified_and_serves_peft_tokens_through_either(
         tiny_artifact, tiny_tokenizer, peft_reference, monkeypatch):
+    require_native()
     from services.inference.engine import GenerationRequest
     from services.inference.sampling import SamplingParams
 
