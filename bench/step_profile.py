@@ -71,10 +71,12 @@ def profile_ours(artifact_dir: Path, manifest, prompts_ids: list[list[int]], ste
     import numpy as np
     import onnxruntime as ort
 
+    from loraflow import graph_contract as gc
     from loraflow import lora_bank
     from loraflow import native as native_lora
     from loraflow.artifact.kv_cache import SharedKvCache
-    from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
+    from loraflow.artifact.step_driver import FusedStepDriver, Row
+    from services.compiler.fused.verify import flat_bank_views
 
     graph = manifest.graph
     so = ort.SessionOptions()
@@ -93,8 +95,9 @@ def profile_ours(artifact_dir: Path, manifest, prompts_ids: list[list[int]], ste
     for entry in manifest.adapters:
         lora_bank.write_slot(banks_a, banks_b, entry.slot,
                              lora_bank.read_adapter(entry.name, artifact_dir / entry.path), spec)
-    banks = {**{f"lora_a.{m}": flat_bank(a) for m, a in banks_a.items()},
-             **{f"lora_b.{m}": flat_bank(b) for m, b in banks_b.items()}}
+    # graph input name -> the fused graph's flat [L*N, ...] view of the bank
+    banks = flat_bank_views({**{gc.lora_a(m): a for m, a in banks_a.items()},
+                             **{gc.lora_b(m): b for m, b in banks_b.items()}})
     rows = len(prompts_ids)
     cache = SharedKvCache(layers=graph.layers, slots=rows, kv_heads=graph.num_kv_heads,
                           ctx_len=int(manifest.options["ctx_len"]), head_dim=graph.head_dim)
