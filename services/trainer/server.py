@@ -1,20 +1,38 @@
 """TrainerService: validate a training request completely, copy its dataset into the store, queue it.
 
 Thin by design: protobuf in, domain settings out (services.trainer.training), and registry records
-back to protobuf. No weights are loaded here: the base model is checked from its config.json alone.
+back to protobuf. No weights are loaded here: the base model is checked from its config.json alone, in
+this order, each step bounded before the next starts:
+
+1. the request's fields (no I/O);
+2. config.json, read bounded and checked strictly (loraflow.hf_config: INVALID_ARGUMENT for a string size,
+   a garbage rope_scaling, 1,000,000 layers);
+3. the job's memory estimate against the workers' budget (loraflow.budget: RESOURCE_EXHAUSTED naming the
+   estimate and the limit);
+4. the model's module names from a meta-device build, on a small pool of its own (never on the RPC thread)
+   and memoised per config; a handler whose client went away (cancelled, past its deadline) stops there
+   and between every later step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import redis
 
+from loraflow.budget import ResourceBudget, process_budget
 from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from loraflow.grpc_server import page_size_from_proto, set_timestamp
+from loraflow.hf_config import HfModelConfig
 from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
 from loraflow.model_source import InputPolicy, read_json_file
@@ -24,8 +42,10 @@ from loraflow.security.safe_files import read_regular_file
 from loraflow.store import ADAPTERS_PREFIX, ObjectStore, is_under, resolve
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.dataset import MAX_DATASET_BYTES, parse_jsonl
+from services.trainer.job_memory import estimate_training
 from services.trainer.training import (
     DEFAULT_TARGET_MODULES,
+    BaseModelInfo,
     LoraSettings,
     TrainingSettings,
     inspect_base_model,
@@ -121,6 +141,63 @@ def read_dataset_bytes(dataset_uri: str, store: ObjectStore, policy: InputPolicy
                               value=dataset_uri) from None
 
 
+def check_causal_lm(config: dict[str, Any], field: str = "base_model") -> str:
+    """The config's model_type when transformers knows it as a causal LM; InvalidArgument otherwise."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        shown = model_type if isinstance(model_type, str | None) and len(str(model_type)) <= 64 else "<not a name>"
+        raise InvalidArgument(f"base model config.json has model_type {shown!r}, which is not a supported "
+                              "causal LM", field=field, value=shown)
+    return model_type
+
+
+class ClientGone(Exception):
+    """The caller cancelled or passed its deadline: the handler stops instead of finishing unseen work."""
+
+
+class ModelInspector:
+    """Builds a config's model on the meta device to list its linear modules, off the RPC threads.
+
+    `threads` builds run at once (each is bounded: the config passed hf_config's layer bound and the
+    budget first); results are memoised per config, `cache_size` of them, so a resubmit costs nothing.
+    A caller waiting for a build polls `alive()` and gives up (ClientGone) once its client is gone; the
+    build itself finishes on the pool and lands in the cache.
+    """
+
+    def __init__(self, threads: int = 2, cache_size: int = 64, poll_s: float = 0.05,
+                 build: Callable[[dict[str, Any]], BaseModelInfo] = inspect_base_model):
+        self._build = build
+        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="model-inspect")
+        self._cache: OrderedDict[str, futures.Future] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.poll_s = poll_s
+        self.builds = 0  # meta-device builds started (a cache hit starts none)
+
+    def inspect(self, config_json: dict[str, Any], alive: Callable[[], bool]) -> BaseModelInfo:
+        key = hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
+        with self._lock:
+            future = self._cache.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._pool.submit(self._build, config_json)
+                self.builds += 1
+                self._cache[key] = future
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+        while True:
+            try:
+                return future.result(timeout=self.poll_s)
+            except futures.TimeoutError:
+                if not alive():
+                    raise ClientGone("the client went away while its base model was inspected") from None
+
+
+_INSPECTOR = ModelInspector()
+
+
 @dataclass(frozen=True)
 class TrainingRequest:
     """A fully validated request, ready to queue."""
@@ -148,27 +225,58 @@ def validate_request(request: trainer_pb2.SubmitTrainingJobRequest) -> TrainingR
 
 
 class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    """budget: what a worker may take (None: the process's, loraflow.budget.process_budget)."""
+
     def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore, *,
-                 inputs: InputPolicy | None = None):
+                 inputs: InputPolicy | None = None, budget: ResourceBudget | None = None,
+                 inspector: ModelInspector | None = None):
         self.queue = queue
         self.registry = registry
         self.store = store
         self.inputs = inputs or InputPolicy()  # default: no local paths beyond the store's own directory
         self.redis: redis.Redis = queue.redis
+        self._budget = budget
+        self.inspector = inspector or _INSPECTOR
+
+    @property
+    def budget(self) -> ResourceBudget:
+        return self._budget or process_budget()
 
     # --- submit --------------------------------------------------------------------------------
 
     def SubmitTrainingJob(self, request, context):
+        try:
+            return self._submit(request, context)
+        except ClientGone as exc:
+            log.info("SubmitTrainingJob for %r abandoned: %s", request.adapter_name[:64], exc)
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+
+    def _submit(self, request, context):
+        def alive() -> bool:
+            return context is None or context.is_active()
+
+        def still_wanted(step: str) -> None:
+            if not alive():
+                raise ClientGone(f"the client went away before {step}")
+
         req = validate_request(request)
         if req.request_id:
             existing = self.redis.hget(self.queue.request_ids_key, req.request_id)
             if existing is not None:
                 return job_to_proto(self.queue.get(existing.decode()))
 
-        info = inspect_base_model(read_base_config(req.base_model, self.store, self.inputs))
+        config = read_base_config(req.base_model, self.store, self.inputs)
+        check_causal_lm(config)
+        model = HfModelConfig.from_dict(config, field="base_model")
+        self.budget.check(estimate_training(model, req.lora, req.training), field="base_model",
+                          value=req.base_model)
+        still_wanted("the base model was inspected")
+        info = self.inspector.inspect(config, alive)
         req.lora.check_targets(info.linear_modules)
+        still_wanted("the dataset was read")
         data = read_dataset_bytes(req.dataset_uri, self.store, self.inputs)
         records = parse_jsonl(data)
+        still_wanted("the job was queued")
         # Content-addressed copy: the worker never reads the client's filesystem.
         dataset_key = f"datasets/{hashlib.sha256(data).hexdigest()}.jsonl"
         if not self.store.exists(dataset_key):

@@ -17,12 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loraflow.budget import ResourceBudget, process_budget
 from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, WorkerStopping
+from loraflow.hf_config import HfModelConfig, read_config_file
 from loraflow.jobs import JobContext
 from loraflow.model_source import InputPolicy, materialize
 from loraflow.registry import AdapterRecord, Registry
 from loraflow.store import ObjectStore, adapter_key, sha256_file
 from services.trainer.dataset import build_splits, parse_jsonl
+from services.trainer.job_memory import estimate_training
 from services.trainer.training import (
     LOSS_CURVE_FILE,
     LoraSettings,
@@ -80,8 +83,9 @@ class TrainingHandler:
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
                  report_every_steps: int = 5, metrics=None, inputs: InputPolicy | None = None,
                  allow_distributed: bool = False, max_local_ranks: int | None = None, rdzv_host: str | None = None,
-                 join_timeout: float = 300.0, rdzv_port: int | None = None):
+                 join_timeout: float = 300.0, rdzv_port: int | None = None, budget: ResourceBudget | None = None):
         self.store = store
+        self._budget = budget  # None: the process's (loraflow.budget.process_budget)
         # world_size > 1 is opt-in: the ranks' c10d store is unauthenticated (see services.trainer.rank_group).
         self.allow_distributed = bool(allow_distributed)
         # Ranks one job may start on this machine (oversubscribing cores only slows every rank down).
@@ -103,6 +107,17 @@ class TrainingHandler:
         self.cache_dir = Path(cache_dir)
         self.report_every_steps = max(1, int(report_every_steps))
         self.metrics = metrics  # optional services.trainer.metrics-like object with observe_step/observe_job
+
+    @property
+    def budget(self) -> ResourceBudget:
+        return self._budget or process_budget()
+
+    def check_budget(self, model_dir: Path, lora: LoraSettings, training: TrainingSettings) -> None:
+        """Before any weight is loaded: the model (as this worker reads it) must be sane and fit the budget
+        (a payload in Redis may not be what the API checked, and the API may run with another budget)."""
+        model = HfModelConfig.from_dict(read_config_file(model_dir / "config.json", field="base_model",
+                                                         shown="base_model config.json"), field="base_model")
+        self.budget.check(estimate_training(model, lora, training), field="base_model")
 
     def on_metrics(self, p: StepProgress) -> None:
         if self.metrics is not None:
@@ -179,6 +194,7 @@ class TrainingHandler:
         name = p["adapter_name"]
         ctx.report(0.0, f"attempt {ctx.attempt}: fetching base model and dataset")
         model_dir = self.base_model_dir(p["base_model"])
+        self.check_budget(model_dir, lora, training)
         data = self.store.get_bytes(p["dataset_key"])
         if training.world_size > 1:
             from services.trainer.distributed_job import run_distributed_job

@@ -23,7 +23,8 @@ class TrainerStack:
     """TrainerService + JobService on a real loopback gRPC server, a real Redis and a file store;
     ``start_worker()`` runs a JobWorker thread in this process."""
 
-    def __init__(self, redis_url: str, tmp_path, lease_seconds: float = 30.0, *, inputs=None):
+    def __init__(self, redis_url: str, tmp_path, lease_seconds: float = 30.0, *, inputs=None, budget=None,
+                 inspector=None):
         import grpc
 
         from loraflow.config import connect_redis
@@ -45,7 +46,9 @@ class TrainerStack:
         self.inputs = inputs  # the InputPolicy of API and workers (None: no local paths but the store's)
         self.server = GrpcServer("127.0.0.1:0", service_names=[SERVICE_NAME, JOB_SERVICE_NAME])
         self.server.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
-                        TrainerServiceServicer(self.queue, self.registry, self.store, inputs=inputs))
+                        TrainerServiceServicer(self.queue, self.registry, self.store, inputs=inputs, budget=budget,
+                                               inspector=inspector))
+        self.budget = budget
         add_job_service(self.server, {"train": self.queue})
         self.port = self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -59,6 +62,7 @@ class TrainerStack:
         from loraflow.jobs import JobWorker
         from services.trainer.worker import TrainingHandler
 
+        handler_options.setdefault("budget", self.budget)
         handler = TrainingHandler(self.store, self.registry, self.cache_dir, report_every_steps=report_every_steps,
                                   inputs=self.inputs, **handler_options)
         worker = JobWorker(self.queue, handler, poll_ms=200, reaper_interval=0.5)
