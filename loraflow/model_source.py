@@ -17,7 +17,6 @@ remote ones into the cache (sha256-verified) and checking local ones for symlink
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from loraflow.hf_config import parse_config_bytes
 from loraflow.security.local_paths import LocalPathPolicy
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, check_tree, confined_file, read_regular_file
 from loraflow.store import MANIFEST_NAME, FileStore, ObjectStore, S3Store, resolve
@@ -146,15 +146,8 @@ def read_json_file(uri: str, name: str, store: ObjectStore, *, field: str,
         # The file itself may be a link: it must resolve inside the directory and be a regular file.
         path = confined_file(location.path, name, field=field)
         raw = read_regular_file(path, field=field, limit=MAX_CONFIG_BYTES, shown=f"{uri}/{name}")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        # The decoder's position, never its excerpt of the file.
-        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise InvalidArgument(f"{field} {name} is not valid JSON{where}", field=field, value=uri) from None
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"{field} {name} is not a JSON object", field=field, value=uri)
-    return data
+    # One JSON object, bounded, no NaN, not nested past reason; errors give a position, never the bytes.
+    return parse_config_bytes(raw, field=field, name=name, shown=uri)
 
 
 def materialize(uri: str, store: ObjectStore, cache_dir: str | Path, *, field: str, kind: str,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
+from loraflow.budget import ResourceBudget, add_budget_arguments, configure_process_budget
 from loraflow.config import Settings, connect_redis, mask_redis_url, seconds_arg
 from loraflow.jobs import HandlerFn, JobQueue, JobWorker
 from loraflow.redis_health import (
@@ -98,6 +99,7 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
                         f"{DEFAULT_LIVENESS_GRACE_S:g}; env LORAFLOW_LIVENESS_GRACE)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
+    add_budget_arguments(p)
     from loraflow.storage_service import add_storage_arguments
 
     add_storage_arguments(p)
@@ -118,6 +120,8 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     log = logging.getLogger(f"loraflow.{spec.name}")
     settings = Settings.from_env(redis_url=args.redis_url, store_url=args.store_url, cache_dir=args.cache_dir)
     security = SecuritySettings.from_args(args)
+    # What servicers and handlers compare a job's estimated memory with (loraflow.budget).
+    configure_process_budget(ResourceBudget.from_args(args))
     shutdown: list[Callable[[], None]] = []
     redis_url = settings.redis_url
     if redis_url is None:

@@ -3,23 +3,29 @@
 Adapters are named by their registered name (looked up in the registry) or by a path/URI of a
 PEFT directory. Both the API (to validate and detect cache hits before queueing) and the worker
 (to build) go through `CompileInputs.plan`, so they agree on the artifact id.
+
+The budget comes first: config.json alone (bounded, strict) and the options give the compile job's memory
+(loraflow.budget.compile_estimate); a request over it is RESOURCE_EXHAUSTED before the base model is
+fetched, and again, exactly, once the adapters are read, before the worker allocates anything.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from loraflow.budget import MemoryEstimate, ResourceBudget, compile_estimate, process_budget
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound
-from loraflow.model_source import InputPolicy, check_uri, is_location, materialize
+from loraflow.hf_config import HfModelConfig
+from loraflow.model_source import InputPolicy, check_uri, is_location, materialize, read_json_file
 from loraflow.names import validate_name
 from loraflow.registry import Registry
 from loraflow.store import ObjectStore
 from services.compiler.artifact import ArtifactPlan, base_fingerprint, plan_artifact
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.decoder import weight_files
-from services.compiler.options import CompileOptions
+from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
 MAX_ADAPTERS = 256
 
@@ -42,14 +48,19 @@ class CompileInputs:
     """Turns (base_model, adapter specs, options) into a validated plan. Thread-safe."""
 
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
-                 policy: InputPolicy | None = None):
+                 policy: InputPolicy | None = None, budget: ResourceBudget | None = None):
         self.store = store
+        self._budget = budget  # None: the process's (loraflow.budget.process_budget)
         self.registry = registry
         self.cache_dir = Path(cache_dir)
         # The API and the worker both plan through here, so the worker re-checks a (possibly planted) payload.
         self.policy = policy or InputPolicy()
         self._fingerprints: dict[tuple, str] = {}
         self._lock = threading.Lock()
+
+    @property
+    def budget(self) -> ResourceBudget:
+        return self._budget or process_budget()
 
     def resolve_adapter(self, index: int, spec: str) -> ResolvedAdapter:
         field = f"adapters[{index}]"
@@ -87,12 +98,18 @@ class CompileInputs:
             raise InvalidArgument(f"adapters lists {len(adapter_specs)} entries; at most {MAX_ADAPTERS}",
                                   field="adapters", value=len(adapter_specs))
         options.validate(num_adapters=len(adapter_specs))
+        # config.json alone (no weights fetched yet): a malformed or unsupported model, or options over the
+        # budget, are refused before the base model is downloaded or hashed.
+        config = read_json_file(base_model, "config.json", self.store, field="base_model", policy=self.policy)
+        decoder = DecoderConfig.from_hf_dict(config)
+        model = HfModelConfig.from_dict(config, field="base_model")
+        self._check_budget(model, decoder, _least_options(options, len(adapter_specs)), adapter_bytes=0)
         base_dir = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models",
                                policy=self.policy)
         if not (base_dir / "config.json").is_file():
             raise InvalidArgument(f"base_model {base_model!r} has no config.json (not a Hugging Face checkpoint)",
                                   field="base_model", value=base_model)
-        DecoderConfig.from_model_dir(base_dir)  # unsupported architecture: say so before hashing weights
+        DecoderConfig.from_model_dir(base_dir)  # the copy read is the one checked
         adapters = tuple(self.resolve_adapter(i, spec) for i, spec in enumerate(adapter_specs))
         try:
             plan = plan_artifact(base_dir, [(a.name, a.path) for a in adapters], options,
@@ -105,4 +122,44 @@ class CompileInputs:
                 raise
             raise InvalidArgument(exc.message, field=f"adapters[{index}].{exc.field}", value=exc.value,
                                   metadata={"adapter": adapters[index].name}) from None
+        read = sum(a.nbytes + b.nbytes for adapter in plan.adapters for a, b in adapter.weights.values())
+        self._check_budget(model, plan.config, plan.options, adapter_bytes=read)
         return ResolvedInputs(base_dir=base_dir, adapters=adapters, plan=plan)
+
+    def _check_budget(self, model: HfModelConfig, decoder: DecoderConfig, options: CompileOptions, *,
+                      adapter_bytes: int) -> None:
+        """ResourceExhausted naming the option (or the base model) that makes the compile job not fit."""
+        ctx = options.ctx_len or min(DEFAULT_CTX_LEN, decoder.max_position_embeddings)
+        needed = compile_estimate(model, dtype=options.dtype, adapter_slots=int(options.adapter_slots),
+                                  max_rank=int(options.max_rank), target_modules=options.target_modules,
+                                  ctx_len=int(ctx), full_batch_size=int(options.full_batch_size),
+                                  adapter_bytes=adapter_bytes)
+        self.budget.check(needed, field=_blamed_field(needed), value=_blamed_value(needed, options))
+
+
+def _least_options(options: CompileOptions, num_adapters: int) -> CompileOptions:
+    """The options resolved as far as the request alone allows, erring small where the adapters decide: rank
+    at least the default, target modules as given (or, with adapters to come, the single smallest)."""
+    if num_adapters and not options.target_modules:
+        options = replace(options, target_modules=("k_proj",))
+    return options.resolve(adapter_ranks=(), adapter_targets=[()] * num_adapters)
+
+
+def _blamed_field(needed: MemoryEstimate) -> str:
+    part = max(needed.parts, key=lambda p: p[1])[0]
+    if part == "adapter banks":
+        return "options.adapter_slots"
+    if part == "KV caches":
+        return "options.ctx_len"
+    if part == "adapters read":
+        return "adapters"
+    return "base_model"
+
+
+def _blamed_value(needed: MemoryEstimate, options: CompileOptions):
+    field = _blamed_field(needed)
+    if field == "options.adapter_slots":
+        return f"adapter_slots={options.adapter_slots}, max_rank={options.max_rank}"
+    if field == "options.ctx_len":
+        return f"ctx_len={options.ctx_len}, full_batch_size={options.full_batch_size}"
+    return None

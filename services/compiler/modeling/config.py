@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraflow.errors import InvalidArgument
+from loraflow.hf_config import HfModelConfig, read_config_file
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -63,50 +63,48 @@ class DecoderConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any]) -> DecoderConfig:
-        arch = hf.get("model_type")
+        """From a config.json object, read strictly (loraflow.hf_config): a size that is not an integer in range,
+        or a malformed rope setting, is INVALID_ARGUMENT naming ``base_model.<key>``."""
+        arch = hf.get("model_type") if isinstance(hf, Mapping) else None
         if arch not in SUPPORTED_ARCHITECTURES:
+            shown = arch if isinstance(arch, str | None) and len(str(arch)) <= 64 else "<not a name>"
             raise InvalidArgument(
-                f"model_type {arch!r} is not supported; supported architectures: {list(SUPPORTED_ARCHITECTURES)}",
-                field="base_model.model_type", value=arch)
+                f"model_type {shown!r} is not supported; supported architectures: {list(SUPPORTED_ARCHITECTURES)}",
+                field="base_model.model_type", value=shown)
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise InvalidArgument(f"hidden_act {act!r} is not supported (the decoder implements SwiGLU/silu)",
-                                  field="base_model.hidden_act", value=act)
-        hidden = int(hf["hidden_size"])
-        heads = int(hf["num_attention_heads"])
-        kv_heads = int(hf.get("num_key_value_heads") or heads)
-        if heads % kv_heads:
-            raise InvalidArgument(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}",
-                                  field="base_model.num_key_value_heads", value=kv_heads)
-        head_dim = int(hf.get("head_dim") or hidden // heads)
+            shown = act if isinstance(act, str) and len(act) <= 64 else "<not a name>"
+            raise InvalidArgument(f"hidden_act {shown!r} is not supported (the decoder implements SwiGLU/silu)",
+                                  field="base_model.hidden_act", value=shown)
+        checked = HfModelConfig.from_dict(hf, field="base_model")
         rope = _rope_parameters(hf)
         if arch == "qwen2":
             qkv_bias, o_bias = True, False
         else:
-            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+            qkv_bias = o_bias = _flag(hf, "attention_bias")
         window = None
         if arch == "mistral":
             window = hf.get("sliding_window")
-        elif arch == "qwen2" and hf.get("use_sliding_window"):
+        elif arch == "qwen2" and _flag(hf, "use_sliding_window"):
             window = hf.get("sliding_window")
         return cls(
             architecture=arch,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            vocab_size=checked.vocab_size,
+            hidden_size=checked.hidden_size,
+            intermediate_size=checked.intermediate_size,
+            num_layers=checked.num_hidden_layers,
+            num_heads=checked.num_attention_heads,
+            num_kv_heads=checked.num_key_value_heads,
+            head_dim=checked.head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps") or 1e-6),  # hf_config: finite and > 0 when given
             rope_theta=float(rope.pop("rope_theta")),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=checked.max_position_embeddings or 2048,
+            tie_word_embeddings=checked.tie_word_embeddings,
             attention_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=_flag(hf, "mlp_bias"),
             rope_scaling=rope,
-            sliding_window=int(window) if window else None,
+            sliding_window=int(window) if window else None,  # hf_config: null or an integer in range
         )
 
     @classmethod
@@ -115,17 +113,28 @@ class DecoderConfig:
         if not path.is_file():
             raise InvalidArgument(f"{model_dir} is not a Hugging Face checkpoint (no config.json)",
                                   field="base_model", value=str(model_dir))
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        return cls.from_hf_dict(read_config_file(path, field="base_model", shown=f"{model_dir}/config.json"))
+
+
+def _flag(hf: Mapping[str, Any], key: str) -> bool:
+    value = hf.get(key, False)
+    if not isinstance(value, bool | None):
+        raise InvalidArgument(f"base_model.{key} must be true or false, got a JSON {type(value).__name__}",
+                              field=f"base_model.{key}", value=type(value).__name__)
+    return bool(value)
 
 
 def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
     """Normalise transformers-5 ``rope_parameters`` and legacy ``rope_theta`` + ``rope_scaling``."""
     params = dict(hf.get("rope_parameters") or {})
     legacy = dict(hf.get("rope_scaling") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise InvalidArgument("rope_parameters per layer type are not supported (one rope for every layer)",
+                              field="base_model.rope_parameters", value=sorted(params)[:8])
     if "type" in legacy and "rope_type" not in legacy:
         legacy["rope_type"] = legacy.pop("type")
     merged = {**legacy, **params}
-    merged.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    merged["rope_theta"] = merged.get("rope_theta") or hf.get("rope_theta") or 10000.0
     merged.setdefault("rope_type", "default")
     if merged["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise InvalidArgument(
