@@ -335,7 +335,7 @@ def serving_estimate(manifest, *, device: str = "cpu") -> MemoryEstimate:
                        {m: (s.in_features, s.out_features) for m, s in g.lora_modules.items()}, value)
     tokenizer = manifest.tokenizer_dir.rstrip("/") + "/"
     weights = sum(f.size for f in manifest.files
-                  if not f.path.startswith(("adapters/", tokenizer)) and f.path.endswith((".onnx", ".data")))
+                  if not f.path.startswith(("adapters/", tokenizer)) and f.path.endswith((".onnx", ".data", ".onnx_data")))
     if device == "ai100":
         return estimate(f"artifact {manifest.artifact_id}", [("adapter banks", banks)])
     return estimate(f"artifact {manifest.artifact_id}", [("graph weights", weights), ("KV cache", kv),

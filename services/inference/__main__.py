@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 
+from loraflow.budget import ResourceBudget, add_budget_arguments, configure_process_budget
 from loraflow.config import Settings, connect_redis, seconds_arg
 from loraflow.errors import LoraflowError
 from loraflow.jobs import RedisOutage, retry_redis
@@ -95,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "models are local to this process)")
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
+    add_budget_arguments(p)  # --memory-budget: every loaded model's estimate together
     args = p.parse_args(argv)
     if args.deployment is not None:
         from loraflow.errors import InvalidArgument
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("loraflow.inference")
     settings = Settings.from_env(redis_url=args.redis_url, store_url=args.store_url, cache_dir=args.cache_dir)
     security = SecuritySettings.from_args(args)
+    configure_process_budget(ResourceBudget.from_args(args))
     embedded = None
     if settings.redis_url is None:
         from loraflow.embedded_redis import EmbeddedRedis

@@ -3,22 +3,39 @@
 ``open_model`` builds a LoadedModel from a local artifact directory (benchmarks, tests);
 ``ModelManager`` adds the registry (artifact id → URI, adapter name → URI), the store and the
 local cache, and keeps the loaded models by id. No protobuf here: the servicer converts.
+
+Memory is decided before it is taken: LoadArtifact estimates the artifact (graph weights + KV cache +
+adapter banks, loraflow.budget.serving_estimate) from its manifest — read from the store before the
+artifact is downloaded, and again from the verified copy before a session opens — and refuses it
+(RESOURCE_EXHAUSTED naming artifact_id, the estimate and the limit) when it does not fit beside the
+models already loaded or loading and the host adapter cache's cap, within ``--memory-budget``. An
+adapter (LoadAdapter, or one loaded on first use) whose files are larger than any adapter that fits one
+bank slot can be is refused before it is fetched or read.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.errors import AlreadyExists, InvalidArgument, NotFound
-from loraflow.manifest import Manifest
+from loraflow.budget import (
+    MemoryEstimate,
+    ResourceBudget,
+    adapter_dir_limit,
+    format_bytes,
+    process_budget,
+    serving_estimate,
+)
+from loraflow.errors import AlreadyExists, InvalidArgument, LoraflowError, NotFound, ResourceExhausted
+from loraflow.manifest import MANIFEST_FILE, Manifest
 from loraflow.model_source import InputPolicy, is_location
 from loraflow.names import validate_name
 from loraflow.security.safe_files import check_tree
-from loraflow.store import ObjectStore, resolve
+from loraflow.store import MANIFEST_NAME, ObjectStore, artifact_key, join_key, resolve
 from services.inference import metrics
 from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, HostAdapterCache
 from services.inference.artifact_cache import ArtifactCache
@@ -43,6 +60,7 @@ class LoadedModel:
     tokenizer: TextTokenizer
     engine: Engine
     adapters: OnDemandAdapters
+    memory: MemoryEstimate | None = None  # what the budget counted for it (ModelManager)
 
     @property
     def base_model(self) -> str:
@@ -99,6 +117,24 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
                        adapters)
 
 
+MAX_MANIFEST_BYTES = 16 << 20  # an artifact manifest lists a few dozen files
+
+
+def adapter_limit(manifest: Manifest) -> int:
+    """The most bytes an adapter directory may hold to fit one bank slot of `manifest`'s artifact."""
+    return adapter_dir_limit(manifest.graph.layers, manifest.max_rank,
+                             {m: (s.in_features, s.out_features) for m, s in manifest.graph.lora_modules.items()})
+
+
+def _check_adapter_size(uri: str, nbytes: int, max_bytes: int) -> None:
+    if nbytes > max_bytes:
+        raise ResourceExhausted(
+            f"adapter {uri!r} holds {format_bytes(nbytes)} of files, more than the {format_bytes(max_bytes)} an "
+            "adapter that fits one slot of this model can hold (every layer and adapted module at the artifact's "
+            "max_rank); it was not fetched", field="adapter", value=uri, reason="ADAPTER_TOO_LARGE",
+            metadata={"estimate_bytes": str(nbytes), "limit_bytes": str(max_bytes)})
+
+
 def model_identity(artifact_id: str, device: str, model_id: str) -> tuple[str, str]:
     """(device, model_id) of a LoadArtifact, validated; the model id defaults to the artifact id (plus the
     device when it is not the CPU), so every replica names the same load the same way."""
@@ -119,7 +155,9 @@ class ModelManager:
     def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
                  on_change: Callable[[int], None] | None = None, allow_spinning: bool = False,
                  inputs: InputPolicy | None = None, adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
-                 adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S):
+                 adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S, budget: ResourceBudget | None = None):
+        self._budget = budget  # None: the process's (loraflow.budget.process_budget)
+        self._reserved: dict[str, MemoryEstimate] = {}  # loads in flight, counted before they allocate
         self.adapter_cache = HostAdapterCache(adapter_cache_bytes)  # InvalidArgument outside its bounds
         if not isinstance(adapter_wait_s, int | float) or not 0 <= adapter_wait_s <= MAX_ADAPTER_WAIT_S:
             raise InvalidArgument(f"adapter_wait_s must be in 0..{MAX_ADAPTER_WAIT_S:g} seconds, got {adapter_wait_s!r}",
@@ -152,14 +190,22 @@ class ModelManager:
             self._loading.add(model_id)
         try:
             record = self.registry.get_artifact(artifact_id)  # NotFound for an unknown id
+            announced = self._stored_manifest(artifact_id)
+            if announced is not None:  # before downloading a byte of it
+                self._reserve(model_id, serving_estimate(announced, device=device), artifact_id)
             local_dir, manifest = self.cache.fetch(artifact_id, record.uri)
+            memory = self._reserve(model_id, serving_estimate(manifest, device=device), artifact_id)
+            limit = adapter_limit(manifest)
             model = open_model(local_dir, device=device, num_threads=num_threads, model_id=model_id,
                                max_waiting=self.max_waiting, manifest=manifest,
-                               allow_spinning=self.allow_spinning, resolve_adapter=self._registered_origin,
+                               allow_spinning=self.allow_spinning,
+                               resolve_adapter=lambda name: self._registered_origin(name, limit),
                                adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s)
+            model.memory = memory
         finally:
             with self._lock:
                 self._loading.discard(model_id)
+                self._reserved.pop(model_id, None)
         with self._lock:
             self._models[model_id] = model
             count = len(self._models)
@@ -167,6 +213,35 @@ class ModelManager:
                           lora_kernel=getattr(model.runtime, "lora_kernel", ""))
         self._on_change(count)
         return model
+
+    @property
+    def budget(self) -> ResourceBudget:
+        return self._budget or process_budget()
+
+    def _reserve(self, model_id: str, needed: MemoryEstimate, artifact_id: str) -> MemoryEstimate:
+        """Count `needed` for a load in flight, unless it does not fit beside what is loaded or loading and the
+        adapter cache's cap (ResourceExhausted naming artifact_id, the estimate and the limit)."""
+        with self._lock:
+            loaded = [m.memory.total for m in self._models.values() if m.memory is not None]
+            loading = [e.total for k, e in self._reserved.items() if k != model_id]
+            in_use = sum(loaded) + sum(loading) + self.adapter_cache.max_bytes
+            what = (f"{len(loaded)} loaded model(s), {len(loading)} loading and the adapter cache's "
+                    f"{format_bytes(self.adapter_cache.max_bytes)} (--adapter-cache-bytes)")
+            self.budget.check(needed, field="artifact_id", value=artifact_id, in_use=in_use, in_use_what=what)
+            self._reserved[model_id] = needed
+        return needed
+
+    def _stored_manifest(self, artifact_id: str) -> Manifest | None:
+        """The artifact's manifest as the store holds it (small, bounded), or None when it cannot be read
+        that way: the fetch that follows then verifies it and fails with the precise error."""
+        key = artifact_key(artifact_id)
+        try:
+            if not self.store.dir_exists(key):
+                return None
+            raw = self.store.get_bytes(join_key(key, MANIFEST_FILE), max_bytes=MAX_MANIFEST_BYTES)
+            return Manifest.from_dict(json.loads(raw))
+        except (LoraflowError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return None
 
     def get(self, model_id: str) -> LoadedModel:
         with self._lock:
@@ -201,37 +276,43 @@ class ModelManager:
         model = self.get(model_id)
         if not adapter:
             raise InvalidArgument("adapter must name a registered adapter or a URI", field="adapter", value=adapter)
+        limit = adapter_limit(model.manifest)
         if is_location(adapter):
-            local = self._fetch_adapter_uri(adapter)  # confined: PermissionDenied outside the allowed roots
+            # confined (PermissionDenied outside the allowed roots) and bounded before a byte is fetched
+            local = self._fetch_adapter_uri(adapter, limit)
             name = name or local.name
             origin = AdapterOrigin(adapter, lambda: local, "path")
         else:
             validate_name("adapter", adapter)
             record = self.registry.get_adapter(adapter)  # NotFound for an unknown name
             name = name or record.name
-            origin = AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri), "store")
+            origin = AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri, limit), "store")
         slot = model.adapters.load(name, origin)
         metrics.log_event("adapter_hot_added", model=model_id, adapter=name, slot=slot, source=origin.source)
         return model
 
-    def _registered_origin(self, name: str) -> AdapterOrigin | None:
-        """A registered adapter's origin (its record's URI, confined when fetched), or None."""
+    def _registered_origin(self, name: str, max_bytes: int) -> AdapterOrigin | None:
+        """A registered adapter's origin (its record's URI, confined and bounded when fetched), or None."""
         record = self.registry.find_adapter(name)
         if record is None:
             return None
-        return AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri), "store")
+        return AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri, max_bytes), "store")
 
-    def _fetch_adapter_uri(self, uri: str) -> Path:
+    def _fetch_adapter_uri(self, uri: str, max_bytes: int) -> Path:
         # Requests and registry records alike: Redis could hold a planted uri.
         location = self.inputs.check(uri, self.store, field="adapter")
         store, key = resolve(uri, self.store, field="adapter")
         if store.dir_exists(key):
+            files = store.read_manifest(key)["files"]
+            _check_adapter_size(uri, sum(int(info["size"]) for info in files.values()), max_bytes)
             dest = self.cache_dir / "adapters" / key.replace("/", "__")
             return store.fetch_dir(key, dest)
         # A plain local PEFT directory (not published to a store) is read in place, once no link in it
         # leads outside it.
         if location.path is not None and location.path.is_dir():
-            check_tree(location.path, field="adapter")
+            rels = check_tree(location.path, field="adapter")
+            _check_adapter_size(uri, sum((location.path / rel).stat().st_size for rel in rels
+                                         if rel != MANIFEST_NAME), max_bytes)
             return location.path
         raise NotFound(f"no adapter directory at {uri}", field="adapter", value=uri)
 
