@@ -72,9 +72,29 @@ class Settings:
         return cls(**values)
 
 
-def connect_redis(settings_or_url: Settings | str, **kwargs) -> redis.Redis:
+# Redis connections of a server process, sized from its own caps (a pool smaller than the threads that may
+# use it at once turns load into UNAVAILABLE for everyone, lease renewals included):
+# * the API: one per stream thread (--max-concurrent-streams) and per unary thread, plus REDIS_HEADROOM;
+# * the worker: its job loop, the running handler and the distributed-training threads, WORKER_CONNECTIONS;
+# * lease renewals: LIVENESS_CONNECTIONS of their own, so no client load and no handler can take them.
+REDIS_HEADROOM = 8
+WORKER_REDIS_CONNECTIONS = 16
+LIVENESS_REDIS_CONNECTIONS = 2
+# How long a call waits for a pooled connection before UNAVAILABLE (a sized pool never makes it wait).
+REDIS_POOL_WAIT_S = 5.0
+
+
+def api_redis_connections(max_concurrent_streams: int, unary_threads: int) -> int:
+    """Connections an API server needs so every thread it may run at once has one."""
+    return max_concurrent_streams + unary_threads + REDIS_HEADROOM
+
+
+def connect_redis(settings_or_url: Settings | str, *, max_connections: int | None = None,
+                  pool_wait_s: float = REDIS_POOL_WAIT_S, **kwargs) -> redis.Redis:
     """A redis client (decode_responses=False: job payloads are bytes-safe JSON) for a Settings or a URL.
 
+    max_connections: a pool of that many connections that makes a caller wait up to `pool_wait_s` for a free
+    one (then ConnectionError, i.e. UNAVAILABLE) instead of failing at once; None: redis-py's default pool.
     Raises InvalidArgument when the settings say "embedded": the caller must start EmbeddedRedis first
     and pass its URL.
     """
@@ -82,6 +102,9 @@ def connect_redis(settings_or_url: Settings | str, **kwargs) -> redis.Redis:
     if not url:
         raise InvalidArgument("no redis_url set: start loraflow.embedded_redis.EmbeddedRedis and use its url",
                               field="redis_url", value=url)
+    if max_connections is not None and max_connections < 1:
+        raise InvalidArgument(f"max_connections must be >= 1, got {max_connections}", field="max_connections",
+                              value=max_connections)
     kwargs.setdefault("health_check_interval", 30)
     # Bounded waits, so an unreachable or hung Redis surfaces as an error (UNAVAILABLE), not a hang.
     # socket_timeout stays above the longest blocking read we issue (worker XREADGROUP, 2 s).
@@ -89,7 +112,13 @@ def connect_redis(settings_or_url: Settings | str, **kwargs) -> redis.Redis:
     kwargs.setdefault("socket_timeout", 30)
     kwargs.setdefault("socket_keepalive", True)
     # from_url takes the password (redis://:pw@host) and TLS (rediss://, ssl_* query args) from the URL.
-    return redis.Redis.from_url(url, **kwargs)
+    if max_connections is None:
+        return redis.Redis.from_url(url, **kwargs)
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_wait_s,
+                                                 **kwargs)
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def mask_redis_url(url: str | None) -> str:

@@ -337,10 +337,13 @@ class JobQueue:
     max_deliveries: runs a job may lose (worker death, transient errors) before it is dead-lettered.
     outage_seconds: how long a running job retries Redis before giving the attempt up (default 2 leases,
     below the 3 leases after which the reaper takes a job over).
+    liveness_redis: the client lease renewals use (default `redis_client`); a worker process gives it a pool
+    of its own, so a renewal never waits behind client load (loraflow.config.LIVENESS_REDIS_CONNECTIONS).
     """
 
     def __init__(self, redis_client: redis.Redis, kind: str, *, lease_seconds: float = 30.0,
-                 max_deliveries: int = 3, events_maxlen: int = 10_000, outage_seconds: float | None = None):
+                 max_deliveries: int = 3, events_maxlen: int = 10_000, outage_seconds: float | None = None,
+                 liveness_redis: redis.Redis | None = None):
         if kind not in KINDS:
             raise InvalidArgument(f"kind must be one of {KINDS}, got {kind!r}", field="kind", value=kind)
         if not lease_seconds > 0:
@@ -350,6 +353,7 @@ class JobQueue:
             raise InvalidArgument(f"max_deliveries must be >= 1, got {max_deliveries}", field="max_deliveries",
                                   value=max_deliveries)
         self.redis = redis_client
+        self.liveness = liveness_redis if liveness_redis is not None else redis_client
         self.kind = kind
         self.lease_seconds = float(lease_seconds)
         self.max_deliveries = int(max_deliveries)
@@ -392,9 +396,9 @@ class JobQueue:
                 raise
         self._group_ready = True
 
-    def _run(self, name: str, keys: list[str], args: list[Any]):
+    def _run(self, name: str, keys: list[str], args: list[Any], client: redis.Redis | None = None):
         try:
-            return self._scripts[name](keys=keys, args=args)
+            return self._scripts[name](keys=keys, args=args, client=client)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise redis_unavailable(exc) from exc
 
@@ -935,7 +939,7 @@ class JobWorker:
         while not done.wait(q.lease_seconds / 3):
             try:
                 outcome = _s(q._run("renew", [q.job_key(ctx.job_id), q.stream_key],
-                                    [GROUP, self.consumer, ctx.msg_id, ctx.attempt]))
+                                    [GROUP, self.consumer, ctx.msg_id, ctx.attempt], client=q.liveness))
             except (Unavailable, redis.RedisError) as exc:
                 if not failing:  # once per outage; the handler's own calls decide when to give up
                     log.warning("lease renewal of %s failed (%s); retrying", ctx.job_id, exc)

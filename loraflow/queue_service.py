@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import redis
 
 from loraflow.budget import ResourceBudget, add_budget_arguments, configure_process_budget
-from loraflow.config import Settings, connect_redis, mask_redis_url, seconds_arg
+from loraflow.config import (
+    LIVENESS_REDIS_CONNECTIONS,
+    WORKER_REDIS_CONNECTIONS,
+    Settings,
+    api_redis_connections,
+    connect_redis,
+    mask_redis_url,
+    seconds_arg,
+)
 from loraflow.jobs import HandlerFn, JobQueue, JobWorker
 from loraflow.redis_health import (
     DEFAULT_LIVENESS_GRACE_S,
@@ -43,6 +51,40 @@ from loraflow.redis_health import (
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.store import ObjectStore, open_store
+
+# Threads serving unary RPCs (GetJob, Submit..., StorageService); streams have --max-concurrent-streams more.
+API_UNARY_THREADS = 16
+
+
+@dataclass(frozen=True)
+class ServiceRedis:
+    """The Redis clients of one process, each with a pool sized for who uses it (loraflow.config):
+
+    api: the servicers (a connection for every stream and unary thread the server may run, plus headroom);
+    worker: the job loop, its handler and distributed-training threads; liveness: lease renewals only.
+    A role the process does not run has no client (None)."""
+
+    api: redis.Redis | None
+    worker: redis.Redis | None
+    liveness: redis.Redis | None
+
+    @classmethod
+    def connect(cls, url: str, *, api: bool, worker: bool, max_concurrent_streams: int,
+                unary_threads: int = API_UNARY_THREADS) -> ServiceRedis:
+        return cls(
+            api=connect_redis(url, max_connections=api_redis_connections(max_concurrent_streams, unary_threads))
+            if api else None,
+            worker=connect_redis(url, max_connections=WORKER_REDIS_CONNECTIONS) if worker else None,
+            liveness=connect_redis(url, max_connections=LIVENESS_REDIS_CONNECTIONS) if worker else None)
+
+    @property
+    def any(self) -> redis.Redis:
+        return next(c for c in (self.api, self.worker, self.liveness) if c is not None)
+
+    def close(self) -> None:
+        for client in (self.api, self.worker, self.liveness):
+            if client is not None:
+                client.close()
 
 
 @dataclass(frozen=True)
@@ -132,26 +174,38 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
         log.info("no redis URL given: started an embedded redis-server at %s", mask_redis_url(redis_url))
     else:
         embedded = None
-    client = connect_redis(redis_url)
-    queue = JobQueue(client, spec.kind, lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries)
-    ctx = ServiceContext(settings=settings, redis=client, queue=queue, registry=Registry(client),
-                         store=open_store(settings.store_url), security=security, args=args)
+    has_api, has_worker = args.mode != "worker", args.mode in ("all", "worker")
+    clients = ServiceRedis.connect(redis_url, api=has_api, worker=has_worker,
+                                   max_concurrent_streams=security.max_concurrent_streams)
+    log.info("redis connections: %s", ", ".join(
+        f"{role} {client.connection_pool.max_connections}" for role, client in
+        (("api", clients.api), ("worker", clients.worker), ("lease renewals", clients.liveness)) if client))
+    store = open_store(settings.store_url)
+
+    def context(client: redis.Redis, liveness: redis.Redis | None = None) -> ServiceContext:
+        queue = JobQueue(client, spec.kind, lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries,
+                         liveness_redis=liveness)
+        return ServiceContext(settings=settings, redis=client, queue=queue, registry=Registry(client), store=store,
+                              security=security, args=args)
+
+    # The API's servicers and the worker never share a pool: no client load can starve the worker.
+    ctx = context(clients.api) if has_api else None
+    worker_ctx = context(clients.worker, clients.liveness) if has_worker else None
     if args.metrics_port and spec.serve_metrics is not None:
         spec.serve_metrics(args.metrics_port, security.metrics_host)
         log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
 
     server = None
     serve_stop = threading.Event()  # set by SIGTERM/SIGINT (run_until_signal) or a dead worker thread
-    if args.mode != "worker":
+    if has_api:
         from loraflow.grpc_server import GrpcServer
         from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
         from loraflow.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
 
         server = GrpcServer(listen=args.listen,
                             service_names=[spec.grpc_service_name, JOB_SERVICE_NAME, STORAGE_SERVICE_NAME],
-                            security=security)
+                            security=security, max_workers=API_UNARY_THREADS)
     ready_file = ReadyFile(args.ready_file)
-    has_worker = args.mode in ("all", "worker")
 
     def on_readiness(ready: bool) -> None:
         # One place decides what "ready" means: Redis answers and, with a worker, its group exists.
@@ -164,14 +218,15 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
             server.set_serving(ready)
 
     gate = ReadinessGate(on_readiness, redis=False, worker=not has_worker)
-    monitor = RedisMonitor(client, gate).start()
+    monitor = RedisMonitor(clients.any, gate).start()
     shutdown.append(monitor.stop)
 
     stop = threading.Event()
     exit_code = 0
     if has_worker:
-        handler = spec.make_handler(ctx)
-        worker = JobWorker(queue, handler, stop_event=stop, on_ready=lambda ready: gate.set("worker", ready))
+        handler = spec.make_handler(worker_ctx)
+        worker = JobWorker(worker_ctx.queue, handler, stop_event=stop,
+                           on_ready=lambda ready: gate.set("worker", ready))
 
         def run_worker() -> None:
             nonlocal exit_code
@@ -187,17 +242,18 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
 
         worker_thread = threading.Thread(target=run_worker, name=f"{spec.kind}-worker")
         worker_thread.start()
-        log.info("%s worker %s started (store %s)", spec.name, worker.consumer, ctx.store.uri())
+        log.info("%s worker %s started (store %s)", spec.name, worker.consumer, store.uri())
 
         def stop_worker() -> None:
             stop.set()
             worker_thread.join()
 
         shutdown.append(stop_worker)
-        join_companion = spec.start_companion(ctx, handler, stop) if spec.start_companion else None
+        join_companion = spec.start_companion(worker_ctx, handler, stop) if spec.start_companion else None
         if join_companion is not None:
             shutdown.append(join_companion)
     shutdown.append(lambda: ready_file(False))
+    shutdown.append(clients.close)  # after the worker released its job
     if embedded is not None:
         shutdown.append(embedded.stop)
 
@@ -211,14 +267,14 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     from loraflow.job_service import add_job_service
 
     server.add(spec.add_servicer, spec.make_servicer(ctx))
-    add_job_service(server, {spec.kind: queue})
+    add_job_service(server, {spec.kind: ctx.queue})
     # Clients push models, adapters and datasets through the API they already talk to (loraflow models push).
     from loraflow.storage_service import add_storage_service, limits_from_args
 
-    add_storage_service(server, ctx.store, settings.cache_dir, limits_from_args(args))
+    add_storage_service(server, store, settings.cache_dir, limits_from_args(args))
     from loraflow.upload_sweeper import BlobSweeper
 
-    shutdown.append(BlobSweeper(ctx.store, args.upload_blob_ttl).start().stop)
+    shutdown.append(BlobSweeper(store, args.upload_blob_ttl).start().stop)
     port = server.start(serving=False)
     gate.publish()  # health as of now (the monitor may have flipped it before the port was bound)
     log.info("%s %s listening on port %d", spec.name, args.mode, port)
