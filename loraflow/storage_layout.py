@@ -3,12 +3,19 @@
 Layout (beside the trainer's adapters/ and the compiler's artifacts/, which it never touches):
 
 * ``uploads/blobs/sha256/<hex>``: the bytes of one uploaded file, named by their sha256, so the same
-  bytes upload once; a blob is staging, removed once a directory made from it is published;
+  bytes are stored once; a blob is staging, removed once a directory made from it is published and no
+  other caller's push still holds it;
+* ``uploads/claims/sha256/<hex>/<owner>``: one empty object per caller that uploaded those bytes (owner
+  is a digest of the caller's name, or of its connection when the server has no tokens). A caller commits
+  only blobs it holds a claim on — it proved it has the bytes — and a commit drops only its own claim, so
+  nobody can publish, or delete, another caller's pending upload by knowing its sha256;
 * ``uploads/<kind>s/<name>/<digest16>``: a published directory (``.manifest.json`` written last), the
   digest being that of its file list, so the same files always publish to the same key.
 
-Paths inside a pushed directory are confined: relative, '/'-separated, no '.', '..' or empty segment,
-no NUL, backslash or control character, never the store's own manifest name.
+Paths inside a pushed directory are confined: relative, '/'-separated, at most 1024 bytes (UTF-8), each
+segment at most 255 bytes (a file name any filesystem can hold), no '.', '..' or empty segment, only
+printable characters (no NUL, DEL, C0/C1 control, line or paragraph separator, bidirectional or other
+format character), no backslash, never the store's own manifest name.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from loraflow.store import MANIFEST_NAME, join_key, validate_key
 
 UPLOADS_PREFIX = "uploads"
 BLOBS_PREFIX = f"{UPLOADS_PREFIX}/blobs/sha256"
+CLAIMS_PREFIX = f"{UPLOADS_PREFIX}/claims/sha256"
 MAX_CHUNK_BYTES = 1 << 20  # one Upload/Download message: well under the servers' 64 MiB message cap
-MAX_PATH_CHARS = 1024
+MAX_PATH_BYTES = 1024  # UTF-8: a staging path stays far under PATH_MAX whatever the scratch directory
+MAX_SEGMENT_BYTES = 255  # NAME_MAX of ext4, XFS, APFS, NTFS: a longer name cannot be written anywhere
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -89,12 +98,25 @@ def check_path(value: str, field: str) -> str:
     """A confined relative file path (see the module docstring); InvalidArgument naming field and value."""
     if not isinstance(value, str) or not value:
         raise InvalidArgument(f"{field} must not be empty", field=field, value=value)
-    if len(value) > MAX_PATH_CHARS:
-        raise InvalidArgument(f"{field} must be at most {MAX_PATH_CHARS} characters, got {len(value)}",
+    try:
+        encoded = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate
+        raise InvalidArgument(f"{field} is not valid Unicode text", field=field, value=ascii(value)[:80]) from None
+    if encoded > MAX_PATH_BYTES:
+        raise InvalidArgument(f"{field} must be at most {MAX_PATH_BYTES} bytes (UTF-8), got {encoded}",
                               field=field, value=value)
+    bad = next((i for i, c in enumerate(value) if not c.isprintable()), None)
+    if bad is not None:
+        raise InvalidArgument(f"{field} may hold only printable characters; U+{ord(value[bad]):04X} at position "
+                              f"{bad} is not", field=field, value=ascii(value)[:200])
     if value.startswith("/") or value.endswith("/"):
         raise InvalidArgument(f"{field} must be a relative file path, got {value!r}", field=field, value=value)
-    validate_key(value, field=field)  # '..', '.', empty segments, NUL, backslash, control characters
+    for segment in value.split("/"):
+        size = len(segment.encode("utf-8"))
+        if size > MAX_SEGMENT_BYTES:
+            raise InvalidArgument(f"{field} has a segment of {size} bytes; a file or directory name may be at most "
+                                  f"{MAX_SEGMENT_BYTES} bytes (UTF-8)", field=field, value=segment[:64] + "...")
+    validate_key(value, field=field)  # '..', '.', empty segments, NUL, backslash
     if value.split("/")[-1] == MANIFEST_NAME:
         raise InvalidArgument(f"{field} must not be the store's own {MANIFEST_NAME}", field=field, value=value)
     return value
@@ -153,6 +175,19 @@ def name_from_path(basename: str, kind: DataKind) -> str:
 
 def blob_key(sha256: str) -> str:
     return join_key(BLOBS_PREFIX, check_sha256(sha256, "sha256"))
+
+
+def owner_id(identity: str) -> str:
+    """The claim name of a caller: a digest, so no caller name or address is written into the store."""
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def claims_prefix(sha256: str) -> str:
+    return join_key(CLAIMS_PREFIX, check_sha256(sha256, "sha256"))
+
+
+def claim_key(sha256: str, owner: str) -> str:
+    return join_key(claims_prefix(sha256), owner)
 
 
 def files_digest(entries: Iterable[Entry]) -> str:

@@ -8,13 +8,19 @@ Everything is written through ObjectStore, so a local directory and S3 behave al
 sees what another received:
 
 * Upload streams one file into a temporary file under the work directory, hashing as it goes; only when
-  size and sha256 match the header does it become the blob ``uploads/blobs/sha256/<hex>``.
-* CommitDirectory fetches the blobs of a file list into a staging directory (verifying each sha256
-  again), publishes it with ``ObjectStore.publish_dir`` (manifest last, so ``require_published``
-  accepts it) and then drops the blobs.
+  size and sha256 match the header does it become the blob ``uploads/blobs/sha256/<hex>``, and the caller
+  gets a claim on it (storage_layout: ``uploads/claims/...``), also when the bytes were already there.
+* CommitDirectory takes only blobs the caller holds a claim on (anything else is BLOBS_MISSING: upload
+  it), fetches them into a staging directory (verifying each size and sha256 again), publishes it with
+  ``ObjectStore.publish_dir`` (manifest last, so ``require_published`` accepts it), then drops its own
+  claims and each blob no other caller's push still claims. A commit entry whose size disagrees with the
+  blob is INVALID_ARGUMENT naming ``files[i].size``; the blob stays. Nobody removes, or reads through a
+  commit, another caller's pending upload by knowing its sha256.
 
-Bounds: chunks of at most 1 MiB, files, file counts and totals per StorageLimits, free disk checked before
-a file or a directory is staged. Authentication is the server's interceptor, as for every RPC.
+Bounds: chunks of at most 1 MiB, path segments of at most 255 bytes and printable names, files (folders
+are not counted), file counts and totals per StorageLimits, free disk checked before a file or a
+directory is staged. Errors name the request's field and file path, never the server's scratch paths.
+Authentication is the server's interceptor, as for every RPC.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 
 from loraflow.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, ResourceExhausted
 from loraflow.model_source import check_uri, require_published
+from loraflow.security.auth import current_caller
 from loraflow.storage_layout import (
     MAX_CHUNK_BYTES,
     DataKind,
@@ -42,8 +49,11 @@ from loraflow.storage_layout import (
     check_path,
     check_sha256,
     check_size,
+    claim_key,
+    claims_prefix,
     directory_key,
     manifest_entries,
+    owner_id,
 )
 from loraflow.store import FileStore, ObjectStore, join_key, sha256_file
 from loraflow.upload_sweeper import (
@@ -78,6 +88,16 @@ def entry_to_proto(entry: Entry) -> storage_pb2.FileEntry:
     return storage_pb2.FileEntry(path=entry.path, size=entry.size, sha256=entry.sha256)
 
 
+def caller_owner(context) -> str:
+    """Whose uploads these are: the authenticated caller's name, else (a server without tokens) the client's
+    connection, so one connection's push is its own."""
+    caller = current_caller()
+    if caller:
+        return owner_id(f"caller:{caller}")
+    peer = context.peer() if context is not None and hasattr(context, "peer") else ""
+    return owner_id(f"peer:{peer}")
+
+
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """work_dir: local scratch for uploads in flight and directories being published (the cache dir)."""
 
@@ -97,7 +117,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         if self._published_with(key, entries):
             return storage_pb2.StatDirectoryResponse(uri=self.store.uri(key), published=True)
         return storage_pb2.StatDirectoryResponse(uri=self.store.uri(key), published=False,
-                                                 missing_sha256=self._missing(entries))
+                                                 missing_sha256=self._missing(entries, caller_owner(context)))
 
     def Upload(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -140,6 +160,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                                      f"says {sha}; nothing was stored", field="header.sha256", value=sha,
                                      metadata={"path": path})
             key = blob_key(sha)
+            # The claim first: a concurrent commit of the same bytes by someone else then keeps the blob.
+            self.store.put_bytes(claim_key(sha, caller_owner(context)), b"")
             present = self.store.exists(key)
             if not present:
                 self.store.put_file(key, tmp)
@@ -155,33 +177,67 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         total = sum(e.size for e in entries)
         if self._published_with(key, entries):
             return self._committed(kind, key, entries, total, already=True)
-        missing = set(self._missing(entries))
+        owner = caller_owner(context)
+        missing = set(self._missing(entries, owner))
         if missing:
-            paths = [e.path for e in entries if e.sha256 in missing]
-            shown = ", ".join(repr(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-            raise FailedPrecondition(f"files {shown} were not uploaded (or were consumed by another push); upload "
-                                     "them, then commit again", field="files", value=paths[0], reason="BLOBS_MISSING",
-                                     metadata={"missing_files": str(len(paths))})
+            self._blobs_missing([e.path for e in entries if e.sha256 in missing])
+        index = {f.path: i for i, f in enumerate(request.files)}
         self._need_disk(total, f"directory {name!r}")
         staging = self.work_dir / f".commit-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
+            fetched: dict[str, Path] = {}  # sha256 -> its verified copy: each blob is read and hashed once
             for e in entries:
                 dest = staging / e.path
-                self.store.get_file(blob_key(e.sha256), dest)
-                if dest.stat().st_size != e.size or sha256_file(dest) != e.sha256:
-                    # A blob that rotted in the store: drop it so the next push sends it again.
-                    self.store.delete(blob_key(e.sha256))
-                    raise IntegrityError(f"file {e.path!r}: the stored blob does not match sha256 {e.sha256}; it "
-                                         "was removed, push again", field="files", value=e.path)
-            self.store.publish_dir(key, staging, progress=False)
+                if e.sha256 in fetched:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(fetched[e.sha256], dest)
+                else:
+                    self._fetch_verified(e, dest)
+                    fetched[e.sha256] = dest
+                size = dest.stat().st_size
+                if size != e.size:
+                    # The request is wrong, not the blob: it stays for whoever uploaded it.
+                    where = f"files[{index[e.path]}].size"
+                    raise InvalidArgument(f"{where} says {e.size} bytes for {e.path!r}, but the uploaded bytes with "
+                                          f"sha256 {e.sha256} are {size}", field=where, value=e.size,
+                                          metadata={"path": e.path})
+            # The staging tree is exactly the checked file list: its own counts bound the walk.
+            folders = {e.path.rsplit("/", 1)[0] for e in entries if "/" in e.path}
+            folders |= {f.rsplit("/", i)[0] for f in list(folders) for i in range(1, f.count("/") + 1)}
+            self.store.publish_dir(key, staging, progress=False, max_files=len(entries), max_folders=len(folders))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         for sha in sorted({e.sha256 for e in entries}):
-            self.store.delete(blob_key(sha))
+            self._release(sha, owner)
         log.info("published %s %s: %d files, %d bytes at %s", kind.value, name, len(entries), total,
                  self.store.uri(key))
         return self._committed(kind, key, entries, total, already=False)
+
+    def _fetch_verified(self, e: Entry, dest: Path) -> None:
+        try:
+            self.store.get_file(blob_key(e.sha256), dest)
+        except NotFound:  # swept or consumed since the check above
+            self._blobs_missing([e.path])
+        if sha256_file(dest) != e.sha256:
+            # A blob that rotted in the store (its name is the hash of bytes checked on upload): drop it so the
+            # next push sends it again.
+            self.store.delete(blob_key(e.sha256))
+            raise IntegrityError(f"file {e.path!r}: the stored blob does not match sha256 {e.sha256}; it was "
+                                 "removed, push again", field="files", value=e.path)
+
+    def _release(self, sha: str, owner: str) -> None:
+        """Drop this caller's claim; the blob goes once no other caller's push holds one."""
+        self.store.delete(claim_key(sha, owner))
+        if not self.store.list(claims_prefix(sha)):
+            self.store.delete(blob_key(sha))
+
+    @staticmethod
+    def _blobs_missing(paths: list[str]) -> None:
+        shown = ", ".join(repr(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        raise FailedPrecondition(f"files {shown} were not uploaded by this caller (or were consumed or swept since); "
+                                 "upload them, then commit again", field="files", value=paths[0],
+                                 reason="BLOBS_MISSING", metadata={"missing_files": str(len(paths))})
 
     def _committed(self, kind: DataKind, key: str, entries: list[Entry], total: int, *, already: bool):
         file_uri = self.store.uri(join_key(key, entries[0].path)) \
@@ -195,8 +251,10 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             return False
         return manifest_entries(self.store.read_manifest(key)) == entries
 
-    def _missing(self, entries: list[Entry]) -> list[str]:
-        return sorted(sha for sha in {e.sha256 for e in entries} if not self.store.exists(blob_key(sha)))
+    def _missing(self, entries: list[Entry], owner: str) -> list[str]:
+        """sha256s this caller must upload: the blob is absent, or another caller's (no claim of this one)."""
+        return sorted(sha for sha in {e.sha256 for e in entries}
+                      if not self.store.exists(claim_key(sha, owner)) or not self.store.exists(blob_key(sha)))
 
     def _need_disk(self, nbytes: int, what: str) -> None:
         free = shutil.disk_usage(self.work_dir).free

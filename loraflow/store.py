@@ -30,12 +30,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from loraflow.errors import IntegrityError, InvalidArgument, NotFound, Unavailable
-from loraflow.security.safe_files import check_tree, read_regular_file
+from loraflow.security.safe_files import MAX_TREE_ENTRIES, check_tree, read_regular_file
 
 MANIFEST_NAME = ".manifest.json"
 MANIFEST_VERSION = 1
 _STAGING_PREFIX = ".tmp-"
 _MAX_KEY_LEN = 1024
+_MAX_SEGMENT_BYTES = 255  # NAME_MAX: a longer segment cannot be a file name on a local store
 _CHUNK = 1 << 20
 # Progress bars appear only for transfers at least this large (and only on a TTY unless asked).
 PROGRESS_MIN_BYTES = 64 << 20
@@ -82,7 +83,17 @@ def validate_key(key: str, *, field: str = "key", allow_empty: bool = False) -> 
                                   field=field, value=key)
         if any(ord(c) < 32 for c in part):
             raise InvalidArgument(f"{field} contains a control character: {key!r}", field=field, value=key)
+        if len(part.encode("utf-8", "surrogatepass")) > _MAX_SEGMENT_BYTES:
+            raise InvalidArgument(f"{field} has a segment longer than {_MAX_SEGMENT_BYTES} bytes", field=field,
+                                  value=part[:64] + "...")
     return stripped
+
+
+def _temp_beside(path: Path, tag: str = "") -> Path:
+    """A fresh temporary name in `path`'s directory that stays a legal file name (at most 255 bytes) however
+    long `path`'s own name is."""
+    stem = path.name.encode("utf-8", "surrogatepass")[:160].decode("utf-8", "ignore")
+    return path.parent / f"{_STAGING_PREFIX}{tag}{stem}-{uuid.uuid4().hex[:8]}"
 
 
 def join_key(*parts: str) -> str:
@@ -97,18 +108,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def build_manifest(local_dir: str | os.PathLike) -> dict:
+def build_manifest(local_dir: str | os.PathLike, *, max_files: int = MAX_TREE_ENTRIES,
+                   max_folders: int | None = None) -> dict:
     """Manifest of every regular file under local_dir (relative POSIX paths), ignoring a stale manifest.
 
     A copy never follows a link out of the directory: a file symlink is published (as the bytes of its
     target) only when the target resolves inside local_dir; a link leading outside, a link to a
     directory, or a FIFO/device refuses the whole directory, naming the file (see safe_files.check_tree).
+    At most `max_files` files and `max_folders` folders (default: as many as files), counted apart.
     """
     root = Path(local_dir)
     if not root.is_dir():
         raise InvalidArgument(f"local_dir {str(root)!r} is not a directory", field="local_dir", value=str(root))
     files: dict[str, dict] = {}
-    for rel in check_tree(root, field="local_dir"):
+    for rel in check_tree(root, field="local_dir", max_entries=max_files, max_folders=max_folders):
         if rel == MANIFEST_NAME:
             continue
         validate_key(rel, field="local_dir file")
@@ -224,7 +237,14 @@ class ObjectStore(ABC):
         """Delete an object or everything under a prefix (a directory's manifest first); returns the count."""
 
     @abstractmethod
-    def publish_dir(self, key: str, local_dir: str | os.PathLike, *, progress: bool | None = None) -> str: ...
+    def publish_dir(self, key: str, local_dir: str | os.PathLike, *, progress: bool | None = None,
+                    max_files: int = MAX_TREE_ENTRIES, max_folders: int | None = None) -> str:
+        """Publish every file of `local_dir` (at most `max_files` files, `max_folders` folders) under `key`,
+        its manifest last."""
+
+    def prune_empty_dirs(self, prefix: str, older_than: float) -> int:
+        """Remove directories left empty under `prefix` (a local store only; S3 has none); returns the count."""
+        return 0
 
     @abstractmethod
     def _download_verified(self, key: str, rel: str, info: dict, dest: Path,
@@ -268,7 +288,7 @@ class ObjectStore(ABC):
             except (ValueError, KeyError):
                 pass
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = dest.parent / f"{_STAGING_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}"
+        staging = _temp_beside(dest)
         staging.mkdir()
         try:
             total = sum(info["size"] for info in manifest["files"].values())
@@ -289,7 +309,7 @@ def _replace_dir(src: Path, dest: Path) -> None:
     """Move src to dest; an existing dest is renamed aside first and removed after."""
     aside = None
     if dest.exists():
-        aside = dest.parent / f"{_STAGING_PREFIX}old-{dest.name}-{uuid.uuid4().hex[:8]}"
+        aside = _temp_beside(dest, "old-")
         old_manifest = dest / MANIFEST_NAME
         if old_manifest.exists():
             old_manifest.unlink()  # the old copy becomes invisible before it moves
@@ -328,9 +348,14 @@ class FileStore(ObjectStore):
     def _put_stream(self, key: str, src) -> str:
         target = self.path(validate_key(key))
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f"{_STAGING_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+        tmp = _temp_beside(target)
         try:
-            with open(tmp, "wb") as f:
+            try:
+                f = open(tmp, "wb")  # noqa: SIM115 - closed by the with below
+            except FileNotFoundError:  # prune_empty_dirs took the directory between mkdir and open
+                target.parent.mkdir(parents=True, exist_ok=True)
+                f = open(tmp, "wb")  # noqa: SIM115
+            with f:
                 shutil.copyfileobj(src, f, _CHUNK)
                 f.flush()
                 os.fsync(f.fileno())
@@ -372,7 +397,7 @@ class FileStore(ObjectStore):
             raise NotFound(f"no object at {src.as_uri()}", field="key", value=key)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f"{_STAGING_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}"
+        tmp = _temp_beside(dest)
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
         return dest
@@ -400,6 +425,23 @@ class FileStore(ObjectStore):
                 found.append((path.relative_to(self.root).as_posix(), modified))
         return sorted(found)
 
+    def prune_empty_dirs(self, prefix: str, older_than: float) -> int:
+        """Remove directories under `prefix` that are empty and were last changed before `older_than` (a unix
+        time): the folders objects leave behind once deleted. The prefix itself stays."""
+        base = self.path(validate_key(prefix))
+        removed = 0
+        for dirpath, _dirnames, _filenames in os.walk(base, topdown=False):
+            path = Path(dirpath)
+            if path == base:
+                continue
+            try:
+                if path.stat().st_mtime < older_than:
+                    path.rmdir()  # fails (and is skipped) unless empty
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
     def delete(self, key_or_prefix: str) -> int:
         target = self.path(validate_key(key_or_prefix))
         if self.key_of(str(target)) is None:
@@ -418,17 +460,18 @@ class FileStore(ObjectStore):
         manifest = target / MANIFEST_NAME
         if manifest.exists():
             manifest.unlink()  # invisible first, then gone
-        aside = target.parent / f"{_STAGING_PREFIX}del-{target.name}-{uuid.uuid4().hex[:8]}"
+        aside = _temp_beside(target, "del-")
         os.replace(target, aside)
         shutil.rmtree(aside, ignore_errors=True)
         return count
 
-    def publish_dir(self, key: str, local_dir: str | os.PathLike, *, progress: bool | None = None) -> str:
+    def publish_dir(self, key: str, local_dir: str | os.PathLike, *, progress: bool | None = None,
+                    max_files: int = MAX_TREE_ENTRIES, max_folders: int | None = None) -> str:
         key = validate_key(key)
-        manifest = build_manifest(local_dir)
+        manifest = build_manifest(local_dir, max_files=max_files, max_folders=max_folders)
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f"{_STAGING_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+        staging = _temp_beside(target)
         staging.mkdir()
         try:
             total = sum(info["size"] for info in manifest["files"].values())
@@ -585,7 +628,7 @@ class S3Store(ObjectStore):
         key = validate_key(key)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f"{_STAGING_PREFIX}{dest.name}-{uuid.uuid4().hex[:8]}"
+        tmp = _temp_beside(dest)
         try:
             with self._errors(key):
                 self.client.download_file(self.bucket, self._full(key), str(tmp))
@@ -634,9 +677,10 @@ class S3Store(ObjectStore):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(ordered)
 
-    def publish_dir(self, key: str, local_dir: str | os.PathLike, *, progress: bool | None = None) -> str:
+    def publish_dir(self, key: str, local_dir: str | os.PathLike, *, progress: bool | None = None,
+                    max_files: int = MAX_TREE_ENTRIES, max_folders: int | None = None) -> str:
         key = validate_key(key)
-        manifest = build_manifest(local_dir)
+        manifest = build_manifest(local_dir, max_files=max_files, max_folders=max_folders)
         self.ensure_bucket()
         old = set(self.list(key))
         manifest_key = join_key(key, MANIFEST_NAME)

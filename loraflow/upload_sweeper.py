@@ -1,10 +1,11 @@
 """Removes the blobs of pushes that were never committed, so abandoned uploads do not fill the store.
 
 A blob (``uploads/blobs/sha256/<hex>``, storage_layout) is staging: CommitDirectory drops it once a directory
-made from it is published. One that outlives the time-to-live belongs to a push that stopped and was not run
-again. Deleting it is safe at any moment: a commit that finds a blob gone answers with the missing files,
-and the client uploads them again (transfer.MAX_COMMIT_ROUNDS), exactly as when a concurrent push of the same
-bytes consumed it. Every API replica may sweep; deletes of the same key are idempotent.
+made from it is published and no other push claims it. One that outlives the time-to-live belongs to a push
+that stopped and was not run again. Deleting it is safe at any moment: a commit that finds a blob gone
+answers with the missing files, and the client uploads them again (transfer.MAX_COMMIT_ROUNDS). Claims
+(``uploads/claims/...``) older than the time-to-live go too, and the folders they leave empty. Every API
+replica may sweep; deletes of the same key are idempotent.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 import time
 
 from loraflow.errors import InvalidArgument, LoraflowError
-from loraflow.storage_layout import BLOBS_PREFIX
+from loraflow.storage_layout import BLOBS_PREFIX, CLAIMS_PREFIX
 from loraflow.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def check_blob_ttl(value: float, field: str = "upload_blob_ttl") -> float:
 
 
 def sweep_abandoned_blobs(store: ObjectStore, ttl_seconds: float, *, now: float | None = None) -> tuple[int, int]:
-    """Delete the blobs last modified more than `ttl_seconds` before `now`; returns (deleted, kept)."""
+    """Delete the blobs (and claims) last modified more than `ttl_seconds` before `now`; returns the blobs
+    (deleted, kept)."""
     cutoff = (time.time() if now is None else now) - ttl_seconds
     deleted = kept = 0
     for key, modified in store.list_modified(BLOBS_PREFIX):
@@ -46,6 +48,10 @@ def sweep_abandoned_blobs(store: ObjectStore, ttl_seconds: float, *, now: float 
             deleted += store.delete(key)
         else:
             kept += 1
+    for key, modified in store.list_modified(CLAIMS_PREFIX):
+        if modified < cutoff:
+            store.delete(key)
+    store.prune_empty_dirs(CLAIMS_PREFIX, cutoff)
     return deleted, kept
 
 

@@ -92,28 +92,33 @@ def confined_file(root: str | os.PathLike, rel: str, *, field: str) -> Path:
     return path
 
 
-def check_tree(root: str | os.PathLike, *, field: str, max_entries: int = MAX_TREE_ENTRIES) -> list[str]:
+def check_tree(root: str | os.PathLike, *, field: str, max_entries: int = MAX_TREE_ENTRIES,
+               max_folders: int | None = None) -> list[str]:
     """Relative POSIX paths of every file under ``root`` (sorted), after refusing escaping symlinks,
-    directory links and non-regular files (see the module docstring)."""
+    directory links and non-regular files (see the module docstring); at most ``max_entries`` files and
+    ``max_folders`` (default ``max_entries``) folders."""
+    max_folders = max_entries if max_folders is None else max_folders
     root = Path(root)
     root_real = real(root)
     if not os.path.isdir(root_real):
         raise InvalidArgument(f"{field} {str(root)!r} is not a directory", field=field, value=str(root))
     files: list[str] = []
-    seen = 0
+    folders = 0  # bounded on their own: files are what max_entries counts
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in list(dirnames):
             path = Path(dirpath) / name
             if path.is_symlink():
                 raise InvalidArgument(f"{field}: {str(path)!r} is a symlink to a directory; directories are "
                                       "copied only as real directories", field=field, value=str(path))
+        folders += len(dirnames)
+        if folders > max_folders:
+            raise InvalidArgument(f"{field} {str(root)!r} holds more than {max_folders} folders; it is not a "
+                                  "model or adapter directory", field=field, value=str(root))
         for name in filenames:
-            seen += 1
-            if seen > max_entries:
+            if len(files) >= max_entries:
                 raise InvalidArgument(f"{field} {str(root)!r} holds more than {max_entries} files; it is not a "
                                       "model or adapter directory", field=field, value=str(root))
             rel = (Path(dirpath) / name).relative_to(root).as_posix()
             confined_file(root, rel, field=field)
             files.append(rel)
-        seen += len(dirnames)
     return sorted(files)
