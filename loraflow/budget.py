@@ -137,7 +137,30 @@ MEMORY_BUDGET = Setting(
          "or a percentage of this process's cgroup limit, else of physical RAM; an API without a worker checks "
          "against the same value, so give it the workers' budget",
     parse=parse_memory_budget)
-BUDGET_SETTINGS: tuple[Setting, ...] = (MEMORY_BUDGET,)
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise InvalidArgument(f"must be an integer in {low}..{high}, got {text!r}", field="count", value=text)
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+PREPARATION_THREADS = Setting(
+    name="preparation_threads", flag="--preparation-threads", env="LORAFLOW_PREPARATION_THREADS", default="2",
+    help="requests whose model-sized preparation (a compile plan fetching and hashing the base model, a "
+         "trainer's meta-device model build) runs at once, on threads of their own, never the RPC threads",
+    parse=_count(1, 64))
+PREPARATION_QUEUE = Setting(
+    name="preparation_queue", flag="--preparation-queue", env="LORAFLOW_PREPARATION_QUEUE", default="4",
+    help="requests that may wait for a preparation thread; beyond them a submit is RESOURCE_EXHAUSTED (retry "
+         "later), so waiting submits never hold every unary RPC thread",
+    parse=_count(0, 1024))
+BUDGET_SETTINGS: tuple[Setting, ...] = (MEMORY_BUDGET, PREPARATION_THREADS, PREPARATION_QUEUE)
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
@@ -352,10 +375,13 @@ def adapter_dir_limit(num_layers: int, max_rank: int, modules: Mapping[str, tupl
 
 @dataclass(frozen=True)
 class ResourceBudget:
-    """The memory this process lets jobs or loaded models take; ``source`` says where the number came from."""
+    """The memory this process lets jobs or loaded models take; ``source`` says where the number came from.
+    preparation_threads / preparation_queue bound model-sized request preparation (loraflow.preparation)."""
 
     memory_bytes: int
     source: str
+    preparation_threads: int = 2
+    preparation_queue: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
@@ -363,17 +389,19 @@ class ResourceBudget:
                                   field="memory_budget", value=self.memory_bytes)
 
     @classmethod
-    def from_spec(cls, spec: MemoryBudgetSpec) -> ResourceBudget:
+    def from_spec(cls, spec: MemoryBudgetSpec, **others: int) -> ResourceBudget:
         if spec.nbytes is not None:
-            return cls(spec.nbytes, f"--memory-budget {format_bytes(spec.nbytes)}")
+            return cls(spec.nbytes, f"--memory-budget {format_bytes(spec.nbytes)}", **others)
         available, where = available_memory()
         return cls(max(MIN_MEMORY_BUDGET_BYTES, int(available * spec.fraction)),
-                   f"--memory-budget {spec}: {spec} of {where}")
+                   f"--memory-budget {spec}: {spec} of {where}", **others)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
                   ) -> ResourceBudget:
-        return cls.from_spec(MEMORY_BUDGET.value(args, env))
+        return cls.from_spec(MEMORY_BUDGET.value(args, env),
+                             preparation_threads=PREPARATION_THREADS.value(args, env),
+                             preparation_queue=PREPARATION_QUEUE.value(args, env))
 
     def check(self, needed: MemoryEstimate, *, field: str, value: Any = None, in_use: int = 0,
               in_use_what: str = "") -> None:

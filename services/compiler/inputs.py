@@ -92,7 +92,8 @@ class CompileInputs:
                 self._fingerprints[key] = cached
         return cached
 
-    def plan(self, base_model: str, adapter_specs: list[str], options: CompileOptions) -> ResolvedInputs:
+    def precheck(self, base_model: str, adapter_specs: list[str], options: CompileOptions) -> HfModelConfig:
+        """The cheap half of plan (fields, config.json, the memory budget): no weights fetched or hashed."""
         check_uri(base_model, "base_model")
         if len(adapter_specs) > MAX_ADAPTERS:
             raise InvalidArgument(f"adapters lists {len(adapter_specs)} entries; at most {MAX_ADAPTERS}",
@@ -104,6 +105,10 @@ class CompileInputs:
         decoder = DecoderConfig.from_hf_dict(config)
         model = HfModelConfig.from_dict(config, field="base_model")
         self._check_budget(model, decoder, _least_options(options, len(adapter_specs)), adapter_bytes=0)
+        return model
+
+    def plan(self, base_model: str, adapter_specs: list[str], options: CompileOptions) -> ResolvedInputs:
+        model = self.precheck(base_model, adapter_specs, options)
         base_dir = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models",
                                policy=self.policy)
         if not (base_dir / "config.json").is_file():

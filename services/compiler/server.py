@@ -1,17 +1,23 @@
 """CompilerService: validate a compile request completely, answer cache hits at once, queue the rest.
 
 Thin by design: protobuf in, CompileOptions + adapter specs out; registry records back to protobuf.
+The cheap checks (fields, config.json, the memory budget) run on the RPC thread; planning the artifact
+(fetching and hashing the base model, reading the adapters) runs on the bounded preparation pool
+(loraflow.preparation), and a handler whose client went away stops waiting for it.
 """
 
 from __future__ import annotations
 
 import logging
 
+import grpc
+
 from loraflow.errors import InvalidArgument
 from loraflow.grpc_server import page_size_from_proto, set_timestamp
 from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
 from loraflow.names import validate_name
+from loraflow.preparation import ClientGone, PreparationPool, preparation_pool
 from loraflow.registry import MAX_ARTIFACT_ID_LEN, ArtifactRecord, Registry
 from loraflow.store import ObjectStore, artifact_key
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2
@@ -71,18 +77,29 @@ def _artifact_id(value: str) -> str:
 
 
 class CompilerServiceServicer(compiler_pb2_grpc.CompilerServiceServicer):
-    def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore, inputs: CompileInputs):
+    def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore, inputs: CompileInputs, *,
+                 preparations: PreparationPool | None = None):
         self.queue = queue
         self.registry = registry
         self.store = store
         self.inputs = inputs
+        self._preparations = preparations  # None: the process's (loraflow.preparation.preparation_pool)
 
     def SubmitCompileJob(self, request: compiler_pb2.SubmitCompileJobRequest, context) -> jobs_pb2.Job:
         request_id = validate_request_id(request.request_id)
         labels = validate_labels(dict(request.labels))
         options = options_from_proto(request.options)
         adapters = list(request.adapters)
-        resolved = self.inputs.plan(request.base_model, adapters, options)
+        self.inputs.precheck(request.base_model, adapters, options)
+        pool = self._preparations or preparation_pool(self.inputs.budget)
+        try:
+            resolved = pool.run(lambda: self.inputs.plan(request.base_model, adapters, options),
+                                alive=lambda: context is None or context.is_active(), what="SubmitCompileJob")
+        except ClientGone as exc:
+            log.info("SubmitCompileJob abandoned: %s", exc)
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        if context is not None and not context.is_active():
+            context.abort(grpc.StatusCode.CANCELLED, "the client went away before the job was queued")
         plan = resolved.plan
         payload = {"base_model": request.base_model, "adapters": adapters, "options": options.to_dict(),
                    "artifact_id": plan.artifact_id}

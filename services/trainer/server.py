@@ -37,6 +37,7 @@ from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
 from loraflow.model_source import InputPolicy, read_json_file
 from loraflow.names import validate_name
+from loraflow.preparation import ClientGone, PreparationPool, preparation_pool
 from loraflow.registry import AdapterRecord, Registry
 from loraflow.security.safe_files import read_regular_file
 from loraflow.store import ADAPTERS_PREFIX, ObjectStore, is_under, resolve
@@ -153,46 +154,37 @@ def check_causal_lm(config: dict[str, Any], field: str = "base_model") -> str:
     return model_type
 
 
-class ClientGone(Exception):
-    """The caller cancelled or passed its deadline: the handler stops instead of finishing unseen work."""
-
-
 class ModelInspector:
     """Builds a config's model on the meta device to list its linear modules, off the RPC threads.
 
-    `threads` builds run at once (each is bounded: the config passed hf_config's layer bound and the
-    budget first); results are memoised per config, `cache_size` of them, so a resubmit costs nothing.
-    A caller waiting for a build polls `alive()` and gives up (ClientGone) once its client is gone; the
-    build itself finishes on the pool and lands in the cache.
+    The build runs on the process's preparation pool (loraflow.preparation: bounded threads and queue,
+    RESOURCE_EXHAUSTED beyond); it is bounded itself (the config passed hf_config's layer bound and the budget
+    first). Results are memoised per config, `cache_size` of them, so a resubmit builds nothing. A caller
+    whose client is gone stops waiting (ClientGone); a build already running finishes into the cache.
     """
 
-    def __init__(self, threads: int = 2, cache_size: int = 64, poll_s: float = 0.05,
+    def __init__(self, cache_size: int = 64, *, pool: PreparationPool | None = None,
                  build: Callable[[dict[str, Any]], BaseModelInfo] = inspect_base_model):
         self._build = build
-        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="model-inspect")
+        self._pool = pool
         self._cache: OrderedDict[str, futures.Future] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self.poll_s = poll_s
         self.builds = 0  # meta-device builds started (a cache hit starts none)
 
     def inspect(self, config_json: dict[str, Any], alive: Callable[[], bool]) -> BaseModelInfo:
         key = hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
+        pool = self._pool or preparation_pool()
         with self._lock:
             future = self._cache.get(key)
-            if future is None or (future.done() and future.exception() is not None):
-                future = self._pool.submit(self._build, config_json)
+            if future is None or future.cancelled() or (future.done() and future.exception() is not None):
+                future = pool.submit(lambda: self._build(config_json), what="SubmitTrainingJob")
                 self.builds += 1
                 self._cache[key] = future
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
             self._cache.move_to_end(key)
-        while True:
-            try:
-                return future.result(timeout=self.poll_s)
-            except futures.TimeoutError:
-                if not alive():
-                    raise ClientGone("the client went away while its base model was inspected") from None
+        return pool.wait(future, alive)
 
 
 _INSPECTOR = ModelInspector()

@@ -97,6 +97,16 @@ def test_flag_env_and_default(monkeypatch):
     with pytest.raises(InvalidArgument) as err:
         MEMORY_BUDGET.value(None, {"LORAFLOW_MEMORY_BUDGET": "lots"})
     assert err.value.field == "LORAFLOW_MEMORY_BUDGET"
+    for flag, env in (("--preparation-threads", "LORAFLOW_PREPARATION_THREADS"),
+                      ("--preparation-queue", "LORAFLOW_PREPARATION_QUEUE")):
+        assert flag in parser.format_help() and env in parser.format_help()
+    got = ResourceBudget.from_args(parser.parse_args(["--preparation-threads", "3"]),
+                                   {"LORAFLOW_PREPARATION_QUEUE": "9"})
+    assert (got.preparation_threads, got.preparation_queue) == (3, 9)
+    assert (default.preparation_threads, default.preparation_queue) == (2, 4)
+    for bad in (["--preparation-threads", "0"], ["--preparation-queue", "-1"], ["--preparation-threads", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
 
 
 def test_the_cgroup_limit_is_read_for_v1_and_v2(tmp_path):

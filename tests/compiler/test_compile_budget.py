@@ -159,3 +159,69 @@ def test_hostile_submits_do_not_slow_other_callers(stack, tiny_llama):
             t.join(30)
     assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
     assert worst < 2.0, worst
+
+
+def test_planning_runs_off_the_rpc_threads_bounded_and_stops_for_a_client_that_left(redis_url, tmp_path, tiny_llama,
+                                                                                    input_policy):
+    """Planning fetches and hashes the base model: at most threads + queue submits wait for it, the rest are
+    RESOURCE_EXHAUSTED at once, GetJob stays fast, and a plan whose client left before it started never runs."""
+    from loraflow.preparation import PreparationPool
+
+    release = threading.Event()
+    planned: list[str] = []
+
+    class SlowInputs(CompileInputs):
+        def plan(self, base_model, adapter_specs, options):
+            planned.append(base_model)
+            release.wait(30)  # a big base model being fetched and hashed
+            return super().plan(base_model, adapter_specs, options)
+
+    client = redis.Redis.from_url(redis_url)
+    store = open_store((tmp_path / "store").as_uri())
+    registry = Registry(client)
+    queue = JobQueue(client, "compile")
+    inputs = SlowInputs(store, registry, tmp_path / "cache", policy=input_policy, budget=BUDGET)
+    server = GrpcServer("127.0.0.1:0", [SERVICE_NAME])
+    server.add(compiler_pb2_grpc.add_CompilerServiceServicer_to_server,
+               CompilerServiceServicer(queue, registry, store, inputs, preparations=PreparationPool(1, 1)))
+    add_job_service(server, {"compile": queue})
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.start()}")
+    stub = compiler_pb2_grpc.CompilerServiceStub(channel)
+    jobs = jobs_pb2_grpc.JobServiceStub(channel)
+    other = queue.submit({"n": 1})
+
+    def submit(timeout):
+        return stub.SubmitCompileJob(compiler_pb2.SubmitCompileJobRequest(
+            base_model=str(tiny_llama), options=compiler_pb2.CompileOptions(ctx_len=64, prefill_seq_len=8)),
+            timeout=timeout)
+
+    try:
+        running = stub.SubmitCompileJob.future(compiler_pb2.SubmitCompileJobRequest(
+            base_model=str(tiny_llama), options=compiler_pb2.CompileOptions(ctx_len=64, prefill_seq_len=8)),
+            timeout=60)
+        deadline = time.monotonic() + 10
+        while not planned and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as waited:  # queued behind it, and its client gives up
+            submit(timeout=1.0)
+        assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        queued = stub.SubmitCompileJob.future(compiler_pb2.SubmitCompileJobRequest(
+            base_model=str(tiny_llama), options=compiler_pb2.CompileOptions(ctx_len=64, prefill_seq_len=8)),
+            timeout=60)
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as full:
+            submit(timeout=30)
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 2
+        assert error_info(full.value).reason == "TOO_MANY_PREPARATIONS"
+        assert "--preparation-threads" in full.value.details()
+        started = time.monotonic()
+        jobs.GetJob(jobs_pb2.GetJobRequest(job_id=other.id), timeout=5)
+        assert time.monotonic() - started < 2
+        release.set()
+        assert running.result().id and queued.result().id
+        assert len(planned) == 2  # the plan whose client left before it started never ran
+    finally:
+        release.set()
+        channel.close()
+        server.stop(0)
