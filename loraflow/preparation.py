@@ -34,7 +34,19 @@ class PreparationPool:
         self.threads, self.queue = threads, queue
         self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="prepare")
         self._slots = threading.BoundedSemaphore(threads + queue)
+        self._count_lock = threading.Lock()
+        self._pending = 0
         self.poll_s = poll_s
+
+    @property
+    def pending(self) -> int:
+        """Preparations running or waiting for a thread."""
+        return self._pending
+
+    def _done(self, _future: futures.Future) -> None:
+        with self._count_lock:
+            self._pending -= 1
+        self._slots.release()
 
     def submit(self, fn: Callable[[], T], *, what: str) -> futures.Future:
         """Start `fn` on the pool, or ResourceExhausted when `threads + queue` are taken."""
@@ -44,12 +56,14 @@ class PreparationPool:
                 f"({PREPARATION_THREADS.flag} {self.threads}, {PREPARATION_QUEUE.flag} {self.queue}); retry later",
                 reason="TOO_MANY_PREPARATIONS",
                 metadata={"preparation_threads": str(self.threads), "preparation_queue": str(self.queue)})
+        with self._count_lock:
+            self._pending += 1
         try:
             future = self._pool.submit(fn)
         except BaseException:
-            self._slots.release()
+            self._done(None)
             raise
-        future.add_done_callback(lambda _f: self._slots.release())
+        future.add_done_callback(self._done)
         return future
 
     def wait(self, future: futures.Future, alive: Callable[[], bool]) -> T:

@@ -20,7 +20,7 @@ from loraflow.queue_service import API_UNARY_THREADS, ServiceRedis
 from loraflow.security.settings import DEFAULT_MAX_CONCURRENT_STREAMS, SecuritySettings
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 
-LEASE = 0.9  # renewed every 0.3 s; another worker takes the job over after 2.7 s without a renewal
+LEASE = 1.5  # renewed every 0.5 s; another worker takes the job over after 4.5 s without a renewal
 CAP = DEFAULT_MAX_CONCURRENT_STREAMS
 
 

@@ -176,7 +176,7 @@ def test_hostile_uploads_do_not_slow_another_caller(service):
         for t in attackers:
             t.join(30)
     assert codes and set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
-    assert worst < 3.0, worst
+    assert worst < 5.0, worst
 
 
 def test_the_sweeper_removes_stale_claims_and_their_folders(service):

@@ -23,6 +23,7 @@ from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from services.compiler.inputs import CompileInputs
 from services.compiler.server import SERVICE_NAME, CompilerServiceServicer
 from services.compiler.worker import CompileHandler
+from tests.support.polling import wait_for
 
 BUDGET = ResourceBudget(1 << 30, "--memory-budget 1.0 GiB")
 
@@ -158,7 +159,7 @@ def test_hostile_submits_do_not_slow_other_callers(stack, tiny_llama):
         for t in attackers:
             t.join(30)
     assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
-    assert worst < 2.0, worst
+    assert worst < 5.0, worst
 
 
 def test_planning_runs_off_the_rpc_threads_bounded_and_stops_for_a_client_that_left(redis_url, tmp_path, tiny_llama,
@@ -182,8 +183,9 @@ def test_planning_runs_off_the_rpc_threads_bounded_and_stops_for_a_client_that_l
     queue = JobQueue(client, "compile")
     inputs = SlowInputs(store, registry, tmp_path / "cache", policy=input_policy, budget=BUDGET)
     server = GrpcServer("127.0.0.1:0", [SERVICE_NAME])
+    pool = PreparationPool(1, 1)
     server.add(compiler_pb2_grpc.add_CompilerServiceServicer_to_server,
-               CompilerServiceServicer(queue, registry, store, inputs, preparations=PreparationPool(1, 1)))
+               CompilerServiceServicer(queue, registry, store, inputs, preparations=pool))
     add_job_service(server, {"compile": queue})
     channel = grpc.insecure_channel(f"127.0.0.1:{server.start()}")
     stub = compiler_pb2_grpc.CompilerServiceStub(channel)
@@ -199,16 +201,17 @@ def test_planning_runs_off_the_rpc_threads_bounded_and_stops_for_a_client_that_l
         running = stub.SubmitCompileJob.future(compiler_pb2.SubmitCompileJobRequest(
             base_model=str(tiny_llama), options=compiler_pb2.CompileOptions(ctx_len=64, prefill_seq_len=8)),
             timeout=60)
-        deadline = time.monotonic() + 10
-        while not planned and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with pytest.raises(grpc.RpcError) as waited:  # queued behind it, and its client gives up
-            submit(timeout=1.0)
-        assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: planned, timeout=30, what="the first plan to start")
+        waited = stub.SubmitCompileJob.future(compiler_pb2.SubmitCompileJobRequest(
+            base_model=str(tiny_llama), options=compiler_pb2.CompileOptions(ctx_len=64, prefill_seq_len=8)),
+            timeout=60)
+        wait_for(lambda: pool.pending == 2, timeout=30, what="a second submit to wait for the pool")
+        waited.cancel()  # its client gives up while it waits
+        wait_for(lambda: pool.pending == 1, timeout=30, what="the abandoned plan to leave the queue")
         queued = stub.SubmitCompileJob.future(compiler_pb2.SubmitCompileJobRequest(
             base_model=str(tiny_llama), options=compiler_pb2.CompileOptions(ctx_len=64, prefill_seq_len=8)),
             timeout=60)
-        time.sleep(0.3)
+        wait_for(lambda: pool.pending == 2, timeout=30, what="the second submit to wait for the pool")
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as full:
             submit(timeout=30)

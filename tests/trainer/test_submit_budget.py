@@ -112,7 +112,7 @@ def test_hostile_submits_do_not_slow_other_callers(stack, tiny_llama, dataset_fi
             t.join(30)
     assert codes and set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
     # Each hostile call is refused from config.json alone; building these models would hold the GIL minutes.
-    assert worst < 2.0, worst
+    assert worst < 5.0, worst
 
 
 def test_a_handler_whose_client_left_stops_before_queueing(redis_url, tmp_path, tiny_llama, dataset_file,
@@ -131,8 +131,11 @@ def test_a_handler_whose_client_left_stops_before_queueing(redis_url, tmp_path, 
     inspector = ModelInspector(build=slow_build)
     stack = TrainerStack(redis_url, tmp_path, inputs=input_policy, inspector=inspector)
     try:
-        code, _, _ = _fails(stack, _request(tiny_llama, dataset_file), timeout=1.0)
-        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and entered.is_set()
+        call = stack.trainer.SubmitTrainingJob.future(_request(tiny_llama, dataset_file), timeout=60)
+        assert entered.wait(30)
+        call.cancel()  # the client goes away while its base model is being inspected
+        with pytest.raises(grpc.FutureCancelledError):
+            call.result()
         release.set()
         time.sleep(1.0)  # long enough for a handler that kept going to copy the dataset and queue the job
         assert stack.queue.list()[0] == [] and stack.store.list("datasets") == []
