@@ -30,7 +30,8 @@ import time
 
 import redis
 
-from loraflow.config import Settings, connect_redis, mask_redis_url
+from loraflow.budget import ResourceBudget, configure_process_budget
+from loraflow.config import LIVENESS_REDIS_CONNECTIONS, Settings, connect_redis, mask_redis_url
 from loraflow.jobs import REDIS_UNREACHABLE, JobQueue, JobRecord, JobWorker
 from loraflow.redis_health import HEALTH, WORKER_READY, ReadinessGate, ReadyFile, RedisMonitor
 from loraflow.registry import Registry
@@ -148,8 +149,12 @@ def main(args: argparse.Namespace, mode: NodeMode, make_handler) -> int:
         raise SystemExit(f"{what} needs --redis-url (or LORAFLOW_REDIS_URL): an embedded Redis shares its queue "
                          "with nobody")
     security = SecuritySettings.from_args(args)
+    configure_process_budget(ResourceBudget.from_args(args))  # --memory-budget: what a job may take here
     client = connect_redis(settings.redis_url)
-    queue = JobQueue(client, "train", lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries)
+    # Lease renewals on connections of their own (loraflow.config.LIVENESS_REDIS_CONNECTIONS).
+    liveness = connect_redis(settings.redis_url, max_connections=LIVENESS_REDIS_CONNECTIONS)
+    queue = JobQueue(client, "train", lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries,
+                     liveness_redis=liveness)
     ctx = ServiceContext(settings=settings, redis=client, queue=queue, registry=Registry(client),
                          store=open_store(settings.store_url), security=security, args=args)
     if args.metrics_port:
