@@ -167,9 +167,8 @@ def client_of(context) -> str:
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
-class ClientStreamInterceptor(grpc.ServerInterceptor):
-    """At most ``cap`` streaming RPCs per client (see client_of) at once; RESOURCE_EXHAUSTED beyond.
-    Place it inside the auth interceptor, so the caller is known."""
+class ClientCounter:
+    """In-flight work per client (a caller name or an address); acquire() is False once one holds ``cap``."""
 
     def __init__(self, cap: int):
         self.cap = cap
@@ -179,14 +178,14 @@ class ClientStreamInterceptor(grpc.ServerInterceptor):
     def active(self, client: str) -> int:
         return self._active.get(client, 0)
 
-    def _acquire(self, client: str) -> bool:
+    def acquire(self, client: str) -> bool:
         with self._lock:
             if self._active.get(client, 0) >= self.cap:
                 return False
             self._active[client] = self._active.get(client, 0) + 1
             return True
 
-    def _release(self, client: str) -> None:
+    def release(self, client: str) -> None:
         with self._lock:
             left = self._active[client] - 1
             if left:
@@ -194,15 +193,28 @@ class ClientStreamInterceptor(grpc.ServerInterceptor):
             else:
                 del self._active[client]
 
+
+def too_many_for_client(client: str, cap: int) -> ResourceExhausted:
+    who = client.removeprefix("caller:")
+    return ResourceExhausted(f"client {who} already holds {cap} streaming calls on this server "
+                             f"(--max-streams-per-client); end one or retry later",
+                             reason="TOO_MANY_STREAMS_PER_CLIENT", metadata={"max_streams_per_client": cap})
+
+
+class ClientStreamInterceptor(grpc.ServerInterceptor):
+    """At most ``cap`` streaming RPCs per client (see client_of) at once; RESOURCE_EXHAUSTED beyond.
+    Place it inside the auth interceptor, so the caller is known."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.counter = ClientCounter(cap)
+        self._acquire, self._release = self.counter.acquire, self.counter.release
+
     def _refuse(self, client: str, method: str, context) -> None:
         from loraflow.grpc_server import status_for
 
-        who = client.removeprefix("caller:")
-        log.warning("%s -> RESOURCE_EXHAUSTED: client %s already holds %d streams", method, who, self.cap)
-        context.abort_with_status(status_for(ResourceExhausted(
-            f"client {who} already holds {self.cap} streaming RPCs on this server (--max-streams-per-client); "
-            f"end one or retry later", reason="TOO_MANY_STREAMS_PER_CLIENT",
-            metadata={"max_streams_per_client": self.cap})))
+        log.warning("%s -> RESOURCE_EXHAUSTED: %s already holds %d streams", method, client, self.cap)
+        context.abort_with_status(status_for(too_many_for_client(client, self.cap)))
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

@@ -78,11 +78,16 @@ class ServerLimits:
     grpc_keepalive_timeout_s: float = _limit(
         20.0, 1.0, 600.0, "seconds a ping may go unanswered before the connection is closed")
     grpc_max_streams_per_connection: int = _limit(
-        100, 1, 4096, "concurrent RPCs one HTTP/2 connection may carry (SETTINGS_MAX_CONCURRENT_STREAMS)")
+        1024, 16, 65_536,
+        "RPCs one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; a client queues "
+        "beyond it): bounds what one connection can pile onto the server's queues. Keep it at least "
+        "--max-concurrent-streams, so one channel can use every stream slot")
     max_streams_per_client: int = _limit(
-        64, 1, 4096,
-        "streaming RPCs (and HTTP generations) one client holds at once: its caller name with tokens, else its "
-        "address; beyond it RESOURCE_EXHAUSTED / 429, so one client cannot take the whole --max-concurrent-streams")
+        0, 0, 4096,
+        "streaming RPCs and HTTP generations one client holds at once (its caller name with tokens, else its "
+        "address), RESOURCE_EXHAUSTED / 429 beyond, so no tenant takes every --max-concurrent-streams slot; "
+        "0 = no cap but that one (set it where several tenants share a server: behind a proxy every caller "
+        "without a token has the proxy's address)")
     # -- HTTP listeners (the inference /v1 API; the metrics and health port) --
     http_header_timeout_s: float = _limit(
         10.0, 0.5, 300.0,
@@ -96,12 +101,12 @@ class ServerLimits:
         16 * KiB, 1 * KiB, MiB, "largest HTTP request head (request line and headers); beyond it 400")
     http_max_connections: int = _limit(
         1024, 8, 65_536,
-        "open connections of the inference HTTP API; at the cap the oldest connection that has no request "
-        "in progress is closed for a new one")
-    http_max_connections_per_client: int = _limit(
-        64, 2, 65_536,
-        "open HTTP connections one client address holds; beyond it that client's own oldest idle connection "
-        "is closed")
+        "open connections of the inference HTTP API; at the cap the connection that has waited longest "
+        "without a request in progress is closed for a new one (none waiting: the new one is refused)")
+    http_max_waiting_connections_per_client: int = _limit(
+        32, 2, 65_536,
+        "HTTP connections one client address may hold without a request in progress (opening, sending its "
+        "request head, or idle between requests); beyond it that client's own longest-waiting one is closed")
     metrics_max_connections: int = _limit(
         32, 4, 1024,
         "open connections of the metrics and health port (/metrics, /healthz, /readyz); each holds a "
