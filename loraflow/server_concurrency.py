@@ -281,6 +281,9 @@ class ConnectionTable:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def is_waiting(self, conn: Evictable) -> bool:
+        return conn in self._waiting
+
     def opened(self, conn: Evictable, client: str) -> bool:
         """Register a new (waiting) connection; False when it must be refused (every slot busy)."""
         victims: list[Evictable] = []

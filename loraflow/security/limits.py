@@ -63,8 +63,9 @@ class ServerLimits:
         f"largest message of a StorageService.Upload stream (a chunk of at most {MAX_CHUNK_BYTES} bytes and "
         "its framing)")
     max_file_list_request_bytes: int = _limit(
-        8 * MiB, 64 * KiB, 64 * MiB,
-        "largest StorageService.StatDirectory / CommitDirectory request (a pushed directory's file list)")
+        4 * MiB, 64 * KiB, 64 * MiB,
+        "largest StorageService.StatDirectory / CommitDirectory request (a pushed directory's file list: "
+        "10,000 files of typical paths are about 1.5 MB)")
     # -- gRPC connections --
     grpc_handshake_timeout_s: float = _limit(
         10.0, 1.0, 300.0,

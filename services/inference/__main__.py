@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                 on_converged=lambda ok: gate.set("model", ok))
     server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager, reconciler))
     if args.metrics_port:
-        serve_metrics(args.metrics_port, security.metrics_host)
+        serve_metrics(args.metrics_port, security.metrics_host, limits=security.limits)
         log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
     port = server.start(serving=False)
     gate.publish()
