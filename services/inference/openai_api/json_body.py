@@ -92,9 +92,9 @@ def _check(value: Any) -> None:
     stack: list[tuple[Any, tuple]] = [(value, ())]
     while stack:
         item, where = stack.pop()
-        if len(where) > MAX_DEPTH:
-            raise InvalidArgument(f"{_path(where[:MAX_DEPTH])} nests deeper than {MAX_DEPTH} levels",
-                                  field=_path(where[:MAX_DEPTH]), value="<nested>", reason="INVALID_JSON")
+        if len(where) > MAX_DEPTH:  # named by its top-level field: the full path would be the depth itself
+            raise InvalidArgument(f"{_path(where[:1])} nests deeper than {MAX_DEPTH} levels", field=_path(where[:1]),
+                                  value="<nested>", reason="INVALID_JSON")
         if isinstance(item, _Refused):
             raise InvalidArgument(f"{_path(where)} {item.why}", field=_path(where), value=item.why,
                                   reason="INVALID_JSON")
