@@ -173,6 +173,10 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     """prometheus_client's thread-per-connection server with a request-head deadline and a ConnectionTable
     (see the module docstring)."""
 
+    # socketserver's default backlog is 5: a burst of connections fills it and a probe's SYN is dropped and
+    # retried a second or more later, whatever the table does. The kernel caps it at somaxconn.
+    request_queue_size = 1024
+
     def __init__(self, address, handler_class, *, limits: ServerLimits):
         self.limits = limits
         self.table = ConnectionTable(limits.metrics_max_connections, limits.http_max_waiting_connections_per_client)
