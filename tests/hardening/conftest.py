@@ -57,16 +57,15 @@ class InferenceStack:
         self.manager.close()
 
 
-@pytest.fixture
-def inference_stack_factory(bare_artifact, redis_url, tmp_path):
-    """inference_stack_factory(security) -> InferenceStack with model "m" loaded, both front doors started."""
+def inference_stack_factory_for(bare_artifact, redis_url: str, root: Path):
+    """(make, stacks): make(security) -> InferenceStack with model "m" loaded, both front doors started."""
     from services.inference.model_manager import ModelManager
     from services.inference.openai_api.app import ApiLimits, OpenAIApi
     from services.inference.openai_api.serve import HttpServer
     from services.inference.server import SERVICE_NAME, InferenceServicer
 
     artifact_dir, manifest = bare_artifact
-    store = open_store((tmp_path / "store").as_uri())
+    store = open_store((root / "store").as_uri())
     uri = store.publish_dir(artifact_key(manifest.artifact_id), artifact_dir)
     registry = Registry(redis.Redis.from_url(redis_url))
     registry.put_artifact(ArtifactRecord(artifact_id=manifest.artifact_id, uri=uri,
@@ -75,7 +74,7 @@ def inference_stack_factory(bare_artifact, redis_url, tmp_path):
 
     def make(security: SecuritySettings | None = None) -> InferenceStack:
         security = security or SecuritySettings()
-        manager = ModelManager(store=store, registry=registry, cache_dir=tmp_path / f"cache{len(stacks)}")
+        manager = ModelManager(store=store, registry=registry, cache_dir=root / f"cache{len(stacks)}")
         manager.load_artifact(manifest.artifact_id, "cpu", model_id=MODEL_ID, num_threads=1)
         server = GrpcServer("127.0.0.1:0", [SERVICE_NAME], security=security)
         server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
@@ -87,6 +86,12 @@ def inference_stack_factory(bare_artifact, redis_url, tmp_path):
         stacks.append(stack)
         return stack
 
+    return make, stacks
+
+
+@pytest.fixture
+def inference_stack_factory(bare_artifact, redis_url, tmp_path):
+    make, stacks = inference_stack_factory_for(bare_artifact, redis_url, tmp_path)
     yield make
     for stack in stacks:
         stack.close()
@@ -106,8 +111,7 @@ class QueueStack:
     channel: grpc.Channel
 
 
-@pytest.fixture
-def queue_stacks(redis_url, tmp_path, input_policy):
+def build_queue_stacks(redis_url: str, root: Path, input_policy) -> dict[str, QueueStack]:
     """{"trainer": QueueStack, "compiler": QueueStack} sharing one Redis and store, no workers."""
     from services.compiler.inputs import CompileInputs
     from services.compiler.server import CompilerServiceServicer
@@ -115,7 +119,7 @@ def queue_stacks(redis_url, tmp_path, input_policy):
 
     client = redis.Redis.from_url(redis_url)
     registry = Registry(client)
-    store = open_store((tmp_path / "store").as_uri())
+    store = open_store((root / "store").as_uri())
     stacks = {}
     for name, kind in (("trainer", "train"), ("compiler", "compile")):
         queue = JobQueue(client, kind)
@@ -124,19 +128,28 @@ def queue_stacks(redis_url, tmp_path, input_policy):
             servicer = TrainerServiceServicer(queue, registry, store, inputs=input_policy)
         else:
             service, add = "loraflow.v1.CompilerService", compiler_pb2_grpc.add_CompilerServiceServicer_to_server
-            inputs = CompileInputs(store, registry, tmp_path / "compile-cache", policy=input_policy)
+            inputs = CompileInputs(store, registry, root / "compile-cache", policy=input_policy)
             servicer = CompilerServiceServicer(queue, registry, store, inputs)
         server = GrpcServer("127.0.0.1:0", [service, JOB_SERVICE, STORAGE_SERVICE])
         server.add(add, servicer)
         add_job_service(server, {kind: queue})
-        add_storage_service(server, store, tmp_path / f"{name}-work")
+        add_storage_service(server, store, root / f"{name}-work")
         server.start()
         stacks[name] = QueueStack(server, queue, grpc.insecure_channel(server.address))
-    yield stacks
+    return stacks
+
+
+def close_queue_stacks(stacks: dict[str, QueueStack]) -> None:
     for stack in stacks.values():
         stack.channel.close()
         stack.server.stop(grace=0).wait(10)
-    client.close()
+
+
+@pytest.fixture
+def queue_stacks(redis_url, tmp_path, input_policy):
+    stacks = build_queue_stacks(redis_url, tmp_path, input_policy)
+    yield stacks
+    close_queue_stacks(stacks)
 
 
 def tokens_file(tmp_path: Path, *names: str) -> tuple[Path, dict[str, str]]:
