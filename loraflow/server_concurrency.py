@@ -175,9 +175,6 @@ class ClientCounter:
         self._active: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def active(self, client: str) -> int:
-        return self._active.get(client, 0)
-
     def acquire(self, client: str) -> bool:
         with self._lock:
             if self._active.get(client, 0) >= self.cap:
@@ -208,7 +205,6 @@ class ClientStreamInterceptor(grpc.ServerInterceptor):
     def __init__(self, cap: int):
         self.cap = cap
         self.counter = ClientCounter(cap)
-        self._acquire, self._release = self.counter.acquire, self.counter.release
 
     def _refuse(self, client: str, method: str, context) -> None:
         from loraflow.grpc_server import status_for
@@ -228,22 +224,22 @@ class ClientStreamInterceptor(grpc.ServerInterceptor):
         if handler.stream_unary:
             def single(request_iterator, context):
                 client = client_of(context)
-                if not self._acquire(client):
+                if not self.counter.acquire(client):
                     self._refuse(client, method, context)
                 try:
                     return behavior(request_iterator, context)
                 finally:
-                    self._release(client)
+                    self.counter.release(client)
             return _with_behavior(handler, single)
 
         def streaming(request, context):
             client = client_of(context)
-            if not self._acquire(client):
+            if not self.counter.acquire(client):
                 self._refuse(client, method, context)
             try:
                 yield from behavior(request, context)
             finally:
-                self._release(client)
+                self.counter.release(client)
         return _with_behavior(handler, streaming)
 
 

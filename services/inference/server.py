@@ -192,7 +192,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if len(request.requests) > MAX_BATCH_REQUESTS:
             raise InvalidArgument(f"requests may hold at most {MAX_BATCH_REQUESTS} entries, got "
                                   f"{len(request.requests)}", field="requests", value=len(request.requests))
-        prepared = [self._prepare(r, prefix=f"requests[{i}].") for i, r in enumerate(request.requests)]
         gave_up = threading.Event()  # client cancel, deadline, or the RPC ended
         handles: list[RequestHandle] = []
         lock = threading.Lock()
@@ -204,7 +203,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             for h in started:
                 h.cancel()
 
-        context.add_callback(cancel_all)
+        if not context.add_callback(cancel_all):
+            return
+        prepared = []
+        for i, r in enumerate(request.requests):
+            if gave_up.is_set():  # the client left while earlier prompts were checked and tokenized
+                return
+            prepared.append(self._prepare(r, prefix=f"requests[{i}]."))
         merged: queue.Queue = queue.Queue()
 
         def pump(index: int, handle: RequestHandle) -> None:

@@ -198,15 +198,21 @@ def test_detokenizing_runs_on_the_consumer_thread_never_the_engine_step(inferenc
     assert threads and not any(name.startswith("engine-") for name in threads), threads
 
 
-def test_a_generate_whose_client_left_while_it_was_tokenized_is_never_queued(inference_stack):
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateBatch"])
+def test_a_generation_whose_client_left_while_it_was_tokenized_is_never_queued(inference_stack, rpc):
     model = inference_stack.manager.get(MODEL_ID)
     tokenizer, engine = model.tokenizer, model.engine
     submitted = []
     real_encode, real_submit = tokenizer.encode, engine.submit
     tokenizer.encode = lambda *a, **k: (time.sleep(1.5), real_encode(*a, **k))[1]
     engine.submit = lambda *a, **k: (submitted.append(a), real_submit(*a, **k))[1]
+    one = pb.GenerateRequest(model_id=MODEL_ID, prompt="the quick brown fox")
     try:
-        err = _error(lambda: _generate(inference_stack, "the quick brown fox", timeout=0.3))
+        if rpc == "Generate":
+            err = _error(lambda: _generate(inference_stack, "the quick brown fox", timeout=0.3))
+        else:
+            err = _error(lambda: list(inference_stack.stub.GenerateBatch(
+                pb.GenerateBatchRequest(requests=[one, one, one]), timeout=0.3)))
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(2.0)  # the handler finished tokenizing meanwhile
         assert submitted == [] and engine.num_active() == 0
