@@ -9,15 +9,28 @@ from __future__ import annotations
 
 from typing import Any
 
-# Values longer than this are cut in ErrorInfo metadata so an oversized field never echoes back whole.
-_MAX_VALUE_CHARS = 200
+# Error text is bounded in encoded UTF-8 bytes, not characters: a status travels in HTTP/2 trailers (gRPC
+# clients refuse trailers over 8 KiB, and grpc-message percent-encodes every non-ASCII byte), so 1,000
+# emoji would be ~12 KB there. A message keeps at most MAX_MESSAGE_BYTES, an ErrorInfo metadata value
+# MAX_VALUE_BYTES; grpc_server.status_for also bounds the whole status.
+MAX_MESSAGE_BYTES = 1024
+MAX_VALUE_BYTES = 200
+
+
+def clip_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes at a character boundary, the cut saying how long it was.
+
+    Lone surrogates (from JSON ``"\\ud800"``) cannot be encoded; they are shown as ``\\udXXX`` escapes."""
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    suffix = f"...({len(raw)} bytes)"
+    keep = max(0, limit - len(suffix))
+    return raw[:keep].decode("utf-8", "ignore") + suffix  # "ignore" drops a character cut in half
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    if len(text) > _MAX_VALUE_CHARS:
-        return text[:_MAX_VALUE_CHARS] + f"...({len(text)} chars)"
-    return text
+    return clip_utf8(value if isinstance(value, str) else repr(value), MAX_VALUE_BYTES)
 
 
 class LoraflowError(Exception):
@@ -28,6 +41,7 @@ class LoraflowError(Exception):
 
     def __init__(self, message: str, *, field: str | None = None, value: Any = None,
                  reason: str | None = None, metadata: dict[str, str] | None = None):
+        message = clip_utf8(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
         self.field = field

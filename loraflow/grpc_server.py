@@ -25,16 +25,31 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
+from loraflow.errors import (
+    MAX_MESSAGE_BYTES,
+    MAX_VALUE_BYTES,
+    FailedPrecondition,
+    InvalidArgument,
+    LoraflowError,
+    clip_utf8,
+)
+from loraflow.message_limits import MessageLimitInterceptor, transport_limit
 from loraflow.security.auth import Authenticator, AuthInterceptor, current_caller
+from loraflow.security.limits import ServerLimits
 from loraflow.security.settings import SecuritySettings
 from loraflow.security.tls import server_credentials
-from loraflow.server_concurrency import ConcurrencyInterceptor, ServerPools, StreamLimiter
+from loraflow.server_concurrency import (
+    ClientStreamInterceptor,
+    ConcurrencyInterceptor,
+    ServerPools,
+    StreamLimiter,
+)
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "loraflow"
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# Responses (a Download chunk, a page of jobs) are bounded by the code that builds them; clients accept this much.
+MAX_RESPONSE_BYTES = 64 << 20
 
 
 # -- time conversion --
@@ -98,26 +113,52 @@ def parse_listen(listen: str, field: str = "listen") -> tuple[str, int]:
 
 # -- error mapping --
 
-def error_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None) -> grpc.Status:
-    """A grpc.Status carrying google.rpc.Status + ErrorInfo in the trailers."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
+# A gRPC client refuses trailers over 8 KiB (grpc.max_metadata_size) and reports RESOURCE_EXHAUSTED instead
+# of the status. The message travels twice: percent-encoded in grpc-message (3 bytes for each non-ASCII
+# byte) and inside the base64 google.rpc.Status of grpc-status-details-bin. Both are bounded in bytes, and
+# what is encoded is measured: over this budget the metadata beyond field/value goes, then the message shrinks.
+MAX_TRAILER_BYTES = 6 << 10
+_MAX_METADATA_KEY_BYTES = 64
+_SHORT_MESSAGE_BYTES = 256
+
+
+def _percent_encoded_len(message: str) -> int:
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in message.encode("utf-8"))
+
+
+def _status_proto(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail])
 
 
-# Status messages travel in HTTP/2 trailers (16 KiB by default): an echoed oversized field must not overflow them.
-MAX_STATUS_MESSAGE_CHARS = 1000
+def trailer_bytes(status: status_pb2.Status) -> int:
+    """What a status costs in trailers: grpc-message percent-encoded plus the base64 details, with names."""
+    details = status.SerializeToString()
+    return (len("grpc-status") + 3 + len("grpc-message") + _percent_encoded_len(status.message)
+            + len("grpc-status-details-bin") + 4 * ((len(details) + 2) // 3))
 
 
-def _clip(text: str) -> str:
-    if len(text) <= MAX_STATUS_MESSAGE_CHARS:
-        return text
-    return text[:MAX_STATUS_MESSAGE_CHARS] + f"... ({len(text)} chars)"
+def error_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None) -> grpc.Status:
+    """A grpc.Status carrying google.rpc.Status + ErrorInfo in the trailers, within MAX_TRAILER_BYTES."""
+    message = clip_utf8(message, MAX_MESSAGE_BYTES)
+    reason = clip_utf8(reason, _MAX_METADATA_KEY_BYTES)
+    meta = {clip_utf8(str(k), _MAX_METADATA_KEY_BYTES): clip_utf8(str(v), MAX_VALUE_BYTES)
+            for k, v in (metadata or {}).items()}
+    status = _status_proto(code, message, reason, meta)
+    extra = [k for k in meta if k not in ("field", "value")]
+    while trailer_bytes(status) > MAX_TRAILER_BYTES and extra:
+        del meta[extra.pop()]
+        status = _status_proto(code, message, reason, meta)
+    if trailer_bytes(status) > MAX_TRAILER_BYTES:
+        message = clip_utf8(message, _SHORT_MESSAGE_BYTES)
+        status = _status_proto(code, message, reason, meta)
+    return rpc_status.to_status(status)
 
 
 def status_for(exc: LoraflowError) -> grpc.Status:
-    return error_status(grpc.StatusCode[exc.code], _clip(exc.message), exc.reason, exc.metadata)
+    return error_status(grpc.StatusCode[exc.code], exc.message, exc.reason, exc.metadata)
 
 
 def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -210,6 +251,22 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 # -- server --
 
+def channel_options(limits: ServerLimits) -> list[tuple[str, int]]:
+    """grpc core's connection settings from the limits (the names are grpc's channel arguments)."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    return [
+        ("grpc.max_receive_message_length", transport_limit(limits)),
+        ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+        ("grpc.so_reuseport", 0),
+        # A connection that never finishes its TLS/HTTP2 handshake, idles, or stops answering pings is closed.
+        ("grpc.server_handshake_timeout_ms", ms(limits.grpc_handshake_timeout_s)),
+        ("grpc.max_connection_idle_ms", ms(limits.grpc_max_connection_idle_s)),
+        ("grpc.keepalive_time_ms", ms(limits.grpc_keepalive_s)),
+        ("grpc.keepalive_timeout_ms", ms(limits.grpc_keepalive_timeout_s)),
+        ("grpc.max_concurrent_streams", limits.grpc_max_streams_per_connection),
+    ]
+
+
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and "localhost"; False for wildcards (0.0.0.0, ::) and every other address."""
     if host == "localhost":
@@ -238,23 +295,20 @@ class GrpcServer:
     overall "") and reflection.
 
     service_names: full names (e.g. "loraflow.v1.TrainerService") reported by health and reflection.
-    security: tokens (`auth_tokens_file`), TLS/mTLS and `max_concurrent_streams`.
+    security: tokens (`auth_tokens_file`), TLS/mTLS, `max_concurrent_streams` and `limits` (request sizes
+    per method, connection timeouts, streams per connection and per client).
     max_workers: threads for unary RPCs. Streams run on threads of their own (`max_concurrent_streams`
-    of them, RESOURCE_EXHAUSTED beyond) and health Check on two more, so neither can starve the other.
+    of them, RESOURCE_EXHAUSTED beyond), health Check on two more and the refusals of unauthenticated
+    calls on two more, so no flood of one kind can starve another.
     """
 
     def __init__(self, listen: str = "127.0.0.1:0", service_names: Sequence[str] = (), *, max_workers: int = 16,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  interceptors: Iterable[grpc.ServerInterceptor] = (),
                  security: SecuritySettings | None = None):
         self.host, self.requested_port = parse_listen(listen)
         self.security = security or SecuritySettings()
         self.service_names = list(service_names)
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+        self.limits = self.security.limits
         self.authenticator = Authenticator(self.security.auth_tokens_file) if self.security.auth_tokens_file \
             else None
         self._check_exposure()  # here too, so a process refuses before it starts workers around the server
@@ -263,8 +317,11 @@ class GrpcServer:
         chain: list[grpc.ServerInterceptor] = [ConcurrencyInterceptor(self._pools, self.streams)]
         if self.authenticator is not None:
             chain.append(AuthInterceptor(self.authenticator))
+        if self.limits.max_streams_per_client:
+            chain.append(ClientStreamInterceptor(self.limits.max_streams_per_client))
+        chain.append(MessageLimitInterceptor(self.limits))
         self._server = grpc.server(self._pools.unary, interceptors=[*chain, ErrorInterceptor(), *interceptors],
-                                   options=options, maximum_concurrent_rpcs=None)
+                                   options=channel_options(self.limits), maximum_concurrent_rpcs=None)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.port: int | None = None

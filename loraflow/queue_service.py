@@ -112,7 +112,7 @@ class QueueServiceSpec:
     make_servicer: Callable[[ServiceContext], object]
     make_handler: Callable[[ServiceContext], HandlerFn]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-    serve_metrics: Callable[[int, str], None] | None = None  # (port, host)
+    serve_metrics: Callable[[int, SecuritySettings], None] | None = None  # (port, metrics host and limits)
     # Work beside the job loop (the trainer's --join-distributed follower): (ctx, handler, stop) -> join.
     start_companion: Callable[[ServiceContext, HandlerFn, threading.Event], Callable[[], None] | None] | None = None
 
@@ -192,7 +192,7 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     ctx = context(clients.api) if has_api else None
     worker_ctx = context(clients.worker, clients.liveness) if has_worker else None
     if args.metrics_port and spec.serve_metrics is not None:
-        spec.serve_metrics(args.metrics_port, security.metrics_host)
+        spec.serve_metrics(args.metrics_port, security)
         log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
 
     server = None

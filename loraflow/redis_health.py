@@ -9,12 +9,19 @@ pings Redis every `interval` seconds on a daemon thread and feeds the gate's "re
 Live = the work loop has not died and the process has not been unable to work (Redis unreachable, the
 consumer group not created) for longer than `liveness_grace` seconds, so a Kubernetes httpGet
 liveness probe restarts a worker that cannot work instead of passing while a job stays queued.
+
+The listener is bounded (`BoundedWSGIServer`): a connection has `http_header_timeout_s` to send its
+request, at most `metrics_max_connections` are open (each holds a thread), and when they are all taken
+the one that has waited longest without sending a complete request is closed for the new one, so slow,
+idle or half-open connections cannot keep the probes from answering.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +31,9 @@ from wsgiref.simple_server import make_server
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+from loraflow.security.limits import ServerLimits
+from loraflow.server_concurrency import ConnectionTable
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +147,102 @@ def metrics_app(health: ProcessHealth = HEALTH, registry: CollectorRegistry = RE
     return app
 
 
+class _MetricsConnection:
+    """One accepted socket of the metrics listener, as the ConnectionTable sees it."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.deadline = deadline  # monotonic time by which its request head must be complete
+
+    def evict(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # its handler thread reads EOF and ends
+        except OSError:
+            pass
+
+
+class _BoundedHandler(_SilentHandler):
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:  # a complete request head: the connection is no longer closed to make room
+            self.server.request_head_done(self.request)
+        return ok
+
+
+class BoundedWSGIServer(ThreadingWSGIServer):
+    """prometheus_client's thread-per-connection server with a request-head deadline and a ConnectionTable
+    (see the module docstring)."""
+
+    # socketserver's default backlog is 5: a burst of connections fills it and a probe's SYN is dropped and
+    # retried a second or more later, whatever the table does. The kernel caps it at somaxconn.
+    request_queue_size = 1024
+
+    def __init__(self, address, handler_class, *, limits: ServerLimits):
+        self.limits = limits
+        self.table = ConnectionTable(limits.metrics_max_connections, limits.http_max_waiting_connections_per_client)
+        self._connections: dict[socket.socket, _MetricsConnection] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        super().__init__(address, handler_class)
+        threading.Thread(target=self._reap, name="metrics-http-deadlines", daemon=True).start()
+
+    def process_request(self, request, client_address) -> None:
+        conn = _MetricsConnection(request, time.monotonic() + self.limits.http_header_timeout_s)
+        if not self.table.opened(conn, client_address[0]):
+            log.warning("metrics port: connection from %s refused, all %d connections are busy", client_address[0],
+                        self.table.max_connections)
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.limits.http_header_timeout_s)  # every read is bounded too
+        with self._lock:
+            self._connections[request] = conn
+        super().process_request(request, client_address)
+
+    def request_head_done(self, request) -> None:
+        with self._lock:
+            conn = self._connections.get(request)
+        if conn is not None:
+            self.table.busy(conn)
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            conn = self._connections.pop(request, None)
+        if conn is not None:
+            self.table.closed(conn)
+        super().shutdown_request(request)
+
+    def _reap(self) -> None:
+        """Close connections still without a complete request head past their deadline (slow drips included)."""
+        while not self._closing.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._connections.values() if c.deadline < now and self.table.is_waiting(c)]
+            for conn in late:
+                conn.evict()
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # a read timed out, the client went away, or it was closed for room
+            log.debug("metrics port: connection from %s ended: %s", client_address[0], error)
+            return
+        super().handle_error(request, client_address)
+
+    def server_close(self) -> None:
+        self._closing.set()
+        super().server_close()
+
+
 def start_metrics_server(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY,
-                         health: ProcessHealth = HEALTH):
+                         health: ProcessHealth = HEALTH, limits: ServerLimits | None = None):
     """/metrics, /healthz and /readyz on one port, in a daemon thread; returns (server, thread).
 
     The same exposure as prometheus_client's start_http_server (loopback unless --metrics-host says
-    otherwise); the probes reveal one word of state and take no input."""
-    httpd = make_server(addr, port, metrics_app(health, registry), ThreadingWSGIServer, handler_class=_SilentHandler)
+    otherwise); the probes reveal one word of state and take no input. Connections are bounded by
+    `limits` (the process's ServerLimits; defaults when None)."""
+    limits = limits or ServerLimits()
+    httpd = make_server(addr, port, metrics_app(health, registry),
+                        lambda address, handler: BoundedWSGIServer(address, handler, limits=limits),
+                        handler_class=_BoundedHandler)
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return httpd, thread

@@ -218,6 +218,9 @@ def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHa
         context.abort_with_status(status)
         yield  # pragma: no cover - abort raises first; the yield makes this a response stream
 
+    # Marked so the concurrency interceptor runs it on its refusal threads, outside every stream slot.
+    abort.loraflow_refusal = True
+    abort_stream.loraflow_refusal = True
     des, ser = handler.request_deserializer, handler.response_serializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(abort, des, ser)

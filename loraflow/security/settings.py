@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraflow.errors import InvalidArgument
+from loraflow.security.limits import ServerLimits, add_limit_arguments
 
 # Streaming RPCs (Generate, GenerateBatch, WatchJob, health Watch, reflection) one server runs at once;
 # beyond it a new stream is RESOURCE_EXHAUSTED. Unary RPCs and health checks have threads of their own.
@@ -43,6 +44,7 @@ class SecuritySettings:
     allow_s3_buckets: buckets besides the store's own that s3:// inputs may come from.
     metrics_host: the address the Prometheus endpoint binds.
     max_concurrent_streams: streaming RPCs served at once before RESOURCE_EXHAUSTED.
+    limits: request sizes, timeouts and connection caps of every listener (loraflow.security.limits).
     """
 
     auth_tokens_file: str | None = None
@@ -54,6 +56,7 @@ class SecuritySettings:
     allow_unauthenticated: bool = False
     metrics_host: str = DEFAULT_METRICS_HOST
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -98,7 +101,8 @@ class SecuritySettings:
             allow_s3_buckets=_split_list(pick(args.allow_s3_buckets, "LORAFLOW_ALLOW_S3_BUCKETS")),
             allow_unauthenticated=args.allow_unauthenticated or _env_flag(env.get("LORAFLOW_ALLOW_UNAUTHENTICATED")),
             metrics_host=pick(args.metrics_host, "LORAFLOW_METRICS_HOST") or DEFAULT_METRICS_HOST,
-            max_concurrent_streams=args.max_concurrent_streams,
+            max_concurrent_streams=_streams(args.max_concurrent_streams, env.get("LORAFLOW_MAX_CONCURRENT_STREAMS")),
+            limits=ServerLimits.from_args(args, env),
         )
 
 
@@ -122,5 +126,19 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-host", default=None,
                    help=f"address the /metrics endpoint binds (env LORAFLOW_METRICS_HOST; default "
                         f"{DEFAULT_METRICS_HOST})")
-    g.add_argument("--max-concurrent-streams", type=int, default=DEFAULT_MAX_CONCURRENT_STREAMS,
-                   help=f"streaming RPCs served at once (default {DEFAULT_MAX_CONCURRENT_STREAMS})")
+    g.add_argument("--max-concurrent-streams", type=int, default=None,
+                   help=f"streaming RPCs (and HTTP generations) served at once, 1..{MAX_CONCURRENT_STREAMS_LIMIT} "
+                        f"(env LORAFLOW_MAX_CONCURRENT_STREAMS; default {DEFAULT_MAX_CONCURRENT_STREAMS})")
+    add_limit_arguments(parser)
+
+
+def _streams(flag_value: int | None, env_value: str | None) -> int:
+    if flag_value is not None:
+        return flag_value
+    if env_value:
+        try:
+            return int(env_value)
+        except ValueError:
+            raise InvalidArgument(f"LORAFLOW_MAX_CONCURRENT_STREAMS must be an integer, got {env_value!r}",
+                                  field="max_concurrent_streams", value=env_value) from None
+    return DEFAULT_MAX_CONCURRENT_STREAMS

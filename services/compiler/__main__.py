@@ -32,10 +32,10 @@ def make_handler(ctx: ServiceContext):
     return CompileHandler(ctx.store, ctx.registry, _inputs(ctx), ctx.settings.cache_dir)
 
 
-def serve_metrics(port: int, host: str) -> None:
+def serve_metrics(port: int, security) -> None:
     from services.compiler.metrics import serve_metrics as serve
 
-    serve(port, host)
+    serve(port, security.metrics_host, limits=security.limits)
 
 
 def _service_name() -> str:

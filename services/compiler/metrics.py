@@ -9,8 +9,8 @@ STAGE_SECONDS = Histogram("loraflow_compiler_stage_seconds", "Seconds spent per 
                           buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1200))
 
 
-def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
+def serve_metrics(port: int, addr: str = "127.0.0.1", limits=None) -> None:
     # /metrics plus the /healthz and /readyz probes (loraflow.redis_health.HEALTH).
     from loraflow.redis_health import start_metrics_server
 
-    start_metrics_server(port, addr=addr)
+    start_metrics_server(port, addr=addr, limits=limits)  # limits: ServerLimits (None: defaults)

@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         from services.inference.openai_api.serve import HttpServer
 
         try:  # refuses an exposed address without tokens and a busy port before anything starts
-            http = HttpServer(http_listen, security=security, authenticated=server.authenticator is not None,
-                              max_connections=security.max_concurrent_streams)
+            http = HttpServer(http_listen, security=security, authenticated=server.authenticator is not None)
         except (LoraflowError, OSError) as err:
             log.error("cannot serve the HTTP API on %s: %s", http_listen, err)
             if embedded is not None:
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                                 on_converged=lambda ok: gate.set("model", ok))
     server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager, reconciler))
     if args.metrics_port:
-        serve_metrics(args.metrics_port, security.metrics_host)
+        serve_metrics(args.metrics_port, security.metrics_host, limits=security.limits)
         log.info("metrics on %s:%d/metrics", security.metrics_host, args.metrics_port)
     port = server.start(serving=False)
     gate.publish()
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         # The gRPC server's Authenticator itself: a SIGHUP reload applies to both front doors.
         api = OpenAIApi(manager, authenticator=server.authenticator,
                         ready=lambda: gate.ready and not serve_stop.is_set(),
-                        limits=ApiLimits(max_concurrent_generations=security.max_concurrent_streams))
+                        limits=ApiLimits.from_settings(security))
         http.start(api.app)
         shutdown.insert(0, http.stop)  # in-flight HTTP requests get the grace, then the engines stop
 

@@ -1,9 +1,15 @@
-"""The step loop of one loaded model: schedule → execute → sample → detokenize → stream.
+"""The step loop of one loaded model: schedule → execute → sample → stream token ids.
 
 One background thread per model runs the loop (stopped by ``stop()``). ``submit`` returns a
 ``RequestHandle`` whose iterator yields incremental ``GenerationChunk``s, the last one with a
 finish reason and usage. ``handle.cancel()`` (client gone, deadline) frees the request's slot on the
 next step.
+
+Detokenizing is not the loop's work (as in vLLM v1, where it is the output processor's): the loop hands
+each request its sampled ids, and the request's own consumer (the RPC or HTTP thread iterating the
+handle) turns them into text and matches stop strings. A match asks the loop to end the request
+(``stop_string``); tokens the loop sampled meanwhile are dropped and not counted. So text work, however
+long a request's stop strings or text, costs that request's consumer, never every row's step.
 """
 
 from __future__ import annotations
@@ -108,12 +114,26 @@ class GenerationChunk:
 _END = object()
 
 
-class RequestHandle:
-    """Iterate for chunks; cancel() to stop early. Raises the engine's error if the request failed."""
+@dataclass(frozen=True)
+class _Sampled:
+    """What the loop hands a request's consumer per step: its new token, and at the end the reason and usage."""
 
-    def __init__(self, engine: Engine, request_id: str):
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RequestHandle:
+    """Iterate for chunks; cancel() to stop early. Raises the engine's error if the request failed.
+
+    The iterating thread detokenizes (see module docstring); iterate from one thread only."""
+
+    def __init__(self, engine: Engine, request_id: str, detokenizer: IncrementalDetokenizer, prompt_tokens: int):
         self.request_id = request_id
         self._engine = engine
+        self._detok = detokenizer
+        self._prompt_tokens = prompt_tokens
         self._chunks: queue.Queue = queue.Queue()
         self.finished = threading.Event()
 
@@ -121,13 +141,29 @@ class RequestHandle:
         self._engine.cancel(self.request_id)
 
     def __iter__(self) -> Iterator[GenerationChunk]:
+        detok, consumed = self._detok, 0
         while True:
             item = self._chunks.get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            text = ""
+            for token in item.token_ids:
+                text += detok.add(token)
+                consumed += 1
+            reason, completion = item.finish_reason, item.completion_tokens
+            if detok.stopped and reason is None:
+                # A stop string matched: end here; the loop frees the slot on its next step.
+                self._engine.stop_string(self.request_id)
+                reason, completion = FinishReason.STOP_STRING, consumed
+            if reason is None:
+                yield GenerationChunk(self.request_id, text, item.token_ids)
+                continue
+            if reason != FinishReason.CANCELLED:
+                text += detok.finish()
+            yield GenerationChunk(self.request_id, text, item.token_ids, reason, self._prompt_tokens, completion)
+            return
 
     def result(self) -> GenerationChunk:
         """Block until the end; one chunk with all text and token ids."""
@@ -141,7 +177,7 @@ class RequestHandle:
                                last.prompt_tokens, last.completion_tokens)
 
     # engine side
-    def _put(self, item) -> None:
+    def _put(self, item: _Sampled | BaseException) -> None:
         self._chunks.put(item)
 
     def _close(self) -> None:
@@ -155,7 +191,6 @@ class _RequestState:
     seq: Sequence
     handle: RequestHandle
     sampler: Sampler
-    detok: IncrementalDetokenizer
     submit_time: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None
 
@@ -175,6 +210,7 @@ class Engine:
                                    idle_prefill_seq_len=runtime.idle_prefill_seq_len)
         self._states: dict[str, _RequestState] = {}
         self._cancels: set[str] = set()
+        self._stop_strings: set[str] = set()  # requests whose consumer matched a stop string
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._last_submit = 0.0  # monotonic time of the latest admission into the scheduler
@@ -203,7 +239,7 @@ class Engine:
             for rid in list(self._states):
                 seq = self.scheduler.abort(rid)
                 if seq is not None:
-                    self._finalize(self._states[rid], "")
+                    self._finalize(self._states[rid])
         metrics.forget_model(self.model_id)
         metrics.ROUTING.forget(self.model_id, self)
 
@@ -224,10 +260,10 @@ class Engine:
         seq = Sequence(request_id=request_id, prompt_ids=list(request.prompt_ids), lora_id=lora_id,
                        max_new_tokens=request.sampling.max_new_tokens, eos_ids=self.tokenizer.eos_ids,
                        ignore_eos=request.sampling.ignore_eos)
-        handle = RequestHandle(self, request_id)
-        state = _RequestState(request, seq, handle, Sampler(request.sampling),
-                              IncrementalDetokenizer(self.tokenizer.decode, request.prompt_ids,
-                                                     request.sampling.stop))
+        handle = RequestHandle(self, request_id, IncrementalDetokenizer(self.tokenizer.decode, request.prompt_ids,
+                                                                        request.sampling.stop),
+                               len(request.prompt_ids))
+        state = _RequestState(request, seq, handle, Sampler(request.sampling))
         try:
             with self._wake:
                 # Checked under the lock: stop() cleans up under it, so nothing slips in after that.
@@ -255,6 +291,13 @@ class Engine:
         with self._wake:
             if request_id in self._states:
                 self._cancels.add(request_id)
+                self._wake.notify_all()
+
+    def stop_string(self, request_id: str) -> None:
+        """The request's consumer matched a stop string: end it (STOP_STRING) before its next step."""
+        with self._wake:
+            if request_id in self._states:
+                self._stop_strings.add(request_id)
                 self._wake.notify_all()
 
     def num_active(self) -> int:
@@ -311,8 +354,13 @@ class Engine:
         for rid in self._cancels:
             state = self._states.get(rid)
             if state is not None and self.scheduler.abort(rid) is not None:
-                self._finalize(state, "")
+                self._finalize(state)
         self._cancels.clear()
+        for rid in self._stop_strings:
+            state = self._states.get(rid)
+            if state is not None and self.scheduler.finish(rid, FinishReason.STOP_STRING) is not None:
+                self._finalize(state)  # its consumer has ended already; this frees the slot and counts it
+        self._stop_strings.clear()
 
     def _run_step(self, step: SchedulerOutput) -> None:
         started = time.monotonic()
@@ -347,21 +395,15 @@ class Engine:
         else:
             metrics.INTER_TOKEN_LATENCY.labels(self.model_id).observe(now - state.last_token_time)
         state.last_token_time = now
-        text = state.detok.add(token)
-        if state.detok.stopped and seq.finish_reason is None:
-            self.scheduler.finish(seq.request_id, FinishReason.STOP_STRING)
         if seq.finish_reason is None:
-            state.handle._put(GenerationChunk(seq.request_id, text, (token,)))
+            state.handle._put(_Sampled((token,)))
         else:
-            self._finalize(state, text, (token,))
+            self._finalize(state, (token,))
 
-    def _finalize(self, state: _RequestState, text: str, token_ids: tuple[int, ...] = ()) -> None:
-        """Send the last chunk (rest of the text, reason, usage) and release the request's resources."""
+    def _finalize(self, state: _RequestState, token_ids: tuple[int, ...] = ()) -> None:
+        """Send the last token ids with the reason and usage, and release the request's resources."""
         seq = state.seq
-        if seq.finish_reason != FinishReason.CANCELLED:
-            text += state.detok.finish()
-        state.handle._put(GenerationChunk(seq.request_id, text, token_ids, seq.finish_reason,
-                                          len(seq.prompt_ids), len(seq.output_ids)))
+        state.handle._put(_Sampled(token_ids, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids)))
         state.handle._close()
         self._states.pop(seq.request_id, None)
         self.runtime.release_adapter(seq.lora_id)

@@ -2,7 +2,12 @@
 
 Validation and translation only. Domain errors (loraflow.errors) propagate to the shared error
 interceptor, which turns them into canonical gRPC statuses. A client that cancels or misses its
-deadline triggers the RPC's callback, which cancels the request so its slot frees on the next step.
+deadline triggers the RPC's callback, which cancels the request so its slot frees on the next step;
+one that goes away while its prompt is still being checked or tokenized is noticed before submit.
+
+A prompt's size is checked in bytes against what the model's context can hold before it is tokenized
+(``check_prompt_text``), and tokenizing runs without the GIL (TextTokenizer), so a huge prompt costs its
+own caller a refusal, never another caller's latency.
 """
 
 from __future__ import annotations
@@ -75,6 +80,27 @@ def chunk_to_proto(chunk: GenerationChunk) -> inference_pb2.GenerateResponse:
     return response
 
 
+def check_prompt_text(text: str, model: LoadedModel, field: str) -> None:
+    """Refuse, before tokenizing, text that cannot fit the model's context whatever it tokenizes to:
+    more UTF-8 bytes than ``ctx_len - 1`` tokens of the tokenizer's longest entry stand for."""
+    ctx_len = model.runtime.ctx_len
+    limit = model.tokenizer.max_prompt_bytes(ctx_len - 1)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidArgument(
+            f"{field} is {size} bytes of text; the model's context of {ctx_len} tokens holds at most {limit} bytes "
+            f"({ctx_len - 1} prompt tokens of at most {model.tokenizer.max_token_bytes} bytes each)", field=field,
+            value=f"<{size} bytes>", metadata={"prompt_bytes": size, "max_prompt_bytes": limit, "ctx_len": ctx_len})
+
+
+def check_prompt_tokens(count: int, model: LoadedModel, field: str) -> None:
+    ctx_len = model.runtime.ctx_len
+    if count >= ctx_len:
+        raise InvalidArgument(f"{field} has {count} tokens but the model's context is {ctx_len} "
+                              f"tokens (at most {ctx_len - 1} prompt tokens fit)", field=field,
+                              value=count, metadata={"prompt_tokens": count, "ctx_len": ctx_len})
+
+
 def build_generation(manager: ModelManager, model: LoadedModel, ids: list[int], adapter: str,
                      sampling: SamplingParams, request_id: str = "", *, prompt_field: str = "prompt",
                      adapter_field: str = "adapter") -> GenerationRequest:
@@ -82,11 +108,7 @@ def build_generation(manager: ModelManager, model: LoadedModel, ids: list[int], 
     before it reaches its model's engine; errors name the caller's fields."""
     if not ids:
         raise InvalidArgument(f"{prompt_field} must not be empty", field=prompt_field, value="")
-    ctx_len = model.runtime.ctx_len
-    if len(ids) >= ctx_len:
-        raise InvalidArgument(f"{prompt_field} has {len(ids)} tokens but the model's context is {ctx_len} "
-                              f"tokens (at most {ctx_len - 1} prompt tokens fit)", field=prompt_field,
-                              value=len(ids), metadata={"prompt_tokens": len(ids), "ctx_len": ctx_len})
+    check_prompt_tokens(len(ids), model, prompt_field)
     # Loaded, or loadable on first use (compiled in or registered): NotFound otherwise. The load itself
     # runs in the engine's submit (OnDemandAdapters), so every front door shares it.
     model.adapters.check_servable(adapter, field=adapter_field)
@@ -121,10 +143,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return model_to_proto(model)
 
     # ---- generation ------------------------------------------------------------------------
-    def _submit(self, request: inference_pb2.GenerateRequest, prefix: str = "") -> RequestHandle:
-        engine, generation = self._prepare(request, prefix)
-        return engine.submit(generation)
-
     def _prepare(self, request: inference_pb2.GenerateRequest, prefix: str = "") -> tuple[Engine, GenerationRequest]:
         """Validate one request (errors name ``prefix``-ed fields) into what its model's engine takes."""
         validate_request_id(request.request_id, field=f"{prefix}request_id")
@@ -133,11 +151,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         which = request.WhichOneof("input")
         if which == "prompt_token_ids":
             ids = list(request.prompt_token_ids.ids)
+            check_prompt_tokens(len(ids), model, f"{prefix}prompt_token_ids")  # before scanning them
             bad = [i for i in ids if not 0 <= i < model.runtime.vocab_size]
             if bad:
                 raise InvalidArgument(f"{prefix}prompt_token_ids holds ids outside [0, {model.runtime.vocab_size}): "
                                       f"{bad[:5]}", field=f"{prefix}prompt_token_ids", value=bad[:5])
         elif which == "prompt":
+            check_prompt_text(request.prompt, model, f"{prefix}prompt")
             ids = tokenizer.encode_chat(request.prompt) if request.chat else tokenizer.encode(request.prompt)
         else:
             ids = []
@@ -147,8 +167,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return model.engine, generation
 
     def Generate(self, request, context):
-        handle = self._submit(request)
-        context.add_callback(handle.cancel)  # client cancel or deadline frees the slot
+        gone = threading.Event()  # client cancel or deadline, from before tokenizing on
+        if not context.add_callback(gone.set):
+            return
+        engine, generation = self._prepare(request)
+        if gone.is_set():  # nobody is waiting for it: never queue it
+            return
+        handle = engine.submit(generation)
+        context.add_callback(handle.cancel)  # frees the slot on the next step
+        if gone.is_set():
+            handle.cancel()
         try:
             for chunk in handle:
                 yield chunk_to_proto(chunk)
@@ -164,7 +192,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if len(request.requests) > MAX_BATCH_REQUESTS:
             raise InvalidArgument(f"requests may hold at most {MAX_BATCH_REQUESTS} entries, got "
                                   f"{len(request.requests)}", field="requests", value=len(request.requests))
-        prepared = [self._prepare(r, prefix=f"requests[{i}].") for i, r in enumerate(request.requests)]
         gave_up = threading.Event()  # client cancel, deadline, or the RPC ended
         handles: list[RequestHandle] = []
         lock = threading.Lock()
@@ -176,7 +203,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             for h in started:
                 h.cancel()
 
-        context.add_callback(cancel_all)
+        if not context.add_callback(cancel_all):
+            return
+        prepared = []
+        for i, r in enumerate(request.requests):
+            if gave_up.is_set():  # the client left while earlier prompts were checked and tokenized
+                return
+            prepared.append(self._prepare(r, prefix=f"requests[{i}]."))
         merged: queue.Queue = queue.Queue()
 
         def pump(index: int, handle: RequestHandle) -> None:

@@ -4,16 +4,25 @@ Reads what ``save_pretrained`` writes: ``tokenizer.json`` (the ``tokenizers`` li
 ``tokenizer_config.json`` (special tokens, chat template), ``chat_template.jinja`` (transformers 5)
 and ``generation_config.json`` / ``config.json`` (EOS ids). The chat template is rendered with the
 same sandboxed Jinja settings as transformers' ``apply_chat_template``.
+
+``encode`` and ``decode`` go through the ``tokenizers`` batch calls, which release the GIL while Rust
+works (the single-text ones hold it: an 8 MiB prompt stalled every other thread of the server for
+seconds). ``max_token_bytes`` bounds the text one token can stand for, so a caller can refuse a prompt
+that cannot fit the context before tokenizing it (``max_prompt_bytes``).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from loraflow.errors import FailedPrecondition, InvalidArgument
+
+# Below this many ids, decode in place (holding the GIL for microseconds); above, through decode_batch.
+_DECODE_IN_PLACE = 64
 
 
 def _token_text(value) -> str | None:
@@ -80,11 +89,41 @@ class TextTokenizer:
         return frozenset(ids)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not): a long prompt costs its caller, not other threads.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if len(ids) > _DECODE_IN_PLACE:  # a long decode runs without the GIL, like encode
+            text = self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+        else:  # the detokenizer's few-token windows: the batch call's overhead would dominate
+            text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._cleanup else text
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """Most UTF-8 bytes of text one token can stand for. A vocabulary entry's spelling is never shorter than
+        the text it stands for ("▁word", "<0xE2>", "##ing"); a byte-level vocabulary spells each byte as one
+        character ("Ġword"), so there it is the length in characters. Added tokens match their content's bytes;
+        a WordPiece model turns a whole word of up to max_input_chars_per_word characters into one unknown."""
+        from tokenizers import decoders
+        from tokenizers.models import WordPiece
+
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        if isinstance(self._tok.decoder, decoders.ByteLevel):
+            longest = max((len(token) for token in vocab), default=1)
+        else:
+            longest = max((len(token.encode("utf-8", "surrogatepass")) for token in vocab), default=1)
+        for added in self._tok.get_added_tokens_decoder().values():
+            longest = max(longest, len(added.content.encode("utf-8", "surrogatepass")))
+        if isinstance(self._tok.model, WordPiece):
+            longest = max(longest, 4 * int(self._tok.model.max_input_chars_per_word))
+        return max(1, longest)
+
+    def max_prompt_bytes(self, max_tokens: int) -> int:
+        """Text longer than this (UTF-8 bytes) always tokenizes to more than ``max_tokens`` tokens (unless the
+        tokenizer's normalizer deletes characters, which such a prompt gains nothing from)."""
+        return max_tokens * self.max_token_bytes
 
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

@@ -81,10 +81,10 @@ def start_follower(ctx: ServiceContext, handler, stop):
     return thread.join
 
 
-def serve_metrics(port: int, host: str) -> None:
+def serve_metrics(port: int, security) -> None:
     from services.trainer.metrics import serve_metrics as serve
 
-    serve(port, host)
+    serve(port, security.metrics_host, limits=security.limits)
 
 
 SPEC = QueueServiceSpec(

@@ -160,7 +160,7 @@ def main(args: argparse.Namespace, mode: NodeMode, make_handler) -> int:
     if args.metrics_port:
         from services.trainer.metrics import serve_metrics
 
-        serve_metrics(args.metrics_port, security.metrics_host)
+        serve_metrics(args.metrics_port, security.metrics_host, limits=security.limits)
     stop = threading.Event()
     ready_file = ReadyFile(args.ready_file)
 

@@ -42,8 +42,7 @@ LOOPBACK = SecuritySettings()
 
 
 def serve(api: OpenAIApi, security: SecuritySettings = LOOPBACK) -> HttpServer:
-    return HttpServer("127.0.0.1:0", security=security, authenticated=False, max_connections=8,
-                      grace_s=2).start(api.app)
+    return HttpServer("127.0.0.1:0", security=security, authenticated=False, grace_s=2).start(api.app)
 
 
 def request(server: HttpServer, method: str, path: str, body=None, headers: dict | None = None,
@@ -417,7 +416,7 @@ def test_bearer_tokens_are_the_grpc_servers_and_reload_together(env, tmp_path, c
 
 def test_an_exposed_address_without_tokens_is_refused():
     with pytest.raises(FailedPrecondition) as err:
-        HttpServer("0.0.0.0:0", security=SecuritySettings(), authenticated=False, max_connections=1)
+        HttpServer("0.0.0.0:0", security=SecuritySettings(), authenticated=False)
     assert err.value.field == "http_listen" and "--allow-unauthenticated" in err.value.message
 
 

@@ -1,14 +1,16 @@
 """The Starlette app of the OpenAI-compatible API: routes, bearer auth, bounded bodies, bounded generations.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (all need a bearer
-token when the server has tokens), ``GET /health`` (alive) and ``GET /ready`` (serving, the same gate as
-gRPC health), which probes reach without a token. Generations in flight are capped (429 beyond) and a
-body over ``max_body_bytes`` is a 413 before it is parsed.
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /openapi.json``
+(the request schemas, from the same pydantic models that validate requests; all need a bearer token when
+the server has tokens), ``GET /health`` (alive) and ``GET /ready`` (serving, the same gate as gRPC
+health), which probes reach without a token. Generations in flight are capped, per server and per
+client (429 beyond); a body over ``max_body_bytes`` is a 413 before it is parsed, one that takes longer
+than ``body_timeout_s`` to arrive a 408, and parsing (json_body: every JSON/Unicode edge a 400 naming the
+field), validation, tokenizing and submitting run off the event loop.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -23,33 +25,49 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from loraflow.errors import InvalidArgument, LoraflowError, ResourceExhausted
-from loraflow.security.auth import Authenticator, bearer_token, bind_caller
-from loraflow.security.settings import DEFAULT_MAX_CONCURRENT_STREAMS
-from loraflow.server_concurrency import StreamLimiter
+from loraflow.errors import LoraflowError, ResourceExhausted
+from loraflow.security.auth import Authenticator, bearer_token, bind_caller, current_caller
+from loraflow.security.limits import ServerLimits
+from loraflow.security.settings import DEFAULT_MAX_CONCURRENT_STREAMS, SecuritySettings
+from loraflow.server_concurrency import ClientCounter, StreamLimiter, too_many_for_client
 from services.inference.model_manager import ModelManager
 from services.inference.openai_api import errors
 from services.inference.openai_api.generation import prepare, servable_adapters
+from services.inference.openai_api.json_body import parse_json_body
 from services.inference.openai_api.responses import CollectedResponse, event_stream
-from services.inference.openai_api.schemas import parse_chat, parse_completion
+from services.inference.openai_api.schemas import openapi_description, parse_chat, parse_completion
 from services.inference.openai_api.streaming import ChunkStream, EventStreamResponse
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 OPEN_PATHS = frozenset({"/health", "/ready"})
 OWNED_BY = "loraflow"
+_DEFAULTS = ServerLimits()
 
 
 @dataclass(frozen=True)
 class ApiLimits:
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """max_body_bytes: the largest body (the gRPC request limit too); body_timeout_s: how long it may take
+    to arrive; max_concurrent_generations: generations in flight; max_generations_per_client: per caller
+    (name with tokens, else address), 0 = no cap but the server's."""
+
+    max_body_bytes: int = _DEFAULTS.max_request_bytes
     max_concurrent_generations: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    max_generations_per_client: int = _DEFAULTS.max_streams_per_client
+    body_timeout_s: float = _DEFAULTS.http_body_timeout_s
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_concurrent_generations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_body_bytes", "max_concurrent_generations", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_generations_per_client < 0:
+            raise ValueError(f"max_generations_per_client must be >= 0, got {self.max_generations_per_client}")
+
+    @classmethod
+    def from_settings(cls, security: SecuritySettings) -> ApiLimits:
+        limits = security.limits
+        return cls(max_body_bytes=limits.max_request_bytes, max_concurrent_generations=security.max_concurrent_streams,
+                   max_generations_per_client=limits.max_streams_per_client, body_timeout_s=limits.http_body_timeout_s)
 
 
 class BearerAuth:
@@ -85,23 +103,25 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _read_json(request: Request, limit: int):
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise _BodyTooLarge(int(length))
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise _BodyTooLarge(len(body))
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidArgument("the request body is not valid JSON: " + str(err).split(":")[0],
-                              field="body", value=f"<{len(body)} bytes>") from None
-    except RecursionError:
-        raise InvalidArgument("the request body nests too deeply", field="body",
-                              value=f"<{len(body)} bytes>") from None
+    with anyio.fail_after(timeout_s):
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise _BodyTooLarge(len(body))
+    return bytes(body)
+
+
+def _client(request: Request) -> str:
+    """Who a generation counts against: the authenticated caller, else the client's address."""
+    caller = current_caller()
+    if caller:
+        return f"caller:{caller}"
+    return request.client.host if request.client is not None else "?"
 
 
 def _unix_seconds(rfc3339: str) -> int:
@@ -121,9 +141,11 @@ class OpenAIApi:
         self.ready = ready
         self.limits = limits
         self.generations = StreamLimiter(limits.max_concurrent_generations)
+        self.per_client = ClientCounter(limits.max_generations_per_client) if limits.max_generations_per_client \
+            else None
         self.app = Starlette(
             routes=[Route("/health", self.health), Route("/ready", self.is_ready),
-                    Route("/v1/models", self.list_models),
+                    Route("/openapi.json", self.openapi), Route("/v1/models", self.list_models),
                     Route("/v1/completions", self.completions, methods=["POST"]),
                     Route("/v1/chat/completions", self.chat_completions, methods=["POST"])],
             middleware=[Middleware(BearerAuth, authenticator=authenticator)],
@@ -137,6 +159,9 @@ class OpenAIApi:
         if self.ready():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_description())
 
     async def list_models(self, request: Request) -> Response:
         models = self.manager.list()
@@ -161,15 +186,25 @@ class OpenAIApi:
     async def _generate(self, request: Request, parse, kind: str, id_prefix: str):
         where = f"POST {request.url.path}"
         try:
-            body = await _read_json(request, self.limits.max_body_bytes)
-            parsed = parse(body)
+            raw = await _read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
+            # Parsing and validating a body of up to max_body_bytes is CPU work: not on the event loop.
+            parsed = await anyio.to_thread.run_sync(lambda: parse(parse_json_body(raw)))
         except _BodyTooLarge as err:
             return errors.error_response(413, errors.error_body(
-                413, f"the request body is {err.args[0]} bytes; at most {self.limits.max_body_bytes} are accepted",
-                "body", "request_too_large"))
+                413, f"the request body is {err.args[0]} bytes; at most {self.limits.max_body_bytes} are accepted "
+                     f"(--max-request-bytes)", "body", "request_too_large"))
+        except TimeoutError:
+            return errors.error_response(408, errors.error_body(
+                408, f"the request body did not arrive within {self.limits.body_timeout_s:g}s "
+                     f"(--http-body-timeout-s)", "body", "request_timeout"), headers={"Connection": "close"})
         except LoraflowError as err:
             return errors.error_response(*errors.from_loraflow(err))
+        client = _client(request)
+        if self.per_client is not None and not self.per_client.acquire(client):
+            return errors.error_response(*errors.from_loraflow(too_many_for_client(client, self.per_client.cap)))
         if not self.generations.acquire():
+            if self.per_client is not None:
+                self.per_client.release(client)
             err = ResourceExhausted(f"{self.limits.max_concurrent_generations} generations are in progress on "
                                     f"this server already (--max-concurrent-streams); retry later",
                                     reason="TOO_MANY_STREAMS")
@@ -181,6 +216,8 @@ class OpenAIApi:
             if not released:
                 released = True
                 self.generations.release()
+                if self.per_client is not None:
+                    self.per_client.release(client)
 
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:

@@ -12,7 +12,7 @@ import uuid
 import redis
 from starlette.responses import JSONResponse
 
-from loraflow.errors import LoraflowError
+from loraflow.errors import MAX_MESSAGE_BYTES, LoraflowError, clip_utf8
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ ERROR_TYPE = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -58,7 +59,8 @@ _PARAM_NAMES = {
     "adapter": "model",
     "model_id": "model",
 }
-MAX_MESSAGE_CHARS = 1000
+# A param is a field path the client sent (``messages[3].content``): bounded like any echoed value.
+MAX_PARAM_BYTES = 256
 
 
 def param_name(field: str | None) -> str | None:
@@ -72,8 +74,8 @@ def http_status(err: LoraflowError) -> int:
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} chars)"
+    message = clip_utf8(message, MAX_MESSAGE_BYTES)  # bytes, not characters: 1,000 emoji are 4 KB
+    param = None if param is None else clip_utf8(param, MAX_PARAM_BYTES)
     error_type = ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 

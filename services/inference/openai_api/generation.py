@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from loraflow.names import validate_name
 from services.inference.engine import GenerationRequest
 from services.inference.model_manager import LoadedModel, ModelManager
 from services.inference.openai_api.schemas import ChatCompletionRequest, CompletionRequest
 from services.inference.sampling import MAX_NEW_TOKENS, SamplingParams
-from services.inference.server import build_generation
+from services.inference.server import build_generation, check_prompt_text, check_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ def resolve_model(manager: ModelManager, name: str) -> Target:
         if model_id not in by_id:
             raise NotFound(f"model {model_id!r} is not loaded (loaded: {sorted(by_id)})", field="model", value=name,
                            reason="MODEL_NOT_FOUND")
+        validate_name("model", adapter)  # the adapter part: errors name the request's own field
         return Target(by_id[model_id], adapter)
+    validate_name("model", name)
     chosen = _one(name, [m.model_id for m in models if name in served_adapters(m)]) \
         or _one(name, [m.model_id for m in models if name in compiled_adapters(m)])
     if chosen is None:
@@ -102,6 +105,8 @@ def _prompt_ids(model: LoadedModel, request: CompletionRequest | ChatCompletionR
     tokenizer = model.tokenizer
     if isinstance(request, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
+        # Sizes before the template renders and the tokenizer runs: the contents alone, then the rendered text.
+        check_prompt_text("".join(m["content"] for m in messages), model, "messages")
         try:
             text = tokenizer.apply_chat_template(messages)
         except FailedPrecondition as err:
@@ -109,10 +114,13 @@ def _prompt_ids(model: LoadedModel, request: CompletionRequest | ChatCompletionR
                 raise
             raise FailedPrecondition(f"model {model.model_id!r}: {err.message.split(';')[0]}; use /v1/completions",
                                      field="messages", value="<messages>", reason="NO_CHAT_TEMPLATE") from None
+        check_prompt_text(text, model, "messages")
         return tokenizer.encode(text, add_special_tokens=False), "messages"
     prompt = request.single_prompt()
     if isinstance(prompt, str):
+        check_prompt_text(prompt, model, "prompt")
         return tokenizer.encode(prompt), "prompt"
+    check_prompt_tokens(len(prompt), model, "prompt")
     vocab = model.runtime.vocab_size
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:

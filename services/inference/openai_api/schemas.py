@@ -4,11 +4,13 @@ naming that field, never silently ignored.
 A field sent as ``null`` counts as not sent, and a few OpenAI fields are accepted at the value that
 changes nothing (``echo: false``, ``best_of: 1``, a penalty of 0, ``logprobs: false``) because common
 clients send them so. ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are accepted as extensions
-(as vLLM does).
+(as vLLM does). Strict types throughout: a boolean is not an integer (``"n": true`` is a 400), a string is
+not a number. ``openapi_description()`` publishes these models as the API's OpenAPI document.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -53,7 +55,7 @@ class _GenerateFields(_Strict):
     ignore_eos: bool = False
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=1)] = 1  # strict int: True and 1.0 are refused, not taken for 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the caller's end-user id: informational only
@@ -179,3 +181,38 @@ def parse_chat(body: Any) -> ChatCompletionRequest:
                               f"({request.max_completion_tokens}) disagree; send one of them",
                               field="max_completion_tokens", value=request.max_completion_tokens)
     return request
+
+
+@functools.cache
+def openapi_description() -> dict:
+    """OpenAPI 3.1 for the generation routes, from the models above (so it cannot drift from validation)."""
+    from pydantic.json_schema import models_json_schema
+
+    _, top = models_json_schema([(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
+                                ref_template="#/components/schemas/{model}")
+    error = {"description": "an error in OpenAI's shape: {error: {message, type, param, code}}",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    errors = {str(code): error for code in (400, 401, 404, 408, 413, 429, 503)}
+
+    def generation(schema: str, summary: str) -> dict:
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+            "responses": {"200": {"description": "the completion (JSON), or server-sent events with stream: true"},
+                          **errors}}}
+
+    schemas = dict(top["$defs"])
+    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "loraflow OpenAI-compatible API", "version": "1"},
+        "paths": {
+            "/v1/completions": generation("CompletionRequest", "text completion of one prompt"),
+            "/v1/chat/completions": generation("ChatCompletionRequest", "chat completion of one conversation"),
+            "/v1/models": {"get": {"summary": "loaded models and the adapters they serve",
+                                   "responses": {"200": {"description": "a list of models"}, **errors}}},
+        },
+        "components": {"schemas": schemas},
+    }

@@ -1,5 +1,8 @@
 """uvicorn on a thread of its own: bind in the caller's thread (so a busy port fails at start), TLS
 or mTLS from the service's security settings, graceful stop that lets requests in flight finish.
+Connections are bounded by ``security.limits`` (request-head deadline, keep-alive, head size, the
+connection table of ``connections.py``) instead of uvicorn's ``limit_concurrency``, which counted idle
+connections and answered 503 to everyone once a flood held them.
 
 uvicorn installs signal handlers only on the main thread, so the process's SIGTERM/SIGINT/SIGHUP
 handling (loraflow.grpc_server.run_until_signal) stays the one in charge.
@@ -18,20 +21,19 @@ import uvicorn
 from loraflow.grpc_server import check_exposure, parse_listen
 from loraflow.security.settings import SecuritySettings
 from loraflow.security.tls import read_pem
+from loraflow.server_concurrency import ConnectionTable
+from services.inference.openai_api.connections import protocol_class
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 15.0
-# Open connections beyond the generation cap: room for probes and /v1/models while generations run.
-EXTRA_CONNECTIONS = 64
 
 
 class HttpServer:
     """Bind ``listen`` (HOST:PORT, port 0 = a free one) at construction; serve an ASGI app from start(app)
     until stop()."""
 
-    def __init__(self, listen: str, *, security: SecuritySettings, authenticated: bool,
-                 max_connections: int, grace_s: float = 10.0):
+    def __init__(self, listen: str, *, security: SecuritySettings, authenticated: bool, grace_s: float = 10.0):
         self.host, requested_port = parse_listen(listen, field="http_listen")
         check_exposure(self.host, requested_port, authenticated=authenticated, security=security,
                        field="http_listen")
@@ -42,7 +44,8 @@ class HttpServer:
                 read_pem(security.tls_client_ca, "tls_client_ca")
         self.tls = security.tls
         self._security = security
-        self._max_connections = max_connections
+        limits = security.limits
+        self.connections = ConnectionTable(limits.http_max_connections, limits.http_max_waiting_connections_per_client)
         self.grace_s = grace_s
         self._socket = self._bind(self.host, requested_port)
         self.port: int = self._socket.getsockname()[1]
@@ -50,10 +53,12 @@ class HttpServer:
         self._thread: threading.Thread | None = None
 
     def _config(self, app) -> uvicorn.Config:
-        security = self._security
+        security, limits = self._security, self._security.limits
         return uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", http="h11", ws="none",
-            timeout_graceful_shutdown=self.grace_s, limit_concurrency=self._max_connections + EXTRA_CONNECTIONS,
+            app, log_config=None, access_log=False, lifespan="off", http=protocol_class(self.connections, limits),
+            ws="none", timeout_graceful_shutdown=self.grace_s, limit_concurrency=None,
+            timeout_keep_alive=limits.http_keepalive_timeout_s,
+            h11_max_incomplete_event_size=limits.http_max_header_bytes,
             ssl_certfile=security.tls_cert, ssl_keyfile=security.tls_key,
             ssl_ca_certs=security.tls_client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if security.tls_client_ca else ssl.CERT_NONE)
