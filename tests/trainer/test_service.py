@@ -10,6 +10,7 @@ import pytest
 
 from loraflow.grpc_server import error_info
 from loraflow.v1 import jobs_pb2, trainer_pb2
+from tests.support.polling import wait_for
 from tests.trainer.conftest import memorisable_lines
 
 TERMINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
@@ -70,7 +71,8 @@ def test_job_lifecycle_events_metrics_and_adapter_registry(stack, tiny_llama, da
     files = set(stack.store.read_manifest(key)["files"])
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "loss_curve.png"} <= files
     assert result.loss_curve_uri == stack.store.uri(f"{key}/loss_curve.png")
-    assert not stack.store.list_dirs(f"checkpoints/{job.id}")  # cleaned up after success
+    # Cleaned up once the result is published (just after SUCCEEDED, which the watch above may beat).
+    wait_for(lambda: not stack.store.list_dirs(f"checkpoints/{job.id}"), timeout=30, what="checkpoint cleanup")
 
     adapter = stack.trainer.GetAdapter(trainer_pb2.GetAdapterRequest(name="adder"))
     assert adapter.uri == result.adapter_uri and adapter.job_id == job.id and adapter.base_model == str(tiny_llama)
