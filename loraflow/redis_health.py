@@ -160,6 +160,9 @@ class _MetricsConnection:
         except OSError:
             pass
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
 
 class _BoundedHandler(_SilentHandler):
     def parse_request(self) -> bool:
@@ -176,10 +179,15 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     # socketserver's default backlog is 5: a burst of connections fills it and a probe's SYN is dropped and
     # retried a second or more later, whatever the table does. The kernel caps it at somaxconn.
     request_queue_size = 1024
+    # How long a new connection waits for the thread of the connection closed to make room for it to end.
+    THREAD_WAIT_S = 2.0
 
     def __init__(self, address, handler_class, *, limits: ServerLimits):
         self.limits = limits
         self.table = ConnectionTable(limits.metrics_max_connections, limits.http_max_waiting_connections_per_client)
+        # The table forgets an evicted connection at once, but its handler thread takes a moment to read EOF
+        # and end: the threads themselves are counted here, so there are never more than the cap.
+        self._handler_slots = threading.BoundedSemaphore(limits.metrics_max_connections)
         self._connections: dict[socket.socket, _MetricsConnection] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -193,10 +201,25 @@ class BoundedWSGIServer(ThreadingWSGIServer):
                         self.table.max_connections)
             self.shutdown_request(request)
             return
-        request.settimeout(self.limits.http_header_timeout_s)  # every read is bounded too
         with self._lock:
             self._connections[request] = conn
-        super().process_request(request, client_address)
+        if not self._handler_slots.acquire(timeout=self.THREAD_WAIT_S):
+            log.warning("metrics port: connection from %s refused, no handler thread ended within %gs",
+                        client_address[0], self.THREAD_WAIT_S)
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.limits.http_header_timeout_s)  # every read is bounded too
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._handler_slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._handler_slots.release()
 
     def request_head_done(self, request) -> None:
         with self._lock:

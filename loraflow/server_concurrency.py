@@ -20,7 +20,11 @@ cancelled by its client or passes its deadline (grpc then closes the generator).
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import socket
+import struct
+import termios
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -247,6 +251,31 @@ class Evictable(Protocol):
     def evict(self) -> None:
         """Close this connection now (called by ConnectionTable to make room)."""
 
+    def fileno(self) -> int:
+        """The socket descriptor (-1 when closed): a request head the kernel holds unread for it is not idle."""
+
+
+# How many of the longest-waiting connections ConnectionTable looks at for one to close.
+IDLE_SCAN = 64
+# How much of a waiting connection's unread bytes is looked at for the end of a request head.
+HEAD_PEEK_BYTES = 16 * 1024
+
+
+def holds_request_head(fd: int) -> bool:
+    """True when the kernel holds, unread by the server, a complete HTTP request head for socket ``fd``: the
+    connection is a caller the server has not got to yet, not a slow or idle one."""
+    if fd < 0:
+        return False
+    try:
+        unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if not unread:
+            return False
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:  # a dup: closing it keeps fd open
+            head = dup.recv(min(unread, HEAD_PEEK_BYTES), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    return b"\r\n\r\n" in head
+
 
 class ConnectionTable:
     """Open connections of one HTTP listener and which to close when a new one needs room.
@@ -254,9 +283,14 @@ class ConnectionTable:
     A connection is *waiting* (opened, or between requests, and still sending no complete request head)
     or *busy* (a request in progress). Waiting connections cost a slot and serve nobody, so they are what
     gets closed: when the listener holds ``max_connections``, a new connection closes the one that has waited
-    longest (none waiting: the new one is refused); a client address holding more than
+    longest (none waiting idle: the new one is refused); a client address holding more than
     ``max_waiting_per_client`` waiting connections loses its own longest-waiting one. A flood of slow or
     idle connections therefore churns itself while a caller that sends its request at once is served.
+    A waiting connection whose complete request head the kernel already holds is waiting on the server, not
+    the client (a loaded server accepts a backlog of connections in one go before it reads any of them: a
+    caller's request sits unread behind a burst of flood connections), so it is never the one closed; the
+    per-client bound waits for such connections to be read (it is enforced again at that client's next
+    connection); at ``max_connections`` with no other waiting connection the new one is refused.
     Thread-safe (the metrics listener opens connections from its accept thread, handlers end them).
     """
 
@@ -285,10 +319,11 @@ class ConnectionTable:
         victims: list[Evictable] = []
         with self._lock:
             if len(self._clients) >= self.max_connections:
-                if not self._waiting:
+                victim = self._idlest(self._waiting)
+                if victim is None:  # every connection has a request in progress or one the server owes a read
                     self.refused += 1
                     return False
-                victims.append(self._drop(next(iter(self._waiting))))
+                victims.append(self._drop(victim))
             self._clients[conn] = client
             victims += self._wait(conn, client)
         self._evict(victims)
@@ -321,8 +356,20 @@ class ConnectionTable:
         mine[conn] = None
         victims = []
         while len(mine) > self.max_waiting_per_client:
-            victims.append(self._drop(next(iter(mine))))
+            victim = self._idlest(mine)
+            if victim is None:  # all hold unread requests (one accepted burst): checked again at its next connection
+                break
+            victims.append(self._drop(victim))
         return victims
+
+    @staticmethod
+    def _idlest(waiting: OrderedDict[Evictable, None]) -> Evictable | None:
+        """The longest-waiting connection that holds no unread complete request head, or None. Looks at the
+        IDLE_SCAN oldest only, so a table of connections that all hold requests costs a bounded number of calls."""
+        for conn, _ in zip(waiting, range(IDLE_SCAN), strict=False):
+            if not holds_request_head(conn.fileno()):
+                return conn
+        return None
 
     def _drop(self, conn: Evictable) -> Evictable:
         client = self._clients.pop(conn)

@@ -76,6 +76,11 @@ class BoundedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             self.transport.close()
 
+    def fileno(self) -> int:
+        """ConnectionTable: the socket, to see whether bytes of a request wait unread in the kernel."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        return sock.fileno() if sock is not None else -1
+
     def _await_head(self) -> None:
         self._cancel_deadline()
         self._head_deadline = self.loop.call_later(self.limits.http_header_timeout_s, self._head_timed_out)
