@@ -282,10 +282,12 @@ class ConnectionTable:
 
     A connection is *waiting* (opened, or between requests, and still sending no complete request head)
     or *busy* (a request in progress). Waiting connections cost a slot and serve nobody, so they are what
-    gets closed: when the listener holds ``max_connections``, a new connection closes the one that has waited
-    longest (none waiting idle: the new one is refused); a client address holding more than
-    ``max_waiting_per_client`` waiting connections loses its own longest-waiting one. A flood of slow or
-    idle connections therefore churns itself while a caller that sends its request at once is served.
+    gets closed: when the listener holds ``max_connections``, a new connection closes the longest-waiting
+    one of the client address that holds the most waiting connections (none waiting: the new one is
+    refused); a client address holding more than ``max_waiting_per_client`` waiting connections loses its
+    own longest-waiting one. A flood of slow or idle connections therefore churns itself while a caller
+    that sends its request at once is served, and a caller whose connection is still being set up is not
+    the one closed while a flooding address holds more.
     A waiting connection whose complete request head the kernel already holds is waiting on the server, not
     the client (a loaded server accepts a backlog of connections in one go before it reads any of them: a
     caller's request sits unread behind a burst of flood connections), so it is never the one closed; the
@@ -311,6 +313,11 @@ class ConnectionTable:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def waiting_of(self, client: str) -> int:
+        """Waiting connections of one client address."""
+        with self._lock:
+            return len(self._waiting_by_client.get(client, ()))
+
     def is_waiting(self, conn: Evictable) -> bool:
         return conn in self._waiting
 
@@ -319,7 +326,7 @@ class ConnectionTable:
         victims: list[Evictable] = []
         with self._lock:
             if len(self._clients) >= self.max_connections:
-                victim = self._idlest(self._waiting)
+                victim = self._global_victim()
                 if victim is None:  # every connection has a request in progress or one the server owes a read
                     self.refused += 1
                     return False
@@ -361,6 +368,22 @@ class ConnectionTable:
                 break
             victims.append(self._drop(victim))
         return victims
+
+    def _global_victim(self) -> Evictable | None:
+        """At the hard cap: the idlest connection of the address holding the most waiting ones (then the
+        next heaviest, when all of that address's hold unread requests)."""
+        by_client = self._waiting_by_client
+        heaviest = max(by_client, key=lambda c: len(by_client[c]), default=None)
+        if heaviest is None:
+            return None
+        victim = self._idlest(by_client[heaviest])
+        if victim is not None:
+            return victim
+        for client in sorted(by_client, key=lambda c: len(by_client[c]), reverse=True)[1:IDLE_SCAN]:
+            victim = self._idlest(by_client[client])
+            if victim is not None:
+                return victim
+        return None
 
     @staticmethod
     def _idlest(waiting: OrderedDict[Evictable, None]) -> Evictable | None:

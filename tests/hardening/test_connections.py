@@ -25,11 +25,14 @@ from tests.hardening.conftest import tokens_file
 from tests.hardening.probes import grpc_health_probe, http_probe
 from tests.support.polling import wait_for
 
+# Floods come from addresses of their own, as they would: the well-behaved callers (the probes) use 127.0.0.1.
+FLOOD = "127.0.0.2"
 
-def open_sockets(port: int, count: int, first_bytes: bytes = b"") -> list[socket.socket]:
+
+def open_sockets(port: int, count: int, first_bytes: bytes = b"", source: str = "127.0.0.1") -> list[socket.socket]:
     sockets = []
     for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
         if first_bytes:
             sock.sendall(first_bytes)
         sockets.append(sock)
@@ -78,11 +81,11 @@ def test_slow_and_idle_connections_do_not_take_the_http_api_down(inference_stack
     path, tokens = tokens_file(tmp_path, "tenant")
     stack = inference_stack_factory(SecuritySettings(auth_tokens_file=str(path)))
     port, auth = stack.http.port, {"Authorization": f"Bearer {tokens['tenant']}"}
-    flood = open_sockets(port, 200, SLOW_HEAD) + open_sockets(port, 100)
+    flood = open_sockets(port, 200, SLOW_HEAD, FLOOD) + open_sockets(port, 100, source=FLOOD)
     try:
         with http_probe(port, "/health") as health, http_probe(port, "/ready") as ready, \
                 http_probe(port, "/v1/models", headers=auth, interval=0.2) as models:
-            flood += open_sockets(port, 50, SLOW_HEAD)  # more arrive while the callers are served
+            flood += open_sockets(port, 50, SLOW_HEAD, FLOOD)  # more arrive while the callers are served
             time.sleep(1.0)
         for probe in (health, ready, models):
             probe.assert_unharmed()
@@ -95,18 +98,20 @@ def test_a_flood_beyond_the_connection_cap_closes_waiting_connections_not_caller
     limits = ServerLimits(http_max_connections=64, http_max_waiting_connections_per_client=16)
     stack = inference_stack_factory(SecuritySettings(limits=limits))
     port, table = stack.http.port, stack.http.connections
+    flooders = [f"127.0.0.{i}" for i in range(2, 10)]  # 8 addresses x 16 waiting each: beyond the cap of 64
     flood = []
     try:
         with http_probe(port, "/health") as probe:
-            for _ in range(10):
-                flood += open_sockets(port, 30, SLOW_HEAD)
+            for burst in range(10):
+                flood += open_sockets(port, 30, SLOW_HEAD, flooders[burst % len(flooders)])
                 assert len(table) <= limits.http_max_connections
         probe.assert_unharmed()
         # All accepted by now: each beyond the cap closed an older waiting one, or was refused while every
-        # connection held bytes not read yet (a burst accepted in one go).
+        # connection held a request not read yet (a burst accepted in one go).
         wait_for(lambda: table.evicted + table.refused >= 300 - limits.http_max_connections, timeout=10)
         # One address keeps at most its cap of waiting connections; the longest-waiting went first.
-        wait_for(lambda: table.waiting <= limits.http_max_waiting_connections_per_client, timeout=10)
+        wait_for(lambda: max(table.waiting_of(a) for a in flooders) <= limits.http_max_waiting_connections_per_client,
+                 timeout=10)
         assert closed_by_server(flood[0], within=5)
     finally:
         close_all(flood)
@@ -186,7 +191,7 @@ def test_the_metrics_port_answers_probes_under_a_flood_with_bounded_threads():
     try:
         with http_probe(port, "/healthz") as live, http_probe(port, "/readyz") as ready:
             for _ in range(5):
-                flood += open_sockets(port, 40, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                flood += open_sockets(port, 40, b"GET /metrics HTTP/1.1\r\nHost: x\r\n", FLOOD)
                 assert threading.active_count() <= threads_before + limits.metrics_max_connections + 4
         live.assert_unharmed()
         ready.assert_unharmed()
