@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,9 @@ VALIDATION_WAIT_S = 60.0
 KEY_LEAF_PREFIX = "registered."  # no "-a": `registry rebuild` reads "<job>-a<attempt>" leaves as trained ones
 
 _validations = threading.BoundedSemaphore(MAX_CONCURRENT_VALIDATIONS)
+_MAX_REMEMBERED_BASES = 16
+_shapes: dict[str, lora_bank.BankSpec] = {}  # config.json digest -> shapes (max_rank 0)
+_shapes_lock = threading.Lock()
 _LAYER_MODULE = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>[a-z_]+)$")
 
 
@@ -84,7 +87,21 @@ class PreparedRegistration:
 
 
 def base_bank_spec(config_json: dict[str, Any], *, max_rank: int, field: str = "base_model") -> lora_bank.BankSpec:
-    """The layers and LoRA-servable projection shapes of the base model config.json describes (meta device)."""
+    """The layers and LoRA-servable projection shapes of the base model config.json describes (meta device);
+    remembered per config, since registering many adapters names one base many times."""
+    key = hashlib.sha256(json.dumps(config_json, sort_keys=True, default=str).encode()).hexdigest()
+    with _shapes_lock:
+        shape = _shapes.get(key)
+    if shape is None:
+        shape = _base_shapes(config_json, field)
+        with _shapes_lock:
+            _shapes[key] = shape
+            while len(_shapes) > _MAX_REMEMBERED_BASES:
+                _shapes.pop(next(iter(_shapes)))
+    return replace(shape, max_rank=max_rank)
+
+
+def _base_shapes(config_json: dict[str, Any], field: str) -> lora_bank.BankSpec:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -106,7 +123,7 @@ def base_bank_spec(config_json: dict[str, Any], *, max_rank: int, field: str = "
         raise InvalidArgument(f"base model config.json describes a {info.model_type} model with none of the "
                               f"projections loraflow serves adapters on ({list(LORA_TARGET_MODULES)})",
                               field=field, value=info.model_type)
-    return lora_bank.BankSpec(num_layers=layers, max_rank=max_rank, adapter_slots=1,
+    return lora_bank.BankSpec(num_layers=layers, max_rank=0, adapter_slots=1,
                               modules={m: shapes[m] for m in LORA_TARGET_MODULES if m in shapes},
                               architecture=info.model_type)
 
