@@ -12,7 +12,8 @@ report), in its own venv (bench/setup_venvs.sh), as is vLLM's CPU build. The ben
    none compiled in, so adapters load on first use;
 4. vLLM CPU (`python -m vllm.entrypoints.openai.api_server`) with --enable-lora --max-loras 8
    --max-cpu-loras 1000 and every adapter as a --lora-modules entry;
-5. per traffic class, loraflow then vLLM, the same inference-perf config (same seed, prompts and adapter draws):
+5. loraflow's runs, then vLLM's (--order interleaved: both up, each class on both before the next), each
+   class with the same inference-perf config (same seed, prompts and adapter draws):
    `zipf` (adapter popularity Zipf(s) over all adapters), `single` (every request on the most popular adapter),
    `base` (no adapter).
 
@@ -311,6 +312,9 @@ def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], arg
         compile_s = time.perf_counter() - started
         model = client.load_artifact(done.compile_result.artifact_id, model_id="loraflow-base",
                                      num_threads=args.num_threads)
+        compiler = server.processes.pop(1)  # serving needs no compiler: its memory goes back before the runs
+        compiler.send_signal(signal.SIGTERM)
+        compiler.wait(60)
         server.model = model.model_id
         server.setup = {"register_seconds": round(register_s, 1), "compile_seconds": round(compile_s, 1),
                         "artifact_id": done.compile_result.artifact_id, "adapter_slots": args.adapter_slots,
@@ -351,6 +355,30 @@ def start_vllm(work: Path, model_dir: Path, adapters: list[AdapterSpec], args) -
     server.setup = {"start_seconds": round(time.perf_counter() - started, 1), "max_loras": args.max_loras,
                     "max_cpu_loras": len(adapters), "max_num_seqs": args.concurrency, "dtype": "float32"}
     return server
+
+
+def stop_server(server: Server) -> None:
+    server.stop()
+    if server.redis is not None:
+        server.redis.stop()
+
+
+def start_servers(names: list[str], work: Path, model_dir: Path, adapters: list[AdapterSpec], args,
+                  failures: dict[str, str]) -> dict[str, Server]:
+    """The named servers, started and warmed up; one that cannot start is reported in ``failures``."""
+    up: dict[str, Server] = {}
+    for name in names:
+        server = None
+        try:
+            server = (start_loraflow if name == "loraflow" else start_vllm)(work, model_dir, adapters, args)
+            warm_up(server)
+            up[name] = server
+        except Exception as err:  # noqa: BLE001 - the other server still runs; the reason is reported
+            failures[name] = f"{type(err).__name__}: {err} (log: {work / name})"
+            say(f"{name} could not be started: {failures[name]}")
+            if server is not None:
+                stop_server(server)
+    return up
 
 
 def warm_up(server: Server, prompts: int = 4) -> None:
@@ -482,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--classes", default="zipf,single,base")
     p.add_argument("--servers", default="loraflow,vllm")
+    p.add_argument("--order", choices=("sequential", "interleaved"), default="sequential",
+                   help="one server up at a time (default: the memory of both may not fit), or both up and the "
+                        "classes interleaved")
     p.add_argument("--adapter-slots", type=int, default=16, help="loraflow's adapter slots (none compiled in)")
     p.add_argument("--batch-size", type=int, default=None, help="loraflow's batch_size (default: the compiler's)")
     p.add_argument("--num-threads", type=int, default=0, help="loraflow's ONNX Runtime threads (0 = default)")
@@ -510,45 +541,37 @@ def main(argv: list[str] | None = None) -> int:
     names = [a.name for a in adapters]
     traffic_splits = {"zipf": zipf_splits(names, args.zipf), "single": [{"name": names[0], "split": 1.0}],
                       "base": None}
-    up: dict[str, Server] = {}
     results: list[dict] = []
     failures: dict[str, str] = {}
-    try:
-        for name in servers:
-            server = None
-            try:
-                server = (start_loraflow if name == "loraflow" else start_vllm)(work, model_dir, adapters, args)
-                warm_up(server)
-                up[name] = server
-            except Exception as err:  # noqa: BLE001 - the other server still runs; the reason is reported
-                failures[name] = f"{type(err).__name__}: {err} (log: {work / name})"
-                say(f"{name} could not be started: {failures[name]}")
-                if server is not None:
-                    server.stop()
-                    if server.redis is not None:
-                        server.redis.stop()
-        for traffic in classes:  # interleaved: each class runs on every server before the next class
+    setup: dict[str, dict] = {}
+    peak: dict[str, float] = {}
+    # sequential: one server up at a time (vLLM with --max-cpu-loras 1000 holds every adapter in memory, ~7 GB
+    # here); interleaved: both up, each class on every server before the next class (less drift, more memory).
+    groups = [servers] if args.order == "interleaved" else [[name] for name in servers]
+    for group in groups:
+        up = start_servers(group, work, model_dir, adapters, args, failures)
+        try:
+            for traffic in classes:
+                for name, server in up.items():
+                    say(f"{name} / {traffic}: {args.requests} requests, {args.concurrency} concurrent "
+                        f"(load {host_load()})")
+                    try:
+                        results.append(run_class(server, traffic, traffic_splits[traffic], model_dir, run_dir, args))
+                    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, ValueError) as err:
+                        failures[f"{name}/{traffic}"] = f"{type(err).__name__}: {err}"
+                        say(f"{name} / {traffic} failed: {err}")
             for name, server in up.items():
-                say(f"{name} / {traffic}: {args.requests} requests, {args.concurrency} concurrent "
-                    f"(load {host_load()})")
-                try:
-                    results.append(run_class(server, traffic, traffic_splits[traffic], model_dir, run_dir, args))
-                except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, ValueError) as err:
-                    failures[f"{name}/{traffic}"] = f"{type(err).__name__}: {err}"
-                    say(f"{name} / {traffic} failed: {err}")
-        peak = {name: server.peak_rss_mib() for name, server in up.items()}
-    finally:
-        for server in up.values():
-            server.stop()
-            if server.redis is not None:
-                server.redis.stop()
+                setup[name], peak[name] = server.setup, server.peak_rss_mib()
+        finally:
+            for server in up.values():
+                stop_server(server)
     summary = {
         "client": "inference-perf 0.7.0 (kubernetes-sigs), streaming /v1/completions, closed loop",
         "model": f"random-weight {'SmolLM2-135M shape' if args.model == 'smollm2' else 'tiny Llama'} "
                  f"({model_dir.name}), fp32",
         "adapters": args.adapters, "ranks": list(RANKS), "zipf_s": args.zipf, "requests_per_run": args.requests,
         "concurrency": args.concurrency, "output_tokens": args.output_tokens, "cpus": os.cpu_count(),
-        "setup": {name: server.setup for name, server in up.items()},
+        "order": args.order, "setup": setup,
         "peak_rss_mib": peak, "results": results, "ratios": ratios(results), "failures": failures,
         "popularity_classes": {label: f"Zipf ranks {lo + 1}..{hi or args.adapters}"
                                for label, lo, hi in POPULARITY_CLASSES},
