@@ -90,12 +90,12 @@ def base_bank_spec(config_json: dict[str, Any], *, max_rank: int, field: str = "
     """The layers and LoRA-servable projection shapes of the base model config.json describes (meta device);
     remembered per config, since registering many adapters names one base many times."""
     key = hashlib.sha256(json.dumps(config_json, sort_keys=True, default=str).encode()).hexdigest()
+    # One builder at a time: concurrent first imports of transformers' lazy modules fail ("cannot import name
+    # AutoConfig"), and a second registration for the same base waits for the first one's shapes.
     with _shapes_lock:
         shape = _shapes.get(key)
-    if shape is None:
-        shape = _base_shapes(config_json, field)
-        with _shapes_lock:
-            _shapes[key] = shape
+        if shape is None:
+            shape = _shapes[key] = _base_shapes(config_json, field)
             while len(_shapes) > _MAX_REMEMBERED_BASES:
                 _shapes.pop(next(iter(_shapes)))
     return replace(shape, max_rank=max_rank)
