@@ -2,9 +2,10 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoLoraModelForCausalLM", "Client", "JobFailed", "__version__", "apply_peft", "finetune"]
+__all__ = ["AutoLoraModelForCausalLM", "Client", "JobFailed", "__version__", "apply_peft", "finetune",
+           "register_adapters"]
 
-_API_NAMES = ("AutoLoraModelForCausalLM", "apply_peft", "finetune")
+_API_NAMES = ("AutoLoraModelForCausalLM", "apply_peft", "finetune", "register_adapters")
 
 
 def __getattr__(name: str):

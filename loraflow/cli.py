@@ -32,7 +32,8 @@ from loraflow.v1 import inference_pb2, jobs_pb2
 app = typer.Typer(name="loraflow", help="Train, compile and serve mixed-adapter LoRA models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 jobs_app = typer.Typer(help="Training and compile jobs.", no_args_is_help=True)
-adapters_app = typer.Typer(help="Trained adapters (trainer registry).", no_args_is_help=True)
+adapters_app = typer.Typer(help="Registered adapters: trained here or registered (trainer registry).",
+                            no_args_is_help=True)
 artifacts_app = typer.Typer(help="Compiled artifacts (compiler registry).", no_args_is_help=True)
 models_app = typer.Typer(help="Models: loaded on the inference service, or imported checkpoints.",
                          no_args_is_help=True)
@@ -432,6 +433,29 @@ def adapters_get(ctx: typer.Context, name: str, output: OutputOpt = Output.table
         fmt.print_json(fmt.to_dict(adapter))
     else:
         out_console.print(fmt.key_values(f"adapter {adapter.name}", _adapter_pairs(adapter)))
+
+
+@adapters_app.command("register")
+@handles_errors
+def adapters_register(
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="Name to register it under ([A-Za-z0-9._-], 1..64 chars).")],
+        adapter: Annotated[str, typer.Argument(metavar="DIR|URI",
+                                               help="PEFT adapter directory (adapter_config.json + "
+                                                    "adapter_model.safetensors) or its store URI.")],
+        base: Annotated[str, typer.Option(help="Base model it was trained on: HF checkpoint dir or store URI, as "
+                                               "compile is given it.")],
+        upload: UploadOpt = None,
+        output: OutputOpt = Output.table) -> None:
+    """Register an adapter trained elsewhere, checked as load-adapter checks it; inference serves it by name on
+    first use. A local directory is pushed first when the trainer is remote."""
+    response = _state(ctx).client.register_adapter(name, adapter, base, upload=upload)
+    if output == Output.json:
+        fmt.print_json(fmt.to_dict(response))
+        return
+    status = "already registered, nothing written" if response.already_registered else "registered"
+    out_console.print(fmt.key_values(f"adapter {response.adapter.name} ({status})",
+                                     _adapter_pairs(response.adapter)))
 
 
 @adapters_app.command("delete")

@@ -344,6 +344,22 @@ class Client:
         return self._call("trainer", trainer_pb2_grpc.TrainerServiceStub, "GetAdapter",
                           trainer_pb2.GetAdapterRequest(name=name))
 
+    def register_adapter(self, name: str, adapter: str | os.PathLike, base_model: str | os.PathLike, *,
+                         upload: bool | None = None) -> trainer_pb2.RegisterAdapterResponse:
+        """Register a PEFT adapter trained elsewhere (a local directory or a store URI) under `name` for
+        `base_model` (a checkpoint directory or store URI, as compile jobs name it). Local directories are pushed
+        first when the trainer is remote (see the class docstring, `upload`). The same files and base under the
+        same name again return `already_registered=True`; another adapter under a taken name is AlreadyExists."""
+        adapter, base_model = os.fspath(adapter), os.fspath(base_model)
+
+        def build(push: bool | None) -> trainer_pb2.RegisterAdapterRequest:
+            return trainer_pb2.RegisterAdapterRequest(
+                name=name, uri=self._input("trainer", "adapter", adapter, push),
+                base_model=self._input("trainer", "model", base_model, push))
+
+        return self._submit("trainer", trainer_pb2_grpc.TrainerServiceStub, "RegisterAdapter", build, upload,
+                            {"uri": [adapter], "base_model": [base_model]})
+
     def delete_adapter(self, name: str) -> trainer_pb2.Adapter:
         """Delete an adapter; returns it as it was."""
         return self._call("trainer", trainer_pb2_grpc.TrainerServiceStub, "DeleteAdapter",

@@ -8,6 +8,7 @@ from loraflow.api.adapter_set import UnknownAdapterError
 from loraflow.api.auto_model import AutoLoraModelForCausalLM
 from loraflow.api.finetune import FinetuneResult, apply_peft, finetune
 from loraflow.api.generation import GenerationResult, PerfMetrics
+from loraflow.api.registered import register_adapters
 
 __all__ = ["AutoLoraModelForCausalLM", "FinetuneResult", "GenerationResult", "PerfMetrics", "UnknownAdapterError",
-           "apply_peft", "finetune"]
+           "apply_peft", "finetune", "register_adapters"]

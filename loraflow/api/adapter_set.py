@@ -3,6 +3,7 @@
 `active_adapter_to_id` numbers the loaded adapters 1..n in load order (0 is the base model, named
 "base" in `prompt_to_adapter_mapping`), renumbered after an unload, as QEfficient does. Each entry
 keeps what the user named (spec) and the local directory it resolved to, read and checked once.
+Registered adapters (loraflow.api.registered) are kept apart: prompts may name them, they have no id.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraflow.api.registered import RegisteredAdapter
 from loraflow.lora_bank import Adapter
 
 BASE = "base"
@@ -44,9 +46,13 @@ class LoadedAdapter:
 class AdapterSet:
     def __init__(self) -> None:
         self._adapters: dict[str, LoadedAdapter] = {}
+        self.registered: dict[str, RegisteredAdapter] = {}  # served on first use, never compiled in
 
     def add(self, entry: LoadedAdapter) -> int:
         """Add an adapter; the same name and weights again is a no-op. Returns its id."""
+        if entry.name in self.registered:
+            raise ValueError(f"adapter name {entry.name!r} is registered (served on first use) from "
+                             f"{self.registered[entry.name].spec!r}; unload_adapter({entry.name!r}) first to load it")
         existing = self._adapters.get(entry.name)
         if existing is not None:
             if existing.digest != entry.digest or (existing.digest is None and existing.spec != entry.spec):
@@ -56,8 +62,19 @@ class AdapterSet:
         self._adapters[entry.name] = entry
         return self.ids()[entry.name]
 
+    def register(self, entry: RegisteredAdapter) -> None:
+        """Add a registered adapter; the same name from the same spec again is a no-op."""
+        if entry.name in self._adapters:
+            raise ValueError(f"adapter name {entry.name!r} is loaded from {self._adapters[entry.name].spec!r}; "
+                             f"unload_adapter({entry.name!r}) first to register another under that name")
+        existing = self.registered.get(entry.name)
+        if existing is not None and existing.spec != entry.spec:
+            raise ValueError(f"adapter name {entry.name!r} is registered from {existing.spec!r}; "
+                             f"unload_adapter({entry.name!r}) first to register {entry.spec!r} under that name")
+        self.registered[entry.name] = entry
+
     def remove(self, name: str) -> bool:
-        return self._adapters.pop(name, None) is not None
+        return self._adapters.pop(name, None) is not None or self.registered.pop(name, None) is not None
 
     def get(self, name: str) -> LoadedAdapter:
         if name not in self._adapters:
@@ -83,6 +100,6 @@ class AdapterSet:
         """The engine's adapter name for one `prompt_to_adapter_mapping` entry ("" = base model)."""
         if mapped == BASE:
             return ""
-        if not isinstance(mapped, str) or mapped not in self._adapters:
-            raise UnknownAdapterError(mapped, self._adapters)
+        if not isinstance(mapped, str) or (mapped not in self._adapters and mapped not in self.registered):
+            raise UnknownAdapterError(mapped, [*self._adapters, *self.registered])
         return mapped

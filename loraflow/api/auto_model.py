@@ -2,8 +2,9 @@
 
     model = AutoLoraModelForCausalLM.from_pretrained("smollm2-135m-instruct")
     model.load_adapter("adapters/vex", "vex")
+    model.register_adapters("adapters/many")  # one PEFT dir per adapter: served on first use, not compiled in
     model.compile(prefill_seq_len=32, ctx_len=128, full_batch_size=4)
-    out = model.generate(tokenizer, prompts, prompt_to_adapter_mapping=["vex", "base"])
+    out = model.generate(tokenizer, prompts, prompt_to_adapter_mapping=["vex", "base", "a0917"])
 
 In-process by default; `connect=` runs the same calls against running services (see connection.py).
 Unlike QEfficient, adapters of different ranks and target modules (MLP included) load together, and
@@ -23,6 +24,7 @@ from loraflow.api.adapter_set import BASE, AdapterSet, LoadedAdapter
 from loraflow.api.compile_args import build_compile_request
 from loraflow.api.connection import make_client
 from loraflow.api.generation import GenerationResult, Timer, decode, plan_rows, sampling_kwargs
+from loraflow.api.registered import RegisteredAdapter, as_mapping
 from loraflow.errors import FailedPrecondition
 from loraflow.names import validate_name
 
@@ -124,9 +126,53 @@ class AutoLoraModelForCausalLM:
         return lora_bank.BankSpec(num_layers=cfg.num_layers, max_rank=MAX_RANK, adapter_slots=1,
                                   modules=cfg.lora_module_shapes(), architecture=cfg.architecture)
 
+    def register_adapter(self, adapter: str | os.PathLike, adapter_name: str) -> None:
+        """Register a PEFT adapter (directory or store URI) as `adapter_name`: checked now like load_adapter,
+        compiled into no slot, loaded into one when a prompt first names it (see loraflow.api.registered).
+        Connected, it is registered with the trainer service for this model's base model; after compile() it
+        must fit the compiled banks (FailedPrecondition says why not)."""
+        validate_name("adapter_name", adapter_name)
+        if adapter_name == BASE:
+            raise ValueError(f"adapter_name {BASE!r} is reserved for the base model in prompt_to_adapter_mapping")
+        spec = sources.spec_string(adapter, "adapter")
+        if "://" not in spec and not Path(spec).expanduser().is_dir():
+            raise FileNotFoundError(f"adapter {spec!r} is not a directory: register_adapter takes a PEFT adapter "
+                                    "directory or a store URI")
+        if self.client is not None and spec.startswith("s3://"):  # only the services read it
+            entry = None
+        else:
+            loaded = self._read_adapter(spec, adapter_name)
+            entry = RegisteredAdapter(name=adapter_name, spec=loaded.spec, path=loaded.path,
+                                      rank=loaded.adapter.max_module_rank,
+                                      target_modules=tuple(loaded.adapter.target_modules))
+        if self.client is not None:
+            from loraflow.api.remote_backend import service_spec
+
+            record = self.client.register_adapter(
+                adapter_name, service_spec(spec, entry.path if entry else None), self._backend.base_model).adapter
+            if entry is None:
+                entry = RegisteredAdapter(name=adapter_name, spec=spec, path=None,
+                                          rank=int(record.lora.r), target_modules=tuple(record.lora.target_modules))
+        if self._compiled:
+            self._backend.check_room(entry)
+        self._adapters.register(entry)
+
+    def register_adapters(self, adapters: str | os.PathLike | dict[str, str | os.PathLike]) -> list[str]:
+        """register_adapter for each adapter of a folder (itself a PEFT dir, or one sub-directory per adapter,
+        named after it) or of a {name: directory or store URI} mapping; the names, in order."""
+        mapping = as_mapping(adapters)
+        for name, spec in mapping.items():
+            self.register_adapter(spec, name)
+        return list(mapping)
+
+    @property
+    def registered_adapters(self) -> list[str]:
+        """Names of the registered adapters (served on first use; they have no id in active_adapter_to_id)."""
+        return list(self._adapters.registered)
+
     def unload_adapter(self, adapter_name: str) -> bool:
-        """True when the adapter was loaded (prompts can no longer name it), False when it was not."""
-        if adapter_name not in self._adapters:
+        """True when the adapter was loaded or registered (prompts can no longer name it), False otherwise."""
+        if adapter_name not in self._adapters and adapter_name not in self._adapters.registered:
             log.info("adapter %r is not loaded", adapter_name)
             return False
         return self._adapters.remove(adapter_name)
@@ -182,7 +228,7 @@ class AutoLoraModelForCausalLM:
                          generation_len=generation_len, ctx_len=self._backend.ctx_len)
         served = self._backend.slot_ids()
         for row in rows:
-            if row.adapter and row.adapter not in served:
+            if row.adapter and row.adapter not in served and row.adapter not in self._adapters.registered:
                 raise FailedPrecondition(f"adapter {row.adapter!r} is loaded but the compiled artifact does not serve "
                                          "it; call compile() again", field="prompt_to_adapter_mapping",
                                          value=row.adapter)
@@ -207,5 +253,5 @@ class AutoLoraModelForCausalLM:
 
     def __repr__(self) -> str:
         mode = "connected" if self.client is not None else "in-process"
-        return (f"AutoLoraModelForCausalLM({self.model_name!r}, adapters={self._adapters.names()}, {mode}, "
-                f"artifact={self.artifact_path!r})")
+        return (f"AutoLoraModelForCausalLM({self.model_name!r}, adapters={self._adapters.names()}, "
+                f"registered={len(self._adapters.registered)}, {mode}, artifact={self.artifact_path!r})")

@@ -20,6 +20,7 @@ from typing import Any
 from loraflow import lora_bank
 from loraflow.api.adapter_set import AdapterSet, LoadedAdapter
 from loraflow.api.generation import GenerationRow, Timer, stream_to
+from loraflow.api.registered import RegisteredAdapter, room_check, with_first_use_room
 from loraflow.errors import FailedPrecondition
 from loraflow.manifest import Manifest
 from services.compiler.options import CompileOptions
@@ -49,6 +50,7 @@ class LocalBackend:
         self.device = device
         self.num_threads = num_threads
         self.model = None  # services.inference.model_manager.LoadedModel once compiled
+        self.registered: dict[str, RegisteredAdapter] = {}  # name -> adapter served on first use
         self._digests: dict[str, str] = {}  # hot-added adapter -> weights digest
 
     # ---- compile ------------------------------------------------------------------------------
@@ -56,6 +58,9 @@ class LocalBackend:
         """(artifact dir, cache hit); the artifact is opened on the engine."""
         from services.compiler.artifact import build_artifact, plan_artifact
 
+        self.registered = adapters.registered  # the same dict: adapters registered later are served too
+        options = with_first_use_room(options, [(a.adapter.max_module_rank, a.adapter.target_modules)
+                                                for a in adapters], list(adapters.registered.values()))
         pairs = [(a.name, a.path) for a in adapters]
         plan = plan_artifact(self.base_dir, pairs, options, fingerprint=_fingerprint(self.base_dir))
         final = self.cache_dir / "artifacts" / plan.artifact_id
@@ -84,7 +89,16 @@ class LocalBackend:
         self.close()
         self._digests.clear()
         self.model = open_model(artifact_dir, device=self.device, num_threads=self.num_threads,
-                                manifest=Manifest.load(artifact_dir))
+                                manifest=Manifest.load(artifact_dir), resolve_adapter=self._registered_origin)
+
+    def _registered_origin(self, name: str):
+        """Where the engine reads a registered adapter on its first use (None: not registered)."""
+        from services.inference.on_demand_adapters import AdapterOrigin
+
+        entry = self.registered.get(name)
+        if entry is None or entry.path is None:
+            return None
+        return AdapterOrigin(str(entry.path), lambda path=entry.path: path, "path")
 
     @property
     def manifest(self) -> Manifest:
@@ -126,6 +140,10 @@ class LocalBackend:
         slot = runtime.load_adapter(entry.name, entry.path, source=str(entry.path))
         self._digests[entry.name] = entry.digest
         return slot
+
+    def check_room(self, entry: RegisteredAdapter) -> None:
+        """FailedPrecondition unless the open artifact's banks fit ``entry`` (rank and target modules)."""
+        room_check(entry, self.manifest.max_rank, tuple(self.manifest.graph.lora_modules), self.manifest.artifact_id)
 
     def _slot_digest(self, name: str) -> str | None:
         for a in self.manifest.adapters:

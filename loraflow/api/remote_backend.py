@@ -15,6 +15,7 @@ from typing import Any
 
 from loraflow.api.adapter_set import AdapterSet, LoadedAdapter
 from loraflow.api.generation import GenerationRow, Timer, stream_to
+from loraflow.api.registered import RegisteredAdapter, room_check, with_first_use_room
 from loraflow.errors import FailedPrecondition
 from loraflow.graph_contract import LORA_TARGET_MODULES
 from services.compiler.options import EXTRA_SLOTS, MIN_DEFAULT_RANK, CompileOptions
@@ -45,11 +46,14 @@ class RemoteBackend:
                 ranks.append(a.adapter.max_module_rank)
                 targets.append(a.adapter.target_modules)
             elif "://" in a.spec:  # an s3:// adapter only the services read: room for any targets
+                ranks.append(0)
                 targets.append(LORA_TARGET_MODULES)
             else:  # a registered name: the trainer's record says rank and targets
                 lora = self.client.get_adapter(a.spec).lora
                 ranks.append(int(lora.r))
                 targets.append(tuple(lora.target_modules) or LORA_TARGET_MODULES)
+        options = with_first_use_room(options, list(zip(ranks, targets, strict=True)),
+                                      list(adapters.registered.values()))
         union = {m for t in targets for m in t}
         return replace(
             options,
@@ -80,6 +84,10 @@ class RemoteBackend:
 
     def slot_ids(self) -> dict[str, int]:
         return dict(self.bound)
+
+    def check_room(self, entry: RegisteredAdapter) -> None:
+        """FailedPrecondition unless the compiled artifact's banks fit ``entry`` (rank and target modules)."""
+        room_check(entry, int(self.options["max_rank"]), tuple(self.options["target_modules"]), self.artifact_id)
 
     def hot_add(self, entry: LoadedAdapter) -> int:
         if entry.name in self.bound:

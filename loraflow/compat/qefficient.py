@@ -3,8 +3,8 @@
     from loraflow.compat.qefficient import QEffAutoLoraModelForCausalLM
 """
 
-from loraflow.api import AutoLoraModelForCausalLM, apply_peft, finetune
+from loraflow.api import AutoLoraModelForCausalLM, apply_peft, finetune, register_adapters
 
 QEffAutoLoraModelForCausalLM = AutoLoraModelForCausalLM
 
-__all__ = ["QEffAutoLoraModelForCausalLM", "apply_peft", "finetune"]
+__all__ = ["QEffAutoLoraModelForCausalLM", "apply_peft", "finetune", "register_adapters"]

@@ -144,6 +144,24 @@ class DeleteAdapterRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class RegisterAdapterRequest(_message.Message):
+    __slots__ = ("name", "uri", "base_model")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    uri: str
+    base_model: str
+    def __init__(self, name: _Optional[str] = ..., uri: _Optional[str] = ..., base_model: _Optional[str] = ...) -> None: ...
+
+class RegisterAdapterResponse(_message.Message):
+    __slots__ = ("adapter", "already_registered")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    adapter: Adapter
+    already_registered: bool
+    def __init__(self, adapter: _Optional[_Union[Adapter, _Mapping]] = ..., already_registered: _Optional[bool] = ...) -> None: ...
+
 class DeleteAdapterResponse(_message.Message):
     __slots__ = ("adapter",)
     ADAPTER_FIELD_NUMBER: _ClassVar[int]

@@ -57,6 +57,11 @@ class TrainerServiceStub:
                 request_serializer=loraflow_dot_v1_dot_trainer__pb2.DeleteAdapterRequest.SerializeToString,
                 response_deserializer=loraflow_dot_v1_dot_trainer__pb2.DeleteAdapterResponse.FromString,
                 _registered_method=True)
+        self.RegisterAdapter = channel.unary_unary(
+                '/loraflow.v1.TrainerService/RegisterAdapter',
+                request_serializer=loraflow_dot_v1_dot_trainer__pb2.RegisterAdapterRequest.SerializeToString,
+                response_deserializer=loraflow_dot_v1_dot_trainer__pb2.RegisterAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -93,6 +98,17 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterAdapter(self, request, context):
+        """RegisterAdapter registers a PEFT LoRA adapter trained elsewhere under a name, so compile jobs and
+        inference (on first use) can name it. It is checked as LoadAdapter checks an adapter (adapter_config.json,
+        safetensors, and the layers and projection shapes of base_model), then its two files are copied into the
+        store's adapters/. Registering the same files for the same base model under the same name again returns
+        the registered adapter; a name already taken by another adapter or a training job is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +131,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.DeleteAdapter,
                     request_deserializer=loraflow_dot_v1_dot_trainer__pb2.DeleteAdapterRequest.FromString,
                     response_serializer=loraflow_dot_v1_dot_trainer__pb2.DeleteAdapterResponse.SerializeToString,
+            ),
+            'RegisterAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterAdapter,
+                    request_deserializer=loraflow_dot_v1_dot_trainer__pb2.RegisterAdapterRequest.FromString,
+                    response_serializer=loraflow_dot_v1_dot_trainer__pb2.RegisterAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +248,33 @@ class TrainerService:
             '/loraflow.v1.TrainerService/DeleteAdapter',
             loraflow_dot_v1_dot_trainer__pb2.DeleteAdapterRequest.SerializeToString,
             loraflow_dot_v1_dot_trainer__pb2.DeleteAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraflow.v1.TrainerService/RegisterAdapter',
+            loraflow_dot_v1_dot_trainer__pb2.RegisterAdapterRequest.SerializeToString,
+            loraflow_dot_v1_dot_trainer__pb2.RegisterAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

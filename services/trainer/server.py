@@ -42,6 +42,7 @@ from loraflow.registry import AdapterRecord, Registry
 from loraflow.security.safe_files import read_regular_file
 from loraflow.store import ADAPTERS_PREFIX, ObjectStore, is_under, resolve
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
+from services.trainer.adapter_registration import RegistrationRequest, prepare_registration
 from services.trainer.dataset import MAX_DATASET_BYTES, parse_jsonl
 from services.trainer.job_memory import estimate_training
 from services.trainer.training import (
@@ -337,3 +338,48 @@ class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
             log.warning("adapter %s deleted from the registry, but its files at %s could not be removed",
                         record.name, record.uri, exc_info=True)
         return trainer_pb2.DeleteAdapterResponse(adapter=adapter_to_proto(record))
+
+    def RegisterAdapter(self, request, context):
+        req = RegistrationRequest.validate(request.name, request.uri, request.base_model)
+        existing = self.registry.find_adapter(req.name)
+        if existing is not None and existing.job_id:  # a trained adapter's name: refused before any file is read
+            raise AlreadyExists(f"an adapter named {req.name!r} is already registered (trained by job "
+                                f"{existing.job_id})", field="name", value=req.name)
+        if existing is None:
+            self._check_name_unreserved(req.name)
+        base_config = read_base_config(req.base_model, self.store, self.inputs)
+        prepared = prepare_registration(req, base_config, self.store, self.inputs)
+        lock = self.redis.lock(_NAME_LOCK_PREFIX + req.name, timeout=30, blocking_timeout=10)
+        if not lock.acquire():
+            raise FailedPrecondition(f"adapter name {req.name!r} is being registered concurrently; retry",
+                                     field="name", value=req.name)
+        try:
+            existing = self.registry.find_adapter(req.name)
+            if existing is not None and existing.uri == prepared.record.uri:
+                return trainer_pb2.RegisterAdapterResponse(adapter=adapter_to_proto(existing),
+                                                           already_registered=True)
+            try:
+                if existing is not None:
+                    raise AlreadyExists(f"an adapter named {req.name!r} is already registered with other files or "
+                                        f"another base model ({existing.base_model!r}); delete it first or choose "
+                                        "another name", field="name", value=req.name,
+                                        metadata={"registered_uri": existing.uri})
+                self._check_name_unreserved(req.name)
+            except AlreadyExists:
+                if prepared.published_now:  # nothing refers to the copy just published
+                    self.store.delete(prepared.key)
+                raise
+            self.registry.put_adapter(prepared.record)
+        finally:
+            lock.release()
+        log.info("registered adapter %s from %s (base %s)", req.name, req.uri, req.base_model)
+        return trainer_pb2.RegisterAdapterResponse(adapter=adapter_to_proto(prepared.record))
+
+    def _check_name_unreserved(self, name: str) -> None:
+        """AlreadyExists naming RegisterAdapter's field when a queued or running training job holds ``name``."""
+        try:
+            self._check_name_free(name)
+        except AlreadyExists as err:
+            raise AlreadyExists(err.message, field="name", value=name,
+                                metadata={k: v for k, v in err.metadata.items() if k not in ("field", "value")}) \
+                from None

@@ -1,0 +1,51 @@
+"""bench/loadgen.py's own arithmetic: the traffic split inference-perf accepts (its splits must sum to exactly
+1.0 as floats) and the per-request summary (server token counts, chunk-gap ITL, per popularity class)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def loadgen():
+    spec = importlib.util.spec_from_file_location("bench_loadgen", ROOT / "bench" / "loadgen.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_zipf_splits_sum_to_exactly_one_in_popularity_order(loadgen):
+    names = [f"a{i:04d}" for i in range(1000)]
+    splits = loadgen.zipf_splits(names, 1.1)
+    values = [s["split"] for s in splits]
+    assert [s["name"] for s in splits] == names
+    assert sum(values) == 1.0  # float equality: what inference-perf's config validation checks
+    assert all(a >= b > 0 for a, b in zip(values, values[1:], strict=False))
+    assert values[0] / values[9] == pytest.approx(10 ** 1.1, rel=1e-3)  # Zipf s=1.1 between ranks 1 and 10
+
+
+def _entry(start, chunks, tokens, adapter=None):
+    return {"start_time": start, "end_time": chunks[-1], "error": None,
+            "info": {"lora_adapter": adapter, "response_metrics": {
+                "server_usage": {"completion_tokens": tokens}, "output_tokens": 999, "chunk_times": chunks}}}
+
+
+def test_summary_counts_server_tokens_and_chunk_gaps_per_class(loadgen):
+    hot = _entry(0.0, [0.5, 0.6, 0.7], 3, "a0000")
+    cold = _entry(0.2, [1.2, 1.6, 2.0], 3, "a0500")
+    failed = {"start_time": 0.1, "end_time": 0.3, "error": {"error_type": "x"}, "info": None}
+    run = [hot, cold, failed]
+    overall = loadgen.summarise(run, None)
+    assert (overall["requests"], overall["errors"], overall["output_tokens"]) == (3, 1, 6)
+    assert overall["output_tokens_per_s"] == 3.0  # 6 server tokens over the run's 2 s, not the re-tokenised 999s
+    assert overall["ttft_p50_ms"] == 750.0 and overall["itl_p99_ms"] == pytest.approx(400.0, abs=0.5)
+    cold_only = loadgen.summarise([cold], run)
+    assert cold_only["output_tokens_per_s"] == 1.5  # the class's tokens over the whole run's span
+    assert cold_only["ttft_p50_ms"] == 1000.0 and cold_only["tpot_p50_ms"] == 400.0
