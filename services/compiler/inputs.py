@@ -17,8 +17,8 @@ from loraflow.names import validate_name
 from loraflow.registry import Registry
 from loraflow.store import ObjectStore
 from services.compiler.artifact import ArtifactPlan, base_fingerprint, plan_artifact
+from services.compiler.modeling.checkpoint import weight_files
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.decoder import weight_files
 from services.compiler.options import CompileOptions
 
 MAX_ADAPTERS = 256

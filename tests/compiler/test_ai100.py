@@ -14,10 +14,11 @@ import torch
 
 from loraflow import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from services.compiler import ai100, ai100_verify
-from services.compiler.export import BankShape
+from services.compiler import ai100, ai100_verify, ai100_writer
+from services.compiler.modeling import CheckpointWeights
 from services.compiler.options import CompileOptions
-from services.compiler.verify import VerificationFailed
+from services.compiler.verify import VerificationFailed, decoder_reference
+from tests.compiler.ai100_reference import Ai100Graph
 from tests.compiler.helpers import decoder_with_adapters
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -28,6 +29,12 @@ def _no_sdk(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr(ai100, "SDK_EXEC_DIR", tmp_path / "nowhere")
     assert not ai100.sdk_available()
+
+
+def _export(model_dir, decoder, out_dir, *, slots: int, cb: bool = True, dtype: str = "fp32"):
+    """The bundle graph written from the checkpoint (the decoder only says which modules are adapted)."""
+    return ai100_writer.export_ai100(CheckpointWeights.open(model_dir), out_dir, lora_modules=decoder.lora_modules,
+                                     num_slots=slots + 1, max_rank=8, cb=cb, dtype=dtype).graph
 
 
 def _mixed(adapter_factory, arch):
@@ -101,7 +108,7 @@ def test_missing_sdk_fails_the_compile_stage_only(monkeypatch, tmp_path, tiny_ll
 @pytest.mark.parametrize("cb", [True, False])
 def test_graph_carries_the_qualcomm_ops_as_functions_that_ort_runs(tmp_path, tiny_llama, adapter_factory, cb):
     decoder, banks, _ = decoder_with_adapters(tiny_llama, _mixed(adapter_factory, "llama")[:1], ATTN, slots=2)
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(2, 8), ctx_len=16, cb=cb)
+    graph = _export(tiny_llama, decoder, tmp_path, slots=2, cb=cb)
     model = onnx.load(str(tmp_path / graph.file))
     ops = {n.op_type for n in model.graph.node if n.domain == ai100.QAIC_DOMAIN}
     want = {"CtxScatterCB", "CtxGatherCB"} if cb else {"CtxScatter", "CtxGather"}
@@ -124,7 +131,7 @@ def test_graph_carries_the_qualcomm_ops_as_functions_that_ort_runs(tmp_path, tin
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     # The function bodies compute what the operators' PyTorch semantics compute.
     with torch.no_grad():
-        ref = ai100.Ai100Graph(decoder, cb)(*[torch.from_numpy(np.asarray(feeds[s.name])) for s in graph.inputs])
+        ref = Ai100Graph(decoder, cb)(*[torch.from_numpy(np.asarray(feeds[s.name])) for s in graph.inputs])
     for spec, want_out in zip(graph.outputs, ref, strict=True):
         np.testing.assert_allclose(outs[spec.name], want_out.numpy(), atol=1e-4)
     kept = outs[gc.retained_key(0)]
@@ -143,9 +150,10 @@ def test_verification_equals_the_reference_for_mixed_ranks(tmp_path, parity_mode
     decoder, banks, _ = decoder_with_adapters(parity_model(arch), adapters, ALL, slots=3)
     opts = CompileOptions(target="ai100", batch_size=2, full_batch_size=3, prefill_seq_len=4, ctx_len=32,
                           max_rank=8, adapter_slots=3, ai100_stage="export").resolve()
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(3, 8), ctx_len=32)
+    graph = _export(parity_model(arch), decoder, tmp_path, slots=3)
     ai100.write_bundle(tmp_path, opts, graph.layers)
-    report = ai100_verify.verify_bundle(tmp_path, graph, decoder, banks, opts, occupied_slots=2)
+    report = ai100_verify.verify_bundle(tmp_path, graph, decoder_reference(decoder, banks), banks, opts,
+                                        occupied_slots=2)
     fp32, fp16 = report.runs
     assert fp32.tokens_match and fp16.tokens_match and fp32.tokens_checked >= 8
     assert fp32.relative_diff < 1e-4 and fp16.relative_diff < ai100_verify.TOLERANCE["fp16"]
@@ -169,7 +177,7 @@ def test_the_bundle_driven_as_the_card_gives_peft_tokens(tmp_path, parity_model,
     decoder, banks, _ = decoder_with_adapters(model_dir, adapters, ALL, slots=3)
     opts = CompileOptions(target="ai100", batch_size=1, full_batch_size=3, prefill_seq_len=4, ctx_len=32,
                           max_rank=8, adapter_slots=3, ai100_stage="export").resolve()
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(3, 8), ctx_len=32)
+    graph = _export(model_dir, decoder, tmp_path, slots=3)
     ai100.write_bundle(tmp_path, opts, graph.layers)
     specs = ai100_verify.read_specializations(tmp_path / ai100.SPECIALIZATIONS_FILE)
     session = ai100_verify.OrtRetainedStateSession(onnx.load(str(tmp_path / graph.file)), specs, "float32")
@@ -204,11 +212,12 @@ def test_a_broken_graph_fails_verification(tmp_path, tiny_llama, adapter_factory
     decoder, banks, _ = decoder_with_adapters(tiny_llama, _mixed(adapter_factory, "llama"), ALL, slots=3)
     opts = CompileOptions(target="ai100", full_batch_size=2, prefill_seq_len=4, ctx_len=32, max_rank=8,
                           adapter_slots=3, ai100_stage="export").resolve()
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(3, 8), ctx_len=32)
+    graph = _export(tiny_llama, decoder, tmp_path, slots=3)
     ai100.write_bundle(tmp_path, opts, graph.layers)
     _break_scatter(tmp_path / graph.file)
     with pytest.raises(VerificationFailed, match="differs|greedy tokens") as err:
-        ai100_verify.verify_bundle(tmp_path, graph, decoder, banks, opts, occupied_slots=2, precisions=("fp32",))
+        ai100_verify.verify_bundle(tmp_path, graph, decoder_reference(decoder, banks), banks, opts, occupied_slots=2,
+                                   precisions=("fp32",))
     assert err.value.max_abs_diff > 1e-2
 
 
@@ -238,14 +247,14 @@ def test_a_broken_export_does_not_publish(monkeypatch, tmp_path, tiny_llama, ada
     from services.compiler.artifact import build_artifact
 
     _no_sdk(monkeypatch, tmp_path)
-    real = ai100.export_ai100
+    real = ai100_writer.export_ai100
 
     def broken(*args, **kwargs):
-        graph = real(*args, **kwargs)
-        _break_scatter(args[1] / graph.file)
-        return graph
+        exported = real(*args, **kwargs)
+        _break_scatter(args[1] / exported.graph.file)
+        return exported
 
-    monkeypatch.setattr(ai100, "export_ai100", broken)
+    monkeypatch.setattr(ai100_writer, "export_ai100", broken)
     out = tmp_path / "art"
     with pytest.raises(VerificationFailed):
         build_artifact(tiny_llama, _mixed(adapter_factory, "llama")[:1],
