@@ -109,7 +109,7 @@ def plan_artifact(base_model_dir: str | Path | None, adapters: Sequence[tuple[st
         cfg = config
     else:
         base_model_dir = Path(base_model_dir)
-        cfg = DecoderConfig.from_model_dir(base_model_dir)
+        cfg = config or DecoderConfig.from_model_dir(base_model_dir)
         CheckpointWeights.open(base_model_dir, cfg)  # shards present, whole, of supported dtypes and shapes
     names = [validate_name("adapters", name) for name, _ in adapters]
     if len(set(names)) != len(names):

@@ -15,8 +15,10 @@ from loraflow.errors import InvalidArgument
 from services.compiler.fused.quantize import (
     QuantizedWeight,
     dequantize,
+    dequantize_nk,
     matmul_nbits_node,
     quantize_blockwise,
+    quantize_linear,
 )
 
 ROWS = 3
@@ -184,3 +186,19 @@ def test_quantized_weight_rejects_inconsistent_arrays():
         QuantizedWeight(packed=q.packed, scales=q.scales.astype(np.float64), zero_points=None, bits=4,
                         block_size=32, k=64, n=2)
     assert info.value.field == "scales"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_weights_quantised_in_slices_equal_one_call(bits):
+    """quantize_linear cuts [N, K] into row slices quantised on separate threads: every column is quantised
+    alone, so the joined blocks equal ORT's quantiser over the whole transposed weight, byte for byte."""
+    import torch
+
+    w = torch.from_numpy(np.random.default_rng(3).standard_normal((67, 96), dtype=np.float32))
+    whole = quantize_blockwise(w.t().contiguous().numpy(), bits, 32)
+    for threads in (1, 2, 5):
+        sliced = quantize_linear(w, bits, 32, threads=threads)
+        np.testing.assert_array_equal(sliced.packed, whole.packed)
+        np.testing.assert_array_equal(sliced.scales, whole.scales)
+    np.testing.assert_allclose(dequantize_nk(whole.packed, whole.scales, None, bits=bits, block_size=32, k=96,
+                                                      n=67).numpy(), dequantize(whole).T, rtol=0, atol=0)

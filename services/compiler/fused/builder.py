@@ -255,7 +255,7 @@ class FusedGraphBuilder:
         qweight, scales = f"{name}.qweight", f"{name}.scales"
         if g.has(qweight) and g.has(scales):
             return g.const(qweight), g.const(scales)
-        q = quantize.quantize_blockwise(self._w_kn(weight_name)(), opts.bits, opts.quant_block_size)
+        q = quantize.quantize_linear(self.weights.get(weight_name), opts.bits, opts.quant_block_size)  # [N, K] in
         return g.const(qweight, q.packed), g.const(scales, q.scales)  # [N, k_blocks, blob], [N * k_blocks]
 
     def _matmul_nbits(self, x: str, weight_name: str, name: str, *, k: int, n: int) -> str:

@@ -162,28 +162,58 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int = DEFAULT_
         bits=bits, block_size=block_size, k=k, n=n)
 
 
+def quantize_linear(weight_nk, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, *, threads: int | None = None
+                    ) -> QuantizedWeight:
+    """``quantize_blockwise`` of a torch float32 linear weight [N, K] (nn.Linear layout), symmetric, on
+    ``threads`` threads (default: torch's): its rows are cut into that many slices, each transposed to the
+    [K, n] ORT's quantiser takes and quantised at once (the binding releases the GIL), and the blocks joined
+    along N. Bit-identical to one call over the whole weight, since every column is quantised alone."""
+    import torch
+
+    if weight_nk.ndim != 2 or weight_nk.dtype != torch.float32:
+        raise InvalidArgument(f"weight must be a float32 [N, K] tensor, got {weight_nk.dtype} {list(weight_nk.shape)}",
+                              field="weight", value=list(weight_nk.shape))
+    n = weight_nk.shape[0]
+    parts = max(1, min(threads or torch.get_num_threads(), n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    slices = [weight_nk[lo:hi].t().contiguous().numpy() for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    if parts == 1:
+        return quantize_blockwise(slices[0], bits, block_size)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(parts) as pool:
+        done = list(pool.map(lambda w: quantize_blockwise(w, bits, block_size), slices))
+    return QuantizedWeight(packed=np.concatenate([q.packed for q in done]),  # [N, k_blocks, blob]
+                           scales=np.concatenate([q.scales for q in done]),  # n-major: slices join in order
+                           zero_points=None, bits=done[0].bits, block_size=done[0].block_size, k=done[0].k, n=n)
+
+
 def dequantize_nk(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, bits: int,
                   block_size: int, k: int, n: int):
     """The float32 torch tensor [N, K] (nn.Linear layout) MatMulNBits multiplies by, from its raw
-    initializers (layout in the module docstring); vectorised in torch, ~1 s per 10^8 weights."""
+    initializers (layout in the module docstring), computed in place on torch's threads."""
     import torch
 
     k_blocks = _blocks(k, block_size)
     p = torch.from_numpy(np.ascontiguousarray(packed).reshape(n, k_blocks, -1))  # [N, k_blocks, blob]
+    per_byte = 8 // bits
+    out = torch.empty(n, k_blocks, p.shape[-1], per_byte)  # [N, k_blocks, blob, 1 or 2 values]
     if bits == 4:
-        values = torch.stack([p & 0x0F, p >> 4], dim=-1).reshape(n, k_blocks, block_size)  # low nibble first
+        out[..., 0].copy_(p & 0x0F)  # low nibble first
+        out[..., 1].copy_(p >> 4)
     else:
-        values = p
+        out[..., 0].copy_(p)
+    out = out.view(n, k_blocks, block_size)
     if zero_points is None:
-        zp = torch.full((n, k_blocks, 1), float(1 << (bits - 1)))
+        out.sub_(float(1 << (bits - 1)))
     else:
         per_col = torch.from_numpy(np.ascontiguousarray(zero_points).reshape(n, -1))  # [N, bytes]
         if bits == 4:
             per_col = torch.stack([per_col & 0x0F, per_col >> 4], dim=-1).reshape(n, -1)  # [N, 2 * bytes]
-        zp = per_col[:, :k_blocks].float().unsqueeze(-1)  # [N, k_blocks, 1] (drop the pad nibble)
-    s = torch.from_numpy(np.ascontiguousarray(scales).reshape(n, k_blocks, 1))
-    w = (values.float() - zp) * s  # [N, k_blocks, block]
-    return w.reshape(n, k_blocks * block_size)[:, :k].contiguous()  # [N, Kpad] -> [N, K]
+        out.sub_(per_col[:, :k_blocks].float().unsqueeze(-1))  # [N, k_blocks, 1] (the pad nibble dropped)
+    out.mul_(torch.from_numpy(np.ascontiguousarray(scales).reshape(n, k_blocks, 1)))
+    out = out.view(n, k_blocks * block_size)
+    return out if k_blocks * block_size == k else out[:, :k].contiguous()  # [N, Kpad] -> [N, K]
 
 
 def dequantize(q: QuantizedWeight) -> np.ndarray:

@@ -72,7 +72,7 @@ def check_blocks(name: str, checkpoint: torch.Tensor, dequantized: torch.Tensor,
     ``checkpoint`` in every block; returns the largest error in steps."""
     n, k = checkpoint.shape
     k_blocks = scales.shape[1]
-    err = (checkpoint - dequantized).abs()
+    err = torch.sub(checkpoint, dequantized).abs_()
     if k_blocks * block_size != k:
         err = torch.nn.functional.pad(err, (0, k_blocks * block_size - k))
     worst = err.view(n, k_blocks, block_size).amax(dim=-1)  # [N, k_blocks]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,3 +201,32 @@ def _shard_entries(path: Path) -> dict[str, TensorEntry]:
     if data_len and not entries:
         raise _bad_file(path, "holds no tensors")
     return entries
+
+
+# Bytes per element of the dtypes write_safetensors writes.
+_WRITE_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+def write_safetensors(path: Path, tensors: Sequence[tuple[str, tuple[int, ...]]], make: Callable[[str, tuple[int, ...]], bytes],
+                      *, dtype: str = "BF16") -> None:
+    """A safetensors file whose header is written first and each tensor's bytes as ``make(name, shape)``
+    returns them, so writing a model-sized checkpoint holds one tensor at a time (benchmarks, tests)."""
+    size = _WRITE_SIZES[dtype]
+    header, offset = {}, 0
+    for name, shape in tensors:
+        n = math.prod(shape) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data region starts 8-aligned
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape in tensors:
+            data = make(name, shape)
+            if len(data) != math.prod(shape) * size:
+                raise InvalidArgument(f"tensor {name!r}: {len(data)} bytes for shape {list(shape)} of {dtype}",
+                                      field="tensor", value=name)
+            f.write(data)
+    tmp.replace(path)

@@ -29,6 +29,9 @@ from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, Weigh
 
 # Vocabulary rows of the head converted and multiplied at a time (bounds the head's memory at 7B).
 HEAD_CHUNK_ROWS = 8192
+# Below this many weights per matrix the reference runs on one thread: splitting a small matmul costs more
+# than it saves (measured 2.5 ms per [12, 128] @ [128, 256] on 2 threads of a loaded 2-core host, 0.1 ms on one).
+ONE_THREAD_BELOW = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,8 @@ def reference_logits(variants: Mapping[str, Variant], rows: Sequence[ReferenceRo
                      ) -> dict[str, ReferenceResult]:
     """Logits of every row's every position for each variant (by label). ``banks``: [L, N, in, R] /
     [L, N, R, out] float arrays by graph input name for the adapted ``lora_modules``."""
-    first = next(iter(variants.values()))
-    cfg = first.source.cfg
+    cfg = next(iter(variants.values())).source.cfg
     sources = list(dict.fromkeys(v.source for v in variants.values()))  # each read once per layer
-    head_name = EMBED if cfg.tie_word_embeddings else LM_HEAD
 
     def load(names) -> dict[WeightSource, dict[str, torch.Tensor]]:
         weights = {src: {n: src.get(n) for n in names} for src in sources}
@@ -83,27 +84,39 @@ def reference_logits(variants: Mapping[str, Variant], rows: Sequence[ReferenceRo
             on_layer(weights)
         return weights
 
-    with torch.no_grad():
-        state = {label: _Run(cfg, v, rows, banks, lora_modules) for label, v in variants.items()}
-        embeds = load([EMBED])
+    threads = torch.get_num_threads()
+    if cfg.hidden_size * cfg.intermediate_size < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _layer_by_layer(cfg, variants, rows, banks, lora_modules, load)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _layer_by_layer(cfg: DecoderConfig, variants: Mapping[str, Variant], rows: Sequence[ReferenceRow],
+                    banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], load) -> dict[str, ReferenceResult]:
+    state = {label: _Run(cfg, v, rows, banks, lora_modules) for label, v in variants.items()}
+    embeds = load([EMBED])
+    for label, v in variants.items():
+        state[label].embed(embeds[v.source][EMBED])
+    del embeds
+    for i in range(cfg.num_layers):
+        weights = load(layer_names(cfg, i))
         for label, v in variants.items():
-            emb = embeds[v.source][EMBED]
-            state[label].hidden = [emb[list(r.tokens)].to(v.dtype).unsqueeze(0) for r in rows]  # [1, T, hidden]
-        del embeds, emb
-        for i in range(cfg.num_layers):
-            weights = load(layer_names(cfg, i))
-            for label, v in variants.items():
-                layer = _layer_module(cfg, i, weights[v.source], v.dtype)
-                state[label].apply(layer, i)
-                del layer
-            del weights
-        last = load(dict.fromkeys([FINAL_NORM, head_name]))
-        return {label: state[label].finish(last[v.source][FINAL_NORM], last[v.source][head_name])
-                for label, v in variants.items()}
+            layer = _layer_module(cfg, i, weights[v.source], v.dtype)
+            state[label].apply(layer, i)
+            del layer
+        del weights
+    head_name = EMBED if cfg.tie_word_embeddings else LM_HEAD
+    last = load(dict.fromkeys([FINAL_NORM, head_name]))
+    return {label: state[label].finish(last[v.source][FINAL_NORM], last[v.source][head_name])
+            for label, v in variants.items()}
 
 
 class _Run:
-    """One variant's activations as the layers go by."""
+    """One variant's activations as the layers go by: every row in one batch [R, T] (the shorter rows padded
+    at the end with position -1, which nothing attends), so a layer is one call however many rows there are."""
 
     def __init__(self, cfg: DecoderConfig, variant: Variant, rows: Sequence[ReferenceRow],
                  banks: Mapping[str, np.ndarray], lora_modules: Sequence[str]):
@@ -111,38 +124,42 @@ class _Run:
         dtype = variant.dtype
         # float32 angles as MultiLoraDecoder computes them; float64 ones for a float64 variant.
         inv_freq = inverse_frequencies(cfg).to(torch.float64 if dtype == torch.float64 else torch.float32)
-        rotate = rotate_half_matrix(cfg.head_dim).to(dtype)
-        self.calls = []
         lora_a = {m: torch.from_numpy(np.asarray(banks[gc.lora_a(m)])).to(dtype) for m in lora_modules}
         lora_b = {m: torch.from_numpy(np.asarray(banks[gc.lora_b(m)])).to(dtype) for m in lora_modules}
         num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
-        for r in rows:
-            positions = torch.arange(len(r.tokens)).view(1, -1)  # [1, T]
-            cos, sin = rope_cos_sin(positions, inv_freq, dtype)
-            shape = (1, 1, cfg.num_kv_heads, cfg.head_dim)  # an empty past: one masked position
-            self.calls.append(dict(
-                rope=Rope(cos=cos, sin=sin, rotate=rotate), past=torch.zeros(shape, dtype=dtype),
-                bias=attention_bias(positions, 1, dtype), lora=LoraSelector(lora_a, lora_b, torch.tensor([[r.lora_id]]),
-                                                                           num_slots),
-                dims=Dims(rows=1, tokens=len(r.tokens), past=1)))
-        self.hidden: list[torch.Tensor] = []
+        self.lengths = [len(r.tokens) for r in rows]
+        R, T = len(rows), max(self.lengths)
+        self.tokens = torch.zeros(R, T, dtype=torch.long)
+        positions = torch.full((R, T), -1, dtype=torch.long)  # [R, T]: -1 = padding
+        for j, r in enumerate(rows):
+            self.tokens[j, :len(r.tokens)] = torch.tensor(r.tokens)
+            positions[j, :len(r.tokens)] = torch.arange(len(r.tokens))
+        cos, sin = rope_cos_sin(positions, inv_freq, dtype)  # [R, T, 1, D]
+        self.rope = Rope(cos=cos, sin=sin, rotate=rotate_half_matrix(cfg.head_dim).to(dtype))
+        self.past = torch.zeros(1, R, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)  # an empty past: masked
+        self.bias = attention_bias(positions, 1, dtype)  # [R, 1, 1, T, 1 + T]
+        self.lora = LoraSelector(lora_a, lora_b, torch.tensor([[r.lora_id] for r in rows]), num_slots)
+        self.slots = torch.arange(R)
+        self.dims = Dims(rows=R, tokens=T, past=1)
+        self.hidden = torch.empty(0)
         self.max_activation = 0.0
 
+    def embed(self, table: torch.Tensor) -> None:
+        self.hidden = table[self.tokens].to(self.dtype)  # [R, T, hidden]
+
     def apply(self, layer: DecoderLayer, i: int) -> None:
-        rows = torch.zeros(1, dtype=torch.long)
-        for j, call in enumerate(self.calls):
-            h, _, _ = layer(self.hidden[j], call["rope"], call["past"], call["past"], rows, call["bias"], call["lora"],
-                            i, call["dims"])
-            self.hidden[j] = h
-            self.max_activation = max(self.max_activation, float(h.abs().max()))
+        self.hidden, _, _ = layer(self.hidden, self.rope, self.past, self.past, self.slots, self.bias, self.lora, i,
+                                  self.dims)
+        real = torch.cat([self.hidden[j, :n] for j, n in enumerate(self.lengths)])  # padding excluded
+        self.max_activation = max(self.max_activation, float(real.abs().max()))
 
     def finish(self, norm_weight: torch.Tensor, head: torch.Tensor) -> ReferenceResult:
         norm = RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
         norm.weight = torch.nn.Parameter(norm_weight.to(self.dtype), requires_grad=False)
-        normed = [norm(h)[0] for h in self.hidden]  # [T, hidden] each
-        logits = [torch.empty(h.shape[0], head.shape[0], dtype=torch.float32) for h in normed]
+        normed = torch.cat([norm(self.hidden[j, :n]) for j, n in enumerate(self.lengths)])  # [sum T, hidden]
+        logits = torch.empty(normed.shape[0], head.shape[0], dtype=torch.float32)
         for start in range(0, head.shape[0], HEAD_CHUNK_ROWS):
             chunk = head[start:start + HEAD_CHUNK_ROWS].to(self.dtype)  # [v, hidden]
-            for out, h in zip(logits, normed, strict=True):
-                out[:, start:start + chunk.shape[0]] = (h @ chunk.T).float()  # [T, hidden] @ [hidden, v]
-        return ReferenceResult(logits=[x.numpy() for x in logits], max_activation=self.max_activation)
+            logits[:, start:start + chunk.shape[0]] = (normed @ chunk.T).float()  # [sum T, hidden] @ [hidden, v]
+        per_row = torch.split(logits, self.lengths)  # [sum T, V] -> [T_j, V] per row
+        return ReferenceResult(logits=[x.numpy() for x in per_row], max_activation=self.max_activation)

@@ -95,6 +95,24 @@ def hf_names(name: str) -> tuple[str, ...]:
     return (p + rest,)
 
 
+def hf_part_shapes(cfg: DecoderConfig, name: str) -> list[tuple[int, ...]]:
+    """Shapes of the Hugging Face tensors of our ``name``, in hf_names order."""
+    total = shape_of(cfg, name)
+    if ".qkv_proj." in name:
+        rows = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    elif ".gate_up_proj." in name:
+        rows = [cfg.intermediate_size] * 2
+    else:
+        return [total]
+    return [(r, *total[1:]) for r in rows]
+
+
+def hf_tensor_shapes(cfg: DecoderConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Every Hugging Face tensor a checkpoint of ``cfg`` holds, with its shape, in file order."""
+    return [(part, shape) for name in model_names(cfg)
+            for part, shape in zip(hf_names(name), hf_part_shapes(cfg, name), strict=True)]
+
+
 class CheckpointWeights:
     """Our tensors straight from a checkpoint, converted to float32 one at a time."""
 
@@ -111,21 +129,8 @@ class CheckpointWeights:
     def check(self) -> None:
         """Every tensor the decoder needs is present, of a supported dtype and of the shape config.json
         implies; reads no weight."""
-        for name in model_names(self.cfg):
-            for part, shape in zip(hf_names(name), self._part_shapes(name), strict=True):
-                self.checkpoint.check(part, shape)
-
-    def _part_shapes(self, name: str) -> list[tuple[int, ...]]:
-        """Shapes of the Hugging Face tensors of ``name``, in hf_names order."""
-        cfg = self.cfg
-        total = shape_of(cfg, name)
-        if ".qkv_proj." in name:
-            rows = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
-        elif ".gate_up_proj." in name:
-            rows = [cfg.intermediate_size] * 2
-        else:
-            return [total]
-        return [(r, *total[1:]) for r in rows]
+        for name, shape in hf_tensor_shapes(self.cfg):
+            self.checkpoint.check(name, shape)
 
     def get(self, name: str) -> torch.Tensor:
         import torch
