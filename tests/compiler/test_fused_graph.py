@@ -1,7 +1,7 @@
 """The fused graph (services/compiler/fused) run through the runtime's step driver.
 
 * every fp32 row of a mixed batch gives PEFT's greedy tokens with that adapter alone, for Llama,
-  Mistral, Qwen2 (q/k/v biases, tied head) and llama3 RoPE; chunked prefill; one request joining a
+  Mistral, Qwen2 (q/k/v biases), a tied head (stored once: FusedMatMul over the embedding) and llama3 RoPE; chunked prefill; one request joining a
   running batch; a dummy row inside the decode slot range;
 * int4/int8: MatMulNBits for every base projection, the wiring exact against the dequantised weights;
 * verification fails, with the measured difference, on a graph that does not match its reference;
@@ -92,10 +92,10 @@ def _peft_tokens(model_dir, adapter_path, prompt):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3rope"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3rope", "tied"])
 def test_mixed_batch_through_the_step_driver_matches_peft(tmp_path, kind, kernel, parity_model, adapter_factory):
     model_dir = parity_model(kind)
-    arch = "llama" if kind == "llama3rope" else kind
+    arch = "llama" if kind in ("llama3rope", "tied") else kind
     adapters = _adapters(adapter_factory, arch)
     decoder, banks, _ = decoder_with_adapters(model_dir, adapters, gc.LORA_TARGET_MODULES, slots=3)
     graph, session, _ = _build(tmp_path, decoder, kernel=kernel)
