@@ -38,7 +38,7 @@ from onnx import TensorProto, helper
 from loraflow import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from loraflow.manifest import GraphSpec
-from services.compiler.ai100 import SPECIALIZATIONS_FILE
+from services.compiler.ai100 import CUSTOM_IO_FILE, SPECIALIZATIONS_FILE
 from services.compiler.ai100_writer import hidden_name
 from services.compiler.modeling.layerwise import ReferenceRow
 from services.compiler.modeling.weights import EMBED
@@ -179,34 +179,6 @@ class OrtRetainedStateSession:
 
     def close(self) -> None:
         del self.session
-
-
-def drive(session, layout: Ai100Layout, num_layers: int, vocab_size: int, banks: Mapping[str, np.ndarray],
-          prompts: Sequence[Sequence[int]], lora_ids: Sequence[int], max_new: Sequence[int]
-          ) -> tuple[list[list[int]], list[list[np.ndarray]]]:
-    """Greedy-serve ``prompts`` through the scheduler and the AI 100 stepper; (tokens, logits per token)."""
-    stepper = Ai100Stepper(session, layout, num_layers, vocab_size)
-    session.set_buffers(dict(banks))
-    sched = Scheduler(full_batch_size=layout.cache_rows, prefill_seq_len=layout.prefill_seq_len,
-                      ctx_len=layout.ctx_len, max_waiting=len(prompts), max_prefill_rows=layout.batch_size)
-    seqs = [Request(request_id=str(i), prompt_ids=list(p), lora_id=int(lora_ids[i]), max_new_tokens=int(max_new[i]),
-                    ignore_eos=True) for i, p in enumerate(prompts)]
-    for s in seqs:
-        sched.add(s)
-    logits_per: list[list[np.ndarray]] = [[] for _ in prompts]
-    # Stop flag: at most one call per token fed, plus one per prefill chunk.
-    for _ in range(sum(len(p) + m for p, m in zip(prompts, max_new, strict=True)) + 1):
-        step = sched.schedule()
-        if step is None:
-            break
-        logits = stepper.execute(step)
-        sampled = {}
-        for row, row_logits in zip(step.rows, logits, strict=True):
-            if row.samples:
-                sampled[row.request_id] = int(np.argmax(row_logits))
-                logits_per[int(row.request_id)].append(row_logits.copy())
-        sched.update(step, sampled)
-    return [s.output_ids for s in seqs], logits_per
 
 
 # --- one layer at a time -------------------------------------------------------------------------
@@ -424,7 +396,11 @@ def verify_bundle(bundle_dir: Path, graph: GraphSpec, reference: ReferenceFn, ba
     calls = record_calls(layout, graph, prompts, lora_ids, fed)
     segments = split_layers(onnx.load(str(bundle_dir / graph.file), load_external_data=False), graph.layers)
     ref = reference([ReferenceRow(tuple(p + f[:-1]), lora) for p, f, lora in zip(prompts, fed, lora_ids, strict=True)])
-    keep = [n for n in [*(s.name for s in graph.inputs), *(s.name for s in graph.outputs)] if not n.startswith("past_")]
+    # -convert-to-fp16 makes every tensor fp16 except the IO custom_io.yaml keeps: the KV cache travels in its
+    # precision there (fp16; mxint8 is not emulated and is checked as fp16).
+    kv_precision = next(iter(read_custom_io(bundle_dir / CUSTOM_IO_FILE).values()), "float16")
+    keep = [n for n in [*(s.name for s in graph.inputs), *(s.name for s in graph.outputs)]
+            if not n.startswith("past_") or kv_precision == "float32"]
     runs = []
     for precision in precisions:
         fp16 = precision == "fp16"

@@ -37,6 +37,31 @@ def _export(model_dir, decoder, out_dir, *, slots: int, cb: bool = True, dtype: 
                                      num_slots=slots + 1, max_rank=8, cb=cb, dtype=dtype).graph
 
 
+def _greedy_serve(session, layout, num_layers: int, vocab_size: int, banks, prompts, lora_ids, max_new
+                  ) -> list[list[int]]:
+    """Greedy-serve ``prompts`` on a whole-bundle session through the inference scheduler and AI 100 stepper."""
+    from services.inference.ai100_runtime import Ai100Stepper
+    from services.inference.scheduler import Scheduler
+    from services.inference.scheduler import Sequence as Request
+
+    stepper = Ai100Stepper(session, layout, num_layers, vocab_size)
+    session.set_buffers(dict(banks))
+    sched = Scheduler(full_batch_size=layout.cache_rows, prefill_seq_len=layout.prefill_seq_len,
+                      ctx_len=layout.ctx_len, max_waiting=len(prompts), max_prefill_rows=layout.batch_size)
+    seqs = [Request(request_id=str(i), prompt_ids=list(p), lora_id=int(lora_ids[i]), max_new_tokens=int(max_new[i]),
+                    ignore_eos=True) for i, p in enumerate(prompts)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(sum(len(p) + m for p, m in zip(prompts, max_new, strict=True)) + 1):  # at most one call a token
+        step = sched.schedule()
+        if step is None:
+            break
+        logits = stepper.execute(step)
+        sched.update(step, {row.request_id: int(np.argmax(row_logits))
+                            for row, row_logits in zip(step.rows, logits, strict=True) if row.samples})
+    return [s.output_ids for s in seqs]
+
+
 def _mixed(adapter_factory, arch):
     """Two adapters of different ranks, one on attention only, one on every linear (MLP included)."""
     return [("a", adapter_factory(arch, "a4", r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), seed=1)),
@@ -183,9 +208,9 @@ def test_the_bundle_driven_as_the_card_gives_peft_tokens(tmp_path, parity_model,
     session = ai100_verify.OrtRetainedStateSession(onnx.load(str(tmp_path / graph.file)), specs, "float32")
     prompts = random_prompts(graph.vocab_size, [9, 5, 6], seed=len(arch))
     lora_ids, new = [1, 0, 2], 5
-    tokens, _ = ai100_verify.drive(session, Ai100Layout.from_options(opts.to_dict()), graph.layers, graph.vocab_size,
-                                   {k: np.asarray(v, np.float32) for k, v in banks.items()}, prompts, lora_ids,
-                                   [new] * 3)
+    tokens = _greedy_serve(session, Ai100Layout.from_options(opts.to_dict()), graph.layers, graph.vocab_size,
+                           {k: np.asarray(v, np.float32) for k, v in banks.items()}, prompts, lora_ids,
+                           [new] * 3)
     session.close()
     for row, slot in enumerate(lora_ids):
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
