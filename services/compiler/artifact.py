@@ -225,7 +225,7 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         stop()
         t0 = time.perf_counter()
         quantized = opts.dtype != "fp32"
-        reference = _fused_reference(out_dir, exported, weights, feeds, lora_modules, quantized)
+        reference = _fused_reference(out_dir, exported, weights, feeds, lora_modules, fused)
         verify_report, native_report = verify_fused_artifact(
             out_dir, graph, reference, feeds, ctx_len=int(opts.ctx_len), occupied_slots=occupied,
             chunk=max(1, min(int(opts.prefill_seq_len), 4)), accuracy_level=opts.quant_accuracy_level,
@@ -385,14 +385,15 @@ def _verification_banks(bank_feeds: dict[str, np.ndarray], num_adapters: int) ->
     return feeds, 1
 
 
-def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, quantized: bool):
+def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, fused):
     """The fused graph's reference: the checkpoint itself (fp32), or the quantised weights read back from
     the artifact, each proved to be the block quantisation of the checkpoint's tensor, with the checkpoint
-    measured beside them (int4/int8)."""
+    measured beside them (int4/int8); at accuracy level 4 the reference rounds the MatMulNBits inputs to int8
+    as the kernel does."""
     from services.compiler.fused.readback import ArtifactWeights, check_blocks
     from services.compiler.verify import layerwise_reference
 
-    if not quantized:
+    if fused.bits is None:
         return layerwise_reference(weights, feeds, lora_modules)
     readback = ArtifactWeights(weights.cfg, out_dir / exported.graph.file, exported.written)
 
@@ -402,7 +403,8 @@ def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds,
             if written.bits is not None:
                 check_blocks(name, loaded[weights][name], got, readback.scales(name), written.block_size)
 
-    return layerwise_reference(readback, feeds, lora_modules, float_source=weights, on_layer=check_quantised)
+    return layerwise_reference(readback, feeds, lora_modules, float_source=weights, on_layer=check_quantised,
+                               activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None)
 
 
 def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:

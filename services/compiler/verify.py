@@ -12,7 +12,7 @@ graphs (an artifact's two LoRA kernels) driven one after another share that one 
 
 Tolerance: max |graph - reference| / max(1, max |reference logit|) must stay within ``scaled_tolerance``:
 the dtype's base tolerance, or NOISE_MARGIN times the float32 accumulation error of this model on these
-rows, whichever is larger. That error is measured, not guessed: the reference runs in float32 and float64
+rows, whichever is larger. That error is measured, not guessed: the float model runs in float32 and float64
 side by side and their relative difference grows with the model's activation scale and depth (tiny
 models ~1e-6; SmolLM2-135M with a strong adapter, whose residual stream reaches 2e4, ~1e-4). A miswired
 graph differs by 1e-2 and more, so the check still catches it; a model whose own float32 error would
@@ -101,19 +101,24 @@ ReferenceFn = Callable[[Sequence[ReferenceRow]], Reference]
 
 
 def layerwise_reference(source: WeightSource, banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], *,
-                        float_source: WeightSource | None = None, on_layer: LayerHook | None = None) -> ReferenceFn:
-    """The reference computed layer by layer from ``source`` (the weights the graph holds) in float32 and
-    float64; ``float_source``: the unquantised model, whose logits are measured beside it."""
+                        float_source: WeightSource | None = None, on_layer: LayerHook | None = None,
+                        activation_block: int | None = None) -> ReferenceFn:
+    """The reference computed layer by layer: ``source`` (the weights the graph holds) in float32, rounding
+    its MatMulNBits inputs to int8 per ``activation_block`` as accuracy level 4 does (layerwise.Variant);
+    ``float_source``: the unquantised model, measured beside it. The float32 error the tolerance follows is
+    that of the float model (``float_source``, else ``source``), float32 against float64, without rounding."""
+    plain = float_source or source
 
     def run(rows: Sequence[ReferenceRow]) -> Reference:
-        variants = {"fp32": Variant(source), "fp64": Variant(source, torch.float64)}
-        if float_source is not None:
-            variants["float"] = Variant(float_source)
+        variants = {"fp64": Variant(plain, torch.float64), "fp32": Variant(plain)}
+        if float_source is not None or activation_block:
+            variants["check"] = Variant(source, activation_block=activation_block)
         got = layerwise.reference_logits(variants, rows, banks, lora_modules, on_layer=on_layer)
         error = max((_relative(a, b) for a, b in zip(got["fp32"].logits, got["fp64"].logits, strict=True)),
                     default=0.0)
-        return Reference(logits=got["fp32"].logits, error=error, max_activation=got["fp64"].max_activation,
-                         float_logits=got["float"].logits if float_source is not None else None)
+        checked = got.get("check", got["fp32"])
+        return Reference(logits=checked.logits, error=error, max_activation=got["fp64"].max_activation,
+                         float_logits=got["fp32"].logits if float_source is not None else None)
 
     return run
 

@@ -36,10 +36,37 @@ ONE_THREAD_BELOW = 1 << 22
 
 @dataclass(frozen=True)
 class Variant:
-    """One model the reference computes: where its weights come from, and in which precision."""
+    """One model the reference computes: where its weights come from, and in which precision.
+
+    ``activation_block``: the base projections' (and the head's) inputs are rounded to int8 per block of that
+    many values first, as MatMulNBits does at accuracy level 4 (ONNX Runtime's MLAS: per block of the weights'
+    block size, scale max|x| / 127, round to nearest even), so the reference computes what the int8-activation
+    kernel computes and the check of a quantised graph stays tight. The LoRA deltas see the unrounded input,
+    as in the graph."""
 
     source: WeightSource
     dtype: torch.dtype = torch.float32
+    activation_block: int | None = None
+
+
+def round_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., K] with every block of ``block`` values along K rounded to int8 (scale max|x| / 127), as MLAS
+    quantises a MatMulNBits input at accuracy level 4; K is a whole number of blocks."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)  # [..., K] -> [..., K/block, block]
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax != 0, 127.0 / amax, torch.zeros((), dtype=x.dtype))
+    return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(x.shape)  # round: to nearest even, as MLAS
+
+
+class _RoundedInput(torch.nn.Module):
+    """A base projection whose input is rounded to int8 per block first (see Variant.activation_block)."""
+
+    def __init__(self, linear: torch.nn.Linear, block: int):
+        super().__init__()
+        self.linear, self.block = linear, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(round_activations(x, self.block))
 
 
 @dataclass(frozen=True)
@@ -61,12 +88,17 @@ class ReferenceResult:
 LayerHook = Callable[[Mapping[WeightSource, Mapping[str, torch.Tensor]]], None]
 
 
-def _layer_module(cfg: DecoderConfig, i: int, weights: Mapping[str, torch.Tensor], dtype: torch.dtype) -> DecoderLayer:
+def _layer_module(cfg: DecoderConfig, i: int, weights: Mapping[str, torch.Tensor], variant: Variant) -> DecoderLayer:
     with torch.device("meta"):
         layer = DecoderLayer(cfg)
     prefix = f"layers.{i}."
-    layer.load_state_dict({k.removeprefix(prefix): v.to(dtype) for k, v in weights.items()}, strict=True,
+    layer.load_state_dict({k.removeprefix(prefix): v.to(variant.dtype) for k, v in weights.items()}, strict=True,
                           assign=True)
+    if variant.activation_block:
+        block = variant.activation_block
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj, attn.o_proj = _RoundedInput(attn.qkv_proj, block), _RoundedInput(attn.o_proj, block)
+        mlp.gate_up_proj, mlp.down_proj = _RoundedInput(mlp.gate_up_proj, block), _RoundedInput(mlp.down_proj, block)
     return layer.eval()
 
 
@@ -104,7 +136,7 @@ def _layer_by_layer(cfg: DecoderConfig, variants: Mapping[str, Variant], rows: S
     for i in range(cfg.num_layers):
         weights = load(layer_names(cfg, i))
         for label, v in variants.items():
-            layer = _layer_module(cfg, i, weights[v.source], v.dtype)
+            layer = _layer_module(cfg, i, weights[v.source], v)
             state[label].apply(layer, i)
             del layer
         del weights
@@ -120,7 +152,7 @@ class _Run:
 
     def __init__(self, cfg: DecoderConfig, variant: Variant, rows: Sequence[ReferenceRow],
                  banks: Mapping[str, np.ndarray], lora_modules: Sequence[str]):
-        self.cfg, self.dtype = cfg, variant.dtype
+        self.cfg, self.dtype, self.activation_block = cfg, variant.dtype, variant.activation_block
         dtype = variant.dtype
         # float32 angles as MultiLoraDecoder computes them; float64 ones for a float64 variant.
         inv_freq = inverse_frequencies(cfg).to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -157,6 +189,8 @@ class _Run:
         norm = RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
         norm.weight = torch.nn.Parameter(norm_weight.to(self.dtype), requires_grad=False)
         normed = torch.cat([norm(self.hidden[j, :n]) for j, n in enumerate(self.lengths)])  # [sum T, hidden]
+        if self.activation_block:  # the head is a MatMulNBits too
+            normed = round_activations(normed, self.activation_block)
         logits = torch.empty(normed.shape[0], head.shape[0], dtype=torch.float32)
         for start in range(0, head.shape[0], HEAD_CHUNK_ROWS):
             chunk = head[start:start + HEAD_CHUNK_ROWS].to(self.dtype)  # [v, hidden]
