@@ -291,7 +291,7 @@ def child_serve(args) -> None:
     paths = {p.name: p for p in map(Path, args.adapters)}
     before = _rss()
     started = time.perf_counter()
-    model = open_model(artifact, num_threads=args.threads, model_id="scale",
+    model = open_model(artifact, num_threads=args.threads, model_id="scale", allow_spinning=args.spinning,
                        resolve_adapter=lambda name: AdapterOrigin(source=f"path:{paths[name]}",
                                                                   fetch=lambda: paths[name], kind="path")
                        if name in paths else None)
@@ -308,8 +308,8 @@ def child_serve(args) -> None:
 
     def run(adapters: list[str]) -> tuple[float, list[list[int]]]:
         started = time.perf_counter()
-        handles = [model.engine.submit(GenerationRequest(tuple(p), a, params)) for p, a in zip(prompts, adapters,
-                                                                                                 strict=True)]
+        handles = [model.engine.submit(GenerationRequest(tuple(p), a, params))
+                   for p, a in zip(prompts[:len(adapters)], adapters, strict=True)]
         outputs = [[t for chunk in h for t in chunk.token_ids] for h in handles]
         return sum(len(o) for o in outputs) / (time.perf_counter() - started), outputs
 
@@ -396,6 +396,9 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--ctx-len", type=int, default=512)
     p.add_argument("--timeout-s", type=float, default=3600)
+    p.add_argument("--no-spinning", dest="spinning", action="store_false",
+                   help="let our ONNX Runtime threads sleep when idle (onnxruntime-genai's spin: like for like is the "
+                        "default)")
     p.add_argument("--skip-genai", action="store_true")
     p.add_argument("--skip-serve", action="store_true")
     p.add_argument("--child", choices=["compile", "genai-build", "serve", "genai-serve"], help=argparse.SUPPRESS)
@@ -432,9 +435,12 @@ def main() -> int:
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--threads", str(args.threads), "--rows", str(args.rows), "--tokens", str(args.tokens),
               "--repeats", str(args.repeats), "--rank", str(args.rank), "--ctx-len", str(args.ctx_len)]
+    if not args.spinning:
+        common.append("--no-spinning")
     result: dict = {"uptime_before": uptime(), "threads": args.threads, "rows": args.rows, "new_tokens": args.tokens,
                     "adapters": ADAPTERS, "compiled_adapters": COMPILED_ADAPTERS, "targets": list(TARGETS),
-                    "rank": args.rank, "ctx_len": args.ctx_len, "cap_gib": args.cap_gib, "shapes": {}}
+                    "rank": args.rank, "ctx_len": args.ctx_len, "cap_gib": args.cap_gib, "ort_spinning": args.spinning,
+                    "shapes": {}}
     for shape in shapes:
         model_dir = make_checkpoint(shape, work / shape / "checkpoint", tokenizer_dir)
         adapters = make_adapters(model_dir, work / shape / "adapters", ADAPTERS, args.rank)
