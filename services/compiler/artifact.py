@@ -347,7 +347,8 @@ def _bank_feeds(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray]) 
 def _verify_dict(report) -> dict[str, Any]:
     return {"max_abs_diff": report.max_abs_diff, "relative_diff": report.relative_diff,
             "tolerance": report.tolerance, "tokens_match": report.tokens_match, "calls": report.calls,
-            "reference_fp32_error": report.reference_error, "reference_max_activation": report.max_activation}
+            "reference_fp32_error": report.reference_error, "reference_max_activation": report.max_activation,
+            "reference_rounding_sensitivity": report.rounding_error}
 
 
 def _verify_ort(onnx_path: Path, reference, graph, feeds, opts: CompileOptions, occupied: int):

@@ -210,6 +210,11 @@ def test_the_tolerance_follows_the_reference_error_and_still_catches_a_wiring_bu
     with pytest.raises(VerificationFailed, match="could not be verified"):
         scaled_tolerance(1e-4, 5e-3)
     assert scaled_tolerance(2e-2, 1e-6, fp16=True) == 2e-2 and scaled_tolerance(2e-2, 1e-5, fp16=True) > 8e-2
+    # int8-rounded activations: as far as the reference itself moves with the same rounding in float64, twice.
+    assert scaled_tolerance(0.1, 1e-6, rounding_error=0.03) == 0.1
+    assert scaled_tolerance(0.1, 1e-6, rounding_error=0.09) == pytest.approx(0.18)
+    with pytest.raises(VerificationFailed, match="too sensitive to rounding"):
+        scaled_tolerance(0.1, 1e-6, rounding_error=0.3)
 
 
 def _strong_model(tmp_path):

@@ -67,7 +67,7 @@ def _report(result: ScenarioResult) -> FusedVerifyReport:
     return FusedVerifyReport(
         max_abs_diff=result.max_abs_diff, relative_diff=result.relative_diff, tolerance=result.tolerance,
         calls=result.calls, tokens_match=result.tokens_match, reference_error=result.reference_error,
-        max_activation=result.max_activation, quant_relative_diff=result.quant_relative_diff,
+        max_activation=result.max_activation, rounding_error=result.rounding_error, quant_relative_diff=result.quant_relative_diff,
         quant_token_agreement=result.quant_token_agreement)
 
 
