@@ -280,11 +280,11 @@ def child_serve(args) -> None:
     """Open the artifact (its RSS), then greedy 8 rows x 8 adapters, ``repeats`` rounds (median kept)."""
     import statistics
 
+    from inference import run_engine  # bench/inference.py: streams each row, times prefill and decode
+
     from loraflow.manifest import Manifest
-    from services.inference.engine import GenerationRequest
     from services.inference.model_manager import open_model
     from services.inference.on_demand_adapters import AdapterOrigin
-    from services.inference.sampling import SamplingParams
 
     artifact = Path(args.out)
     manifest = Manifest.load(artifact)
@@ -304,20 +304,15 @@ def child_serve(args) -> None:
     hot = names[COMPILED_ADAPTERS]
     model.adapters.load(hot, AdapterOrigin(source=f"path:{paths[hot]}", fetch=lambda: paths[hot], kind="path"))
     prompts = [model.tokenizer.encode_chat(t) for t in PROMPTS[: args.rows]]
-    params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
-
-    def run(adapters: list[str]) -> tuple[float, list[list[int]]]:
-        started = time.perf_counter()
-        handles = [model.engine.submit(GenerationRequest(tuple(p), a, params))
-                   for p, a in zip(prompts[:len(adapters)], adapters, strict=True)]
-        outputs = [[t for chunk in h for t in chunk.token_ids] for h in handles]
-        return sum(len(o) for o in outputs) / (time.perf_counter() - started), outputs
-
     mixed = [names[j % len(names)] for j in range(args.rows)]
-    run(mixed[:2])  # warm-up: the first-use loads happen here and in the first round
-    rounds = [run(mixed) for _ in range(args.repeats)]
-    base = [run([""] * args.rows) for _ in range(args.repeats)]
+    run_engine(model, prompts, mixed, 2)  # warm-up: the first-use loads happen here
+    rounds = [run_engine(model, prompts, mixed, args.tokens) for _ in range(args.repeats)]
+    base = [run_engine(model, prompts, [""] * args.rows, args.tokens) for _ in range(args.repeats)]
     served = _rss()
+    cfg = manifest.base_model.config
+    # A decode step reads every weight once, except an untied embedding table (only its rows are gathered).
+    step_bytes = weights - (0 if cfg["tie_word_embeddings"] else cfg["vocab_size"] * cfg["hidden_size"] * 4)
+    bandwidth = memory_bandwidth_gbs(args.threads)
     in_slots = len(model.runtime.adapter_names())
     kernel = model.runtime.lora_kernel
     model.close()
@@ -328,18 +323,22 @@ def child_serve(args) -> None:
         "kv_cache_gib": round(kv_bytes / (1 << 30), 3),
         "open_cost_over_weights_and_kv_gib": round(opened["VmRSS"] - before["VmRSS"] - (weights + kv_bytes) / (1 << 30),
                                                    3),
-        "mixed_tok_s": round(statistics.median(r[0] for r in rounds), 2),
-        "base_tok_s": round(statistics.median(r[0] for r in base), 2),
-        "adapters_in_slots": in_slots, "lora_kernel": kernel,
-        "bandwidth_gbs": round(memory_bandwidth_gbs(args.threads), 1),
+        "mixed_tok_s": round(statistics.median(r["tok_s"] for r in rounds), 2),
+        "mixed_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in rounds), 2),
+        "mixed_prefill_s": round(statistics.median(r["prefill_seconds"] for r in rounds), 2),
+        "base_tok_s": round(statistics.median(r["tok_s"] for r in base), 2),
+        "base_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in base), 2),
+        "adapters_in_slots": in_slots, "lora_kernel": kernel, "bandwidth_gbs": round(bandwidth, 1),
+        "decode_bytes_per_step_gib": round(step_bytes / (1 << 30), 3),
+        "bandwidth_bound_tok_s": round(args.rows * bandwidth * 1e9 / step_bytes, 1),
     }))
 
 
 def child_genai_serve(args) -> None:
     import statistics
 
-    import numpy as np
     import onnxruntime_genai as og
+    from inference import run_genai  # bench/inference.py: base-only greedy generation, decode timed apart
 
     from services.inference.tokenization import TextTokenizer
 
@@ -356,27 +355,11 @@ def child_genai_serve(args) -> None:
     model = og.Model(str(out))
     opened = _rss()
     pad = int(cfg["model"].get("pad_token_id", 0))
-    width = max(len(p) for p in prompts)
-    batch = np.array([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=np.int32)
-
-    def run() -> float:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, batch_size=len(prompts), max_length=width + args.tokens,
-                                  min_length=width + args.tokens)
-        started = time.perf_counter()
-        gen = og.Generator(model, params)
-        gen.append_tokens(batch)
-        steps = 0
-        while not gen.is_done() and steps < args.tokens:
-            gen.generate_next_token()
-            steps += 1
-        total = sum(len(gen.get_sequence(i)) - width for i in range(len(prompts)))
-        return total / (time.perf_counter() - started)
-
-    run()
-    rates = [run() for _ in range(args.repeats)]
-    print(json.dumps({"base_tok_s": round(statistics.median(rates), 2), "rss_before_gib": before["VmRSS"],
-                      "rss_opened_gib": opened["VmRSS"]}))
+    run_genai(model, prompts[:2], 2, pad)  # warm-up
+    runs = [run_genai(model, prompts, args.tokens, pad) for _ in range(args.repeats)]
+    print(json.dumps({"base_tok_s": round(statistics.median(r["tok_s"] for r in runs), 2),
+                      "base_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 2),
+                      "rss_before_gib": before["VmRSS"], "rss_opened_gib": opened["VmRSS"]}))
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -486,7 +469,7 @@ def main() -> int:
 
 def markdown(result: dict) -> str:
     """The README's table: one row per model, tool and dtype."""
-    lines = ["| model | tool | dtype | compile | peak RSS | cgroup peak | artifact | served 8 rows x 8 adapters |",
+    lines = ["| model | tool | dtype | compile | peak RSS | cgroup peak | artifact | served, tok/s (8 rows x 8 adapters) |",
              "|---|---|---|---|---|---|---|---|"]
     for shape, rows in result["shapes"].items():
         for key, rec in rows.items():
@@ -507,8 +490,9 @@ def markdown(result: dict) -> str:
             served = "-"
             if serve.get("ok"):
                 r = serve["result"]
-                served = (f"{r['mixed_tok_s']} tok/s mixed, {r['base_tok_s']} base" if "mixed_tok_s" in r
-                          else f"{r['base_tok_s']} tok/s base only")
+                served = (f"mixed {r['mixed_tok_s']} ({r['mixed_decode_tok_s']} decode), base {r['base_tok_s']} "
+                          f"({r['base_decode_tok_s']} decode); bound {r['bandwidth_bound_tok_s']}"
+                          if "mixed_tok_s" in r else f"base {r['base_tok_s']} ({r['base_decode_tok_s']} decode)")
             lines.append(f"| {shape} | {tool} | {dtype} | {compile_s} | {rec['peak_rss_gib']} GiB | "
                          f"{rec.get('cgroup_peak_gib', '-')} GiB | {size} | {served} |")
     return "\n".join(lines)
