@@ -26,6 +26,10 @@ scratch position that is sliced off, a read past it yields zero.
   outputs  logits [batch_size, 1, V] at each row's largest position,
            past_key.{i}_RetainedState / past_value.{i}_RetainedState
 
+The graph itself is written node by node from the checkpoint, one tensor at a time, with fp32 or fp16
+weights (services/compiler/ai100_writer.py); this module holds the operators' function bodies, the IO,
+specializations, custom IO and the qaic-exec command.
+
 Compiling needs the Cloud AI 100 SDK (``qaic-exec``); ``ai100_stage="export"`` stops before it and
 publishes the bundle with the exact command line instead.
 """
@@ -37,7 +41,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,16 +48,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper
-from torch import nn
 
 from loraflow import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
-from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
-from services.compiler.export import BankShape
-from services.compiler.modeling.decoder import MultiLoraDecoder
-from services.compiler.modeling.layers import Dims, LoraSelector
+from loraflow.manifest import TensorSpec
+from services.compiler.modeling.config import DecoderConfig
 from services.compiler.options import CompileOptions
 
 SDK_EXEC_DIR = Path("/opt/qti-aic/exec")
@@ -104,85 +103,7 @@ def continuous_batching(options: CompileOptions) -> bool:
     return int(options.full_batch_size) > int(options.batch_size)
 
 
-# --- the com.qualcomm.cloud operators: PyTorch semantics, ONNX symbolic, ONNX function body ---------
-def _in_range(index: torch.Tensor, size: int) -> torch.Tensor:
-    return (index >= 0) & (index < size)
-
-
-class CtxScatterCB(torch.autograd.Function):
-    """data [F, H, C, D]; batch_index [B, 1]; position_ids [B, S]; updates [B, H, S, D] -> data with
-    updates[b, :, s] at (batch_index[b], :, position_ids[b, s]); positions outside [0, C) write nothing."""
-
-    @staticmethod
-    def forward(ctx, data, batch_index, position_ids, updates):
-        C = data.shape[2]
-        scratch = torch.zeros_like(data[:, :, :1])
-        ext = torch.cat([data, scratch], dim=2)  # [F, H, C+1, D]: index C is the scratch position
-        pos = torch.where(_in_range(position_ids, C), position_ids, torch.full_like(position_ids, C))
-        heads = torch.arange(data.shape[1]).view(1, -1, 1)
-        ext[batch_index.view(-1, 1, 1), heads, pos.unsqueeze(1)] = updates
-        return ext[:, :, :C]
-
-    @staticmethod
-    def symbolic(g, data, batch_index, position_ids, updates):
-        return g.op(f"{QAIC_DOMAIN}::CtxScatterCB", data, batch_index, position_ids, updates).setTypeAs(data)
-
-
-class CtxGatherCB(torch.autograd.Function):
-    """data [F, H, C, D]; batch_index [B, 1]; ctx_indices [B, 1, C] -> [B, H, C, D]: row b reads slot
-    batch_index[b] at ctx_indices[b, 0, j]; an index outside [0, C) reads zero."""
-
-    @staticmethod
-    def forward(ctx, data, batch_index, ctx_indices):
-        C = data.shape[2]
-        valid = _in_range(ctx_indices, C)  # [B, 1, C]
-        safe = torch.where(valid, ctx_indices, torch.zeros_like(ctx_indices))
-        heads = torch.arange(data.shape[1]).view(1, -1, 1)
-        out = data[batch_index.view(-1, 1, 1), heads, safe]  # [B, H, C, D]
-        return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=data.dtype))
-
-    @staticmethod
-    def symbolic(g, data, batch_index, ctx_indices):
-        return g.op(f"{QAIC_DOMAIN}::CtxGatherCB", data, batch_index, ctx_indices).setTypeAs(data)
-
-
-class CtxScatter(torch.autograd.Function):
-    """data [B, H, C, D]; position_ids [B, S]; updates [B, H, S, D]: row b of the cache is row b; a
-    negative position counts from the end (ONNX ScatterND's convention, as QEfficient relies on)."""
-
-    @staticmethod
-    def forward(ctx, data, position_ids, updates):
-        C = data.shape[2]
-        pos = torch.where(position_ids < 0, position_ids + C, position_ids)
-        out = data.clone()
-        rows = torch.arange(data.shape[0]).view(-1, 1, 1)
-        heads = torch.arange(data.shape[1]).view(1, -1, 1)
-        out[rows, heads, pos.unsqueeze(1)] = updates
-        return out
-
-    @staticmethod
-    def symbolic(g, data, position_ids, updates):
-        return g.op(f"{QAIC_DOMAIN}::CtxScatter", data, position_ids, updates).setTypeAs(data)
-
-
-class CtxGather(torch.autograd.Function):
-    """data [B, H, C, D]; ctx_indices [B, 1, C] -> [B, H, C, D]; an index outside [0, C) reads zero."""
-
-    @staticmethod
-    def forward(ctx, data, ctx_indices):
-        C = data.shape[2]
-        valid = _in_range(ctx_indices, C)
-        safe = torch.where(valid, ctx_indices, torch.zeros_like(ctx_indices))
-        rows = torch.arange(data.shape[0]).view(-1, 1, 1)
-        heads = torch.arange(data.shape[1]).view(1, -1, 1)
-        out = data[rows, heads, safe]
-        return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=data.dtype))
-
-    @staticmethod
-    def symbolic(g, data, ctx_indices):
-        return g.op(f"{QAIC_DOMAIN}::CtxGather", data, ctx_indices).setTypeAs(data)
-
-
+# --- the com.qualcomm.cloud operators as ONNX functions (standard-operator bodies) -----------------
 def _const(name: str, values: Sequence[int]):
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64,
                                                                              [len(values)], list(values)))
@@ -294,72 +215,9 @@ def attach_functions(model: onnx.ModelProto, cb: bool) -> None:
         model.opset_import.append(helper.make_opsetid(QAIC_DOMAIN, 1))
 
 
-# --- the graph ------------------------------------------------------------------------------------
-class Ai100Graph(nn.Module):
-    """The decoder's weights and LoRA selection around a retained-state cache [rows, H, ctx_len, D]."""
-
-    def __init__(self, decoder: MultiLoraDecoder, cb: bool):
-        super().__init__()
-        self.decoder = decoder
-        self.cb = cb
-        self.num_layers = decoder.cfg.num_layers
-        self.modules_ = decoder.lora_modules
-
-    def forward(self, input_ids, position_ids, lora_ids, *rest):
-        dec = self.decoder
-        L = self.num_layers
-        if self.cb:
-            batch_index, rest = rest[0], rest[1:]
-        past_k, past_v = list(rest[0:2 * L:2]), list(rest[1:2 * L:2])
-        banks = rest[2 * L:]
-        lora_a = {m: banks[2 * i] for i, m in enumerate(self.modules_)}
-        lora_b = {m: banks[2 * i + 1] for i, m in enumerate(self.modules_)}
-        B, S = input_ids.shape
-        C = past_k[0].shape[2]
-        num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
-        h = dec.embed_tokens(input_ids)  # [B, S, hidden]
-        rope = dec.rope(position_ids, h.dtype)
-        dims = Dims(rows=B, tokens=S)
-        lora = LoraSelector(lora_a, lora_b, lora_ids, num_slots)
-        ctx = torch.arange(C).view(1, 1, C)
-        # Reads: positions up to each row's largest one; the rest is INT32_MAX (read nothing).
-        limit = position_ids.max(dim=1, keepdim=True).values.unsqueeze(1)  # [B, 1, 1]
-        unread = ctx > limit  # [B, 1, C]
-        ctx_indices = torch.where(unread, torch.full((), INVALID_INDEX, dtype=torch.int64), ctx)
-        if self.cb:
-            scatter_pos = torch.where(position_ids < 0, torch.full((), INVALID_INDEX, dtype=torch.int64),
-                                      position_ids)
-        visible = ctx <= position_ids.unsqueeze(-1)  # [B, S, C]: causal, padding sees nothing
-        bias = torch.where(visible, torch.zeros((), dtype=h.dtype),
-                           torch.full((), AI100_MASK_VALUE, dtype=h.dtype)).view(B, 1, 1, S, C)
-        retained = []
-        for i, layer in enumerate(dec.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project_qkv(layer.input_layernorm(h), lora, i, rope, dims)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D]
-            if self.cb:
-                cache_k = CtxScatterCB.apply(past_k[i], batch_index, scatter_pos, k)
-                cache_v = CtxScatterCB.apply(past_v[i], batch_index, scatter_pos, v)
-                keys = CtxGatherCB.apply(cache_k, batch_index, ctx_indices)  # [B, H, C, D]
-                values = CtxGatherCB.apply(cache_v, batch_index, ctx_indices)
-            else:
-                cache_k = CtxScatter.apply(past_k[i], position_ids, k)
-                cache_v = CtxScatter.apply(past_v[i], position_ids, v)
-                keys = CtxGather.apply(cache_k, ctx_indices)
-                values = CtxGather.apply(cache_v, ctx_indices)
-            values = torch.where(unread.unsqueeze(-1), torch.zeros((), dtype=values.dtype), values)
-            out = attn.attend(q, keys, values, bias, dims)
-            h = h + attn.output(out, lora, i)
-            h = h + layer.mlp(layer.post_attention_layernorm(h), lora, i)
-            retained += [cache_k, cache_v]
-        # QEfficient's logit index: the position of each row's largest position id.
-        idx = position_ids.argmax(dim=1).view(B, 1, 1).expand(B, 1, h.shape[-1])  # [B, 1, hidden]
-        return (dec.logits_from_hidden(torch.gather(h, 1, idx)), *retained)
-
-
-def ai100_io(decoder: MultiLoraDecoder, banks: BankShape, cb: bool
+def ai100_io(cfg: DecoderConfig, lora_modules: Sequence[str], num_slots: int, max_rank: int, cb: bool
              ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    cfg = decoder.cfg
+    """The bundle graph's inputs and outputs (float32 whatever the weights' dtype: the card's IO contract)."""
     H, D, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     cache = ("full_batch_size" if cb else "batch_size", H, "ctx_len", D)
     inputs = [TensorSpec(gc.INPUT_IDS, "int64", ("batch_size", "seq_len")),
@@ -370,70 +228,15 @@ def ai100_io(decoder: MultiLoraDecoder, banks: BankShape, cb: bool
     for i in range(L):
         inputs += [TensorSpec(gc.past_key(i), "float32", cache), TensorSpec(gc.past_value(i), "float32", cache)]
     shapes = cfg.lora_module_shapes()
-    for m in decoder.lora_modules:
+    for m in lora_modules:
         fin, fout = shapes[m]
-        inputs += [TensorSpec(gc.lora_a(m), "float32", (L, banks.num_slots, fin, banks.max_rank)),
-                   TensorSpec(gc.lora_b(m), "float32", (L, banks.num_slots, banks.max_rank, fout))]
+        inputs += [TensorSpec(gc.lora_a(m), "float32", (L, num_slots, fin, max_rank)),
+                   TensorSpec(gc.lora_b(m), "float32", (L, num_slots, max_rank, fout))]
     outputs = [TensorSpec(gc.LOGITS, "float32", ("batch_size", 1, cfg.vocab_size))]
     for i in range(L):
         outputs += [TensorSpec(gc.retained_key(i), "float32", cache),
                     TensorSpec(gc.retained_value(i), "float32", cache)]
     return tuple(inputs), tuple(outputs)
-
-
-def _sample_args(inputs: Sequence[TensorSpec], dims: Mapping[str, int], vocab: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    args = []
-    for spec in inputs:
-        shape = [dims[d] if isinstance(d, str) else d for d in spec.shape]
-        if spec.name == gc.INPUT_IDS:
-            args.append(torch.randint(0, vocab, shape, generator=g))
-        elif spec.name == gc.POSITION_IDS:
-            args.append(torch.arange(shape[1]).repeat(shape[0], 1))
-        elif spec.name in (gc.LORA_IDS, gc.BATCH_INDEX):
-            args.append(torch.arange(shape[0]).view(-1, 1))
-        else:
-            args.append(torch.randn(shape, generator=g) * 0.1)
-    return args
-
-
-def export_ai100(decoder: MultiLoraDecoder, out_dir: str | Path, *, banks: BankShape, ctx_len: int, cb: bool = True,
-                 file_name: str = ONNX_FILE) -> GraphSpec:
-    """Write the fp32 retained-state graph (qaic-exec converts it to fp16) to out_dir/file_name."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    decoder.cast(torch.float32)
-    inputs, outputs = ai100_io(decoder, banks, cb)
-    dims = {"batch_size": 2, "seq_len": 3, "full_batch_size": 3 if cb else 2, "ctx_len": max(4, min(ctx_len, 16))}
-    args = _sample_args(inputs, dims, decoder.cfg.vocab_size)
-    path = out_dir / file_name
-    axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in [*inputs, *outputs]
-            if any(isinstance(d, str) for d in s.shape)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Ai100Graph(decoder, cb).eval(), tuple(args), str(path),
-                          input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True,
-                          custom_opsets={QAIC_DOMAIN: 1})
-    model = onnx.load(str(path))
-    for out in model.graph.output:  # the tracer names some output dims after internal nodes
-        spec = next(s for s in outputs if s.name == out.name)
-        for dim, want in zip(out.type.tensor_type.shape.dim, spec.shape, strict=True):
-            if isinstance(want, str):
-                dim.dim_param = want
-            else:
-                dim.dim_value = want
-    attach_functions(model, cb)
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
-              size_threshold=1024)
-    if not (out_dir / DATA_FILE).exists():
-        (out_dir / DATA_FILE).touch()  # tiny models: keep the file set fixed
-    cfg = decoder.cfg
-    shapes = cfg.lora_module_shapes()
-    return GraphSpec(file=file_name, target="ai100", dtype="float32", layers=cfg.num_layers,
-                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
-                     inputs=inputs, outputs=outputs,
-                     lora_modules={m: LoraModuleSpec(*shapes[m]) for m in decoder.lora_modules})
 
 
 # --- compile inputs ------------------------------------------------------------------------------

@@ -4,8 +4,14 @@ Stages (each reported through ``progress(stage, fraction, message)`` with its du
 ``check()`` called between them so a cancelled job stops): load, validate, export, optimize,
 verify, write. ``manifest.json`` is written last, so a directory with a manifest is complete.
 
-``plan_artifact`` does the cheap part (read config and adapters, resolve and validate options,
-compute the artifact id) so the service can validate and detect cache hits before queueing.
+``plan_artifact`` does the cheap part (read config and adapters, check the checkpoint's shards, resolve
+and validate options, compute the artifact id) so the service can validate and detect cache hits before
+queueing. The artifact id hashes the checkpoint's file hashes, which the store already records for a
+published model: planning reads no weight.
+
+Building streams (``CheckpointWeights``): the fused and the AI 100 graphs are written one tensor at a time
+and verified against the layer-by-layer reference; only the traced graph (fp16 for GPUs, and models the
+fused builder cannot express) still materialises the decoder to trace it.
 """
 
 from __future__ import annotations
@@ -34,13 +40,17 @@ from loraflow.manifest import (
 )
 from loraflow.names import validate_name
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, confined_file, read_regular_file
+from services.compiler.modeling.checkpoint import weight_files
 from services.compiler.modeling.config import DecoderConfig
+from services.compiler.modeling.weights import CheckpointWeights
 from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
 # Bump when the graph or bank layout changes: it is part of every artifact id.
 # graph2: the fused (GroupQueryAttention) graph; graph3: its logits_index input (batched prefill).
 # 0.3: artifacts also carry model.native.onnx (LoraRows) where the compiling host has loraflow/native.
-COMPILER_VERSION = "loraflow-compiler/0.3.0+graph3-native"
+# 0.4: streamed: a tied head is stored once (FusedMatMul transB in fp32, GatherBlockQuantized over the
+#      head's blocks in int4/int8); the ai100 graph is written node by node (fp32 or fp16 weights).
+COMPILER_VERSION = "loraflow-compiler/0.4.0+graph4-stream"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -61,28 +71,46 @@ class ArtifactPlan:
     bank_spec: lora_bank.BankSpec
 
 
-def base_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over config.json (canonical JSON) and the sha256 of every weight file, by name."""
-    from services.compiler.modeling.decoder import weight_files
-
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+def fingerprint_from_hashes(config: dict[str, Any], weight_hashes: Sequence[tuple[str, str]]) -> str:
+    """sha256 over config.json (canonical JSON) and "name:sha256" of every weight file, by name: the same
+    value whether the hashes were computed here or recorded by the store when the model was published."""
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for name, sha in sorted(weight_hashes):
+        h.update(f"\n{name}:{sha}".encode())
+    return h.hexdigest()
+
+
+def base_fingerprint(model_dir: str | Path) -> str:
+    """fingerprint_from_hashes of a local checkpoint (hashes every weight file)."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    hashes = []
     for path in weight_files(model_dir):
         if not path.is_file():
             raise InvalidArgument(f"{model_dir} lacks weight file {path.name}", field="base_model",
                                   value=str(model_dir))
-        h.update(f"\n{path.name}:{file_sha256(path)}".encode())
-    return h.hexdigest()
+        hashes.append((path.name, file_sha256(path)))
+    return fingerprint_from_hashes(config, hashes)
 
 
-def plan_artifact(base_model_dir: str | Path, adapters: Sequence[tuple[str, Path]], options: CompileOptions,
-                  *, fingerprint: str | None = None) -> ArtifactPlan:
+def plan_artifact(base_model_dir: str | Path | None, adapters: Sequence[tuple[str, Path]], options: CompileOptions,
+                  *, fingerprint: str | None = None, config: DecoderConfig | None = None) -> ArtifactPlan:
     """Validate base, adapters and options; compute the artifact id. Raises InvalidArgument /
-    FailedPrecondition naming the field and value (ai100 without the SDK is FailedPrecondition)."""
-    base_model_dir = Path(base_model_dir)
-    cfg = DecoderConfig.from_model_dir(base_model_dir)
+    FailedPrecondition naming the field and value (ai100 without the SDK is FailedPrecondition).
+
+    With a local ``base_model_dir`` its config is read and its shards checked (headers only: a missing,
+    truncated or unsupported shard is an InvalidArgument naming the file). A model still in the store is
+    planned from its ``config`` and ``fingerprint`` alone (``base_model_dir`` None): no weight is read."""
+    if base_model_dir is None:
+        if config is None or fingerprint is None:
+            raise InvalidArgument("a base model that is not local needs its config and fingerprint",
+                                  field="base_model", value=None)
+        cfg = config
+    else:
+        base_model_dir = Path(base_model_dir)
+        cfg = config or DecoderConfig.from_model_dir(base_model_dir)
+        CheckpointWeights.open(base_model_dir, cfg)  # shards present, whole, of supported dtypes and shapes
     names = [validate_name("adapters", name) for name, _ in adapters]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -121,7 +149,7 @@ def plan_artifact(base_model_dir: str | Path, adapters: Sequence[tuple[str, Path
                               architecture=cfg.architecture)
     for adapter in loaded:
         lora_bank.check_fits(adapter, spec)
-    fp = fingerprint or base_fingerprint(base_model_dir)
+    fp = fingerprint or base_fingerprint(base_model_dir)  # base_model_dir is local here (checked above)
     id_options = resolved.to_dict()
     if resolved.target == "ai100":
         id_options["ai100_graph"] = ai100.GRAPH_VERSION  # the ai100 graph changes on its own schedule
@@ -142,15 +170,14 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
                    out_dir: Path, *, progress: Progress | None = None, check: Callable[[], None] | None = None,
                    base_source: str | None = None, plan: ArtifactPlan | None = None) -> Manifest:
     """Compile into ``out_dir`` (created; must not hold a manifest yet) and return the manifest."""
-    from services.compiler.export import BankShape, export_onnxruntime
-    from services.compiler.modeling.decoder import load_decoder
+    from services.compiler.export import BankShape
+    from services.compiler.verify import layerwise_reference
 
     report = progress or (lambda stage, fraction, message: None)
     stop = check or (lambda: None)
     base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
     if (out_dir / "manifest.json").exists():
         raise FailedPrecondition(f"{out_dir} already holds an artifact", field="out_dir", value=str(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     def stage(name: str, fraction: float, message: str, started: float) -> None:
@@ -158,48 +185,52 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         report(name, fraction, f"{message} ({timings[name]:.1f}s)")
         stop()
 
-    # load + validate
+    # load + validate: every shard checked (headers only) before anything heavy starts
     t0 = time.perf_counter()
     report("load", 0.0, f"reading {base_model_dir.name} and {len(adapters)} adapter(s)")
     plan = plan or plan_artifact(base_model_dir, adapters, options)
+    weights = CheckpointWeights.open(base_model_dir, plan.config)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stage("load", 0.05, f"planned artifact {plan.artifact_id}", t0)
     t0 = time.perf_counter()
     opts = plan.options
-    decoder = load_decoder(base_model_dir, opts.target_modules)
     banks_a, banks_b = build_banks(plan)
-    decoder.set_banks(banks_a, banks_b)
     stage("validate", 0.15, f"{plan.config.architecture}: {plan.config.num_layers} layers, "
           f"{len(plan.adapters)} adapter(s) fit {opts.adapter_slots} slots at rank {opts.max_rank}", t0)
 
     banks = BankShape(adapter_slots=int(opts.adapter_slots), max_rank=int(opts.max_rank))
     bank_feeds = _bank_feeds(banks_a, banks_b)
+    feeds, occupied = _verification_banks(bank_feeds, len(plan.adapters))
+    lora_modules = tuple(m for m in opts.target_modules)
     extra: dict[str, Any] = {}
     specs = None
     known_digests: dict[str, str] = {}  # artifact files hashed while they were written
     if opts.target == "onnxruntime" and _uses_fused_graph(plan):
         from services.compiler.fused.builder import FusedGraphOptions
         from services.compiler.fused.export import export_fused
+        from services.compiler.fused.verify import verify_fused_artifact
 
         fused = FusedGraphOptions(dtype=opts.dtype, ctx_len=int(opts.ctx_len), num_slots=banks.num_slots,
-                                  max_rank=banks.max_rank, lora_modules=tuple(decoder.lora_modules),
+                                  max_rank=banks.max_rank, lora_modules=lora_modules,
                                   quant_block_size=int(opts.quant_block_size or 32),
                                   quant_accuracy_level=int(opts.quant_accuracy_level or 0))
-        t0 = time.perf_counter()
-        exported = export_fused(decoder, out_dir, fused)
-        graph, export_times, dequantized = exported.graph, exported.timings, exported.dequantized
+        exported = export_fused(weights, out_dir, fused)
+        graph = exported.graph
         known_digests.update(exported.digests)
-        timings["export"] = export_times["export"]
+        timings["export"] = exported.timings["export"]
         report("export", 0.5, f"fused ONNX {opts.dtype} graph written ({timings['export']:.1f}s)")
         stop()
-        timings["optimize"] = export_times["save"]
-        report("optimize", 0.6, f"weights saved ({timings['optimize']:.1f}s)")
+        timings["optimize"] = exported.timings["save"]
+        report("optimize", 0.6, f"graph saved ({timings['optimize']:.1f}s)")
         stop()
         t0 = time.perf_counter()
-        verify_report, native_report = _verify_fused(out_dir, decoder, dequantized, graph, bank_feeds, opts,
-                                                     len(plan.adapters))
-        extra["verify"] = {"max_abs_diff": verify_report.max_abs_diff, "relative_diff": verify_report.relative_diff,
-                           "tolerance": verify_report.tolerance, "tokens_match": verify_report.tokens_match,
-                           "calls": verify_report.calls}
+        quantized = opts.dtype != "fp32"
+        reference = _fused_reference(out_dir, exported, weights, feeds, lora_modules, fused)
+        verify_report, native_report = verify_fused_artifact(
+            out_dir, graph, reference, feeds, ctx_len=int(opts.ctx_len), occupied_slots=occupied,
+            chunk=max(1, min(int(opts.prefill_seq_len), 4)), accuracy_level=opts.quant_accuracy_level,
+            quantized=quantized)
+        extra["verify"] = _verify_dict(verify_report)
         if verify_report.quant_relative_diff is not None:
             extra["verify"]["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
             extra["verify"]["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement
@@ -212,8 +243,14 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         stage("verify", 0.85, f"the runtime's step driver matches PyTorch: max abs diff "
               f"{verify_report.max_abs_diff:.3g}{native_note}", t0)
     elif opts.target == "onnxruntime":
+        from services.compiler.export import export_onnxruntime
+        from services.compiler.modeling.decoder import load_decoder
+
         t0 = time.perf_counter()
+        decoder = load_decoder(base_model_dir, lora_modules, weights=weights)  # the trace needs the module
+        decoder.set_banks(banks_a, banks_b)
         graph, export_times = export_onnxruntime(decoder, out_dir, banks=banks, dtype=opts.dtype)
+        del decoder
         timings["export"] = export_times["export"] + export_times.get("quantize", 0.0)
         report("export", 0.5, f"ONNX {opts.dtype} exported ({timings['export']:.1f}s)")
         stop()
@@ -221,25 +258,30 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         report("optimize", 0.6, f"ONNX Runtime graph optimisation ({timings['optimize']:.1f}s)")
         stop()
         t0 = time.perf_counter()
-        verify_report = _verify_ort(out_dir / graph.file, decoder, graph, bank_feeds, opts, len(plan.adapters))
-        extra["verify"] = {"max_abs_diff": verify_report.max_abs_diff, "relative_diff": verify_report.relative_diff,
-                           "tolerance": verify_report.tolerance, "tokens_match": verify_report.tokens_match}
+        verify_report = _verify_ort(out_dir / graph.file, layerwise_reference(weights, feeds, lora_modules), graph,
+                                    feeds, opts, occupied)
+        extra["verify"] = _verify_dict(verify_report)
         stage("verify", 0.85, f"ONNX Runtime matches PyTorch: max abs diff {verify_report.max_abs_diff:.3g}", t0)
     else:
         from services.compiler import ai100, ai100_verify
+        from services.compiler.ai100_writer import export_ai100
 
         t0 = time.perf_counter()
         cb = ai100.continuous_batching(opts)
-        graph = ai100.export_ai100(decoder, out_dir, banks=banks, ctx_len=int(opts.ctx_len), cb=cb)
+        exported = export_ai100(weights, out_dir, lora_modules=lora_modules, num_slots=banks.num_slots,
+                                max_rank=banks.max_rank, cb=cb, dtype=opts.dtype)
+        graph = exported.graph
+        known_digests.update(exported.digests)
         exe = ai100.require_sdk() if opts.ai100_stage == "compile" else None
         bundle = ai100.write_bundle(out_dir, opts, plan.config.num_layers, qaic_exec=exe)
         specs = bundle.specializations
-        stage("export", 0.4, f"AI 100 bundle exported ({'continuous batching' if cb else 'static batch'})", t0)
+        stage("export", 0.4, f"AI 100 {opts.dtype} bundle written ({'continuous batching' if cb else 'static batch'})",
+              t0)
         t0 = time.perf_counter()
-        feeds, occupied = _verification_banks(bank_feeds, len(plan.adapters))
-        verify_report = ai100_verify.verify_bundle(out_dir, graph, decoder, feeds, opts, occupied_slots=occupied)
+        verify_report = ai100_verify.verify_bundle(out_dir, graph, layerwise_reference(weights, feeds, lora_modules),
+                                                   feeds, opts, occupied_slots=occupied)
         extra["verify"] = verify_report.to_dict()
-        stage("verify", 0.5, "ONNX Runtime, driven as the card, matches PyTorch: max abs diff fp32 "
+        stage("verify", 0.5, "ONNX Runtime, driven as the card, matches PyTorch: max abs diff "
               + ", ".join(f"{r.precision} {r.max_abs_diff:.3g}" for r in verify_report.runs), t0)
         extra["ai100"] = bundle.to_dict()
         extra["qaic_exec"] = list(bundle.command)
@@ -302,16 +344,26 @@ def _bank_feeds(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray]) 
     return feeds
 
 
-def _verify_ort(onnx_path: Path, decoder, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
+def _verify_dict(report) -> dict[str, Any]:
+    return {"max_abs_diff": report.max_abs_diff, "relative_diff": report.relative_diff,
+            "tolerance": report.tolerance, "tokens_match": report.tokens_match, "calls": report.calls,
+            "reference_fp32_error": report.reference_error, "reference_max_activation": report.max_activation,
+            "reference_rounding_sensitivity": report.rounding_error}
+
+
+def _verify_ort(onnx_path: Path, reference, graph, feeds, opts: CompileOptions, occupied: int):
     import onnxruntime as ort
 
+    from loraflow.artifact.session import session_options
     from services.compiler.verify import verify_graph
 
-    feeds, occupied = _verification_banks(bank_feeds, num_adapters)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), session_options(ort), providers=["CPUExecutionProvider"])
     chunk = max(1, min(int(opts.prefill_seq_len), 4))
-    return verify_graph(session, decoder, graph, feeds, dtype=opts.dtype, occupied_slots=occupied, chunk=chunk,
-                        ctx_len=min(int(opts.ctx_len), 64))
+    try:
+        return verify_graph(session, reference, graph, feeds, dtype=opts.dtype, occupied_slots=occupied, chunk=chunk,
+                            ctx_len=min(int(opts.ctx_len), 64))
+    finally:
+        del session
 
 
 def _uses_fused_graph(plan: ArtifactPlan) -> bool:
@@ -334,33 +386,26 @@ def _verification_banks(bank_feeds: dict[str, np.ndarray], num_adapters: int) ->
     return feeds, 1
 
 
-def _verify_fused(out_dir: Path, decoder, dequantized, graph, bank_feeds, opts: CompileOptions, num_adapters: int):
-    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise): each
-    runs through the runtime's step driver against the PyTorch reference."""
-    import onnxruntime as ort
+def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, fused):
+    """The fused graph's reference: the checkpoint itself (fp32), or the quantised weights read back from
+    the artifact, each proved to be the block quantisation of the checkpoint's tensor, with the checkpoint
+    measured beside them (int4/int8); at accuracy level 4 the reference rounds the MatMulNBits inputs to int8
+    as the kernel does."""
+    from services.compiler.fused.readback import ArtifactWeights, check_blocks
+    from services.compiler.verify import layerwise_reference
 
-    from loraflow import native as native_lora
-    from services.compiler.fused.builder import dequantized_decoder
-    from services.compiler.fused.verify import verify_fused_graph
+    if fused.bits is None:
+        return layerwise_reference(weights, feeds, lora_modules)
+    readback = ArtifactWeights(weights.cfg, out_dir / exported.graph.file, exported.written)
 
-    feeds, occupied = _verification_banks(bank_feeds, num_adapters)
-    quantized = opts.dtype != "fp32"
-    reference = dequantized_decoder(decoder, dequantized) if quantized else decoder
-    chunk = max(1, min(int(opts.prefill_seq_len), 4))
-    reports = []
-    for file in (graph.file, graph.native_file):
-        if not file:
-            reports.append(None)
-            continue
-        so = ort.SessionOptions()
-        if file == graph.native_file:
-            native_lora.register(so)
-        session = ort.InferenceSession(str(out_dir / file), so, providers=["CPUExecutionProvider"])
-        reports.append(verify_fused_graph(session, reference, graph, feeds, ctx_len=int(opts.ctx_len),
-                                          occupied_slots=occupied, chunk=chunk,
-                                          accuracy_level=opts.quant_accuracy_level,
-                                          float_decoder=decoder if quantized else None))
-    return reports[0], reports[1]
+    def check_quantised(loaded) -> None:
+        for name, got in loaded[readback].items():
+            written = readback.written[name]
+            if written.bits is not None:
+                check_blocks(name, loaded[weights][name], got, readback.scales(name), written.block_size)
+
+    return layerwise_reference(readback, feeds, lora_modules, float_source=weights, on_layer=check_quantised,
+                               activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None)
 
 
 def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:

@@ -7,6 +7,11 @@ PEFT directory. Both the API (to validate and detect cache hits before queueing)
 The budget comes first: config.json alone (bounded, strict) and the options give the compile job's memory
 (loraflow.budget.compile_estimate); a request over it is RESOURCE_EXHAUSTED before the base model is
 fetched, and again, exactly, once the adapters are read, before the worker allocates anything.
+
+Planning reads no base-model weight when the store has them: a published model directory's manifest
+records every file's sha256, so the fingerprint (and the artifact id) comes from config.json, the shard
+index and those hashes; the worker fetches the weights only to build (``base_dir``), and checks that
+what it fetched is what was planned. A local directory outside the store is hashed (memoised).
 """
 
 from __future__ import annotations
@@ -18,13 +23,20 @@ from pathlib import Path
 from loraflow.budget import MemoryEstimate, ResourceBudget, compile_estimate, process_budget
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound
 from loraflow.hf_config import HfModelConfig
-from loraflow.model_source import InputPolicy, check_uri, is_location, materialize, read_json_file
+from loraflow.model_source import (
+    InputPolicy,
+    check_uri,
+    is_location,
+    materialize,
+    read_json_file,
+    require_published,
+)
 from loraflow.names import validate_name
 from loraflow.registry import Registry
-from loraflow.store import ObjectStore
-from services.compiler.artifact import ArtifactPlan, base_fingerprint, plan_artifact
+from loraflow.store import MANIFEST_NAME, FileStore, ObjectStore, resolve
+from services.compiler.artifact import ArtifactPlan, base_fingerprint, fingerprint_from_hashes, plan_artifact
+from services.compiler.modeling.checkpoint import INDEX_FILE, SINGLE_FILE, weight_files
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.decoder import weight_files
 from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 
 MAX_ADAPTERS = 256
@@ -39,9 +51,17 @@ class ResolvedAdapter:
 
 @dataclass(frozen=True)
 class ResolvedInputs:
-    base_dir: Path
+    base_dir: Path | None  # None: the base model is still in the store (``CompileInputs.fetch_base``)
     adapters: tuple[ResolvedAdapter, ...]
     plan: ArtifactPlan
+
+
+@dataclass(frozen=True)
+class _PublishedBase:
+    """A base model the store has: its config and the sha256 of each of its files, as published."""
+
+    config: dict
+    hashes: dict[str, str]  # file -> sha256
 
 
 class CompileInputs:
@@ -107,18 +127,68 @@ class CompileInputs:
         self._check_budget(model, decoder, _least_options(options, len(adapter_specs)), adapter_bytes=0)
         return model
 
-    def plan(self, base_model: str, adapter_specs: list[str], options: CompileOptions) -> ResolvedInputs:
-        model = self.precheck(base_model, adapter_specs, options)
-        base_dir = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models",
-                               policy=self.policy)
-        if not (base_dir / "config.json").is_file():
+    def _published(self, base_model: str) -> _PublishedBase | None:
+        """The store's record of ``base_model`` (an s3:// URI, or a path inside a file store's own directory
+        that was published there); None for any other local directory. Reads only small files."""
+        location = self.policy.check(base_model, self.store, field="base_model")
+        if location.remote:
+            src, key = resolve(base_model, self.store, field="base_model")
+            require_published(src, key, base_model, field="base_model")
+        elif isinstance(self.store, FileStore) and self.store.key_of(str(location.path)) and \
+                (location.path / MANIFEST_NAME).is_file():
+            src, key = self.store, self.store.key_of(str(location.path))
+        else:
+            return None
+        files = {rel: info["sha256"] for rel, info in src.read_manifest(key)["files"].items()}
+        if "config.json" not in files:
             raise InvalidArgument(f"base_model {base_model!r} has no config.json (not a Hugging Face checkpoint)",
                                   field="base_model", value=base_model)
-        DecoderConfig.from_model_dir(base_dir)  # the copy read is the one checked
+        config = read_json_file(base_model, "config.json", self.store, field="base_model", policy=self.policy)
+        if INDEX_FILE in files:
+            index = read_json_file(base_model, INDEX_FILE, self.store, field="base_model", policy=self.policy)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise InvalidArgument(f"base_model {INDEX_FILE} has no weight_map of shard names", field="base_model",
+                                      value=base_model)
+            shards = sorted(set(weight_map.values()))
+        else:
+            shards = [SINGLE_FILE]
+        for shard in shards:
+            if shard not in files:
+                raise InvalidArgument(f"base_model {shard} is missing from {base_model!r}"
+                                      f"{f' (named by {INDEX_FILE})' if INDEX_FILE in files else ''}",
+                                      field="base_model", value=base_model, metadata={"file": shard})
+        return _PublishedBase(config=config, hashes={shard: files[shard] for shard in shards})
+
+    def fetch_base(self, base_model: str, plan: ArtifactPlan) -> Path:
+        """The base model's local directory for building; refuses one whose files are not those planned."""
+        base_dir = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models",
+                               policy=self.policy)
+        published = self._published(base_model)
+        if published is not None and fingerprint_from_hashes(published.config, published.hashes.items()) \
+                != plan.base_fingerprint:
+            raise FailedPrecondition(f"base_model {base_model!r} changed after the job was planned; submit it again",
+                                     field="base_model", value=base_model)
+        return base_dir
+
+    def plan(self, base_model: str, adapter_specs: list[str], options: CompileOptions) -> ResolvedInputs:
+        model = self.precheck(base_model, adapter_specs, options)
+        published = self._published(base_model)
+        if published is not None:  # no weight read: the store recorded their hashes when it published them
+            base_dir, cfg = None, DecoderConfig.from_hf_dict(published.config)
+            fingerprint = fingerprint_from_hashes(published.config, published.hashes.items())
+        else:
+            base_dir = materialize(base_model, self.store, self.cache_dir, field="base_model", kind="models",
+                                   policy=self.policy)
+            if not (base_dir / "config.json").is_file():
+                raise InvalidArgument(f"base_model {base_model!r} has no config.json (not a Hugging Face checkpoint)",
+                                      field="base_model", value=base_model)
+            cfg = DecoderConfig.from_model_dir(base_dir)  # the copy read is the one checked, before hashing weights
+            fingerprint = None
         adapters = tuple(self.resolve_adapter(i, spec) for i, spec in enumerate(adapter_specs))
         try:
             plan = plan_artifact(base_dir, [(a.name, a.path) for a in adapters], options,
-                                 fingerprint=self.fingerprint(base_dir))
+                                 fingerprint=fingerprint or self.fingerprint(base_dir), config=cfg)
         except FailedPrecondition as exc:
             # An adapter that does not fit the requested artifact is a bad request here (the same
             # check on LoadAdapter into a loaded model stays FAILED_PRECONDITION).

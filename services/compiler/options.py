@@ -21,6 +21,8 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
 # dtypes whose base weights are MatMulNBits blocks (quant_block_size / quant_accuracy_level apply).
 QUANTIZED_DTYPES = ("int8", "int4")
 AI100_STAGES = ("compile", "export")
+# An ai100 bundle's weight dtype: fp32 (qaic-exec converts it), or fp16, half the bytes to write and verify.
+AI100_DTYPES = ("fp32", "fp16")
 DEFAULT_QUANT_BLOCK_SIZE = 32
 DEFAULT_QUANT_ACCURACY_LEVEL = 4  # int8 activations: the only fast CPU kernels (see the proto comment)
 MAX_COMPILER_OPTIONS = 64
@@ -170,9 +172,9 @@ class CompileOptions:
                 _bad("compiler_options", opt, f'each must be "-name" or "-name=value", no spaces, at most '
                      f"{MAX_COMPILER_OPTION_LEN} characters")
         if self.target == "ai100":
-            if self.dtype != "fp32":
-                _bad("dtype", self.dtype, "ai100 takes an fp32 graph and converts it with -convert-to-fp16 "
-                     "(use mxfp6_matmul for compressed weights)")
+            if self.dtype not in AI100_DTYPES:
+                _bad("dtype", self.dtype, f"ai100 bundles hold {list(AI100_DTYPES)} weights (the card computes in fp16: "
+                     "-convert-to-fp16; use mxfp6_matmul for compressed weights)")
         else:
             if self.mxfp6_matmul:
                 _bad("mxfp6_matmul", True, "only applies to target 'ai100'")

@@ -76,8 +76,11 @@ class CompileHandler:
             def progress(stage: str, fraction: float, message: str) -> None:
                 ctx.report(BUILD_SHARE * fraction, f"{stage}: {message}")
 
-            manifest = build_artifact(resolved.base_dir, [(a.name, a.path) for a in resolved.adapters], plan.options, out,
-                           progress=progress, check=ctx.check, base_source=ctx.payload["base_model"], plan=plan)
+            base_dir = resolved.base_dir or self.inputs.fetch_base(ctx.payload["base_model"], plan)
+            ctx.check()
+            manifest = build_artifact(base_dir, [(a.name, a.path) for a in resolved.adapters], plan.options, out,
+                                      progress=progress, check=ctx.check, base_source=ctx.payload["base_model"],
+                                      plan=plan)
             for stage, seconds in manifest.extra.get("timings", {}).items():
                 metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
             ctx.check()  # fenced: a cancelled or taken-over attempt uploads nothing

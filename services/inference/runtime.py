@@ -27,6 +27,7 @@ import numpy as np
 from loraflow import graph_contract as gc
 from loraflow import native as native_lora
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.artifact.traced_step_driver import TracedStepDriver
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -118,12 +119,8 @@ class OrtRuntime:
         self.adapter_slots = self.manifest.adapter_slots
         self.max_rank = self.manifest.max_rank
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if num_threads:
-            so.intra_op_num_threads = num_threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        # Weights memory-mapped, pre-packed once: opening costs them plus the KV cache (loraflow/artifact/session.py).
+        so = session_options(ort, num_threads=num_threads, allow_spinning=allow_spinning)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
             else ["CPUExecutionProvider"]
         # The native LoRA kernel's graph where this process can load the kernel (CPU only), else the

@@ -289,7 +289,9 @@ def test_pushed_model_and_dataset_on_s3_are_accepted_by_trainer_and_compiler(s3_
         inputs = CompileInputs(s3_store, Registry(client), tmp_path / "ccache", policy=InputPolicy())
         options = CompileOptions.from_dict({"ctx_len": 32, "prefill_seq_len": 8, "full_batch_size": 2})
         plan = inputs.plan(pushed.target, [], options)
-        assert all((plan.base_dir / f).read_bytes() == (model / f).read_bytes() for f in _files(model))
+        assert plan.base_dir is None  # planned from the hashes S3 recorded: no weight fetched yet
+        base_dir = inputs.fetch_base(pushed.target, plan.plan)
+        assert all((base_dir / f).read_bytes() == (model / f).read_bytes() for f in _files(model))
 
         # The same checkpoint copied in file by file (no marker) is refused, naming the command to use.
         for path in sorted(p for p in model.rglob("*") if p.is_file()):

@@ -72,5 +72,6 @@ def test_compiler_refuses_an_unpublished_base_model_or_adapter_at_plan(s3_model,
     with pytest.raises(FailedPrecondition) as adapter_err:
         inputs.plan(published_uri, [raw_uri], options)  # any raw directory named as an adapter, too
     assert adapter_err.value.field == "adapters[0]"
-    assert inputs.plan(published_uri, [], options).base_dir.is_dir()
+    resolved = inputs.plan(published_uri, [], options)
+    assert resolved.base_dir is None and inputs.fetch_base(published_uri, resolved.plan).is_dir()
     client.close()

@@ -46,7 +46,8 @@ def adapter_factory(tmp_path_factory, tiny_model_factory):
 
 @pytest.fixture(scope="session")
 def parity_model(tmp_path_factory, tiny_model_factory):
-    """parity_model(kind) -> checkpoint dir; kind is an architecture, or "llama3rope".
+    """parity_model(kind) -> checkpoint dir; kind is an architecture, "llama3rope", or "tied" (a Llama whose
+    head is its embedding table).
 
     Qwen2's q/k/v biases are randomised (the tiny factory leaves them zero) so they are tested.
     """
@@ -57,7 +58,9 @@ def parity_model(tmp_path_factory, tiny_model_factory):
     def make(kind: str) -> Path:
         if kind in cache:
             return cache[kind]
-        if kind == "llama3rope":
+        if kind == "tied":
+            path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-tied"), "llama", tie_word_embeddings=True)
+        elif kind == "llama3rope":
             rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
             path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama3rope"), "llama", rope_parameters=rope)

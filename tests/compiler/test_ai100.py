@@ -14,10 +14,11 @@ import torch
 
 from loraflow import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from services.compiler import ai100, ai100_verify
-from services.compiler.export import BankShape
+from services.compiler import ai100, ai100_verify, ai100_writer
+from services.compiler.modeling import CheckpointWeights
 from services.compiler.options import CompileOptions
-from services.compiler.verify import VerificationFailed
+from services.compiler.verify import VerificationFailed, decoder_reference
+from tests.compiler.ai100_reference import Ai100Graph
 from tests.compiler.helpers import decoder_with_adapters
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -28,6 +29,37 @@ def _no_sdk(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setattr(ai100, "SDK_EXEC_DIR", tmp_path / "nowhere")
     assert not ai100.sdk_available()
+
+
+def _export(model_dir, decoder, out_dir, *, slots: int, cb: bool = True, dtype: str = "fp32"):
+    """The bundle graph written from the checkpoint (the decoder only says which modules are adapted)."""
+    return ai100_writer.export_ai100(CheckpointWeights.open(model_dir), out_dir, lora_modules=decoder.lora_modules,
+                                     num_slots=slots + 1, max_rank=8, cb=cb, dtype=dtype).graph
+
+
+def _greedy_serve(session, layout, num_layers: int, vocab_size: int, banks, prompts, lora_ids, max_new
+                  ) -> list[list[int]]:
+    """Greedy-serve ``prompts`` on a whole-bundle session through the inference scheduler and AI 100 stepper."""
+    from services.inference.ai100_runtime import Ai100Stepper
+    from services.inference.scheduler import Scheduler
+    from services.inference.scheduler import Sequence as Request
+
+    stepper = Ai100Stepper(session, layout, num_layers, vocab_size)
+    session.set_buffers(dict(banks))
+    sched = Scheduler(full_batch_size=layout.cache_rows, prefill_seq_len=layout.prefill_seq_len,
+                      ctx_len=layout.ctx_len, max_waiting=len(prompts), max_prefill_rows=layout.batch_size)
+    seqs = [Request(request_id=str(i), prompt_ids=list(p), lora_id=int(lora_ids[i]), max_new_tokens=int(max_new[i]),
+                    ignore_eos=True) for i, p in enumerate(prompts)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(sum(len(p) + m for p, m in zip(prompts, max_new, strict=True)) + 1):  # at most one call a token
+        step = sched.schedule()
+        if step is None:
+            break
+        logits = stepper.execute(step)
+        sched.update(step, {row.request_id: int(np.argmax(row_logits))
+                            for row, row_logits in zip(step.rows, logits, strict=True) if row.samples})
+    return [s.output_ids for s in seqs]
 
 
 def _mixed(adapter_factory, arch):
@@ -101,7 +133,7 @@ def test_missing_sdk_fails_the_compile_stage_only(monkeypatch, tmp_path, tiny_ll
 @pytest.mark.parametrize("cb", [True, False])
 def test_graph_carries_the_qualcomm_ops_as_functions_that_ort_runs(tmp_path, tiny_llama, adapter_factory, cb):
     decoder, banks, _ = decoder_with_adapters(tiny_llama, _mixed(adapter_factory, "llama")[:1], ATTN, slots=2)
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(2, 8), ctx_len=16, cb=cb)
+    graph = _export(tiny_llama, decoder, tmp_path, slots=2, cb=cb)
     model = onnx.load(str(tmp_path / graph.file))
     ops = {n.op_type for n in model.graph.node if n.domain == ai100.QAIC_DOMAIN}
     want = {"CtxScatterCB", "CtxGatherCB"} if cb else {"CtxScatter", "CtxGather"}
@@ -124,7 +156,7 @@ def test_graph_carries_the_qualcomm_ops_as_functions_that_ort_runs(tmp_path, tin
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     # The function bodies compute what the operators' PyTorch semantics compute.
     with torch.no_grad():
-        ref = ai100.Ai100Graph(decoder, cb)(*[torch.from_numpy(np.asarray(feeds[s.name])) for s in graph.inputs])
+        ref = Ai100Graph(decoder, cb)(*[torch.from_numpy(np.asarray(feeds[s.name])) for s in graph.inputs])
     for spec, want_out in zip(graph.outputs, ref, strict=True):
         np.testing.assert_allclose(outs[spec.name], want_out.numpy(), atol=1e-4)
     kept = outs[gc.retained_key(0)]
@@ -143,9 +175,10 @@ def test_verification_equals_the_reference_for_mixed_ranks(tmp_path, parity_mode
     decoder, banks, _ = decoder_with_adapters(parity_model(arch), adapters, ALL, slots=3)
     opts = CompileOptions(target="ai100", batch_size=2, full_batch_size=3, prefill_seq_len=4, ctx_len=32,
                           max_rank=8, adapter_slots=3, ai100_stage="export").resolve()
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(3, 8), ctx_len=32)
+    graph = _export(parity_model(arch), decoder, tmp_path, slots=3)
     ai100.write_bundle(tmp_path, opts, graph.layers)
-    report = ai100_verify.verify_bundle(tmp_path, graph, decoder, banks, opts, occupied_slots=2)
+    report = ai100_verify.verify_bundle(tmp_path, graph, decoder_reference(decoder, banks), banks, opts,
+                                        occupied_slots=2)
     fp32, fp16 = report.runs
     assert fp32.tokens_match and fp16.tokens_match and fp32.tokens_checked >= 8
     assert fp32.relative_diff < 1e-4 and fp16.relative_diff < ai100_verify.TOLERANCE["fp16"]
@@ -169,15 +202,15 @@ def test_the_bundle_driven_as_the_card_gives_peft_tokens(tmp_path, parity_model,
     decoder, banks, _ = decoder_with_adapters(model_dir, adapters, ALL, slots=3)
     opts = CompileOptions(target="ai100", batch_size=1, full_batch_size=3, prefill_seq_len=4, ctx_len=32,
                           max_rank=8, adapter_slots=3, ai100_stage="export").resolve()
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(3, 8), ctx_len=32)
+    graph = _export(model_dir, decoder, tmp_path, slots=3)
     ai100.write_bundle(tmp_path, opts, graph.layers)
     specs = ai100_verify.read_specializations(tmp_path / ai100.SPECIALIZATIONS_FILE)
     session = ai100_verify.OrtRetainedStateSession(onnx.load(str(tmp_path / graph.file)), specs, "float32")
     prompts = random_prompts(graph.vocab_size, [9, 5, 6], seed=len(arch))
     lora_ids, new = [1, 0, 2], 5
-    tokens, _ = ai100_verify.drive(session, Ai100Layout.from_options(opts.to_dict()), graph.layers, graph.vocab_size,
-                                   {k: np.asarray(v, np.float32) for k, v in banks.items()}, prompts, lora_ids,
-                                   [new] * 3)
+    tokens = _greedy_serve(session, Ai100Layout.from_options(opts.to_dict()), graph.layers, graph.vocab_size,
+                           {k: np.asarray(v, np.float32) for k, v in banks.items()}, prompts, lora_ids,
+                           [new] * 3)
     session.close()
     for row, slot in enumerate(lora_ids):
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -204,11 +237,12 @@ def test_a_broken_graph_fails_verification(tmp_path, tiny_llama, adapter_factory
     decoder, banks, _ = decoder_with_adapters(tiny_llama, _mixed(adapter_factory, "llama"), ALL, slots=3)
     opts = CompileOptions(target="ai100", full_batch_size=2, prefill_seq_len=4, ctx_len=32, max_rank=8,
                           adapter_slots=3, ai100_stage="export").resolve()
-    graph = ai100.export_ai100(decoder, tmp_path, banks=BankShape(3, 8), ctx_len=32)
+    graph = _export(tiny_llama, decoder, tmp_path, slots=3)
     ai100.write_bundle(tmp_path, opts, graph.layers)
     _break_scatter(tmp_path / graph.file)
     with pytest.raises(VerificationFailed, match="differs|greedy tokens") as err:
-        ai100_verify.verify_bundle(tmp_path, graph, decoder, banks, opts, occupied_slots=2, precisions=("fp32",))
+        ai100_verify.verify_bundle(tmp_path, graph, decoder_reference(decoder, banks), banks, opts, occupied_slots=2,
+                                   precisions=("fp32",))
     assert err.value.max_abs_diff > 1e-2
 
 
@@ -238,14 +272,14 @@ def test_a_broken_export_does_not_publish(monkeypatch, tmp_path, tiny_llama, ada
     from services.compiler.artifact import build_artifact
 
     _no_sdk(monkeypatch, tmp_path)
-    real = ai100.export_ai100
+    real = ai100_writer.export_ai100
 
     def broken(*args, **kwargs):
-        graph = real(*args, **kwargs)
-        _break_scatter(args[1] / graph.file)
-        return graph
+        exported = real(*args, **kwargs)
+        _break_scatter(args[1] / exported.graph.file)
+        return exported
 
-    monkeypatch.setattr(ai100, "export_ai100", broken)
+    monkeypatch.setattr(ai100_writer, "export_ai100", broken)
     out = tmp_path / "art"
     with pytest.raises(VerificationFailed):
         build_artifact(tiny_llama, _mixed(adapter_factory, "llama")[:1],

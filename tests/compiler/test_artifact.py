@@ -15,6 +15,7 @@ from services.compiler.artifact import STAGES, base_fingerprint, build_artifact,
 from services.compiler.fused.verify import verify_fused_graph
 from services.compiler.modeling import load_decoder
 from services.compiler.options import CompileOptions
+from services.compiler.verify import decoder_reference
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,8 @@ def test_build_artifact_runs_in_bare_onnxruntime(tmp_path, tiny_llama, two_adapt
     decoder.set_banks(banks_a, banks_b)
     assert manifest.graph.kv_layout == gc.KV_LAYOUT_SHARED
     # The step driver the runtime uses, on the bare session, against the PyTorch decoder.
-    report = verify_fused_graph(session, decoder, manifest.graph, feeds, ctx_len=64, occupied_slots=2, chunk=4,
-                                decode_steps=4, seed=3)
+    report = verify_fused_graph(session, decoder_reference(decoder, feeds), manifest.graph, feeds, ctx_len=64,
+                                occupied_slots=2, chunk=4, decode_steps=4, seed=3)
     assert report.relative_diff < 1e-4 and report.tokens_match and report.calls >= 10
 
 
@@ -135,11 +136,13 @@ def test_verification_fails_with_the_measured_difference(tmp_path, tiny_model_fa
     decoder, banks, _ = decoder_with_adapters(tiny_model_factory("llama"), two_adapters[:1], modules)
     graph, _ = export_onnxruntime(decoder, tmp_path, banks=BankShape(3, 8))
     session = ort.InferenceSession(str(tmp_path / graph.file), providers=["CPUExecutionProvider"])
-    ok = verify_graph(session, decoder, graph, banks, dtype="fp32", occupied_slots=1, chunk=4, ctx_len=32)
+    ok = verify_graph(session, decoder_reference(decoder, banks), graph, banks, dtype="fp32", occupied_slots=1,
+                      chunk=4, ctx_len=32)
     assert ok.max_abs_diff < 1e-4 and ok.tokens_match
     other, _, _ = decoder_with_adapters(tiny_model_factory("llama", seed=1), two_adapters[:1], modules)
     with pytest.raises(VerificationFailed, match=r"max abs diff \d") as err:
-        verify_graph(session, other, graph, banks, dtype="fp32", occupied_slots=1, chunk=4, ctx_len=32)
+        verify_graph(session, decoder_reference(other, banks), graph, banks, dtype="fp32", occupied_slots=1, chunk=4,
+                     ctx_len=32)
     assert err.value.max_abs_diff > 1e-2 and err.value.metadata["max_abs_diff"]
 
 

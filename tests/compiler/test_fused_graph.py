@@ -1,7 +1,7 @@
 """The fused graph (services/compiler/fused) run through the runtime's step driver.
 
 * every fp32 row of a mixed batch gives PEFT's greedy tokens with that adapter alone, for Llama,
-  Mistral, Qwen2 (q/k/v biases, tied head) and llama3 RoPE; chunked prefill; one request joining a
+  Mistral, Qwen2 (q/k/v biases), a tied head (stored once: FusedMatMul over the embedding) and llama3 RoPE; chunked prefill; one request joining a
   running batch; a dummy row inside the decode slot range;
 * int4/int8: MatMulNBits for every base projection, the wiring exact against the dequantised weights;
 * verification fails, with the measured difference, on a graph that does not match its reference;
@@ -24,10 +24,12 @@ from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.artifact.step_driver import FusedStepDriver, Row
 from loraflow.errors import InvalidArgument
 from loraflow.manifest import file_sha256
-from services.compiler.fused.builder import FusedGraphOptions, dequantized_decoder
+from services.compiler.fused.builder import FusedGraphOptions
 from services.compiler.fused.export import export_fused
+from services.compiler.fused.readback import ArtifactWeights
 from services.compiler.fused.verify import flat_bank_views, verify_fused_graph
-from services.compiler.verify import VerificationFailed
+from services.compiler.modeling.weights import ModuleWeights
+from services.compiler.verify import VerificationFailed, decoder_reference, layerwise_reference
 from tests.compiler.helpers import decoder_with_adapters, random_prompts
 from tests.support.native import require_native
 
@@ -48,13 +50,13 @@ KERNELS = ["onnx", "native"]  # the standard-operator graph and the LoraRows one
 
 
 def _build(tmp_path, decoder, dtype="fp32", slots=3, kernel="onnx", **quant):
-    """(graph, session over the graph of ``kernel``, dequantized weights)."""
+    """(graph, session over the graph of ``kernel``, the export)."""
     if kernel == "native":
         require_native()
     opts = FusedGraphOptions(dtype=dtype, ctx_len=CTX, num_slots=slots + 1, max_rank=8,
                              lora_modules=tuple(decoder.lora_modules), **quant)
-    exported = export_fused(decoder, tmp_path, opts, native=kernel == "native")
-    graph, dequantized = exported.graph, exported.dequantized
+    exported = export_fused(ModuleWeights(decoder), tmp_path, opts, native=kernel == "native")
+    graph = exported.graph
     # The native graph adds nothing to the weights file: it reuses every initializer the first one wrote.
     assert exported.digests == {"model.onnx.data": file_sha256(tmp_path / "model.onnx.data")}
     so = ort.SessionOptions()
@@ -62,7 +64,13 @@ def _build(tmp_path, decoder, dtype="fp32", slots=3, kernel="onnx", **quant):
         native_lora.register(so)
     session = ort.InferenceSession(str(tmp_path / (graph.native_file if kernel == "native" else graph.file)), so,
                                    providers=["CPUExecutionProvider"])
-    return graph, session, dequantized
+    return graph, session, exported
+
+
+def _readback_reference(tmp_path, exported, decoder, banks):
+    """The weights the quantised graph holds, read back from its files, with the float decoder beside them."""
+    readback = ArtifactWeights(decoder.cfg, tmp_path / exported.graph.file, exported.written)
+    return layerwise_reference(readback, banks, decoder.lora_modules, float_source=ModuleWeights(decoder))
 
 
 def _driver(graph, session, banks, *, slots: int) -> tuple[SharedKvCache, FusedStepDriver]:
@@ -84,10 +92,10 @@ def _peft_tokens(model_dir, adapter_path, prompt):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3rope"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3rope", "tied"])
 def test_mixed_batch_through_the_step_driver_matches_peft(tmp_path, kind, kernel, parity_model, adapter_factory):
     model_dir = parity_model(kind)
-    arch = "llama" if kind == "llama3rope" else kind
+    arch = "llama" if kind in ("llama3rope", "tied") else kind
     adapters = _adapters(adapter_factory, arch)
     decoder, banks, _ = decoder_with_adapters(model_dir, adapters, gc.LORA_TARGET_MODULES, slots=3)
     graph, session, _ = _build(tmp_path, decoder, kernel=kernel)
@@ -127,14 +135,13 @@ def test_quantized_graph_is_exact_against_its_dequantized_weights(tmp_path, dtyp
                                                                  adapter_factory):
     decoder, banks, _ = decoder_with_adapters(parity_model("qwen2"), _adapters(adapter_factory, "qwen2"),
                                               gc.LORA_TARGET_MODULES, slots=3)
-    graph, session, dequantized = _build(tmp_path, decoder, dtype, quant_block_size=32, quant_accuracy_level=0)
+    graph, session, exported = _build(tmp_path, decoder, dtype, quant_block_size=32, quant_accuracy_level=0)
     model = onnx.load(str(tmp_path / graph.file), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 4 * graph.layers + 1  # q|k|v, o, gate|up, down per layer; the (tied) head
+    assert len(nbits) == 4 * graph.layers + 1  # q|k|v, o, gate|up, down per layer; the head
     assert all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)
-    reference = dequantized_decoder(decoder, dequantized)
-    report = verify_fused_graph(session, reference, graph, banks, ctx_len=CTX, occupied_slots=2, chunk=4,
-                                accuracy_level=0, float_decoder=decoder)
+    report = verify_fused_graph(session, _readback_reference(tmp_path, exported, decoder, banks), graph, banks,
+                                ctx_len=CTX, occupied_slots=2, chunk=4, accuracy_level=0, quantized=True)
     assert report.relative_diff < 1e-4 and report.tokens_match
     # Quantisation moves logits against the float model, more at 4 bits than at 8.
     assert report.quant_relative_diff > report.relative_diff
@@ -146,9 +153,9 @@ def test_int8_error_against_float_is_below_int4(tmp_path, parity_model, adapter_
                                               gc.LORA_TARGET_MODULES, slots=3)
     errors = {}
     for dtype in ("int8", "int4"):
-        graph, session, dequantized = _build(tmp_path / dtype, decoder, dtype, quant_accuracy_level=0)
-        report = verify_fused_graph(session, dequantized_decoder(decoder, dequantized), graph, banks, ctx_len=CTX,
-                                    occupied_slots=2, chunk=4, float_decoder=decoder)
+        graph, session, exported = _build(tmp_path / dtype, decoder, dtype, quant_accuracy_level=0)
+        report = verify_fused_graph(session, _readback_reference(tmp_path / dtype, exported, decoder, banks), graph,
+                                    banks, ctx_len=CTX, occupied_slots=2, chunk=4, quantized=True)
         errors[dtype] = report.quant_relative_diff
     assert errors["int8"] < errors["int4"], errors
 
@@ -160,13 +167,13 @@ def test_int8_activations_stay_within_their_tolerance(tmp_path, parity_model, ad
 
     decoder, banks, _ = decoder_with_adapters(parity_model("llama"), _adapters(adapter_factory, "llama"),
                                               gc.LORA_TARGET_MODULES, slots=3)
-    graph, session, dequantized = _build(tmp_path, decoder, "int4")
+    graph, session, exported = _build(tmp_path, decoder, "int4")
     model = onnx.load(str(tmp_path / graph.file), load_external_data=False)
     levels = {next(a.i for a in n.attribute if a.name == "accuracy_level")
               for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert levels == {4}
-    report = verify_fused_graph(session, dequantized_decoder(decoder, dequantized), graph, banks, ctx_len=CTX,
-                                occupied_slots=2, chunk=4, accuracy_level=4, float_decoder=decoder)
+    report = verify_fused_graph(session, _readback_reference(tmp_path, exported, decoder, banks), graph, banks,
+                                ctx_len=CTX, occupied_slots=2, chunk=4, accuracy_level=4, quantized=True)
     assert 1e-4 < report.relative_diff < report.tolerance == TOLERANCE[4]
 
 
@@ -174,11 +181,13 @@ def test_verification_fails_with_the_measured_difference(tmp_path, tiny_model_fa
     adapters = _adapters(adapter_factory, "llama")[:1]
     decoder, banks, _ = decoder_with_adapters(tiny_model_factory("llama"), adapters, gc.LORA_TARGET_MODULES)
     graph, session, _ = _build(tmp_path, decoder)
-    ok = verify_fused_graph(session, decoder, graph, banks, ctx_len=CTX, occupied_slots=1, chunk=4)
+    ok = verify_fused_graph(session, decoder_reference(decoder, banks), graph, banks, ctx_len=CTX, occupied_slots=1,
+                            chunk=4)
     assert ok.relative_diff < 1e-4 and ok.tokens_match and ok.calls >= 8
     other, _, _ = decoder_with_adapters(tiny_model_factory("llama", seed=1), adapters, gc.LORA_TARGET_MODULES)
     with pytest.raises(VerificationFailed, match=r"max abs diff \d") as err:
-        verify_fused_graph(session, other, graph, banks, ctx_len=CTX, occupied_slots=1, chunk=4)
+        verify_fused_graph(session, decoder_reference(other, banks), graph, banks, ctx_len=CTX, occupied_slots=1,
+                           chunk=4)
     assert err.value.max_abs_diff > 1e-2
 
 
@@ -311,7 +320,8 @@ def test_qkv_wiring_for_every_target_set(tmp_path, tiny_llama, adapter_factory, 
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert all((list(n.input[1:3]) == ["", ""]) == packed for n in gqa)
     assert ("Split" in [n.op_type for n in model.graph.node if "/attn/" in n.name]) == (not packed)
-    report = verify_fused_graph(session, decoder, graph, banks, ctx_len=CTX, occupied_slots=1, chunk=4)
+    report = verify_fused_graph(session, decoder_reference(decoder, banks), graph, banks, ctx_len=CTX,
+                                occupied_slots=1, chunk=4)
     assert report.relative_diff < 1e-4 and report.tokens_match
 
 
@@ -321,8 +331,8 @@ def test_the_native_graph_shares_the_weights_file_byte_for_byte(tmp_path, tiny_l
     decoder, _, _ = decoder_with_adapters(tiny_llama, [("a", adapter)], gc.LORA_TARGET_MODULES, slots=2)
     opts = FusedGraphOptions(dtype="int4", ctx_len=CTX, num_slots=3, max_rank=8,
                              lora_modules=tuple(decoder.lora_modules))
-    alone = export_fused(decoder, tmp_path / "alone", opts, native=False)
-    both = export_fused(decoder, tmp_path / "both", opts, native=True)
+    alone = export_fused(ModuleWeights(decoder), tmp_path / "alone", opts, native=False)
+    both = export_fused(ModuleWeights(decoder), tmp_path / "both", opts, native=True)
     assert not alone.graph.native_file and both.graph.native_file == "model.native.onnx"
     assert both.digests == alone.digests  # the second build quantised and wrote nothing more
     native = onnx.load(str(tmp_path / "both" / both.graph.native_file), load_external_data=False)

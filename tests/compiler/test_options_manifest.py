@@ -32,7 +32,7 @@ from services.compiler.options import CompileOptions
     (dict(dtype="bf16"), "options.dtype", "bf16"),
     (dict(target_modules=("q_proj", "lm_head")), "options.target_modules", ["lm_head"]),
     (dict(target="ai100", dtype="int8"), "options.dtype", "int8"),
-    (dict(target="ai100", dtype="fp16"), "options.dtype", "fp16"),
+    (dict(target="ai100", dtype="int4"), "options.dtype", "int4"),  # ai100 bundles hold fp32 or fp16 weights
     (dict(mxfp6_matmul=True), "options.mxfp6_matmul", True),
     (dict(num_cores=4), "options.num_cores", 4),
     (dict(batch_size=4, full_batch_size=2), "options.full_batch_size", 2),

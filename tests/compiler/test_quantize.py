@@ -15,8 +15,10 @@ from loraflow.errors import InvalidArgument
 from services.compiler.fused.quantize import (
     QuantizedWeight,
     dequantize,
+    dequantize_nk,
     matmul_nbits_node,
     quantize_blockwise,
+    quantize_linear,
 )
 
 ROWS = 3
@@ -184,3 +186,39 @@ def test_quantized_weight_rejects_inconsistent_arrays():
         QuantizedWeight(packed=q.packed, scales=q.scales.astype(np.float64), zero_points=None, bits=4,
                         block_size=32, k=64, n=2)
     assert info.value.field == "scales"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_weights_quantised_in_slices_equal_one_call(bits):
+    """quantize_linear cuts [N, K] into row slices quantised on separate threads: every column is quantised
+    alone, so the joined blocks equal ORT's quantiser over the whole transposed weight, byte for byte."""
+    import torch
+
+    w = torch.from_numpy(np.random.default_rng(3).standard_normal((67, 96), dtype=np.float32))
+    whole = quantize_blockwise(w.t().contiguous().numpy(), bits, 32)
+    for threads in (1, 2, 5):
+        sliced = quantize_linear(w, bits, 32, threads=threads)
+        np.testing.assert_array_equal(sliced.packed, whole.packed)
+        np.testing.assert_array_equal(sliced.scales, whole.scales)
+    np.testing.assert_allclose(dequantize_nk(whole.packed, whole.scales, None, bits=bits, block_size=32, k=96,
+                                                      n=67).numpy(), dequantize(whole).T, rtol=0, atol=0)
+
+
+def test_the_reference_rounds_activations_as_accuracy_level_4_does():
+    """At accuracy level 4 MatMulNBits rounds its input to int8 per block; the verification reference does the
+    same (layerwise.round_activations) and then equals the kernel to float32 rounding, where the unrounded
+    product is off by the rounding itself."""
+    import torch
+
+    from services.compiler.modeling.layerwise import round_activations
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((512, N), dtype=np.float32) * 0.05
+    q = quantize_blockwise(w, 4, 32)
+    x = rng.standard_normal((ROWS, 512), dtype=np.float32)
+    got = run_node(q, x, accuracy_level=4)
+    plain = x @ dequantize(q)
+    rounded = round_activations(torch.from_numpy(x), 32).numpy() @ dequantize(q)
+    scale = np.abs(plain).max()
+    assert np.abs(got - rounded).max() / scale < 1e-5
+    assert np.abs(got - plain).max() / scale > 1e-3

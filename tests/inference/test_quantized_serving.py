@@ -34,23 +34,29 @@ def int4_artifact(tiny_llama, tiny_adapters, tmp_path_factory):
 
 
 def _reference(tiny_llama, artifact_dir, manifest):
-    from services.compiler.fused.builder import FusedGraphBuilder, FusedGraphOptions, dequantized_decoder
-    from services.compiler.modeling import load_decoder
+    """The decoder holding exactly the weights the int4 artifact multiplies by, read back from its files."""
+    from services.compiler.fused.builder import FusedGraphOptions
+    from services.compiler.fused.export import export_fused
+    from services.compiler.fused.readback import ArtifactWeights
+    from services.compiler.modeling import CheckpointWeights, load_decoder
 
-    decoder = load_decoder(tiny_llama, tuple(manifest.graph.lora_modules))
+    opts = manifest.options
+    lora_modules = tuple(manifest.graph.lora_modules)
+    checkpoint = CheckpointWeights.open(tiny_llama)
+    # Where each tensor lives in the graph: the builder's map for these options (rebuilt beside the artifact).
+    written = export_fused(checkpoint, artifact_dir.parent / "written-map", FusedGraphOptions(
+        dtype="int4", ctx_len=int(opts["ctx_len"]), num_slots=manifest.adapter_slots + 1,
+        max_rank=manifest.max_rank, lora_modules=lora_modules, quant_block_size=int(opts["quant_block_size"]),
+        quant_accuracy_level=0), native=False).written
+    decoder = load_decoder(tiny_llama, lora_modules,
+                           weights=ArtifactWeights(checkpoint.cfg, artifact_dir / manifest.graph.file, written))
     spec = lora_bank.BankSpec.from_manifest(manifest)
     banks_a, banks_b = lora_bank.empty_banks(spec)
     for entry in manifest.adapters:
         lora_bank.write_slot(banks_a, banks_b, entry.slot, lora_bank.read_adapter(entry.name, artifact_dir / entry.path),
                              spec)
     decoder.set_banks(banks_a, banks_b)
-    opts = manifest.options
-    state = {k: v.numpy() for k, v in decoder.state_dict().items()}
-    _, dequantized = FusedGraphBuilder(decoder.cfg, state.__getitem__, FusedGraphOptions(
-        dtype="int4", ctx_len=int(opts["ctx_len"]), num_slots=manifest.adapter_slots + 1,
-        max_rank=manifest.max_rank, lora_modules=tuple(decoder.lora_modules),
-        quant_block_size=int(opts["quant_block_size"]), quant_accuracy_level=0)).build()
-    return dequantized_decoder(decoder, dequantized)
+    return decoder
 
 
 def _greedy(decoder, prompt: list[int], lora_id: int, n: int) -> list[int]:

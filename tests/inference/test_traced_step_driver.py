@@ -24,7 +24,7 @@ from loraflow.artifact.step_driver import Row
 from loraflow.artifact.traced_step_driver import PAST_BUCKET, TracedStepDriver
 from loraflow.errors import InvalidArgument
 from services.compiler.modeling import load_decoder
-from services.compiler.verify import VerificationFailed, reference_logits, verify_graph
+from services.compiler.verify import VerificationFailed, decoder_reference, reference_logits, verify_graph
 from services.inference.scheduler import ScheduledRow, SchedulerOutput
 from tests.compiler.conftest import save_peft_adapter
 from tests.support.tiny_models import make_tiny_model_dir
@@ -263,17 +263,20 @@ def test_traced_verification_fails_on_a_wrong_reference_and_on_non_finite_logits
     _, _, feeds = _banks(manifest, artifact_dir)
     session = _session(artifact_dir, manifest)
     decoder = load_decoder(model, tuple(manifest.graph.lora_modules))
-    ok = verify_graph(session, decoder, manifest.graph, feeds, dtype="fp32", occupied_slots=2, chunk=4, ctx_len=CTX)
+    ok = verify_graph(session, decoder_reference(decoder, feeds), manifest.graph, feeds, dtype="fp32", occupied_slots=2,
+                      chunk=4, ctx_len=CTX)
     assert ok.relative_diff < 1e-4 and ok.tokens_match and ok.calls >= 10
     other_dir = make_tiny_model_dir(tmp_path / "other", "llama", seed=1, num_attention_heads=8)
     other = load_decoder(other_dir, tuple(manifest.graph.lora_modules))
     with pytest.raises(VerificationFailed, match=r"exported graph \(fp32\) differs .* max abs diff \d") as err:
-        verify_graph(session, other, manifest.graph, feeds, dtype="fp32", occupied_slots=2, chunk=4, ctx_len=CTX)
+        verify_graph(session, decoder_reference(other, feeds), manifest.graph, feeds, dtype="fp32", occupied_slots=2,
+                     chunk=4, ctx_len=CTX)
     assert err.value.max_abs_diff > 1e-2
     # An adapter slot holding NaN: the graph's logits are caught before any comparison.
     broken = dict(feeds)
     broken[gc.lora_b("q_proj")] = feeds[gc.lora_b("q_proj")].copy()
     broken[gc.lora_b("q_proj")][:, 1] = np.nan
     with pytest.raises(VerificationFailed, match="non-finite") as err:
-        verify_graph(session, decoder, manifest.graph, broken, dtype="fp32", occupied_slots=2, chunk=4, ctx_len=CTX)
+        verify_graph(session, decoder_reference(decoder, broken), manifest.graph, broken, dtype="fp32", occupied_slots=2,
+                     chunk=4, ctx_len=CTX)
     assert err.value.max_abs_diff == float("inf")

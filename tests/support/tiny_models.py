@@ -6,6 +6,7 @@ a few lines of text, so every suite can build the same checkpoint in a second.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # A ChatML template (what SmolLM2 and Qwen2 use), so chat paths are exercised on tiny models.
@@ -106,4 +107,35 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", *, seed: int = 0,
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def write_random_checkpoint(path: str | Path, arch: str = "llama", *, seed: int = 0, dtype: str = "BF16",
+                            std: float = 0.08, **overrides) -> Path:
+    """A random ``arch`` checkpoint written tensor by tensor (one tensor in memory at a time, whatever the
+    size), with the tiny tokenizer; ``overrides`` set config fields (e.g. hidden_size, num_hidden_layers)."""
+    import torch
+
+    from services.compiler.modeling.checkpoint import write_safetensors
+    from services.compiler.modeling.config import DecoderConfig
+    from services.compiler.modeling.weights import hf_tensor_shapes
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = tiny_config(arch, vocab_size=len(tokenizer), **overrides)
+    config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    hf = config.to_dict()
+    torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name: str, shape: tuple[int, ...]) -> bytes:
+        t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=gen) * std
+        return t.to(torch_dtype).contiguous().view(torch.uint8).numpy().tobytes()
+
+    write_safetensors(path / "model.safetensors", hf_tensor_shapes(DecoderConfig.from_hf_dict(hf)), make,
+                      dtype=dtype)
+    tokenizer.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(hf, indent=1))
     return path

@@ -13,6 +13,14 @@ layer that the operator updates in place (past and present bound to the same mem
 at one token per row only. Names: loraflow/graph_contract.py
 ("fused" layout).
 
+Weights stream: the builder asks its WeightSource for one tensor at a time, in graph order, converts or
+quantises it, writes it to the external data file and lets it go; nothing model-sized is kept. A second
+graph over the same ExternalData (the other ``lora_kernel``) finds every initializer written and reads no
+weight at all. A tied head is stored once: fp32 embeds with a Gather over ``embed_tokens.weight`` and
+multiplies by the same table transposed inside the kernel (FusedMatMul transB); int4/int8 quantise the
+head and embed with GatherBlockQuantized over the head's own MatMulNBits blocks. ``written`` records
+where each decoder tensor went, so verification can read back exactly what the graph multiplies by.
+
 A call's rows all feed S tokens: decode steps S = 1; a prefill call takes one row's chunk, or the first
 chunks of rows in adjacent KV slots together, the shorter ones right-padded to the longest. Each row's position is implied
 by its ``seqlens_k`` (tokens in its cache after this call, minus one, padding included: the padding's K/V
@@ -36,6 +44,7 @@ from loraflow import native as native_lora
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from services.compiler.fused import quantize
 from services.compiler.modeling.config import DecoderConfig
+from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource
 
 OPSET = 17
 MS = "com.microsoft"
@@ -105,6 +114,10 @@ class ExternalData:
         self.size = 0
         self._written: dict[str, TensorProto] = {}  # a second graph over the same file reuses these
 
+    def known(self, name: str) -> TensorProto | None:
+        """The initializer already written under ``name`` (None if not yet)."""
+        return self._written.get(name)
+
     def tensor(self, name: str, array: np.ndarray) -> TensorProto:
         array = np.require(array, requirements="C")
         data = memoryview(array).cast("B")
@@ -137,14 +150,30 @@ class ExternalData:
 EXTERNAL_MIN_BYTES = 1024
 
 
+@dataclass(frozen=True)
+class WrittenWeight:
+    """Where one decoder tensor (MultiLoraDecoder name) went: a float initializer, stored [K, N] when
+    ``transposed`` (a linear's x @ W layout), or a MatMulNBits node's blocks (``bits``, named after the node)."""
+
+    initializer: str  # float: the initializer; quantised: the node (its "{node}.qweight" / ".scales")
+    transposed: bool = False
+    bits: int | None = None
+    block_size: int = 0
+    k: int = 0
+    n: int = 0
+
+
+Tensor = np.ndarray | Callable[[], np.ndarray]  # an array, or a thunk read only if not yet written
+
+
 @dataclass
 class _Graph:
     """Nodes and initializers being written, with unique names."""
 
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[TensorProto] = field(default_factory=list)
-    dequantized: dict[str, np.ndarray] = field(default_factory=dict)  # weight name -> what the graph multiplies by
     external: ExternalData | None = None
+    _names: set[str] = field(default_factory=set)
 
     def node(self, op: str, inputs: list[str], outputs: list[str] | int = 1, *, name: str,
              domain: str = "", **attrs) -> list[str]:
@@ -153,60 +182,131 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
 
-    def const(self, name: str, array: np.ndarray) -> str:
-        if self.external is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
-            self.initializers.append(self.external.tensor(name, array))
-        else:
-            # np.require, not ascontiguousarray: the latter turns a 0-d scalar into shape [1].
-            self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
-        return name
+    def has(self, name: str) -> bool:
+        """Written to the data file already (by this graph or an earlier one over the same file)."""
+        return name in self._names or (self.external is not None and self.external.known(name) is not None)
 
-    def add_initializers(self, tensors: list[TensorProto]) -> None:
-        """Initializers made elsewhere (MatMulNBits'); large ones are moved to the external file."""
-        for t in tensors:
-            if self.external is None:
-                self.initializers.append(t)
+    def const(self, name: str, value: Tensor | None = None) -> str:
+        """Initializer ``name``; a thunk is called only when the data file does not hold it yet (``None``: it
+        must hold it already)."""
+        if name in self._names:
+            return name
+        known = self.external.known(name) if self.external is not None else None
+        if known is not None:
+            t = TensorProto()
+            t.CopyFrom(known)
+            self.initializers.append(t)
+        else:
+            if value is None:
+                raise InvalidArgument(f"initializer {name!r} was never written", field="initializer", value=name)
+            array = value() if callable(value) else value
+            if self.external is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+                self.initializers.append(self.external.tensor(name, array))
             else:
-                self.const(t.name, numpy_helper.to_array(t))
+                # np.require, not ascontiguousarray: the latter turns a 0-d scalar into shape [1].
+                self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
+        self._names.add(name)
+        return name
 
 
 class FusedGraphBuilder:
-    """One model from a MultiLoraDecoder's weights (float32 tensors are read, never modified)."""
+    """One model from a WeightSource's tensors, read one at a time as the graph is written."""
 
-    def __init__(self, cfg: DecoderConfig, weights: Callable[[str], np.ndarray], options: FusedGraphOptions,
-                 external: ExternalData | None = None, quantized: dict | None = None):
-        """``external``: where large initializers are written (None: inline in the model, for tests).
-        ``quantized``: block-quantised weights by node name, filled by one build and reused by the next
-        (a second graph over the same ExternalData, e.g. the other lora_kernel, quantises nothing again)."""
+    def __init__(self, cfg: DecoderConfig, weights: WeightSource, options: FusedGraphOptions,
+                 external: ExternalData | None = None):
+        """``external``: where large initializers are written (None: inline in the model, for tests). A second
+        builder over the same ExternalData (e.g. the other lora_kernel) reads and quantises nothing again."""
         why = fused_graph_supported(cfg)
         if why:
             raise FailedPrecondition(f"the fused graph cannot express this model: {why}", field="base_model",
                                      value=cfg.architecture)
         self.cfg, self.weights, self.opts = cfg, weights, options
         self.g = _Graph(external=external)
-        self.quantized = {} if quantized is None else quantized
+        self.written: dict[str, WrittenWeight] = {}  # decoder tensor name -> where the graph holds it
+
+    def _w(self, name: str) -> Callable[[], np.ndarray]:
+        """A thunk reading one float32 tensor [out, in] from the source (only if its initializer is new)."""
+        return lambda: self.weights.get(name).numpy()
+
+    def _w_kn(self, name: str) -> Callable[[], np.ndarray]:
+        """A thunk reading a linear's weight as the contiguous [K, N] = [in, out] that x @ W multiplies by."""
+        def read() -> np.ndarray:
+            return self.weights.get(name).t().contiguous().numpy()  # [N, K] -> [K, N] (torch: threaded)
+        return read
 
     # --- pieces ---------------------------------------------------------------------------------
-    def _linear(self, x: str, weight_name: str, w_kn: np.ndarray, bias: np.ndarray | None, name: str) -> str:
-        """y = x @ W (+ b) for W [K, N]: MatMul in fp32, MatMulNBits for int4/int8."""
+    def _linear(self, x: str, weight_name: str, bias_name: str | None, name: str, *, k: int, n: int) -> str:
+        """y = x @ W (+ b) for the decoder linear ``weight_name`` [N, K]: MatMul in fp32, MatMulNBits for
+        int4/int8 (quantised here unless the data file holds its blocks already)."""
         g = self.g
         if self.opts.bits is None:
-            (y,) = g.node("MatMul", [x, g.const(f"{name}.weight", w_kn)], name=name)
-            g.dequantized[weight_name] = w_kn
+            (y,) = g.node("MatMul", [x, g.const(f"{name}.weight", self._w_kn(weight_name))], name=name)
+            self.written[weight_name] = WrittenWeight(f"{name}.weight", transposed=True)
         else:
-            q = self.quantized.get(name)
-            if q is None:
-                q = self.quantized[name] = quantize.quantize_blockwise(w_kn, self.opts.bits,
-                                                                       self.opts.quant_block_size)
-            node, inits = quantize.matmul_nbits_node(name, x, f"{name}/out0", q,
-                                                     accuracy_level=self.opts.quant_accuracy_level)
-            g.nodes.append(node)
-            g.add_initializers(inits)
-            g.dequantized[weight_name] = quantize.dequantize(q)
-            y = f"{name}/out0"
-        if bias is not None:
-            (y,) = g.node("Add", [y, g.const(f"{name}.bias", bias)], name=f"{name}/bias")
+            y = self._matmul_nbits(x, weight_name, name, k=k, n=n)
+        if bias_name is not None:
+            (y,) = g.node("Add", [y, g.const(f"{name}.bias", self._w(bias_name))], name=f"{name}/bias")
+            self.written[bias_name] = WrittenWeight(f"{name}.bias")
         return y
+
+    def _quantized_initializers(self, weight_name: str, name: str) -> tuple[str, str]:
+        """("{name}.qweight", "{name}.scales") of ``weight_name``'s blocks, quantised and written if new."""
+        g, opts = self.g, self.opts
+        qweight, scales = f"{name}.qweight", f"{name}.scales"
+        if g.has(qweight) and g.has(scales):
+            return g.const(qweight), g.const(scales)
+        q = quantize.quantize_linear(self.weights.get(weight_name), opts.bits, opts.quant_block_size)  # [N, K] in
+        return g.const(qweight, q.packed), g.const(scales, q.scales)  # [N, k_blocks, blob], [N * k_blocks]
+
+    def _matmul_nbits(self, x: str, weight_name: str, name: str, *, k: int, n: int) -> str:
+        opts = self.opts
+        qweight, scales = self._quantized_initializers(weight_name, name)
+        self.g.nodes.append(quantize.matmul_nbits(name, x, f"{name}/out0", [qweight, scales], k=k, n=n, bits=opts.bits,
+                                                  block_size=opts.quant_block_size,
+                                                  accuracy_level=opts.quant_accuracy_level))
+        self.written[weight_name] = WrittenWeight(name, bits=opts.bits, block_size=opts.quant_block_size, k=k, n=n)
+        return f"{name}/out0"
+
+    def _embedding(self) -> str:
+        """input_ids [B, S] -> h [B, S, hidden]; a tied quantised head is gathered from its own blocks."""
+        cfg, opts, g = self.cfg, self.opts, self.g
+        if not (cfg.tie_word_embeddings and opts.bits is not None):
+            (h,) = g.node("Gather", [g.const(EMBED, self._w(EMBED)), gc.INPUT_IDS], name="embed", axis=0)
+            self.written[EMBED] = WrittenWeight(EMBED)
+            return h
+        V, hidden, block = cfg.vocab_size, cfg.hidden_size, opts.quant_block_size
+        k_blocks = (hidden + block - 1) // block
+        qweight, scales = self._quantized_initializers(EMBED, "lm_head")  # the head's [V, k_blocks, blob]
+        (scales_3d,) = g.node("Reshape", [scales, g.const("shape.embed_scales", np.array([V, k_blocks, 1], np.int64))],
+                              name="embed/scales")  # [V * k_blocks] -> [V, k_blocks, 1] (a small folded copy)
+        (blocks,) = g.node("GatherBlockQuantized", [qweight, gc.INPUT_IDS, scales_3d], name="embed", domain=MS,
+                           bits=opts.bits, block_size=block, gather_axis=0, quantize_axis=2)  # [B, S, kb, block]
+        (h,) = g.node("Reshape", [blocks, g.const("shape.embed", np.array([0, 0, k_blocks * block], np.int64))],
+                      name="embed/flat")  # [B, S, k_blocks, block] -> [B, S, k_blocks*block]
+        if k_blocks * block != hidden:  # the blocks pad K: drop the padding
+            (h,) = g.node("Slice", [h, g.const("embed.start", np.array([0], np.int64)),
+                                    g.const("embed.end", np.array([hidden], np.int64)),
+                                    g.const("embed.axis", np.array([2], np.int64))], name="embed/unpad")
+        self.written[EMBED] = WrittenWeight("lm_head", bits=opts.bits, block_size=block, k=hidden, n=V)
+        return h
+
+    def _head(self, last: str) -> None:
+        """last [B, 1, hidden] -> logits [B, 1, V]."""
+        cfg, opts, g = self.cfg, self.opts, self.g
+        V, hidden = cfg.vocab_size, cfg.hidden_size
+        if opts.bits is not None:
+            weight = EMBED if cfg.tie_word_embeddings else LM_HEAD
+            out = self._matmul_nbits(last, weight, "lm_head", k=hidden, n=V)
+            g.node("Identity", [out], [gc.LOGITS], name="logits")
+        elif cfg.tie_word_embeddings:
+            # The embedding table itself, transposed inside the kernel: the head is stored once (measured as
+            # fast as a MatMul over a transposed copy at SmolLM2-135M's shape).
+            g.node("FusedMatMul", [last, g.const(EMBED, self._w(EMBED))], [gc.LOGITS], name="lm_head", domain=MS,
+                   transB=1)
+        else:
+            # [V, hidden] -> [hidden, V]: a MatMul over the transposed head, as onnxruntime-genai writes it.
+            g.node("MatMul", [last, g.const("lm_head.weight_t", self._w_kn(LM_HEAD))], [gc.LOGITS], name="lm_head")
+            self.written[LM_HEAD] = WrittenWeight("lm_head.weight_t", transposed=True)
 
     def _lora_delta(self, module: str, x: str, row_index: str, name: str) -> str:
         """x [B, S, in] -> (x A_row) B_row [B, S, out], each row's slices gathered from the flat banks."""
@@ -234,9 +334,9 @@ class FusedGraphBuilder:
         return out
 
     # --- the model ----------------------------------------------------------------------------
-    def build(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-        """(model, dequantized weights by decoder parameter name, for the verification reference)."""
-        cfg, opts, g, w = self.cfg, self.opts, self.g, self.weights
+    def build(self) -> onnx.ModelProto:
+        """The model (``self.written`` then says where each decoder tensor went)."""
+        cfg, opts, g = self.cfg, self.opts, self.g
         L, H, Hq, D, C = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, opts.ctx_len
         N, R = opts.num_slots, opts.max_rank
         q_size, kv_size = Hq * D, H * D
@@ -251,10 +351,8 @@ class FusedGraphBuilder:
 
         if opts.lora_kernel == "native":
             qkv_shape = g.const("shape.qkv", np.array([0, 0, q_size + 2 * kv_size], np.int64))  # 0: keep B, S
-        (h,) = g.node("Gather", [g.const("embed_tokens.weight", w("embed_tokens.weight")), gc.INPUT_IDS],
-                      name="embed", axis=0)  # [B, S, hidden]
-        (x,) = g.node("SimplifiedLayerNormalization", [h, g.const("layers.0.input_layernorm.weight",
-                                                                  w("layers.0.input_layernorm.weight"))],
+        h = self._embedding()  # [B, S, hidden]
+        (x,) = g.node("SimplifiedLayerNormalization", [h, self._norm("layers.0.input_layernorm.weight")],
                       name="layers.0/input_norm", axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
         residual = h
         for i in range(L):
@@ -266,9 +364,9 @@ class FusedGraphBuilder:
             else:
                 row_index = ""
             # Attention: packed q|k|v projection, per-row adapter deltas, GQA with rotary and in-place cache.
-            qkv_w = w(f"{p}.self_attn.qkv_proj.weight")  # [q+2kv, hidden]
-            qkv_b = w(f"{p}.self_attn.qkv_proj.bias") if cfg.attention_bias else None
-            qkv = self._linear(x, f"{p}.self_attn.qkv_proj.weight", qkv_w.T, qkv_b, f"{p}/attn/qkv")
+            qkv = self._linear(x, f"{p}.self_attn.qkv_proj.weight",  # [q+2kv, hidden]
+                               f"{p}.self_attn.qkv_proj.bias" if cfg.attention_bias else None, f"{p}/attn/qkv",
+                               k=cfg.hidden_size, n=q_size + 2 * kv_size)
             adapted = [m in opts.lora_modules for m in ("q_proj", "k_proj", "v_proj")]
             if opts.lora_kernel == "native":
                 # Each adapted projection's delta goes straight into its columns of the packed q|k|v.
@@ -302,21 +400,20 @@ class FusedGraphBuilder:
                 [f"{p}/attn/out", gc.present_key(i), gc.present_value(i)],
                 name=f"{p}/attn/gqa", domain=MS, num_heads=Hq, kv_num_heads=H, scale=1.0 / math.sqrt(D),
                 do_rotary=1, rotary_interleaved=0)  # -> [B, S, Hq*D]
-            o_b = w(f"{p}.self_attn.o_proj.bias") if cfg.o_bias else None
-            o = self._linear(attn, f"{p}.self_attn.o_proj.weight", w(f"{p}.self_attn.o_proj.weight").T, o_b,
-                             f"{p}/attn/o")
+            o = self._linear(attn, f"{p}.self_attn.o_proj.weight", f"{p}.self_attn.o_proj.bias" if cfg.o_bias else None,
+                             f"{p}/attn/o", k=q_size, n=cfg.hidden_size)
             o = self._adapted("o_proj", o, attn, row_index, f"{p}/attn/o", layer=i)
             # residual + attention, then RMSNorm: one SkipSimplifiedLayerNormalization (output 3 = the sum).
             x, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization",
-                [o, residual, g.const(f"{p}.post_attention_layernorm.weight", w(f"{p}.post_attention_layernorm.weight"))],
+                [o, residual, self._norm(f"{p}.post_attention_layernorm.weight")],
                 [f"{p}/post_norm/out", "", "", f"{p}/post_norm/sum"], name=f"{p}/post_norm", domain=MS,
                 epsilon=cfg.rms_norm_eps)
             # MLP (SwiGLU) with gate|up packed in one projection.
             inter = cfg.intermediate_size
-            gu_w = w(f"{p}.mlp.gate_up_proj.weight")  # [2I, hidden]
-            gu_b = w(f"{p}.mlp.gate_up_proj.bias") if cfg.mlp_bias else None
-            gu = self._linear(x, f"{p}.mlp.gate_up_proj.weight", gu_w.T, gu_b, f"{p}/mlp/gate_up")
+            gu = self._linear(x, f"{p}.mlp.gate_up_proj.weight",  # [2I, hidden]
+                              f"{p}.mlp.gate_up_proj.bias" if cfg.mlp_bias else None, f"{p}/mlp/gate_up",
+                              k=cfg.hidden_size, n=2 * inter)
             if opts.lora_kernel == "native":  # deltas into the packed gate|up columns, before the Split
                 gu = self._adapted("gate_proj", gu, x, row_index, f"{p}/mlp/gate", layer=i)
                 gu = self._adapted("up_proj", gu, x, row_index, f"{p}/mlp/up", layer=i, column_offset=inter)
@@ -328,15 +425,14 @@ class FusedGraphBuilder:
             (sig,) = g.node("Sigmoid", [gate], name=f"{p}/mlp/sigmoid")
             (silu,) = g.node("Mul", [gate, sig], name=f"{p}/mlp/silu")
             (act,) = g.node("Mul", [silu, up], name=f"{p}/mlp/act")  # [B, S, I]
-            d_b = w(f"{p}.mlp.down_proj.bias") if cfg.mlp_bias else None
-            down = self._linear(act, f"{p}.mlp.down_proj.weight", w(f"{p}.mlp.down_proj.weight").T, d_b,
-                                f"{p}/mlp/down")
+            down = self._linear(act, f"{p}.mlp.down_proj.weight", f"{p}.mlp.down_proj.bias" if cfg.mlp_bias else None,
+                                f"{p}/mlp/down", k=inter, n=cfg.hidden_size)
             down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down", layer=i)
             # residual + MLP, then the next layer's input norm (the final norm after the last layer).
             weight_key, node_name = ((f"layers.{i + 1}.input_layernorm.weight", f"layers.{i + 1}/input_norm")
-                                     if i + 1 < L else ("norm.weight", "final_norm"))
+                                     if i + 1 < L else (FINAL_NORM, "final_norm"))
             x, _, _, residual = g.node(
-                "SkipSimplifiedLayerNormalization", [down, residual, g.const(weight_key, w(weight_key))],
+                "SkipSimplifiedLayerNormalization", [down, residual, self._norm(weight_key)],
                 [f"{node_name}/out", "", "", f"{node_name}/sum"], name=node_name, domain=MS,
                 epsilon=cfg.rms_norm_eps)
         # Logits at one token per row only: the one at logits_index[b] (-1 = the last; a batched prefill
@@ -345,16 +441,7 @@ class FusedGraphBuilder:
         (index,) = g.node("Unsqueeze", [gc.LOGITS_INDEX, g.const("axes.last", np.array([2], np.int64))],
                           name="logits_index/unsqueeze")  # [B, 1] -> [B, 1, 1]
         (last,) = g.node("GatherND", [x, index], name="last_token", batch_dims=1)  # [B, 1, hidden]
-        head_name = "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        # A transposed [hidden, V] copy even for tied heads, as onnxruntime-genai does: a B=8 decode step
-        # measured ~4 ms (7%) faster with MatMul over it than with Gemm(transB) over the [V, hidden] table.
-        head_kn = np.ascontiguousarray(w(head_name).T)  # [V, hidden] -> [hidden, V]
-        if opts.bits is None:
-            g.node("MatMul", [last, g.const("lm_head.weight_t", head_kn)], [gc.LOGITS], name="lm_head")
-            g.dequantized["lm_head"] = head_kn
-        else:
-            head_out = self._linear(last, "lm_head", head_kn, None, "lm_head")
-            g.node("Identity", [head_out], [gc.LOGITS], name="logits")
+        self._head(last)
 
         inputs = [helper.make_tensor_value_info(gc.INPUT_IDS, TensorProto.INT64, ["B", "S"]),
                   helper.make_tensor_value_info(gc.LORA_IDS, TensorProto.INT64, ["B", 1]),
@@ -379,27 +466,10 @@ class FusedGraphBuilder:
         model = helper.make_model(graph, opset_imports=opsets,
                                   producer_name="loraflow")
         model.ir_version = 8
-        return model, g.dequantized
+        return model
 
+    def _norm(self, name: str) -> str:
+        """An RMSNorm weight, stored under its decoder name."""
+        self.written[name] = WrittenWeight(name)
+        return self.g.const(name, self._w(name))
 
-def dequantized_decoder(decoder, dequantized: dict[str, np.ndarray]):
-    """A copy of ``decoder`` (a MultiLoraDecoder) whose linears hold exactly what the graph multiplies
-    by: the reference against which a quantised graph's wiring is verified (its error against the
-    float model is measured separately). A tied head gets its own (quantised) lm_head."""
-    import copy
-
-    import torch
-    from torch import nn
-
-    ref = copy.deepcopy(decoder)
-    params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, w_kn in dequantized.items():
-            if name == "lm_head":
-                continue
-            params[name].copy_(torch.from_numpy(np.ascontiguousarray(w_kn.T)))  # [K, N] -> [N, K] (Linear)
-        head = torch.from_numpy(np.ascontiguousarray(dequantized["lm_head"].T))  # [hidden, V] -> [V, hidden]
-        if ref.lm_head is None:
-            ref.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False)
-        ref.lm_head.weight.copy_(head)
-    return ref.eval()

@@ -162,26 +162,76 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int = DEFAULT_
         bits=bits, block_size=block_size, k=k, n=n)
 
 
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 [..., bytes] -> uint8 [..., bytes * 8 / bits] (low nibble first for 4 bits)."""
-    if bits == 8:
-        return packed
-    low, high = packed & 0x0F, packed >> 4
-    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)  # [..., b, 2] -> [..., 2b]
+def quantize_linear(weight_nk, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, *, threads: int | None = None
+                    ) -> QuantizedWeight:
+    """``quantize_blockwise`` of a torch float32 linear weight [N, K] (nn.Linear layout), symmetric, on
+    ``threads`` threads (default: torch's): its rows are cut into that many slices, each transposed to the
+    [K, n] ORT's quantiser takes and quantised at once (the binding releases the GIL), and the blocks joined
+    along N. Bit-identical to one call over the whole weight, since every column is quantised alone."""
+    import torch
+
+    if weight_nk.ndim != 2 or weight_nk.dtype != torch.float32:
+        raise InvalidArgument(f"weight must be a float32 [N, K] tensor, got {weight_nk.dtype} {list(weight_nk.shape)}",
+                              field="weight", value=list(weight_nk.shape))
+    n = weight_nk.shape[0]
+    parts = max(1, min(threads or torch.get_num_threads(), n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    slices = [weight_nk[lo:hi].t().contiguous().numpy() for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    if parts == 1:
+        return quantize_blockwise(slices[0], bits, block_size)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(parts) as pool:
+        done = list(pool.map(lambda w: quantize_blockwise(w, bits, block_size), slices))
+    return QuantizedWeight(packed=np.concatenate([q.packed for q in done]),  # [N, k_blocks, blob]
+                           scales=np.concatenate([q.scales for q in done]),  # n-major: slices join in order
+                           zero_points=None, bits=done[0].bits, block_size=done[0].block_size, k=done[0].k, n=n)
+
+
+def dequantize_nk(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, bits: int,
+                  block_size: int, k: int, n: int):
+    """The float32 torch tensor [N, K] (nn.Linear layout) MatMulNBits multiplies by, from its raw
+    initializers (layout in the module docstring), computed in place on torch's threads."""
+    import torch
+
+    k_blocks = _blocks(k, block_size)
+    p = torch.from_numpy(np.ascontiguousarray(packed).reshape(n, k_blocks, -1))  # [N, k_blocks, blob]
+    per_byte = 8 // bits
+    out = torch.empty(n, k_blocks, p.shape[-1], per_byte)  # [N, k_blocks, blob, 1 or 2 values]
+    if bits == 4:
+        out[..., 0].copy_(p & 0x0F)  # low nibble first
+        out[..., 1].copy_(p >> 4)
+    else:
+        out[..., 0].copy_(p)
+    out = out.view(n, k_blocks, block_size)
+    if zero_points is None:
+        out.sub_(float(1 << (bits - 1)))
+    else:
+        per_col = torch.from_numpy(np.ascontiguousarray(zero_points).reshape(n, -1))  # [N, bytes]
+        if bits == 4:
+            per_col = torch.stack([per_col & 0x0F, per_col >> 4], dim=-1).reshape(n, -1)  # [N, 2 * bytes]
+        out.sub_(per_col[:, :k_blocks].float().unsqueeze(-1))  # [N, k_blocks, 1] (the pad nibble dropped)
+    out.mul_(torch.from_numpy(np.ascontiguousarray(scales).reshape(n, k_blocks, 1)))
+    out = out.view(n, k_blocks * block_size)
+    return out if k_blocks * block_size == k else out[:, :k].contiguous()  # [N, Kpad] -> [N, K]
 
 
 def dequantize(q: QuantizedWeight) -> np.ndarray:
-    """The float32 [K, N] weight MatMulNBits multiplies by (numpy reference)."""
-    k_blocks = q.k_blocks
-    values = _unpack(q.packed, q.bits).astype(np.float32)  # [N, k_blocks, block]
-    if q.zero_points is None:
-        zp = np.full((q.n, k_blocks), float(1 << (q.bits - 1)), dtype=np.float32)
-    else:
-        per_col = q.zero_points.reshape(q.n, -1)  # [N * bytes] -> [N, bytes]
-        zp = _unpack(per_col, q.bits)[:, :k_blocks].astype(np.float32)  # [N, k_blocks] (drop pad nibble)
-    scales = q.scales.reshape(q.n, k_blocks)  # [N * k_blocks] -> [N, k_blocks]
-    w_t = (values - zp[:, :, None]) * scales[:, :, None]  # [N, k_blocks, block]
-    return np.ascontiguousarray(w_t.reshape(q.n, k_blocks * q.block_size)[:, :q.k].T)  # -> [N, Kpad] -> [K, N]
+    """The float32 [K, N] weight MatMulNBits multiplies by (reference of the operator)."""
+    w_nk = dequantize_nk(q.packed, q.scales, q.zero_points, bits=q.bits, block_size=q.block_size, k=q.k, n=q.n)
+    return np.ascontiguousarray(w_nk.numpy().T)  # [N, K] -> [K, N]
+
+
+def matmul_nbits(name: str, x: str, out: str, initializers: list[str], *, k: int, n: int, bits: int,
+                 block_size: int, accuracy_level: int) -> NodeProto:
+    """The com.microsoft MatMulNBits node ``out = x @ W`` over ``initializers`` (qweight, scales[, zero_points])."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"name={name!r} must be a non-empty string", field="name", value=name)
+    _check_bits(bits)
+    _check_block_size(block_size)
+    _check_accuracy_level(accuracy_level)
+    return helper.make_node("MatMulNBits", [x, *initializers], [out], name=name, domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=block_size, accuracy_level=int(accuracy_level))
 
 
 def matmul_nbits_node(name: str, x: str, out: str, q: QuantizedWeight, *,
@@ -195,15 +245,10 @@ def matmul_nbits_node(name: str, x: str, out: str, q: QuantizedWeight, *,
     if not isinstance(name, str) or not name:
         raise InvalidArgument(f"name={name!r} must be a non-empty string", field="name", value=name)
     _check_accuracy_level(accuracy_level)
-    qweight = numpy_helper.from_array(q.packed, f"{name}.qweight")
-    scales = numpy_helper.from_array(q.scales, f"{name}.scales")
-    initializers = [qweight, scales]
-    inputs = [x, qweight.name, scales.name]
+    initializers = [numpy_helper.from_array(q.packed, f"{name}.qweight"),
+                    numpy_helper.from_array(q.scales, f"{name}.scales")]
     if q.zero_points is not None:
-        zp = numpy_helper.from_array(q.zero_points, f"{name}.zero_points")
-        initializers.append(zp)
-        inputs.append(zp.name)
-    node = helper.make_node("MatMulNBits", inputs, [out], name=name, domain="com.microsoft",
-                            K=q.k, N=q.n, bits=q.bits, block_size=q.block_size,
-                            accuracy_level=int(accuracy_level))
+        initializers.append(numpy_helper.from_array(q.zero_points, f"{name}.zero_points"))
+    node = matmul_nbits(name, x, out, [t.name for t in initializers], k=q.k, n=q.n, bits=q.bits,
+                        block_size=q.block_size, accuracy_level=accuracy_level)
     return node, initializers

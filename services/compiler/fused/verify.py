@@ -1,31 +1,47 @@
-"""Verify a fused graph before publishing: the runtime's own step driver against the PyTorch decoder.
+"""Verify a fused graph before publishing: the runtime's own step driver against the PyTorch reference.
 
 The graph runs through ``loraflow.artifact.step_driver.FusedStepDriver`` (the code the inference service
-runs) in the scenario traced graphs are verified in too (services.compiler.verify.run_scenario): rows in
+runs) in the scenario traced graphs are verified in too (services.compiler.verify.drive_scenario): rows in
 shuffled KV slots with a gap (so decode calls carry a dummy row), chunked prefill with rows in adjacent
 slots sharing a call (a shorter chunk right-padded), mixed adapters with slot 0 (base) among them, and one
 request joining alone after the others have decoded. Each row's logits at every sampled token are compared
-with the PyTorch decoder run on that row's whole sequence. For int4/int8 the reference holds the
-dequantised weights the graph multiplies by (so the check is of the wiring, tight); the quantisation error
-itself is measured against the float decoder and reported (relative logit error, share of greedy tokens
-equal to the float model's).
+with the reference run on that row's whole sequence. An artifact's graphs (model.onnx and
+model.native.onnx) are opened one after another, each session closed before the next opens, and share one
+reference pass.
+
+For int4/int8 the reference holds the dequantised weights read back from the artifact itself
+(readback.ArtifactWeights), each checked to be the block quantisation of the checkpoint's tensor, so the
+check is of the wiring and tight; the quantisation error is measured against the float checkpoint in the
+same layer pass and reported (relative logit error, share of greedy tokens equal to the float model's).
 """
 
 from __future__ import annotations
 
+import gc as garbage
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, flat_bank
 from loraflow.manifest import GraphSpec
-from services.compiler.verify import SCENARIO_SLOTS, VerifyReport, run_scenario
+from services.compiler.verify import (
+    SCENARIO_SLOTS,
+    ReferenceFn,
+    ScenarioResult,
+    ScenarioRun,
+    VerifyReport,
+    check_runs,
+    drive_scenario,
+)
 
-# Max |ORT - reference| / max(1, max |reference|). fp32 and MatMulNBits with float activations
-# (accuracy_level 0) compute the same sums in another order; accuracy_level 4 rounds activations
-# to int8 per block inside the kernel, measured at up to 0.03 on SmolLM2-135M.
+# Max |ORT - reference| / max(1, max |reference|) by MatMulNBits accuracy level, before scaling by the
+# model's measured float32 error (services/compiler/verify.py). fp32 and MatMulNBits with float activations
+# (accuracy_level 0) compute the same sums in another order; accuracy_level 4 rounds activations to int8
+# per block inside the kernel, measured at up to 0.03 on SmolLM2-135M.
 TOLERANCE = {0: 1e-4, 1: 1e-4, 2: 5e-3, 3: 5e-3, 4: 0.1}
 QUANTIZED_SLACK = 10.0  # int4/int8 at level 0: sums of dequantised products, a little looser than fp32
 
@@ -37,28 +53,71 @@ class FusedVerifyReport(VerifyReport):
     quant_token_agreement: float | None = None
 
 
+def base_tolerance(accuracy_level: int | None, quantized: bool) -> float:
+    level = 0 if accuracy_level is None else int(accuracy_level)
+    return TOLERANCE[level] * (QUANTIZED_SLACK if quantized and level < 2 else 1.0)
+
+
 def flat_bank_views(banks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """[L, N, in, R] / [L, N, R, out] banks as the fused graph's [L*N, ...] float32 inputs."""
     return {name: flat_bank(np.ascontiguousarray(bank, dtype=np.float32)) for name, bank in banks.items()}
 
 
-def verify_fused_graph(session, reference, graph: GraphSpec, banks: Mapping[str, np.ndarray], *, ctx_len: int,
-                       occupied_slots: int, chunk: int, accuracy_level: int | None = None, float_decoder=None,
-                       decode_steps: int = 3, seed: int = 0) -> FusedVerifyReport:
-    """``reference``: the decoder whose weights the graph holds (banks installed); ``float_decoder``: the
-    unquantised one, given for int4/int8 to measure their error. ``ctx_len``: the graph's cache length."""
-    level = 0 if accuracy_level is None else int(accuracy_level)
-    tol = TOLERANCE[level] * (QUANTIZED_SLACK if float_decoder is not None and level < 2 else 1.0)
+def _report(result: ScenarioResult) -> FusedVerifyReport:
+    return FusedVerifyReport(
+        max_abs_diff=result.max_abs_diff, relative_diff=result.relative_diff, tolerance=result.tolerance,
+        calls=result.calls, tokens_match=result.tokens_match, reference_error=result.reference_error,
+        max_activation=result.max_activation, rounding_error=result.rounding_error, quant_relative_diff=result.quant_relative_diff,
+        quant_token_agreement=result.quant_token_agreement)
+
+
+def drive_fused(session, graph: GraphSpec, banks: Mapping[str, np.ndarray], *, ctx_len: int, occupied_slots: int,
+                chunk: int, label: str, decode_steps: int = 3, seed: int = 0) -> ScenarioRun:
+    """The scenario on one fused graph's session, through the runtime's step driver."""
     cache = SharedKvCache(layers=graph.layers, slots=SCENARIO_SLOTS, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
                           head_dim=graph.head_dim)
     driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
     try:
-        result = run_scenario(driver, reference, banks, vocab_size=graph.vocab_size, ctx_len=ctx_len,
-                              occupied_slots=occupied_slots, chunk=chunk, tolerance=tol, label="fused graph",
-                              float_decoder=float_decoder, decode_steps=decode_steps, seed=seed)
+        return drive_scenario(driver, vocab_size=graph.vocab_size, ctx_len=ctx_len, occupied_slots=occupied_slots,
+                              chunk=chunk, label=label, decode_steps=decode_steps, seed=seed)
     finally:
         driver.close()
-    return FusedVerifyReport(
-        max_abs_diff=result.max_abs_diff, relative_diff=result.relative_diff, tolerance=result.tolerance,
-        calls=result.calls, tokens_match=result.tokens_match, quant_relative_diff=result.quant_relative_diff,
-        quant_token_agreement=result.quant_token_agreement)
+
+
+def verify_fused_graph(session, reference: ReferenceFn, graph: GraphSpec, banks: Mapping[str, np.ndarray], *,
+                       ctx_len: int, occupied_slots: int, chunk: int, accuracy_level: int | None = None,
+                       quantized: bool = False, decode_steps: int = 3, seed: int = 0) -> FusedVerifyReport:
+    """One open session against ``reference`` (the weights the graph holds; for a quantised graph with the
+    float model beside them). ``ctx_len``: the graph's cache length."""
+    run = drive_fused(session, graph, banks, ctx_len=ctx_len, occupied_slots=occupied_slots, chunk=chunk,
+                      label="fused graph", decode_steps=decode_steps, seed=seed)
+    (result,) = check_runs([run], reference, base_tolerance=base_tolerance(accuracy_level, quantized))
+    return _report(result)
+
+
+def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceFn, banks: Mapping[str, np.ndarray], *,
+                          ctx_len: int, occupied_slots: int, chunk: int, accuracy_level: int | None,
+                          quantized: bool) -> tuple[FusedVerifyReport, FusedVerifyReport | None]:
+    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise). The sessions
+    open one after another, each released before the next opens (a 7B artifact's weights are resident once);
+    one reference pass serves both."""
+    import onnxruntime as ort
+
+    from loraflow import native as native_lora
+
+    runs = []
+    for file in (graph.file, graph.native_file):
+        if not file:
+            continue
+        so = session_options(ort, num_threads=0)
+        if file == graph.native_file:
+            native_lora.register(so)
+        session = ort.InferenceSession(str(out_dir / file), so, providers=["CPUExecutionProvider"])
+        try:
+            runs.append(drive_fused(session, graph, banks, ctx_len=ctx_len, occupied_slots=occupied_slots, chunk=chunk,
+                                    label=f"fused graph {file}"))
+        finally:
+            del session
+            garbage.collect()  # the session's weights go before the next session (or the reference) loads
+    results = check_runs(runs, reference, base_tolerance=base_tolerance(accuracy_level, quantized))
+    return _report(results[0]), (_report(results[1]) if len(results) > 1 else None)

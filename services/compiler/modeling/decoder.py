@@ -14,7 +14,6 @@ Banks default to the module's own buffers (``set_banks``); the export passes the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from loraflow.graph_contract import LORA_TARGET_MODULES
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, RMSNorm
 from services.compiler.modeling.rope import Rope, inverse_frequencies, rope_cos_sin, rotate_half_matrix
+from services.compiler.modeling.weights import CheckpointWeights, WeightSource, model_names
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -72,6 +72,12 @@ class MultiLoraDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """RoPE tables and empty banks (non-persistent buffers), on the CPU: a decoder built on the meta
+        device gets real ones after its weights are assigned."""
+        cfg = self.cfg
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
         self.register_buffer("rope_rotate", rotate_half_matrix(cfg.head_dim), persistent=False)
         self.num_slots = 1  # N; set_banks changes it
@@ -149,72 +155,17 @@ class MultiLoraDecoder(nn.Module):
 
 
 # --- loading -------------------------------------------------------------------------------------
-def _read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise InvalidArgument(f"{model_dir} has no safetensors weights (model.safetensors or an index)",
-                              field="base_model", value=str(model_dir))
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(model_dir / name)))
-    return state
-
-
-def weight_files(model_dir: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in a stable order."""
+def load_decoder(model_dir: str | Path, lora_modules: Sequence[str] = (), dtype: torch.dtype = torch.float32,
+                 *, weights: WeightSource | None = None) -> MultiLoraDecoder:
+    """The whole decoder from an HF checkpoint dir, for the traced export and tests: built on the meta device
+    (no random init) and given the checkpoint's tensors (one float32 copy of the model). Model-sized work
+    streams through a WeightSource instead (services/compiler/modeling/weights.py)."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [model_dir / "model.safetensors"]
-
-
-def load_decoder(model_dir: str | Path, lora_modules: Sequence[str] = (), dtype: torch.dtype = torch.float32
-                 ) -> MultiLoraDecoder:
-    """Build the decoder from an HF checkpoint dir (config.json + safetensors)."""
-    model_dir = Path(model_dir)
-    cfg = DecoderConfig.from_model_dir(model_dir)
-    state = _read_state_dict(model_dir)
-    model = MultiLoraDecoder(cfg, lora_modules)
-
-    def take(key: str) -> torch.Tensor:
-        if key not in state:
-            raise InvalidArgument(f"checkpoint {model_dir} lacks weight {key!r}", field="base_model", value=key)
-        return state[key].to(torch.float32)
-
-    ours: dict[str, torch.Tensor] = {"embed_tokens.weight": take("model.embed_tokens.weight"),
-                                     "norm.weight": take("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        ours["lm_head.weight"] = take("lm_head.weight")
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        ours[f"layers.{i}.input_layernorm.weight"] = take(p + "input_layernorm.weight")
-        ours[f"layers.{i}.post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
-        qkv = [p + f"self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
-        # [Hq*D, hidden] ++ [H*D, hidden] ++ [H*D, hidden] -> [(Hq+2H)*D, hidden]
-        ours[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat([take(k + ".weight") for k in qkv])
-        if cfg.attention_bias:
-            ours[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat([take(k + ".bias") for k in qkv])
-        ours[f"layers.{i}.self_attn.o_proj.weight"] = take(p + "self_attn.o_proj.weight")
-        if cfg.o_bias:
-            ours[f"layers.{i}.self_attn.o_proj.bias"] = take(p + "self_attn.o_proj.bias")
-        # [I, hidden] ++ [I, hidden] -> [2I, hidden]
-        ours[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        ours[f"layers.{i}.mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
-        if cfg.mlp_bias:
-            ours[f"layers.{i}.mlp.gate_up_proj.bias"] = torch.cat(
-                [take(p + "mlp.gate_proj.bias"), take(p + "mlp.up_proj.bias")])
-            ours[f"layers.{i}.mlp.down_proj.bias"] = take(p + "mlp.down_proj.bias")
-    missing, unexpected = model.load_state_dict(ours, strict=False)
-    # Buffers (inv_freq, banks) are not persistent, so nothing may be missing.
-    if missing or unexpected:
-        raise InvalidArgument(f"weights do not fit the {cfg.architecture} decoder: missing {missing}, "
-                              f"unexpected {unexpected}", field="base_model", value=str(model_dir))
+    cfg = weights.cfg if weights is not None else DecoderConfig.from_model_dir(model_dir)
+    source = weights or CheckpointWeights.open(model_dir, cfg)
+    with torch.device("meta"):
+        model = MultiLoraDecoder(cfg, lora_modules)
+    state = {name: source.get(name) for name in model_names(cfg)}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers()
     return model.cast(dtype).eval()

@@ -1,0 +1,29 @@
+"""ONNX Runtime session options for opening an artifact: the inference runtime and compile-time verification
+open artifacts the same way, so verification measures what serving will cost.
+
+What opening an artifact costs (ONNX Runtime 1.32, measured; docs/internals.md has the numbers):
+
+* external initializers are memory-mapped (at any offset), never read into a buffer: a table only a
+  Gather reads (the embedding) stays file-backed, and only the rows looked up become resident;
+* MatMul / MatMulNBits weights are pre-packed into the kernel's layout, an anonymous copy (fp32: the
+  weight's size; int4 at accuracy level 4: 1.2x, the block sums the int8-activation kernel keeps), and the
+  mapped pages they came from are clean page cache the kernel reclaims under pressure. Pre-packing stays
+  on: without it an fp32 B=8 MatMul ran 3x slower, and MatMulNBits falls back to slow paths;
+* so a session costs its weights in kernel layout plus a constant (the runtime and the arena of one
+  call's activations); ``session.use_device_allocator_for_initializers`` changes nothing here (the
+  initializers are mapped, not allocated) and is not set.
+"""
+
+from __future__ import annotations
+
+
+def session_options(ort, *, num_threads: int = 0, allow_spinning: bool = False):
+    """SessionOptions for an artifact graph: ``num_threads`` intra-op threads (0 = ONNX Runtime's default),
+    one inter-op thread, idle threads sleeping unless ``allow_spinning``."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if num_threads:
+        so.intra_op_num_threads = num_threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    return so

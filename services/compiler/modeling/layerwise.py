@@ -1,0 +1,199 @@
+"""The PyTorch reference run layer by layer, with one layer's weights resident at a time.
+
+Verification compares an artifact with the decoder on a handful of short sequences. Instead of a
+materialised model, every sequence is embedded, then each layer is built from its weight source (on the
+meta device, its tensors assigned), applied to every sequence and released; the final norm and the head
+come last, the head a slice of the vocabulary at a time. Peak memory is one layer per model computed
+plus the activations of the sequences.
+
+Several models can be computed in the same pass (``Variant``s): e.g. the float32 decoder and the same
+weights in float64, whose difference measures the float32 accumulation error of this model on these
+sequences (verify.py's tolerance follows it), or a quantised artifact's read-back weights beside the
+checkpoint's. Sources shared by variants are read once per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loraflow import graph_contract as gc
+from services.compiler.modeling.config import DecoderConfig
+from services.compiler.modeling.decoder import attention_bias
+from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, RMSNorm
+from services.compiler.modeling.rope import Rope, inverse_frequencies, rope_cos_sin, rotate_half_matrix
+from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource, layer_names
+
+# Vocabulary rows of the head converted and multiplied at a time (bounds the head's memory at 7B).
+HEAD_CHUNK_ROWS = 8192
+# Below this many weights per matrix the reference runs on one thread: splitting a small matmul costs more
+# than it saves (measured 2.5 ms per [12, 128] @ [128, 256] on 2 threads of a loaded 2-core host, 0.1 ms on one).
+ONE_THREAD_BELOW = 1 << 22
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model the reference computes: where its weights come from, and in which precision.
+
+    ``activation_block``: the base projections' (and the head's) inputs are rounded to int8 per block of that
+    many values first, as MatMulNBits does at accuracy level 4 (ONNX Runtime's MLAS: per block of the weights'
+    block size, scale max|x| / 127, round to nearest even), so the reference computes what the int8-activation
+    kernel computes and the check of a quantised graph stays tight. The LoRA deltas see the unrounded input,
+    as in the graph."""
+
+    source: WeightSource
+    dtype: torch.dtype = torch.float32
+    activation_block: int | None = None
+
+
+def round_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., K] with every block of ``block`` values along K rounded to int8 (scale max|x| / 127), as MLAS
+    quantises a MatMulNBits input at accuracy level 4; K is a whole number of blocks."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)  # [..., K] -> [..., K/block, block]
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax != 0, 127.0 / amax, torch.zeros((), dtype=x.dtype))
+    return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(x.shape)  # round: to nearest even, as MLAS
+
+
+class _RoundedInput(torch.nn.Module):
+    """A base projection whose input is rounded to int8 per block first (see Variant.activation_block)."""
+
+    def __init__(self, linear: torch.nn.Linear, block: int):
+        super().__init__()
+        self.linear, self.block = linear, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(round_activations(x, self.block))
+
+
+@dataclass(frozen=True)
+class ReferenceRow:
+    """A sequence run from an empty cache with adapter slot ``lora_id`` (0 = base model)."""
+
+    tokens: tuple[int, ...]
+    lora_id: int
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    logits: list[np.ndarray]  # per row: [len(tokens), V] float32 (every position)
+    max_activation: float  # largest |h| in the residual stream, any layer, any row
+
+
+# Called with every group of weights as it is loaded (the embedding, each layer, the final norm and head):
+# {source: {name: tensor}}; e.g. checks read-back weights against the checkpoint's.
+LayerHook = Callable[[Mapping[WeightSource, Mapping[str, torch.Tensor]]], None]
+
+
+def _layer_module(cfg: DecoderConfig, i: int, weights: Mapping[str, torch.Tensor], variant: Variant) -> DecoderLayer:
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg)
+    prefix = f"layers.{i}."
+    layer.load_state_dict({k.removeprefix(prefix): v.to(variant.dtype) for k, v in weights.items()}, strict=True,
+                          assign=True)
+    if variant.activation_block:
+        block = variant.activation_block
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj, attn.o_proj = _RoundedInput(attn.qkv_proj, block), _RoundedInput(attn.o_proj, block)
+        mlp.gate_up_proj, mlp.down_proj = _RoundedInput(mlp.gate_up_proj, block), _RoundedInput(mlp.down_proj, block)
+    return layer.eval()
+
+
+def reference_logits(variants: Mapping[str, Variant], rows: Sequence[ReferenceRow], banks: Mapping[str, np.ndarray],
+                     lora_modules: Sequence[str], *, on_layer: LayerHook | None = None
+                     ) -> dict[str, ReferenceResult]:
+    """Logits of every row's every position for each variant (by label). ``banks``: [L, N, in, R] /
+    [L, N, R, out] float arrays by graph input name for the adapted ``lora_modules``."""
+    cfg = next(iter(variants.values())).source.cfg
+    sources = list(dict.fromkeys(v.source for v in variants.values()))  # each read once per layer
+
+    def load(names) -> dict[WeightSource, dict[str, torch.Tensor]]:
+        weights = {src: {n: src.get(n) for n in names} for src in sources}
+        if on_layer is not None:
+            on_layer(weights)
+        return weights
+
+    threads = torch.get_num_threads()
+    if cfg.hidden_size * cfg.intermediate_size < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _layer_by_layer(cfg, variants, rows, banks, lora_modules, load)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _layer_by_layer(cfg: DecoderConfig, variants: Mapping[str, Variant], rows: Sequence[ReferenceRow],
+                    banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], load) -> dict[str, ReferenceResult]:
+    state = {label: _Run(cfg, v, rows, banks, lora_modules) for label, v in variants.items()}
+    embeds = load([EMBED])
+    for label, v in variants.items():
+        state[label].embed(embeds[v.source][EMBED])
+    del embeds
+    for i in range(cfg.num_layers):
+        weights = load(layer_names(cfg, i))
+        for label, v in variants.items():
+            layer = _layer_module(cfg, i, weights[v.source], v)
+            state[label].apply(layer, i)
+            del layer
+        del weights
+    head_name = EMBED if cfg.tie_word_embeddings else LM_HEAD
+    last = load(dict.fromkeys([FINAL_NORM, head_name]))
+    return {label: state[label].finish(last[v.source][FINAL_NORM], last[v.source][head_name])
+            for label, v in variants.items()}
+
+
+class _Run:
+    """One variant's activations as the layers go by: every row in one batch [R, T] (the shorter rows padded
+    at the end with position -1, which nothing attends), so a layer is one call however many rows there are."""
+
+    def __init__(self, cfg: DecoderConfig, variant: Variant, rows: Sequence[ReferenceRow],
+                 banks: Mapping[str, np.ndarray], lora_modules: Sequence[str]):
+        self.cfg, self.dtype, self.activation_block = cfg, variant.dtype, variant.activation_block
+        dtype = variant.dtype
+        # float32 angles as MultiLoraDecoder computes them; float64 ones for a float64 variant.
+        inv_freq = inverse_frequencies(cfg).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        lora_a = {m: torch.from_numpy(np.asarray(banks[gc.lora_a(m)])).to(dtype) for m in lora_modules}
+        lora_b = {m: torch.from_numpy(np.asarray(banks[gc.lora_b(m)])).to(dtype) for m in lora_modules}
+        num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
+        self.lengths = [len(r.tokens) for r in rows]
+        R, T = len(rows), max(self.lengths)
+        self.tokens = torch.zeros(R, T, dtype=torch.long)
+        positions = torch.full((R, T), -1, dtype=torch.long)  # [R, T]: -1 = padding
+        for j, r in enumerate(rows):
+            self.tokens[j, :len(r.tokens)] = torch.tensor(r.tokens)
+            positions[j, :len(r.tokens)] = torch.arange(len(r.tokens))
+        cos, sin = rope_cos_sin(positions, inv_freq, dtype)  # [R, T, 1, D]
+        self.rope = Rope(cos=cos, sin=sin, rotate=rotate_half_matrix(cfg.head_dim).to(dtype))
+        self.past = torch.zeros(1, R, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)  # an empty past: masked
+        self.bias = attention_bias(positions, 1, dtype)  # [R, 1, 1, T, 1 + T]
+        self.lora = LoraSelector(lora_a, lora_b, torch.tensor([[r.lora_id] for r in rows]), num_slots)
+        self.slots = torch.arange(R)
+        self.dims = Dims(rows=R, tokens=T, past=1)
+        self.hidden = torch.empty(0)
+        self.max_activation = 0.0
+
+    def embed(self, table: torch.Tensor) -> None:
+        self.hidden = table[self.tokens].to(self.dtype)  # [R, T, hidden]
+
+    def apply(self, layer: DecoderLayer, i: int) -> None:
+        self.hidden, _, _ = layer(self.hidden, self.rope, self.past, self.past, self.slots, self.bias, self.lora, i,
+                                  self.dims)
+        real = torch.cat([self.hidden[j, :n] for j, n in enumerate(self.lengths)])  # padding excluded
+        self.max_activation = max(self.max_activation, float(real.abs().max()))
+
+    def finish(self, norm_weight: torch.Tensor, head: torch.Tensor) -> ReferenceResult:
+        norm = RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
+        norm.weight = torch.nn.Parameter(norm_weight.to(self.dtype), requires_grad=False)
+        normed = torch.cat([norm(self.hidden[j, :n]) for j, n in enumerate(self.lengths)])  # [sum T, hidden]
+        if self.activation_block:  # the head is a MatMulNBits too
+            normed = round_activations(normed, self.activation_block)
+        logits = torch.empty(normed.shape[0], head.shape[0], dtype=torch.float32)
+        for start in range(0, head.shape[0], HEAD_CHUNK_ROWS):
+            chunk = head[start:start + HEAD_CHUNK_ROWS].to(self.dtype)  # [v, hidden]
+            logits[:, start:start + chunk.shape[0]] = (normed @ chunk.T).float()  # [sum T, hidden] @ [hidden, v]
+        per_row = torch.split(logits, self.lengths)  # [sum T, V] -> [T_j, V] per row
+        return ReferenceResult(logits=[x.numpy() for x in per_row], max_activation=self.max_activation)

@@ -1,0 +1,160 @@
+"""The decoder's weights by name, one tensor at a time: what the graph writers and the reference consume.
+
+Names are MultiLoraDecoder's state-dict names (``layers.3.self_attn.qkv_proj.weight``); linears are in
+nn.Linear layout [out, in], q|k|v and gate|up packed along ``out``. A ``WeightSource`` returns one tensor
+per call and keeps nothing, so a consumer that asks layer by layer holds at most one layer:
+
+* ``CheckpointWeights`` reads them from a safetensors checkpoint (the family's Hugging Face names ->
+  ours is ``hf_names``), checked against config.json before anything is read;
+* ``ModuleWeights`` takes them from a materialised decoder (the traced export, tests);
+* services/compiler/fused/readback.py reads them back from a written artifact (what a quantised graph
+  really multiplies by).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from services.compiler.modeling.checkpoint import Checkpoint
+from services.compiler.modeling.config import DecoderConfig
+
+EMBED = "embed_tokens.weight"
+FINAL_NORM = "norm.weight"
+LM_HEAD = "lm_head.weight"
+
+if TYPE_CHECKING:
+    import torch
+
+
+class WeightSource(Protocol):
+    cfg: DecoderConfig
+
+    def get(self, name: str) -> torch.Tensor:
+        """float32 tensor ``name`` (see module docstring); the caller owns it."""
+        ...
+
+
+def layer_names(cfg: DecoderConfig, i: int) -> tuple[str, ...]:
+    """Our names of layer ``i``'s tensors (biases only where the family has them)."""
+    p = f"layers.{i}."
+    names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.qkv_proj.weight"]
+    if cfg.attention_bias:
+        names.append(p + "self_attn.qkv_proj.bias")
+    names.append(p + "self_attn.o_proj.weight")
+    if cfg.o_bias:
+        names.append(p + "self_attn.o_proj.bias")
+    names.append(p + "mlp.gate_up_proj.weight")
+    if cfg.mlp_bias:
+        names.append(p + "mlp.gate_up_proj.bias")
+    names.append(p + "mlp.down_proj.weight")
+    if cfg.mlp_bias:
+        names.append(p + "mlp.down_proj.bias")
+    return tuple(names)
+
+
+def model_names(cfg: DecoderConfig) -> list[str]:
+    """Every tensor of the decoder, embedding first, in the order a streaming writer asks for them."""
+    names = [EMBED]
+    for i in range(cfg.num_layers):
+        names += layer_names(cfg, i)
+    names.append(FINAL_NORM)
+    if not cfg.tie_word_embeddings:
+        names.append(LM_HEAD)
+    return names
+
+
+def shape_of(cfg: DecoderConfig, name: str) -> tuple[int, ...]:
+    """The shape config.json implies for one of our tensors."""
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    if name in (EMBED, LM_HEAD):
+        return (cfg.vocab_size, hidden)
+    if name == FINAL_NORM or name.endswith("layernorm.weight"):
+        return (hidden,)
+    suffix = name.split(".", 2)[2]
+    return {"self_attn.qkv_proj.weight": (qkv, hidden), "self_attn.qkv_proj.bias": (qkv,),
+            "self_attn.o_proj.weight": (hidden, cfg.num_heads * cfg.head_dim), "self_attn.o_proj.bias": (hidden,),
+            "mlp.gate_up_proj.weight": (2 * inter, hidden), "mlp.gate_up_proj.bias": (2 * inter,),
+            "mlp.down_proj.weight": (hidden, inter), "mlp.down_proj.bias": (hidden,)}[suffix]
+
+
+def hf_names(name: str) -> tuple[str, ...]:
+    """The Hugging Face tensors (Llama / Mistral / Qwen2 naming) that make up one of ours, concatenated
+    along dim 0 in this order."""
+    if name in (EMBED, FINAL_NORM):
+        return (f"model.{name}",)
+    if name == LM_HEAD:
+        return (LM_HEAD,)
+    _, i, rest = name.split(".", 2)
+    p = f"model.layers.{i}."
+    kind = rest.rsplit(".", 1)[1]  # weight | bias
+    if rest.startswith("self_attn.qkv_proj."):
+        return tuple(f"{p}self_attn.{m}.{kind}" for m in ("q_proj", "k_proj", "v_proj"))
+    if rest.startswith("mlp.gate_up_proj."):
+        return (f"{p}mlp.gate_proj.{kind}", f"{p}mlp.up_proj.{kind}")
+    return (p + rest,)
+
+
+def hf_part_shapes(cfg: DecoderConfig, name: str) -> list[tuple[int, ...]]:
+    """Shapes of the Hugging Face tensors of our ``name``, in hf_names order."""
+    total = shape_of(cfg, name)
+    if ".qkv_proj." in name:
+        rows = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    elif ".gate_up_proj." in name:
+        rows = [cfg.intermediate_size] * 2
+    else:
+        return [total]
+    return [(r, *total[1:]) for r in rows]
+
+
+def hf_tensor_shapes(cfg: DecoderConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Every Hugging Face tensor a checkpoint of ``cfg`` holds, with its shape, in file order."""
+    return [(part, shape) for name in model_names(cfg)
+            for part, shape in zip(hf_names(name), hf_part_shapes(cfg, name), strict=True)]
+
+
+class CheckpointWeights:
+    """Our tensors straight from a checkpoint, converted to float32 one at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, cfg: DecoderConfig):
+        self.checkpoint, self.cfg = checkpoint, cfg
+
+    @classmethod
+    def open(cls, model_dir, cfg: DecoderConfig | None = None) -> CheckpointWeights:
+        """Open and check the checkpoint of ``model_dir`` (InvalidArgument naming the file otherwise)."""
+        weights = cls(Checkpoint.open(model_dir), cfg or DecoderConfig.from_model_dir(model_dir))
+        weights.check()
+        return weights
+
+    def check(self) -> None:
+        """Every tensor the decoder needs is present, of a supported dtype and of the shape config.json
+        implies; reads no weight."""
+        for name, shape in hf_tensor_shapes(self.cfg):
+            self.checkpoint.check(name, shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        import torch
+
+        parts = hf_names(name)
+        if len(parts) == 1:
+            return self.checkpoint.read(parts[0])
+        out = torch.empty(shape_of(self.cfg, name), dtype=torch.float32)
+        row = 0
+        for part in parts:  # each piece converted straight into its rows of the packed tensor
+            rows = self.checkpoint.entry(part).shape[0]
+            self.checkpoint.read_into(part, out[row:row + rows])
+            row += rows
+        return out
+
+
+class ModuleWeights:
+    """Our tensors from a materialised MultiLoraDecoder (as float32 copies)."""
+
+    def __init__(self, decoder):
+        self.cfg = decoder.cfg
+        self._params = dict(decoder.named_parameters())
+
+    def get(self, name: str) -> torch.Tensor:
+        import torch
+
+        return self._params[name].detach().to(torch.float32).clone()
