@@ -173,9 +173,14 @@ class ModelInspector:
         self._lock = threading.Lock()
         self.builds = 0  # meta-device builds started (a cache hit starts none)
 
+    @property
+    def pool(self) -> PreparationPool:
+        """Where this server's model-sized preparation runs (the process's pool unless one was given)."""
+        return self._pool or preparation_pool()
+
     def inspect(self, config_json: dict[str, Any], alive: Callable[[], bool]) -> BaseModelInfo:
         key = hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
-        pool = self._pool or preparation_pool()
+        pool = self.pool
         with self._lock:
             future = self._cache.get(key)
             if future is None or future.cancelled() or (future.done() and future.exception() is not None):
@@ -267,17 +272,15 @@ class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
         info = self.inspector.inspect(config, alive)
         req.lora.check_targets(info.linear_modules)
         still_wanted("the dataset was read")
-        data = read_dataset_bytes(req.dataset_uri, self.store, self.inputs)
-        records = parse_jsonl(data)
+        # Up to MAX_DATASET_BYTES to read, parse, hash and copy: the preparation pool's work, not this thread's.
+        pool = self.inspector.pool
+        dataset_key, num_records = pool.run(lambda: self._stage_dataset(req.dataset_uri), alive=alive,
+                                            what="SubmitTrainingJob")
         still_wanted("the job was queued")
-        # Content-addressed copy: the worker never reads the client's filesystem.
-        dataset_key = f"datasets/{hashlib.sha256(data).hexdigest()}.jsonl"
-        if not self.store.exists(dataset_key):
-            self.store.put_bytes(dataset_key, data)
 
         payload = {
             "adapter_name": req.adapter_name, "base_model": req.base_model, "dataset_uri": req.dataset_uri,
-            "dataset_key": dataset_key, "dataset_records": len(records), "model_type": info.model_type,
+            "dataset_key": dataset_key, "dataset_records": num_records, "model_type": info.model_type,
             "lora": req.lora.to_dict(), "training": req.training.to_dict(),
         }
         lock = self.redis.lock(_NAME_LOCK_PREFIX + req.adapter_name, timeout=30, blocking_timeout=10)
@@ -291,8 +294,18 @@ class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 self.redis.hset(NAME_RESERVATIONS_KEY, req.adapter_name, record.id)
         finally:
             lock.release()
-        log.info("queued training job %s for adapter %s (%d records)", record.id, req.adapter_name, len(records))
+        log.info("queued training job %s for adapter %s (%d records)", record.id, req.adapter_name, num_records)
         return job_to_proto(record)
+
+    def _stage_dataset(self, dataset_uri: str) -> tuple[str, int]:
+        """The dataset read, validated line by line and copied into the store under its sha256; its key and
+        record count. Content-addressed: the worker never reads the client's filesystem."""
+        data = read_dataset_bytes(dataset_uri, self.store, self.inputs)
+        num_records = len(parse_jsonl(data))
+        dataset_key = f"datasets/{hashlib.sha256(data).hexdigest()}.jsonl"
+        if not self.store.exists(dataset_key):
+            self.store.put_bytes(dataset_key, data)
+        return dataset_key, num_records
 
     def _check_name_free(self, name: str) -> None:
         if self.registry.find_adapter(name) is not None:

@@ -174,3 +174,39 @@ def test_the_worker_refuses_a_planted_job_over_its_budget_before_loading_weights
         assert got.state == "FAILED" and "needs an estimated" in got.error and "64.0 MiB" in got.error, got.error
     finally:
         stack.close()
+
+
+def test_the_dataset_is_read_and_parsed_off_the_rpc_thread_and_a_gone_client_queues_nothing(
+        redis_url, tmp_path, tiny_llama, dataset_file, input_policy, monkeypatch):
+    import services.trainer.server as trainer_server
+
+    read_on: list[str] = []
+    release = threading.Event()
+    entered = threading.Event()
+    real_read = trainer_server.read_dataset_bytes
+
+    def slow_read(uri, store, policy=None):
+        read_on.append(threading.current_thread().name)
+        entered.set()
+        release.wait(30)  # a large dataset on a slow store
+        return real_read(uri, store, policy)
+
+    monkeypatch.setattr(trainer_server, "read_dataset_bytes", slow_read)
+    stack = TrainerStack(redis_url, tmp_path, inputs=input_policy)
+    try:
+        call = stack.trainer.SubmitTrainingJob.future(_request(tiny_llama, dataset_file), timeout=60)
+        assert entered.wait(30)
+        # Meanwhile the server answers other calls: the read holds a preparation thread, not an RPC thread.
+        assert stack.trainer.ListAdapters(trainer_pb2.ListAdaptersRequest(), timeout=10) is not None
+        call.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            call.result()
+        release.set()
+        time.sleep(1.0)  # long enough for a handler that kept going to queue the job
+        assert stack.queue.list()[0] == []
+        assert read_on and read_on[0].startswith("prepare")
+        job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, name="second"), timeout=30)
+        assert job.id and len(read_on) == 2
+    finally:
+        release.set()
+        stack.close()
