@@ -43,10 +43,16 @@ _UNLIMITED_CGROUP = 1 << 60  # cgroup files say "max" (v2) or ~2^63 (v1) for "no
 BYTES_PER_VALUE = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2}
 # Bytes per weight of the artifact's base weights (MatMulNBits blocks carry a scale per 32 values).
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.125, "int4": 0.625}
-# Activations kept for backward per token and hidden unit of one layer, fp32 with SDPA attention
-# (Korthikanti et al.'s 34 bytes per fp16 layer, doubled); with checkpointing only a layer's input stays.
-ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 68
-CHECKPOINTED_ACTIVATION_BYTES = 4
+# Training memory, calibrated by bench/training_memory.py (random Llama shapes, fp32, all-linear LoRA, peak RSS
+# of a real job above its imports; 2026-12-06): activations kept for backward cost 150-230 bytes per token,
+# hidden unit and layer (Korthikanti's 34 per fp16 layer assumed 4x less: eager CPU attention, LoRA's
+# per-module inputs and the allocator's unreturned blocks); with checkpointing 95 (recomputation still
+# leaves more than a layer's input behind); both rounded up for a >= 1.1x margin. Loading holds the
+# checkpoint's tensors beside the model, and a job carries ~160 MiB besides (data, autograd, arenas).
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 180
+CHECKPOINTED_ACTIVATION_BYTES = 95
+TRAINING_WEIGHT_COPIES = 2
+TRAINING_OVERHEAD_BYTES = 160 << 20
 # Adam on LoRA weights: the fp32 weight, its gradient and two moments.
 TRAINABLE_BYTES_PER_PARAM = 16
 
@@ -322,8 +328,8 @@ def training_estimate(cfg: HfModelConfig, *, rank: int, target_modules: Iterable
     else:
         activations = per_layer * cfg.num_hidden_layers
     logits = 3 * 4 * tokens * cfg.vocab_size  # logits, their softmax and its gradient, fp32
-    parts = [("fp32 weights", weights), ("LoRA weights + Adam", lora), ("activations", activations),
-             ("logits", logits)]
+    parts = [("fp32 weights while loading", TRAINING_WEIGHT_COPIES * weights), ("LoRA weights + Adam", lora),
+             ("activations", activations), ("logits", logits), ("job overhead", TRAINING_OVERHEAD_BYTES)]
     if local_ranks > 1:
         parts = [(f"{name} x {local_ranks} ranks", n * local_ranks) for name, n in parts]
     return estimate("training job", parts)
