@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 
+from loraflow.artifact.scheduler import FinishReason
 from loraflow.errors import InvalidArgument
 from loraflow.names import validate_request_id
 from loraflow.v1 import inference_pb2, inference_pb2_grpc
@@ -22,7 +23,6 @@ from services.inference.engine import Engine, GenerationChunk, GenerationRequest
 from services.inference.model_manager import LoadedModel, ModelManager
 from services.inference.runtime import check_num_threads
 from services.inference.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from services.inference.scheduler import FinishReason
 
 SERVICE_NAME = "loraflow.v1.InferenceService"
 
