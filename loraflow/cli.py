@@ -27,6 +27,7 @@ from rich.progress import (
 from loraflow import errors
 from loraflow import formatting as fmt
 from loraflow.client import Client, JobFailed
+from loraflow.sampling_params import SAMPLING
 from loraflow.v1 import inference_pb2, jobs_pb2
 
 app = typer.Typer(name="loraflow", help="Train, compile and serve mixed-adapter LoRA models.",
@@ -647,14 +648,14 @@ def generate(ctx: typer.Context,
              model: Annotated[str, typer.Option(help="Loaded model id (default: the only loaded model).")] = "",
              adapter: Annotated[str, typer.Option(help="Adapter name; empty = base model.")] = "",
              chat: Annotated[bool, typer.Option(help="Apply the chat template as one user turn.")] = False,
-             max_new_tokens: Annotated[int, typer.Option()] = 0,
-             temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-             top_k: Annotated[int, typer.Option()] = 0,
-             top_p: Annotated[float, typer.Option()] = 0.0,
-             seed: Annotated[int, typer.Option()] = 0,
-             stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-             repetition_penalty: Annotated[float, typer.Option()] = 0.0,
-             ignore_eos: Annotated[bool, typer.Option()] = False,
+             max_new_tokens: Annotated[int, typer.Option(help=SAMPLING["max_new_tokens"].help)] = 0,
+             temperature: Annotated[float, typer.Option(help=SAMPLING["temperature"].help)] = 0.0,
+             top_k: Annotated[int, typer.Option(help=SAMPLING["top_k"].help)] = 0,
+             top_p: Annotated[float, typer.Option(help=SAMPLING["top_p"].help)] = 0.0,
+             seed: Annotated[int, typer.Option(help=SAMPLING["seed"].help)] = 0,
+             stop: Annotated[list[str] | None, typer.Option(help=SAMPLING["stop"].help + " Repeatable.")] = None,
+             repetition_penalty: Annotated[float, typer.Option(help=SAMPLING["repetition_penalty"].help)] = 0.0,
+             ignore_eos: Annotated[bool, typer.Option(help=SAMPLING["ignore_eos"].help)] = False,
              output: OutputOpt = Output.table) -> None:
     """Stream a completion to the terminal (-o json: one object with text, tokens, finish_reason, usage)."""
     client = _state(ctx).client

@@ -638,7 +638,7 @@ class Client:
     def generate(self, prompt: str | list[int], model_id: str, adapter: str = "", chat: bool = False, *,
                  request_id: str = "", **sampling) -> Iterator[inference_pb2.GenerateResponse]:
         """Stream the completion of one prompt (text or token ids). `sampling`: SamplingParams fields
-        (max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty, ignore_eos)."""
+        (loraflow.sampling_params.SAMPLING_FIELDS)."""
         request = make_generate_request(prompt, model_id, adapter, chat, request_id=request_id, **sampling)
         yield from self._stream("inference", inference_pb2_grpc.InferenceServiceStub, "Generate", request)
 
