@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -50,6 +49,7 @@ from loraflow.redis_health import (
 )
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
+from loraflow.settings import LIVENESS_GRACE, READY_FILE
 from loraflow.store import ObjectStore, open_store
 
 # Threads serving unary RPCs (GetJob, Submit..., StorageService); streams have --max-concurrent-streams more.
@@ -131,11 +131,11 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
                    help="job lease; a dead worker's job is taken over after 3 leases")
     p.add_argument("--max-deliveries", type=int, default=3, help="lost runs before a job is dead-lettered")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on shutdown")
-    p.add_argument("--ready-file", default=os.environ.get("LORAFLOW_READY_FILE") or None, metavar="PATH",
+    p.add_argument("--ready-file", default=READY_FILE.raw(), metavar="PATH",
                    help="a file that exists exactly while this process is ready (Redis reachable, worker "
                         "consumer group created): for exec readiness probes (env LORAFLOW_READY_FILE)")
     p.add_argument("--liveness-grace", type=_liveness_grace,
-                   default=os.environ.get("LORAFLOW_LIVENESS_GRACE") or DEFAULT_LIVENESS_GRACE_S, metavar="SECONDS",
+                   default=LIVENESS_GRACE.raw() or DEFAULT_LIVENESS_GRACE_S, metavar="SECONDS",
                    help="after this long unable to work (Redis unreachable, no consumer group) /healthz on the "
                         f"metrics port answers 503, 0..{MAX_LIVENESS_GRACE_S:g} (default "
                         f"{DEFAULT_LIVENESS_GRACE_S:g}; env LORAFLOW_LIVENESS_GRACE)")

@@ -14,6 +14,18 @@ from pathlib import Path
 
 from loraflow.errors import InvalidArgument
 from loraflow.security.limits import ServerLimits, add_limit_arguments
+from loraflow.settings import (
+    ALLOW_LOCAL_PATHS,
+    ALLOW_S3_BUCKETS,
+    ALLOW_UNAUTHENTICATED,
+    AUTH_TOKENS_FILE,
+    MAX_CONCURRENT_STREAMS,
+    METRICS_HOST,
+    TLS_CERT,
+    TLS_CLIENT_CA,
+    TLS_KEY,
+    Setting,
+)
 
 # Streaming RPCs (Generate, GenerateBatch, WatchJob, health Watch, reflection) one server runs at once;
 # beyond it a new stream is RESOURCE_EXHAUSTED. Unary RPCs and health checks have threads of their own.
@@ -26,10 +38,6 @@ def _split_list(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _env_flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -88,20 +96,20 @@ class SecuritySettings:
         """Flags from add_security_arguments, falling back to LORAFLOW_* environment variables."""
         env = os.environ if env is None else env
 
-        def pick(flag_value: str | None, name: str) -> str | None:
-            return flag_value or env.get(name) or None
+        def pick(flag_value: str | None, setting: Setting) -> str | None:
+            return flag_value or setting.raw(env)
 
-        local = args.allow_local_paths if args.allow_local_paths is not None else env.get("LORAFLOW_ALLOW_LOCAL_PATHS")
+        local = args.allow_local_paths if args.allow_local_paths is not None else ALLOW_LOCAL_PATHS.raw(env)
         return cls(
-            auth_tokens_file=pick(args.auth_tokens_file, "LORAFLOW_AUTH_TOKENS_FILE"),
-            tls_cert=pick(args.tls_cert, "LORAFLOW_TLS_CERT"),
-            tls_key=pick(args.tls_key, "LORAFLOW_TLS_KEY"),
-            tls_client_ca=pick(args.tls_client_ca, "LORAFLOW_TLS_CLIENT_CA"),
+            auth_tokens_file=pick(args.auth_tokens_file, AUTH_TOKENS_FILE),
+            tls_cert=pick(args.tls_cert, TLS_CERT),
+            tls_key=pick(args.tls_key, TLS_KEY),
+            tls_client_ca=pick(args.tls_client_ca, TLS_CLIENT_CA),
             allow_local_paths=tuple(os.path.abspath(os.path.expanduser(p)) for p in _split_list(local)),
-            allow_s3_buckets=_split_list(pick(args.allow_s3_buckets, "LORAFLOW_ALLOW_S3_BUCKETS")),
-            allow_unauthenticated=args.allow_unauthenticated or _env_flag(env.get("LORAFLOW_ALLOW_UNAUTHENTICATED")),
-            metrics_host=pick(args.metrics_host, "LORAFLOW_METRICS_HOST") or DEFAULT_METRICS_HOST,
-            max_concurrent_streams=_streams(args.max_concurrent_streams, env.get("LORAFLOW_MAX_CONCURRENT_STREAMS")),
+            allow_s3_buckets=_split_list(pick(args.allow_s3_buckets, ALLOW_S3_BUCKETS)),
+            allow_unauthenticated=args.allow_unauthenticated or bool(ALLOW_UNAUTHENTICATED.from_env(env)),
+            metrics_host=pick(args.metrics_host, METRICS_HOST) or DEFAULT_METRICS_HOST,
+            max_concurrent_streams=_streams(args.max_concurrent_streams, MAX_CONCURRENT_STREAMS.raw(env)),
             limits=ServerLimits.from_args(args, env),
         )
 

@@ -12,10 +12,10 @@ Kubernetes Indexed Job's pods) run services.trainer.node_main instead: flags in 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from loraflow.queue_service import QueueServiceSpec, ServiceContext, main
+from loraflow.settings import ALLOW_DISTRIBUTED_TRAINING, JOIN_DISTRIBUTED
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-every-steps", type=int, default=5, help="progress event every N steps")
     parser.add_argument(
         "--allow-distributed-training", action="store_true",
-        default=os.environ.get("LORAFLOW_ALLOW_DISTRIBUTED_TRAINING", "") in ("1", "true", "yes"),
+        default=bool(ALLOW_DISTRIBUTED_TRAINING.from_env()),
         help="run world_size > 1 jobs (torchrun ranks). Off by default: torch's c10d rendezvous store listens "
              "unauthenticated on all interfaces while a job trains, so enable it only where the worker's ports "
              "are private (a NetworkPolicy, a firewall). Env LORAFLOW_ALLOW_DISTRIBUTED_TRAINING=1")
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most ranks one job may start on this machine (0 = 2 x CPU cores, at least 2)")
     parser.add_argument(
         "--join-distributed", action="store_true",
-        default=os.environ.get("LORAFLOW_JOIN_DISTRIBUTED", "") in ("1", "true", "yes"),
+        default=bool(JOIN_DISTRIBUTED.from_env()),
         help="also host the other nodes of multi-machine jobs (TrainingConfig.nodes > 1) that other workers "
              "took; implies --allow-distributed-training, with the same exposure: the ranks' gloo sockets and "
              "node 0's rendezvous store are unauthenticated, keep them on a private network. "

@@ -37,6 +37,7 @@ from loraflow import errors
 from loraflow.embedded_redis import free_port
 from loraflow.errors import FailedPrecondition, Unavailable, WorkerStopping
 from loraflow.jobs import JobContext
+from loraflow.settings import RDZV_HOST
 from services.trainer.rank_group import RankGroup
 from services.trainer.rank_main import RankSpec
 from services.trainer.run_board import RunBoard
@@ -243,4 +244,4 @@ def _rdzv_port(fixed: int | None, probe: str, job_id: str) -> int:
 
 
 def default_rdzv_host() -> str:
-    return os.environ.get("LORAFLOW_RDZV_HOST") or socket.gethostname()
+    return RDZV_HOST.raw() or socket.gethostname()
