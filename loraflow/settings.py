@@ -160,16 +160,17 @@ ALLOW_S3_BUCKETS = _setting("allow_s3_buckets", None, "buckets besides the store
                             "name, comma-separated")
 METRICS_HOST = _setting("metrics_host", None, "address the /metrics endpoint binds (default 127.0.0.1)")
 MAX_CONCURRENT_STREAMS = _setting("max_concurrent_streams", None, "streaming RPCs (and HTTP generations) "
-                                  "served at once (default 64)")
-READY_FILE = _setting("ready_file", None, "touch this file once serving (the trainer and compiler: with their "
-                      "consumer group created): for exec readiness probes")
-LIVENESS_GRACE = _setting("liveness_grace", None, "seconds /healthz may see the worker's loop stalled before it "
-                          "answers 503")
+                                  "served at once, 1..4096 (default 128)")
+READY_FILE = _setting("ready_file", None, "a file that exists exactly while this process is ready (Redis "
+                      "reachable, worker consumer group created): for exec readiness probes")
+LIVENESS_GRACE = _setting("liveness_grace", None, "after this long unable to work (Redis unreachable, no "
+                          "consumer group) /healthz on the metrics port answers 503, 0..86400 seconds (default 120)")
 MAX_UPLOAD_FILE_BYTES = _setting("max_upload_file_bytes", None, "largest single file a push may hold (default "
                                  "64GiB)")
-MAX_UPLOAD_FILES = _setting("max_upload_files", None, "most files one push may hold")
+MAX_UPLOAD_FILES = _setting("max_upload_files", None, "most files one push may hold (default 10000)")
 MAX_UPLOAD_TOTAL_BYTES = _setting("max_upload_total_bytes", None, "most bytes one push may hold (default 256GiB)")
-UPLOAD_BLOB_TTL = _setting("upload_blob_ttl", None, "seconds an uploaded blob no commit names is kept")
+UPLOAD_BLOB_TTL = _setting("upload_blob_ttl", None, "remove uploaded files of pushes never committed after this "
+                           "many seconds (0 = never, else 600..2592000; default 86400)")
 
 # -- the inference service --
 HTTP_LISTEN = _setting("http_listen", None, "also serve the OpenAI-compatible /v1 API here, HOST:PORT (off "

@@ -117,26 +117,16 @@ class SecuritySettings:
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags behind SecuritySettings (each with its LORAFLOW_* environment variable)."""
     g = parser.add_argument_group("security")
-    g.add_argument("--auth-tokens-file", default=None, metavar="PATH",
-                   help="name:token lines; callers send 'authorization: Bearer TOKEN' (env LORAFLOW_AUTH_TOKENS_FILE; "
-                        "SIGHUP re-reads it)")
-    g.add_argument("--allow-unauthenticated", action="store_true",
-                   help="serve a non-loopback address without tokens (env LORAFLOW_ALLOW_UNAUTHENTICATED=1)")
-    g.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain (env LORAFLOW_TLS_CERT)")
-    g.add_argument("--tls-key", default=None, metavar="PEM", help="server private key (env LORAFLOW_TLS_KEY)")
-    g.add_argument("--tls-client-ca", default=None, metavar="PEM",
-                   help="require client certificates signed by this CA: mTLS (env LORAFLOW_TLS_CLIENT_CA)")
-    g.add_argument("--allow-local-paths", default=None, metavar="DIR[,DIR]",
-                   help="directories a request may name local files under (env LORAFLOW_ALLOW_LOCAL_PATHS; "
-                        "default none)")
-    g.add_argument("--allow-s3-buckets", default=None, metavar="BUCKET[,BUCKET]",
-                   help="buckets besides the store's own that s3:// inputs may name (env LORAFLOW_ALLOW_S3_BUCKETS)")
-    g.add_argument("--metrics-host", default=None,
-                   help=f"address the /metrics endpoint binds (env LORAFLOW_METRICS_HOST; default "
-                        f"{DEFAULT_METRICS_HOST})")
-    g.add_argument("--max-concurrent-streams", type=int, default=None,
-                   help=f"streaming RPCs (and HTTP generations) served at once, 1..{MAX_CONCURRENT_STREAMS_LIMIT} "
-                        f"(env LORAFLOW_MAX_CONCURRENT_STREAMS; default {DEFAULT_MAX_CONCURRENT_STREAMS})")
+    # Help texts and variables: loraflow.settings.
+    g.add_argument(AUTH_TOKENS_FILE.flag, default=None, metavar="PATH", help=AUTH_TOKENS_FILE.described())
+    g.add_argument(ALLOW_UNAUTHENTICATED.flag, action="store_true", help=ALLOW_UNAUTHENTICATED.described())
+    g.add_argument(TLS_CERT.flag, default=None, metavar="PEM", help=TLS_CERT.described())
+    g.add_argument(TLS_KEY.flag, default=None, metavar="PEM", help=TLS_KEY.described())
+    g.add_argument(TLS_CLIENT_CA.flag, default=None, metavar="PEM", help=TLS_CLIENT_CA.described())
+    g.add_argument(ALLOW_LOCAL_PATHS.flag, default=None, metavar="DIR[,DIR]", help=ALLOW_LOCAL_PATHS.described())
+    g.add_argument(ALLOW_S3_BUCKETS.flag, default=None, metavar="BUCKET[,BUCKET]", help=ALLOW_S3_BUCKETS.described())
+    g.add_argument(METRICS_HOST.flag, default=None, help=METRICS_HOST.described())
+    g.add_argument(MAX_CONCURRENT_STREAMS.flag, type=int, default=None, help=MAX_CONCURRENT_STREAMS.described())
     add_limit_arguments(parser)
 
 

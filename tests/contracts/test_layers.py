@@ -112,3 +112,13 @@ def test_an_import_cycle_is_found(tree_copy, module_file, line, cycle):
     finally:
         _restore(path, original)
     assert any(set(cycle) <= set(component) for component in found), found
+
+
+def test_what_moved_down_imports_no_torch_and_no_service():
+    """The scheduler, the AI 100 stepper and the sampling fields serve the torch-free inference image too."""
+    probe = ("import sys\n"
+             "import loraflow.artifact.ai100_stepper, loraflow.artifact.scheduler, loraflow.sampling_params\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'services')))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stdout

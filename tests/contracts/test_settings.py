@@ -104,3 +104,25 @@ def test_loraflow_settings_lists_every_variable(monkeypatch):
     assert set(listed) == {s.env for s in all_settings()}
     assert listed["LORAFLOW_RDZV_HOST"]["value"] == "node0.example"
     assert listed["LORAFLOW_MEMORY_BUDGET"]["flag"] == "--memory-budget" and listed["LORAFLOW_MEMORY_BUDGET"]["help"]
+
+
+def test_declared_help_states_the_defaults_the_code_uses():
+    from loraflow import settings
+    from loraflow.redis_health import DEFAULT_LIVENESS_GRACE_S, MAX_LIVENESS_GRACE_S
+    from loraflow.security.settings import (
+        DEFAULT_MAX_CONCURRENT_STREAMS,
+        DEFAULT_METRICS_HOST,
+        MAX_CONCURRENT_STREAMS_LIMIT,
+    )
+    from loraflow.storage_layout import StorageLimits
+    from loraflow.upload_sweeper import DEFAULT_BLOB_TTL_SECONDS, MAX_BLOB_TTL_SECONDS, MIN_BLOB_TTL_SECONDS
+
+    stated = [(settings.MAX_CONCURRENT_STREAMS, [DEFAULT_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS_LIMIT]),
+              (settings.METRICS_HOST, [DEFAULT_METRICS_HOST]),
+              (settings.LIVENESS_GRACE, [f"{DEFAULT_LIVENESS_GRACE_S:g}", f"{MAX_LIVENESS_GRACE_S:g}"]),
+              (settings.UPLOAD_BLOB_TTL, [f"{v:.0f}" for v in (DEFAULT_BLOB_TTL_SECONDS, MIN_BLOB_TTL_SECONDS,
+                                                               MAX_BLOB_TTL_SECONDS)]),
+              (settings.MAX_UPLOAD_FILES, [StorageLimits().max_files])]
+    for setting, values in stated:
+        for value in values:
+            assert str(value) in setting.help, (setting.env, value)
