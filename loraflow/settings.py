@@ -175,6 +175,12 @@ UPLOAD_BLOB_TTL = _setting("upload_blob_ttl", None, "remove uploaded files of pu
 # -- the inference service --
 HTTP_LISTEN = _setting("http_listen", None, "also serve the OpenAI-compatible /v1 API here, HOST:PORT (off "
                        "unless set)")
+# Declared ahead of the engine branch that reads them (services/inference/spinning.py, __main__.py).
+ORT_SPINNING = _setting("ort_spinning", "auto", "ONNX Runtime threading policy: 'auto' spins only while a step runs "
+                        "and switches to sleeping threads while other processes contend for the CPU; 'on' always "
+                        "spins (fastest on a dedicated host, collapses on a busy one); 'off' never spins")
+ADAPTER_CACHE_BYTES = _setting("adapter_cache_bytes", None, "host memory kept for evicted adapters' weights, so "
+                               "reloading one is a memory copy (0 = off)")
 DEPLOYMENT = _setting("deployment", None, "the deployment whose desired models (in Redis) this replica serves; "
                       "a replica is SERVING once it holds every desired model (unset = none)")
 
