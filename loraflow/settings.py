@@ -185,21 +185,32 @@ DEPLOYMENT = _setting("deployment", None, "the deployment whose desired models (
                       "a replica is SERVING once it holds every desired model (unset = none)")
 
 # -- the trainer service --
-ALLOW_DISTRIBUTED_TRAINING = _setting("allow_distributed_training", None, "let this worker run training.world_size "
-                                      "> 1 jobs (torch's c10d rendezvous store is unauthenticated)", switch)
-JOIN_DISTRIBUTED = _setting("join_distributed", None, "also host other machines' multi-machine runs as a follower",
-                            switch)
-RDZV_HOST = _setting("rdzv_host", None, "a worker: the address it advertises as node 0 of a multi-machine job; a "
-                     "follower: node 0's address (default: the hostname)")
-TRAINER_ROLE = _setting("trainer_role", "worker", "worker, follower or auto (node rank 0 a worker, any other a "
-                        "follower)", flag="--role")
-NODE_RANK = _setting("node_rank", None, "this machine's node rank for --role follower/auto (else "
-                     "JOB_COMPLETION_INDEX)")
-ONE_JOB = _setting("one_job", None, "run exactly one job (a follower: one rendezvous) and exit with its outcome",
-                   switch)
-RDZV_PORT = _setting("rdzv_port", None, "TCP port of node 0's c10d rendezvous store (default 29400)")
-JOIN_TIMEOUT = _setting("join_timeout", None, "seconds node 0 waits for the other nodes of a multi-machine job "
-                        "(default 300)")
+ALLOW_DISTRIBUTED_TRAINING = _setting("allow_distributed_training", None, "run world_size > 1 jobs (torchrun ranks). "
+                                      "Off by default: torch's c10d rendezvous store listens unauthenticated on all "
+                                      "interfaces while a job trains, so enable it only where the worker's ports are "
+                                      "private (a NetworkPolicy, a firewall)", switch)
+JOIN_DISTRIBUTED = _setting("join_distributed", None, "also host the other nodes of multi-machine jobs "
+                            "(TrainingConfig.nodes > 1) that other workers took; implies --allow-distributed-training, "
+                            "with the same exposure: the ranks' gloo sockets and node 0's rendezvous store are "
+                            "unauthenticated, keep them on a private network", switch)
+RDZV_HOST = _setting("rdzv_host", None, "the address other machines reach this worker's rendezvous endpoint on "
+                     "when it is node 0 of a multi-machine job (default: the hostname); for --role follower, node 0's "
+                     "address (an Indexed Job: its headless Service name)")
+TRAINER_ROLE = _setting("trainer_role", "worker", "worker: take jobs from the queue (node 0 of the multi-machine "
+                        "jobs it takes); follower: take no jobs, host node rank --node-rank of the runs node 0 "
+                        "(--rdzv-host) opens; auto: node rank 0 is a worker, any other a follower", flag="--role")
+NODE_RANK = _setting("node_rank", None, "this machine's node rank, 0..15, for --role follower/auto (unset: "
+                     "JOB_COMPLETION_INDEX); a follower without one takes any free node rank. A worker ignores the "
+                     "environment's (it is node 0 of every job it takes)")
+ONE_JOB = _setting("one_job", None, "run exactly one job (a follower: one rendezvous) and exit: 0 succeeded, 1 "
+                   "failed, 3 cancelled, 4 released or redelivered (stop signal, lost lease, crashed rank), 5 stopped "
+                   "before a job came", switch)
+RDZV_PORT = _setting("rdzv_port", None, "TCP port of node 0's c10d rendezvous store, 1..65535 (default 29400); a "
+                     "follower joins only runs at --rdzv-host:--rdzv-port when a rendezvous host is given. Two node-0 "
+                     "workers on one machine need different ports")
+JOIN_TIMEOUT = _setting("join_timeout", None, "seconds node 0 waits for the other nodes of a multi-machine job to "
+                        "join before the attempt fails and the job is redelivered, 0 < s <= 86400 (default 300): an "
+                        "Indexed Job's pods may start minutes apart")
 
 # -- clients: the CLI, loraflow.Client and the Python API --
 TRAINER_ADDR = _setting("trainer_addr", None, "trainer service address (default 127.0.0.1:50051)", flag="--trainer",

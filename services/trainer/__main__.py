@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from loraflow.queue_service import QueueServiceSpec, ServiceContext, main
-from loraflow.settings import ALLOW_DISTRIBUTED_TRAINING, JOIN_DISTRIBUTED
+from loraflow.settings import ALLOW_DISTRIBUTED_TRAINING, JOIN_DISTRIBUTED, RDZV_HOST
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 
 
@@ -24,22 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-distributed-training", action="store_true",
         default=bool(ALLOW_DISTRIBUTED_TRAINING.from_env()),
-        help="run world_size > 1 jobs (torchrun ranks). Off by default: torch's c10d rendezvous store listens "
-             "unauthenticated on all interfaces while a job trains, so enable it only where the worker's ports "
-             "are private (a NetworkPolicy, a firewall). Env LORAFLOW_ALLOW_DISTRIBUTED_TRAINING=1")
+        help=ALLOW_DISTRIBUTED_TRAINING.described())
     parser.add_argument("--max-ranks", type=int, default=0,
                         help="most ranks one job may start on this machine (0 = 2 x CPU cores, at least 2)")
     parser.add_argument(
         "--join-distributed", action="store_true",
         default=bool(JOIN_DISTRIBUTED.from_env()),
-        help="also host the other nodes of multi-machine jobs (TrainingConfig.nodes > 1) that other workers "
-             "took; implies --allow-distributed-training, with the same exposure: the ranks' gloo sockets and "
-             "node 0's rendezvous store are unauthenticated, keep them on a private network. "
-             "Env LORAFLOW_JOIN_DISTRIBUTED=1")
+        help=JOIN_DISTRIBUTED.described())
     parser.add_argument("--rdzv-host", default="",
-                        help="the address other machines reach this worker's rendezvous endpoint on when it is "
-                             "node 0 of a multi-machine job (default: env LORAFLOW_RDZV_HOST, else the hostname); "
-                             "for --role follower, node 0's address (an Indexed Job: its headless Service name)")
+                        help=RDZV_HOST.described())
     from services.trainer.node_flags import add_node_arguments
 
     add_node_arguments(parser)

@@ -79,27 +79,16 @@ def add_node_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] |
     env = os.environ if env is None else env
     g = parser.add_argument_group("multi-machine training (Kubernetes Indexed Job)")
     g.add_argument("--role", type=role_arg, default=TRAINER_ROLE.raw(env) or "worker",
-                   help="worker: take jobs from the queue (node 0 of the multi-machine jobs it takes); follower: take "
-                        "no jobs, host node rank --node-rank of the runs node 0 (--rdzv-host) opens; auto: node rank "
-                        "0 is a worker, any other a follower (env LORAFLOW_TRAINER_ROLE; default worker)")
+                   help=TRAINER_ROLE.described())
     g.add_argument("--node-rank", type=node_rank_arg, default=None,
-                   help=f"this machine's node rank, 0..{MAX_NODES - 1}, for --role follower/auto (default: env "
-                        "LORAFLOW_NODE_RANK, else JOB_COMPLETION_INDEX); a follower without one takes any free node "
-                        "rank. A worker ignores the environment's (it is node 0 of every job it takes)")
+                   help=NODE_RANK.described())
     g.add_argument("--one-job", action="store_true", default=bool(ONE_JOB.from_env(env)),
-                   help="run exactly one job (a follower: one rendezvous) and exit: 0 succeeded, 1 failed, "
-                        "3 cancelled, 4 released or redelivered (stop signal, lost lease, crashed rank), 5 stopped "
-                        "before a job came (env LORAFLOW_ONE_JOB=1)")
+                   help=ONE_JOB.described())
     g.add_argument("--join-timeout", type=join_timeout_arg,
                    default=JOIN_TIMEOUT.raw(env) or str(DEFAULT_JOIN_TIMEOUT_S),
-                   help=f"seconds node 0 waits for the other nodes of a multi-machine job to join before the attempt "
-                        f"fails and the job is redelivered, 0 < s <= {MAX_JOIN_TIMEOUT_S:g} (env "
-                        f"LORAFLOW_JOIN_TIMEOUT; default {DEFAULT_JOIN_TIMEOUT_S:g}): an Indexed Job's pods may "
-                        "start minutes apart")
+                   help=JOIN_TIMEOUT.described())
     g.add_argument("--rdzv-port", type=rdzv_port_arg, default=RDZV_PORT.raw(env) or DEFAULT_RDZV_PORT,
-                   help=f"TCP port of node 0's c10d rendezvous store, 1..65535 (env LORAFLOW_RDZV_PORT; default "
-                        f"{DEFAULT_RDZV_PORT}); a follower joins only runs at --rdzv-host:--rdzv-port when a "
-                        "rendezvous host is given. Two node-0 workers on one machine need different ports")
+                   help=RDZV_PORT.described())
 
 
 def join_timeout_arg(text: str) -> float:

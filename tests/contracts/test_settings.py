@@ -116,13 +116,18 @@ def test_declared_help_states_the_defaults_the_code_uses():
     )
     from loraflow.storage_layout import StorageLimits
     from loraflow.upload_sweeper import DEFAULT_BLOB_TTL_SECONDS, MAX_BLOB_TTL_SECONDS, MIN_BLOB_TTL_SECONDS
+    from services.trainer.node_flags import DEFAULT_JOIN_TIMEOUT_S, DEFAULT_RDZV_PORT, MAX_JOIN_TIMEOUT_S
+    from services.trainer.training import MAX_NODES
 
     stated = [(settings.MAX_CONCURRENT_STREAMS, [DEFAULT_MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS_LIMIT]),
               (settings.METRICS_HOST, [DEFAULT_METRICS_HOST]),
               (settings.LIVENESS_GRACE, [f"{DEFAULT_LIVENESS_GRACE_S:g}", f"{MAX_LIVENESS_GRACE_S:g}"]),
               (settings.UPLOAD_BLOB_TTL, [f"{v:.0f}" for v in (DEFAULT_BLOB_TTL_SECONDS, MIN_BLOB_TTL_SECONDS,
                                                                MAX_BLOB_TTL_SECONDS)]),
-              (settings.MAX_UPLOAD_FILES, [StorageLimits().max_files])]
+              (settings.MAX_UPLOAD_FILES, [StorageLimits().max_files]),
+              (settings.NODE_RANK, [f"0..{MAX_NODES - 1}"]),
+              (settings.RDZV_PORT, [DEFAULT_RDZV_PORT]),
+              (settings.JOIN_TIMEOUT, [f"{DEFAULT_JOIN_TIMEOUT_S:g}", f"{MAX_JOIN_TIMEOUT_S:g}"])]
     for setting, values in stated:
         for value in values:
             assert str(value) in setting.help, (setting.env, value)
