@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os  # noqa: F401  (kept for the engine branch, whose --adapter-cache-bytes reads os.environ here)
 import sys
 import threading
 
