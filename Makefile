@@ -41,6 +41,7 @@ proto: install
 
 lint: install
 	$(BIN)/ruff check loraflow services tests bench examples deploy
+	$(BIN)/lint-imports --no-cache
 
 demo: install
 	$(BIN)/python examples/demo.py

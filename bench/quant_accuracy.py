@@ -81,8 +81,8 @@ def teacher_forced(artifact: Path, prompts_ids: list[list[int]], adapters: list[
     """
     import numpy as np
 
+    from loraflow.artifact.scheduler import ScheduledRow, SchedulerOutput
     from services.inference.runtime import OrtRuntime
-    from services.inference.scheduler import ScheduledRow, SchedulerOutput
 
     runtime = OrtRuntime(artifact, num_threads=threads)
     try:

@@ -31,6 +31,7 @@ from typing import Any
 
 from loraflow.errors import InvalidArgument, ResourceExhausted
 from loraflow.hf_config import HfModelConfig
+from loraflow.settings import Setting, declare
 
 log = logging.getLogger(__name__)
 
@@ -58,45 +59,6 @@ TRAINABLE_BYTES_PER_PARAM = 16
 
 
 # ------------------------------------------------------------------------------------------ settings
-
-@dataclass(frozen=True)
-class Setting:
-    """One limit, declared once: its flag, environment variable, default and help."""
-
-    name: str
-    flag: str
-    env: str
-    default: str
-    help: str
-    parse: Callable[[str], Any]
-
-    def add_to(self, group) -> None:
-        group.add_argument(self.flag, dest=self.name, default=None, metavar=self.name.upper(),
-                           type=_argparse_type(self.parse),
-                           help=f"{self.help} (env {self.env}; default {self.default})".replace("%", "%%"))
-
-    def value(self, args: argparse.Namespace | None, env: Mapping[str, str] | None = None) -> Any:
-        """The flag, else the environment variable, else the default, parsed."""
-        env = os.environ if env is None else env
-        given = getattr(args, self.name, None) if args is not None else None
-        if given is not None:
-            return given
-        text = env.get(self.env) or self.default
-        try:
-            return self.parse(text)
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"{self.env}: {exc.message}", field=self.env, value=text) from None
-
-
-def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except InvalidArgument as exc:
-            raise argparse.ArgumentTypeError(exc.message) from None
-    convert.__name__ = parse.__name__
-    return convert
-
 
 @dataclass(frozen=True)
 class MemoryBudgetSpec:
@@ -136,13 +98,13 @@ def parse_memory_budget(text: str) -> MemoryBudgetSpec:
     return MemoryBudgetSpec(nbytes=nbytes)
 
 
-MEMORY_BUDGET = Setting(
+MEMORY_BUDGET = declare(Setting(
     name="memory_budget", flag="--memory-budget", env="LORAFLOW_MEMORY_BUDGET", default=DEFAULT_MEMORY_BUDGET,
     help="memory a training or compile job, or all loaded models together, may take by estimate (from the "
          "model's config.json, the options, the artifact manifest), checked before work starts: bytes (12GiB) "
          "or a percentage of this process's cgroup limit, else of physical RAM; an API without a worker checks "
          "against the same value, so give it the workers' budget",
-    parse=parse_memory_budget)
+    parse=parse_memory_budget))
 def _count(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -156,16 +118,16 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-PREPARATION_THREADS = Setting(
+PREPARATION_THREADS = declare(Setting(
     name="preparation_threads", flag="--preparation-threads", env="LORAFLOW_PREPARATION_THREADS", default="2",
     help="requests whose model-sized preparation (a compile plan fetching and hashing the base model, a "
          "trainer's meta-device model build) runs at once, on threads of their own, never the RPC threads",
-    parse=_count(1, 64))
-PREPARATION_QUEUE = Setting(
+    parse=_count(1, 64)))
+PREPARATION_QUEUE = declare(Setting(
     name="preparation_queue", flag="--preparation-queue", env="LORAFLOW_PREPARATION_QUEUE", default="4",
     help="requests that may wait for a preparation thread; beyond them a submit is RESOURCE_EXHAUSTED (retry "
          "later), so waiting submits never hold every unary RPC thread",
-    parse=_count(0, 1024))
+    parse=_count(0, 1024)))
 BUDGET_SETTINGS: tuple[Setting, ...] = (MEMORY_BUDGET, PREPARATION_THREADS, PREPARATION_QUEUE)
 
 

@@ -24,9 +24,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from loraflow import errors
+from loraflow import errors, settings
 from loraflow import formatting as fmt
 from loraflow.client import Client, JobFailed
+from loraflow.sampling_params import SAMPLING
 from loraflow.v1 import inference_pb2, jobs_pb2
 
 app = typer.Typer(name="loraflow", help="Train, compile and serve mixed-adapter LoRA models.",
@@ -81,21 +82,21 @@ class _State:
 @app.callback()
 def main(ctx: typer.Context,
          trainer: Annotated[str | None, typer.Option(help="Trainer address.",
-                                                     envvar="LORAFLOW_TRAINER_ADDR")] = None,
+                                                     envvar=settings.TRAINER_ADDR.env)] = None,
          compiler: Annotated[str | None, typer.Option(help="Compiler address.",
-                                                      envvar="LORAFLOW_COMPILER_ADDR")] = None,
+                                                      envvar=settings.COMPILER_ADDR.env)] = None,
          inference: Annotated[str | None, typer.Option(help="Inference address.",
-                                                       envvar="LORAFLOW_INFERENCE_ADDR")] = None,
+                                                       envvar=settings.INFERENCE_ADDR.env)] = None,
          timeout: Annotated[float, typer.Option(help="Deadline of each unary call, seconds.")] = 30.0,
          token_file: Annotated[str | None, typer.Option(
              help="File holding the bearer token (else $LORAFLOW_TOKEN, else the token `loraflow up` wrote).",
-             envvar="LORAFLOW_TOKEN_FILE")] = None,
+             envvar=settings.TOKEN_FILE.env)] = None,
          tls_ca: Annotated[str | None, typer.Option(help="CA certificate (PEM) the servers' TLS certificates are "
-                                                         "checked against.", envvar="LORAFLOW_TLS_CA")] = None,
+                                                         "checked against.", envvar=settings.TLS_CA.env)] = None,
          tls_client_cert: Annotated[str | None, typer.Option(help="Client certificate (PEM) for mTLS.",
-                                                             envvar="LORAFLOW_TLS_CLIENT_CERT")] = None,
+                                                             envvar=settings.TLS_CLIENT_CERT.env)] = None,
          tls_client_key: Annotated[str | None, typer.Option(help="Client private key (PEM) for mTLS.",
-                                                            envvar="LORAFLOW_TLS_CLIENT_KEY")] = None) -> None:
+                                                            envvar=settings.TLS_CLIENT_KEY.env)] = None) -> None:
     ctx.obj = _State(trainer, compiler, inference, timeout,
                      {"token_file": token_file, "tls_ca": tls_ca, "tls_client_cert": tls_client_cert,
                       "tls_client_key": tls_client_key})
@@ -152,9 +153,9 @@ def _split(values: str | None) -> list[str]:
 def up(ctx: typer.Context,
        services: Annotated[str, typer.Option(help="Comma-separated services to run.")] = "trainer,compiler,inference",
        redis_url: Annotated[str | None, typer.Option(help="Use this Redis instead of an embedded one.",
-                                                     envvar="LORAFLOW_REDIS_URL")] = None,
+                                                     envvar=settings.REDIS_URL.env)] = None,
        store_url: Annotated[str | None, typer.Option(help="Object store URL (default file store under the home).",
-                                                     envvar="LORAFLOW_STORE_URL")] = None,
+                                                     envvar=settings.STORE_URL.env)] = None,
        home: Annotated[str | None, typer.Option(help="State directory (default ~/.loraflow).")] = None,
        ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for each service's health.")] = 180.0,
        grace: Annotated[float, typer.Option(help="Seconds a service gets to stop before it is killed.")] = 30.0,
@@ -647,14 +648,14 @@ def generate(ctx: typer.Context,
              model: Annotated[str, typer.Option(help="Loaded model id (default: the only loaded model).")] = "",
              adapter: Annotated[str, typer.Option(help="Adapter name; empty = base model.")] = "",
              chat: Annotated[bool, typer.Option(help="Apply the chat template as one user turn.")] = False,
-             max_new_tokens: Annotated[int, typer.Option()] = 0,
-             temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-             top_k: Annotated[int, typer.Option()] = 0,
-             top_p: Annotated[float, typer.Option()] = 0.0,
-             seed: Annotated[int, typer.Option()] = 0,
-             stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-             repetition_penalty: Annotated[float, typer.Option()] = 0.0,
-             ignore_eos: Annotated[bool, typer.Option()] = False,
+             max_new_tokens: Annotated[int, typer.Option(help=SAMPLING["max_new_tokens"].help)] = 0,
+             temperature: Annotated[float, typer.Option(help=SAMPLING["temperature"].help)] = 0.0,
+             top_k: Annotated[int, typer.Option(help=SAMPLING["top_k"].help)] = 0,
+             top_p: Annotated[float, typer.Option(help=SAMPLING["top_p"].help)] = 0.0,
+             seed: Annotated[int, typer.Option(help=SAMPLING["seed"].help)] = 0,
+             stop: Annotated[list[str] | None, typer.Option(help=SAMPLING["stop"].help + " Repeatable.")] = None,
+             repetition_penalty: Annotated[float, typer.Option(help=SAMPLING["repetition_penalty"].help)] = 0.0,
+             ignore_eos: Annotated[bool, typer.Option(help=SAMPLING["ignore_eos"].help)] = False,
              output: OutputOpt = Output.table) -> None:
     """Stream a completion to the terminal (-o json: one object with text, tokens, finish_reason, usage)."""
     client = _state(ctx).client
@@ -792,10 +793,10 @@ app.add_typer(registry_app, name="registry")
 @handles_errors
 def registry_rebuild(
         redis_url: Annotated[str, typer.Option(help="Redis holding the registry (password and TLS in the URL: "
-                                                    "rediss://:PW@host:port/0).", envvar="LORAFLOW_REDIS_URL")],
+                                                    "rediss://:PW@host:port/0).", envvar=settings.REDIS_URL.env)],
         store_url: Annotated[str | None, typer.Option(help="Object store, the source of truth (file:// or s3://; "
                                                            "default ~/.loraflow/store).",
-                                                      envvar="LORAFLOW_STORE_URL")] = None,
+                                                      envvar=settings.STORE_URL.env)] = None,
         output: OutputOpt = Output.table) -> None:
     """Re-create the adapter and artifact registry from the store after a Redis loss (idempotent)."""
     import redis
@@ -805,10 +806,10 @@ def registry_rebuild(
     from loraflow.registry_rebuild import rebuild_registry
     from loraflow.store import open_store
 
-    settings = Settings(redis_url=redis_url, **({"store_url": store_url} if store_url else {}))
-    client = connect_redis(settings)
+    config = Settings(redis_url=redis_url, **({"store_url": store_url} if store_url else {}))
+    client = connect_redis(config)
     try:
-        report = rebuild_registry(open_store(settings.store_url), Registry(client))
+        report = rebuild_registry(open_store(config.store_url), Registry(client))
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise errors.Unavailable(f"redis at {mask_redis_url(redis_url)} is unreachable ({type(exc).__name__})",
                                  field="redis_url", value=mask_redis_url(redis_url)) from None
@@ -818,7 +819,7 @@ def registry_rebuild(
     if output == Output.json:
         fmt.print_json({"entries": rows, "restored": sum(e.status == "restored" for e in report)})
         return
-    out_console.print(fmt.table(f"registry rebuilt from {settings.store_url}",
+    out_console.print(fmt.table(f"registry rebuilt from {config.store_url}",
                                 ["kind", "name", "status", "uri", "detail"],
                                 [(r["kind"], r["name"], r["status"], r["uri"], r["detail"]) for r in rows]))
     restored = sum(e.status == "restored" for e in report)
@@ -837,7 +838,7 @@ app.add_typer(auth_app, name="auth")
 def auth_add_token(
         name: Annotated[str, typer.Argument(help="caller name logged by the services (letters, digits, _.@-)")],
         tokens_file: Annotated[Path, typer.Option(help="the services' --auth-tokens-file (created 0600 if missing)",
-                                                  envvar="LORAFLOW_AUTH_TOKENS_FILE")],
+                                                  envvar=settings.AUTH_TOKENS_FILE.env)],
         output: OutputOpt = Output.table) -> None:
     """Add a random token for NAME to a tokens file and print it once (clients send it as LORAFLOW_TOKEN).
 
@@ -855,3 +856,19 @@ def auth_add_token(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("settings")
+@handles_errors
+def settings_list(output: OutputOpt = Output.table) -> None:
+    """Every LORAFLOW_* environment variable: its flag, default, help, and its value in this environment."""
+    from loraflow.settings import all_settings
+
+    rows = [{"env": s.env, "flag": s.flag, "default": s.default, "value": s.raw(), "help": s.help,
+             "deprecated_names": list(s.aliases)} for s in all_settings()]
+    if output == Output.json:
+        fmt.print_json(rows)
+        return
+    out_console.print(fmt.table(None, ["variable", "flag", "default", "value here", "help"],
+                                [(r["env"], r["flag"] or "(env only)", r["default"] or "", r["value"] or "", r["help"])
+                                 for r in rows]))

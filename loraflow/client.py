@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from loraflow import errors
+from loraflow import errors, settings
 from loraflow.model_source import is_location
 from loraflow.security.tls import channel_credentials
 from loraflow.v1 import (
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from loraflow.transfer import PullResult, PushResult
 
 DEFAULT_ADDRESSES = {"trainer": "127.0.0.1:50051", "compiler": "127.0.0.1:50052", "inference": "127.0.0.1:50053"}
-ADDRESS_ENV = {"trainer": "LORAFLOW_TRAINER_ADDR", "compiler": "LORAFLOW_COMPILER_ADDR",
-               "inference": "LORAFLOW_INFERENCE_ADDR"}
+ADDRESS_SETTINGS = {"trainer": settings.TRAINER_ADDR, "compiler": settings.COMPILER_ADDR,
+                    "inference": settings.INFERENCE_ADDR}
 # Where `loraflow up` writes the services' tokens file and the token its clients send, under its home.
 UP_TOKENS_FILE = Path("auth") / "tokens"
 UP_CLIENT_TOKEN_FILE = Path("auth") / "token"
@@ -112,7 +112,7 @@ def error_from_rpc(err: grpc.RpcError, service: str = "", address: str = "") -> 
 
 
 def _address(service: str, given: str | None) -> str:
-    return given or os.environ.get(ADDRESS_ENV[service]) or DEFAULT_ADDRESSES[service]
+    return given or ADDRESS_SETTINGS[service].raw() or DEFAULT_ADDRESSES[service]
 
 
 def default_up_token_file() -> Path:
@@ -146,9 +146,9 @@ def _resolve_token(token: str | None, token_file: str | None) -> tuple[str | Non
     """(token, local_only): local_only for the token `loraflow up` wrote, which is for this machine's services."""
     if token:
         return token, False
-    if os.environ.get("LORAFLOW_TOKEN"):
-        return os.environ["LORAFLOW_TOKEN"].strip(), False
-    token_file = token_file or os.environ.get("LORAFLOW_TOKEN_FILE")
+    if settings.TOKEN.raw():
+        return settings.TOKEN.raw().strip(), False
+    token_file = token_file or settings.TOKEN_FILE.raw()
     if token_file:
         return read_token_file(token_file), False
     fallback = default_up_token_file()
@@ -233,14 +233,13 @@ class Client:
         self.addresses = {"trainer": _address("trainer", trainer), "compiler": _address("compiler", compiler),
                           "inference": _address("inference", inference)}
         self.timeout = timeout
-        env = os.environ
         token, self._token_local_only = _resolve_token(token, token_file)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        tls_ca = tls_ca or env.get("LORAFLOW_TLS_CA") or None
-        tls_client_cert = tls_client_cert or env.get("LORAFLOW_TLS_CLIENT_CERT") or None
-        tls_client_key = tls_client_key or env.get("LORAFLOW_TLS_CLIENT_KEY") or None
+        tls_ca = tls_ca or settings.TLS_CA.raw()
+        tls_client_cert = tls_client_cert or settings.TLS_CLIENT_CERT.raw()
+        tls_client_key = tls_client_key or settings.TLS_CLIENT_KEY.raw()
         if tls is None:
-            tls = env.get("LORAFLOW_TLS", "").strip().lower() in ("1", "true", "yes", "on")
+            tls = bool(settings.TLS.from_env())
         # Built now, so a bad CA or key path fails at construction rather than on the first call.
         self._credentials = channel_credentials(tls_ca, tls_client_cert, tls_client_key) \
             if tls or tls_ca or tls_client_cert or tls_client_key else None
@@ -638,7 +637,7 @@ class Client:
     def generate(self, prompt: str | list[int], model_id: str, adapter: str = "", chat: bool = False, *,
                  request_id: str = "", **sampling) -> Iterator[inference_pb2.GenerateResponse]:
         """Stream the completion of one prompt (text or token ids). `sampling`: SamplingParams fields
-        (max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty, ignore_eos)."""
+        (loraflow.sampling_params.SAMPLING_FIELDS)."""
         request = make_generate_request(prompt, model_id, adapter, chat, request_id=request_id, **sampling)
         yield from self._stream("inference", inference_pb2_grpc.InferenceServiceStub, "Generate", request)
 

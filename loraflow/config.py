@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from loraflow.errors import InvalidArgument
+from loraflow.settings import CACHE_DIR, REDIS_URL, STORE_URL
 
 
 def _default_home() -> Path:
@@ -59,12 +60,12 @@ class Settings:
         """Settings from LORAFLOW_REDIS_URL / LORAFLOW_STORE_URL / LORAFLOW_CACHE_DIR; non-None overrides win."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        if env.get("LORAFLOW_REDIS_URL"):
-            values["redis_url"] = env["LORAFLOW_REDIS_URL"]
-        if env.get("LORAFLOW_STORE_URL"):
-            values["store_url"] = env["LORAFLOW_STORE_URL"]
-        if env.get("LORAFLOW_CACHE_DIR"):
-            values["cache_dir"] = os.path.expanduser(env["LORAFLOW_CACHE_DIR"])
+        if REDIS_URL.raw(env):
+            values["redis_url"] = REDIS_URL.raw(env)
+        if STORE_URL.raw(env):
+            values["store_url"] = STORE_URL.raw(env)
+        if CACHE_DIR.raw(env):
+            values["cache_dir"] = os.path.expanduser(CACHE_DIR.raw(env))
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown Settings fields: {sorted(unknown)}")

@@ -12,7 +12,7 @@ from typing import Any
 # Error text is bounded in encoded UTF-8 bytes, not characters: a status travels in HTTP/2 trailers (gRPC
 # clients refuse trailers over 8 KiB, and grpc-message percent-encodes every non-ASCII byte), so 1,000
 # emoji would be ~12 KB there. A message keeps at most MAX_MESSAGE_BYTES, an ErrorInfo metadata value
-# MAX_VALUE_BYTES; grpc_server.status_for also bounds the whole status.
+# MAX_VALUE_BYTES; error_status.status_for also bounds the whole status.
 MAX_MESSAGE_BYTES = 1024
 MAX_VALUE_BYTES = 200
 

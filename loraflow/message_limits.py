@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
+from loraflow.error_status import status_for
 from loraflow.errors import InvalidArgument, ResourceExhausted
 from loraflow.security.limits import ServerLimits, flag_name
 
@@ -153,8 +154,6 @@ class MessageLimitInterceptor(grpc.ServerInterceptor):
         ser = handler.response_serializer
 
         def refuse(refused: _Refused, context) -> None:
-            from loraflow.grpc_server import status_for
-
             err = refused.error(descriptor)
             log.info("%s -> %s: %s", method, err.code, err.message)
             context.abort_with_status(status_for(err))

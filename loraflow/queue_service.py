@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -50,6 +49,7 @@ from loraflow.redis_health import (
 )
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
+from loraflow.settings import CACHE_DIR, LIVENESS_GRACE, READY_FILE, REDIS_URL, STORE_URL
 from loraflow.store import ObjectStore, open_store
 
 # Threads serving unary RPCs (GetJob, Submit..., StorageService); streams have --max-concurrent-streams more.
@@ -123,22 +123,18 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
                                 description=f"loraflow {spec.name}: API, worker, or both")
     p.add_argument("mode", nargs="?", default="all", choices=("all", "api", "worker"))
     p.add_argument("--listen", default=listen, help=f"HOST:PORT to serve on (default {listen})")
-    p.add_argument("--redis-url", default=None, help="Redis URL (env LORAFLOW_REDIS_URL; unset = embedded)")
-    p.add_argument("--store-url", default=None, help="object store (env LORAFLOW_STORE_URL)")
-    p.add_argument("--cache-dir", default=None, help="local cache (env LORAFLOW_CACHE_DIR)")
+    for setting in (REDIS_URL, STORE_URL, CACHE_DIR):
+        p.add_argument(setting.flag, default=None, help=setting.described())
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--lease-seconds", type=float, default=30.0,
                    help="job lease; a dead worker's job is taken over after 3 leases")
     p.add_argument("--max-deliveries", type=int, default=3, help="lost runs before a job is dead-lettered")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on shutdown")
-    p.add_argument("--ready-file", default=os.environ.get("LORAFLOW_READY_FILE") or None, metavar="PATH",
-                   help="a file that exists exactly while this process is ready (Redis reachable, worker "
-                        "consumer group created): for exec readiness probes (env LORAFLOW_READY_FILE)")
+    p.add_argument("--ready-file", default=READY_FILE.raw(), metavar="PATH",
+                   help=READY_FILE.described())
     p.add_argument("--liveness-grace", type=_liveness_grace,
-                   default=os.environ.get("LORAFLOW_LIVENESS_GRACE") or DEFAULT_LIVENESS_GRACE_S, metavar="SECONDS",
-                   help="after this long unable to work (Redis unreachable, no consumer group) /healthz on the "
-                        f"metrics port answers 503, 0..{MAX_LIVENESS_GRACE_S:g} (default "
-                        f"{DEFAULT_LIVENESS_GRACE_S:g}; env LORAFLOW_LIVENESS_GRACE)")
+                   default=LIVENESS_GRACE.raw() or DEFAULT_LIVENESS_GRACE_S, metavar="SECONDS",
+                   help=LIVENESS_GRACE.described())
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
     add_budget_arguments(p)

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import grpc
 
+from loraflow.error_status import status_for
 from loraflow.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,6 @@ def _on_pool(behavior: Callable, pool: futures.ThreadPoolExecutor) -> Callable:
 
 
 def _exhausted(limiter: StreamLimiter, method: str, context) -> None:
-    from loraflow.grpc_server import status_for
-
     log.warning("%s -> RESOURCE_EXHAUSTED: %d streams already open", method, limiter.cap)
     context.abort_with_status(status_for(ResourceExhausted(
         f"this server already serves {limiter.cap} streaming RPCs (--max-concurrent-streams); retry later",
@@ -211,8 +210,6 @@ class ClientStreamInterceptor(grpc.ServerInterceptor):
         self.counter = ClientCounter(cap)
 
     def _refuse(self, client: str, method: str, context) -> None:
-        from loraflow.grpc_server import status_for
-
         log.warning("%s -> RESOURCE_EXHAUSTED: %s already holds %d streams", method, client, self.cap)
         context.abort_with_status(status_for(too_many_for_client(client, self.cap)))
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from loraflow.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, ResourceExhausted
 from loraflow.model_source import check_uri, require_published
 from loraflow.security.auth import current_caller
+from loraflow.settings import MAX_UPLOAD_FILE_BYTES, MAX_UPLOAD_FILES, MAX_UPLOAD_TOTAL_BYTES, UPLOAD_BLOB_TTL
 from loraflow.storage_layout import (
     MAX_CHUNK_BYTES,
     DataKind,
@@ -58,8 +59,6 @@ from loraflow.storage_layout import (
 from loraflow.store import FileStore, ObjectStore, join_key, sha256_file
 from loraflow.upload_sweeper import (
     DEFAULT_BLOB_TTL_SECONDS,
-    MAX_BLOB_TTL_SECONDS,
-    MIN_BLOB_TTL_SECONDS,
     check_blob_ttl,
 )
 from loraflow.v1 import storage_pb2, storage_pb2_grpc
@@ -335,19 +334,17 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     d = StorageLimits()
     g = parser.add_argument_group("storage (loraflow models/adapters/datasets push)")
     g.add_argument("--max-upload-file-bytes", type=byte_size, metavar="BYTES",
-                   default=os.environ.get("LORAFLOW_MAX_UPLOAD_FILE_BYTES") or d.max_file_bytes,
-                   help="largest single file a push may hold (default 64GiB; env LORAFLOW_MAX_UPLOAD_FILE_BYTES)")
+                   default=MAX_UPLOAD_FILE_BYTES.raw() or d.max_file_bytes,
+                   help=MAX_UPLOAD_FILE_BYTES.described())
     g.add_argument("--max-upload-files", type=int, metavar="N",
-                   default=os.environ.get("LORAFLOW_MAX_UPLOAD_FILES") or d.max_files,
-                   help=f"most files one push may hold (default {d.max_files}; env LORAFLOW_MAX_UPLOAD_FILES)")
+                   default=MAX_UPLOAD_FILES.raw() or d.max_files,
+                   help=MAX_UPLOAD_FILES.described())
     g.add_argument("--max-upload-total-bytes", type=byte_size, metavar="BYTES",
-                   default=os.environ.get("LORAFLOW_MAX_UPLOAD_TOTAL_BYTES") or d.max_total_bytes,
-                   help="most bytes one push may hold (default 256GiB; env LORAFLOW_MAX_UPLOAD_TOTAL_BYTES)")
+                   default=MAX_UPLOAD_TOTAL_BYTES.raw() or d.max_total_bytes,
+                   help=MAX_UPLOAD_TOTAL_BYTES.described())
     g.add_argument("--upload-blob-ttl", type=_blob_ttl, metavar="SECONDS",
-                   default=os.environ.get("LORAFLOW_UPLOAD_BLOB_TTL") or DEFAULT_BLOB_TTL_SECONDS,
-                   help=f"remove uploaded files of pushes never committed after this long (0 = never, else "
-                        f"{MIN_BLOB_TTL_SECONDS:.0f}..{MAX_BLOB_TTL_SECONDS:.0f}; default "
-                        f"{DEFAULT_BLOB_TTL_SECONDS:.0f}; env LORAFLOW_UPLOAD_BLOB_TTL)")
+                   default=UPLOAD_BLOB_TTL.raw() or DEFAULT_BLOB_TTL_SECONDS,
+                   help=UPLOAD_BLOB_TTL.described())
 
 
 def _blob_ttl(text: str) -> float:

@@ -26,9 +26,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
-from loraflow import errors
+from loraflow import errors, settings
 from loraflow import formatting as fmt
-from loraflow.client import ADDRESS_ENV, DEFAULT_ADDRESSES, UP_CLIENT_TOKEN_FILE, UP_TOKENS_FILE
+from loraflow.client import ADDRESS_SETTINGS, DEFAULT_ADDRESSES, UP_CLIENT_TOKEN_FILE, UP_TOKENS_FILE
 from loraflow.config import mask_redis_url, validate_redis_url
 from loraflow.embedded_redis import free_port, redis_server_args
 from loraflow.security.private_files import write_private
@@ -79,7 +79,7 @@ class UpConfig:
               json_output: bool = False) -> UpConfig:
         home_path = Path(os.path.expanduser(home)) if home else default_home()
         explicit = tuple(services) != SERVICES
-        resolved = {name: addresses.get(name) or os.environ.get(ADDRESS_ENV[name]) or DEFAULT_ADDRESSES[name]
+        resolved = {name: addresses.get(name) or ADDRESS_SETTINGS[name].raw() or DEFAULT_ADDRESSES[name]
                     for name in SERVICES}
         return cls(services=tuple(services), redis_url=redis_url or None,
                    store_url=store_url or (home_path / "store").as_uri(), home=home_path, addresses=resolved,
@@ -306,8 +306,8 @@ def plan(config: UpConfig, log: Callable[[str], None]) -> tuple[list[ChildSpec],
         specs.append(ChildSpec(
             name="redis", address=f"127.0.0.1:{port}", log_path=logs / "redis.log", ready=redis_ready(redis_url),
             argv=tuple(redis_server_args(port, data_dir, password))))
-    env = (("LORAFLOW_REDIS_URL", redis_url), ("LORAFLOW_STORE_URL", config.store_url),
-           ("LORAFLOW_CACHE_DIR", str(config.home / "cache")))
+    env = ((settings.REDIS_URL.env, redis_url), (settings.STORE_URL.env, config.store_url),
+           (settings.CACHE_DIR.env, str(config.home / "cache")))
     tokens_file, _ = write_tokens(config.home)
     for name in config.services:
         if not service_available(name):

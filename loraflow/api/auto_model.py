@@ -214,7 +214,8 @@ class AutoLoraModelForCausalLM:
                  **sampling) -> GenerationResult:
         """Every prompt with its adapter ("base" = none) in mixed continuous batches; greedy by default.
 
-        `sampling`: temperature, top_k, top_p, seed, stop, repetition_penalty, ignore_eos."""
+        `sampling`: the fields of loraflow.sampling_params.SAMPLING_FIELDS but max_new_tokens (temperature, top_k,
+        top_p, seed, stop, repetition_penalty, ignore_eos)."""
         if not self._compiled:
             raise TypeError("Please run compile API first!")
         if device_id is not None:

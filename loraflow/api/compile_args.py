@@ -24,7 +24,7 @@ QAIC_ONLY_OPTIONS = frozenset({
     "aic_hw_version", "mdts_mxfp6_matmul", "aic_num_cores",
 })
 # CompileOptions fields a caller may set beyond QEfficient's named arguments.
-LORAFLOW_OPTIONS = ("max_rank", "adapter_slots", "target_modules")
+OWN_OPTIONS = ("max_rank", "adapter_slots", "target_modules")
 DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "int8": "int8", "int4": "int4"}
 
 
@@ -41,12 +41,12 @@ def build_compile_request(*, prefill_seq_len: int, ctx_len: int, full_batch_size
         # QEfficient: a continuous-batching model needs the number of KV-cache slots.
         raise TypeError("compile() missing required argument 'full_batch_size' (the model was loaded with "
                         "continuous_batching=True)")
-    unknown = sorted(k for k in compiler_options if k not in QAIC_ONLY_OPTIONS and k not in LORAFLOW_OPTIONS)
+    unknown = sorted(k for k in compiler_options if k not in QAIC_ONLY_OPTIONS and k not in OWN_OPTIONS)
     if unknown:
         raise TypeError(f"compile() got unexpected keyword argument(s) {unknown}; loraflow also takes "
-                        f"{list(LORAFLOW_OPTIONS)}, and records {sorted(QAIC_ONLY_OPTIONS)} without using them")
+                        f"{list(OWN_OPTIONS)}, and records {sorted(QAIC_ONLY_OPTIONS)} without using them")
     ignored = {k: v for k, v in compiler_options.items() if k in QAIC_ONLY_OPTIONS}
-    extra = {k: v for k, v in compiler_options.items() if k in LORAFLOW_OPTIONS}
+    extra = {k: v for k, v in compiler_options.items() if k in OWN_OPTIONS}
     if "target_modules" in extra:
         extra["target_modules"] = tuple(extra["target_modules"])
     dtype_name = _dtype_name(dtype)

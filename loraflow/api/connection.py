@@ -1,18 +1,20 @@
-"""In-process by default; `connect=` (or $LORAFLOW_INFERENCE / $LORAFLOW_COMPILER) means running services.
+"""In-process by default; `connect=` (or $LORAFLOW_INFERENCE_ADDR / $LORAFLOW_COMPILER_ADDR) means running services.
 
 `connect` is the inference service's "host:port", a dict {"inference", "compiler", "trainer"} of
 addresses, or a ready `loraflow.Client`. With only the inference address given, the compiler and
-trainer addresses come from $LORAFLOW_COMPILER / $LORAFLOW_TRAINER, then `loraflow.Client`'s own
-defaults ($LORAFLOW_*_ADDR, else the local ports). Tokens and TLS are the Client's ($LORAFLOW_TOKEN,
+trainer addresses come from $LORAFLOW_COMPILER_ADDR / $LORAFLOW_TRAINER_ADDR, else the local ports: the
+same variables the client and CLI read ($LORAFLOW_INFERENCE / _COMPILER / _TRAINER still work, with a
+deprecation warning). Tokens and TLS are the Client's ($LORAFLOW_TOKEN,
 $LORAFLOW_TLS_CA, ...).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-ENV = {"inference": "LORAFLOW_INFERENCE", "compiler": "LORAFLOW_COMPILER", "trainer": "LORAFLOW_TRAINER"}
+from loraflow import settings
+
+ENV = {"inference": settings.INFERENCE_ADDR, "compiler": settings.COMPILER_ADDR, "trainer": settings.TRAINER_ADDR}
 
 
 def make_client(connect: Any, *, services: tuple[str, ...] = ("inference", "compiler")):
@@ -24,9 +26,9 @@ def make_client(connect: Any, *, services: tuple[str, ...] = ("inference", "comp
     if isinstance(connect, Client):
         return connect
     if connect is None or connect is True:
-        if not any(os.environ.get(ENV[s]) for s in services):
+        if not any(ENV[s].raw() for s in services):
             if connect is True:
-                raise ValueError(f"connect=True needs ${' or $'.join(ENV[s] for s in services)} to be set")
+                raise ValueError(f"connect=True needs ${' or $'.join(ENV[s].env for s in services)} to be set")
             return None
         addresses = {}
     elif isinstance(connect, str):
@@ -39,6 +41,6 @@ def make_client(connect: Any, *, services: tuple[str, ...] = ("inference", "comp
     else:
         raise TypeError(f"connect must be 'host:port', a dict of addresses or a loraflow.Client, got {connect!r}")
     for service, env in ENV.items():
-        addresses.setdefault(service, os.environ.get(env) or None)
+        addresses.setdefault(service, env.raw())
     return Client(trainer=addresses["trainer"], compiler=addresses["compiler"], inference=addresses["inference"],
                   timeout=120.0)

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraflow.api.adapter_set import BASE, AdapterSet
+from loraflow.sampling_params import SAMPLING_FIELDS
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "stop", "repetition_penalty", "ignore_eos")
+# generate()'s sampling keywords; max_new_tokens is its generation_len.
+SAMPLING_KEYS = tuple(f.name for f in SAMPLING_FIELDS if f.name != "max_new_tokens")
 
 
 @dataclass(frozen=True)

@@ -8,24 +8,24 @@ the compiler keeps only the standard-operator graph and the runtime runs that on
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from loraflow import settings
 from loraflow.errors import FailedPrecondition
 
 DOMAIN = "ai.loraflow"
 OPSET = 1
 LIBRARY_NAME = "liblora_rows.so"
 # An operator may point at another build of the library (e.g. one baked into an image elsewhere).
-LIBRARY_ENV = "LORAFLOW_NATIVE_LIBRARY"
-DISABLE_ENV = "LORAFLOW_NATIVE_DISABLE"  # "1": behave as if the library were absent
+LIBRARY_ENV = settings.NATIVE_LIBRARY.env
+DISABLE_ENV = settings.NATIVE_DISABLE.env  # "1": behave as if the library were absent
 
 
 def library_path() -> Path | None:
     """The built library, or None where there is none (or it is disabled)."""
-    if os.environ.get(DISABLE_ENV, "") == "1":
+    if settings.NATIVE_DISABLE.from_env():
         return None
-    configured = os.environ.get(LIBRARY_ENV)
+    configured = settings.NATIVE_LIBRARY.raw()
     path = Path(configured) if configured else Path(__file__).with_name(LIBRARY_NAME)
     return path if path.is_file() else None
 

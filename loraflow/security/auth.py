@@ -27,6 +27,7 @@ from pathlib import Path
 
 import grpc
 
+from loraflow.error_status import status_for
 from loraflow.errors import InvalidArgument, Unauthenticated
 from loraflow.security.private_files import write_private
 
@@ -207,8 +208,6 @@ def bearer_token(metadata) -> str | None:
 
 def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that aborts at once (a stream request is never read)."""
-    from loraflow.grpc_server import status_for
-
     status = status_for(Unauthenticated(message, reason="UNAUTHENTICATED"))
 
     def abort(_request, context):
@@ -233,7 +232,6 @@ def _rejecting(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHa
 
 def _as_caller(handler: grpc.RpcMethodHandler, caller: str, method: str) -> grpc.RpcMethodHandler:
     """The same handler with the caller's name in `current_caller()` while it runs."""
-
     # grpc runs each RPC (a stream's every step included) in a Context of its own, so a plain set() is
     # scoped to this RPC.
     def unary(behavior: Callable):

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraflow.errors import InvalidArgument
+from loraflow.settings import ENV_PREFIX, Setting, declare
 from loraflow.storage_layout import MAX_CHUNK_BYTES
 
-ENV_PREFIX = "LORAFLOW_"
 KiB, MiB = 1 << 10, 1 << 20
 # An Upload message is a chunk plus its field tag and length (a few bytes), or a header (path, size, sha256).
 _UPLOAD_FRAMING_BYTES = 4 * KiB
@@ -131,8 +131,9 @@ class ServerLimits:
         for field in dataclasses.fields(cls):
             spec: LimitSpec = field.metadata["spec"]
             given = getattr(args, field.name, None)
-            if given is None and env.get(env_name(field.name)):
-                given = _parse(env[env_name(field.name)], spec, f"{env_name(field.name)}")
+            text = LIMIT_SETTINGS[field.name].raw(env)
+            if given is None and text:
+                given = _parse(text, spec, f"{env_name(field.name)}")
             if given is not None:
                 values[field.name] = given
         return cls(**values)
@@ -154,6 +155,17 @@ def _parse(text: str, spec: LimitSpec, where: str) -> float:
         raise InvalidArgument(f"{where} must be {'a number' if spec.kind is float else 'an integer'}, got {text!r}",
                               field=where, value=text) from None
     return value
+
+
+def _declared(field: dataclasses.Field) -> Setting:
+    spec: LimitSpec = field.metadata["spec"]
+    return declare(Setting(name=field.name, flag=flag_name(field.name), env=env_name(field.name),
+                           default=_show(field.default, spec), help=spec.help,
+                           parse=lambda text: _parse(text, spec, env_name(field.name))))
+
+
+# Each limit in the settings registry (loraflow.settings): `loraflow settings` lists them with the rest.
+LIMIT_SETTINGS = {field.name: _declared(field) for field in dataclasses.fields(ServerLimits)}
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,18 @@ from pathlib import Path
 
 from loraflow.errors import InvalidArgument
 from loraflow.security.limits import ServerLimits, add_limit_arguments
+from loraflow.settings import (
+    ALLOW_LOCAL_PATHS,
+    ALLOW_S3_BUCKETS,
+    ALLOW_UNAUTHENTICATED,
+    AUTH_TOKENS_FILE,
+    MAX_CONCURRENT_STREAMS,
+    METRICS_HOST,
+    TLS_CERT,
+    TLS_CLIENT_CA,
+    TLS_KEY,
+    Setting,
+)
 
 # Streaming RPCs (Generate, GenerateBatch, WatchJob, health Watch, reflection) one server runs at once;
 # beyond it a new stream is RESOURCE_EXHAUSTED. Unary RPCs and health checks have threads of their own.
@@ -26,10 +38,6 @@ def _split_list(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _env_flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -88,20 +96,20 @@ class SecuritySettings:
         """Flags from add_security_arguments, falling back to LORAFLOW_* environment variables."""
         env = os.environ if env is None else env
 
-        def pick(flag_value: str | None, name: str) -> str | None:
-            return flag_value or env.get(name) or None
+        def pick(flag_value: str | None, setting: Setting) -> str | None:
+            return flag_value or setting.raw(env)
 
-        local = args.allow_local_paths if args.allow_local_paths is not None else env.get("LORAFLOW_ALLOW_LOCAL_PATHS")
+        local = args.allow_local_paths if args.allow_local_paths is not None else ALLOW_LOCAL_PATHS.raw(env)
         return cls(
-            auth_tokens_file=pick(args.auth_tokens_file, "LORAFLOW_AUTH_TOKENS_FILE"),
-            tls_cert=pick(args.tls_cert, "LORAFLOW_TLS_CERT"),
-            tls_key=pick(args.tls_key, "LORAFLOW_TLS_KEY"),
-            tls_client_ca=pick(args.tls_client_ca, "LORAFLOW_TLS_CLIENT_CA"),
+            auth_tokens_file=pick(args.auth_tokens_file, AUTH_TOKENS_FILE),
+            tls_cert=pick(args.tls_cert, TLS_CERT),
+            tls_key=pick(args.tls_key, TLS_KEY),
+            tls_client_ca=pick(args.tls_client_ca, TLS_CLIENT_CA),
             allow_local_paths=tuple(os.path.abspath(os.path.expanduser(p)) for p in _split_list(local)),
-            allow_s3_buckets=_split_list(pick(args.allow_s3_buckets, "LORAFLOW_ALLOW_S3_BUCKETS")),
-            allow_unauthenticated=args.allow_unauthenticated or _env_flag(env.get("LORAFLOW_ALLOW_UNAUTHENTICATED")),
-            metrics_host=pick(args.metrics_host, "LORAFLOW_METRICS_HOST") or DEFAULT_METRICS_HOST,
-            max_concurrent_streams=_streams(args.max_concurrent_streams, env.get("LORAFLOW_MAX_CONCURRENT_STREAMS")),
+            allow_s3_buckets=_split_list(pick(args.allow_s3_buckets, ALLOW_S3_BUCKETS)),
+            allow_unauthenticated=args.allow_unauthenticated or bool(ALLOW_UNAUTHENTICATED.from_env(env)),
+            metrics_host=pick(args.metrics_host, METRICS_HOST) or DEFAULT_METRICS_HOST,
+            max_concurrent_streams=_streams(args.max_concurrent_streams, MAX_CONCURRENT_STREAMS.raw(env)),
             limits=ServerLimits.from_args(args, env),
         )
 
@@ -109,26 +117,16 @@ class SecuritySettings:
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags behind SecuritySettings (each with its LORAFLOW_* environment variable)."""
     g = parser.add_argument_group("security")
-    g.add_argument("--auth-tokens-file", default=None, metavar="PATH",
-                   help="name:token lines; callers send 'authorization: Bearer TOKEN' (env LORAFLOW_AUTH_TOKENS_FILE; "
-                        "SIGHUP re-reads it)")
-    g.add_argument("--allow-unauthenticated", action="store_true",
-                   help="serve a non-loopback address without tokens (env LORAFLOW_ALLOW_UNAUTHENTICATED=1)")
-    g.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain (env LORAFLOW_TLS_CERT)")
-    g.add_argument("--tls-key", default=None, metavar="PEM", help="server private key (env LORAFLOW_TLS_KEY)")
-    g.add_argument("--tls-client-ca", default=None, metavar="PEM",
-                   help="require client certificates signed by this CA: mTLS (env LORAFLOW_TLS_CLIENT_CA)")
-    g.add_argument("--allow-local-paths", default=None, metavar="DIR[,DIR]",
-                   help="directories a request may name local files under (env LORAFLOW_ALLOW_LOCAL_PATHS; "
-                        "default none)")
-    g.add_argument("--allow-s3-buckets", default=None, metavar="BUCKET[,BUCKET]",
-                   help="buckets besides the store's own that s3:// inputs may name (env LORAFLOW_ALLOW_S3_BUCKETS)")
-    g.add_argument("--metrics-host", default=None,
-                   help=f"address the /metrics endpoint binds (env LORAFLOW_METRICS_HOST; default "
-                        f"{DEFAULT_METRICS_HOST})")
-    g.add_argument("--max-concurrent-streams", type=int, default=None,
-                   help=f"streaming RPCs (and HTTP generations) served at once, 1..{MAX_CONCURRENT_STREAMS_LIMIT} "
-                        f"(env LORAFLOW_MAX_CONCURRENT_STREAMS; default {DEFAULT_MAX_CONCURRENT_STREAMS})")
+    # Help texts and variables: loraflow.settings.
+    g.add_argument(AUTH_TOKENS_FILE.flag, default=None, metavar="PATH", help=AUTH_TOKENS_FILE.described())
+    g.add_argument(ALLOW_UNAUTHENTICATED.flag, action="store_true", help=ALLOW_UNAUTHENTICATED.described())
+    g.add_argument(TLS_CERT.flag, default=None, metavar="PEM", help=TLS_CERT.described())
+    g.add_argument(TLS_KEY.flag, default=None, metavar="PEM", help=TLS_KEY.described())
+    g.add_argument(TLS_CLIENT_CA.flag, default=None, metavar="PEM", help=TLS_CLIENT_CA.described())
+    g.add_argument(ALLOW_LOCAL_PATHS.flag, default=None, metavar="DIR[,DIR]", help=ALLOW_LOCAL_PATHS.described())
+    g.add_argument(ALLOW_S3_BUCKETS.flag, default=None, metavar="BUCKET[,BUCKET]", help=ALLOW_S3_BUCKETS.described())
+    g.add_argument(METRICS_HOST.flag, default=None, help=METRICS_HOST.described())
+    g.add_argument(MAX_CONCURRENT_STREAMS.flag, type=int, default=None, help=MAX_CONCURRENT_STREAMS.described())
     add_limit_arguments(parser)
 
 

@@ -36,6 +36,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from loraflow import graph_contract as gc
+from loraflow.artifact.ai100_stepper import Ai100Layout, Ai100Stepper
+from loraflow.artifact.scheduler import Scheduler
+from loraflow.artifact.scheduler import Sequence as Request
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from loraflow.manifest import GraphSpec
 from services.compiler.ai100 import CUSTOM_IO_FILE, SPECIALIZATIONS_FILE
@@ -44,9 +47,6 @@ from services.compiler.modeling.layerwise import ReferenceRow
 from services.compiler.modeling.weights import EMBED
 from services.compiler.options import CompileOptions
 from services.compiler.verify import ReferenceFn, VerificationFailed, scaled_tolerance
-from services.inference.ai100_runtime import Ai100Layout, Ai100Stepper
-from services.inference.scheduler import Scheduler
-from services.inference.scheduler import Sequence as Request
 
 # Max |ORT - reference| / max(1, max |reference|), before scaling by the model's measured float32 error.
 # fp32 differs by summation order only; fp16 is measured on the tiny test models (Llama/Mistral/Qwen2,

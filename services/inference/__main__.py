@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import os  # noqa: F401  (kept for the engine branch, whose --adapter-cache-bytes reads os.environ here)
 import sys
 import threading
 
@@ -22,6 +22,7 @@ from loraflow.model_source import InputPolicy
 from loraflow.redis_health import HEALTH, ReadinessGate, RedisMonitor
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
+from loraflow.settings import DEPLOYMENT, HTTP_LISTEN
 from loraflow.store import open_store
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, MAX_ADAPTER_CACHE_BYTES
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(0 = off; default {DEFAULT_ADAPTER_CACHE_BYTES})")
     p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible /v1 API here (env LORAFLOW_HTTP_LISTEN; off unless set)")
-    p.add_argument("--deployment", default=os.environ.get("LORAFLOW_DEPLOYMENT") or None, metavar="NAME",
+    p.add_argument("--deployment", default=DEPLOYMENT.raw(), metavar="NAME",
                    help="keep the served models as desired state in Redis under NAME, shared by every replica "
                         "started with it: LoadArtifact/LoadAdapter/UnloadModel through any replica reach all, and "
                         "a replica is SERVING once it holds every desired model (env LORAFLOW_DEPLOYMENT; unset = "
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             server.set_serving(ready)
 
     gate = ReadinessGate(on_readiness, redis=False, model=False)
-    http_listen = args.http_listen or os.environ.get("LORAFLOW_HTTP_LISTEN") or None
+    http_listen = args.http_listen or HTTP_LISTEN.raw()
     http = None
     if http_listen:
         from services.inference.openai_api.serve import HttpServer

@@ -24,12 +24,12 @@ from typing import Protocol
 
 import numpy as np
 
+from loraflow.artifact.scheduler import FinishReason, Scheduler, SchedulerOutput, Sequence
 from loraflow.errors import FailedPrecondition, LoraflowError
 from loraflow.names import validate_request_id
 from services.inference import metrics
 from services.inference.detokenizer import IncrementalDetokenizer
 from services.inference.sampling import NonFiniteLogits, Sampler, SamplingParams
-from services.inference.scheduler import FinishReason, Scheduler, SchedulerOutput, Sequence
 
 # How long the idle loop sleeps before re-checking the stop flag.
 _IDLE_WAIT_S = 0.1

@@ -27,6 +27,7 @@ import numpy as np
 from loraflow import graph_contract as gc
 from loraflow import native as native_lora
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.scheduler import SchedulerOutput
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.artifact.traced_step_driver import TracedStepDriver
@@ -34,7 +35,6 @@ from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, Resou
 from loraflow.lora_bank import BankSpec, clear_slot, empty_banks, write_slot_tensors
 from loraflow.manifest import Manifest
 from loraflow.names import validate_name
-from services.inference.scheduler import SchedulerOutput
 
 DEVICES = ("cpu", "cuda", "ai100")
 # ORT starts this many OS threads per session; past the host's cores they only add contention, and
@@ -77,10 +77,10 @@ def check_device(device: str) -> str:
                                      f"installation lacks (has {ort.get_available_providers()})",
                                      field="device", value=device)
     if device == "ai100":
-        from services.inference.ai100_runtime import import_qaic
+        from services.inference.qaic_sdk import import_qaic
 
         try:
-            import_qaic()  # the Cloud AI 100 platform SDK's Python runtime (services.inference.ai100_runtime)
+            import_qaic()  # the Cloud AI 100 platform SDK's Python runtime (services.inference.qaic_sdk)
         except ImportError as err:
             raise FailedPrecondition("device 'ai100' needs the Qualcomm Cloud AI 100 runtime (qaicrt), "
                                      "which is not installed on this host", field="device", value=device) from err

@@ -7,90 +7,12 @@ same tokens whatever else shares the batch. The order of processing follows Hugg
 
 from __future__ import annotations
 
-import math
 import secrets
-from dataclasses import dataclass
 
 import numpy as np
 
-from loraflow.errors import InvalidArgument
-
-DEFAULT_MAX_NEW_TOKENS = 64
-# Bounds chosen so no accepted value can turn finite logits into inf/NaN probabilities:
-# below TEMPERATURE_MIN, logits / T overflows float64 for any |logit| > ~1.8e306 * T (1e-320 is a
-# subnormal: every logit becomes +-inf and the softmax is inf - inf = NaN); T = 0.01 already makes
-# a 0.1 logit gap a 22000x probability ratio, so smaller values are greedy in all but name.
-# Above TEMPERATURE_MAX the distribution is uniform in all but name.
-TEMPERATURE_MIN = 1e-2
-TEMPERATURE_MAX = 100.0
-# The repetition penalty divides or multiplies logits by the penalty: the same overflow argument.
-REPETITION_PENALTY_MIN = 1e-2
-REPETITION_PENALTY_MAX = 100.0
-# No vocabulary is near a million tokens; top_k above the vocabulary is simply "off".
-MAX_TOP_K = 1 << 20
-# The context bounds a request anyway; this keeps a single field from asking for absurd work.
-MAX_NEW_TOKENS = 1 << 16
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_SEED = 2**63
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float | np.floating | np.integer) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 0.0  # 0 = off (same as 1)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    repetition_penalty: float = 0.0  # 0 = off (same as 1)
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(name: str, value, why: str):
-            raise InvalidArgument(f"sampling.{name} {why}, got {value!r}", field=f"sampling.{name}", value=value)
-
-        def finite(name: str, value) -> None:
-            if not _is_number(value) or not math.isfinite(value):
-                bad(name, value, "must be a finite number")
-
-        for name in ("max_new_tokens", "top_k"):
-            if not isinstance(getattr(self, name), int | np.integer) or isinstance(getattr(self, name), bool):
-                bad(name, getattr(self, name), "must be an integer")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            bad("max_new_tokens", self.max_new_tokens, f"must be in 1..{MAX_NEW_TOKENS}")
-        finite("temperature", self.temperature)
-        if self.temperature != 0 and not TEMPERATURE_MIN <= self.temperature <= TEMPERATURE_MAX:
-            bad("temperature", self.temperature,
-                f"must be 0 (greedy) or in [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}]")
-        if not 0 <= self.top_k <= MAX_TOP_K:
-            bad("top_k", self.top_k, f"must be in 0..{MAX_TOP_K} (0 = off)")
-        finite("top_p", self.top_p)
-        if not 0 <= self.top_p <= 1:
-            bad("top_p", self.top_p, "must be in (0, 1] (0 = off)")
-        finite("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty != 0 and not \
-                REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX:
-            bad("repetition_penalty", self.repetition_penalty,
-                f"must be 0 (off) or in [{REPETITION_PENALTY_MIN}, {REPETITION_PENALTY_MAX}]")
-        if self.seed is not None and (not isinstance(self.seed, int | np.integer) or not 0 <= self.seed < MAX_SEED):
-            bad("seed", self.seed, "must be in [0, 2**63)")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            bad("stop", len(self.stop), f"may hold at most {MAX_STOP_STRINGS} strings")
-        for i, s in enumerate(self.stop):
-            if not isinstance(s, str) or not s:
-                bad("stop", list(self.stop), f"must hold non-empty strings (stop[{i}] is empty)")
-            if len(s) > MAX_STOP_STRING_CHARS:
-                bad("stop", f"<{len(s)} chars>", f"strings must be at most {MAX_STOP_STRING_CHARS} characters "
-                    f"(stop[{i}] is longer)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+# The fields, their defaults and checks are declared once in the library (front doors, client and CLI read them).
+from loraflow.sampling_params import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, SamplingParams  # noqa: F401
 
 
 class NonFiniteLogits(ArithmeticError):

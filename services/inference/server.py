@@ -5,7 +5,8 @@ interceptor, which turns them into canonical gRPC statuses. A client that cancel
 deadline triggers the RPC's callback, which cancels the request so its slot frees on the next step;
 one that goes away while its prompt is still being checked or tokenized is noticed before submit.
 
-A prompt's size is checked in bytes against what the model's context can hold before it is tokenized
+The request checks both front doors share (sampling fields, prompt sizes, token ids, the adapter) are in
+``request_validation``. A prompt's size is checked in bytes against what the model's context can hold before it is tokenized
 (``check_prompt_text``), and tokenizing runs without the GIL (TextTokenizer), so a huge prompt costs its
 own caller a refusal, never another caller's latency.
 """
@@ -15,14 +16,19 @@ from __future__ import annotations
 import queue
 import threading
 
+from loraflow.artifact.scheduler import FinishReason
 from loraflow.errors import InvalidArgument
 from loraflow.names import validate_request_id
 from loraflow.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine, GenerationChunk, GenerationRequest, RequestHandle
 from services.inference.model_manager import LoadedModel, ModelManager
+from services.inference.request_validation import (
+    build_generation,
+    check_prompt_text,
+    check_prompt_token_ids,
+    sampling_from_proto,
+)
 from services.inference.runtime import check_num_threads
-from services.inference.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from services.inference.scheduler import FinishReason
 
 SERVICE_NAME = "loraflow.v1.InferenceService"
 
@@ -53,23 +59,6 @@ def model_to_proto(model: LoadedModel) -> inference_pb2.Model:
         active_requests=model.engine.num_active())
 
 
-def sampling_from_proto(p: inference_pb2.SamplingParams, field_prefix: str = "sampling") -> SamplingParams:
-    """Proto defaults (0 = unset) → SamplingParams; errors name e.g. ``requests[2].sampling.top_p``."""
-    if p.max_new_tokens < 0:
-        raise InvalidArgument(f"{field_prefix}.max_new_tokens must be >= 0 (0 = {DEFAULT_MAX_NEW_TOKENS}), "
-                              f"got {p.max_new_tokens}", field=f"{field_prefix}.max_new_tokens", value=p.max_new_tokens)
-    try:
-        return SamplingParams(max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                              temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                              seed=p.seed if p.seed else None, stop=tuple(p.stop),
-                              repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos)
-    except InvalidArgument as err:
-        if field_prefix == "sampling":
-            raise
-        field = field_prefix + err.field.removeprefix("sampling")
-        raise InvalidArgument(err.message.replace(err.field, field), field=field, value=err.value) from err
-
-
 def chunk_to_proto(chunk: GenerationChunk) -> inference_pb2.GenerateResponse:
     response = inference_pb2.GenerateResponse(text=chunk.text, token_ids=list(chunk.token_ids),
                                               finish_reason=_FINISH[chunk.finish_reason],
@@ -78,41 +67,6 @@ def chunk_to_proto(chunk: GenerationChunk) -> inference_pb2.GenerateResponse:
         response.usage.prompt_tokens = chunk.prompt_tokens
         response.usage.completion_tokens = chunk.completion_tokens
     return response
-
-
-def check_prompt_text(text: str, model: LoadedModel, field: str) -> None:
-    """Refuse, before tokenizing, text that cannot fit the model's context whatever it tokenizes to:
-    more UTF-8 bytes than ``ctx_len - 1`` tokens of the tokenizer's longest entry stand for."""
-    ctx_len = model.runtime.ctx_len
-    limit = model.tokenizer.max_prompt_bytes(ctx_len - 1)
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise InvalidArgument(
-            f"{field} is {size} bytes of text; the model's context of {ctx_len} tokens holds at most {limit} bytes "
-            f"({ctx_len - 1} prompt tokens of at most {model.tokenizer.max_token_bytes} bytes each)", field=field,
-            value=f"<{size} bytes>", metadata={"prompt_bytes": size, "max_prompt_bytes": limit, "ctx_len": ctx_len})
-
-
-def check_prompt_tokens(count: int, model: LoadedModel, field: str) -> None:
-    ctx_len = model.runtime.ctx_len
-    if count >= ctx_len:
-        raise InvalidArgument(f"{field} has {count} tokens but the model's context is {ctx_len} "
-                              f"tokens (at most {ctx_len - 1} prompt tokens fit)", field=field,
-                              value=count, metadata={"prompt_tokens": count, "ctx_len": ctx_len})
-
-
-def build_generation(manager: ModelManager, model: LoadedModel, ids: list[int], adapter: str,
-                     sampling: SamplingParams, request_id: str = "", *, prompt_field: str = "prompt",
-                     adapter_field: str = "adapter") -> GenerationRequest:
-    """The checks every front door (gRPC Generate, the OpenAI HTTP API) applies to a tokenized request
-    before it reaches its model's engine; errors name the caller's fields."""
-    if not ids:
-        raise InvalidArgument(f"{prompt_field} must not be empty", field=prompt_field, value="")
-    check_prompt_tokens(len(ids), model, prompt_field)
-    # Loaded, or loadable on first use (compiled in or registered): NotFound otherwise. The load itself
-    # runs in the engine's submit (OnDemandAdapters), so every front door shares it.
-    model.adapters.check_servable(adapter, field=adapter_field)
-    return GenerationRequest(tuple(ids), adapter, sampling, request_id)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -151,11 +105,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         which = request.WhichOneof("input")
         if which == "prompt_token_ids":
             ids = list(request.prompt_token_ids.ids)
-            check_prompt_tokens(len(ids), model, f"{prefix}prompt_token_ids")  # before scanning them
-            bad = [i for i in ids if not 0 <= i < model.runtime.vocab_size]
-            if bad:
-                raise InvalidArgument(f"{prefix}prompt_token_ids holds ids outside [0, {model.runtime.vocab_size}): "
-                                      f"{bad[:5]}", field=f"{prefix}prompt_token_ids", value=bad[:5])
+            check_prompt_token_ids(ids, model, f"{prefix}prompt_token_ids")
         elif which == "prompt":
             check_prompt_text(request.prompt, model, f"{prefix}prompt")
             ids = tokenizer.encode_chat(request.prompt) if request.chat else tokenizer.encode(request.prompt)

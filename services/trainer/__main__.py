@@ -12,10 +12,10 @@ Kubernetes Indexed Job's pods) run services.trainer.node_main instead: flags in 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from loraflow.queue_service import QueueServiceSpec, ServiceContext, main
+from loraflow.settings import ALLOW_DISTRIBUTED_TRAINING, JOIN_DISTRIBUTED, RDZV_HOST
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 
 
@@ -23,23 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-every-steps", type=int, default=5, help="progress event every N steps")
     parser.add_argument(
         "--allow-distributed-training", action="store_true",
-        default=os.environ.get("LORAFLOW_ALLOW_DISTRIBUTED_TRAINING", "") in ("1", "true", "yes"),
-        help="run world_size > 1 jobs (torchrun ranks). Off by default: torch's c10d rendezvous store listens "
-             "unauthenticated on all interfaces while a job trains, so enable it only where the worker's ports "
-             "are private (a NetworkPolicy, a firewall). Env LORAFLOW_ALLOW_DISTRIBUTED_TRAINING=1")
+        default=bool(ALLOW_DISTRIBUTED_TRAINING.from_env()),
+        help=ALLOW_DISTRIBUTED_TRAINING.described())
     parser.add_argument("--max-ranks", type=int, default=0,
                         help="most ranks one job may start on this machine (0 = 2 x CPU cores, at least 2)")
     parser.add_argument(
         "--join-distributed", action="store_true",
-        default=os.environ.get("LORAFLOW_JOIN_DISTRIBUTED", "") in ("1", "true", "yes"),
-        help="also host the other nodes of multi-machine jobs (TrainingConfig.nodes > 1) that other workers "
-             "took; implies --allow-distributed-training, with the same exposure: the ranks' gloo sockets and "
-             "node 0's rendezvous store are unauthenticated, keep them on a private network. "
-             "Env LORAFLOW_JOIN_DISTRIBUTED=1")
+        default=bool(JOIN_DISTRIBUTED.from_env()),
+        help=JOIN_DISTRIBUTED.described())
     parser.add_argument("--rdzv-host", default="",
-                        help="the address other machines reach this worker's rendezvous endpoint on when it is "
-                             "node 0 of a multi-machine job (default: env LORAFLOW_RDZV_HOST, else the hostname); "
-                             "for --role follower, node 0's address (an Indexed Job: its headless Service name)")
+                        help=RDZV_HOST.described())
     from services.trainer.node_flags import add_node_arguments
 
     add_node_arguments(parser)

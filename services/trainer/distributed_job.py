@@ -31,19 +31,42 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from loraflow import errors
 from loraflow.embedded_redis import free_port
 from loraflow.errors import FailedPrecondition, Unavailable, WorkerStopping
 from loraflow.jobs import JobContext
+from loraflow.settings import RDZV_HOST
 from services.trainer.rank_group import RankGroup
 from services.trainer.rank_main import RankSpec
 from services.trainer.run_board import RunBoard
 from services.trainer.training import LoraSettings, StepProgress, TrainingSettings
 
-if TYPE_CHECKING:
-    from services.trainer.worker import TrainingHandler
+
+class RankJobHost(Protocol):
+    """What a data-parallel job needs of the worker's handler (services.trainer.worker.TrainingHandler), declared
+    here so the worker imports this module and not the other way round."""
+
+    store: Any
+    cache_dir: Path
+    allow_distributed: bool
+    max_local_ranks: int
+    rdzv_host: str
+    rdzv_port: int | None
+    join_timeout: float
+
+    def report_step(self, ctx: JobContext, p: StepProgress) -> None: ...
+
+    def latest_checkpoint(self, job_id: str) -> str | None: ...
+
+    def publish_checkpoint(self, ctx: JobContext, step: int, directory: Path) -> None: ...
+
+    def adapter_dir(self, ctx: JobContext) -> Path: ...
+
+    def publish_adapter(self, ctx: JobContext, out: Path, name: str, trained_metrics: dict[str, float],
+                        lora: LoraSettings, step: int, resumed: int) -> dict[str, Any]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +74,7 @@ POLL_SECONDS = 0.2
 _RELAYED_ERRORS = ("InvalidArgument", "FailedPrecondition", "NotFound", "PermissionDenied", "ResourceExhausted")
 
 
-def check_capacity(handler: TrainingHandler, training: TrainingSettings) -> None:
+def check_capacity(handler: RankJobHost, training: TrainingSettings) -> None:
     """FailedPrecondition when this worker cannot host the job's ranks."""
     if not handler.allow_distributed:
         raise FailedPrecondition(f"training.world_size={training.world_size} needs a worker started with "
@@ -73,7 +96,7 @@ def check_capacity(handler: TrainingHandler, training: TrainingSettings) -> None
                                      field="training.world_size", value=training.world_size)
 
 
-def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Path, data: bytes,
+def run_distributed_job(handler: RankJobHost, ctx: JobContext, model_dir: Path, data: bytes,
                         lora: LoraSettings, training: TrainingSettings) -> dict[str, Any]:
     check_capacity(handler, training)
     work = handler.cache_dir / "jobs" / ctx.job_id / f"attempt-{ctx.attempt}"
@@ -130,7 +153,7 @@ def run_distributed_job(handler: TrainingHandler, ctx: JobContext, model_dir: Pa
 class _Run:
     """Follows rank 0's events and the job's control state until the rank group exits."""
 
-    def __init__(self, handler: TrainingHandler, ctx: JobContext, group: RankGroup, training: TrainingSettings,
+    def __init__(self, handler: RankJobHost, ctx: JobContext, group: RankGroup, training: TrainingSettings,
                  resumed: int, board: RunBoard | None = None, run_key: str | None = None):
         self.handler, self.ctx, self.group, self.training = handler, ctx, group, training
         self.board, self.run_key = board, run_key
@@ -221,4 +244,4 @@ def _rdzv_port(fixed: int | None, probe: str, job_id: str) -> int:
 
 
 def default_rdzv_host() -> str:
-    return os.environ.get("LORAFLOW_RDZV_HOST") or socket.gethostname()
+    return RDZV_HOST.raw() or socket.gethostname()

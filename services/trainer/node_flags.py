@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from loraflow.config import seconds_arg
+from loraflow.settings import JOIN_TIMEOUT, NODE_RANK, ONE_JOB, RDZV_HOST, RDZV_PORT, TRAINER_ROLE
 from services.trainer.training import MAX_NODES
 
 # torchrun's own default c10d rendezvous port: NetworkPolicies and firewall rules written for torchrun match.
@@ -33,10 +34,6 @@ DEFAULT_RDZV_PORT = 29400
 DEFAULT_JOIN_TIMEOUT_S = 300.0
 MAX_JOIN_TIMEOUT_S = 86400.0
 ROLES = ("worker", "follower", "auto")
-
-
-def _env_flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def rdzv_port_arg(text: str) -> int:
@@ -61,8 +58,8 @@ def node_rank_arg(text: str) -> int:
 
 def _env_node_rank(env: Mapping[str, str]) -> int | None:
     """LORAFLOW_NODE_RANK, else JOB_COMPLETION_INDEX; SystemExit naming the variable when it is no node rank."""
-    for name in ("LORAFLOW_NODE_RANK", "JOB_COMPLETION_INDEX"):
-        text = (env.get(name) or "").strip()
+    for name, text in ((NODE_RANK.env, NODE_RANK.raw(env)), ("JOB_COMPLETION_INDEX", env.get("JOB_COMPLETION_INDEX"))):
+        text = (text or "").strip()
         if text:
             try:
                 return node_rank_arg(text)
@@ -81,28 +78,17 @@ def role_arg(text: str) -> str:
 def add_node_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     g = parser.add_argument_group("multi-machine training (Kubernetes Indexed Job)")
-    g.add_argument("--role", type=role_arg, default=env.get("LORAFLOW_TRAINER_ROLE") or "worker",
-                   help="worker: take jobs from the queue (node 0 of the multi-machine jobs it takes); follower: take "
-                        "no jobs, host node rank --node-rank of the runs node 0 (--rdzv-host) opens; auto: node rank "
-                        "0 is a worker, any other a follower (env LORAFLOW_TRAINER_ROLE; default worker)")
+    g.add_argument("--role", type=role_arg, default=TRAINER_ROLE.raw(env) or "worker",
+                   help=TRAINER_ROLE.described())
     g.add_argument("--node-rank", type=node_rank_arg, default=None,
-                   help=f"this machine's node rank, 0..{MAX_NODES - 1}, for --role follower/auto (default: env "
-                        "LORAFLOW_NODE_RANK, else JOB_COMPLETION_INDEX); a follower without one takes any free node "
-                        "rank. A worker ignores the environment's (it is node 0 of every job it takes)")
-    g.add_argument("--one-job", action="store_true", default=_env_flag(env.get("LORAFLOW_ONE_JOB")),
-                   help="run exactly one job (a follower: one rendezvous) and exit: 0 succeeded, 1 failed, "
-                        "3 cancelled, 4 released or redelivered (stop signal, lost lease, crashed rank), 5 stopped "
-                        "before a job came (env LORAFLOW_ONE_JOB=1)")
+                   help=NODE_RANK.described())
+    g.add_argument("--one-job", action="store_true", default=bool(ONE_JOB.from_env(env)),
+                   help=ONE_JOB.described())
     g.add_argument("--join-timeout", type=join_timeout_arg,
-                   default=env.get("LORAFLOW_JOIN_TIMEOUT") or str(DEFAULT_JOIN_TIMEOUT_S),
-                   help=f"seconds node 0 waits for the other nodes of a multi-machine job to join before the attempt "
-                        f"fails and the job is redelivered, 0 < s <= {MAX_JOIN_TIMEOUT_S:g} (env "
-                        f"LORAFLOW_JOIN_TIMEOUT; default {DEFAULT_JOIN_TIMEOUT_S:g}): an Indexed Job's pods may "
-                        "start minutes apart")
-    g.add_argument("--rdzv-port", type=rdzv_port_arg, default=env.get("LORAFLOW_RDZV_PORT") or DEFAULT_RDZV_PORT,
-                   help=f"TCP port of node 0's c10d rendezvous store, 1..65535 (env LORAFLOW_RDZV_PORT; default "
-                        f"{DEFAULT_RDZV_PORT}); a follower joins only runs at --rdzv-host:--rdzv-port when a "
-                        "rendezvous host is given. Two node-0 workers on one machine need different ports")
+                   default=JOIN_TIMEOUT.raw(env) or str(DEFAULT_JOIN_TIMEOUT_S),
+                   help=JOIN_TIMEOUT.described())
+    g.add_argument("--rdzv-port", type=rdzv_port_arg, default=RDZV_PORT.raw(env) or DEFAULT_RDZV_PORT,
+                   help=RDZV_PORT.described())
 
 
 def join_timeout_arg(text: str) -> float:
@@ -163,5 +149,5 @@ class NodeMode:
         if one_job and args.join_distributed:
             raise SystemExit("--join-distributed cannot be combined with --one-job: a one-job worker runs exactly one "
                              "queue job; host the other nodes with --role follower")
-        host = (args.rdzv_host or env.get("LORAFLOW_RDZV_HOST") or "").strip() or None
+        host = (args.rdzv_host or RDZV_HOST.raw(env) or "").strip() or None
         return cls(role=role, node_rank=rank, one_job=one_job, rdzv_port=args.rdzv_port, rdzv_host=host)

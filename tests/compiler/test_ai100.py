@@ -40,9 +40,9 @@ def _export(model_dir, decoder, out_dir, *, slots: int, cb: bool = True, dtype: 
 def _greedy_serve(session, layout, num_layers: int, vocab_size: int, banks, prompts, lora_ids, max_new
                   ) -> list[list[int]]:
     """Greedy-serve ``prompts`` on a whole-bundle session through the inference scheduler and AI 100 stepper."""
-    from services.inference.ai100_runtime import Ai100Stepper
-    from services.inference.scheduler import Scheduler
-    from services.inference.scheduler import Sequence as Request
+    from loraflow.artifact.ai100_stepper import Ai100Stepper
+    from loraflow.artifact.scheduler import Scheduler
+    from loraflow.artifact.scheduler import Sequence as Request
 
     stepper = Ai100Stepper(session, layout, num_layers, vocab_size)
     session.set_buffers(dict(banks))
@@ -194,7 +194,7 @@ def test_the_bundle_driven_as_the_card_gives_peft_tokens(tmp_path, parity_model,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from services.inference.ai100_runtime import Ai100Layout
+    from loraflow.artifact.ai100_stepper import Ai100Layout
     from tests.compiler.helpers import random_prompts
 
     model_dir = parity_model(arch)

@@ -346,9 +346,9 @@ def test_an_fp16_ai100_bundle_is_written_in_fp16_and_verified_as_the_card_runs_i
 
 
 def test_a_bundle_run_a_layer_at_a_time_equals_the_whole_graph(tmp_path, tiny_llama, adapter_factory):
+    from loraflow.artifact.ai100_stepper import Ai100Layout
     from services.compiler import ai100, ai100_verify
     from services.compiler.ai100_writer import export_ai100
-    from services.inference.ai100_runtime import Ai100Layout
     from tests.compiler.helpers import decoder_with_adapters
 
     adapters = [("a", adapter_factory("llama", "a4", r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), seed=1))]

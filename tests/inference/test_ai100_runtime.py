@@ -55,7 +55,7 @@ def test_ai100_device_needs_the_runtime(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "qaicrt", None)  # import fails as on a host without the SDK
-    monkeypatch.setattr("services.inference.ai100_runtime.SDK_PYTHON_DIRS", ())
+    monkeypatch.setattr("services.inference.qaic_sdk.SDK_PYTHON_DIRS", ())
     with pytest.raises(FailedPrecondition, match="qaicrt") as err:
         check_device("ai100")
     assert err.value.field == "device"

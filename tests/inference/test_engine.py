@@ -7,12 +7,12 @@ import time
 
 import pytest
 
+from loraflow.artifact.scheduler import FinishReason
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.inference import engine as engine_module
 from services.inference.engine import Engine, GenerationRequest
 from services.inference.model_manager import open_model
 from services.inference.sampling import SamplingParams
-from services.inference.scheduler import FinishReason
 from tests.inference.conftest import PROMPTS
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from loraflow.artifact.scheduler import FinishReason, Scheduler, Sequence, Status
 from loraflow.errors import InvalidArgument, ResourceExhausted
-from services.inference.scheduler import FinishReason, Scheduler, Sequence, Status
 
 
 def make(**kw) -> Scheduler:

@@ -20,12 +20,12 @@ import pytest
 
 from loraflow import graph_contract as gc
 from loraflow import lora_bank
+from loraflow.artifact.scheduler import ScheduledRow, SchedulerOutput
 from loraflow.artifact.step_driver import Row
 from loraflow.artifact.traced_step_driver import PAST_BUCKET, TracedStepDriver
 from loraflow.errors import InvalidArgument
 from services.compiler.modeling import load_decoder
 from services.compiler.verify import VerificationFailed, decoder_reference, reference_logits, verify_graph
-from services.inference.scheduler import ScheduledRow, SchedulerOutput
 from tests.compiler.conftest import save_peft_adapter
 from tests.support.tiny_models import make_tiny_model_dir
 

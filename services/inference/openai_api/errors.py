@@ -13,6 +13,7 @@ import redis
 from starlette.responses import JSONResponse
 
 from loraflow.errors import MAX_MESSAGE_BYTES, LoraflowError, clip_utf8
+from loraflow.sampling_params import SAMPLING_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,7 @@ ERROR_TYPE = {
 }
 # Engine and sampling errors name gRPC fields; an HTTP caller sent these names instead.
 _PARAM_NAMES = {
-    "sampling.max_new_tokens": "max_tokens",
-    "sampling.temperature": "temperature",
-    "sampling.top_p": "top_p",
-    "sampling.top_k": "top_k",
-    "sampling.seed": "seed",
-    "sampling.stop": "stop",
-    "sampling.repetition_penalty": "repetition_penalty",
+    **{f"sampling.{f.name}": f.http_name for f in SAMPLING_FIELDS},
     "adapter": "model",
     "model_id": "model",
 }

@@ -1,5 +1,5 @@
 """An OpenAI request → (model, GenerationRequest) through the same checks and manager entry points
-as gRPC Generate (``server.build_generation``), so both front doors admit, sample and fail alike.
+as gRPC Generate (``request_validation``), so both front doors admit, sample and fail alike.
 
 ``model`` names a loaded model id, an adapter one loaded model can serve (see ``resolve_model``), or
 ``MODEL_ID/ADAPTER`` (names never hold '/'). An adapter not in a slot loads on first use in the
@@ -13,11 +13,16 @@ from dataclasses import dataclass
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from loraflow.names import validate_name
+from loraflow.sampling_params import MAX_NEW_TOKENS
 from services.inference.engine import GenerationRequest
 from services.inference.model_manager import LoadedModel, ModelManager
 from services.inference.openai_api.schemas import ChatCompletionRequest, CompletionRequest
-from services.inference.sampling import MAX_NEW_TOKENS, SamplingParams
-from services.inference.server import build_generation, check_prompt_text, check_prompt_tokens
+from services.inference.request_validation import (
+    build_generation,
+    check_prompt_text,
+    check_prompt_token_ids,
+    sampling_from_http,
+)
 
 
 @dataclass(frozen=True)
@@ -120,11 +125,7 @@ def _prompt_ids(model: LoadedModel, request: CompletionRequest | ChatCompletionR
     if isinstance(prompt, str):
         check_prompt_text(prompt, model, "prompt")
         return tokenizer.encode(prompt), "prompt"
-    check_prompt_tokens(len(prompt), model, "prompt")
-    vocab = model.runtime.vocab_size
-    bad = [i for i in prompt if not 0 <= i < vocab]
-    if bad:
-        raise InvalidArgument(f"prompt holds token ids outside [0, {vocab}): {bad[:5]}", field="prompt", value=bad[:5])
+    check_prompt_token_ids(list(prompt), model, "prompt")
     return list(prompt), "prompt"
 
 
@@ -136,9 +137,7 @@ def prepare(manager: ModelManager, request: CompletionRequest | ChatCompletionRe
     limit = request.token_limit if isinstance(request, ChatCompletionRequest) else request.max_tokens
     # Unset: until the context is full, as OpenAI's chat API and vLLM do (the scheduler ends it there).
     max_new_tokens = limit if limit is not None else max(1, min(MAX_NEW_TOKENS, model.runtime.ctx_len - len(ids)))
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=request.temperature, top_k=request.top_k,
-                              top_p=request.top_p, seed=request.seed, stop=request.stop_strings,
-                              repetition_penalty=request.repetition_penalty, ignore_eos=request.ignore_eos)
+    sampling = sampling_from_http(request, max_new_tokens)
     generation = build_generation(manager, model, ids, target.adapter, sampling, request_id,
                                   prompt_field=prompt_field, adapter_field="model")
     return model, generation

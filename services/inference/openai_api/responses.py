@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import JSONResponse
 
+from loraflow.artifact.scheduler import FinishReason
 from loraflow.errors import Unavailable
 from services.inference.engine import GenerationChunk
 from services.inference.openai_api import errors
 from services.inference.openai_api.schemas import ChatCompletionRequest, CompletionRequest
 from services.inference.openai_api.streaming import ChunkStream, run_watched
-from services.inference.scheduler import FinishReason
 
 _FINISH = {FinishReason.STOP: "stop", FinishReason.STOP_STRING: "stop", FinishReason.LENGTH: "length"}
 

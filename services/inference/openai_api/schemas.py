@@ -14,9 +14,10 @@ import functools
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from loraflow.errors import InvalidArgument
+from loraflow.sampling_params import SAMPLING_FIELDS
 
 MAX_MESSAGES = 1024
 MAX_MODEL_NAME_CHARS = 256
@@ -45,20 +46,8 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _GenerateFields(_Strict):
+class _GenerateBase(_Strict):
     model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)]
-    max_tokens: int | None = None
-    temperature: float = 1.0  # OpenAI's default; send 0 for greedy decoding
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 0.0
-    ignore_eos: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1  # strict int: True and 1.0 are refused, not taken for 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # the caller's end-user id: informational only
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -69,6 +58,18 @@ class _GenerateFields(_Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+# The sampling fields under their OpenAI names and defaults (loraflow.sampling_params declares them; their
+# ranges are checked there, for both front doors), then the fields only this API has.
+_GenerateFields = create_model(
+    "_GenerateFields", __base__=_GenerateBase,
+    **{f.http_name: (f.http_type, Field(default=f.http_default, description=f.help)) for f in SAMPLING_FIELDS},
+    n=(Annotated[int, Field(ge=1, le=1)], 1),  # strict int: True and 1.0 are refused, not taken for 1
+    stream=(bool, False),
+    stream_options=(StreamOptions | None, None),
+    user=(str | None, None),  # the caller's end-user id: informational only
+)
 
 
 class CompletionRequest(_GenerateFields):
