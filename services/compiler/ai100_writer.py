@@ -256,11 +256,17 @@ class Ai100GraphWriter:
         gate, up = self._node("Split", [gu, self._ints("split.gate_up", [inter, inter])], f"{p}/split", 2, axis=-1)
         gate = self._adapted(gate, "gate_proj", x, i, f"{p}/gate")
         up = self._adapted(up, "up_proj", x, i, f"{p}/up")
-        silu = self._one("Mul", [gate, self._one("Sigmoid", [gate], f"{p}/sigmoid")], f"{p}/silu")
-        act = self._one("Mul", [silu, up], f"{p}/act")  # [B, S, I]
+        act = self._one("Mul", [self._activation(gate, p), up], f"{p}/act")  # [B, S, I]
         down = self._linear(act, f"layers.{i}.mlp.down_proj.weight",
                             f"layers.{i}.mlp.down_proj.bias" if cfg.mlp_bias else None, f"{p}/down")
         return self._adapted(down, "down_proj", act, i, f"{p}/down")
+
+    def _activation(self, gate: str, p: str) -> str:
+        """The MLP gate's activation (the family's BlockStructure.activation)."""
+        kind = self.cfg.block.activation
+        if kind == "silu":
+            return self._one("Mul", [gate, self._one("Sigmoid", [gate], f"{p}/sigmoid")], f"{p}/silu")
+        raise InvalidArgument(f"activation {kind!r} has no AI 100 graph", field="base_model.hidden_act", value=kind)
 
     def build(self) -> onnx.ModelProto:
         cfg, g = self.cfg, self.g

@@ -422,9 +422,7 @@ class FusedGraphBuilder:
             if opts.lora_kernel == "onnx":
                 gate = self._adapted("gate_proj", gate, x, row_index, f"{p}/mlp/gate", layer=i)
                 up = self._adapted("up_proj", up, x, row_index, f"{p}/mlp/up", layer=i)
-            (sig,) = g.node("Sigmoid", [gate], name=f"{p}/mlp/sigmoid")
-            (silu,) = g.node("Mul", [gate, sig], name=f"{p}/mlp/silu")
-            (act,) = g.node("Mul", [silu, up], name=f"{p}/mlp/act")  # [B, S, I]
+            (act,) = g.node("Mul", [self._activation(gate, f"{p}/mlp"), up], name=f"{p}/mlp/act")  # [B, S, I]
             down = self._linear(act, f"{p}.mlp.down_proj.weight", f"{p}.mlp.down_proj.bias" if cfg.mlp_bias else None,
                                 f"{p}/mlp/down", k=inter, n=cfg.hidden_size)
             down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down", layer=i)
@@ -467,6 +465,15 @@ class FusedGraphBuilder:
                                   producer_name="loraflow")
         model.ir_version = 8
         return model
+
+    def _activation(self, gate: str, name: str) -> str:
+        """The MLP gate's activation (the family's BlockStructure.activation)."""
+        kind = self.cfg.block.activation
+        if kind == "silu":
+            (sig,) = self.g.node("Sigmoid", [gate], name=f"{name}/sigmoid")
+            (out,) = self.g.node("Mul", [gate, sig], name=f"{name}/silu")
+            return out
+        raise InvalidArgument(f"activation {kind!r} has no fused graph", field="base_model.hidden_act", value=kind)
 
     def _norm(self, name: str) -> str:
         """An RMSNorm weight, stored under its decoder name."""

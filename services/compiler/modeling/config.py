@@ -9,14 +9,15 @@ from typing import Any
 
 from loraflow.errors import InvalidArgument
 from loraflow.hf_config import HfModelConfig, read_config_file
+from services.compiler.families import FAMILIES, BlockStructure, FamilySpec, family
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)  # model_type strings, one family module each
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    architecture: str
+    architecture: str  # the model family (config.json model_type): services/compiler/families
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -28,11 +29,20 @@ class DecoderConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool  # q/k/v (and for llama also o) biases; Qwen2 always has q/k/v biases
+    attention_bias: bool  # q/k/v biases (each family's read_config decides; Qwen2 always has them)
     o_bias: bool
     mlp_bias: bool
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     sliding_window: int | None = None  # Mistral/Qwen2: attention window (None = full attention)
+
+    @property
+    def family(self) -> FamilySpec:
+        return family(self.architecture)
+
+    @property
+    def block(self) -> BlockStructure:
+        """How this family's decoder block computes (what the reference and both graph writers follow)."""
+        return self.family.block
 
     @property
     def num_query_groups(self) -> int:
@@ -66,27 +76,15 @@ class DecoderConfig:
         """From a config.json object, read strictly (loraflow.hf_config): a size that is not an integer in range,
         or a malformed rope setting, is INVALID_ARGUMENT naming ``base_model.<key>``."""
         arch = hf.get("model_type") if isinstance(hf, Mapping) else None
-        if arch not in SUPPORTED_ARCHITECTURES:
-            shown = arch if isinstance(arch, str | None) and len(str(arch)) <= 64 else "<not a name>"
-            raise InvalidArgument(
-                f"model_type {shown!r} is not supported; supported architectures: {list(SUPPORTED_ARCHITECTURES)}",
-                field="base_model.model_type", value=shown)
+        spec = family(arch)  # INVALID_ARGUMENT base_model.model_type naming the supported families
         act = hf.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in spec.hidden_acts:
             shown = act if isinstance(act, str) and len(act) <= 64 else "<not a name>"
-            raise InvalidArgument(f"hidden_act {shown!r} is not supported (the decoder implements SwiGLU/silu)",
-                                  field="base_model.hidden_act", value=shown)
+            raise InvalidArgument(f"hidden_act {shown!r} is not supported for {arch} (the decoder implements "
+                                  f"{list(spec.hidden_acts)})", field="base_model.hidden_act", value=shown)
         checked = HfModelConfig.from_dict(hf, field="base_model")
         rope = _rope_parameters(hf)
-        if arch == "qwen2":
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = _flag(hf, "attention_bias")
-        window = None
-        if arch == "mistral":
-            window = hf.get("sliding_window")
-        elif arch == "qwen2" and _flag(hf, "use_sliding_window"):
-            window = hf.get("sliding_window")
+        own = spec.read_config(hf)
         return cls(
             architecture=arch,
             vocab_size=checked.vocab_size,
@@ -100,11 +98,11 @@ class DecoderConfig:
             rope_theta=float(rope.pop("rope_theta")),
             max_position_embeddings=checked.max_position_embeddings or 2048,
             tie_word_embeddings=checked.tie_word_embeddings,
-            attention_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=_flag(hf, "mlp_bias"),
+            attention_bias=own.attention_bias,
+            o_bias=own.o_bias,
+            mlp_bias=own.mlp_bias,
             rope_scaling=rope,
-            sliding_window=int(window) if window else None,  # hf_config: null or an integer in range
+            sliding_window=own.sliding_window,
         )
 
     @classmethod
@@ -114,14 +112,6 @@ class DecoderConfig:
             raise InvalidArgument(f"{model_dir} is not a Hugging Face checkpoint (no config.json)",
                                   field="base_model", value=str(model_dir))
         return cls.from_hf_dict(read_config_file(path, field="base_model", shown=f"{model_dir}/config.json"))
-
-
-def _flag(hf: Mapping[str, Any], key: str) -> bool:
-    value = hf.get(key, False)
-    if not isinstance(value, bool | None):
-        raise InvalidArgument(f"base_model.{key} must be true or false, got a JSON {type(value).__name__}",
-                              field=f"base_model.{key}", value=type(value).__name__)
-    return bool(value)
 
 
 def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:

@@ -166,11 +166,16 @@ class Attention(nn.Module):
         return self.output(out, lora, layer), present_k, present_v
 
 
+# The MLP gate's activation by BlockStructure.activation.
+ACTIVATIONS = {"silu": F.silu}
+
+
 class MLP(nn.Module):
-    """SwiGLU with gate and up in one fused matmul."""
+    """Gated MLP (SwiGLU for silu) with gate and up in one fused matmul."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
+        self.act = ACTIVATIONS[cfg.block.activation]
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
@@ -179,7 +184,7 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)  # [B, S, I] each
         gate = _add(gate, lora.delta("gate_proj", layer, x))
         up = _add(up, lora.delta("up_proj", layer, x))
-        h = F.silu(gate) * up
+        h = self.act(gate) * up
         return _add(self.down_proj(h), lora.delta("down_proj", layer, h))
 
 
