@@ -202,10 +202,12 @@ class Ai100GraphWriter:
         q = self._adapted(q, "q_proj", x, i, f"{p}/q")
         k = self._adapted(k, "k_proj", x, i, f"{p}/k")
         v = self._adapted(v, "v_proj", x, i, f"{p}/v")
-        q = self._rope(self._one("Reshape", [q, self._ints("shape.q", [0, 0, Hq, D])], f"{p}/q_heads"),
-                       f"{p}/q")  # [B, S, Hq*D] -> [B, S, Hq, D]
-        k = self._rope(self._one("Reshape", [k, self._ints("shape.kv", [0, 0, H, D])], f"{p}/k_heads"),
-                       f"{p}/k")  # [B, S, H*D] -> [B, S, H, D]
+        q = self._one("Reshape", [q, self._ints("shape.q", [0, 0, Hq, D])], f"{p}/q_heads")  # [B, S, Hq, D]
+        k = self._one("Reshape", [k, self._ints("shape.kv", [0, 0, H, D])], f"{p}/k_heads")  # [B, S, H, D]
+        if cfg.block.qk_norm:  # per head, over head_dim, before rotary
+            q = self._rms_norm(q, f"layers.{i}.self_attn.q_norm.weight", f"{p}/q_norm")
+            k = self._rms_norm(k, f"layers.{i}.self_attn.k_norm.weight", f"{p}/k_norm")
+        q, k = self._rope(q, f"{p}/q"), self._rope(k, f"{p}/k")
         v = self._one("Reshape", [v, self._ints("shape.kv", [0, 0, H, D])], f"{p}/v_heads")  # [B, S, H, D]
         k = self._one("Transpose", [k], f"{p}/k_t", perm=[0, 2, 1, 3])  # [B, H, S, D]
         v = self._one("Transpose", [v], f"{p}/v_t", perm=[0, 2, 1, 3])  # [B, H, S, D]

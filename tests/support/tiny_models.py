@@ -26,7 +26,7 @@ _CORPUS = [
     "héllo wörld — ünïcode ✓ 日本語",
 ]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def build_tokenizer(vocab_size: int = 384):
@@ -58,7 +58,7 @@ def build_tokenizer(vocab_size: int = 384):
 
 def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer config with GQA (4 query heads, 2 KV heads) for `arch`."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -81,6 +81,8 @@ def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overri
         return MistralConfig(sliding_window=None, **common)
     if arch == "qwen2":
         return Qwen2Config(use_sliding_window=False, **common)
+    if arch == "qwen3":  # head_dim is its own field (default 128): hidden / heads as the others
+        return Qwen3Config(use_sliding_window=False, **{"head_dim": 16, **common})
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 

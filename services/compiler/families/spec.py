@@ -27,6 +27,7 @@ class BlockStructure:
     half-split rotary, a gated MLP; each field is a departure from it a family may declare."""
 
     activation: str = "silu"  # the MLP gate's activation: one of ACTIVATIONS
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before rotary (Qwen3)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:

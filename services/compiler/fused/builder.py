@@ -393,6 +393,8 @@ class FusedGraphBuilder:
                 q = self._adapted("q_proj", q, x, row_index, f"{p}/attn/q", layer=i)
                 k = self._adapted("k_proj", k, x, row_index, f"{p}/attn/k", layer=i)
                 v = self._adapted("v_proj", v, x, row_index, f"{p}/attn/v", layer=i)
+            if cfg.block.qk_norm:
+                q, k, v = self._qk_norm(q, k, v, i)
             attn, _, _ = g.node(
                 "GroupQueryAttention",
                 [q, k, v, gc.past_key(i), gc.past_value(i), gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH,
@@ -465,6 +467,26 @@ class FusedGraphBuilder:
                                   producer_name="loraflow")
         model.ir_version = 8
         return model
+
+    def _qk_norm(self, q: str, k: str, v: str, layer: int) -> tuple[str, str, str]:
+        """q and k (split from a packed q|k|v first) RMSNorm'd per head over head_dim, before
+        GroupQueryAttention's rotary; GroupQueryAttention then takes q, k, v apart."""
+        cfg, g, p = self.cfg, self.g, f"layers.{layer}"
+        Hq, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if not k:  # packed [B, S, q+2kv]
+            q, k, v = g.node("Split", [q, g.const(f"{p}.qkv_split", np.array([Hq * D, H * D, H * D], np.int64))], 3,
+                             name=f"{p}/attn/split", axis=-1)  # [B, S, q+2kv] -> q, k, v
+        out = []
+        for x, heads, which in ((q, Hq, "q"), (k, H, "k")):
+            (xh,) = g.node("Reshape", [x, g.const(f"shape.{which}_heads", np.array([0, 0, heads, D], np.int64))],
+                           name=f"{p}/attn/{which}_heads")  # [B, S, heads*D] -> [B, S, heads, D]
+            (normed,) = g.node("SimplifiedLayerNormalization",
+                               [xh, self._norm(f"{p}.self_attn.{which}_norm.weight")], name=f"{p}/attn/{which}_norm",
+                               axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+            (flat,) = g.node("Reshape", [normed, g.const(f"shape.{which}_flat", np.array([0, 0, heads * D], np.int64))],
+                             name=f"{p}/attn/{which}_flat")  # [B, S, heads, D] -> [B, S, heads*D]
+            out.append(flat)
+        return out[0], out[1], v
 
     def _activation(self, gate: str, name: str) -> str:
         """The MLP gate's activation (the family's BlockStructure.activation)."""

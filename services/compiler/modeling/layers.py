@@ -88,6 +88,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim ** -0.5
+        if cfg.block.qk_norm:  # per head, over head_dim, before rotary
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def project_qkv(self, x: torch.Tensor, lora: LoraSelector, layer: int, rope: Rope, dims: Dims
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,6 +105,8 @@ class Attention(nn.Module):
         q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, Hq*D] -> [B, S, Hq, D]
         k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
         v = v.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return rope.apply(q), rope.apply(k), v
 
     def _group_queries(self, q: torch.Tensor, dims: Dims) -> torch.Tensor:

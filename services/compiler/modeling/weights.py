@@ -40,6 +40,8 @@ def layer_names(cfg: DecoderConfig, i: int) -> tuple[str, ...]:
     names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.qkv_proj.weight"]
     if cfg.attention_bias:
         names.append(p + "self_attn.qkv_proj.bias")
+    if cfg.block.qk_norm:
+        names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
     names.append(p + "self_attn.o_proj.weight")
     if cfg.o_bias:
         names.append(p + "self_attn.o_proj.bias")
@@ -71,6 +73,8 @@ def shape_of(cfg: DecoderConfig, name: str) -> tuple[int, ...]:
         return (cfg.vocab_size, hidden)
     if name == FINAL_NORM or name.endswith("layernorm.weight"):
         return (hidden,)
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        return (cfg.head_dim,)
     suffix = name.split(".", 2)[2]
     return {"self_attn.qkv_proj.weight": (qkv, hidden), "self_attn.qkv_proj.bias": (qkv,),
             "self_attn.o_proj.weight": (hidden, cfg.num_heads * cfg.head_dim), "self_attn.o_proj.bias": (hidden,),
