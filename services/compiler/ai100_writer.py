@@ -197,6 +197,7 @@ class Ai100GraphWriter:
         p = f"layers.{i}/attn"
         qkv = self._linear(x, f"layers.{i}.self_attn.qkv_proj.weight",
                            f"layers.{i}.self_attn.qkv_proj.bias" if cfg.attention_bias else None, f"{p}/qkv")
+        qkv = self._adapted(qkv, "qkv_proj", x, i, f"{p}/qkv")  # a packed adapter (Phi-3) spans all columns
         q, k, v = self._node("Split", [qkv, self._ints("split.qkv", [q_size, kv_size, kv_size])], f"{p}/split", 3,
                              axis=-1)  # [B, S, q+2kv] -> q, k, v
         q = self._adapted(q, "q_proj", x, i, f"{p}/q")
@@ -255,6 +256,7 @@ class Ai100GraphWriter:
         inter = cfg.intermediate_size
         gu = self._linear(x, f"layers.{i}.mlp.gate_up_proj.weight",
                           f"layers.{i}.mlp.gate_up_proj.bias" if cfg.mlp_bias else None, f"{p}/gate_up")
+        gu = self._adapted(gu, "gate_up_proj", x, i, f"{p}/gate_up")
         gate, up = self._node("Split", [gu, self._ints("split.gate_up", [inter, inter])], f"{p}/split", 2, axis=-1)
         gate = self._adapted(gate, "gate_proj", x, i, f"{p}/gate")
         up = self._adapted(up, "up_proj", x, i, f"{p}/up")

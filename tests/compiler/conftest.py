@@ -37,15 +37,21 @@ def adapter_factory(tmp_path_factory, tiny_model_factory):
     def make(arch: str = "llama", name: str = "a", **kwargs) -> Path:
         key = (arch, name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
         if key not in cache:
+            from tests.compiler.helpers import family_modules
+
             out = tmp_path_factory.mktemp(f"adapter-{arch}-{name}")
+            if "target_modules" in kwargs:  # as the family names its modules (Phi-3: packed qkv_proj, gate_up_proj)
+                kwargs = {**kwargs, "target_modules": family_modules(arch, kwargs["target_modules"])}
             cache[key] = save_peft_adapter(tiny_model_factory(arch), out, **kwargs)
         return cache[key]
 
     return make
 
 
-# kind -> (parameter-name suffixes to randomise, their mean, std): Qwen2's q/k/v biases, Qwen3's q/k norms.
-PERTURBED = {"qwen2": (("bias",), 0.0, 0.3), "qwen3": (("q_norm.weight", "k_norm.weight"), 1.0, 0.3)}
+# kind -> (parameter-name suffixes to randomise, their mean, std): Qwen2's q/k/v biases, Qwen3's q/k norms,
+# Gemma's zero-centred norm weights (all of them, the sandwich norms included).
+PERTURBED = {"qwen2": (("bias",), 0.0, 0.3), "qwen3": (("q_norm.weight", "k_norm.weight"), 1.0, 0.3),
+             "gemma2": (("norm.weight",), 0.0, 0.3)}
 
 
 def _perturbed(src: Path, path: Path, suffixes: tuple[str, ...], mean: float, std: float) -> Path:

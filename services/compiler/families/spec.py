@@ -18,7 +18,7 @@ from typing import Any
 
 from loraflow.errors import InvalidArgument
 
-ACTIVATIONS = ("silu",)
+ACTIVATIONS = ("silu", "gelu_tanh")  # gelu_tanh: GELU's tanh approximation (HF gelu_pytorch_tanh)
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,15 @@ class BlockStructure:
 
     activation: str = "silu"  # the MLP gate's activation: one of ACTIVATIONS
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before rotary (Qwen3)
+    # The checkpoint and the adapters hold q|k|v and gate|up packed (qkv_proj, gate_up_proj: Phi-3); else
+    # separate q/k/v_proj and gate/up_proj, which we pack on reading.
+    packed_projections: bool = False
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): 1.0 for Gemma's zero-centred weights
+    # Gemma 2/3: the attention output and the MLP output are RMSNorm'd before their residual add
+    # (post_attention_layernorm, post_feedforward_layernorm) and the MLP input by pre_feedforward_layernorm;
+    # otherwise (Llama) post_attention_layernorm is the MLP's input norm.
+    sandwich_norms: bool = False
+    embedding_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the embedding's dtype (Gemma)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -42,6 +51,9 @@ class FamilyFields:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # attention window (None = full attention)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar**-0.5 (Gemma), else head_dim
 
 
 def llama_hf_names(name: str) -> tuple[str, ...]:
@@ -65,7 +77,8 @@ class FamilySpec:
     model_type: str  # config.json's model_type
     read_config: Callable[[Mapping[str, Any]], FamilyFields]
     block: BlockStructure = BlockStructure()
-    hidden_acts: tuple[str, ...] = ("silu",)  # config.json hidden_act values the block computes
+    hidden_acts: tuple[str, ...] = ("silu",)  # config.json activation values the block computes
+    activation_key: str = "hidden_act"  # where config.json names the activation (Gemma: hidden_activation)
     hf_names: Callable[[str], tuple[str, ...]] = llama_hf_names
 
 
@@ -76,6 +89,18 @@ def flag(hf: Mapping[str, Any], key: str) -> bool:
         raise InvalidArgument(f"base_model.{key} must be true or false, got a JSON {type(value).__name__}",
                               field=f"base_model.{key}", value=type(value).__name__)
     return bool(value)
+
+
+def positive_number(hf: Mapping[str, Any], key: str) -> float | None:
+    """config.json ``key``: null/absent, or a finite number > 0; InvalidArgument naming it otherwise."""
+    value = hf.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        shown = value if isinstance(value, int | float) else type(value).__name__
+        raise InvalidArgument(f"base_model.{key} must be null or a finite number > 0, got {shown!r}",
+                              field=f"base_model.{key}", value=shown)
+    return float(value)
 
 
 def window(hf: Mapping[str, Any]) -> int | None:

@@ -367,13 +367,15 @@ class FusedGraphBuilder:
             qkv = self._linear(x, f"{p}.self_attn.qkv_proj.weight",  # [q+2kv, hidden]
                                f"{p}.self_attn.qkv_proj.bias" if cfg.attention_bias else None, f"{p}/attn/qkv",
                                k=cfg.hidden_size, n=q_size + 2 * kv_size)
+            # A packed adapter (Phi-3's qkv_proj) adds its delta across every column of q|k|v.
+            qkv = self._adapted("qkv_proj", qkv, x, row_index, f"{p}/attn/qkv", layer=i)
             adapted = [m in opts.lora_modules for m in ("q_proj", "k_proj", "v_proj")]
             if opts.lora_kernel == "native":
                 # Each adapted projection's delta goes straight into its columns of the packed q|k|v.
                 for module, offset in (("q_proj", 0), ("k_proj", q_size), ("v_proj", q_size + kv_size)):
                     qkv = self._adapted(module, qkv, x, row_index, f"{p}/attn/{module[0]}", layer=i,
                                         column_offset=offset)
-                if any(adapted):
+                if any(adapted) or "qkv_proj" in opts.lora_modules:
                     # A custom op's output has no inferred shape; GroupQueryAttention behind one ran a prefill
                     # chunk ~7x slower (SmolLM2-135M, B=8, S=32). A Reshape to [B, S, q+2kv] declares it.
                     (qkv,) = g.node("Reshape", [qkv, qkv_shape], name=f"{p}/attn/qkv/shape")  # [B, S, q+2kv]
@@ -416,6 +418,7 @@ class FusedGraphBuilder:
             gu = self._linear(x, f"{p}.mlp.gate_up_proj.weight",  # [2I, hidden]
                               f"{p}.mlp.gate_up_proj.bias" if cfg.mlp_bias else None, f"{p}/mlp/gate_up",
                               k=cfg.hidden_size, n=2 * inter)
+            gu = self._adapted("gate_up_proj", gu, x, row_index, f"{p}/mlp/gate_up", layer=i)  # packed: all columns
             if opts.lora_kernel == "native":  # deltas into the packed gate|up columns, before the Split
                 gu = self._adapted("gate_proj", gu, x, row_index, f"{p}/mlp/gate", layer=i)
                 gu = self._adapted("up_proj", gu, x, row_index, f"{p}/mlp/up", layer=i, column_offset=inter)

@@ -34,6 +34,20 @@ class DecoderConfig:
     mlp_bias: bool
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     sliding_window: int | None = None  # Mistral/Qwen2: attention window (None = full attention)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
+    final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale query_pre_attn_scalar**-0.5
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def embedding_scale(self) -> float | None:
+        """Gemma's sqrt(hidden_size) as HF holds it (a float32 tensor; the fp32 model multiplies by that)."""
+        import numpy as np
+
+        return float(np.float32(self.hidden_size ** 0.5)) if self.block.embedding_scale else None
 
     @property
     def family(self) -> FamilySpec:
@@ -53,9 +67,14 @@ class DecoderConfig:
         return str(self.rope_scaling.get("rope_type", "default"))
 
     def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every linear a LoRA adapter may target."""
+        """(in_features, out_features) of every linear a LoRA adapter may target in this family, in canonical
+        (graph_contract.ALL_LORA_MODULES) order."""
         q_out = self.num_heads * self.head_dim
         kv_out = self.num_kv_heads * self.head_dim
+        if self.block.packed_projections:
+            return {"qkv_proj": (self.hidden_size, q_out + 2 * kv_out), "o_proj": (q_out, self.hidden_size),
+                    "gate_up_proj": (self.hidden_size, 2 * self.intermediate_size),
+                    "down_proj": (self.intermediate_size, self.hidden_size)}
         return {
             "q_proj": (self.hidden_size, q_out),
             "k_proj": (self.hidden_size, kv_out),
@@ -77,11 +96,11 @@ class DecoderConfig:
         or a malformed rope setting, is INVALID_ARGUMENT naming ``base_model.<key>``."""
         arch = hf.get("model_type") if isinstance(hf, Mapping) else None
         spec = family(arch)  # INVALID_ARGUMENT base_model.model_type naming the supported families
-        act = hf.get("hidden_act", "silu")
+        act = hf.get(spec.activation_key, spec.hidden_acts[0])
         if act not in spec.hidden_acts:
             shown = act if isinstance(act, str) and len(act) <= 64 else "<not a name>"
             raise InvalidArgument(f"hidden_act {shown!r} is not supported for {arch} (the decoder implements "
-                                  f"{list(spec.hidden_acts)})", field="base_model.hidden_act", value=shown)
+                                  f"{list(spec.hidden_acts)})", field=f"base_model.{spec.activation_key}", value=shown)
         checked = HfModelConfig.from_dict(hf, field="base_model")
         rope = _rope_parameters(hf)
         own = spec.read_config(hf)
@@ -103,6 +122,9 @@ class DecoderConfig:
             mlp_bias=own.mlp_bias,
             rope_scaling=rope,
             sliding_window=own.sliding_window,
+            attn_logit_softcap=own.attn_logit_softcap,
+            final_logit_softcap=own.final_logit_softcap,
+            query_pre_attn_scalar=own.query_pre_attn_scalar,
         )
 
     @classmethod

@@ -22,8 +22,8 @@ import torch
 
 from loraflow import graph_contract as gc
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.decoder import attention_bias
-from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, RMSNorm
+from services.compiler.modeling.decoder import attention_bias, embed
+from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, rms_norm, soft_cap
 from services.compiler.modeling.rope import Rope, inverse_frequencies, rope_cos_sin, rotate_half_matrix
 from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource, layer_names
 
@@ -177,7 +177,7 @@ class _Run:
         self.max_activation = 0.0
 
     def embed(self, table: torch.Tensor) -> None:
-        self.hidden = table[self.tokens].to(self.dtype)  # [R, T, hidden]
+        self.hidden = embed(table, self.tokens, self.cfg).to(self.dtype)  # [R, T, hidden]
 
     def apply(self, layer: DecoderLayer, i: int) -> None:
         self.hidden, _, _ = layer(self.hidden, self.rope, self.past, self.past, self.slots, self.bias, self.lora, i,
@@ -186,7 +186,7 @@ class _Run:
         self.max_activation = max(self.max_activation, float(real.abs().max()))
 
     def finish(self, norm_weight: torch.Tensor, head: torch.Tensor) -> ReferenceResult:
-        norm = RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
+        norm = rms_norm(self.cfg, self.cfg.hidden_size)
         norm.weight = torch.nn.Parameter(norm_weight.to(self.dtype), requires_grad=False)
         normed = torch.cat([norm(self.hidden[j, :n]) for j, n in enumerate(self.lengths)])  # [sum T, hidden]
         if self.activation_block:  # the head is a MatMulNBits too
@@ -194,6 +194,7 @@ class _Run:
         logits = torch.empty(normed.shape[0], head.shape[0], dtype=torch.float32)
         for start in range(0, head.shape[0], HEAD_CHUNK_ROWS):
             chunk = head[start:start + HEAD_CHUNK_ROWS].to(self.dtype)  # [v, hidden]
-            logits[:, start:start + chunk.shape[0]] = (normed @ chunk.T).float()  # [sum T, hidden] @ [hidden, v]
+            chunk_logits = soft_cap(normed @ chunk.T, self.cfg.final_logit_softcap)  # [sum T, hidden] @ [hidden, v]
+            logits[:, start:start + chunk.shape[0]] = chunk_logits.float()
         per_row = torch.split(logits, self.lengths)  # [sum T, V] -> [T_j, V] per row
         return ReferenceResult(logits=[x.numpy() for x in per_row], max_activation=self.max_activation)

@@ -45,6 +45,8 @@ def layer_names(cfg: DecoderConfig, i: int) -> tuple[str, ...]:
     names.append(p + "self_attn.o_proj.weight")
     if cfg.o_bias:
         names.append(p + "self_attn.o_proj.bias")
+    if cfg.block.sandwich_norms:
+        names += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
     names.append(p + "mlp.gate_up_proj.weight")
     if cfg.mlp_bias:
         names.append(p + "mlp.gate_up_proj.bias")
