@@ -30,7 +30,6 @@ it), and ``logits_index`` picks the token whose logits the row returns (its last
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,22 +290,34 @@ class FusedGraphBuilder:
         return h
 
     def _head(self, last: str) -> None:
-        """last [B, 1, hidden] -> logits [B, 1, V]."""
+        """last [B, 1, hidden] -> logits [B, 1, V] (soft-capped where the family caps them)."""
+        cfg, g = self.cfg, self.g
+        cap = cfg.final_logit_softcap
+        if cap is None:
+            self._head_matmul(last, gc.LOGITS)
+            return
+        raw = self._head_matmul(last, "logits/raw")  # cap * tanh(logits / cap): 3 cheap nodes over [B, 1, V]
+        (scaled,) = g.node("Div", [raw, g.const("final_softcap", np.array(cap, np.float32))], name="logits/softcap_div")
+        (tanh,) = g.node("Tanh", [scaled], name="logits/softcap_tanh")
+        g.node("Mul", [tanh, "final_softcap"], [gc.LOGITS], name="logits/softcap")
+
+    def _head_matmul(self, last: str, out: str) -> str:
+        """last [B, 1, hidden] -> ``out`` [B, 1, V], the head's matmul; returns ``out``."""
         cfg, opts, g = self.cfg, self.opts, self.g
         V, hidden = cfg.vocab_size, cfg.hidden_size
         if opts.bits is not None:
             weight = EMBED if cfg.tie_word_embeddings else LM_HEAD
-            out = self._matmul_nbits(last, weight, "lm_head", k=hidden, n=V)
-            g.node("Identity", [out], [gc.LOGITS], name="logits")
+            y = self._matmul_nbits(last, weight, "lm_head", k=hidden, n=V)
+            g.node("Identity", [y], [out], name="logits")
         elif cfg.tie_word_embeddings:
             # The embedding table itself, transposed inside the kernel: the head is stored once (measured as
             # fast as a MatMul over a transposed copy at SmolLM2-135M's shape).
-            g.node("FusedMatMul", [last, g.const(EMBED, self._w(EMBED))], [gc.LOGITS], name="lm_head", domain=MS,
-                   transB=1)
+            g.node("FusedMatMul", [last, g.const(EMBED, self._w(EMBED))], [out], name="lm_head", domain=MS, transB=1)
         else:
             # [V, hidden] -> [hidden, V]: a MatMul over the transposed head, as onnxruntime-genai writes it.
-            g.node("MatMul", [last, g.const("lm_head.weight_t", self._w_kn(LM_HEAD))], [gc.LOGITS], name="lm_head")
+            g.node("MatMul", [last, g.const("lm_head.weight_t", self._w_kn(LM_HEAD))], [out], name="lm_head")
             self.written[LM_HEAD] = WrittenWeight("lm_head.weight_t", transposed=True)
+        return out
 
     def _lora_delta(self, module: str, x: str, row_index: str, name: str) -> str:
         """x [B, S, in] -> (x A_row) B_row [B, S, out], each row's slices gathered from the flat banks."""
@@ -342,6 +353,10 @@ class FusedGraphBuilder:
         q_size, kv_size = Hq * D, H * D
         float_t = FLOAT_DTYPES["fp32"]
 
+        # Gemma 2's attention soft-capping: GroupQueryAttention's own ``softcap`` (cap * tanh(scores / cap) on
+        # the scaled scores, before the mask and softmax, inside the fused kernel).
+        softcap = {} if cfg.attn_logit_softcap is None else {"softcap": float(cfg.attn_logit_softcap)}
+        sandwich = cfg.block.sandwich_norms
         cos, sin = rotary_caches(cfg, C)
         g.const("rotary.cos", cos)
         g.const("rotary.sin", sin)
@@ -352,8 +367,10 @@ class FusedGraphBuilder:
         if opts.lora_kernel == "native":
             qkv_shape = g.const("shape.qkv", np.array([0, 0, q_size + 2 * kv_size], np.int64))  # 0: keep B, S
         h = self._embedding()  # [B, S, hidden]
-        (x,) = g.node("SimplifiedLayerNormalization", [h, self._norm("layers.0.input_layernorm.weight")],
-                      name="layers.0/input_norm", axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+        if cfg.embedding_scale is not None:  # Gemma: times sqrt(hidden), in float32 as the fp32 model does
+            (h,) = g.node("Mul", [h, g.const("embed.scale", np.array(cfg.embedding_scale, np.float32))],
+                          name="embed/scale")
+        x = self._plain_norm(h, "layers.0.input_layernorm.weight", "layers.0/input_norm")
         residual = h
         for i in range(L):
             p = f"layers.{i}"
@@ -402,15 +419,18 @@ class FusedGraphBuilder:
                 [q, k, v, gc.past_key(i), gc.past_value(i), gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH,
                  "rotary.cos", "rotary.sin"],
                 [f"{p}/attn/out", gc.present_key(i), gc.present_value(i)],
-                name=f"{p}/attn/gqa", domain=MS, num_heads=Hq, kv_num_heads=H, scale=1.0 / math.sqrt(D),
-                do_rotary=1, rotary_interleaved=0)  # -> [B, S, Hq*D]
+                name=f"{p}/attn/gqa", domain=MS, num_heads=Hq, kv_num_heads=H, scale=cfg.attention_scale,
+                do_rotary=1, rotary_interleaved=0, **softcap)  # -> [B, S, Hq*D]
             o = self._linear(attn, f"{p}.self_attn.o_proj.weight", f"{p}.self_attn.o_proj.bias" if cfg.o_bias else None,
                              f"{p}/attn/o", k=q_size, n=cfg.hidden_size)
             o = self._adapted("o_proj", o, attn, row_index, f"{p}/attn/o", layer=i)
+            if sandwich:  # Gemma: the attention output normed before the residual add; the MLP's input norm next
+                o = self._plain_norm(o, f"{p}.post_attention_layernorm.weight", f"{p}/attn/out_norm")
+            mlp_norm = f"{p}.pre_feedforward_layernorm.weight" if sandwich else f"{p}.post_attention_layernorm.weight"
             # residual + attention, then RMSNorm: one SkipSimplifiedLayerNormalization (output 3 = the sum).
             x, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization",
-                [o, residual, self._norm(f"{p}.post_attention_layernorm.weight")],
+                [o, residual, self._norm(mlp_norm)],
                 [f"{p}/post_norm/out", "", "", f"{p}/post_norm/sum"], name=f"{p}/post_norm", domain=MS,
                 epsilon=cfg.rms_norm_eps)
             # MLP (SwiGLU) with gate|up packed in one projection.
@@ -431,6 +451,8 @@ class FusedGraphBuilder:
             down = self._linear(act, f"{p}.mlp.down_proj.weight", f"{p}.mlp.down_proj.bias" if cfg.mlp_bias else None,
                                 f"{p}/mlp/down", k=inter, n=cfg.hidden_size)
             down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down", layer=i)
+            if sandwich:
+                down = self._plain_norm(down, f"{p}.post_feedforward_layernorm.weight", f"{p}/mlp/out_norm")
             # residual + MLP, then the next layer's input norm (the final norm after the last layer).
             weight_key, node_name = ((f"layers.{i + 1}.input_layernorm.weight", f"layers.{i + 1}/input_norm")
                                      if i + 1 < L else (FINAL_NORM, "final_norm"))
@@ -483,9 +505,7 @@ class FusedGraphBuilder:
         for x, heads, which in ((q, Hq, "q"), (k, H, "k")):
             (xh,) = g.node("Reshape", [x, g.const(f"shape.{which}_heads", np.array([0, 0, heads, D], np.int64))],
                            name=f"{p}/attn/{which}_heads")  # [B, S, heads*D] -> [B, S, heads, D]
-            (normed,) = g.node("SimplifiedLayerNormalization",
-                               [xh, self._norm(f"{p}.self_attn.{which}_norm.weight")], name=f"{p}/attn/{which}_norm",
-                               axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+            normed = self._plain_norm(xh, f"{p}.self_attn.{which}_norm.weight", f"{p}/attn/{which}_norm")
             (flat,) = g.node("Reshape", [normed, g.const(f"shape.{which}_flat", np.array([0, 0, heads * D], np.int64))],
                              name=f"{p}/attn/{which}_flat")  # [B, S, heads, D] -> [B, S, heads*D]
             out.append(flat)
@@ -498,10 +518,26 @@ class FusedGraphBuilder:
             (sig,) = self.g.node("Sigmoid", [gate], name=f"{name}/sigmoid")
             (out,) = self.g.node("Mul", [gate, sig], name=f"{name}/silu")
             return out
+        if kind == "gelu_tanh":  # ONNX Runtime's FastGelu is GELU's tanh approximation
+            (out,) = self.g.node("FastGelu", [gate], name=f"{name}/gelu", domain=MS)
+            return out
         raise InvalidArgument(f"activation {kind!r} has no fused graph", field="base_model.hidden_act", value=kind)
 
     def _norm(self, name: str) -> str:
-        """An RMSNorm weight, stored under its decoder name."""
+        """An RMSNorm's scale: the weight, stored under its decoder name, plus the family's norm offset (Gemma's
+        1 + w: an Add of two initializers, which ONNX Runtime folds into one when the session is created)."""
         self.written[name] = WrittenWeight(name)
-        return self.g.const(name, self._w(name))
+        weight = self.g.const(name, self._w(name))
+        offset = self.cfg.block.norm_offset
+        if not offset:
+            return weight
+        (scale,) = self.g.node("Add", [weight, self.g.const("norm.offset", np.array(offset, np.float32))],
+                               name=f"{name}/offset")
+        return scale
+
+    def _plain_norm(self, x: str, weight: str, name: str) -> str:
+        """RMSNorm of x over the last axis, without a residual."""
+        (y,) = self.g.node("SimplifiedLayerNormalization", [x, self._norm(weight)], name=name, axis=-1,
+                           epsilon=self.cfg.rms_norm_eps, stash_type=1)
+        return y
 
