@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from loraflow.errors import InvalidArgument
 
-SUPPORTED_MODEL_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+SUPPORTED_MODEL_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 
 def check_model_family(model_type: object, *, field: str = "base_model", value: object = None) -> str:

@@ -134,11 +134,12 @@ class Ai100GraphWriter:
         delta = self._delta(module, x, layer, name)
         return y if delta is None else self._one("Add", [y, delta], f"{name}/lora/add")
 
-    def _rope(self, x: str, name: str) -> str:
-        """x [B, S, heads, D] * cos + (x @ rotate_half) * sin, cos/sin [B, S, 1, D]."""
+    def _rope(self, x: str, name: str, layer: int) -> str:
+        """x [B, S, heads, D] * cos + (x @ rotate_half) * sin, cos/sin [B, S, 1, D] (layer's rope: global or local)."""
+        cos, sin = self.rope_tables[layer in self.cfg.local_rope_layers]
         rotated = self._one("MatMul", [x, self.rotate], f"{name}/rotate")
-        return self._one("Add", [self._one("Mul", [x, self.cos], f"{name}/cos"),
-                                 self._one("Mul", [rotated, self.sin], f"{name}/sin")], f"{name}/rope")
+        return self._one("Add", [self._one("Mul", [x, cos], f"{name}/cos"),
+                                 self._one("Mul", [rotated, sin], f"{name}/sin")], f"{name}/rope")
 
     # --- the graph ------------------------------------------------------------------------------
     def _prologue(self) -> None:
@@ -151,14 +152,18 @@ class Ai100GraphWriter:
         pos = self._one("Cast", [self._one("Max", [gc.POSITION_IDS, self._ints("zero.i64", [0])], "rope/clamp")],
                         "rope/pos", to=TensorProto.FLOAT)  # [B, S]
         pos = self._one("Unsqueeze", [pos, self._ints("axes.last", [-1])], "rope/pos_u")  # [B, S, 1]
-        freqs = self._one("Mul", [pos, g.const("rope.inv_freq", inverse_frequencies(cfg).numpy())],
-                          "rope/freqs")  # [B, S, D/2]
-        emb = self._one("Concat", [freqs, freqs], "rope/emb", axis=-1)  # [B, S, D]
         axes2 = self._ints("axes.2", [2])
-        self.cos = self._one("Unsqueeze", [self._to_t(self._one("Cos", [emb], "rope/cos"), "rope/cos_t"), axes2],
-                             "rope/cos_u")  # [B, S, 1, D]
-        self.sin = self._one("Unsqueeze", [self._to_t(self._one("Sin", [emb], "rope/sin"), "rope/sin_t"), axes2],
-                             "rope/sin_u")  # [B, S, 1, D]
+        self.rope_tables: dict[bool, tuple[str, str]] = {}  # local? -> (cos, sin)
+        for local in (False, True) if cfg.local_rope_layers else (False,):  # Gemma 3: the sliding layers' own
+            r = "rope_local" if local else "rope"
+            freqs = self._one("Mul", [pos, g.const(f"{r}.inv_freq", inverse_frequencies(cfg, local).numpy())],
+                              f"{r}/freqs")  # [B, S, D/2]
+            emb = self._one("Concat", [freqs, freqs], f"{r}/emb", axis=-1)  # [B, S, D]
+            cos = self._one("Unsqueeze", [self._to_t(self._one("Cos", [emb], f"{r}/cos"), f"{r}/cos_t"), axes2],
+                            f"{r}/cos_u")  # [B, S, 1, D]
+            sin = self._one("Unsqueeze", [self._to_t(self._one("Sin", [emb], f"{r}/sin"), f"{r}/sin_t"), axes2],
+                            f"{r}/sin_u")  # [B, S, 1, D]
+            self.rope_tables[local] = (cos, sin)
         self.rotate = g.const("rope.rotate_half", rotate_half_matrix(D).numpy().astype(self.np_t))  # [D, D]
         # Context positions 0..C-1 (C = the cache's length), read up to each row's largest position.
         shape = self._one("Shape", [gc.past_key(0)], "ctx/shape")
@@ -215,7 +220,7 @@ class Ai100GraphWriter:
         if cfg.block.qk_norm:  # per head, over head_dim, before rotary
             q = self._rms_norm(q, f"layers.{i}.self_attn.q_norm.weight", f"{p}/q_norm")
             k = self._rms_norm(k, f"layers.{i}.self_attn.k_norm.weight", f"{p}/k_norm")
-        q, k = self._rope(q, f"{p}/q"), self._rope(k, f"{p}/k")
+        q, k = self._rope(q, f"{p}/q", i), self._rope(k, f"{p}/k", i)
         v = self._one("Reshape", [v, self._ints("shape.kv", [0, 0, H, D])], f"{p}/v_heads")  # [B, S, H, D]
         k = self._one("Transpose", [k], f"{p}/k_t", perm=[0, 2, 1, 3])  # [B, H, S, D]
         v = self._one("Transpose", [v], f"{p}/v_t", perm=[0, 2, 1, 3])  # [B, H, S, D]

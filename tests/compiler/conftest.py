@@ -51,7 +51,7 @@ def adapter_factory(tmp_path_factory, tiny_model_factory):
 # kind -> (parameter-name suffixes to randomise, their mean, std): Qwen2's q/k/v biases, Qwen3's q/k norms,
 # Gemma's zero-centred norm weights (all of them, the sandwich norms included).
 PERTURBED = {"qwen2": (("bias",), 0.0, 0.3), "qwen3": (("q_norm.weight", "k_norm.weight"), 1.0, 0.3),
-             "gemma2": (("norm.weight",), 0.0, 0.3)}
+             "gemma2": (("norm.weight",), 0.0, 0.3), "gemma3_text": (("norm.weight",), 0.0, 0.3)}
 
 
 def _perturbed(src: Path, path: Path, suffixes: tuple[str, ...], mean: float, std: float) -> Path:

@@ -26,7 +26,7 @@ _CORPUS = [
     "héllo wörld — ünïcode ✓ 日本語",
 ]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 
 def build_tokenizer(vocab_size: int = 384):
@@ -58,7 +58,15 @@ def build_tokenizer(vocab_size: int = 384):
 
 def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer config with GQA (4 query heads, 2 KV heads) for `arch`."""
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -91,6 +99,13 @@ def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overri
         return Gemma2Config(**{"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 1.5,
                                "final_logit_softcapping": 4.0, "sliding_window": 128, **common,
                                "tie_word_embeddings": overrides.get("tie_word_embeddings", True)})
+    if arch == "gemma3_text":
+        # One sliding layer (local rope base 10k) and one global (base 1M, linear scaling as the 4B+ models).
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+        return Gemma3TextConfig(**{"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 128,
+                                   "layer_types": ["sliding_attention", "full_attention"], "rope_parameters": rope,
+                                   **common, "tie_word_embeddings": overrides.get("tie_word_embeddings", True)})
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 

@@ -6,11 +6,11 @@ and its tiny test model (tests/support/tiny_models.py)."""
 from __future__ import annotations
 
 from loraflow.model_families import check_model_family
-from services.compiler.families import gemma2, llama, mistral, phi3, qwen2, qwen3
+from services.compiler.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from services.compiler.families.spec import BlockStructure, FamilyFields, FamilySpec
 
 FAMILIES: dict[str, FamilySpec] = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, phi3.FAMILY,
-                                                         gemma2.FAMILY)}
+                                                         gemma2.FAMILY, gemma3.FAMILY)}
 
 
 def family(model_type: object, *, field: str = "base_model.model_type") -> FamilySpec:

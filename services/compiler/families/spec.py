@@ -37,6 +37,8 @@ class BlockStructure:
     # otherwise (Llama) post_attention_layernorm is the MLP's input norm.
     sandwich_norms: bool = False
     embedding_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the embedding's dtype (Gemma)
+    # Gemma 3: rope_parameters per layer type; the sliding-window layers rotate with their own (local) base.
+    local_rope: bool = False
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -54,6 +56,7 @@ class FamilyFields:
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar**-0.5 (Gemma), else head_dim
+    local_rope_layers: tuple[int, ...] = ()  # layers rotating with the local rope (Gemma 3's sliding layers)
 
 
 def llama_hf_names(name: str) -> tuple[str, ...]:

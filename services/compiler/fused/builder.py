@@ -90,11 +90,12 @@ def fused_graph_supported(cfg: DecoderConfig) -> str | None:
     return None
 
 
-def rotary_caches(cfg: DecoderConfig, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [ctx_len, D/2] for positions 0..ctx_len-1 (any rope type: the frequencies carry it)."""
+def rotary_caches(cfg: DecoderConfig, ctx_len: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [ctx_len, D/2] for positions 0..ctx_len-1 (any rope type: the frequencies carry it; ``local``:
+    Gemma 3's sliding layers' own rope)."""
     from services.compiler.modeling.rope import inverse_frequencies
 
-    inv_freq = inverse_frequencies(cfg).double().numpy()  # [D/2]
+    inv_freq = inverse_frequencies(cfg, local).double().numpy()  # [D/2]
     # float64 angles, rounded once: positions up to 131072 keep full float32 precision.
     angles = np.arange(ctx_len, dtype=np.float64)[:, None] * inv_freq[None, :]  # [C, D/2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -360,6 +361,10 @@ class FusedGraphBuilder:
         cos, sin = rotary_caches(cfg, C)
         g.const("rotary.cos", cos)
         g.const("rotary.sin", sin)
+        if cfg.local_rope_layers:  # Gemma 3: the sliding layers' own rope base
+            cos, sin = rotary_caches(cfg, C, local=True)
+            g.const("rotary_local.cos", cos)
+            g.const("rotary_local.sin", sin)
         lora_rows = "lora_rows"  # [B]
         g.node("Reshape", [gc.LORA_IDS, g.const("shape.rows", np.array([-1], np.int64))], [lora_rows],
                name="lora_ids/flat")  # [B, 1] -> [B]
@@ -417,7 +422,8 @@ class FusedGraphBuilder:
             attn, _, _ = g.node(
                 "GroupQueryAttention",
                 [q, k, v, gc.past_key(i), gc.past_value(i), gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH,
-                 "rotary.cos", "rotary.sin"],
+                 *(("rotary_local.cos", "rotary_local.sin") if i in cfg.local_rope_layers
+                    else ("rotary.cos", "rotary.sin"))],
                 [f"{p}/attn/out", gc.present_key(i), gc.present_value(i)],
                 name=f"{p}/attn/gqa", domain=MS, num_heads=Hq, kv_num_heads=H, scale=cfg.attention_scale,
                 do_rotary=1, rotary_interleaved=0, **softcap)  # -> [B, S, Hq*D]

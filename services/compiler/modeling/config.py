@@ -37,6 +37,9 @@ class DecoderConfig:
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
     final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     query_pre_attn_scalar: float | None = None  # Gemma: attention scale query_pre_attn_scalar**-0.5
+    # Gemma 3: these layers (its sliding ones) rotate with a default rope of base local_rope_theta.
+    local_rope_layers: tuple[int, ...] = ()
+    local_rope_theta: float | None = None
 
     @property
     def attention_scale(self) -> float:
@@ -102,7 +105,22 @@ class DecoderConfig:
             raise InvalidArgument(f"hidden_act {shown!r} is not supported for {arch} (the decoder implements "
                                   f"{list(spec.hidden_acts)})", field=f"base_model.{spec.activation_key}", value=shown)
         checked = HfModelConfig.from_dict(hf, field="base_model")
-        rope = _rope_parameters(hf)
+        params = hf.get("rope_parameters")
+        local_theta = None
+        if spec.block.local_rope and isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+            # rope_parameters per layer type (Gemma 3): the global layers' rope as usual, the local one default.
+            rope = _rope_parameters({**hf, "rope_parameters": params["full_attention"]})
+            local = _rope_parameters({**hf, "rope_theta": hf.get("rope_local_base_freq"),
+                                      "rope_parameters": params.get("sliding_attention") or {}, "rope_scaling": None})
+            if local["rope_type"] != "default":
+                raise InvalidArgument("the sliding layers' rope must be rope_type 'default'",
+                                      field="base_model.rope_parameters.sliding_attention.rope_type",
+                                      value=local["rope_type"])
+            local_theta = float(local["rope_theta"])
+        else:
+            rope = _rope_parameters(hf)
+            if spec.block.local_rope:  # the older config.json spelling, else Gemma 3's local default
+                local_theta = float(hf.get("rope_local_base_freq") or 10000.0)
         own = spec.read_config(hf)
         return cls(
             architecture=arch,
@@ -125,6 +143,8 @@ class DecoderConfig:
             attn_logit_softcap=own.attn_logit_softcap,
             final_logit_softcap=own.final_logit_softcap,
             query_pre_attn_scalar=own.query_pre_attn_scalar,
+            local_rope_layers=own.local_rope_layers if local_theta is not None else (),
+            local_rope_theta=local_theta,
         )
 
     @classmethod

@@ -26,7 +26,13 @@ from loraflow.errors import InvalidArgument
 from loraflow.graph_contract import ALL_LORA_MODULES
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, rms_norm, soft_cap
-from services.compiler.modeling.rope import Rope, inverse_frequencies, rope_cos_sin, rotate_half_matrix
+from services.compiler.modeling.rope import (
+    Rope,
+    inverse_frequencies,
+    rope_cos_sin,
+    rotate_half_matrix,
+    uses_local_rope,
+)
 from services.compiler.modeling.weights import CheckpointWeights, WeightSource, model_names
 
 
@@ -89,6 +95,8 @@ class MultiLoraDecoder(nn.Module):
         device gets real ones after its weights are assigned."""
         cfg = self.cfg
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+        if cfg.local_rope_layers:
+            self.register_buffer("inv_freq_local", inverse_frequencies(cfg, local=True), persistent=False)
         self.register_buffer("rope_rotate", rotate_half_matrix(cfg.head_dim), persistent=False)
         self.num_slots = 1  # N; set_banks changes it
         for m in self.lora_modules:
@@ -115,8 +123,8 @@ class MultiLoraDecoder(nn.Module):
                 {m: getattr(self, f"bank_b_{m}") for m in self.lora_modules})
 
     # --- forward ------------------------------------------------------------------------------
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, dtype)  # [B, S, 1, D]
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False) -> Rope:
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq_local if local else self.inv_freq, dtype)  # [B, S, 1, D]
         return Rope(cos=cos, sin=sin, rotate=self.rope_rotate.to(dtype))
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -142,12 +150,14 @@ class MultiLoraDecoder(nn.Module):
         dims = Dims(rows=B, tokens=S, past=past_keys[0].shape[0])
         h = self.embed(input_ids)  # [B, S, hidden]
         rope = self.rope(position_ids, h.dtype)
+        local_rope = self.rope(position_ids, h.dtype, local=True) if self.cfg.local_rope_layers else None
         bias = attention_bias(position_ids, dims.past, h.dtype)  # [B, 1, 1, S, P+S]
         lora = LoraSelector(dict(lora_a), dict(lora_b), lora_ids, num_slots)
         rows = batch_index.reshape(-1)  # [B, 1] -> [B]
         presents_k, presents_v = [], []
         for i, layer in enumerate(self.layers):
-            h, k, v = layer(h, rope, past_keys[i], past_values[i], rows, bias, lora, i, dims)
+            layer_rope = local_rope if uses_local_rope(self.cfg, i) else rope
+            h, k, v = layer(h, layer_rope, past_keys[i], past_values[i], rows, bias, lora, i, dims)
             presents_k.append(k)
             presents_v.append(v)
         if not all_logits:
@@ -159,6 +169,8 @@ class MultiLoraDecoder(nn.Module):
         """Weights and banks to ``dtype``; RoPE frequencies stay float32 in every dtype."""
         self.to(dtype)
         self.inv_freq = inverse_frequencies(self.cfg)
+        if self.cfg.local_rope_layers:
+            self.inv_freq_local = inverse_frequencies(self.cfg, local=True)
         return self
 
     # --- helpers for the PyTorch reference path ---------------------------------------------------
