@@ -70,3 +70,31 @@ def test_a_module_the_family_lacks_is_refused_at_plan(tmp_path, parity_model, ad
         plan_artifact(parity_model("phi3"), [], CompileOptions(target_modules=("q_proj", "o_proj")))
     assert err.value.field == "options.target_modules" and "q_proj" in str(err.value)
     assert "qkv_proj" in str(err.value)
+
+
+def test_family_config_rules_name_the_field():
+    """Each family's own config.json rules: a malformed value is INVALID_ARGUMENT naming base_model.<key>."""
+    from services.compiler.modeling.config import DecoderConfig
+    from tests.support.tiny_models import tiny_config
+
+    gemma2 = tiny_config("gemma2", vocab_size=300).to_dict()
+    cfg = DecoderConfig.from_hf_dict(gemma2)
+    assert (cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.attention_scale) == (1.5, 4.0, 24 ** -0.5)
+    for key, value in (("attn_logit_softcapping", "big"), ("final_logit_softcapping", -1.0),
+                       ("query_pre_attn_scalar", float("inf")), ("hidden_activation", "relu")):
+        with pytest.raises(InvalidArgument) as err:
+            DecoderConfig.from_hf_dict({**gemma2, key: value})
+        assert err.value.field == f"base_model.{key}"
+
+    gemma3 = tiny_config("gemma3_text", vocab_size=300, num_hidden_layers=7).to_dict()
+    assert DecoderConfig.from_hf_dict(gemma3).local_rope_layers == (0, 2, 4, 6)
+    older = {k: v for k, v in gemma3.items() if k != "layer_types"}  # every 6th layer global, as transformers
+    assert DecoderConfig.from_hf_dict(older).local_rope_layers == (0, 1, 2, 3, 4, 6)
+    for key, value in (("layer_types", ["sliding_attention"] * 3), ("use_bidirectional_attention", True)):
+        with pytest.raises(InvalidArgument) as err:
+            DecoderConfig.from_hf_dict({**gemma3, key: value})
+        assert err.value.field == f"base_model.{key}"
+    local = {**gemma3["rope_parameters"], "sliding_attention": {"rope_type": "linear", "factor": 2.0}}
+    with pytest.raises(InvalidArgument) as err:
+        DecoderConfig.from_hf_dict({**gemma3, "rope_parameters": local})
+    assert err.value.field == "base_model.rope_parameters.sliding_attention.rope_type"

@@ -104,7 +104,9 @@ def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overri
         rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
         return Gemma3TextConfig(**{"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 128,
-                                   "layer_types": ["sliding_attention", "full_attention"], "rope_parameters": rope,
+                                   "rope_parameters": rope,
+                                   "layer_types": ["full_attention" if i % 2 else "sliding_attention"
+                                                   for i in range(common["num_hidden_layers"])],
                                    **common, "tie_word_embeddings": overrides.get("tie_word_embeddings", True)})
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
 

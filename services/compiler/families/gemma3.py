@@ -17,6 +17,10 @@ def read_config(hf) -> FamilyFields:
                               field="base_model.use_bidirectional_attention", value=True)
     layer_types = hf.get("layer_types")
     layers = hf.get("num_hidden_layers")
+    pattern = hf.get("sliding_window_pattern", 6)
+    if layer_types is None and isinstance(layers, int) and isinstance(pattern, int) and pattern > 0:
+        # An older config.json: every pattern-th layer global, as transformers derives it.
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     if not isinstance(layer_types, list) or len(layer_types) != layers or any(
             t not in ("sliding_attention", "full_attention") for t in layer_types):
         shown = layer_types if isinstance(layer_types, list) and len(layer_types) <= 8 else type(layer_types).__name__
