@@ -91,6 +91,7 @@ class DecoderConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
+        d["local_rope_layers"] = list(self.local_rope_layers)  # as JSON reads it back
         return d
 
     @classmethod
