@@ -9,8 +9,8 @@ from loraflow.model_families import check_model_family
 from services.compiler.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from services.compiler.families.spec import BlockStructure, FamilyFields, FamilySpec
 
-FAMILIES: dict[str, FamilySpec] = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, phi3.FAMILY,
-                                                         gemma2.FAMILY, gemma3.FAMILY)}
+_MODULES = (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3)
+FAMILIES: dict[str, FamilySpec] = {m.FAMILY.model_type: m.FAMILY for m in _MODULES}
 
 
 def family(model_type: object, *, field: str = "base_model.model_type") -> FamilySpec:
