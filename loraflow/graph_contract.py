@@ -67,6 +67,11 @@ LORA_TARGET_MODULES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
+# Projections a family stores packed (Phi-3's q|k|v and gate|up): a PEFT adapter targets the packed module,
+# its B spans every column of the packed output ([hidden, q+2kv], [hidden, 2I]).
+PACKED_LORA_MODULES: tuple[str, ...] = ("qkv_proj", "gate_up_proj")
+# Every module name a bank may hold, in canonical (bank) order.
+ALL_LORA_MODULES: tuple[str, ...] = LORA_TARGET_MODULES + PACKED_LORA_MODULES
 
 INPUT_IDS = "input_ids"
 # Fused layout only (GroupQueryAttention): per row, tokens in its cache after this call minus one;

@@ -26,7 +26,7 @@ import numpy as np
 
 from loraflow import adapter_files
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.graph_contract import LORA_TARGET_MODULES
+from loraflow.graph_contract import ALL_LORA_MODULES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,7 +43,8 @@ _KEY_RE = re.compile(
     r"(?P<module>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
 _BLOCK_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+             "qkv_proj": "self_attn", "gate_up_proj": "mlp"}  # the packed ones: Phi-3
 
 # adapter_config.json fields the bank layout cannot express when set (truthy): (field, why).
 _UNSUPPORTED: tuple[tuple[str, str], ...] = (
@@ -182,9 +183,9 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
     if isinstance(targets, list):  # a str is a regex or "all-linear"; the weights below are checked anyway
         # PEFT may write full module paths (model.layers.0.self_attn.q_proj); the leaf name is what counts.
         extra = sorted(str(t) for t in targets
-                       if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in LORA_TARGET_MODULES)
+                       if not isinstance(t, str) or t.rsplit(".", 1)[-1] not in ALL_LORA_MODULES)
         if extra:
-            _reject(name, "target_modules", extra, f"only {list(LORA_TARGET_MODULES)} can be adapted "
+            _reject(name, "target_modules", extra, f"only {list(ALL_LORA_MODULES)} can be adapted "
                     "(no embeddings or lm_head)")
     r = config.get("r")
     if not _positive_int(r):
@@ -210,7 +211,7 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
     for key, arr in raw.items():
         m = _KEY_RE.match(key)
         if m is None or m["module"] not in _BLOCK_OF or _BLOCK_OF[m["module"]] != m["block"]:
-            _reject(name, "weights", key, "only lora_A/lora_B of q/k/v/o_proj and gate/up/down_proj "
+            _reject(name, "weights", key, "only lora_A/lora_B of q/k/v/o_proj, gate/up/down_proj and packed qkv/gate_up_proj "
                     "in decoder layers are supported (no embeddings, lm_head or biases)")
         pairs.setdefault((int(m["layer"]), m["module"]), {})[m["ab"]] = arr
     if not pairs:
@@ -231,7 +232,7 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
                     f"scaling by lora_alpha/{expected} would be wrong")
         weights[(layer, module)] = (a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
 
-    targets = tuple(m for m in LORA_TARGET_MODULES if any(mod == m for _, mod in weights))
+    targets = tuple(m for m in ALL_LORA_MODULES if any(mod == m for _, mod in weights))
     return Adapter(name=name, path=path, digest=adapter_digest(w_path), r=int(r), lora_alpha=float(alpha),
                    use_rslora=bool(config.get("use_rslora", False)), target_modules=targets,
                    config=config, weights=weights)

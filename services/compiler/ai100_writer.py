@@ -76,13 +76,14 @@ class Ai100GraphWriter:
     def _scalar(self, name: str, value: float) -> str:
         return self.g.const(name, np.array(value, self.np_t))
 
-    def _tensor(self, name: str, transpose: bool = False) -> Callable[[], np.ndarray]:
-        """A thunk reading one tensor in the graph's dtype; a linear's weight as [in, out] with ``transpose``."""
+    def _tensor(self, name: str, transpose: bool = False, dtype=None) -> Callable[[], np.ndarray]:
+        """A thunk reading one tensor in the graph's dtype (or ``dtype``); a linear's weight as [in, out] with
+        ``transpose``."""
         def read() -> np.ndarray:
             w = self.weights.get(name)
             if transpose:
                 w = w.t().contiguous()  # [out, in] -> [in, out] (x @ W)
-            return w.numpy().astype(self.np_t, copy=False)
+            return w.numpy().astype(dtype or self.np_t, copy=False)
         return read
 
     def _to_t(self, x: str, name: str) -> str:
@@ -103,7 +104,13 @@ class Ai100GraphWriter:
         eps = self.g.const(f"{name}.eps", np.array(self.cfg.rms_norm_eps, np.float32))
         rms = self._one("Sqrt", [self._one("Add", [mean, eps], f"{name}/add_eps")], f"{name}/sqrt")
         inv = self._one("Reciprocal", [rms], f"{name}/inv")
-        normed = self._to_t(self._one("Mul", [xf, inv], f"{name}/scale"), f"{name}/to_t")
+        normed = self._one("Mul", [xf, inv], f"{name}/scale")
+        offset = self.cfg.block.norm_offset
+        if offset:  # Gemma: (x * (1 + w)) in float32, then the graph's dtype (HF's order); the Add folds
+            scale = self._one("Add", [self.g.const(weight, self._tensor(weight, dtype=np.float32)),
+                                      self.g.const("norm.offset", np.array(offset, np.float32))], f"{name}/offset")
+            return self._to_t(self._one("Mul", [normed, scale], f"{name}/weight"), f"{name}/to_t")
+        normed = self._to_t(normed, f"{name}/to_t")
         return self._one("Mul", [self.g.const(weight, self._tensor(weight)), normed], f"{name}/weight")
 
     def _linear(self, x: str, weight: str, bias: str | None, name: str) -> str:
@@ -127,11 +134,12 @@ class Ai100GraphWriter:
         delta = self._delta(module, x, layer, name)
         return y if delta is None else self._one("Add", [y, delta], f"{name}/lora/add")
 
-    def _rope(self, x: str, name: str) -> str:
-        """x [B, S, heads, D] * cos + (x @ rotate_half) * sin, cos/sin [B, S, 1, D]."""
+    def _rope(self, x: str, name: str, layer: int) -> str:
+        """x [B, S, heads, D] * cos + (x @ rotate_half) * sin, cos/sin [B, S, 1, D] (layer's rope: global or local)."""
+        cos, sin = self.rope_tables[layer in self.cfg.local_rope_layers]
         rotated = self._one("MatMul", [x, self.rotate], f"{name}/rotate")
-        return self._one("Add", [self._one("Mul", [x, self.cos], f"{name}/cos"),
-                                 self._one("Mul", [rotated, self.sin], f"{name}/sin")], f"{name}/rope")
+        return self._one("Add", [self._one("Mul", [x, cos], f"{name}/cos"),
+                                 self._one("Mul", [rotated, sin], f"{name}/sin")], f"{name}/rope")
 
     # --- the graph ------------------------------------------------------------------------------
     def _prologue(self) -> None:
@@ -144,14 +152,18 @@ class Ai100GraphWriter:
         pos = self._one("Cast", [self._one("Max", [gc.POSITION_IDS, self._ints("zero.i64", [0])], "rope/clamp")],
                         "rope/pos", to=TensorProto.FLOAT)  # [B, S]
         pos = self._one("Unsqueeze", [pos, self._ints("axes.last", [-1])], "rope/pos_u")  # [B, S, 1]
-        freqs = self._one("Mul", [pos, g.const("rope.inv_freq", inverse_frequencies(cfg).numpy())],
-                          "rope/freqs")  # [B, S, D/2]
-        emb = self._one("Concat", [freqs, freqs], "rope/emb", axis=-1)  # [B, S, D]
         axes2 = self._ints("axes.2", [2])
-        self.cos = self._one("Unsqueeze", [self._to_t(self._one("Cos", [emb], "rope/cos"), "rope/cos_t"), axes2],
-                             "rope/cos_u")  # [B, S, 1, D]
-        self.sin = self._one("Unsqueeze", [self._to_t(self._one("Sin", [emb], "rope/sin"), "rope/sin_t"), axes2],
-                             "rope/sin_u")  # [B, S, 1, D]
+        self.rope_tables: dict[bool, tuple[str, str]] = {}  # local? -> (cos, sin)
+        for local in (False, True) if cfg.local_rope_layers else (False,):  # Gemma 3: the sliding layers' own
+            r = "rope_local" if local else "rope"
+            freqs = self._one("Mul", [pos, g.const(f"{r}.inv_freq", inverse_frequencies(cfg, local).numpy())],
+                              f"{r}/freqs")  # [B, S, D/2]
+            emb = self._one("Concat", [freqs, freqs], f"{r}/emb", axis=-1)  # [B, S, D]
+            cos = self._one("Unsqueeze", [self._to_t(self._one("Cos", [emb], f"{r}/cos"), f"{r}/cos_t"), axes2],
+                            f"{r}/cos_u")  # [B, S, 1, D]
+            sin = self._one("Unsqueeze", [self._to_t(self._one("Sin", [emb], f"{r}/sin"), f"{r}/sin_t"), axes2],
+                            f"{r}/sin_u")  # [B, S, 1, D]
+            self.rope_tables[local] = (cos, sin)
         self.rotate = g.const("rope.rotate_half", rotate_half_matrix(D).numpy().astype(self.np_t))  # [D, D]
         # Context positions 0..C-1 (C = the cache's length), read up to each row's largest position.
         shape = self._one("Shape", [gc.past_key(0)], "ctx/shape")
@@ -197,15 +209,18 @@ class Ai100GraphWriter:
         p = f"layers.{i}/attn"
         qkv = self._linear(x, f"layers.{i}.self_attn.qkv_proj.weight",
                            f"layers.{i}.self_attn.qkv_proj.bias" if cfg.attention_bias else None, f"{p}/qkv")
+        qkv = self._adapted(qkv, "qkv_proj", x, i, f"{p}/qkv")  # a packed adapter (Phi-3) spans all columns
         q, k, v = self._node("Split", [qkv, self._ints("split.qkv", [q_size, kv_size, kv_size])], f"{p}/split", 3,
                              axis=-1)  # [B, S, q+2kv] -> q, k, v
         q = self._adapted(q, "q_proj", x, i, f"{p}/q")
         k = self._adapted(k, "k_proj", x, i, f"{p}/k")
         v = self._adapted(v, "v_proj", x, i, f"{p}/v")
-        q = self._rope(self._one("Reshape", [q, self._ints("shape.q", [0, 0, Hq, D])], f"{p}/q_heads"),
-                       f"{p}/q")  # [B, S, Hq*D] -> [B, S, Hq, D]
-        k = self._rope(self._one("Reshape", [k, self._ints("shape.kv", [0, 0, H, D])], f"{p}/k_heads"),
-                       f"{p}/k")  # [B, S, H*D] -> [B, S, H, D]
+        q = self._one("Reshape", [q, self._ints("shape.q", [0, 0, Hq, D])], f"{p}/q_heads")  # [B, S, Hq, D]
+        k = self._one("Reshape", [k, self._ints("shape.kv", [0, 0, H, D])], f"{p}/k_heads")  # [B, S, H, D]
+        if cfg.block.qk_norm:  # per head, over head_dim, before rotary
+            q = self._rms_norm(q, f"layers.{i}.self_attn.q_norm.weight", f"{p}/q_norm")
+            k = self._rms_norm(k, f"layers.{i}.self_attn.k_norm.weight", f"{p}/k_norm")
+        q, k = self._rope(q, f"{p}/q", i), self._rope(k, f"{p}/k", i)
         v = self._one("Reshape", [v, self._ints("shape.kv", [0, 0, H, D])], f"{p}/v_heads")  # [B, S, H, D]
         k = self._one("Transpose", [k], f"{p}/k_t", perm=[0, 2, 1, 3])  # [B, H, S, D]
         v = self._one("Transpose", [v], f"{p}/v_t", perm=[0, 2, 1, 3])  # [B, H, S, D]
@@ -235,7 +250,8 @@ class Ai100GraphWriter:
         qg = self._one("Reshape", [qg, self._ints("shape.q_rows", [0, 0, -1, D])], f"{p}/q_rows")  # [B, H, G*S, D]
         keys_t = self._one("Transpose", [keys], f"{p}/keys_t", perm=[0, 1, 3, 2])  # [B, H, D, C]
         scores = self._one("MatMul", [qg, keys_t], f"{p}/scores")  # [B, H, G*S, C]
-        scores = self._one("Mul", [scores, self._scalar("attn.scale", 1.0 / math.sqrt(D))], f"{p}/scale")
+        scores = self._one("Mul", [scores, self._scalar("attn.scale", cfg.attention_scale)], f"{p}/scale")
+        scores = self._soft_cap(scores, cfg.attn_logit_softcap, "attn.softcap", f"{p}/softcap")
         scores = self._one("Add", [scores, self.bias], f"{p}/mask")
         probs = self._to_t(self._one("Softmax", [self._to_float(scores, f"{p}/scores_f")], f"{p}/softmax", axis=-1),
                            f"{p}/probs_t")  # in float32, as the decoder does
@@ -253,26 +269,59 @@ class Ai100GraphWriter:
         inter = cfg.intermediate_size
         gu = self._linear(x, f"layers.{i}.mlp.gate_up_proj.weight",
                           f"layers.{i}.mlp.gate_up_proj.bias" if cfg.mlp_bias else None, f"{p}/gate_up")
+        gu = self._adapted(gu, "gate_up_proj", x, i, f"{p}/gate_up")
         gate, up = self._node("Split", [gu, self._ints("split.gate_up", [inter, inter])], f"{p}/split", 2, axis=-1)
         gate = self._adapted(gate, "gate_proj", x, i, f"{p}/gate")
         up = self._adapted(up, "up_proj", x, i, f"{p}/up")
-        silu = self._one("Mul", [gate, self._one("Sigmoid", [gate], f"{p}/sigmoid")], f"{p}/silu")
-        act = self._one("Mul", [silu, up], f"{p}/act")  # [B, S, I]
+        act = self._one("Mul", [self._activation(gate, p), up], f"{p}/act")  # [B, S, I]
         down = self._linear(act, f"layers.{i}.mlp.down_proj.weight",
                             f"layers.{i}.mlp.down_proj.bias" if cfg.mlp_bias else None, f"{p}/down")
         return self._adapted(down, "down_proj", act, i, f"{p}/down")
+
+    def _soft_cap(self, x: str, cap: float | None, const: str, name: str) -> str:
+        """cap * tanh(x / cap) (Gemma 2's soft-capping) in standard operators; x itself without a cap."""
+        if cap is None:
+            return x
+        c = self._scalar(const, cap)
+        return self._one("Mul", [self._one("Tanh", [self._one("Div", [x, c], f"{name}/div")], f"{name}/tanh"), c],
+                         f"{name}/mul")
+
+    def _activation(self, gate: str, p: str) -> str:
+        """The MLP gate's activation (the family's BlockStructure.activation)."""
+        kind = self.cfg.block.activation
+        if kind == "silu":
+            return self._one("Mul", [gate, self._one("Sigmoid", [gate], f"{p}/sigmoid")], f"{p}/silu")
+        if kind == "gelu_tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): no Gelu operator at opset 17
+            cube = self._one("Mul", [self._one("Mul", [gate, gate], f"{p}/gelu/sq"), gate], f"{p}/gelu/cube")
+            inner = self._one("Add", [gate, self._one("Mul", [cube, self._scalar("gelu.c", 0.044715)], f"{p}/gelu/c")],
+                              f"{p}/gelu/inner")
+            t = self._one("Tanh", [self._one("Mul", [inner, self._scalar("gelu.k", math.sqrt(2.0 / math.pi))],
+                                             f"{p}/gelu/k")], f"{p}/gelu/tanh")
+            half = self._one("Mul", [gate, self._scalar("gelu.half", 0.5)], f"{p}/gelu/half")
+            return self._one("Mul", [half, self._one("Add", [t, self._scalar("gelu.one", 1.0)], f"{p}/gelu/one")],
+                             f"{p}/gelu")
+        raise InvalidArgument(f"activation {kind!r} has no AI 100 graph", field="base_model.hidden_act", value=kind)
 
     def build(self) -> onnx.ModelProto:
         cfg, g = self.cfg, self.g
         L = cfg.num_layers
         self._prologue()
-        h = self._one("Gather", [g.const(EMBED, self._tensor(EMBED)), gc.INPUT_IDS], "embed", hidden_name(0),
-                      axis=0)  # [B, S, hidden]
+        scale = cfg.embedding_scale
+        h = self._one("Gather", [g.const(EMBED, self._tensor(EMBED)), gc.INPUT_IDS], "embed",
+                      None if scale is not None else hidden_name(0), axis=0)  # [B, S, hidden]
+        if scale is not None:  # Gemma: times sqrt(hidden) in the embedding's dtype, as HF multiplies
+            h = self._one("Mul", [h, self._scalar("embed.scale", scale)], "embed/scale", hidden_name(0))
+        sandwich = cfg.block.sandwich_norms
         for i in range(L):
             p = f"layers.{i}"
             attn = self._attention(self._rms_norm(h, f"{p}.input_layernorm.weight", f"{p}/input_norm"), i)
+            if sandwich:  # Gemma: the attention output normed before the residual add
+                attn = self._rms_norm(attn, f"{p}.post_attention_layernorm.weight", f"{p}/attn_out_norm")
             h = self._one("Add", [h, attn], f"{p}/attn_residual")
-            mlp = self._mlp(self._rms_norm(h, f"{p}.post_attention_layernorm.weight", f"{p}/post_norm"), i)
+            mlp_norm = f"{p}.pre_feedforward_layernorm.weight" if sandwich else f"{p}.post_attention_layernorm.weight"
+            mlp = self._mlp(self._rms_norm(h, mlp_norm, f"{p}/post_norm"), i)
+            if sandwich:
+                mlp = self._rms_norm(mlp, f"{p}.post_feedforward_layernorm.weight", f"{p}/mlp_out_norm")
             h = self._one("Add", [h, mlp], f"{p}/mlp_residual", hidden_name(i + 1))
         # QEfficient's logit index: each row's largest position id (the first one if tied, as argmax takes).
         idx = self._one("ArgMax", [gc.POSITION_IDS], "last/argmax", axis=1, keepdims=1)  # [B, 1]
@@ -286,6 +335,7 @@ class Ai100GraphWriter:
         else:
             head = g.const("lm_head.weight_t", self._tensor(LM_HEAD, transpose=True))  # [hidden, V]
         logits = self._one("MatMul", [normed, head], "lm_head")  # [B, 1, V]
+        logits = self._soft_cap(logits, cfg.final_logit_softcap, "final.softcap", "logits/softcap")
         self._to_float(logits, "logits/to_float", out=gc.LOGITS)
         return self._model()
 

@@ -120,8 +120,15 @@ def plan_artifact(base_model_dir: str | Path | None, adapters: Sequence[tuple[st
         # The default context must fit the model; an explicit ctx_len that does not is still an error.
         options = replace(options, ctx_len=cfg.max_position_embeddings)
     loaded = tuple(lora_bank.read_adapter(name, Path(path)) for name, path in adapters)
+    shapes = cfg.lora_module_shapes()  # the modules this family has (Phi-3: packed qkv_proj, gate_up_proj)
     resolved = options.resolve(adapter_ranks=[a.max_module_rank for a in loaded],
-                               adapter_targets=[a.target_modules for a in loaded]).validate(len(loaded))
+                               adapter_targets=[a.target_modules for a in loaded],
+                               default_modules=tuple(shapes)).validate(len(loaded))
+    missing = [m for m in resolved.target_modules if m not in shapes]
+    if missing:
+        raise InvalidArgument(f"{cfg.architecture} models have no {missing} projection(s) to adapt; its modules: "
+                              f"{list(shapes)}", field="options.target_modules" if options.target_modules
+                              else "adapters", value=missing)
     if resolved.target == "ai100":
         from services.compiler import ai100
 
@@ -142,7 +149,6 @@ def plan_artifact(base_model_dir: str | Path | None, adapters: Sequence[tuple[st
         raise InvalidArgument(f"options.ctx_len={resolved.ctx_len} exceeds the model's sliding_window="
                               f"{cfg.sliding_window} (windowed attention is not implemented)",
                               field="options.ctx_len", value=resolved.ctx_len)
-    shapes = cfg.lora_module_shapes()
     spec = lora_bank.BankSpec(num_layers=cfg.num_layers, max_rank=int(resolved.max_rank),
                               adapter_slots=int(resolved.adapter_slots),
                               modules={m: shapes[m] for m in resolved.target_modules},

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from loraflow.errors import InvalidArgument
-from loraflow.graph_contract import LORA_TARGET_MODULES
+from loraflow.graph_contract import ALL_LORA_MODULES, LORA_TARGET_MODULES
 
 TARGETS = ("onnxruntime", "ai100")
 DTYPES = ("fp32", "fp16", "int8", "int4")
@@ -77,12 +77,12 @@ class CompileOptions:
         return cls(**kept)
 
     # --- defaults -------------------------------------------------------------------------
-    def resolve(self, adapter_ranks: Iterable[int] = (), adapter_targets: Iterable[Iterable[str]] = ()
-                ) -> CompileOptions:
+    def resolve(self, adapter_ranks: Iterable[int] = (), adapter_targets: Iterable[Iterable[str]] = (),
+                default_modules: tuple[str, ...] = LORA_TARGET_MODULES) -> CompileOptions:
         """Fill every unset field with its default; the adapter set decides rank, slots and targets.
 
-        With no adapters and no target_modules, all seven block linears are adapted, so any
-        adapter can be hot-added later.
+        With no adapters and no target_modules, every block linear (``default_modules``: the family's, the
+        seven separate projections unless given) is adapted, so any adapter can be hot-added later.
         """
         ranks = list(adapter_ranks)
         targets_per_adapter = [tuple(t) for t in adapter_targets]
@@ -90,10 +90,10 @@ class CompileOptions:
         batch = _default(self.batch_size, 1)
         full_batch = _default(self.full_batch_size, batch)
         union = {m for ts in targets_per_adapter for m in ts}
-        modules = self.target_modules or tuple(m for m in LORA_TARGET_MODULES if m in union) or LORA_TARGET_MODULES
+        modules = self.target_modules or tuple(m for m in ALL_LORA_MODULES if m in union) or default_modules
         # Canonical order so that equal sets give equal ids.
-        modules = tuple(m for m in LORA_TARGET_MODULES if m in modules) + tuple(
-            m for m in modules if m not in LORA_TARGET_MODULES)
+        modules = tuple(m for m in ALL_LORA_MODULES if m in modules) + tuple(
+            m for m in modules if m not in ALL_LORA_MODULES)
         return replace(
             self,
             target=target,
@@ -146,9 +146,9 @@ class CompileOptions:
         if num_adapters is not None and self.adapter_slots is not None and self.adapter_slots < num_adapters:
             _bad("adapter_slots", self.adapter_slots,
                  f"must be >= the number of adapters ({num_adapters}), got {self.adapter_slots}")
-        unknown = [m for m in self.target_modules if m not in LORA_TARGET_MODULES]
+        unknown = [m for m in self.target_modules if m not in ALL_LORA_MODULES]
         if unknown:
-            _bad("target_modules", unknown, f"unknown module(s); allowed: {list(LORA_TARGET_MODULES)}")
+            _bad("target_modules", unknown, f"unknown module(s); allowed: {list(ALL_LORA_MODULES)}")
         if len(set(self.target_modules)) != len(self.target_modules):
             _bad("target_modules", list(self.target_modules), "lists a module twice")
         if self.quant_block_size is not None:

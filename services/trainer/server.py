@@ -35,6 +35,7 @@ from loraflow.grpc_server import page_size_from_proto, set_timestamp
 from loraflow.hf_config import HfModelConfig
 from loraflow.job_service import job_to_proto
 from loraflow.jobs import JobQueue, validate_labels, validate_request_id
+from loraflow.model_families import check_model_family
 from loraflow.model_source import InputPolicy, read_json_file
 from loraflow.names import validate_name
 from loraflow.preparation import ClientGone, PreparationPool, preparation_pool
@@ -264,7 +265,9 @@ class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 return job_to_proto(self.queue.get(existing.decode()))
 
         config = read_base_config(req.base_model, self.store, self.inputs)
-        check_causal_lm(config)
+        model_type = check_causal_lm(config)
+        # An adapter no compile target can serve is refused now, not at compile time after the training.
+        check_model_family(model_type, field="base_model", value=req.base_model)
         model = HfModelConfig.from_dict(config, field="base_model")
         self.budget.check(estimate_training(model, req.lora, req.training), field="base_model",
                           value=req.base_model)

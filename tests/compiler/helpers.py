@@ -12,10 +12,26 @@ from loraflow.manifest import GraphSpec, LoraModuleSpec
 from services.compiler.export import BankShape, contract_io
 from services.compiler.modeling import load_decoder
 
+# A family that stores q|k|v and gate|up packed (Phi-3) is adapted on the packed modules instead.
+PACKED_AS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+             "up_proj": "gate_up_proj"}
+
+
+def family_modules(arch: str, modules) -> tuple[str, ...]:
+    """``modules`` (separate projection names) as family ``arch`` names them: packed ones for Phi-3."""
+    from services.compiler.families import FAMILIES
+
+    if not FAMILIES[arch].block.packed_projections:
+        return tuple(modules)
+    return tuple(dict.fromkeys(PACKED_AS.get(m, m) for m in modules))
+
 
 def decoder_with_adapters(model_dir: Path, adapters: list[tuple[str, Path]], modules, *, max_rank=8, slots=3):
-    """(decoder with banks installed, bank feeds by graph input name, GraphSpec of the contract)."""
-    decoder = load_decoder(model_dir, modules)
+    """(decoder with banks installed, bank feeds by graph input name, GraphSpec of the contract); ``modules``
+    in separate-projection names are mapped to the family's (family_modules)."""
+    from services.compiler.modeling import DecoderConfig
+
+    decoder = load_decoder(model_dir, family_modules(DecoderConfig.from_model_dir(model_dir).architecture, modules))
     cfg = decoder.cfg
     spec = lora_bank.BankSpec(num_layers=cfg.num_layers, max_rank=max_rank, adapter_slots=slots,
                               modules={m: cfg.lora_module_shapes()[m] for m in decoder.lora_modules})

@@ -169,7 +169,7 @@ def test_graph_carries_the_qualcomm_ops_as_functions_that_ort_runs(tmp_path, tin
         assert [bool((kept[1, :, j] != past[gc.past_key(0)][1, :, j]).any()) for j in range(C)] == [False] * 5 + [True]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
 def test_verification_equals_the_reference_for_mixed_ranks(tmp_path, parity_model, adapter_factory, arch):
     adapters = _mixed(adapter_factory, arch)
     decoder, banks, _ = decoder_with_adapters(parity_model(arch), adapters, ALL, slots=3)
@@ -187,7 +187,7 @@ def test_verification_equals_the_reference_for_mixed_ranks(tmp_path, parity_mode
     print(f"{arch}: fp32 {fp32.relative_diff:.3g} fp16 {fp16.relative_diff:.3g}")
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
 def test_the_bundle_driven_as_the_card_gives_peft_tokens(tmp_path, parity_model, adapter_factory, arch):
     """Every row of a mixed batch (base, a rank-4 attention adapter, a rank-8 adapter on every linear) served
     through the bundle's specializations on ONNX Runtime equals PEFT with that adapter alone."""

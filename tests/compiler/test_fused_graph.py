@@ -92,7 +92,7 @@ def _peft_tokens(model_dir, adapter_path, prompt):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3rope", "tied"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "llama3rope", "tied"])
 def test_mixed_batch_through_the_step_driver_matches_peft(tmp_path, kind, kernel, parity_model, adapter_factory):
     model_dir = parity_model(kind)
     arch = "llama" if kind in ("llama3rope", "tied") else kind

@@ -42,7 +42,7 @@ def _reference(model_dir, adapter_path):
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3rope"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "llama3rope"])
 def test_mixed_adapter_batch_matches_peft(kind, parity_model, adapter_factory):
     model_dir = parity_model(kind)
     arch = "llama" if kind == "llama3rope" else kind

@@ -26,7 +26,7 @@ _CORPUS = [
     "héllo wörld — ünïcode ✓ 日本語",
 ]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 
 def build_tokenizer(vocab_size: int = 384):
@@ -58,7 +58,15 @@ def build_tokenizer(vocab_size: int = 384):
 
 def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer config with GQA (4 query heads, 2 KV heads) for `arch`."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -81,6 +89,25 @@ def tiny_config(arch: str = "llama", *, vocab_size: int, seed: int = 0, **overri
         return MistralConfig(sliding_window=None, **common)
     if arch == "qwen2":
         return Qwen2Config(use_sliding_window=False, **common)
+    if arch == "qwen3":  # head_dim is its own field (default 128): hidden / heads as the others
+        return Qwen3Config(use_sliding_window=False, **{"head_dim": 16, **common})
+    if arch == "phi3":  # q|k|v and gate|up packed (qkv_proj, gate_up_proj)
+        return Phi3Config(sliding_window=None, **common)
+    if arch == "gemma2":
+        # Caps small enough to bind on a tiny random model, a scale unlike head_dim, a window over ctx_len.
+        # Tied, as Gemma ships (unless overridden).
+        return Gemma2Config(**{"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 1.5,
+                               "final_logit_softcapping": 4.0, "sliding_window": 128, **common,
+                               "tie_word_embeddings": overrides.get("tie_word_embeddings", True)})
+    if arch == "gemma3_text":
+        # One sliding layer (local rope base 10k) and one global (base 1M, linear scaling as the 4B+ models).
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+        return Gemma3TextConfig(**{"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 128,
+                                   "rope_parameters": rope,
+                                   "layer_types": ["full_attention" if i % 2 else "sliding_attention"
+                                                   for i in range(common["num_hidden_layers"])],
+                                   **common, "tie_word_embeddings": overrides.get("tie_word_embeddings", True)})
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 

@@ -230,6 +230,33 @@ def test_submit_rejects_a_non_causal_lm_checkpoint(stack, dataset_file, tmp_path
         assert error_info(e.value).metadata["field"] == "base_model"
 
 
+def test_submit_refuses_a_model_family_no_compile_target_supports(redis_url, tmp_path, input_policy, dataset_file):
+    """GPT-2 is a causal LM transformers trains, but the compiler has no family module for it: the submit
+    fails naming base_model, the family and the supported list, before the model is built or data read."""
+    from loraflow.model_families import SUPPORTED_MODEL_FAMILIES
+    from services.trainer.server import ModelInspector
+    from tests.trainer.conftest import TrainerStack
+
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2,
+                                                   "vocab_size": 100, "n_positions": 64}))
+    inspector = ModelInspector()
+    stack = TrainerStack(redis_url, tmp_path / "stack", inputs=input_policy, inspector=inspector)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            stack.trainer.SubmitTrainingJob(_request(model, dataset_file), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        details = e.value.details()
+        assert "'gpt2'" in details and str(list(SUPPORTED_MODEL_FAMILIES)) in details, details
+        info = error_info(e.value)
+        assert info.metadata["field"] == "base_model" and info.metadata["value"] == str(model)
+        assert inspector.builds == 0  # refused before the meta-device build
+        assert stack.queue.list()[0] == []
+    finally:
+        stack.close()
+
+
 @pytest.mark.parametrize(("method", "request_", "code", "field"), [
     ("GetAdapter", trainer_pb2.GetAdapterRequest(name=""), grpc.StatusCode.INVALID_ARGUMENT, "name"),
     ("GetAdapter", trainer_pb2.GetAdapterRequest(name="a/b"), grpc.StatusCode.INVALID_ARGUMENT, "name"),

@@ -30,7 +30,6 @@ it), and ``logits_index`` picks the token whose logits the row returns (its last
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +90,12 @@ def fused_graph_supported(cfg: DecoderConfig) -> str | None:
     return None
 
 
-def rotary_caches(cfg: DecoderConfig, ctx_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [ctx_len, D/2] for positions 0..ctx_len-1 (any rope type: the frequencies carry it)."""
+def rotary_caches(cfg: DecoderConfig, ctx_len: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [ctx_len, D/2] for positions 0..ctx_len-1 (any rope type: the frequencies carry it; ``local``:
+    Gemma 3's sliding layers' own rope)."""
     from services.compiler.modeling.rope import inverse_frequencies
 
-    inv_freq = inverse_frequencies(cfg).double().numpy()  # [D/2]
+    inv_freq = inverse_frequencies(cfg, local).double().numpy()  # [D/2]
     # float64 angles, rounded once: positions up to 131072 keep full float32 precision.
     angles = np.arange(ctx_len, dtype=np.float64)[:, None] * inv_freq[None, :]  # [C, D/2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -291,22 +291,34 @@ class FusedGraphBuilder:
         return h
 
     def _head(self, last: str) -> None:
-        """last [B, 1, hidden] -> logits [B, 1, V]."""
+        """last [B, 1, hidden] -> logits [B, 1, V] (soft-capped where the family caps them)."""
+        cfg, g = self.cfg, self.g
+        cap = cfg.final_logit_softcap
+        if cap is None:
+            self._head_matmul(last, gc.LOGITS)
+            return
+        raw = self._head_matmul(last, "logits/raw")  # cap * tanh(logits / cap): 3 cheap nodes over [B, 1, V]
+        (scaled,) = g.node("Div", [raw, g.const("final_softcap", np.array(cap, np.float32))], name="logits/softcap_div")
+        (tanh,) = g.node("Tanh", [scaled], name="logits/softcap_tanh")
+        g.node("Mul", [tanh, "final_softcap"], [gc.LOGITS], name="logits/softcap")
+
+    def _head_matmul(self, last: str, out: str) -> str:
+        """last [B, 1, hidden] -> ``out`` [B, 1, V], the head's matmul; returns ``out``."""
         cfg, opts, g = self.cfg, self.opts, self.g
         V, hidden = cfg.vocab_size, cfg.hidden_size
         if opts.bits is not None:
             weight = EMBED if cfg.tie_word_embeddings else LM_HEAD
-            out = self._matmul_nbits(last, weight, "lm_head", k=hidden, n=V)
-            g.node("Identity", [out], [gc.LOGITS], name="logits")
+            y = self._matmul_nbits(last, weight, "lm_head", k=hidden, n=V)
+            g.node("Identity", [y], [out], name="logits")
         elif cfg.tie_word_embeddings:
             # The embedding table itself, transposed inside the kernel: the head is stored once (measured as
             # fast as a MatMul over a transposed copy at SmolLM2-135M's shape).
-            g.node("FusedMatMul", [last, g.const(EMBED, self._w(EMBED))], [gc.LOGITS], name="lm_head", domain=MS,
-                   transB=1)
+            g.node("FusedMatMul", [last, g.const(EMBED, self._w(EMBED))], [out], name="lm_head", domain=MS, transB=1)
         else:
             # [V, hidden] -> [hidden, V]: a MatMul over the transposed head, as onnxruntime-genai writes it.
-            g.node("MatMul", [last, g.const("lm_head.weight_t", self._w_kn(LM_HEAD))], [gc.LOGITS], name="lm_head")
+            g.node("MatMul", [last, g.const("lm_head.weight_t", self._w_kn(LM_HEAD))], [out], name="lm_head")
             self.written[LM_HEAD] = WrittenWeight("lm_head.weight_t", transposed=True)
+        return out
 
     def _lora_delta(self, module: str, x: str, row_index: str, name: str) -> str:
         """x [B, S, in] -> (x A_row) B_row [B, S, out], each row's slices gathered from the flat banks."""
@@ -342,9 +354,17 @@ class FusedGraphBuilder:
         q_size, kv_size = Hq * D, H * D
         float_t = FLOAT_DTYPES["fp32"]
 
+        # Gemma 2's attention soft-capping: GroupQueryAttention's own ``softcap`` (cap * tanh(scores / cap) on
+        # the scaled scores, before the mask and softmax, inside the fused kernel).
+        softcap = {} if cfg.attn_logit_softcap is None else {"softcap": float(cfg.attn_logit_softcap)}
+        sandwich = cfg.block.sandwich_norms
         cos, sin = rotary_caches(cfg, C)
         g.const("rotary.cos", cos)
         g.const("rotary.sin", sin)
+        if cfg.local_rope_layers:  # Gemma 3: the sliding layers' own rope base
+            cos, sin = rotary_caches(cfg, C, local=True)
+            g.const("rotary_local.cos", cos)
+            g.const("rotary_local.sin", sin)
         lora_rows = "lora_rows"  # [B]
         g.node("Reshape", [gc.LORA_IDS, g.const("shape.rows", np.array([-1], np.int64))], [lora_rows],
                name="lora_ids/flat")  # [B, 1] -> [B]
@@ -352,8 +372,10 @@ class FusedGraphBuilder:
         if opts.lora_kernel == "native":
             qkv_shape = g.const("shape.qkv", np.array([0, 0, q_size + 2 * kv_size], np.int64))  # 0: keep B, S
         h = self._embedding()  # [B, S, hidden]
-        (x,) = g.node("SimplifiedLayerNormalization", [h, self._norm("layers.0.input_layernorm.weight")],
-                      name="layers.0/input_norm", axis=-1, epsilon=cfg.rms_norm_eps, stash_type=1)
+        if cfg.embedding_scale is not None:  # Gemma: times sqrt(hidden), in float32 as the fp32 model does
+            (h,) = g.node("Mul", [h, g.const("embed.scale", np.array(cfg.embedding_scale, np.float32))],
+                          name="embed/scale")
+        x = self._plain_norm(h, "layers.0.input_layernorm.weight", "layers.0/input_norm")
         residual = h
         for i in range(L):
             p = f"layers.{i}"
@@ -367,13 +389,15 @@ class FusedGraphBuilder:
             qkv = self._linear(x, f"{p}.self_attn.qkv_proj.weight",  # [q+2kv, hidden]
                                f"{p}.self_attn.qkv_proj.bias" if cfg.attention_bias else None, f"{p}/attn/qkv",
                                k=cfg.hidden_size, n=q_size + 2 * kv_size)
+            # A packed adapter (Phi-3's qkv_proj) adds its delta across every column of q|k|v.
+            qkv = self._adapted("qkv_proj", qkv, x, row_index, f"{p}/attn/qkv", layer=i)
             adapted = [m in opts.lora_modules for m in ("q_proj", "k_proj", "v_proj")]
             if opts.lora_kernel == "native":
                 # Each adapted projection's delta goes straight into its columns of the packed q|k|v.
                 for module, offset in (("q_proj", 0), ("k_proj", q_size), ("v_proj", q_size + kv_size)):
                     qkv = self._adapted(module, qkv, x, row_index, f"{p}/attn/{module[0]}", layer=i,
                                         column_offset=offset)
-                if any(adapted):
+                if any(adapted) or "qkv_proj" in opts.lora_modules:
                     # A custom op's output has no inferred shape; GroupQueryAttention behind one ran a prefill
                     # chunk ~7x slower (SmolLM2-135M, B=8, S=32). A Reshape to [B, S, q+2kv] declares it.
                     (qkv,) = g.node("Reshape", [qkv, qkv_shape], name=f"{p}/attn/qkv/shape")  # [B, S, q+2kv]
@@ -393,20 +417,26 @@ class FusedGraphBuilder:
                 q = self._adapted("q_proj", q, x, row_index, f"{p}/attn/q", layer=i)
                 k = self._adapted("k_proj", k, x, row_index, f"{p}/attn/k", layer=i)
                 v = self._adapted("v_proj", v, x, row_index, f"{p}/attn/v", layer=i)
+            if cfg.block.qk_norm:
+                q, k, v = self._qk_norm(q, k, v, i)
             attn, _, _ = g.node(
                 "GroupQueryAttention",
                 [q, k, v, gc.past_key(i), gc.past_value(i), gc.SEQLENS_K, gc.TOTAL_SEQUENCE_LENGTH,
-                 "rotary.cos", "rotary.sin"],
+                 *(("rotary_local.cos", "rotary_local.sin") if i in cfg.local_rope_layers
+                    else ("rotary.cos", "rotary.sin"))],
                 [f"{p}/attn/out", gc.present_key(i), gc.present_value(i)],
-                name=f"{p}/attn/gqa", domain=MS, num_heads=Hq, kv_num_heads=H, scale=1.0 / math.sqrt(D),
-                do_rotary=1, rotary_interleaved=0)  # -> [B, S, Hq*D]
+                name=f"{p}/attn/gqa", domain=MS, num_heads=Hq, kv_num_heads=H, scale=cfg.attention_scale,
+                do_rotary=1, rotary_interleaved=0, **softcap)  # -> [B, S, Hq*D]
             o = self._linear(attn, f"{p}.self_attn.o_proj.weight", f"{p}.self_attn.o_proj.bias" if cfg.o_bias else None,
                              f"{p}/attn/o", k=q_size, n=cfg.hidden_size)
             o = self._adapted("o_proj", o, attn, row_index, f"{p}/attn/o", layer=i)
+            if sandwich:  # Gemma: the attention output normed before the residual add; the MLP's input norm next
+                o = self._plain_norm(o, f"{p}.post_attention_layernorm.weight", f"{p}/attn/out_norm")
+            mlp_norm = f"{p}.pre_feedforward_layernorm.weight" if sandwich else f"{p}.post_attention_layernorm.weight"
             # residual + attention, then RMSNorm: one SkipSimplifiedLayerNormalization (output 3 = the sum).
             x, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization",
-                [o, residual, self._norm(f"{p}.post_attention_layernorm.weight")],
+                [o, residual, self._norm(mlp_norm)],
                 [f"{p}/post_norm/out", "", "", f"{p}/post_norm/sum"], name=f"{p}/post_norm", domain=MS,
                 epsilon=cfg.rms_norm_eps)
             # MLP (SwiGLU) with gate|up packed in one projection.
@@ -414,6 +444,7 @@ class FusedGraphBuilder:
             gu = self._linear(x, f"{p}.mlp.gate_up_proj.weight",  # [2I, hidden]
                               f"{p}.mlp.gate_up_proj.bias" if cfg.mlp_bias else None, f"{p}/mlp/gate_up",
                               k=cfg.hidden_size, n=2 * inter)
+            gu = self._adapted("gate_up_proj", gu, x, row_index, f"{p}/mlp/gate_up", layer=i)  # packed: all columns
             if opts.lora_kernel == "native":  # deltas into the packed gate|up columns, before the Split
                 gu = self._adapted("gate_proj", gu, x, row_index, f"{p}/mlp/gate", layer=i)
                 gu = self._adapted("up_proj", gu, x, row_index, f"{p}/mlp/up", layer=i, column_offset=inter)
@@ -422,12 +453,12 @@ class FusedGraphBuilder:
             if opts.lora_kernel == "onnx":
                 gate = self._adapted("gate_proj", gate, x, row_index, f"{p}/mlp/gate", layer=i)
                 up = self._adapted("up_proj", up, x, row_index, f"{p}/mlp/up", layer=i)
-            (sig,) = g.node("Sigmoid", [gate], name=f"{p}/mlp/sigmoid")
-            (silu,) = g.node("Mul", [gate, sig], name=f"{p}/mlp/silu")
-            (act,) = g.node("Mul", [silu, up], name=f"{p}/mlp/act")  # [B, S, I]
+            (act,) = g.node("Mul", [self._activation(gate, f"{p}/mlp"), up], name=f"{p}/mlp/act")  # [B, S, I]
             down = self._linear(act, f"{p}.mlp.down_proj.weight", f"{p}.mlp.down_proj.bias" if cfg.mlp_bias else None,
                                 f"{p}/mlp/down", k=inter, n=cfg.hidden_size)
             down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down", layer=i)
+            if sandwich:
+                down = self._plain_norm(down, f"{p}.post_feedforward_layernorm.weight", f"{p}/mlp/out_norm")
             # residual + MLP, then the next layer's input norm (the final norm after the last layer).
             weight_key, node_name = ((f"layers.{i + 1}.input_layernorm.weight", f"layers.{i + 1}/input_norm")
                                      if i + 1 < L else (FINAL_NORM, "final_norm"))
@@ -468,8 +499,51 @@ class FusedGraphBuilder:
         model.ir_version = 8
         return model
 
+    def _qk_norm(self, q: str, k: str, v: str, layer: int) -> tuple[str, str, str]:
+        """q and k (split from a packed q|k|v first) RMSNorm'd per head over head_dim, before
+        GroupQueryAttention's rotary; GroupQueryAttention then takes q, k, v apart."""
+        cfg, g, p = self.cfg, self.g, f"layers.{layer}"
+        Hq, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if not k:  # packed [B, S, q+2kv]
+            q, k, v = g.node("Split", [q, g.const(f"{p}.qkv_split", np.array([Hq * D, H * D, H * D], np.int64))], 3,
+                             name=f"{p}/attn/split", axis=-1)  # [B, S, q+2kv] -> q, k, v
+        out = []
+        for x, heads, which in ((q, Hq, "q"), (k, H, "k")):
+            (xh,) = g.node("Reshape", [x, g.const(f"shape.{which}_heads", np.array([0, 0, heads, D], np.int64))],
+                           name=f"{p}/attn/{which}_heads")  # [B, S, heads*D] -> [B, S, heads, D]
+            normed = self._plain_norm(xh, f"{p}.self_attn.{which}_norm.weight", f"{p}/attn/{which}_norm")
+            (flat,) = g.node("Reshape", [normed, g.const(f"shape.{which}_flat", np.array([0, 0, heads * D], np.int64))],
+                             name=f"{p}/attn/{which}_flat")  # [B, S, heads, D] -> [B, S, heads*D]
+            out.append(flat)
+        return out[0], out[1], v
+
+    def _activation(self, gate: str, name: str) -> str:
+        """The MLP gate's activation (the family's BlockStructure.activation)."""
+        kind = self.cfg.block.activation
+        if kind == "silu":
+            (sig,) = self.g.node("Sigmoid", [gate], name=f"{name}/sigmoid")
+            (out,) = self.g.node("Mul", [gate, sig], name=f"{name}/silu")
+            return out
+        if kind == "gelu_tanh":  # ONNX Runtime's FastGelu is GELU's tanh approximation
+            (out,) = self.g.node("FastGelu", [gate], name=f"{name}/gelu", domain=MS)
+            return out
+        raise InvalidArgument(f"activation {kind!r} has no fused graph", field="base_model.hidden_act", value=kind)
+
     def _norm(self, name: str) -> str:
-        """An RMSNorm weight, stored under its decoder name."""
+        """An RMSNorm's scale: the weight, stored under its decoder name, plus the family's norm offset (Gemma's
+        1 + w: an Add of two initializers, which ONNX Runtime folds into one when the session is created)."""
         self.written[name] = WrittenWeight(name)
-        return self.g.const(name, self._w(name))
+        weight = self.g.const(name, self._w(name))
+        offset = self.cfg.block.norm_offset
+        if not offset:
+            return weight
+        (scale,) = self.g.node("Add", [weight, self.g.const("norm.offset", np.array(offset, np.float32))],
+                               name=f"{name}/offset")
+        return scale
+
+    def _plain_norm(self, x: str, weight: str, name: str) -> str:
+        """RMSNorm of x over the last axis, without a residual."""
+        (y,) = self.g.node("SimplifiedLayerNormalization", [x, self._norm(weight)], name=name, axis=-1,
+                           epsilon=self.cfg.rms_norm_eps, stash_type=1)
+        return y
 

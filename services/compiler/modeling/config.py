@@ -9,14 +9,15 @@ from typing import Any
 
 from loraflow.errors import InvalidArgument
 from loraflow.hf_config import HfModelConfig, read_config_file
+from services.compiler.families import FAMILIES, BlockStructure, FamilySpec, family
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)  # model_type strings, one family module each
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    architecture: str
+    architecture: str  # the model family (config.json model_type): services/compiler/families
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -28,11 +29,37 @@ class DecoderConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool  # q/k/v (and for llama also o) biases; Qwen2 always has q/k/v biases
+    attention_bias: bool  # q/k/v biases (each family's read_config decides; Qwen2 always has them)
     o_bias: bool
     mlp_bias: bool
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     sliding_window: int | None = None  # Mistral/Qwen2: attention window (None = full attention)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
+    final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale query_pre_attn_scalar**-0.5
+    # Gemma 3: these layers (its sliding ones) rotate with a default rope of base local_rope_theta.
+    local_rope_layers: tuple[int, ...] = ()
+    local_rope_theta: float | None = None
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def embedding_scale(self) -> float | None:
+        """Gemma's sqrt(hidden_size) as HF holds it (a float32 tensor; the fp32 model multiplies by that)."""
+        import numpy as np
+
+        return float(np.float32(self.hidden_size ** 0.5)) if self.block.embedding_scale else None
+
+    @property
+    def family(self) -> FamilySpec:
+        return family(self.architecture)
+
+    @property
+    def block(self) -> BlockStructure:
+        """How this family's decoder block computes (what the reference and both graph writers follow)."""
+        return self.family.block
 
     @property
     def num_query_groups(self) -> int:
@@ -43,9 +70,14 @@ class DecoderConfig:
         return str(self.rope_scaling.get("rope_type", "default"))
 
     def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every linear a LoRA adapter may target."""
+        """(in_features, out_features) of every linear a LoRA adapter may target in this family, in canonical
+        (graph_contract.ALL_LORA_MODULES) order."""
         q_out = self.num_heads * self.head_dim
         kv_out = self.num_kv_heads * self.head_dim
+        if self.block.packed_projections:
+            return {"qkv_proj": (self.hidden_size, q_out + 2 * kv_out), "o_proj": (q_out, self.hidden_size),
+                    "gate_up_proj": (self.hidden_size, 2 * self.intermediate_size),
+                    "down_proj": (self.intermediate_size, self.hidden_size)}
         return {
             "q_proj": (self.hidden_size, q_out),
             "k_proj": (self.hidden_size, kv_out),
@@ -59,6 +91,7 @@ class DecoderConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
+        d["local_rope_layers"] = list(self.local_rope_layers)  # as JSON reads it back
         return d
 
     @classmethod
@@ -66,27 +99,30 @@ class DecoderConfig:
         """From a config.json object, read strictly (loraflow.hf_config): a size that is not an integer in range,
         or a malformed rope setting, is INVALID_ARGUMENT naming ``base_model.<key>``."""
         arch = hf.get("model_type") if isinstance(hf, Mapping) else None
-        if arch not in SUPPORTED_ARCHITECTURES:
-            shown = arch if isinstance(arch, str | None) and len(str(arch)) <= 64 else "<not a name>"
-            raise InvalidArgument(
-                f"model_type {shown!r} is not supported; supported architectures: {list(SUPPORTED_ARCHITECTURES)}",
-                field="base_model.model_type", value=shown)
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
+        spec = family(arch)  # INVALID_ARGUMENT base_model.model_type naming the supported families
+        act = hf.get(spec.activation_key, spec.hidden_acts[0])
+        if act not in spec.hidden_acts:
             shown = act if isinstance(act, str) and len(act) <= 64 else "<not a name>"
-            raise InvalidArgument(f"hidden_act {shown!r} is not supported (the decoder implements SwiGLU/silu)",
-                                  field="base_model.hidden_act", value=shown)
+            raise InvalidArgument(f"hidden_act {shown!r} is not supported for {arch} (the decoder implements "
+                                  f"{list(spec.hidden_acts)})", field=f"base_model.{spec.activation_key}", value=shown)
         checked = HfModelConfig.from_dict(hf, field="base_model")
-        rope = _rope_parameters(hf)
-        if arch == "qwen2":
-            qkv_bias, o_bias = True, False
+        params = hf.get("rope_parameters")
+        local_theta = None
+        if spec.block.local_rope and isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+            # rope_parameters per layer type (Gemma 3): the global layers' rope as usual, the local one default.
+            rope = _rope_parameters({**hf, "rope_parameters": params["full_attention"]})
+            local = _rope_parameters({**hf, "rope_theta": hf.get("rope_local_base_freq"),
+                                      "rope_parameters": params.get("sliding_attention") or {}, "rope_scaling": None})
+            if local["rope_type"] != "default":
+                raise InvalidArgument("the sliding layers' rope must be rope_type 'default'",
+                                      field="base_model.rope_parameters.sliding_attention.rope_type",
+                                      value=local["rope_type"])
+            local_theta = float(local["rope_theta"])
         else:
-            qkv_bias = o_bias = _flag(hf, "attention_bias")
-        window = None
-        if arch == "mistral":
-            window = hf.get("sliding_window")
-        elif arch == "qwen2" and _flag(hf, "use_sliding_window"):
-            window = hf.get("sliding_window")
+            rope = _rope_parameters(hf)
+            if spec.block.local_rope:  # the older config.json spelling, else Gemma 3's local default
+                local_theta = float(hf.get("rope_local_base_freq") or 10000.0)
+        own = spec.read_config(hf)
         return cls(
             architecture=arch,
             vocab_size=checked.vocab_size,
@@ -100,11 +136,16 @@ class DecoderConfig:
             rope_theta=float(rope.pop("rope_theta")),
             max_position_embeddings=checked.max_position_embeddings or 2048,
             tie_word_embeddings=checked.tie_word_embeddings,
-            attention_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=_flag(hf, "mlp_bias"),
+            attention_bias=own.attention_bias,
+            o_bias=own.o_bias,
+            mlp_bias=own.mlp_bias,
             rope_scaling=rope,
-            sliding_window=int(window) if window else None,  # hf_config: null or an integer in range
+            sliding_window=own.sliding_window,
+            attn_logit_softcap=own.attn_logit_softcap,
+            final_logit_softcap=own.final_logit_softcap,
+            query_pre_attn_scalar=own.query_pre_attn_scalar,
+            local_rope_layers=own.local_rope_layers if local_theta is not None else (),
+            local_rope_theta=local_theta,
         )
 
     @classmethod
@@ -114,14 +155,6 @@ class DecoderConfig:
             raise InvalidArgument(f"{model_dir} is not a Hugging Face checkpoint (no config.json)",
                                   field="base_model", value=str(model_dir))
         return cls.from_hf_dict(read_config_file(path, field="base_model", shown=f"{model_dir}/config.json"))
-
-
-def _flag(hf: Mapping[str, Any], key: str) -> bool:
-    value = hf.get(key, False)
-    if not isinstance(value, bool | None):
-        raise InvalidArgument(f"base_model.{key} must be true or false, got a JSON {type(value).__name__}",
-                              field=f"base_model.{key}", value=type(value).__name__)
-    return bool(value)
 
 
 def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:

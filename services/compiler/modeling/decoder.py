@@ -23,10 +23,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from loraflow.errors import InvalidArgument
-from loraflow.graph_contract import LORA_TARGET_MODULES
+from loraflow.graph_contract import ALL_LORA_MODULES
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, RMSNorm
-from services.compiler.modeling.rope import Rope, inverse_frequencies, rope_cos_sin, rotate_half_matrix
+from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, rms_norm, soft_cap
+from services.compiler.modeling.rope import (
+    Rope,
+    inverse_frequencies,
+    rope_cos_sin,
+    rotate_half_matrix,
+    uses_local_rope,
+)
 from services.compiler.modeling.weights import CheckpointWeights, WeightSource, model_names
 
 
@@ -58,6 +64,14 @@ def attention_bias(position_ids: torch.Tensor, past_len: int | torch.SymInt, dty
     return torch.where(ok, zero, neg).view(B, 1, 1, S, -1)  # [B, S, P+S] -> [B, 1, 1, S, P+S]
 
 
+def embed(table: torch.Tensor, input_ids: torch.Tensor, cfg: DecoderConfig) -> torch.Tensor:
+    """Rows of ``table`` [V, hidden] for input_ids -> [..., hidden], times the family's embedding scale (in the
+    table's dtype, as HF multiplies)."""
+    h = table[input_ids]
+    scale = cfg.embedding_scale
+    return h if scale is None else h * torch.tensor(scale, dtype=table.dtype)
+
+
 def last_token_index(position_ids: torch.Tensor) -> torch.Tensor:
     """[B] index of each row's last non-padding token (padding is at the end of a row); 0 for idle rows."""
     return ((position_ids >= 0).sum(dim=1) - 1).clamp(min=0)
@@ -67,10 +81,12 @@ class MultiLoraDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, lora_modules: Sequence[str] = ()):
         super().__init__()
         self.cfg = cfg
-        self.lora_modules = tuple(m for m in LORA_TARGET_MODULES if m in lora_modules)
+        # The requested modules this family has (a Llama has no qkv_proj module, Phi-3 no q_proj), in bank order.
+        shapes = cfg.lora_module_shapes()
+        self.lora_modules = tuple(m for m in ALL_LORA_MODULES if m in lora_modules and m in shapes)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = rms_norm(cfg, cfg.hidden_size)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.init_buffers()
 
@@ -79,6 +95,8 @@ class MultiLoraDecoder(nn.Module):
         device gets real ones after its weights are assigned."""
         cfg = self.cfg
         self.register_buffer("inv_freq", inverse_frequencies(cfg), persistent=False)
+        if cfg.local_rope_layers:
+            self.register_buffer("inv_freq_local", inverse_frequencies(cfg, local=True), persistent=False)
         self.register_buffer("rope_rotate", rotate_half_matrix(cfg.head_dim), persistent=False)
         self.num_slots = 1  # N; set_banks changes it
         for m in self.lora_modules:
@@ -105,15 +123,21 @@ class MultiLoraDecoder(nn.Module):
                 {m: getattr(self, f"bank_b_{m}") for m in self.lora_modules})
 
     # --- forward ------------------------------------------------------------------------------
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, dtype)  # [B, S, 1, D]
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False) -> Rope:
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq_local if local else self.inv_freq, dtype)  # [B, S, 1, D]
         return Rope(cos=cos, sin=sin, rotate=self.rope_rotate.to(dtype))
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         if self.lm_head is None:
-            return F.linear(h, self.embed_tokens.weight)  # tied: [B, S, hidden] -> [B, S, V]
-        return self.lm_head(h)
+            logits = F.linear(h, self.embed_tokens.weight)  # tied: [B, S, hidden] -> [B, S, V]
+        else:
+            logits = self.lm_head(h)
+        return soft_cap(logits, self.cfg.final_logit_softcap)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] -> [B, S, hidden] (times sqrt(hidden) in the embedding's dtype for Gemma)."""
+        return embed(self.embed_tokens.weight, input_ids, self.cfg)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lora_ids: torch.Tensor,
                 batch_index: torch.Tensor, past_keys: Sequence[torch.Tensor], past_values: Sequence[torch.Tensor],
@@ -124,14 +148,16 @@ class MultiLoraDecoder(nn.Module):
         num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
         B, S = input_ids.shape
         dims = Dims(rows=B, tokens=S, past=past_keys[0].shape[0])
-        h = self.embed_tokens(input_ids)  # [B, S, hidden]
+        h = self.embed(input_ids)  # [B, S, hidden]
         rope = self.rope(position_ids, h.dtype)
+        local_rope = self.rope(position_ids, h.dtype, local=True) if self.cfg.local_rope_layers else None
         bias = attention_bias(position_ids, dims.past, h.dtype)  # [B, 1, 1, S, P+S]
         lora = LoraSelector(dict(lora_a), dict(lora_b), lora_ids, num_slots)
         rows = batch_index.reshape(-1)  # [B, 1] -> [B]
         presents_k, presents_v = [], []
         for i, layer in enumerate(self.layers):
-            h, k, v = layer(h, rope, past_keys[i], past_values[i], rows, bias, lora, i, dims)
+            layer_rope = local_rope if uses_local_rope(self.cfg, i) else rope
+            h, k, v = layer(h, layer_rope, past_keys[i], past_values[i], rows, bias, lora, i, dims)
             presents_k.append(k)
             presents_v.append(v)
         if not all_logits:
@@ -143,6 +169,8 @@ class MultiLoraDecoder(nn.Module):
         """Weights and banks to ``dtype``; RoPE frequencies stay float32 in every dtype."""
         self.to(dtype)
         self.inv_freq = inverse_frequencies(self.cfg)
+        if self.cfg.local_rope_layers:
+            self.inv_freq_local = inverse_frequencies(self.cfg, local=True)
         return self
 
     # --- helpers for the PyTorch reference path ---------------------------------------------------

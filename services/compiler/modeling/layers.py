@@ -7,6 +7,7 @@ G query heads per KV head, D head_dim, L layers, N adapter slots + 1, R max_rank
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -27,16 +28,30 @@ class Dims:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) scaled by ``weight`` (by ``offset + weight`` for Gemma's zero-centred weights)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In float32 like HF, so fp16 graphs do not overflow the mean of squares.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: (x * (1 + w)) in float32, then the input's dtype
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
+
+
+def rms_norm(cfg: DecoderConfig, dim: int) -> RMSNorm:
+    """An RMSNorm over ``dim`` as the family's blocks compute it."""
+    return RMSNorm(dim, cfg.rms_norm_eps, cfg.block.norm_offset)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2's attention and final logit soft-capping); x itself without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class LoraSelector:
@@ -87,19 +102,28 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_logit_softcap
+        if cfg.block.qk_norm:  # per head, over head_dim, before rotary
+            self.q_norm = rms_norm(cfg, cfg.head_dim)
+            self.k_norm = rms_norm(cfg, cfg.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
 
     def project_qkv(self, x: torch.Tensor, lora: LoraSelector, layer: int, rope: Rope, dims: Dims
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, hidden] -> q [B, S, Hq, D], k [B, S, H, D] (both after RoPE), v [B, S, H, D]."""
         B, S = dims.rows, dims.tokens
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = _add(self.qkv_proj(x), lora.delta("qkv_proj", layer, x))  # a packed adapter spans all columns
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = _add(q, lora.delta("q_proj", layer, x))
         k = _add(k, lora.delta("k_proj", layer, x))
         v = _add(v, lora.delta("v_proj", layer, x))
         q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, Hq*D] -> [B, S, Hq, D]
         k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
         v = v.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return rope.apply(q), rope.apply(k), v
 
     def _group_queries(self, q: torch.Tensor, dims: Dims) -> torch.Tensor:
@@ -122,7 +146,7 @@ class Attention(nn.Module):
         B, S = dims.rows, dims.tokens
         H, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
         qg = self._group_queries(q, dims)  # [B, H, G*S, D]
-        scores = torch.matmul(qg, keys.transpose(2, 3)) * self.scale  # [B, H, G*S, T]
+        scores = soft_cap(torch.matmul(qg, keys.transpose(2, 3)) * self.scale, self.softcap)  # [B, H, G*S, T]
         scores = scores.view(B, H, G, S, -1) + bias  # [B, H, G*S, T] -> [B, H, G, S, T]
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         probs = probs.view(B, H, G * S, -1)  # [B, H, G, S, T] -> [B, H, G*S, T]
@@ -140,7 +164,7 @@ class Attention(nn.Module):
         qg = self._group_queries(q, dims)  # [B, H, G*S, D]
         s_past = torch.matmul(qg, past_k.transpose(2, 3))  # [B, H, G*S, P]
         s_new = torch.matmul(qg, new_k.transpose(2, 3))  # [B, H, G*S, S]
-        scores = torch.cat([s_past, s_new], dim=-1) * self.scale  # [B, H, G*S, P+S]
+        scores = soft_cap(torch.cat([s_past, s_new], dim=-1) * self.scale, self.softcap)  # [B, H, G*S, P+S]
         scores = scores.view(B, H, G, S, -1) + bias  # [B, H, G*S, P+S] -> [B, H, G, S, P+S]
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         probs = probs.view(B, H, G * S, -1)  # [B, H, G, S, P+S] -> [B, H, G*S, P+S]
@@ -166,36 +190,53 @@ class Attention(nn.Module):
         return self.output(out, lora, layer), present_k, present_v
 
 
+# The MLP gate's activation by BlockStructure.activation.
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class MLP(nn.Module):
-    """SwiGLU with gate and up in one fused matmul."""
+    """Gated MLP (SwiGLU for silu) with gate and up in one fused matmul."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
+        self.act = ACTIVATIONS[cfg.block.activation]
         self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, lora: LoraSelector, layer: int) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)  # [B, S, I] each
+        gate_up = _add(self.gate_up_proj(x), lora.delta("gate_up_proj", layer, x))  # [B, S, 2I]
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)  # [B, S, I] each
         gate = _add(gate, lora.delta("gate_proj", layer, x))
         up = _add(up, lora.delta("up_proj", layer, x))
-        h = F.silu(gate) * up
+        h = self.act(gate) * up
         return _add(self.down_proj(h), lora.delta("down_proj", layer, h))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block; with ``sandwich_norms`` (Gemma) the attention and MLP outputs are normed too, and
+    post_attention_layernorm is the attention's output norm, pre_feedforward_layernorm the MLP's input norm."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = rms_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = rms_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.block.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = rms_norm(cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = rms_norm(cfg, cfg.hidden_size)
 
     def forward(self, h: torch.Tensor, rope: Rope, past_key: torch.Tensor, past_value: torch.Tensor,
                 rows: torch.Tensor, bias: torch.Tensor, lora: LoraSelector, layer: int, dims: Dims
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn, present_k, present_v = self.self_attn(self.input_layernorm(h), rope, past_key, past_value,
                                                     rows, bias, lora, layer, dims)
-        h = h + attn
-        h = h + self.mlp(self.post_attention_layernorm(h), lora, layer)
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(attn)
+            h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), lora, layer))
+        else:
+            h = h + attn
+            h = h + self.mlp(self.post_attention_layernorm(h), lora, layer)
         return h, present_k, present_v

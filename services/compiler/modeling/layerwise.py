@@ -22,9 +22,15 @@ import torch
 
 from loraflow import graph_contract as gc
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.decoder import attention_bias
-from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, RMSNorm
-from services.compiler.modeling.rope import Rope, inverse_frequencies, rope_cos_sin, rotate_half_matrix
+from services.compiler.modeling.decoder import attention_bias, embed
+from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, rms_norm, soft_cap
+from services.compiler.modeling.rope import (
+    Rope,
+    inverse_frequencies,
+    rope_cos_sin,
+    rotate_half_matrix,
+    uses_local_rope,
+)
 from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource, layer_names
 
 # Vocabulary rows of the head converted and multiplied at a time (bounds the head's memory at 7B).
@@ -155,7 +161,7 @@ class _Run:
         self.cfg, self.dtype, self.activation_block = cfg, variant.dtype, variant.activation_block
         dtype = variant.dtype
         # float32 angles as MultiLoraDecoder computes them; float64 ones for a float64 variant.
-        inv_freq = inverse_frequencies(cfg).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        angle_t = torch.float64 if dtype == torch.float64 else torch.float32
         lora_a = {m: torch.from_numpy(np.asarray(banks[gc.lora_a(m)])).to(dtype) for m in lora_modules}
         lora_b = {m: torch.from_numpy(np.asarray(banks[gc.lora_b(m)])).to(dtype) for m in lora_modules}
         num_slots = next(iter(lora_a.values())).shape[1] if lora_a else 1
@@ -166,8 +172,12 @@ class _Run:
         for j, r in enumerate(rows):
             self.tokens[j, :len(r.tokens)] = torch.tensor(r.tokens)
             positions[j, :len(r.tokens)] = torch.arange(len(r.tokens))
-        cos, sin = rope_cos_sin(positions, inv_freq, dtype)  # [R, T, 1, D]
-        self.rope = Rope(cos=cos, sin=sin, rotate=rotate_half_matrix(cfg.head_dim).to(dtype))
+        rotate = rotate_half_matrix(cfg.head_dim).to(dtype)
+        ropes = {}
+        for local in (False, True) if cfg.local_rope_layers else (False,):
+            cos, sin = rope_cos_sin(positions, inverse_frequencies(cfg, local).to(angle_t), dtype)  # [R, T, 1, D]
+            ropes[local] = Rope(cos=cos, sin=sin, rotate=rotate)
+        self.ropes = ropes
         self.past = torch.zeros(1, R, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)  # an empty past: masked
         self.bias = attention_bias(positions, 1, dtype)  # [R, 1, 1, T, 1 + T]
         self.lora = LoraSelector(lora_a, lora_b, torch.tensor([[r.lora_id] for r in rows]), num_slots)
@@ -177,16 +187,17 @@ class _Run:
         self.max_activation = 0.0
 
     def embed(self, table: torch.Tensor) -> None:
-        self.hidden = table[self.tokens].to(self.dtype)  # [R, T, hidden]
+        self.hidden = embed(table, self.tokens, self.cfg).to(self.dtype)  # [R, T, hidden]
 
     def apply(self, layer: DecoderLayer, i: int) -> None:
-        self.hidden, _, _ = layer(self.hidden, self.rope, self.past, self.past, self.slots, self.bias, self.lora, i,
+        rope = self.ropes[uses_local_rope(self.cfg, i)]
+        self.hidden, _, _ = layer(self.hidden, rope, self.past, self.past, self.slots, self.bias, self.lora, i,
                                   self.dims)
         real = torch.cat([self.hidden[j, :n] for j, n in enumerate(self.lengths)])  # padding excluded
         self.max_activation = max(self.max_activation, float(real.abs().max()))
 
     def finish(self, norm_weight: torch.Tensor, head: torch.Tensor) -> ReferenceResult:
-        norm = RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
+        norm = rms_norm(self.cfg, self.cfg.hidden_size)
         norm.weight = torch.nn.Parameter(norm_weight.to(self.dtype), requires_grad=False)
         normed = torch.cat([norm(self.hidden[j, :n]) for j, n in enumerate(self.lengths)])  # [sum T, hidden]
         if self.activation_block:  # the head is a MatMulNBits too
@@ -194,6 +205,7 @@ class _Run:
         logits = torch.empty(normed.shape[0], head.shape[0], dtype=torch.float32)
         for start in range(0, head.shape[0], HEAD_CHUNK_ROWS):
             chunk = head[start:start + HEAD_CHUNK_ROWS].to(self.dtype)  # [v, hidden]
-            logits[:, start:start + chunk.shape[0]] = (normed @ chunk.T).float()  # [sum T, hidden] @ [hidden, v]
+            chunk_logits = soft_cap(normed @ chunk.T, self.cfg.final_logit_softcap)  # [sum T, hidden] @ [hidden, v]
+            logits[:, start:start + chunk.shape[0]] = chunk_logits.float()
         per_row = torch.split(logits, self.lengths)  # [sum T, V] -> [T_j, V] per row
         return ReferenceResult(logits=[x.numpy() for x in per_row], max_activation=self.max_activation)

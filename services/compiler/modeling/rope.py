@@ -14,10 +14,14 @@ import torch
 from services.compiler.modeling.config import DecoderConfig
 
 
-def inverse_frequencies(cfg: DecoderConfig) -> torch.Tensor:
-    """float32 [head_dim / 2], following transformers' rope init for default, linear and llama3."""
+def inverse_frequencies(cfg: DecoderConfig, local: bool = False) -> torch.Tensor:
+    """float32 [head_dim / 2], following transformers' rope init for default, linear and llama3; ``local``: the
+    default rope of base ``local_rope_theta`` Gemma 3's sliding layers rotate with."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if local:
+        return 1.0 / (cfg.local_rope_theta ** exponents)
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     scaling = cfg.rope_scaling
     kind = cfg.rope_type
     if kind == "default":
@@ -49,6 +53,11 @@ def rotate_half_matrix(dim: int) -> torch.Tensor:
     m[idx + half, idx] = -1.0
     m[idx, idx + half] = 1.0
     return m
+
+
+def uses_local_rope(cfg: DecoderConfig, layer: int) -> bool:
+    """Whether layer ``layer`` rotates with the local rope (Gemma 3's sliding layers)."""
+    return layer in cfg.local_rope_layers
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ nn.Linear layout [out, in], q|k|v and gate|up packed along ``out``. A ``WeightSo
 per call and keeps nothing, so a consumer that asks layer by layer holds at most one layer:
 
 * ``CheckpointWeights`` reads them from a safetensors checkpoint (the family's Hugging Face names ->
-  ours is ``hf_names``), checked against config.json before anything is read;
+  ours is ``hf_names``, declared by the family module), checked against config.json before anything is read;
 * ``ModuleWeights`` takes them from a materialised decoder (the traced export, tests);
 * services/compiler/fused/readback.py reads them back from a written artifact (what a quantised graph
   really multiplies by).
@@ -40,9 +40,13 @@ def layer_names(cfg: DecoderConfig, i: int) -> tuple[str, ...]:
     names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.qkv_proj.weight"]
     if cfg.attention_bias:
         names.append(p + "self_attn.qkv_proj.bias")
+    if cfg.block.qk_norm:
+        names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
     names.append(p + "self_attn.o_proj.weight")
     if cfg.o_bias:
         names.append(p + "self_attn.o_proj.bias")
+    if cfg.block.sandwich_norms:
+        names += [p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight"]
     names.append(p + "mlp.gate_up_proj.weight")
     if cfg.mlp_bias:
         names.append(p + "mlp.gate_up_proj.bias")
@@ -71,6 +75,8 @@ def shape_of(cfg: DecoderConfig, name: str) -> tuple[int, ...]:
         return (cfg.vocab_size, hidden)
     if name == FINAL_NORM or name.endswith("layernorm.weight"):
         return (hidden,)
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        return (cfg.head_dim,)
     suffix = name.split(".", 2)[2]
     return {"self_attn.qkv_proj.weight": (qkv, hidden), "self_attn.qkv_proj.bias": (qkv,),
             "self_attn.o_proj.weight": (hidden, cfg.num_heads * cfg.head_dim), "self_attn.o_proj.bias": (hidden,),
@@ -78,39 +84,28 @@ def shape_of(cfg: DecoderConfig, name: str) -> tuple[int, ...]:
             "mlp.down_proj.weight": (hidden, inter), "mlp.down_proj.bias": (hidden,)}[suffix]
 
 
-def hf_names(name: str) -> tuple[str, ...]:
-    """The Hugging Face tensors (Llama / Mistral / Qwen2 naming) that make up one of ours, concatenated
-    along dim 0 in this order."""
-    if name in (EMBED, FINAL_NORM):
-        return (f"model.{name}",)
-    if name == LM_HEAD:
-        return (LM_HEAD,)
-    _, i, rest = name.split(".", 2)
-    p = f"model.layers.{i}."
-    kind = rest.rsplit(".", 1)[1]  # weight | bias
-    if rest.startswith("self_attn.qkv_proj."):
-        return tuple(f"{p}self_attn.{m}.{kind}" for m in ("q_proj", "k_proj", "v_proj"))
-    if rest.startswith("mlp.gate_up_proj."):
-        return (f"{p}mlp.gate_proj.{kind}", f"{p}mlp.up_proj.{kind}")
-    return (p + rest,)
+def hf_names(cfg: DecoderConfig, name: str) -> tuple[str, ...]:
+    """The Hugging Face tensors that make up one of ours, concatenated along dim 0 in this order (the
+    family's naming: services/compiler/families)."""
+    return cfg.family.hf_names(name)
 
 
 def hf_part_shapes(cfg: DecoderConfig, name: str) -> list[tuple[int, ...]]:
     """Shapes of the Hugging Face tensors of our ``name``, in hf_names order."""
     total = shape_of(cfg, name)
+    if len(hf_names(cfg, name)) == 1:
+        return [total]
     if ".qkv_proj." in name:
         rows = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
-    elif ".gate_up_proj." in name:
+    else:  # gate|up
         rows = [cfg.intermediate_size] * 2
-    else:
-        return [total]
     return [(r, *total[1:]) for r in rows]
 
 
 def hf_tensor_shapes(cfg: DecoderConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Every Hugging Face tensor a checkpoint of ``cfg`` holds, with its shape, in file order."""
     return [(part, shape) for name in model_names(cfg)
-            for part, shape in zip(hf_names(name), hf_part_shapes(cfg, name), strict=True)]
+            for part, shape in zip(hf_names(cfg, name), hf_part_shapes(cfg, name), strict=True)]
 
 
 class CheckpointWeights:
@@ -135,7 +130,7 @@ class CheckpointWeights:
     def get(self, name: str) -> torch.Tensor:
         import torch
 
-        parts = hf_names(name)
+        parts = hf_names(self.cfg, name)
         if len(parts) == 1:
             return self.checkpoint.read(parts[0])
         out = torch.empty(shape_of(self.cfg, name), dtype=torch.float32)
