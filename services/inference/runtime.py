@@ -109,8 +109,11 @@ class OrtRuntime:
         self.full_batch_size = int(options["full_batch_size"])
         self.prefill_seq_len = int(options["prefill_seq_len"])
         self.ctx_len = int(options["ctx_len"])
-        self.max_prefill_rows = max(1, min(int(options.get("batch_size") or self.full_batch_size),
-                                           self.full_batch_size))
+        # Both ONNX Runtime graphs take any batch of rows in one call, so prefill takes every waiting row
+        # that holds a KV slot: ``batch_size`` is the AI 100 prefill specialisation's row count (QEfficient's
+        # meaning), not a limit here. A user who compiles as QEfficient's README does (full_batch_size=8,
+        # batch_size left at 1) gets the batched prefill.
+        self.max_prefill_rows = self.full_batch_size
         self.layers, self.kv_heads, self.head_dim = graph.layers, graph.num_kv_heads, graph.head_dim
         self.vocab_size = graph.vocab_size
         self.dtype = np.dtype(graph.dtype)
