@@ -30,6 +30,7 @@ from services.inference.model_manager import ModelManager
 from services.inference.on_demand_adapters import DEFAULT_ADAPTER_WAIT_S, MAX_ADAPTER_WAIT_S
 from services.inference.runtime import MAX_NUM_THREADS
 from services.inference.server import SERVICE_NAME, InferenceServicer
+from services.inference.spinning import SPINNING_ENV, SPINNING_HELP, SPINNING_POLICIES, spinning_from_env
 
 DEFAULT_LISTEN = "127.0.0.1:50053"  # loopback unless told otherwise: secure by default
 # Each waiting request holds its prompt and sampler; beyond this a queue only hides overload.
@@ -75,9 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="load an artifact at start (repeatable)")
     p.add_argument("--num-threads", type=_num_threads, default=0,
                    help=f"ONNX Runtime intra-op threads, 0..{MAX_NUM_THREADS} (0 = default)")
-    p.add_argument("--ort-spinning", action="store_true",
-                   help="let ONNX Runtime threads busy-wait (about 5%% faster on an idle host, much slower on a "
-                        "busy one)")
+    p.add_argument("--ort-spinning", choices=SPINNING_POLICIES, default=None, help=SPINNING_HELP)
     p.add_argument("--max-waiting", type=_max_waiting, default=64,
                    help=f"waiting-queue bound per model, 1..{MAX_WAITING_LIMIT} (a GenerateBatch larger than it "
                         "queues its requests as room frees)")
@@ -98,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_arguments(p)
     add_budget_arguments(p)  # --memory-budget: every loaded model's estimate together
     args = p.parse_args(argv)
+    if args.ort_spinning is None:  # the flag wins over the environment, which wins over the default
+        from loraflow.errors import InvalidArgument
+
+        try:
+            args.ort_spinning = spinning_from_env()
+        except InvalidArgument as err:
+            p.error(f"{SPINNING_ENV}: {err}")
     if args.deployment is not None:
         from loraflow.errors import InvalidArgument
         from loraflow.names import validate_name
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     manager = ModelManager(store=store, registry=registry, cache_dir=settings.cache_dir,
                            max_waiting=args.max_waiting,
                            on_change=None if args.deployment else (lambda n: gate.set("model", n > 0)),
-                           allow_spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security),
+                           spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security),
                            adapter_wait_s=args.adapter_wait_s, adapter_cache_bytes=args.adapter_cache_bytes)
     reconciler = None
     if args.deployment:

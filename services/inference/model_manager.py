@@ -47,6 +47,7 @@ from services.inference.on_demand_adapters import (
     OnDemandAdapters,
 )
 from services.inference.runtime import OrtRuntime, check_device
+from services.inference.spinning import DEFAULT_SPINNING, check_spinning
 from services.inference.tokenization import TextTokenizer
 
 
@@ -80,7 +81,8 @@ def compiled_in_origin(artifact_dir: Path, manifest: Manifest, name: str) -> Ada
 
 
 def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: int = 0, model_id: str = "",
-               max_waiting: int = 64, manifest: Manifest | None = None, allow_spinning: bool = False,
+               max_waiting: int = 64, manifest: Manifest | None = None, spinning: str = DEFAULT_SPINNING,
+               allow_spinning: bool | None = None,
                resolve_adapter: Callable[[str], AdapterOrigin | None] | None = None,
                adapter_cache: HostAdapterCache | None = None,
                adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S) -> LoadedModel:
@@ -95,8 +97,9 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
 
         runtime = Ai100Runtime(artifact_dir, manifest)
     else:
-        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads,
-                             allow_spinning=allow_spinning)
+        if allow_spinning is not None:  # the old boolean (bench/scale.py): on or off
+            spinning = "on" if allow_spinning else "off"
+        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads, spinning=spinning)
     eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
@@ -153,7 +156,7 @@ class ModelManager:
     ``adapter_wait_s`` for an idle adapter slot."""
 
     def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
-                 on_change: Callable[[int], None] | None = None, allow_spinning: bool = False,
+                 on_change: Callable[[int], None] | None = None, spinning: str = DEFAULT_SPINNING,
                  inputs: InputPolicy | None = None, adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
                  adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S, budget: ResourceBudget | None = None):
         self._budget = budget  # None: the process's (loraflow.budget.process_budget)
@@ -169,7 +172,7 @@ class ModelManager:
         self.cache_dir = Path(cache_dir)
         self.cache = ArtifactCache(cache_dir, store)
         self.max_waiting = max_waiting
-        self.allow_spinning = allow_spinning
+        self.spinning = check_spinning(spinning)
         self._on_change = on_change or (lambda n: None)
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -198,7 +201,7 @@ class ModelManager:
             limit = adapter_limit(manifest)
             model = open_model(local_dir, device=device, num_threads=num_threads, model_id=model_id,
                                max_waiting=self.max_waiting, manifest=manifest,
-                               allow_spinning=self.allow_spinning,
+                               spinning=self.spinning,
                                resolve_adapter=lambda name: self._registered_origin(name, limit),
                                adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s)
             model.memory = memory

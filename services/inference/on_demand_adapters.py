@@ -28,7 +28,8 @@ from loraflow.errors import FailedPrecondition, NotFound
 from loraflow.names import validate_name
 from services.inference import metrics
 from services.inference.adapter_cache import CachedAdapter, HostAdapterCache
-from services.inference.runtime import OrtRuntime
+from services.inference.adapter_slots import AdapterSlots
+from services.inference.engine import StepRuntime
 
 # How long a request waits for an adapter slot to go idle before RESOURCE_EXHAUSTED.
 DEFAULT_ADAPTER_WAIT_S = 30.0
@@ -65,10 +66,11 @@ class _PendingLoad:
 class OnDemandAdapters:
     """The adapter slots of one loaded model, filled on demand; thread-safe."""
 
-    def __init__(self, runtime: OrtRuntime, *, model_id: str, artifact_id: str,
+    def __init__(self, runtime: StepRuntime, *, model_id: str, artifact_id: str,
                  resolve: Callable[[str], AdapterOrigin], cache: HostAdapterCache,
                  wait_s: float = DEFAULT_ADAPTER_WAIT_S):
         self.runtime = runtime
+        self.slots: AdapterSlots = runtime.adapters
         self.model_id = model_id
         self.artifact_id = artifact_id
         self._resolve = resolve
@@ -140,20 +142,20 @@ class OnDemandAdapters:
                 tensors, rank, kind = cached.tensors, cached.rank, "host_cache"
             else:
                 # read_adapter's validation + the fit check: the precise LoadAdapter errors.
-                tensors, rank = self.runtime.slot_tensors_of(name, origin.fetch())
+                tensors, rank = self.slots.tensors_of(name, origin.fetch())
                 kind = origin.kind
-            slot, evicted = self.runtime.reserve_slot(name, wait_s=wait_s)
+            slot, evicted = self.slots.reserve(name, wait_s=wait_s)
             if evicted is not None:
                 self._keep_evicted(slot, evicted.name, evicted.source, evicted.r)
-            self.runtime.write_reserved(slot, tensors)
+            self.slots.write(slot, tensors)
             with self._lock:
-                self.runtime.commit_slot(slot, name, rank, source=origin.source,
-                                         active_requests=pending.waiters)
+                self.slots.commit(slot, name, rank, source=origin.source,
+                                   active_requests=pending.waiters)
                 del self._pending[name]
             pending.slot = slot
         except BaseException as err:
             if slot is not None:
-                self.runtime.release_reservation(slot)
+                self.slots.release_reservation(slot)
             with self._lock:
                 self._pending.pop(name, None)
             pending.error = err
@@ -172,10 +174,10 @@ class OnDemandAdapters:
         metrics.ADAPTER_EVICTIONS.labels(self.model_id).inc()
         metrics.log_event("adapter_evicted", model=self.model_id, adapter=name, slot=slot)
         if self.cache.max_bytes:
-            self.cache.put((self.artifact_id, name, source), CachedAdapter(self.runtime.copy_slot(slot), rank))
+            self.cache.put((self.artifact_id, name, source), CachedAdapter(self.slots.copy(slot), rank))
             metrics.ADAPTER_CACHE_BYTES.set(self.cache.nbytes)
 
     def _check_name(self, name: str, field: str = "adapter") -> None:
-        if name.startswith("\x00"):  # a slot reservation is never a servable name, whatever a client sends
+        if name.startswith("\x00"):  # no adapter is ever loaded under a NUL name: unknown, not malformed
             raise NotFound(f"adapter {name!r} is not loaded on model {self.model_id!r}", field=field, value=name)
         validate_name(field, name)

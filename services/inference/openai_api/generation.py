@@ -27,9 +27,8 @@ class Target:
 
 
 def served_adapters(model: LoadedModel) -> list[str]:
-    """Adapter names in a slot of the model now (slot 0 is the base; names starting NUL are internal)."""
-    return sorted(name for name, slot in model.runtime.adapter_names().items()
-                  if slot != 0 and not name.startswith("\x00"))
+    """Adapter names serving in a slot of the model now (slot 0 is the base; loading slots are not listed)."""
+    return sorted(name for name, slot in model.runtime.adapter_names().items() if slot != 0)
 
 
 def compiled_adapters(model: LoadedModel) -> list[str]:
