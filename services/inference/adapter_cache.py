@@ -58,19 +58,23 @@ class HostAdapterCache:
         with self._lock:
             return len(self._entries)
 
-    def put(self, key: CacheKey, entry: CachedAdapter) -> None:
+    def put(self, key: CacheKey, entry: CachedAdapter) -> int:
+        """Keep ``entry`` (most recently used); returns how many older entries were dropped for it."""
         size = entry.nbytes
+        dropped_count = 0
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
             if size > self.max_bytes:
-                return
+                return 0
             self._entries[key] = entry
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes
+                dropped_count += 1
+        return dropped_count
 
     def get(self, key: CacheKey) -> CachedAdapter | None:
         """The entry (now most recently used), or None."""

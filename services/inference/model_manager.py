@@ -46,6 +46,7 @@ from services.inference.on_demand_adapters import (
     AdapterOrigin,
     OnDemandAdapters,
 )
+from services.inference.registry_cache import CachedAdapterRecords
 from services.inference.runtime import OrtRuntime, check_device
 from services.inference.spinning import DEFAULT_SPINNING, check_spinning
 from services.inference.tokenization import TextTokenizer
@@ -169,6 +170,8 @@ class ModelManager:
         self.store = store
         self.inputs = inputs or InputPolicy()  # which local paths / buckets LoadAdapter may name
         self.registry = registry
+        # Registered adapters' records, read from Redis once and invalidated by it (registry_cache.py).
+        self.adapter_records = CachedAdapterRecords(registry)
         self.cache_dir = Path(cache_dir)
         self.cache = ArtifactCache(cache_dir, store)
         self.max_waiting = max_waiting
@@ -296,7 +299,7 @@ class ModelManager:
 
     def _registered_origin(self, name: str, max_bytes: int) -> AdapterOrigin | None:
         """A registered adapter's origin (its record's URI, confined and bounded when fetched), or None."""
-        record = self.registry.find_adapter(name)
+        record = self.find_adapter(name)
         if record is None:
             return None
         return AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri, max_bytes), "store")
@@ -319,12 +322,17 @@ class ModelManager:
             return location.path
         raise NotFound(f"no adapter directory at {uri}", field="adapter", value=uri)
 
+    def find_adapter(self, name: str):
+        """The registered adapter's record (AdapterRecord) or None; a repeated lookup costs no Redis round trip."""
+        return self.adapter_records.find_adapter(name)
+
     def close(self) -> None:
         for model_id in [m.model_id for m in self.list()]:
             try:
                 self.unload(model_id)
             except NotFound:
                 pass
+        self.adapter_records.close()
 
     def clear_cache(self) -> None:
         shutil.rmtree(self.cache.root, ignore_errors=True)

@@ -55,6 +55,7 @@ class _PendingLoad:
     done: threading.Event = field(default_factory=threading.Event)
     slot: int = 0
     error: BaseException | None = None
+    tier: str = ""  # where the weights came from: host_cache, store, artifact, path
 
     def result(self) -> int:
         self.done.wait()  # the loader is bounded (slot wait), so this is too
@@ -85,14 +86,20 @@ class OnDemandAdapters:
         if not name:
             return 0
         try:
-            return self.runtime.acquire_adapter(name)  # the common case: no lock of ours
+            slot = self.runtime.acquire_adapter(name)  # the common case: no lock of ours
         except NotFound:
             self._check_name(name)
+        else:
+            metrics.ADAPTER_REQUESTS.labels(self.model_id, "slot").inc()
+            return slot
         with self._lock:
             try:
-                return self.runtime.acquire_adapter(name)  # a load may have finished meanwhile
+                slot = self.runtime.acquire_adapter(name)  # a load may have finished meanwhile
             except NotFound:
                 pass
+            else:
+                metrics.ADAPTER_REQUESTS.labels(self.model_id, "slot").inc()
+                return slot
             pending = self._pending.get(name)
             leader = pending is None
             if leader:
@@ -100,7 +107,9 @@ class OnDemandAdapters:
             pending.waiters += 1
         if leader:
             self._load(name, pending, wait_s=self.wait_s)
-        return pending.result()
+        slot = pending.result()
+        metrics.ADAPTER_REQUESTS.labels(self.model_id, pending.tier).inc()
+        return slot
 
     def check_servable(self, name: str, *, field: str = "adapter") -> None:
         """NotFound unless ``name`` is loaded or can be loaded (compiled in or registered); no fetch."""
@@ -152,7 +161,7 @@ class OnDemandAdapters:
                 self.slots.commit(slot, name, rank, source=origin.source,
                                    active_requests=pending.waiters)
                 del self._pending[name]
-            pending.slot = slot
+            pending.slot, pending.tier = slot, kind
         except BaseException as err:
             if slot is not None:
                 self.slots.release_reservation(slot)
@@ -174,7 +183,8 @@ class OnDemandAdapters:
         metrics.ADAPTER_EVICTIONS.labels(self.model_id).inc()
         metrics.log_event("adapter_evicted", model=self.model_id, adapter=name, slot=slot)
         if self.cache.max_bytes:
-            self.cache.put((self.artifact_id, name, source), CachedAdapter(self.slots.copy(slot), rank))
+            dropped = self.cache.put((self.artifact_id, name, source), CachedAdapter(self.slots.copy(slot), rank))
+            metrics.ADAPTER_CACHE_EVICTIONS.inc(dropped)
             metrics.ADAPTER_CACHE_BYTES.set(self.cache.nbytes)
 
     def _check_name(self, name: str, field: str = "adapter") -> None:

@@ -32,6 +32,11 @@ def loads(model_id: str, source: str) -> float:
                                      {"model": model_id, "source": source}) or 0.0
 
 
+def requests_by_tier(model_id: str, tier: str) -> float:
+    return REGISTRY.get_sample_value("loraflow_inference_adapter_requests_total",
+                                     {"model": model_id, "tier": tier}) or 0.0
+
+
 def generate(stub, model_id: str, adapter: str, prompt: str = PROMPTS[0], n: int = 6, **kw) -> list[int]:
     chunks = stub.Generate(pb.GenerateRequest(model_id=model_id, prompt=prompt, adapter=adapter,
                                               sampling=pb.SamplingParams(max_new_tokens=n, **kw)))
@@ -91,6 +96,10 @@ def test_concurrent_requests_for_one_unloaded_adapter_cause_one_load(few_slots, 
         expected = peft_reference.generate(tiny_tokenizer.encode(PROMPTS[2]), "gamma", 5)
         assert len(results) == 8 and all(r == expected for r in results.values())
         assert fetches.calls[before:] == ["adapters/gamma"] and loads("herd", "store") == 1
+        # Eight requests, one load: each request counts under the tier its weights came from.
+        assert requests_by_tier("herd", "store") == 8 and requests_by_tier("herd", "slot") == 0
+        assert len(results) == 8 and generate(stub, "herd", "gamma", PROMPTS[2], 1)
+        assert requests_by_tier("herd", "slot") == 1
         assert model.runtime.slots[model.runtime.adapter_names()["gamma"]].active_requests == 0
     finally:
         fetches.release()
@@ -130,6 +139,7 @@ def test_lru_idle_adapter_is_evicted_never_a_busy_one_and_comes_back_from_the_ho
         # beta, compiled into the artifact and evicted above, comes back from the host cache too.
         assert generate(stub, "lru", "beta") == peft_reference.generate(tiny_tokenizer.encode(PROMPTS[0]), "beta", 6)
         assert len(fetches.calls) == fetched and loads("lru", "host_cache") == 2
+        assert requests_by_tier("lru", "host_cache") == 2
     finally:
         gate.open()
         stub.UnloadModel(pb.UnloadModelRequest(model_id="lru"))

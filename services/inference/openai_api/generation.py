@@ -85,7 +85,7 @@ def resolve_model(manager: ModelManager, name: str) -> Target:
     chosen = _one(name, [m.model_id for m in models if name in served_adapters(m)]) \
         or _one(name, [m.model_id for m in models if name in compiled_adapters(m)])
     if chosen is None:
-        record = manager.registry.find_adapter(name)
+        record = manager.find_adapter(name)
         if record is None:
             raise NotFound(f"model {name!r} does not exist: it is neither a loaded model ({sorted(by_id)}) nor an "
                            f"adapter one of them can serve", field="model", value=name, reason="MODEL_NOT_FOUND")
