@@ -106,6 +106,31 @@ def test_concurrent_requests_for_one_unloaded_adapter_cause_one_load(few_slots, 
         stub.UnloadModel(pb.UnloadModelRequest(model_id="herd"))
 
 
+def test_a_loaded_adapter_never_waits_behind_a_cold_load(few_slots, tiny_tokenizer, peft_reference):
+    # A cold adapter's store read runs in its own request's thread, before it is queued: while it is held,
+    # the engine keeps stepping and requests for adapters in a slot (and the base model) are served.
+    stub, manager, fetches = few_slots["stub"], few_slots["manager"], few_slots["fetches"]
+    manager.adapter_cache.forget_artifact(few_slots["artifact_id"])
+    model, _ = load_model(few_slots, "hot-first")
+    result: dict[str, list[int]] = {}
+    fetches.hold()
+    cold = threading.Thread(target=lambda: result.setdefault("gamma", generate(stub, "hot-first", "gamma")))
+    try:
+        cold.start()
+        wait_until(lambda: model.adapters.waiting().get("gamma") == 1)
+        steps = model.engine.steps
+        assert generate(stub, "hot-first", "beta") == peft_reference.generate(
+            tiny_tokenizer.encode(PROMPTS[0]), "beta", 6)
+        assert generate(stub, "hot-first", "") == peft_reference.generate(tiny_tokenizer.encode(PROMPTS[0]), "", 6)
+        assert model.engine.steps > steps and "gamma" not in result  # served while the cold load waited
+        fetches.release()
+        cold.join(60)
+        assert result["gamma"] == peft_reference.generate(tiny_tokenizer.encode(PROMPTS[0]), "gamma", 6)
+    finally:
+        fetches.release()
+        stub.UnloadModel(pb.UnloadModelRequest(model_id="hot-first"))
+
+
 def test_lru_idle_adapter_is_evicted_never_a_busy_one_and_comes_back_from_the_host_cache(
         few_slots, tiny_tokenizer, peft_reference):
     stub, manager, fetches = few_slots["stub"], few_slots["manager"], few_slots["fetches"]
