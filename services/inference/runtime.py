@@ -17,6 +17,8 @@ Slot 0 is the base model (zeros).
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,9 @@ from loraflow.errors import FailedPrecondition, InvalidArgument
 from loraflow.manifest import Manifest
 from services.inference.adapter_slots import AdapterSlot, AdapterSlots
 from services.inference.scheduler import SchedulerOutput
-from services.inference.spinning import DEFAULT_SPINNING, check_spinning
+from services.inference.spinning import DEFAULT_SPINNING, HostContention, check_spinning
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda", "ai100")
 # ORT starts this many OS threads per session; past the host's cores they only add contention, and
@@ -164,6 +168,17 @@ class OrtRuntime:
         for entry in self.manifest.adapters:
             self.adapters.fill(entry.slot, entry.name, self.artifact_dir / entry.path, source=f"artifact:{entry.path}")
 
+        # auto: a sleeping session over the same file, cache and banks for the steps that run while other
+        # processes contend for the cores (services/inference/spinning.py), opened when first needed.
+        self._num_threads = num_threads
+        self._graph_file = file
+        self.contention = (HostContention(own_threads=num_threads)
+                           if self.spinning == "auto" and self.shared_kv and self.device == "cpu" else None)
+        self._sleeping_driver: FusedStepDriver | None = None
+        self._sleeping_opener: threading.Thread | None = None
+        self._closed = False
+        self.steps_by_spinning = {"spinning": 0, "sleeping": 0}
+
     # ---- adapters (the slot table: services/inference/adapter_slots.py) ----------------------
     @property
     def slots(self) -> list[AdapterSlot | None]:
@@ -205,21 +220,64 @@ class OrtRuntime:
 
     def memory_bytes(self) -> int:
         weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
+        if self._sleeping_driver is not None:
+            weights *= 2  # the sleeping session holds its own packed copies
         cache = self.kv.nbytes if self.shared_kv else self._driver.nbytes
         return int(weights + cache + self.adapters.nbytes)
+
+    # ---- threading policy ------------------------------------------------------------------
+    def _step_driver(self):
+        """The spinning session's driver, or the sleeping one's while the host is contended (auto)."""
+        if self.contention is None or not self.contention.check():
+            self.steps_by_spinning["spinning"] += 1
+            return self._driver
+        if self._sleeping_driver is None:
+            if self._sleeping_opener is None:  # opened beside the steps, which go on spinning meanwhile
+                self._sleeping_opener = threading.Thread(target=self._open_sleeping, name="ort-sleeping-session",
+                                                         daemon=True)
+                self._sleeping_opener.start()
+            self.steps_by_spinning["spinning"] += 1
+            return self._driver
+        self.steps_by_spinning["sleeping"] += 1
+        return self._sleeping_driver
+
+    def _open_sleeping(self) -> None:
+        import onnxruntime as ort
+
+        so = session_options(ort, num_threads=self._num_threads, allow_spinning=False)
+        if self.lora_kernel == "native":
+            native_lora.register(so)
+        try:
+            session = ort.InferenceSession(str(self.artifact_dir / self._graph_file), so,
+                                           providers=["CPUExecutionProvider"])
+            driver = FusedStepDriver(session, self.kv, self._bank_values, vocab_size=self.vocab_size,
+                                     logits_dtype=self.logits_dtype)
+        except Exception as err:  # the spinning session keeps serving
+            log.warning("could not open the sleeping session of %s: %s", self.manifest.artifact_id, err)
+            return
+        if self._closed:
+            driver.close()
+            return
+        self._sleeping_driver = driver
 
     # ---- execution -------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         """Run one step; returns logits [B, V] (valid until the next call) and stores the new K/V."""
         rows = [Row(r.slot, r.lora_id, r.token_ids, r.start_position) for r in step.rows]
         if self.shared_kv:
-            return self._driver.step(rows)
+            return self._step_driver().step(rows)
         if step.past_len > self.ctx_len:
             raise InvalidArgument(f"step needs {step.past_len} past positions but ctx_len is {self.ctx_len}",
                                   field="position_ids", value=step.past_len)
         return self._driver.step(rows)
 
     def close(self) -> None:
+        self._closed = True
+        if self._sleeping_opener is not None:
+            self._sleeping_opener.join()
+        if self._sleeping_driver is not None:
+            self._sleeping_driver.close()
+            self._sleeping_driver = None
         self._driver.close()
         self._bank_values.clear()
         del self.session

@@ -12,9 +12,12 @@ Policies (``--ort-spinning``, env ``LORAFLOW_ORT_SPINNING``):
 * ``off``: idle threads sleep;
 * ``auto`` (default): spin only while a call runs (``session.force_spinning_stop``: no core burnt while
   the engine samples or waits for requests), and, for graphs whose cache two sessions can share (the fused
-  graph), a second, sleeping session over the same cache and banks takes the steps while the host is
-  contended: ``HostContention`` samples the kernel's CPU pressure (``/proc/pressure/cpu``, else the run
-  queue of ``/proc/loadavg``) at most every ``SAMPLE_S`` seconds, with hysteresis.
+  graph on CPU), a second, sleeping session over the same weights file, cache and banks takes the steps while
+  other processes contend for the cores: ``HostContention`` samples the run queue (``/proc/loadavg``) less
+  this process's own running threads, smoothed, with hysteresis, at most every ``SAMPLE_S`` seconds. The
+  sleeping session is opened (in the background, steps go on meanwhile) the first time contention is seen,
+  so a dedicated host never pays for it; once open it costs the weights' packed copies a second time
+  (``OrtRuntime.memory_bytes`` counts it).
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ DEFAULT_SPINNING = "auto"
 SPINNING_HELP = ("ONNX Runtime threading policy: 'auto' spins only while a step runs and switches to sleeping "
                  "threads while other processes contend for the CPU; 'on' always spins (fastest on a dedicated "
                  "host, collapses on a busy one); 'off' never spins (env LORAFLOW_ORT_SPINNING; default auto)")
-# How often contention is sampled (reading /proc costs ~20 us; a step costs milliseconds).
+# How often contention is sampled (reading /proc costs ~0.1 ms; a step costs milliseconds).
 SAMPLE_S = 0.5
-# CPU pressure ("some" avg10: % of time some runnable task waited for a core) above which the host counts as
-# contended, and below which it counts as quiet again (hysteresis: no flapping at the edge).
-PRESSURE_HIGH = 25.0
-PRESSURE_LOW = 10.0
+# Smoothing of the samples (an exponential moving average): a burst of one sample does not switch.
+SMOOTHING = 0.3
+# Other processes' runnable threads beyond the cores ours leave free, above which the host counts as contended,
+# and below which as quiet again (hysteresis: no flapping at the edge).
+CONTENDED_ABOVE = 0.75
+QUIET_BELOW = 0.25
 
 
 def check_spinning(value: str, field: str = "ort_spinning") -> str:
@@ -51,56 +56,54 @@ def spinning_from_env(environ=os.environ) -> str:
     return check_spinning(environ.get(SPINNING_ENV) or DEFAULT_SPINNING, SPINNING_ENV)
 
 
-def _cpu_pressure(path: Path = Path("/proc/pressure/cpu")) -> float | None:
-    """The kernel's 10 s CPU pressure ("some avg10", percent), or None where PSI is off."""
+def others_runnable(proc: Path = Path("/proc")) -> int | None:
+    """Runnable threads of other processes now: the kernel's run queue (``/proc/loadavg``'s running count)
+    less this process's own running threads. Their demand shows even while our spinning threads starve them
+    (their CPU time would not). None where /proc cannot say."""
     try:
-        first = path.read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    fields = dict(f.split("=", 1) for f in first[1:] if "=" in f)
-    try:
-        return float(fields["avg10"])
-    except (KeyError, ValueError):
-        return None
-
-
-def _run_queue_pressure(cores: int, own_threads: int, path: Path = Path("/proc/loadavg")) -> float | None:
-    """Runnable tasks other than ours beyond the free cores, as a percent of the cores (a PSI stand-in)."""
-    try:
-        running = int(path.read_text().split()[3].split("/")[0])
+        running = int((proc / "loadavg").read_text().split()[3].split("/")[0])
+        own = 0
+        for stat in (proc / "self" / "task").glob("*/stat"):
+            try:
+                # "pid (comm) S ...": the state follows the last ')' (comm may hold spaces and parentheses).
+                if stat.read_text().rsplit(")", 1)[1].split()[0] == "R":
+                    own += 1
+            except (OSError, IndexError):
+                continue  # a thread that ended meanwhile
     except (OSError, IndexError, ValueError):
         return None
-    others = max(0, running - own_threads)
-    return 100.0 * max(0, others + own_threads - cores) / max(1, cores)
+    return max(0, running - own)
 
 
 class HostContention:
-    """Whether other processes contend for this host's CPU, sampled at most every ``sample_s`` seconds."""
+    """Whether other processes want the cores this process's ONNX Runtime threads use, sampled at most every
+    ``sample_s`` seconds (the engine asks before every step)."""
 
     def __init__(self, *, own_threads: int, cores: int | None = None, sample_s: float = SAMPLE_S,
-                 pressure: Callable[[], float | None] | None = None, clock: Callable[[], float] = time.monotonic):
-        self.cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        self.own_threads = max(1, own_threads)
+                 others: Callable[[], float | None] = others_runnable, clock: Callable[[], float] = time.monotonic):
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = cores
+        self.own_threads = max(1, min(own_threads or cores, cores))
+        self.free_cores = self.cores - self.own_threads  # others may run this many threads without contention
         self.sample_s = sample_s
-        self._pressure = pressure or self._host_pressure
+        self._others = others
         self._clock = clock
         self._next = 0.0
+        self.others_smoothed: float | None = None
         self.contended = False
-        self.last_pressure: float | None = None
-
-    def _host_pressure(self) -> float | None:
-        value = _cpu_pressure()
-        return value if value is not None else _run_queue_pressure(self.cores, self.own_threads)
 
     def check(self) -> bool:
         now = self._clock()
         if now >= self._next:
             self._next = now + self.sample_s
-            value = self._pressure()
-            self.last_pressure = value
+            value = self._others()
             if value is not None:
-                if self.contended and value < PRESSURE_LOW:
+                previous = self.others_smoothed
+                self.others_smoothed = value if previous is None else previous + SMOOTHING * (value - previous)
+                excess = self.others_smoothed - self.free_cores
+                if self.contended and excess < QUIET_BELOW:
                     self.contended = False
-                elif not self.contended and value > PRESSURE_HIGH:
+                elif not self.contended and excess > CONTENDED_ABOVE:
                     self.contended = True
         return self.contended
