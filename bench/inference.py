@@ -448,6 +448,8 @@ def main() -> int:
         for precision, gm in genai_models.items():
             ttft[f"genai_{precision}"].append(genai_ttft(gm, ttft_prompt))
     stop_burners(burners)
+    # Under --ort-spinning auto: how many steps each session ran (the sleeping one while the host was contended).
+    steps_by_spinning = {m.model_id: dict(getattr(m.runtime, "steps_by_spinning", {})) for m in opened}
     for m in opened:
         m.close()
 
@@ -459,7 +461,7 @@ def main() -> int:
         "model": "smollm2-135m-instruct", "rows": args.rows, "new_tokens": args.tokens,
         "adapters": len(adapters), "rank": args.rank, "repeats": args.repeats, "statistic": "median",
         "ort_spinning": args.ort_spinning, "cpu_burners": args.cpu_burners, "targets": targets, "threads": args.threads, "lora_kernel": lora_kernel,
-        "uptime_before": load_before,
+        "uptime_before": load_before, "steps_by_spinning": steps_by_spinning,
     }
     for key in sides:
         result[f"{key}_tok_s"] = med(key, "tok_s")
