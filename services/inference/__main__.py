@@ -33,6 +33,7 @@ from services.inference.server import SERVICE_NAME, InferenceServicer
 from services.inference.spinning import SPINNING_ENV, SPINNING_HELP, SPINNING_POLICIES, spinning_from_env
 
 DEFAULT_LISTEN = "127.0.0.1:50053"  # loopback unless told otherwise: secure by default
+ADAPTER_CACHE_ENV = "LORAFLOW_ADAPTER_CACHE_BYTES"
 # Each waiting request holds its prompt and sampler; beyond this a queue only hides overload.
 MAX_WAITING_LIMIT = 100_000
 
@@ -83,9 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter-wait-s", type=_adapter_wait_s, default=DEFAULT_ADAPTER_WAIT_S,
                    help="how long a request for an adapter not in a slot waits for an idle slot before "
                         f"RESOURCE_EXHAUSTED, 0..{MAX_ADAPTER_WAIT_S:g} s (default {DEFAULT_ADAPTER_WAIT_S:g})")
-    p.add_argument("--adapter-cache-bytes", type=_adapter_cache_bytes, default=DEFAULT_ADAPTER_CACHE_BYTES,
+    p.add_argument("--adapter-cache-bytes", type=_adapter_cache_bytes, default=None,
                    help="host memory kept for evicted adapters' weights, so reloading one is a memory copy "
-                        f"(0 = off; default {DEFAULT_ADAPTER_CACHE_BYTES})")
+                        f"(env {ADAPTER_CACHE_ENV}; 0 = off; default {DEFAULT_ADAPTER_CACHE_BYTES})")
     p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible /v1 API here (env LORAFLOW_HTTP_LISTEN; off unless set)")
     p.add_argument("--deployment", default=os.environ.get("LORAFLOW_DEPLOYMENT") or None, metavar="NAME",
@@ -97,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_arguments(p)
     add_budget_arguments(p)  # --memory-budget: every loaded model's estimate together
     args = p.parse_args(argv)
+    if args.adapter_cache_bytes is None:  # the flag wins over the environment, which wins over the default
+        text = os.environ.get(ADAPTER_CACHE_ENV) or str(DEFAULT_ADAPTER_CACHE_BYTES)
+        try:
+            args.adapter_cache_bytes = _adapter_cache_bytes(text)
+        except argparse.ArgumentTypeError as err:
+            p.error(f"{ADAPTER_CACHE_ENV}: {err}")
     if args.ort_spinning is None:  # the flag wins over the environment, which wins over the default
         from loraflow.errors import InvalidArgument
 
