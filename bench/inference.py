@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.inference.spinning import DEFAULT_SPINNING, SPINNING_POLICIES
+
 PROMPTS = [
     "Write a haiku about the sea.",
     "What is the capital of France?",
@@ -86,7 +88,8 @@ def build(model_dir: Path, adapters, out: Path, rows: int, tokens: int, rank: in
     if (out / "manifest.json").is_file():
         seconds = float(timing.read_text()) if timing.is_file() else None
         return out, Manifest.load(out), seconds
-    options = CompileOptions(batch_size=rows, full_batch_size=rows, prefill_seq_len=32, ctx_len=128 + tokens,
+    # As QEfficient's README compiles: full_batch_size and nothing else of the batch (batch_size stays 1).
+    options = CompileOptions(full_batch_size=rows, prefill_seq_len=32, ctx_len=128 + tokens,
                              max_rank=rank, adapter_slots=len(adapters), dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -216,6 +219,29 @@ def uptime() -> str:
         return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def _burn() -> None:
+    while True:  # one core busy until terminated
+        pass
+
+
+def start_burners(n: int) -> list:
+    """``n`` processes that each keep a core busy (a host shared with other work)."""
+    import multiprocessing
+
+    procs = [multiprocessing.get_context("spawn").Process(target=_burn, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    if procs:
+        say(f"{n} CPU burners running")
+    return procs
+
+
+def stop_burners(procs: list) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.join(5)
+
+
 def median(values: list[float]) -> float:
     import statistics
 
@@ -307,13 +333,19 @@ def main() -> int:
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--work-dir", default=None, help="where adapters and the artifact are kept between runs")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per configuration (median kept)")
-    p.add_argument("--spinning", action="store_true", help="let ONNX Runtime threads busy-wait")
+    p.add_argument("--ort-spinning", choices=SPINNING_POLICIES, default=DEFAULT_SPINNING,
+                   help=f"loraflow's ONNX Runtime threading policy (default {DEFAULT_SPINNING}, the service's)")
+    p.add_argument("--spinning", dest="ort_spinning", action="store_const", const="on", help="= --ort-spinning on")
+    p.add_argument("--cpu-burners", type=int, default=0,
+                   help="processes that keep one core busy each while the sides run (a shared host)")
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--skip-genai", action="store_true", help="leave onnxruntime-genai out")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, one round")
     args = p.parse_args()
     if args.quick:
         args.tokens, args.repeats = 8, 1
+    if not 0 <= args.cpu_burners <= 64:
+        p.error(f"--cpu-burners={args.cpu_burners} must be in 0..64")
     for name in ("threads", "tokens", "rows", "rank", "repeats"):
         if not 1 <= getattr(args, name) <= 4096:
             p.error(f"--{name}={getattr(args, name)} must be in 1..4096")
@@ -343,9 +375,9 @@ def main() -> int:
     sides: dict[str, object] = {}
     opened = []
     compile_s: dict[str, float | None] = {}
-    artifact_dir, _, compile_s["fp32"] = build(model_dir, adapters, work / "artifact", args.rows, args.tokens,
+    artifact_dir, _, compile_s["fp32"] = build(model_dir, adapters, work / "artifact-default", args.rows, args.tokens,
                                               args.rank)
-    model = open_model(artifact_dir, num_threads=args.threads, model_id="bench", allow_spinning=args.spinning)
+    model = open_model(artifact_dir, num_threads=args.threads, model_id="bench", spinning=args.ort_spinning)
     opened.append(model)
     prompts_ids = [model.tokenizer.encode_chat(t) for t in PROMPTS[: args.rows]]
     ttft_prompt = prompt_of(prompts_ids[0], 30)
@@ -357,7 +389,7 @@ def main() -> int:
         os.environ[native_lora.DISABLE_ENV] = "1"
         try:
             onnx_model = open_model(artifact_dir, num_threads=args.threads, model_id="bench-onnx",
-                                    allow_spinning=args.spinning)
+                                    spinning=args.ort_spinning)
         finally:
             del os.environ[native_lora.DISABLE_ENV]
         opened.append(onnx_model)
@@ -366,10 +398,10 @@ def main() -> int:
     int4_reason = int4_unavailable()
     int4_model = None
     if int4_reason is None:
-        int4_dir, _, compile_s["int4"] = build(model_dir, adapters, work / "artifact-int4", args.rows,
+        int4_dir, _, compile_s["int4"] = build(model_dir, adapters, work / "artifact-int4-default", args.rows,
                                                args.tokens, args.rank, dtype="int4")
         int4_model = open_model(int4_dir, num_threads=args.threads, model_id="bench-int4",
-                                allow_spinning=args.spinning)
+                                spinning=args.ort_spinning)
         opened.append(int4_model)
         sides["int4_engine_mixed"] = lambda m=int4_model: run_engine(m, prompts_ids, names, args.tokens)
         sides["int4_engine_base"] = lambda m=int4_model: run_engine(m, prompts_ids, [""] * args.rows,
@@ -401,6 +433,7 @@ def main() -> int:
     # Interleave the sides round by round (A B A B ...) and keep each one's median: on a shared host the
     # difference between runs is mostly other processes.
     runs: dict[str, list[dict]] = {k: [] for k in sides}
+    burners = start_burners(args.cpu_burners)
     for round_no in range(args.repeats):
         for key, side in sides.items():
             run = side()
@@ -414,6 +447,9 @@ def main() -> int:
             ttft["int4_engine"].append(engine_ttft(int4_model, ttft_prompt, names[0]))
         for precision, gm in genai_models.items():
             ttft[f"genai_{precision}"].append(genai_ttft(gm, ttft_prompt))
+    stop_burners(burners)
+    # Under --ort-spinning auto: how many steps each session ran (the sleeping one while the host was contended).
+    steps_by_spinning = {m.model_id: dict(getattr(m.runtime, "steps_by_spinning", {})) for m in opened}
     for m in opened:
         m.close()
 
@@ -424,8 +460,8 @@ def main() -> int:
     result = {
         "model": "smollm2-135m-instruct", "rows": args.rows, "new_tokens": args.tokens,
         "adapters": len(adapters), "rank": args.rank, "repeats": args.repeats, "statistic": "median",
-        "ort_spinning": args.spinning, "targets": targets, "threads": args.threads, "lora_kernel": lora_kernel,
-        "uptime_before": load_before,
+        "ort_spinning": args.ort_spinning, "cpu_burners": args.cpu_burners, "targets": targets, "threads": args.threads, "lora_kernel": lora_kernel,
+        "uptime_before": load_before, "steps_by_spinning": steps_by_spinning,
     }
     for key in sides:
         result[f"{key}_tok_s"] = med(key, "tok_s")

@@ -281,7 +281,7 @@ def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], arg
     try:
         for svc, mode, extra in (("trainer", "api", []), ("compiler", "all", []),
                                  ("inference", "api", ["--http-listen", http, "--max-waiting", "100000",
-                                                       *(["--ort-spinning"] if args.ort_spinning else [])])):
+                                                       *(["--ort-spinning", args.ort_spinning] if args.ort_spinning else [])])):
             _spawn(server, [python, "-m", f"services.{svc}", mode, "--listen", f"127.0.0.1:{ports[svc]}",
                             "--cache-dir", str(run / f"cache-{svc}"), *extra], run / f"{svc}.log",
                    {**env, "LORAFLOW_CACHE_DIR": str(run / f"cache-{svc}")})
@@ -516,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter-slots", type=int, default=16, help="loraflow's adapter slots (none compiled in)")
     p.add_argument("--batch-size", type=int, default=None, help="loraflow's batch_size (default: the compiler's)")
     p.add_argument("--num-threads", type=int, default=0, help="loraflow's ONNX Runtime threads (0 = default)")
-    p.add_argument("--ort-spinning", action="store_true", help="loraflow's --ort-spinning")
+    p.add_argument("--ort-spinning", choices=("auto", "on", "off"), default=None,
+                   help="loraflow's --ort-spinning (default: the service's, auto)")
     p.add_argument("--max-loras", type=int, default=8, help="vLLM's --max-loras (adapters in one batch)")
     p.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--vllm-start-timeout", type=float, default=1200)

@@ -39,6 +39,30 @@ def switch(value: str) -> bool:
     return str(value).strip().lower() in TRUE_WORDS
 
 
+def one_of(*choices: str) -> Callable[[str], str]:
+    """A variable that takes one of `choices`."""
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise InvalidArgument(f"must be one of {', '.join(choices)}, got {value!r}", value=value)
+        return value
+    parse.__name__ = "choice"
+    return parse
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An integer variable in low..high."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise InvalidArgument(f"must be an integer, got {value!r}", value=value) from None
+        if not low <= number <= high:
+            raise InvalidArgument(f"must be in {low}..{high}, got {number}", value=number)
+        return number
+    parse.__name__ = "integer"
+    return parse
+
+
 def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(value: str) -> Any:
         try:
@@ -175,12 +199,13 @@ UPLOAD_BLOB_TTL = _setting("upload_blob_ttl", None, "remove uploaded files of pu
 # -- the inference service --
 HTTP_LISTEN = _setting("http_listen", None, "also serve the OpenAI-compatible /v1 API here, HOST:PORT (off "
                        "unless set)")
-# Declared ahead of the engine branch that reads them (services/inference/spinning.py, __main__.py).
 ORT_SPINNING = _setting("ort_spinning", "auto", "ONNX Runtime threading policy: 'auto' spins only while a step runs "
                         "and switches to sleeping threads while other processes contend for the CPU; 'on' always "
-                        "spins (fastest on a dedicated host, collapses on a busy one); 'off' never spins")
-ADAPTER_CACHE_BYTES = _setting("adapter_cache_bytes", None, "host memory kept for evicted adapters' weights, so "
-                               "reloading one is a memory copy (0 = off)")
+                        "spins (fastest on a dedicated host, collapses on a busy one); 'off' never spins",
+                        one_of("auto", "on", "off"))
+ADAPTER_CACHE_BYTES = _setting("adapter_cache_bytes", str(1 << 30), "host memory kept for evicted adapters' weights, "
+                               "so reloading one is a memory copy, 0..2^40 bytes (0 = off)",
+                               bounded_int(0, 1 << 40))
 DEPLOYMENT = _setting("deployment", None, "the deployment whose desired models (in Redis) this replica serves; "
                       "a replica is SERVING once it holds every desired model (unset = none)")
 

@@ -17,13 +17,17 @@ What opening an artifact costs (ONNX Runtime 1.32, measured; docs/internals.md h
 from __future__ import annotations
 
 
-def session_options(ort, *, num_threads: int = 0, allow_spinning: bool = False):
+def session_options(ort, *, num_threads: int = 0, allow_spinning: bool = False, stop_spinning_after_run: bool = False):
     """SessionOptions for an artifact graph: ``num_threads`` intra-op threads (0 = ONNX Runtime's default),
-    one inter-op thread, idle threads sleeping unless ``allow_spinning``."""
+    one inter-op thread, idle threads sleeping unless ``allow_spinning``; ``stop_spinning_after_run``: spinning
+    threads stop as the last concurrent Run returns and spin again at the next (they burn no core between
+    calls, while the caller samples or waits for requests)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if num_threads:
         so.intra_op_num_threads = num_threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    if allow_spinning and stop_spinning_after_run:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return so

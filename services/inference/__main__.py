@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os  # noqa: F401  (kept for the engine branch, whose --adapter-cache-bytes reads os.environ here)
 import sys
 import threading
 
@@ -22,10 +21,9 @@ from loraflow.model_source import InputPolicy
 from loraflow.redis_health import HEALTH, ReadinessGate, RedisMonitor
 from loraflow.registry import Registry
 from loraflow.security.settings import SecuritySettings, add_security_arguments
-from loraflow.settings import DEPLOYMENT, HTTP_LISTEN
+from loraflow.settings import ADAPTER_CACHE_BYTES, DEPLOYMENT, HTTP_LISTEN, ORT_SPINNING
 from loraflow.store import open_store
 from loraflow.v1 import inference_pb2_grpc
-from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, MAX_ADAPTER_CACHE_BYTES
 from services.inference.metrics import serve_metrics
 from services.inference.model_manager import ModelManager
 from services.inference.on_demand_adapters import DEFAULT_ADAPTER_WAIT_S, MAX_ADAPTER_WAIT_S
@@ -33,6 +31,7 @@ from services.inference.runtime import MAX_NUM_THREADS
 from services.inference.server import SERVICE_NAME, InferenceServicer
 
 DEFAULT_LISTEN = "127.0.0.1:50053"  # loopback unless told otherwise: secure by default
+ADAPTER_CACHE_ENV = ADAPTER_CACHE_BYTES.env
 # Each waiting request holds its prompt and sampler; beyond this a queue only hides overload.
 MAX_WAITING_LIMIT = 100_000
 
@@ -59,10 +58,6 @@ def _adapter_wait_s(text: str) -> float:
     return seconds_arg(text, MAX_ADAPTER_WAIT_S)
 
 
-def _adapter_cache_bytes(text: str) -> int:
-    return _bounded_int(text, 0, MAX_ADAPTER_CACHE_BYTES)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.inference", description=__doc__.splitlines()[0])
     p.add_argument("mode", nargs="?", default="all", choices=("all", "api"),
@@ -76,18 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="load an artifact at start (repeatable)")
     p.add_argument("--num-threads", type=_num_threads, default=0,
                    help=f"ONNX Runtime intra-op threads, 0..{MAX_NUM_THREADS} (0 = default)")
-    p.add_argument("--ort-spinning", action="store_true",
-                   help="let ONNX Runtime threads busy-wait (about 5%% faster on an idle host, much slower on a "
-                        "busy one)")
+    ORT_SPINNING.add_to(p)
     p.add_argument("--max-waiting", type=_max_waiting, default=64,
                    help=f"waiting-queue bound per model, 1..{MAX_WAITING_LIMIT} (a GenerateBatch larger than it "
                         "queues its requests as room frees)")
     p.add_argument("--adapter-wait-s", type=_adapter_wait_s, default=DEFAULT_ADAPTER_WAIT_S,
                    help="how long a request for an adapter not in a slot waits for an idle slot before "
                         f"RESOURCE_EXHAUSTED, 0..{MAX_ADAPTER_WAIT_S:g} s (default {DEFAULT_ADAPTER_WAIT_S:g})")
-    p.add_argument("--adapter-cache-bytes", type=_adapter_cache_bytes, default=DEFAULT_ADAPTER_CACHE_BYTES,
-                   help="host memory kept for evicted adapters' weights, so reloading one is a memory copy "
-                        f"(0 = off; default {DEFAULT_ADAPTER_CACHE_BYTES})")
+    ADAPTER_CACHE_BYTES.add_to(p)
     p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible /v1 API here (env LORAFLOW_HTTP_LISTEN; off unless set)")
     p.add_argument("--deployment", default=DEPLOYMENT.raw(), metavar="NAME",
@@ -99,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_security_arguments(p)
     add_budget_arguments(p)  # --memory-budget: every loaded model's estimate together
     args = p.parse_args(argv)
+    from loraflow.errors import InvalidArgument
+
+    for setting in (ADAPTER_CACHE_BYTES, ORT_SPINNING):  # the flag, else the variable, else the default
+        try:
+            setattr(args, setting.name, setting.value(args))
+        except InvalidArgument as err:
+            p.error(err.message)
     if args.deployment is not None:
         from loraflow.errors import InvalidArgument
         from loraflow.names import validate_name
@@ -158,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     manager = ModelManager(store=store, registry=registry, cache_dir=settings.cache_dir,
                            max_waiting=args.max_waiting,
                            on_change=None if args.deployment else (lambda n: gate.set("model", n > 0)),
-                           allow_spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security),
+                           spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security),
                            adapter_wait_s=args.adapter_wait_s, adapter_cache_bytes=args.adapter_cache_bytes)
     reconciler = None
     if args.deployment:

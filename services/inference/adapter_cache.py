@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from loraflow.errors import InvalidArgument
+from loraflow.settings import ADAPTER_CACHE_BYTES
 
 # Default bound: holds ~100 SmolLM2-135M all-module r=8 adapters (about 10 MB each in float32).
-DEFAULT_ADAPTER_CACHE_BYTES = 1 << 30
+DEFAULT_ADAPTER_CACHE_BYTES = ADAPTER_CACHE_BYTES.parse(ADAPTER_CACHE_BYTES.default)  # declared in loraflow.settings
 MAX_ADAPTER_CACHE_BYTES = 1 << 40
 
 
@@ -58,19 +59,23 @@ class HostAdapterCache:
         with self._lock:
             return len(self._entries)
 
-    def put(self, key: CacheKey, entry: CachedAdapter) -> None:
+    def put(self, key: CacheKey, entry: CachedAdapter) -> int:
+        """Keep ``entry`` (most recently used); returns how many older entries were dropped for it."""
         size = entry.nbytes
+        dropped_count = 0
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
             if size > self.max_bytes:
-                return
+                return 0
             self._entries[key] = entry
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes
+                dropped_count += 1
+        return dropped_count
 
     def get(self, key: CacheKey) -> CachedAdapter | None:
         """The entry (now most recently used), or None."""

@@ -8,8 +8,8 @@ state: its inputs (past_*) and outputs (*_RetainedState) are skipped, so it neve
 ``Ai100Stepper`` (loraflow/artifact/ai100_stepper.py) turns a scheduler step into the QPC's two
 specializations; the compiler's verification drives it the same way.
 
-``Ai100Runtime`` is the OrtRuntime interface (adapter slots, execute, reset_slot, ...) over a
-stepper: the adapter banks are QPC inputs, set once and set again whenever a slot changes, so a
+``Ai100Runtime`` is the runtime interface the engine steps (adapter slots, execute, reset_slot, ...) over a
+stepper, with the same AdapterSlots table as OrtRuntime: the adapter banks are QPC inputs, set once and set again whenever a slot changes, so a
 hot-added adapter serves from the next step. No torch here: the inference image runs this.
 """
 
@@ -25,10 +25,9 @@ from loraflow import graph_contract as gc
 from loraflow.artifact.ai100_stepper import Ai100Layout, Ai100Stepper, RetainedStateSession
 from loraflow.artifact.scheduler import SchedulerOutput
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
-from loraflow.lora_bank import BankSpec, empty_banks
 from loraflow.manifest import Manifest
+from services.inference.adapter_slots import AdapterSlot, AdapterSlots
 from services.inference.qaic_sdk import import_qaic
-from services.inference.runtime import AdapterSlot, OrtRuntime
 
 QPC_DIR = "qpc"
 
@@ -121,13 +120,12 @@ class QaicSession:
         self.program.deactivate()
 
 
-class Ai100Runtime(OrtRuntime):
-    """OrtRuntime's adapter slots and step interface, executed on Cloud AI 100 (or any session given)."""
+class Ai100Runtime:
+    """The runtime interface the engine steps (adapter slots, execute, reset_slot, ...) on Cloud AI 100 (or
+    any retained-state session given): the slot table is AdapterSlots, the steps are Ai100Stepper's."""
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest | None = None, *, device: str = "ai100",
-                 device_ids: Sequence[int] | None = None, session: RetainedStateSession | None = None,
-                 num_threads: int = 0, allow_spinning: bool = False):
-        # OrtRuntime.__init__ builds an ONNX Runtime session; here only its slot bookkeeping is shared.
+                 device_ids: Sequence[int] | None = None, session: RetainedStateSession | None = None):
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest or Manifest.load(self.artifact_dir)
         self.device = device
@@ -144,34 +142,49 @@ class Ai100Runtime(OrtRuntime):
                     f"{self.manifest.options.get('ai100_stage')!r}); compile it with the SDK first",
                     field="artifact_id", value=self.manifest.artifact_id)
             session = QaicSession(qpc, device_ids)
-        options = self.manifest.options
-        self.layout = Ai100Layout.from_options(options)
+        self.layout = Ai100Layout.from_options(self.manifest.options)
         if "continuous_batching" in info and bool(info["continuous_batching"]) != self.layout.continuous_batching:
             raise FailedPrecondition("the artifact's continuous_batching does not match its options",
                                      field="artifact_id", value=self.manifest.artifact_id)
         self.full_batch_size = self.layout.cache_rows
         self.prefill_seq_len = self.layout.prefill_seq_len
         self.ctx_len = self.layout.ctx_len
+        # QEfficient's meaning: the prefill specialisation runs batch_size rows.
         self.max_prefill_rows = self.layout.batch_size
         self.idle_prefill_seq_len = self.prefill_seq_len  # the QPC's specializations fix the chunk length
         self.layers, self.kv_heads, self.head_dim = graph.layers, graph.num_kv_heads, graph.head_dim
         self.vocab_size = graph.vocab_size
-        self.dtype = np.dtype(np.float32)  # banks are fp32 inputs (-convert-to-fp16 converts them on the card)
-        self.logits_dtype = np.dtype(np.float32)
         self.adapter_slots = self.manifest.adapter_slots
         self.max_rank = self.manifest.max_rank
         self.session = session
         self.stepper = Ai100Stepper(session, self.layout, self.layers, self.vocab_size)
-        # The compiler's bank layout (loraflow.lora_bank); slot 0 (the base model) stays zero.
-        self.lora_a, self.lora_b = empty_banks(BankSpec.from_manifest(self.manifest), self.dtype)
-        self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
-        self._lock = threading.Lock()
-        self._slot_idle = threading.Condition(self._lock)
-        self._clock = 0
         self._bank_lock = threading.Lock()
+        # Banks are fp32 inputs (-convert-to-fp16 converts them on the card); slot 0 (the base) stays zero.
+        self.adapters = AdapterSlots(self.manifest, np.dtype(np.float32), sync=self._sync_banks)
+        self.lora_a, self.lora_b = self.adapters.lora_a, self.adapters.lora_b
         self._sync_banks()
         for entry in self.manifest.adapters:
-            self._fill_slot(entry.slot, entry.name, self.artifact_dir / entry.path, source=f"artifact:{entry.path}")
+            self.adapters.fill(entry.slot, entry.name, self.artifact_dir / entry.path, source=f"artifact:{entry.path}")
+
+    # ---- adapters (the slot table: services/inference/adapter_slots.py) ----------------------
+    @property
+    def slots(self) -> list[AdapterSlot | None]:
+        return self.adapters.slots
+
+    def adapter_names(self) -> dict[str, int]:
+        return self.adapters.names()
+
+    def free_adapter_slots(self) -> int:
+        return self.adapters.free()
+
+    def load_adapter(self, name: str, path: str | Path, *, source: str = "") -> int:
+        return self.adapters.load(name, path, source=source)
+
+    def acquire_adapter(self, name: str) -> int:
+        return self.adapters.acquire(name)
+
+    def release_adapter(self, lora_id: int) -> None:
+        self.adapters.release(lora_id)
 
     def _sync_banks(self) -> None:
         # The session copies a buffer when it is set, so every bank change is set again.
@@ -179,6 +192,7 @@ class Ai100Runtime(OrtRuntime):
             self.session.set_buffers({**{gc.lora_a(m): a for m, a in self.lora_a.items()},
                                       **{gc.lora_b(m): b for m, b in self.lora_b.items()}})
 
+    # ---- execution -------------------------------------------------------------------------
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         if step.past_len > self.ctx_len:
             raise InvalidArgument(f"step needs {step.past_len} past positions but ctx_len is {self.ctx_len}",
@@ -196,8 +210,7 @@ class Ai100Runtime(OrtRuntime):
     def memory_bytes(self) -> int:
         kv_bytes = 1 if self.manifest.extra.get("ai100", {}).get("kv_precision") == "mxint8" else 2
         cache = 2 * self.layers * self.full_batch_size * self.kv_heads * self.ctx_len * self.head_dim * kv_bytes
-        banks = sum(b.nbytes for b in list(self.lora_a.values()) + list(self.lora_b.values()))
-        return int(cache + banks)
+        return int(cache + self.adapters.nbytes)
 
     def close(self) -> None:
         self.session.close()

@@ -28,6 +28,7 @@ from loraflow.artifact.scheduler import FinishReason, Scheduler, SchedulerOutput
 from loraflow.errors import FailedPrecondition, LoraflowError
 from loraflow.names import validate_request_id
 from services.inference import metrics
+from services.inference.adapter_slots import AdapterSlots
 from services.inference.detokenizer import IncrementalDetokenizer
 from services.inference.sampling import NonFiniteLogits, Sampler, SamplingParams
 
@@ -41,8 +42,10 @@ _ADMISSION_MAX_S = 0.02
 
 
 class StepRuntime(Protocol):
-    """What the engine needs from a runtime (services.inference.runtime.OrtRuntime implements it)."""
+    """What the engine needs from a runtime (services.inference.runtime.OrtRuntime and
+    services.inference.ai100_runtime.Ai100Runtime implement it)."""
 
+    adapters: AdapterSlots  # the adapter-slot table (OnDemandAdapters loads into it)
     full_batch_size: int
     prefill_seq_len: int
     ctx_len: int

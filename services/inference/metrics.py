@@ -72,6 +72,12 @@ ADAPTER_LOAD_FAILURES = Counter("loraflow_inference_adapter_load_failures_total"
 ADAPTER_EVICTIONS = Counter("loraflow_inference_adapter_evictions_total", "Idle adapters evicted from a slot.",
                             ["model"])
 ADAPTER_CACHE_BYTES = Gauge("loraflow_inference_adapter_cache_bytes", "Bytes of evicted adapters kept in host memory.")
+ADAPTER_CACHE_EVICTIONS = Counter("loraflow_inference_adapter_cache_evictions_total", "Evicted adapters dropped "
+                                  "from the host cache to stay within --adapter-cache-bytes.")
+# Where each request's adapter came from: "slot" (already loaded: a hit of the first tier), "host_cache"
+# (copied back from host memory), "store" (fetched and parsed), "artifact" / "path" (re-read from disk).
+ADAPTER_REQUESTS = Counter("loraflow_inference_adapter_requests_total", "Requests naming an adapter, by the tier "
+                           "that held its weights: slot, host_cache, store, artifact, path.", ["model", "tier"])
 
 # Names the endpoint picker is configured with (deploy/k8s/gateway/); tests check both sides.
 NUM_REQUESTS_WAITING = "loraflow_inference_num_requests_waiting"

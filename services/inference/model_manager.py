@@ -46,7 +46,9 @@ from services.inference.on_demand_adapters import (
     AdapterOrigin,
     OnDemandAdapters,
 )
+from services.inference.registry_cache import CachedAdapterRecords
 from services.inference.runtime import OrtRuntime, check_device
+from services.inference.spinning import DEFAULT_SPINNING, check_spinning
 from services.inference.tokenization import TextTokenizer
 
 
@@ -80,7 +82,8 @@ def compiled_in_origin(artifact_dir: Path, manifest: Manifest, name: str) -> Ada
 
 
 def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: int = 0, model_id: str = "",
-               max_waiting: int = 64, manifest: Manifest | None = None, allow_spinning: bool = False,
+               max_waiting: int = 64, manifest: Manifest | None = None, spinning: str = DEFAULT_SPINNING,
+               allow_spinning: bool | None = None,
                resolve_adapter: Callable[[str], AdapterOrigin | None] | None = None,
                adapter_cache: HostAdapterCache | None = None,
                adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S) -> LoadedModel:
@@ -95,8 +98,9 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
 
         runtime = Ai100Runtime(artifact_dir, manifest)
     else:
-        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads,
-                             allow_spinning=allow_spinning)
+        if allow_spinning is not None:  # the old boolean (bench/scale.py): on or off
+            spinning = "on" if allow_spinning else "off"
+        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads, spinning=spinning)
     eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
@@ -153,7 +157,7 @@ class ModelManager:
     ``adapter_wait_s`` for an idle adapter slot."""
 
     def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
-                 on_change: Callable[[int], None] | None = None, allow_spinning: bool = False,
+                 on_change: Callable[[int], None] | None = None, spinning: str = DEFAULT_SPINNING,
                  inputs: InputPolicy | None = None, adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
                  adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S, budget: ResourceBudget | None = None):
         self._budget = budget  # None: the process's (loraflow.budget.process_budget)
@@ -166,10 +170,12 @@ class ModelManager:
         self.store = store
         self.inputs = inputs or InputPolicy()  # which local paths / buckets LoadAdapter may name
         self.registry = registry
+        # Registered adapters' records, read from Redis once and invalidated by it (registry_cache.py).
+        self.adapter_records = CachedAdapterRecords(registry)
         self.cache_dir = Path(cache_dir)
         self.cache = ArtifactCache(cache_dir, store)
         self.max_waiting = max_waiting
-        self.allow_spinning = allow_spinning
+        self.spinning = check_spinning(spinning)
         self._on_change = on_change or (lambda n: None)
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -198,7 +204,7 @@ class ModelManager:
             limit = adapter_limit(manifest)
             model = open_model(local_dir, device=device, num_threads=num_threads, model_id=model_id,
                                max_waiting=self.max_waiting, manifest=manifest,
-                               allow_spinning=self.allow_spinning,
+                               spinning=self.spinning,
                                resolve_adapter=lambda name: self._registered_origin(name, limit),
                                adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s)
             model.memory = memory
@@ -293,7 +299,7 @@ class ModelManager:
 
     def _registered_origin(self, name: str, max_bytes: int) -> AdapterOrigin | None:
         """A registered adapter's origin (its record's URI, confined and bounded when fetched), or None."""
-        record = self.registry.find_adapter(name)
+        record = self.find_adapter(name)
         if record is None:
             return None
         return AdapterOrigin(record.uri, lambda: self._fetch_adapter_uri(record.uri, max_bytes), "store")
@@ -316,12 +322,17 @@ class ModelManager:
             return location.path
         raise NotFound(f"no adapter directory at {uri}", field="adapter", value=uri)
 
+    def find_adapter(self, name: str):
+        """The registered adapter's record (AdapterRecord) or None; a repeated lookup costs no Redis round trip."""
+        return self.adapter_records.find_adapter(name)
+
     def close(self) -> None:
         for model_id in [m.model_id for m in self.list()]:
             try:
                 self.unload(model_id)
             except NotFound:
                 pass
+        self.adapter_records.close()
 
     def clear_cache(self) -> None:
         shutil.rmtree(self.cache.root, ignore_errors=True)

@@ -28,7 +28,8 @@ from loraflow.errors import FailedPrecondition, NotFound
 from loraflow.names import validate_name
 from services.inference import metrics
 from services.inference.adapter_cache import CachedAdapter, HostAdapterCache
-from services.inference.runtime import OrtRuntime
+from services.inference.adapter_slots import AdapterSlots
+from services.inference.engine import StepRuntime
 
 # How long a request waits for an adapter slot to go idle before RESOURCE_EXHAUSTED.
 DEFAULT_ADAPTER_WAIT_S = 30.0
@@ -54,6 +55,7 @@ class _PendingLoad:
     done: threading.Event = field(default_factory=threading.Event)
     slot: int = 0
     error: BaseException | None = None
+    tier: str = ""  # where the weights came from: host_cache, store, artifact, path
 
     def result(self) -> int:
         self.done.wait()  # the loader is bounded (slot wait), so this is too
@@ -65,10 +67,11 @@ class _PendingLoad:
 class OnDemandAdapters:
     """The adapter slots of one loaded model, filled on demand; thread-safe."""
 
-    def __init__(self, runtime: OrtRuntime, *, model_id: str, artifact_id: str,
+    def __init__(self, runtime: StepRuntime, *, model_id: str, artifact_id: str,
                  resolve: Callable[[str], AdapterOrigin], cache: HostAdapterCache,
                  wait_s: float = DEFAULT_ADAPTER_WAIT_S):
         self.runtime = runtime
+        self.slots: AdapterSlots = runtime.adapters
         self.model_id = model_id
         self.artifact_id = artifact_id
         self._resolve = resolve
@@ -83,14 +86,20 @@ class OnDemandAdapters:
         if not name:
             return 0
         try:
-            return self.runtime.acquire_adapter(name)  # the common case: no lock of ours
+            slot = self.runtime.acquire_adapter(name)  # the common case: no lock of ours
         except NotFound:
             self._check_name(name)
+        else:
+            metrics.ADAPTER_REQUESTS.labels(self.model_id, "slot").inc()
+            return slot
         with self._lock:
             try:
-                return self.runtime.acquire_adapter(name)  # a load may have finished meanwhile
+                slot = self.runtime.acquire_adapter(name)  # a load may have finished meanwhile
             except NotFound:
                 pass
+            else:
+                metrics.ADAPTER_REQUESTS.labels(self.model_id, "slot").inc()
+                return slot
             pending = self._pending.get(name)
             leader = pending is None
             if leader:
@@ -98,7 +107,9 @@ class OnDemandAdapters:
             pending.waiters += 1
         if leader:
             self._load(name, pending, wait_s=self.wait_s)
-        return pending.result()
+        slot = pending.result()
+        metrics.ADAPTER_REQUESTS.labels(self.model_id, pending.tier).inc()
+        return slot
 
     def check_servable(self, name: str, *, field: str = "adapter") -> None:
         """NotFound unless ``name`` is loaded or can be loaded (compiled in or registered); no fetch."""
@@ -140,20 +151,20 @@ class OnDemandAdapters:
                 tensors, rank, kind = cached.tensors, cached.rank, "host_cache"
             else:
                 # read_adapter's validation + the fit check: the precise LoadAdapter errors.
-                tensors, rank = self.runtime.slot_tensors_of(name, origin.fetch())
+                tensors, rank = self.slots.tensors_of(name, origin.fetch())
                 kind = origin.kind
-            slot, evicted = self.runtime.reserve_slot(name, wait_s=wait_s)
+            slot, evicted = self.slots.reserve(name, wait_s=wait_s)
             if evicted is not None:
                 self._keep_evicted(slot, evicted.name, evicted.source, evicted.r)
-            self.runtime.write_reserved(slot, tensors)
+            self.slots.write(slot, tensors)
             with self._lock:
-                self.runtime.commit_slot(slot, name, rank, source=origin.source,
-                                         active_requests=pending.waiters)
+                self.slots.commit(slot, name, rank, source=origin.source,
+                                   active_requests=pending.waiters)
                 del self._pending[name]
-            pending.slot = slot
+            pending.slot, pending.tier = slot, kind
         except BaseException as err:
             if slot is not None:
-                self.runtime.release_reservation(slot)
+                self.slots.release_reservation(slot)
             with self._lock:
                 self._pending.pop(name, None)
             pending.error = err
@@ -172,10 +183,11 @@ class OnDemandAdapters:
         metrics.ADAPTER_EVICTIONS.labels(self.model_id).inc()
         metrics.log_event("adapter_evicted", model=self.model_id, adapter=name, slot=slot)
         if self.cache.max_bytes:
-            self.cache.put((self.artifact_id, name, source), CachedAdapter(self.runtime.copy_slot(slot), rank))
+            dropped = self.cache.put((self.artifact_id, name, source), CachedAdapter(self.slots.copy(slot), rank))
+            metrics.ADAPTER_CACHE_EVICTIONS.inc(dropped)
             metrics.ADAPTER_CACHE_BYTES.set(self.cache.nbytes)
 
     def _check_name(self, name: str, field: str = "adapter") -> None:
-        if name.startswith("\x00"):  # a slot reservation is never a servable name, whatever a client sends
+        if name.startswith("\x00"):  # no adapter is ever loaded under a NUL name: unknown, not malformed
             raise NotFound(f"adapter {name!r} is not loaded on model {self.model_id!r}", field=field, value=name)
         validate_name(field, name)

@@ -48,9 +48,7 @@ MAX_BATCH_REQUESTS = 256
 def model_to_proto(model: LoadedModel) -> inference_pb2.Model:
     runtime = model.runtime
     adapters = []
-    for i, s in enumerate(runtime.slots):
-        if i == 0 or s is None or s.name.startswith("\x00"):
-            continue
+    for i, s in runtime.adapters.serving():  # loading slots serve nothing yet
         adapters.append(inference_pb2.ModelAdapter(slot=i, name=s.name, r=s.r, active_requests=s.active_requests))
     return inference_pb2.Model(
         model_id=model.model_id, artifact_id=model.artifact_id, adapters=adapters, device=model.device,

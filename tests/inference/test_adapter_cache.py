@@ -19,7 +19,7 @@ def test_bounded_by_bytes_and_least_recently_used_goes_first():
     cache.put(("art", "a", "s3://b/a"), entry(1))
     cache.put(("art", "b", "s3://b/b"), entry(2))
     assert cache.get(("art", "a", "s3://b/a")) is not None  # a is now the most recently used
-    cache.put(("art", "c", "s3://b/c"), entry(3))  # 3000 bytes > 2500: b (least recent) goes
+    assert cache.put(("art", "c", "s3://b/c"), entry(3)) == 1  # 3000 bytes > 2500: b (least recent) goes
     assert cache.get(("art", "b", "s3://b/b")) is None
     assert cache.get(("art", "a", "s3://b/a")).tensors["q_proj"][0][0] == 1
     assert len(cache) == 2 and cache.nbytes == 2000

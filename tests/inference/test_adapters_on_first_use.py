@@ -32,6 +32,11 @@ def loads(model_id: str, source: str) -> float:
                                      {"model": model_id, "source": source}) or 0.0
 
 
+def requests_by_tier(model_id: str, tier: str) -> float:
+    return REGISTRY.get_sample_value("loraflow_inference_adapter_requests_total",
+                                     {"model": model_id, "tier": tier}) or 0.0
+
+
 def generate(stub, model_id: str, adapter: str, prompt: str = PROMPTS[0], n: int = 6, **kw) -> list[int]:
     chunks = stub.Generate(pb.GenerateRequest(model_id=model_id, prompt=prompt, adapter=adapter,
                                               sampling=pb.SamplingParams(max_new_tokens=n, **kw)))
@@ -91,10 +96,39 @@ def test_concurrent_requests_for_one_unloaded_adapter_cause_one_load(few_slots, 
         expected = peft_reference.generate(tiny_tokenizer.encode(PROMPTS[2]), "gamma", 5)
         assert len(results) == 8 and all(r == expected for r in results.values())
         assert fetches.calls[before:] == ["adapters/gamma"] and loads("herd", "store") == 1
+        # Eight requests, one load: each request counts under the tier its weights came from.
+        assert requests_by_tier("herd", "store") == 8 and requests_by_tier("herd", "slot") == 0
+        assert len(results) == 8 and generate(stub, "herd", "gamma", PROMPTS[2], 1)
+        assert requests_by_tier("herd", "slot") == 1
         assert model.runtime.slots[model.runtime.adapter_names()["gamma"]].active_requests == 0
     finally:
         fetches.release()
         stub.UnloadModel(pb.UnloadModelRequest(model_id="herd"))
+
+
+def test_a_loaded_adapter_never_waits_behind_a_cold_load(few_slots, tiny_tokenizer, peft_reference):
+    # A cold adapter's store read runs in its own request's thread, before it is queued: while it is held,
+    # the engine keeps stepping and requests for adapters in a slot (and the base model) are served.
+    stub, manager, fetches = few_slots["stub"], few_slots["manager"], few_slots["fetches"]
+    manager.adapter_cache.forget_artifact(few_slots["artifact_id"])
+    model, _ = load_model(few_slots, "hot-first")
+    result: dict[str, list[int]] = {}
+    fetches.hold()
+    cold = threading.Thread(target=lambda: result.setdefault("gamma", generate(stub, "hot-first", "gamma")))
+    try:
+        cold.start()
+        wait_until(lambda: model.adapters.waiting().get("gamma") == 1)
+        steps = model.engine.steps
+        assert generate(stub, "hot-first", "beta") == peft_reference.generate(
+            tiny_tokenizer.encode(PROMPTS[0]), "beta", 6)
+        assert generate(stub, "hot-first", "") == peft_reference.generate(tiny_tokenizer.encode(PROMPTS[0]), "", 6)
+        assert model.engine.steps > steps and "gamma" not in result  # served while the cold load waited
+        fetches.release()
+        cold.join(60)
+        assert result["gamma"] == peft_reference.generate(tiny_tokenizer.encode(PROMPTS[0]), "gamma", 6)
+    finally:
+        fetches.release()
+        stub.UnloadModel(pb.UnloadModelRequest(model_id="hot-first"))
 
 
 def test_lru_idle_adapter_is_evicted_never_a_busy_one_and_comes_back_from_the_host_cache(
@@ -130,6 +164,7 @@ def test_lru_idle_adapter_is_evicted_never_a_busy_one_and_comes_back_from_the_ho
         # beta, compiled into the artifact and evicted above, comes back from the host cache too.
         assert generate(stub, "lru", "beta") == peft_reference.generate(tiny_tokenizer.encode(PROMPTS[0]), "beta", 6)
         assert len(fetches.calls) == fetched and loads("lru", "host_cache") == 2
+        assert requests_by_tier("lru", "host_cache") == 2
     finally:
         gate.open()
         stub.UnloadModel(pb.UnloadModelRequest(model_id="lru"))

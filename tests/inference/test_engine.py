@@ -267,8 +267,10 @@ def test_an_idle_engine_prefills_requests_submitted_back_to_back_as_one_call(tin
     m.runtime.execute = lambda step: (calls.append((step.kind, [len(r.token_ids) for r in step.rows])),
                                       execute(step))[1]
     try:
-        # Longer than one chunk: with nothing decoding, each goes in whole (the runtime's idle limit).
-        prompts = [tiny_tokenizer.encode(p * 3) for p in PROMPTS]
+        # Longer than one chunk: with nothing decoding, each goes in whole (the runtime's idle limit); one
+        # more prompt than the artifact has KV slots.
+        prompts = [tiny_tokenizer.encode(p * 3) for p in PROMPTS + ["add 4 and 1 ->"]]
+        assert len(prompts) > m.runtime.full_batch_size
         assert all(m.runtime.prefill_seq_len < len(p) <= m.runtime.idle_prefill_seq_len for p in prompts)
         handles = []
         for p in prompts:  # row by row, as GenerateBatch does
@@ -278,7 +280,41 @@ def test_an_idle_engine_prefills_requests_submitted_back_to_back_as_one_call(tin
             h.result()
     finally:
         m.close()
-    # The first call holds as many of them as one prefill call may (the artifact's batch_size), whole.
+    # The first call holds every prompt that got a KV slot (an ONNX Runtime graph takes any batch of rows;
+    # the artifact's batch_size = 2 is the AI 100 prefill specialisation's), whole.
     rows = m.runtime.max_prefill_rows
+    assert rows == m.runtime.full_batch_size
     assert 1 < rows < len(prompts)
     assert calls[0] == ("prefill", [len(p) for p in prompts[:rows]])
+
+
+def test_a_default_compiled_artifact_prefills_every_waiting_row_in_one_call(tiny_llama, tiny_adapters, tiny_tokenizer,
+                                                                           peft_reference, tmp_path, monkeypatch):
+    # Compiled the way QEfficient's README does: full_batch_size only (batch_size resolves to 1). The engine
+    # still prefills all waiting rows that hold a KV slot in one call, and each row equals PEFT.
+    from services.compiler.artifact import build_artifact
+    from services.compiler.options import CompileOptions
+
+    monkeypatch.setattr(engine_module, "_ADMISSION_GAP_S", 0.2)
+    monkeypatch.setattr(engine_module, "_ADMISSION_MAX_S", 5.0)
+    manifest = build_artifact(tiny_llama, [("alpha", tiny_adapters["alpha"]), ("beta", tiny_adapters["beta"])],
+                              CompileOptions(full_batch_size=4), tmp_path / "default")
+    assert manifest.options["batch_size"] == 1 and manifest.options["full_batch_size"] == 4
+    m = open_model(tmp_path / "default", num_threads=1, model_id="default-compiled", manifest=manifest)
+    calls = []
+    execute = m.runtime.execute
+    m.runtime.execute = lambda step: (calls.append((step.kind, step.num_rows)), execute(step))[1]
+    rows = [(PROMPTS[0], ""), (PROMPTS[1], "alpha"), (PROMPTS[2], "beta"), (PROMPTS[3], "alpha")]
+    try:
+        ids = [tiny_tokenizer.encode(p) for p, _ in rows]
+        handles = []
+        for prompt_ids, (_, adapter) in zip(ids, rows, strict=True):
+            handles.append(submit(m, prompt_ids, adapter, greedy(5)))
+            time.sleep(0.02)
+        results = [h.result() for h in handles]
+    finally:
+        m.close()
+    assert calls[0] == ("prefill", 4)
+    assert sum(1 for kind, _ in calls if kind == "prefill") == 1
+    for prompt_ids, (_, adapter), result in zip(ids, rows, results, strict=True):
+        assert list(result.token_ids) == peft_reference.generate(prompt_ids, adapter, 5), adapter

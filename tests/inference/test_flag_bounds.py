@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from services.inference.__main__ import parse_args
+
 
 @pytest.mark.parametrize("flag,value,words", [
     ("--num-threads", "100000", "must be in 0..256"),
@@ -22,3 +24,18 @@ def test_out_of_range_flag_refuses_to_start(flag, value, words):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"argument {flag}" in proc.stderr and words in proc.stderr
+
+
+def test_the_host_cache_bytes_come_from_the_flag_else_the_environment(monkeypatch, capsys):
+    from services.inference.__main__ import ADAPTER_CACHE_ENV
+    from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES
+
+    monkeypatch.delenv(ADAPTER_CACHE_ENV, raising=False)
+    assert parse_args([]).adapter_cache_bytes == DEFAULT_ADAPTER_CACHE_BYTES
+    monkeypatch.setenv(ADAPTER_CACHE_ENV, "4096")
+    assert parse_args([]).adapter_cache_bytes == 4096
+    assert parse_args(["--adapter-cache-bytes", "0"]).adapter_cache_bytes == 0
+    monkeypatch.setenv(ADAPTER_CACHE_ENV, "-5")
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert ADAPTER_CACHE_ENV in capsys.readouterr().err

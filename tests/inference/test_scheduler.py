@@ -135,3 +135,19 @@ def test_idle_prefill_shorter_than_a_chunk_is_refused_naming_the_field():
     with pytest.raises(InvalidArgument) as info:
         make(prefill_seq_len=8, idle_prefill_seq_len=4)
     assert info.value.field == "idle_prefill_seq_len" and info.value.value == 4
+
+
+def test_by_default_prefill_takes_every_waiting_row_that_holds_a_kv_slot():
+    # No max_prefill_rows (what an ONNX Runtime artifact gives whatever batch_size it was compiled with):
+    # eight waiting requests over eight KV slots prefill in one call, the ninth waits for a slot.
+    s = make(full_batch_size=8, max_waiting=16)
+    for i in range(9):
+        s.add(Sequence(f"r{i}", [1 + i, 2, 3], max_new_tokens=2))
+    out = s.schedule()
+    assert out.kind == "prefill" and [r.request_id for r in out.rows] == [f"r{i}" for i in range(8)]
+    assert sorted(r.slot for r in out.rows) == list(range(8)) and s.num_waiting == 1
+    # An explicit bound (an AI 100 prefill specialisation of batch_size rows) still splits the calls.
+    s = make(full_batch_size=8, max_waiting=16, max_prefill_rows=2)
+    for i in range(8):
+        s.add(Sequence(f"r{i}", [1 + i, 2, 3], max_new_tokens=2))
+    assert [r.request_id for r in s.schedule().rows] == ["r0", "r1"]

@@ -238,7 +238,7 @@ def test_runtime_serves_the_traced_graph_with_lora_bank_banks(traced):
         with pytest.raises(InvalidArgument, match=f"ctx_len is {CTX}") as err:
             runtime.execute(too_far)
         assert err.value.field == "position_ids" and err.value.value == CTX + 1
-        runtime.release_reservation(hot)  # zeroes the slot through lora_bank.clear_slot
+        runtime.adapters.release_reservation(hot)  # zeroes the slot through lora_bank.clear_slot
         assert not any(runtime.lora_a[m][:, hot].any() or runtime.lora_b[m][:, hot].any() for m in runtime.lora_a)
     finally:
         runtime.close()

@@ -32,9 +32,8 @@ class Target:
 
 
 def served_adapters(model: LoadedModel) -> list[str]:
-    """Adapter names in a slot of the model now (slot 0 is the base; names starting NUL are internal)."""
-    return sorted(name for name, slot in model.runtime.adapter_names().items()
-                  if slot != 0 and not name.startswith("\x00"))
+    """Adapter names serving in a slot of the model now (slot 0 is the base; loading slots are not listed)."""
+    return sorted(name for name, slot in model.runtime.adapter_names().items() if slot != 0)
 
 
 def compiled_adapters(model: LoadedModel) -> list[str]:
@@ -91,7 +90,7 @@ def resolve_model(manager: ModelManager, name: str) -> Target:
     chosen = _one(name, [m.model_id for m in models if name in served_adapters(m)]) \
         or _one(name, [m.model_id for m in models if name in compiled_adapters(m)])
     if chosen is None:
-        record = manager.registry.find_adapter(name)
+        record = manager.find_adapter(name)
         if record is None:
             raise NotFound(f"model {name!r} does not exist: it is neither a loaded model ({sorted(by_id)}) nor an "
                            f"adapter one of them can serve", field="model", value=name, reason="MODEL_NOT_FOUND")

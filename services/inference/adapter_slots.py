@@ -1,0 +1,197 @@
+"""The adapter-slot table of one loaded model: which adapter each bank slot holds, and the banks themselves.
+
+Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] are laid out as the compiler lays
+them (loraflow.lora_bank); slot 0 is the base model (zeros) and never holds an adapter. Both runtimes use
+this class (``OrtRuntime`` binds the banks as graph inputs, ``Ai100Runtime`` sets them as QPC buffers); a
+runtime passes ``sync``, called after every bank write, to bring the device copy up to date.
+
+A slot is free (None), loading (reserved for a name while its weights are written: no request resolves it)
+or serving. Requests count themselves on a serving slot (``acquire``/``release``); a slot with no request
+is idle and may be reused, least recently used first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loraflow.errors import FailedPrecondition, NotFound, ResourceExhausted
+from loraflow.lora_bank import (
+    BankSpec,
+    clear_slot,
+    empty_banks,
+    read_adapter,
+    slot_tensors,
+    write_slot_tensors,
+)
+from loraflow.manifest import Manifest
+from loraflow.names import validate_name
+
+
+@dataclass
+class AdapterSlot:
+    name: str
+    r: int
+    source: str
+    active_requests: int = 0
+    last_used: int = 0  # step counter of the last acquire, for picking an idle slot to reuse
+    loading: bool = False  # reserved for ``name`` while its weights are written; serves nothing yet
+
+    @property
+    def serving(self) -> bool:
+        return not self.loading
+
+
+class AdapterSlots:
+    """``adapter_slots`` bank slots (1..N; 0 is the base model) with their names, counts and banks; thread-safe."""
+
+    def __init__(self, manifest: Manifest, dtype: np.dtype, *, sync: Callable[[], None] = lambda: None):
+        self.manifest = manifest
+        self.spec = BankSpec.from_manifest(manifest)
+        self.adapter_slots = manifest.adapter_slots
+        self.lora_a, self.lora_b = empty_banks(self.spec, dtype)
+        self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
+        self._sync = sync
+        self._lock = threading.Lock()
+        self._slot_idle = threading.Condition(self._lock)  # notified when a slot's last request ends
+        self._clock = 0
+
+    def set_sync(self, sync: Callable[[], None]) -> None:
+        """The runtime's device update, once its session exists (called after every bank write)."""
+        self._sync = sync
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in list(self.lora_a.values()) + list(self.lora_b.values()))
+
+    # ---- lookups ---------------------------------------------------------------------------
+    def names(self) -> dict[str, int]:
+        """Serving adapter name -> slot (loading slots are not listed)."""
+        with self._lock:
+            return {s.name: i for i, s in enumerate(self.slots) if s is not None and s.serving}
+
+    def serving(self) -> list[tuple[int, AdapterSlot]]:
+        """(slot, entry) of every serving adapter, slot order (for listings)."""
+        with self._lock:
+            return [(i, s) for i, s in enumerate(self.slots) if i and s is not None and s.serving]
+
+    def free(self) -> int:
+        with self._lock:
+            return sum(1 for s in self.slots[1:] if s is None)
+
+    # ---- requests --------------------------------------------------------------------------
+    def acquire(self, name: str) -> int:
+        """lora_id for ``name`` ("" = base model) and count one more request on it; NotFound if not serving."""
+        if not name:
+            return 0
+        with self._lock:
+            for i, s in enumerate(self.slots):
+                if s is not None and s.serving and s.name == name:
+                    s.active_requests += 1
+                    self._clock += 1
+                    s.last_used = self._clock
+                    return i
+            loaded = sorted(s.name for s in self.slots if s is not None and s.serving)
+        raise NotFound(f"adapter {name!r} is not loaded on this model (loaded: {loaded})", field="adapter",
+                       value=name)
+
+    def release(self, lora_id: int) -> None:
+        if lora_id == 0:
+            return
+        with self._slot_idle:
+            s = self.slots[lora_id]
+            if s is not None and s.active_requests > 0:
+                s.active_requests -= 1
+                if s.active_requests == 0:
+                    self._slot_idle.notify_all()
+
+    # ---- loading ---------------------------------------------------------------------------
+    def tensors_of(self, name: str, path: Path) -> tuple[dict, int]:
+        """Read a PEFT dir and lay it out for one slot: (tensors, rank). InvalidArgument when it is not a
+        LoRA adapter the banks can express, FailedPrecondition when it does not fit the artifact."""
+        adapter = read_adapter(name, Path(path))
+        return slot_tensors(adapter, self.spec), adapter.max_module_rank
+
+    def load(self, name: str, path: str | Path, *, source: str = "") -> int:
+        """Bind a PEFT adapter dir into a free slot (or the least recently used idle one); returns the slot.
+
+        The adapter is read and checked before any slot changes (see ``tensors_of``); FailedPrecondition
+        when the name is taken, ResourceExhausted when every slot serves a request."""
+        validate_name("name", name)
+        tensors, rank = self.tensors_of(name, Path(path))
+        slot, _ = self.reserve(name)
+        self.install(slot, name, tensors, rank, source=source or str(path))
+        return slot
+
+    def fill(self, slot: int, name: str, path: Path, *, source: str) -> None:
+        """Write an adapter compiled into the artifact into its own slot (at open)."""
+        tensors, rank = self.tensors_of(name, path)
+        self.write(slot, tensors)
+        with self._lock:
+            self.slots[slot] = AdapterSlot(name=name, r=rank, source=source)
+
+    def reserve(self, name: str, *, wait_s: float = 0.0) -> tuple[int, AdapterSlot | None]:
+        """Reserve a free slot, else the least recently used idle one, for ``name``: (slot, evicted).
+
+        ``evicted`` is the adapter that held the slot (its weights are still in the banks until ``write``;
+        ``copy`` saves them). With every slot serving a request, waits up to ``wait_s`` for one to go idle,
+        then ResourceExhausted. FailedPrecondition when ``name`` is already loaded or loading."""
+        deadline = time.monotonic() + wait_s
+        with self._slot_idle:
+            while True:
+                if any(s is not None and s.name == name for s in self.slots):
+                    raise FailedPrecondition(f"adapter {name!r} is already loaded on this model", field="name",
+                                             value=name)
+                free = [i for i in range(1, len(self.slots)) if self.slots[i] is None]
+                idle = [i for i in range(1, len(self.slots))
+                        if self.slots[i] is not None and self.slots[i].active_requests == 0
+                        and self.slots[i].serving]
+                if free or idle:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    waited = f" for {wait_s:g} s" if wait_s else ""
+                    raise ResourceExhausted(f"all {self.adapter_slots} adapter slots serve running requests "
+                                            f"(waited{waited or ' not at all'}); retry when one is idle",
+                                            metadata={"adapter_slots": self.adapter_slots, "adapter": name})
+                self._slot_idle.wait(left)
+            slot = free[0] if free else min(idle, key=lambda i: self.slots[i].last_used)
+            evicted = self.slots[slot]
+            # Loading: no request resolves the slot while its weights change.
+            self.slots[slot] = AdapterSlot(name=name, r=0, source="", loading=True)
+        return slot, evicted
+
+    def copy(self, slot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A copy of one slot's bank slices (of a reserved slot, before ``write`` overwrites it)."""
+        return {m: (self.lora_a[m][:, slot].copy(), self.lora_b[m][:, slot].copy()) for m in self.lora_a}
+
+    def write(self, slot: int, tensors: dict) -> None:
+        """Write an adapter's tensors into a slot (a module the adapter does not touch gets zeros)."""
+        write_slot_tensors(self.lora_a, self.lora_b, slot, tensors)
+        self._sync()
+
+    def commit(self, slot: int, name: str, rank: int, *, source: str, active_requests: int = 0) -> None:
+        """Name a written slot so requests resolve it; ``active_requests`` counts requests that acquire it in
+        the same instant (so no other load can evict it before they are queued)."""
+        with self._lock:
+            self._clock += 1
+            self.slots[slot] = AdapterSlot(name=name, r=rank, source=source, active_requests=active_requests,
+                                           last_used=self._clock)
+
+    def install(self, slot: int, name: str, tensors: dict, rank: int, *, source: str) -> None:
+        """Write ``tensors`` into a reserved slot and name it (it serves from now on)."""
+        self.write(slot, tensors)
+        self.commit(slot, name, rank, source=source)
+
+    def release_reservation(self, slot: int) -> None:
+        """Free a reserved slot whose load failed (zeroed: it may hold part of the new weights)."""
+        clear_slot(self.lora_a, self.lora_b, slot)
+        self._sync()
+        with self._slot_idle:
+            self.slots[slot] = None
+            self._slot_idle.notify_all()

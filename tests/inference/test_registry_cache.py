@@ -1,0 +1,84 @@
+"""Adapter records cached in the inference service and invalidated by Redis (CLIENT TRACKING, BCAST)."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from loraflow.registry import AdapterRecord, Registry
+from services.inference.registry_cache import CachedAdapterRecords
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def hgets(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hget", {}).get("calls", 0))
+
+
+def test_a_repeated_lookup_costs_no_redis_round_trip_and_a_write_is_seen(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    registry = Registry(client)
+    registry.put_adapter(AdapterRecord(name="a", uri="s3://b/a-v1", base_model="m"))
+    records = CachedAdapterRecords(Registry(redis.Redis.from_url(redis_url)))
+    try:
+        wait_until(lambda: records.tracking)
+        assert records.find_adapter("a").uri == "s3://b/a-v1"
+        before = hgets(client)
+        for _ in range(50):
+            assert records.find_adapter("a").uri == "s3://b/a-v1"
+        assert hgets(client) == before and records.hits >= 50
+
+        # Re-registered by another client (the trainer): the copy is dropped, the new record served.
+        registry.put_adapter(AdapterRecord(name="a", uri="s3://b/a-v2", base_model="m"))
+        wait_until(lambda: records.find_adapter("a").uri == "s3://b/a-v2")
+        assert records.invalidations >= 1
+        # An unknown name is never cached: registered a moment later, it resolves at once.
+        assert records.find_adapter("b") is None
+        registry.put_adapter(AdapterRecord(name="b", uri="s3://b/b", base_model="m"))
+        assert records.find_adapter("b").uri == "s3://b/b"
+        registry.delete_adapter("a")
+        wait_until(lambda: records.find_adapter("a") is None)
+    finally:
+        records.close()
+
+
+def test_without_its_invalidation_connection_nothing_is_served_from_the_copy(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    registry = Registry(client)
+    registry.put_adapter(AdapterRecord(name="a", uri="s3://b/a-v1", base_model="m"))
+    records = CachedAdapterRecords(Registry(redis.Redis.from_url(redis_url)))
+    try:
+        wait_until(lambda: records.tracking)
+        records.find_adapter("a")
+        # The subscriber dies (a Redis restart, a proxy): lookups go to Redis until tracking is back.
+        client.client_kill_filter(_type="pubsub")
+        registry.put_adapter(AdapterRecord(name="a", uri="s3://b/a-v2", base_model="m"))
+        wait_until(lambda: records.find_adapter("a").uri == "s3://b/a-v2")
+        wait_until(lambda: records.tracking)  # reconnected, and the copy starts empty
+        assert records.find_adapter("a").uri == "s3://b/a-v2"
+        before = hgets(client)
+        assert records.find_adapter("a").uri == "s3://b/a-v2" and hgets(client) == before
+    finally:
+        records.close()
+    assert not records.tracking
+
+
+def test_the_copy_is_bounded(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    registry = Registry(client)
+    for i in range(6):
+        registry.put_adapter(AdapterRecord(name=f"a{i}", uri=f"s3://b/{i}", base_model="m"))
+    records = CachedAdapterRecords(Registry(redis.Redis.from_url(redis_url)), max_records=4)
+    try:
+        wait_until(lambda: records.tracking)
+        for i in range(6):
+            records.find_adapter(f"a{i}")
+        assert len(records._records) == 4 and "a0" not in records._records and "a5" in records._records
+    finally:
+        records.close()

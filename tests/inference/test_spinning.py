@@ -1,0 +1,170 @@
+"""The ONNX Runtime threading policy (--ort-spinning / LORAFLOW_ORT_SPINNING): declared, bounded, applied."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from loraflow.errors import InvalidArgument
+from services.inference.__main__ import parse_args
+from services.inference.engine import GenerationRequest
+from services.inference.model_manager import open_model
+from services.inference.runtime import OrtRuntime
+from services.inference.sampling import SamplingParams
+from services.inference.spinning import (
+    CONTENDED_ABOVE,
+    QUIET_BELOW,
+    SPINNING_ENV,
+    HostContention,
+    check_spinning,
+    others_runnable,
+    spinning_from_env,
+)
+from tests.inference.conftest import PROMPTS
+
+
+def test_flag_wins_over_the_environment_which_wins_over_the_default(monkeypatch):
+    monkeypatch.delenv(SPINNING_ENV, raising=False)
+    assert parse_args([]).ort_spinning == "auto"
+    monkeypatch.setenv(SPINNING_ENV, "off")
+    assert parse_args([]).ort_spinning == "off"
+    assert parse_args(["--ort-spinning", "on"]).ort_spinning == "on"
+
+
+def test_a_bad_policy_is_refused_naming_where_it_came_from(monkeypatch, capsys):
+    monkeypatch.setenv(SPINNING_ENV, "sometimes")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([])
+    assert exit_info.value.code == 2 and SPINNING_ENV in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--ort-spinning", "yes"])
+    assert "argument --ort-spinning" in capsys.readouterr().err
+    with pytest.raises(InvalidArgument) as err:
+        check_spinning("fast")
+    assert err.value.field == "ort_spinning" and "fast" in str(err.value)
+    with pytest.raises(InvalidArgument):
+        spinning_from_env({SPINNING_ENV: "1"})
+
+
+def test_contention_switches_with_hysteresis_and_samples_at_most_every_interval():
+    now, readings, reads = [0.0], [0.0], []
+
+    def others():
+        reads.append(now[0])
+        return readings[0]
+
+    # 4 cores, 2 of them ours: other processes may run 2 threads before they contend with ours.
+    host = HostContention(own_threads=2, cores=4, sample_s=1.0, others=others, clock=lambda: now[0])
+    assert host.free_cores == 2 and host.check() is False
+    readings[0] = 2  # as many as the free cores: no contention
+    now[0] = 1.0
+    assert host.check() is False
+    readings[0] = 8
+    assert host.check() is False and reads == [0.0, 1.0]  # not sampled again within the interval
+    for t in (2.0, 3.0, 4.0):  # smoothed: one sample does not switch, a few do
+        now[0] = t
+        host.check()
+    assert host.contended is True
+    readings[0] = 2 + (CONTENDED_ABOVE + QUIET_BELOW) / 2  # between the thresholds: stays contended
+    for t in range(5, 30):
+        now[0] = float(t)
+        assert host.check() is True
+    readings[0] = 0
+    for t in range(30, 40):
+        now[0] = float(t)
+        host.check()
+    assert host.contended is False
+    readings[0] = None  # no reading (no /proc): the last decision stands
+    now[0] = 40.0
+    assert host.check() is False
+
+
+def test_others_runnable_reads_the_run_queue_less_this_process(tmp_path):
+    (tmp_path / "self" / "task" / "1").mkdir(parents=True)
+    (tmp_path / "self" / "task" / "2").mkdir(parents=True)
+    (tmp_path / "loadavg").write_text("3.10 2.00 1.00 5/300 1234\n")
+    (tmp_path / "self" / "task" / "1" / "stat").write_text("1 (python (x) y) R 0 1\n")
+    (tmp_path / "self" / "task" / "2" / "stat").write_text("2 (ort) S 0 1\n")
+    assert others_runnable(tmp_path) == 4
+    (tmp_path / "loadavg").write_text("garbage")
+    assert others_runnable(tmp_path) is None
+    assert isinstance(others_runnable(), int)  # this host's /proc
+
+
+def test_auto_moves_steps_to_a_sleeping_session_while_the_host_is_contended(tiny_artifact, tiny_tokenizer):
+    artifact_dir, manifest = tiny_artifact
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
+
+    def run(model) -> list[list[int]]:
+        handles = [model.engine.submit(GenerationRequest(tuple(p), a, SamplingParams(max_new_tokens=8)))
+                   for p, a in zip(prompts, ["", "alpha", "beta", "gamma"], strict=True)]
+        return [list(h.result().token_ids) for h in handles]
+
+    reference = open_model(artifact_dir, num_threads=2, model_id="spin-ref", manifest=manifest, spinning="off")
+    try:
+        expected = run(reference)
+    finally:
+        reference.close()
+    model = open_model(artifact_dir, num_threads=2, model_id="spin-auto", manifest=manifest, spinning="auto")
+    runtime = model.runtime
+    try:
+        assert isinstance(runtime.contention, HostContention)  # auto watches the host ...
+        # ... which, for the test, is quiet first (the real one may be busy).
+        runtime.contention = HostContention(own_threads=2, cores=2, sample_s=0.0, others=lambda: 0)
+        quiet_bytes = runtime.memory_bytes()
+        assert run(model) == expected and runtime.steps_by_spinning["sleeping"] == 0
+        # Other processes want every core: the sleeping session opens beside the steps, then takes them.
+        runtime.contention = HostContention(own_threads=2, cores=2, sample_s=0.0, others=lambda: 6)
+        deadline = time.monotonic() + 60
+        while runtime._sleeping_driver is None:
+            assert time.monotonic() < deadline, "the sleeping session did not open"
+            run(model)
+        assert run(model) == expected and runtime.steps_by_spinning["sleeping"] > 0
+        options = runtime._sleeping_driver.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert runtime.memory_bytes() > quiet_bytes  # its packed weights are counted
+        # Quiet again: back to the spinning session, same tokens.
+        runtime.contention = HostContention(own_threads=2, cores=2, sample_s=0.0, others=lambda: 0)
+        spinning_steps = runtime.steps_by_spinning["spinning"]
+        assert run(model) == expected and runtime.steps_by_spinning["spinning"] > spinning_steps
+    finally:
+        model.close()
+
+    off = OrtRuntime(artifact_dir, manifest, num_threads=1, spinning="off")
+    try:
+        assert off.contention is None  # only auto watches the host
+    finally:
+        off.close()
+
+
+@pytest.mark.parametrize("policy,allow,stop", [("on", "1", ""), ("off", "0", ""), ("auto", "1", "1")])
+def test_each_policy_opens_its_session_options(tiny_artifact, policy, allow, stop):
+    artifact_dir, manifest = tiny_artifact
+    runtime = OrtRuntime(artifact_dir, manifest, num_threads=2, spinning=policy)
+    try:
+        options = runtime.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+        if stop:
+            assert options.get_session_config_entry("session.force_spinning_stop") == stop
+        assert runtime.spinning == policy
+    finally:
+        runtime.close()
+    with pytest.raises(InvalidArgument) as err:
+        OrtRuntime(artifact_dir, manifest, spinning="always")
+    assert err.value.field == "ort_spinning"
+
+
+def test_every_policy_generates_the_same_tokens(tiny_artifact, tiny_tokenizer):
+    artifact_dir, manifest = tiny_artifact
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
+    outputs = {}
+    for policy in ("on", "off", "auto"):
+        model = open_model(artifact_dir, num_threads=2, model_id=f"spin-{policy}", manifest=manifest, spinning=policy)
+        try:
+            handles = [model.engine.submit(GenerationRequest(tuple(p), a, SamplingParams(max_new_tokens=8)))
+                       for p, a in zip(prompts, ["", "alpha", "beta", "gamma"], strict=True)]
+            outputs[policy] = [list(h.result().token_ids) for h in handles]
+        finally:
+            model.close()
+    assert outputs["on"] == outputs["off"] == outputs["auto"]
