@@ -2,7 +2,7 @@
 
 Each configuration trains a few steps of a random tiny Llama in a child process, exactly as a world_size 1
 worker does (services.trainer.training.build_trainer), and the child reports its peak RSS
-(``ru_maxrss``) above its own RSS once torch and the trainer were imported: that is the job's own memory,
+(``VmHWM``) above its own RSS once torch and the trainer were imported: that is the job's own memory,
 which the estimate is meant to bound. Prints one JSON object: per configuration the estimate, the
 measured peak, their ratio (estimate / measured: at least 1 means the budget check is on the safe side)
 and the estimate's parts, plus the host load before and after.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,16 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: Linux carries that across execve, so a child
+    of a large process (pytest, the bench itself) would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def run_child(model_dir: str, dataset: str, batch: int, seq: int, rank: int, ckpt: bool, steps: int) -> dict:
     """One job in this process; the peak above the RSS after imports."""
     import peft  # noqa: F401  (everything imported before the baseline is read)
@@ -63,7 +72,7 @@ def run_child(model_dir: str, dataset: str, batch: int, seq: int, rank: int, ckp
         trainer = build_trainer(model_dir, lambda tok: build_splits(tok, records, max_seq_len=seq, eval_fraction=0.0,
                                                                     seed=0), lora, training, work_dir=work)
         trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     return {"baseline_bytes": baseline, "peak_bytes": peak, "job_bytes": peak - baseline}
 
 

@@ -159,6 +159,20 @@ def test_one_client_cannot_hold_every_generation(inference_stack_factory, tmp_pa
     security = SecuritySettings(auth_tokens_file=str(path), limits=ServerLimits(max_streams_per_client=1))
     stack = inference_stack_factory(security)
     body = b'{"model": "m", "prompt": "the quick", "max_tokens": 40, "ignore_eos": true, "stream": true}'
+    # Alice's generation must still be running when her second request arrives: a tiny model could finish 40
+    # tokens into the socket buffer before then on an idle host. The engine pauses after its first step until
+    # the 429 has been seen (the stream cap is checked before the engine is involved).
+    runtime = stack.manager.get("m").runtime
+    real_execute = runtime.execute
+    paused, steps = threading.Event(), []
+
+    def execute(step):
+        steps.append(step)
+        if len(steps) > 1:
+            paused.wait(30)
+        return real_execute(step)
+
+    runtime.execute = execute
 
     def start(token: str) -> http.client.HTTPResponse:
         conn = http.client.HTTPConnection("127.0.0.1", stack.http.port, timeout=30)
@@ -166,15 +180,20 @@ def test_one_client_cannot_hold_every_generation(inference_stack_factory, tmp_pa
                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         return conn.getresponse()
 
-    first = start(tokens["alice"])  # streaming, unread: alice holds her one generation
     try:
-        assert first.status == 200
-        second = start(tokens["alice"])
-        assert second.status == 429 and b"--max-streams-per-client" in second.read()
-        other = start(tokens["bob"])
-        assert other.status == 200 and b"[DONE]" in other.read()
+        first = start(tokens["alice"])  # streaming, unread: alice holds her one generation
+        try:
+            assert first.status == 200
+            second = start(tokens["alice"])
+            assert second.status == 429 and b"--max-streams-per-client" in second.read()
+            paused.set()
+            other = start(tokens["bob"])
+            assert other.status == 200 and b"[DONE]" in other.read()
+        finally:
+            first.close()
     finally:
-        first.close()
+        paused.set()
+        runtime.execute = real_execute
 
 
 # ---- the metrics and health port ---------------------------------------------------------------------
