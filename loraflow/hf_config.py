@@ -287,11 +287,14 @@ class HfModelConfig:
     # -- the shapes the estimators use --------------------------------------------------------------
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear of one decoder layer, Llama naming (the shape every family shares)."""
+        """(in, out) of each linear of one decoder layer, Llama naming (the shape every family shares), and
+        the packed projections of the families that pack them (Phi-3: q|k|v and gate|up in one matrix)."""
         q_out = self.num_attention_heads * self.head_dim
         kv_out = self.num_key_value_heads * self.head_dim
         return {"q_proj": (self.hidden_size, q_out), "k_proj": (self.hidden_size, kv_out),
                 "v_proj": (self.hidden_size, kv_out), "o_proj": (q_out, self.hidden_size),
                 "gate_proj": (self.hidden_size, self.intermediate_size),
                 "up_proj": (self.hidden_size, self.intermediate_size),
-                "down_proj": (self.intermediate_size, self.hidden_size)}
+                "down_proj": (self.intermediate_size, self.hidden_size),
+                "qkv_proj": (self.hidden_size, q_out + 2 * kv_out),
+                "gate_up_proj": (self.hidden_size, 2 * self.intermediate_size)}

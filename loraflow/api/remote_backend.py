@@ -17,7 +17,7 @@ from loraflow.api.adapter_set import AdapterSet, LoadedAdapter
 from loraflow.api.generation import GenerationRow, Timer, stream_to
 from loraflow.api.registered import RegisteredAdapter, room_check, with_first_use_room
 from loraflow.errors import FailedPrecondition
-from loraflow.graph_contract import LORA_TARGET_MODULES
+from loraflow.graph_contract import ALL_LORA_MODULES, LORA_TARGET_MODULES
 from services.compiler.options import EXTRA_SLOTS, MIN_DEFAULT_RANK, CompileOptions
 
 BATCH_CHUNK = 32  # requests per GenerateBatch call: well under the service's waiting-queue bound
@@ -59,7 +59,7 @@ class RemoteBackend:
             options,
             max_rank=options.max_rank or max([MIN_DEFAULT_RANK, *ranks]),
             adapter_slots=options.adapter_slots or len(adapters) + EXTRA_SLOTS,
-            target_modules=options.target_modules or tuple(m for m in LORA_TARGET_MODULES if m in union))
+            target_modules=options.target_modules or tuple(m for m in ALL_LORA_MODULES if m in union))
 
     def compile(self, adapters: AdapterSet, options: CompileOptions, progress=None) -> tuple[str, bool]:
         opts = self._capacity(adapters, options)

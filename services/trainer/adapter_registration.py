@@ -32,7 +32,7 @@ from typing import Any
 
 from loraflow import lora_bank
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError, ResourceExhausted
-from loraflow.graph_contract import LORA_TARGET_MODULES
+from loraflow.graph_contract import ALL_LORA_MODULES
 from loraflow.model_source import InputPolicy, check_uri, is_location, require_published
 from loraflow.names import validate_name
 from loraflow.registry import AdapterRecord
@@ -115,16 +115,16 @@ def _base_shapes(config_json: dict[str, Any], field: str) -> lora_bank.BankSpec:
     layers = 0
     for module_name, module in model.named_modules():
         m = _LAYER_MODULE.search(module_name)
-        if m is None or not isinstance(module, torch.nn.Linear) or m["module"] not in LORA_TARGET_MODULES:
+        if m is None or not isinstance(module, torch.nn.Linear) or m["module"] not in ALL_LORA_MODULES:
             continue
         layers = max(layers, int(m["layer"]) + 1)
         shapes.setdefault(m["module"], (module.in_features, module.out_features))
     if not shapes:
         raise InvalidArgument(f"base model config.json describes a {info.model_type} model with none of the "
-                              f"projections loraflow serves adapters on ({list(LORA_TARGET_MODULES)})",
+                              f"projections loraflow serves adapters on ({list(ALL_LORA_MODULES)})",
                               field=field, value=info.model_type)
     return lora_bank.BankSpec(num_layers=layers, max_rank=0, adapter_slots=1,
-                              modules={m: shapes[m] for m in LORA_TARGET_MODULES if m in shapes},
+                              modules={m: shapes[m] for m in ALL_LORA_MODULES if m in shapes},
                               architecture=info.model_type)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.graph_contract import LORA_TARGET_MODULES
+from loraflow.graph_contract import ALL_LORA_MODULES
 from services.trainer.dataset import IGNORE_INDEX, DatasetSplits, Example
 from services.trainer.loss_plot import plot_loss_curve
 
@@ -97,11 +97,11 @@ class LoraSettings:
         for i, name in enumerate(targets):
             # Only what the compiler's adapter banks can serve: a trained lm_head or embedding would be
             # rejected at compile time, after the whole training run.
-            if name != ALL_LINEAR and name not in LORA_TARGET_MODULES:
+            if name != ALL_LINEAR and name not in ALL_LORA_MODULES:
                 raise InvalidArgument(
                     f"lora.target_modules[{i}] = {name!r} cannot be served; accepted: "
-                    f"{list(LORA_TARGET_MODULES)} or {ALL_LINEAR!r}", field=f"lora.target_modules[{i}]",
-                    value=name, metadata={"accepted": ",".join((*LORA_TARGET_MODULES, ALL_LINEAR))})
+                    f"{list(ALL_LORA_MODULES)} or {ALL_LINEAR!r}", field=f"lora.target_modules[{i}]",
+                    value=name, metadata={"accepted": ",".join((*ALL_LORA_MODULES, ALL_LINEAR))})
         if ALL_LINEAR in targets and len(targets) > 1:
             raise InvalidArgument(f"lora.target_modules: {ALL_LINEAR!r} must be the only entry, got {list(targets)}",
                                   field="lora.target_modules", value=list(targets))
@@ -135,9 +135,10 @@ class LoraSettings:
         """
         if not self.all_linear:
             return self.target_modules
-        resolved = tuple(m for m in LORA_TARGET_MODULES if m in set(linear_modules))
+        # Every family has either the separate projections or the packed ones (Phi-3's qkv_proj, gate_up_proj).
+        resolved = tuple(m for m in ALL_LORA_MODULES if m in set(linear_modules))
         if not resolved:
-            raise InvalidArgument(f"lora.target_modules: {ALL_LINEAR!r} matches none of {list(LORA_TARGET_MODULES)} "
+            raise InvalidArgument(f"lora.target_modules: {ALL_LINEAR!r} matches none of {list(ALL_LORA_MODULES)} "
                                   f"in this model (its linear modules are {sorted(linear_modules)})",
                                   field="lora.target_modules", value=ALL_LINEAR)
         return resolved

@@ -228,3 +228,29 @@ def test_targets_the_compiler_cannot_serve_are_refused_before_training(module):
         LoraSettings(target_modules=("q_proj", module))
     assert e.value.field == "lora.target_modules[1]" and e.value.value == module
     assert "q_proj" in str(e.value) and "down_proj" in str(e.value) and "all-linear" in str(e.value)
+
+
+@pytest.mark.parametrize("targets", [("all-linear",), ("qkv_proj", "down_proj")])
+def test_a_phi3_adapter_trains_on_its_packed_projections_and_compiles(tmp_path, targets):
+    from services.compiler.artifact import build_artifact
+    from services.compiler.options import CompileOptions
+    from tests.support.tiny_models import make_tiny_model_dir
+
+    phi3 = make_tiny_model_dir(tmp_path / "phi3", "phi3")
+    trainer = _trainer(phi3, tmp_path, lora=LoraSettings(r=4, target_modules=targets), max_steps=2, eval_fraction=0)
+    trainer.train()
+    out = trainer.save_adapter(tmp_path / "adapter")
+    saved = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    expected = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if targets == ("all-linear",) else set(targets)
+    assert saved == expected
+    options = CompileOptions(batch_size=1, full_batch_size=1, prefill_seq_len=8, ctx_len=32, max_rank=4,
+                             adapter_slots=1)
+    manifest = build_artifact(phi3, [("trained", out)], options, tmp_path / "artifact")  # verified against PEFT
+    assert set(manifest.adapters[0].target_modules) == expected
+    # RegisterAdapter's check (the base's shapes built on the meta device) accepts it as well.
+    from loraflow import lora_bank
+    from services.trainer.adapter_registration import base_bank_spec
+
+    adapter = lora_bank.read_adapter("trained", out)
+    base = json.loads((phi3 / "config.json").read_text())
+    lora_bank.check_fits(adapter, base_bank_spec(base, max_rank=adapter.max_module_rank))
