@@ -57,7 +57,7 @@ class Exported:
 
     graph: GraphSpec
     digests: Mapping[str, str] = field(default_factory=dict)  # artifact-relative path -> sha256
-    specializations: tuple[Mapping[str, Any], ...] | list[Mapping[str, Any]] | None = None  # ai100 only
+    specializations: tuple[Mapping[str, Any], ...] | None = None  # ai100 only
     extra: Mapping[str, Any] = field(default_factory=dict)  # manifest extras, after "verify"
     written: Any = None  # the backend's own export result, for its verify / finish
 
