@@ -22,11 +22,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from loraflow import lora_bank
 from loraflow.errors import FailedPrecondition, InvalidArgument
@@ -40,6 +38,17 @@ from loraflow.manifest import (
 )
 from loraflow.names import validate_name
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, confined_file, read_regular_file
+from services.compiler.artifact_plan import ArtifactPlan
+from services.compiler.backends import pick_backend
+from services.compiler.backends.shared import (
+    BuildJob,
+    Progress,
+    Stages,
+    bank_feeds,
+    build_banks,
+    copy_tokenizer,
+    verification_banks,
+)
 from services.compiler.modeling.checkpoint import weight_files
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.weights import CheckpointWeights
@@ -52,24 +61,7 @@ from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 #      head's blocks in int4/int8); the ai100 graph is written node by node (fp32 or fp16 weights).
 COMPILER_VERSION = "loraflow-compiler/0.4.0+graph4-stream"
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 STAGES = ("load", "validate", "export", "optimize", "verify", "write")
-
-Progress = Callable[[str, float, str], None]
-
-
-@dataclass(frozen=True)
-class ArtifactPlan:
-    """Everything decided before any heavy work: resolved options, adapters, id."""
-
-    artifact_id: str
-    options: CompileOptions  # resolved
-    config: DecoderConfig
-    base_fingerprint: str
-    adapters: tuple[lora_bank.Adapter, ...]
-    bank_spec: lora_bank.BankSpec
-
 
 def fingerprint_from_hashes(config: dict[str, Any], weight_hashes: Sequence[tuple[str, str]]) -> str:
     """sha256 over config.json (canonical JSON) and "name:sha256" of every weight file, by name: the same
@@ -165,141 +157,45 @@ def plan_artifact(base_model_dir: str | Path | None, adapters: Sequence[tuple[st
                         adapters=loaded, bank_spec=spec)
 
 
-def build_banks(plan: ArtifactPlan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    banks_a, banks_b = lora_bank.empty_banks(plan.bank_spec)
-    for slot, adapter in enumerate(plan.adapters, start=1):
-        lora_bank.write_slot(banks_a, banks_b, slot, adapter, plan.bank_spec)
-    return banks_a, banks_b
-
-
 def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], options: CompileOptions,
                    out_dir: Path, *, progress: Progress | None = None, check: Callable[[], None] | None = None,
                    base_source: str | None = None, plan: ArtifactPlan | None = None) -> Manifest:
-    """Compile into ``out_dir`` (created; must not hold a manifest yet) and return the manifest."""
+    """Compile into ``out_dir`` (created; must not hold a manifest yet) and return the manifest: plan, pick the
+    target's backend (``services/compiler/backends/``), export, verify, write the manifest."""
     from services.compiler.export import BankShape
-    from services.compiler.verify import layerwise_reference
 
-    report = progress or (lambda stage, fraction, message: None)
-    stop = check or (lambda: None)
     base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
     if (out_dir / "manifest.json").exists():
         raise FailedPrecondition(f"{out_dir} already holds an artifact", field="out_dir", value=str(out_dir))
-    timings: dict[str, float] = {}
-
-    def stage(name: str, fraction: float, message: str, started: float) -> None:
-        timings[name] = time.perf_counter() - started
-        report(name, fraction, f"{message} ({timings[name]:.1f}s)")
-        stop()
+    stages = Stages(report=progress or (lambda stage, fraction, message: None), stop=check or (lambda: None))
 
     # load + validate: every shard checked (headers only) before anything heavy starts
     t0 = time.perf_counter()
-    report("load", 0.0, f"reading {base_model_dir.name} and {len(adapters)} adapter(s)")
+    stages.report("load", 0.0, f"reading {base_model_dir.name} and {len(adapters)} adapter(s)")
     plan = plan or plan_artifact(base_model_dir, adapters, options)
     weights = CheckpointWeights.open(base_model_dir, plan.config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage("load", 0.05, f"planned artifact {plan.artifact_id}", t0)
+    stages.done("load", 0.05, f"planned artifact {plan.artifact_id}", t0)
     t0 = time.perf_counter()
     opts = plan.options
     banks_a, banks_b = build_banks(plan)
-    stage("validate", 0.15, f"{plan.config.architecture}: {plan.config.num_layers} layers, "
-          f"{len(plan.adapters)} adapter(s) fit {opts.adapter_slots} slots at rank {opts.max_rank}", t0)
+    stages.done("validate", 0.15, f"{plan.config.architecture}: {plan.config.num_layers} layers, "
+                f"{len(plan.adapters)} adapter(s) fit {opts.adapter_slots} slots at rank {opts.max_rank}", t0)
 
-    banks = BankShape(adapter_slots=int(opts.adapter_slots), max_rank=int(opts.max_rank))
-    bank_feeds = _bank_feeds(banks_a, banks_b)
-    feeds, occupied = _verification_banks(bank_feeds, len(plan.adapters))
-    lora_modules = tuple(m for m in opts.target_modules)
-    extra: dict[str, Any] = {}
-    specs = None
-    known_digests: dict[str, str] = {}  # artifact files hashed while they were written
-    if opts.target == "onnxruntime" and _uses_fused_graph(plan):
-        from services.compiler.fused.builder import FusedGraphOptions
-        from services.compiler.fused.export import export_fused
-        from services.compiler.fused.verify import verify_fused_artifact
-
-        fused = FusedGraphOptions(dtype=opts.dtype, ctx_len=int(opts.ctx_len), num_slots=banks.num_slots,
-                                  max_rank=banks.max_rank, lora_modules=lora_modules,
-                                  quant_block_size=int(opts.quant_block_size or 32),
-                                  quant_accuracy_level=int(opts.quant_accuracy_level or 0))
-        exported = export_fused(weights, out_dir, fused)
-        graph = exported.graph
-        known_digests.update(exported.digests)
-        timings["export"] = exported.timings["export"]
-        report("export", 0.5, f"fused ONNX {opts.dtype} graph written ({timings['export']:.1f}s)")
-        stop()
-        timings["optimize"] = exported.timings["save"]
-        report("optimize", 0.6, f"graph saved ({timings['optimize']:.1f}s)")
-        stop()
-        t0 = time.perf_counter()
-        quantized = opts.dtype != "fp32"
-        reference = _fused_reference(out_dir, exported, weights, feeds, lora_modules, fused)
-        verify_report, native_report = verify_fused_artifact(
-            out_dir, graph, reference, feeds, ctx_len=int(opts.ctx_len), occupied_slots=occupied,
-            chunk=max(1, min(int(opts.prefill_seq_len), 4)), accuracy_level=opts.quant_accuracy_level,
-            quantized=quantized)
-        extra["verify"] = _verify_dict(verify_report)
-        if verify_report.quant_relative_diff is not None:
-            extra["verify"]["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
-            extra["verify"]["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement
-        if native_report is not None:
-            extra["verify"]["native"] = {"max_abs_diff": native_report.max_abs_diff,
-                                         "relative_diff": native_report.relative_diff,
-                                         "tokens_match": native_report.tokens_match, "calls": native_report.calls}
-        native_note = (f", native LoRA kernel {native_report.max_abs_diff:.3g}" if native_report is not None
-                       else "")
-        stage("verify", 0.85, f"the runtime's step driver matches PyTorch: max abs diff "
-              f"{verify_report.max_abs_diff:.3g}{native_note}", t0)
-    elif opts.target == "onnxruntime":
-        from services.compiler.export import export_onnxruntime
-        from services.compiler.modeling.decoder import load_decoder
-
-        t0 = time.perf_counter()
-        decoder = load_decoder(base_model_dir, lora_modules, weights=weights)  # the trace needs the module
-        decoder.set_banks(banks_a, banks_b)
-        graph, export_times = export_onnxruntime(decoder, out_dir, banks=banks, dtype=opts.dtype)
-        del decoder
-        timings["export"] = export_times["export"] + export_times.get("quantize", 0.0)
-        report("export", 0.5, f"ONNX {opts.dtype} exported ({timings['export']:.1f}s)")
-        stop()
-        timings["optimize"] = export_times["optimize"]
-        report("optimize", 0.6, f"ONNX Runtime graph optimisation ({timings['optimize']:.1f}s)")
-        stop()
-        t0 = time.perf_counter()
-        verify_report = _verify_ort(out_dir / graph.file, layerwise_reference(weights, feeds, lora_modules), graph,
-                                    feeds, opts, occupied)
-        extra["verify"] = _verify_dict(verify_report)
-        stage("verify", 0.85, f"ONNX Runtime matches PyTorch: max abs diff {verify_report.max_abs_diff:.3g}", t0)
-    else:
-        from services.compiler import ai100, ai100_verify
-        from services.compiler.ai100_writer import export_ai100
-
-        t0 = time.perf_counter()
-        cb = ai100.continuous_batching(opts)
-        exported = export_ai100(weights, out_dir, lora_modules=lora_modules, num_slots=banks.num_slots,
-                                max_rank=banks.max_rank, cb=cb, dtype=opts.dtype)
-        graph = exported.graph
-        known_digests.update(exported.digests)
-        exe = ai100.require_sdk() if opts.ai100_stage == "compile" else None
-        bundle = ai100.write_bundle(out_dir, opts, plan.config.num_layers, qaic_exec=exe)
-        specs = bundle.specializations
-        stage("export", 0.4, f"AI 100 {opts.dtype} bundle written ({'continuous batching' if cb else 'static batch'})",
-              t0)
-        t0 = time.perf_counter()
-        verify_report = ai100_verify.verify_bundle(out_dir, graph, layerwise_reference(weights, feeds, lora_modules),
-                                                   feeds, opts, occupied_slots=occupied)
-        extra["verify"] = verify_report.to_dict()
-        stage("verify", 0.5, "ONNX Runtime, driven as the card, matches PyTorch: max abs diff "
-              + ", ".join(f"{r.precision} {r.max_abs_diff:.3g}" for r in verify_report.runs), t0)
-        extra["ai100"] = bundle.to_dict()
-        extra["qaic_exec"] = list(bundle.command)
-        if opts.ai100_stage == "compile":
-            t0 = time.perf_counter()
-            qpc = ai100.compile_qpc(out_dir, bundle)
-            extra["qpc_dir"] = qpc.name
-            stage("optimize", 0.8, "qaic-exec compiled the QPC", t0)
+    feeds, occupied = verification_banks(bank_feeds(banks_a, banks_b), len(plan.adapters))
+    job = BuildJob(plan=plan, base_model_dir=base_model_dir, out_dir=out_dir, weights=weights,
+                   banks=BankShape(adapter_slots=int(opts.adapter_slots), max_rank=int(opts.max_rank)),
+                   banks_a=banks_a, banks_b=banks_b, feeds=feeds, occupied=occupied,
+                   lora_modules=tuple(m for m in opts.target_modules))
+    backend = pick_backend(plan)
+    exported = backend.export(job, stages)
+    extra: dict[str, Any] = {"verify": backend.verify(job, exported, stages)}
+    extra.update(exported.extra)
+    extra.update(backend.finish(job, exported, stages))
 
     # write
     t0 = time.perf_counter()
-    chat_template = _copy_tokenizer(base_model_dir, out_dir / "tokenizer")
+    chat_template = copy_tokenizer(base_model_dir, out_dir / "tokenizer")
     generation_config = _generation_config(base_model_dir)
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     entries = []
@@ -314,9 +210,9 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
                                     lora_alpha=adapter.lora_alpha, use_rslora=adapter.use_rslora,
                                     target_modules=adapter.target_modules, path=rel))
     files = tuple(FileEntry(path=str(p.relative_to(out_dir)), size=p.stat().st_size,
-                            sha256=known_digests.get(str(p.relative_to(out_dir))) or file_sha256(p))
+                            sha256=exported.digests.get(str(p.relative_to(out_dir))) or file_sha256(p))
                   for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != "manifest.json")
-    extra["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    extra["timings"] = {k: round(v, 3) for k, v in stages.timings.items()}
     cfg = plan.config
     manifest = Manifest(
         artifact_id=plan.artifact_id,
@@ -325,114 +221,19 @@ def build_artifact(base_model_dir: Path, adapters: list[tuple[str, Path]], optio
         base_model=BaseModelInfo(source=base_source or str(base_model_dir), fingerprint=plan.base_fingerprint,
                                  architecture=cfg.architecture, config=cfg.to_dict()),
         options=opts.to_dict(),
-        graph=graph,
+        graph=exported.graph,
         adapters=tuple(entries),
         tokenizer_dir="tokenizer",
         chat_template=chat_template,
         generation_config=generation_config,
         files=files,
-        specializations=specs,
+        specializations=exported.specializations,
         extra=extra,
     )
     manifest.save(out_dir / "manifest.json")
-    timings["write"] = time.perf_counter() - t0
-    report("write", 1.0, f"manifest written with {len(files)} files ({timings['write']:.1f}s)")
+    stages.timings["write"] = time.perf_counter() - t0
+    stages.report("write", 1.0, f"manifest written with {len(files)} files ({stages.timings['write']:.1f}s)")
     return manifest
-
-
-def _bank_feeds(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from loraflow import graph_contract as gc
-
-    feeds = {}
-    for m in banks_a:
-        feeds[gc.lora_a(m)] = banks_a[m]
-        feeds[gc.lora_b(m)] = banks_b[m]
-    return feeds
-
-
-def _verify_dict(report) -> dict[str, Any]:
-    return {"max_abs_diff": report.max_abs_diff, "relative_diff": report.relative_diff,
-            "tolerance": report.tolerance, "tokens_match": report.tokens_match, "calls": report.calls,
-            "reference_fp32_error": report.reference_error, "reference_max_activation": report.max_activation,
-            "reference_rounding_sensitivity": report.rounding_error}
-
-
-def _verify_ort(onnx_path: Path, reference, graph, feeds, opts: CompileOptions, occupied: int):
-    import onnxruntime as ort
-
-    from loraflow.artifact.session import session_options
-    from services.compiler.verify import verify_graph
-
-    session = ort.InferenceSession(str(onnx_path), session_options(ort), providers=["CPUExecutionProvider"])
-    chunk = max(1, min(int(opts.prefill_seq_len), 4))
-    try:
-        return verify_graph(session, reference, graph, feeds, dtype=opts.dtype, occupied_slots=occupied, chunk=chunk,
-                            ctx_len=min(int(opts.ctx_len), 64))
-    finally:
-        del session
-
-
-def _uses_fused_graph(plan: ArtifactPlan) -> bool:
-    """fp32/int8/int4 get the fused graph where it can express the model; fp16 (GPU) keeps the trace."""
-    from services.compiler.fused.builder import WEIGHT_BITS, fused_graph_supported
-
-    return plan.options.dtype in WEIGHT_BITS and fused_graph_supported(plan.config) is None
-
-
-def _verification_banks(bank_feeds: dict[str, np.ndarray], num_adapters: int) -> tuple[dict[str, np.ndarray], int]:
-    """(banks, occupied slots): with no adapter yet, a random slot 1 exercises the LoRA path anyway."""
-    feeds = dict(bank_feeds)
-    if num_adapters:
-        return feeds, num_adapters
-    rng = np.random.default_rng(0)
-    for name, bank in feeds.items():
-        bank = bank.copy()
-        bank[:, 1] = rng.normal(0, 0.05, bank[:, 1].shape)
-        feeds[name] = bank
-    return feeds, 1
-
-
-def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, fused):
-    """The fused graph's reference: the checkpoint itself (fp32), or the quantised weights read back from
-    the artifact, each proved to be the block quantisation of the checkpoint's tensor, with the checkpoint
-    measured beside them (int4/int8); at accuracy level 4 the reference rounds the MatMulNBits inputs to int8
-    as the kernel does."""
-    from services.compiler.fused.readback import ArtifactWeights, check_blocks
-    from services.compiler.verify import layerwise_reference
-
-    if fused.bits is None:
-        return layerwise_reference(weights, feeds, lora_modules)
-    readback = ArtifactWeights(weights.cfg, out_dir / exported.graph.file, exported.written)
-
-    def check_quantised(loaded) -> None:
-        for name, got in loaded[readback].items():
-            written = readback.written[name]
-            if written.bits is not None:
-                check_blocks(name, loaded[weights][name], got, readback.scales(name), written.block_size)
-
-    return layerwise_reference(readback, feeds, lora_modules, float_source=weights, on_layer=check_quantised,
-                               activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None)
-
-
-def _copy_tokenizer(base_model_dir: Path, dst: Path) -> str | None:
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        src = base_model_dir / name
-        if src.is_file() or src.is_symlink():
-            # A tokenizer file linked to outside the model directory (chat_template.jinja -> a secret) is refused.
-            shutil.copyfile(confined_file(base_model_dir, name, field="base_model"), dst / name)
-            copied.append(name)
-    if "tokenizer.json" not in copied and "tokenizer.model" not in copied and "vocab.json" not in copied:
-        raise InvalidArgument(f"{base_model_dir} has no tokenizer files", field="base_model",
-                              value=str(base_model_dir))
-    if (dst / "chat_template.jinja").is_file():
-        return (dst / "chat_template.jinja").read_text()
-    if (dst / "chat_template.json").is_file():
-        return json.loads((dst / "chat_template.json").read_text()).get("chat_template")
-    if (dst / "tokenizer_config.json").is_file():
-        return json.loads((dst / "tokenizer_config.json").read_text()).get("chat_template")
-    return None
 
 
 def _read_json(model_dir: Path, name: str) -> dict[str, Any]:

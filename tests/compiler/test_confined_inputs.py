@@ -17,7 +17,7 @@ from loraflow.jobs import JobQueue
 from loraflow.registry import AdapterRecord, Registry
 from loraflow.store import open_store
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc
-from services.compiler.artifact import _copy_tokenizer
+from services.compiler.backends.shared import copy_tokenizer
 from services.compiler.inputs import CompileInputs
 from services.compiler.server import SERVICE_NAME, CompilerServiceServicer
 
@@ -106,5 +106,5 @@ def test_artifact_building_copies_no_link_from_outside(tiny_llama, tmp_path, sec
     from loraflow.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="chat_template.jinja"):
-        _copy_tokenizer(model, tmp_path / "out")
+        copy_tokenizer(model, tmp_path / "out")
     assert not (tmp_path / "out" / "chat_template.jinja").exists()
