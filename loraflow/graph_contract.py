@@ -46,6 +46,11 @@ the range ride along as dummy rows); driver: loraflow/artifact/step_driver.py.
     past_value.{i} float [B, H, C, D]  GroupQueryAttention writes this call's K (after RoPE) / V in place
     lora_a.{m}     float [L*N, in, R]  the banks above, flattened (layer, slot): row b of layer i uses
     lora_b.{m}     float [L*N, R, out] slice i*N + lora_ids[b]
+    lora_ranks     int64 [N]           the rank of each slot's adapter (slot 0 and empty slots: 0; columns
+                                       of A / rows of B past it are zero padding); model.native.onnx only
+                                       (manifest graph.native_inputs), absent before graph5: its LoraRows
+                                       nodes compute only that many columns per row. model.onnx does not
+                                       take it (its Gather/MatMul run all R columns).
   outputs
     logits            float [B, 1, V]  at each row's token logits_index[b]
     present_key.{i}   float [B, H, C, D]  the same memory as past_key.{i}
@@ -84,6 +89,8 @@ LOGITS_INDEX = "logits_index"
 # GraphSpec.kv_layout values.
 KV_LAYOUT_TIME_MAJOR = "time-major"
 KV_LAYOUT_SHARED = "shared-buffer"
+# Fused layout only: int64 [N], the rank of each adapter slot (see above). Graphs compiled before it lack it.
+LORA_RANKS = "lora_ranks"
 POSITION_IDS = "position_ids"
 LORA_IDS = "lora_ids"
 BATCH_INDEX = "batch_index"

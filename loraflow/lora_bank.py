@@ -332,6 +332,28 @@ def write_slot_tensors(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.nda
             banks_b[module][:, slot] = 0
 
 
+def used_rank(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading rank columns of A^T [..., in, R] / rows of B^T [..., R, out] (one slot's, or a
+    whole bank's) hold anything but zeros: the rank the slot's delta needs, the rest is padding."""
+    a_used = np.any(a != 0, axis=tuple(range(a.ndim - 1)))  # [..., in, R] -> [R]
+    b_used = np.any(b != 0, axis=tuple(range(b.ndim - 2)) + (b.ndim - 1,))  # [..., R, out] -> [R]
+    nonzero = a_used | b_used  # [R]
+    return int(np.flatnonzero(nonzero)[-1]) + 1 if nonzero.any() else 0
+
+
+def slot_rank(tensors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """The rank one slot's ``slot_tensors`` need: the widest module's nonzero columns (0 when all zero)."""
+    return max((used_rank(a, b) for a, b in tensors.values()), default=0)
+
+
+def bank_ranks(banks_a: Mapping[str, np.ndarray], banks_b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """int64 [N]: the rank each slot of [L, N, in, R] / [L, N, R, out] banks uses (the fused graphs'
+    ``lora_ranks`` input; slot 0 and empty slots 0)."""
+    slots = next(iter(banks_a.values())).shape[1] if banks_a else 0
+    return np.array([slot_rank({m: (banks_a[m][:, s], banks_b[m][:, s]) for m in banks_a}) for s in range(slots)],
+                    np.int64)  # [N]
+
+
 def clear_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int) -> None:
     """Zero ``slot`` so it behaves as the base model."""
     if slot == 0:

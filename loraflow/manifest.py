@@ -80,6 +80,8 @@ class GraphSpec:
     # The same graph with loraflow/native's LoraRows kernel ("" = none): a runtime that can load the
     # kernel runs it, any other runs ``file``. Both were verified before the artifact was published.
     native_file: str = ""
+    # Inputs native_file takes beyond ``inputs`` (graph5: lora_ranks [N]); () for older artifacts.
+    native_inputs: tuple[TensorSpec, ...] = ()
 
     @property
     def shared_kv(self) -> bool:
@@ -89,6 +91,7 @@ class GraphSpec:
         return {
             "kv_layout": self.kv_layout,
             "native_file": self.native_file,
+            "native_inputs": [_tensor_dict(t) for t in self.native_inputs],
             "file": self.file,
             "target": self.target,
             "dtype": self.dtype,
@@ -116,6 +119,7 @@ class GraphSpec:
             lora_modules={m: LoraModuleSpec.from_dict(s) for m, s in d["lora_modules"].items()},
             kv_layout=_kv_layout(d.get("kv_layout", KV_LAYOUTS[0])),  # manifests before the fused graph lack it
             native_file=str(d.get("native_file", "")),
+            native_inputs=tuple(TensorSpec.from_dict(t) for t in d.get("native_inputs", ())),
         )
 
     def input(self, name: str) -> TensorSpec:

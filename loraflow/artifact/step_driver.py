@@ -17,6 +17,8 @@ verification before publishing and the inference service both run an artifact th
   logits discarded. The scheduler hands out the lowest free slot, so the range stays tight.
 * ``seqlens_k[b]`` = tokens in row b's cache after the call minus one; ``total_sequence_length`` =
   the longest row's total. The graph writes the new K/V into the bound cache views itself.
+* ``lora_ranks`` [N] (graph5 on) is bound once, like the banks: the caller's array, updated in place when
+  a slot's adapter changes. A graph without the input (compiled before it) is fed nothing.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ class FusedStepDriver:
     """Owns the IOBinding of one session; the cache and the (flat) banks are the caller's arrays."""
 
     def __init__(self, session, cache: SharedKvCache, banks: Mapping[str, object], *, vocab_size: int,
-                 logits_dtype=np.float32):
+                 logits_dtype=np.float32, lora_ranks: np.ndarray | None = None):
         """``banks``: graph input name -> OrtValue or numpy array [L*N, in, R] / [L*N, R, out], bound once
-        (on CPU an OrtValue over a numpy array aliases it, so writes into the array serve at once)."""
+        (on CPU an OrtValue over a numpy array aliases it, so writes into the array serve at once).
+        ``lora_ranks``: int64 [N], each slot's rank (loraflow.lora_bank.bank_ranks), bound once the same way;
+        required by a graph with that input."""
         import onnxruntime as ort
 
         self._ort = ort
@@ -66,10 +70,14 @@ class FusedStepDriver:
         self.logits_dtype = np.dtype(logits_dtype)
         self.binding = session.io_binding()
         self._bank_values = {}
+        self._ranks_value = None
         for name, bank in banks.items():
             value = bank if isinstance(bank, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(bank)
             self._bank_values[name] = value
             self.binding.bind_ortvalue_input(name, value)
+        graph_inputs = {i.name: i for i in session.get_inputs()}
+        if gc.LORA_RANKS in graph_inputs:
+            self._bind_ranks(graph_inputs[gc.LORA_RANKS].shape, lora_ranks)
         self._bound_range: tuple[int, int] | None = None
         self._range_values: dict[tuple[int, int], list[object]] = {}
         self._logits: dict[int, tuple[np.ndarray, object]] = {}
@@ -78,6 +86,19 @@ class FusedStepDriver:
         self.calls = 0
 
     # --- binding ----------------------------------------------------------------------------------
+    def _bind_ranks(self, shape, lora_ranks: np.ndarray | None) -> None:
+        if lora_ranks is None:
+            raise InvalidArgument(f"this graph takes {gc.LORA_RANKS} [N] (each adapter slot's rank): pass "
+                                  "lora_ranks=loraflow.lora_bank.bank_ranks(...)", field=gc.LORA_RANKS, value=None)
+        if (not isinstance(lora_ranks, np.ndarray) or lora_ranks.dtype != np.int64 or lora_ranks.ndim != 1
+                or not lora_ranks.flags.c_contiguous or (isinstance(shape[0], int) and lora_ranks.shape[0] != shape[0])):
+            raise InvalidArgument(f"{gc.LORA_RANKS} must be a contiguous int64 array of shape {list(shape)}, got "
+                                  f"{getattr(lora_ranks, 'dtype', type(lora_ranks).__name__)} "
+                                  f"{list(np.shape(lora_ranks))}", field=gc.LORA_RANKS, value=list(np.shape(lora_ranks)))
+        # An OrtValue over the array aliases it (CPU): a slot's new rank serves at the next call.
+        self._ranks_value = self._ort.OrtValue.ortvalue_from_numpy(lora_ranks)
+        self.binding.bind_ortvalue_input(gc.LORA_RANKS, self._ranks_value)
+
     def _bind_slots(self, lo: int, hi: int) -> None:
         """Bind cache[i, lo:hi] as past and present of every layer (the same memory: updated in place)."""
         if self._bound_range == (lo, hi):
@@ -279,3 +300,4 @@ class FusedStepDriver:
         self.binding.clear_binding_outputs()
         self._range_values.clear()
         self._bank_values.clear()
+        self._ranks_value = None

@@ -11,6 +11,9 @@
 //            lora_ids int64 [B, 1]         adapter slot per row, 0 = base model (its bank slot is zero)
 //            a_bank   float [M, K, R]      A^T of every (layer, slot), M = layers * slots
 //            b_bank   float [M, R, O]      B^T * scaling of every (layer, slot)
+//            lora_ranks int64 [N]          optional: the rank of each slot (slot 0, the base, 0); row b then
+//                                          uses only the first lora_ranks[id_b] columns of A / rows of B
+//                                          (zero-padded past them), so its work follows its own rank, not R
 //   attrs    bank_offset   int             this layer's first bank row (layer * slots)
 //            column_offset int             where the O delta columns start inside Y
 //   output   float [B, S, Y] = y, plus (x[b, s] @ a_bank[off + id_b]) @ b_bank[off + id_b] in the columns
@@ -46,6 +49,7 @@ struct Task {
   const float* a_bank;
   const float* b_bank;
   float* out;
+  const int64_t* ranks;  // [N] or nullptr (every slot uses all R columns)
   int64_t S, K, R, O, Y, bank_offset, column_offset;
 };
 
@@ -59,12 +63,14 @@ inline void AddXaB(const float* __restrict xa, const float* __restrict Bm, float
   }
 }
 
-// One row b with a compile-time rank R: tokens four at a time share each load of A's row k (four
-// independent accumulators of R lanes), then each token's R values multiply B in one pass over its output.
+// One row b with a compile-time width R (the first R columns of A's rows, which are t.R long): tokens four
+// at a time share each load of A's row k (four independent accumulators of R lanes), then each token's R
+// values multiply B's first R rows in one pass over its output. A slot of rank < R (rounded up to the next
+// compiled width) zeroes xa past its rank, so what its bank holds there adds nothing.
 template <int R>
-void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const float* __restrict Bm) {
+void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const float* __restrict Bm, int64_t rank) {
   constexpr int64_t kTile = 4;
-  const int64_t K = t.K, O = t.O;
+  const int64_t K = t.K, O = t.O, stride = t.R;
   if (t.S == 1) {  // a decode row: four partial sums over k instead of four tokens
     alignas(32) float part[kTile][R] = {};
     const float* __restrict xs = t.x + static_cast<int64_t>(b) * K;
@@ -72,15 +78,15 @@ void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const flo
     for (; k + kTile <= K; k += kTile) {
       for (int64_t i = 0; i < kTile; ++i) {
         const float xk = xs[k + i];
-        const float* __restrict ak = A + (k + i) * R;
+        const float* __restrict ak = A + (k + i) * stride;
         for (int r = 0; r < R; ++r) part[i][r] += xk * ak[r];
       }
     }
     for (; k < K; ++k) {
-      for (int r = 0; r < R; ++r) part[0][r] += xs[k] * A[k * R + r];
+      for (int r = 0; r < R; ++r) part[0][r] += xs[k] * A[k * stride + r];
     }
     alignas(32) float xa[R];
-    for (int r = 0; r < R; ++r) xa[r] = (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]);
+    for (int r = 0; r < R; ++r) xa[r] = r < rank ? (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]) : 0.0f;
     AddXaB<R>(xa, Bm, t.out + static_cast<int64_t>(b) * t.Y + t.column_offset, O);
     return;
   }
@@ -90,7 +96,7 @@ void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const flo
     const float* xs[kTile];
     for (int64_t i = 0; i < kTile; ++i) xs[i] = t.x + (static_cast<int64_t>(b) * t.S + s0 + std::min(i, n - 1)) * K;
     for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict ak = A + k * R;
+      const float* __restrict ak = A + k * stride;
       const float x0 = xs[0][k], x1 = xs[1][k], x2 = xs[2][k], x3 = xs[3][k];
       for (int r = 0; r < R; ++r) {
         const float a = ak[r];
@@ -100,6 +106,9 @@ void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const flo
         xa[3][r] += x3 * a;
       }
     }
+    for (int64_t i = 0; i < kTile; ++i) {
+      for (int64_t r = rank; r < R; ++r) xa[i][r] = 0.0f;
+    }
     for (int64_t i = 0; i < n; ++i) {
       float* ys = t.out + (static_cast<int64_t>(b) * t.S + s0 + i) * t.Y + t.column_offset;
       AddXaB<R>(xa[i], Bm, ys, O);
@@ -107,9 +116,9 @@ void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const flo
   }
 }
 
-// Any other rank: the same arithmetic with runtime loops.
-void RowDeltaAny(const Task& t, size_t b, const float* A, const float* Bm) {
-  std::vector<float> xa(static_cast<size_t>(t.R));
+// Any other rank: the same arithmetic with runtime loops over the first ``rank`` columns.
+void RowDeltaAny(const Task& t, size_t b, const float* A, const float* Bm, int64_t rank) {
+  std::vector<float> xa(static_cast<size_t>(rank));
   for (int64_t s = 0; s < t.S; ++s) {
     const float* xs = t.x + (static_cast<int64_t>(b) * t.S + s) * t.K;
     float* ys = t.out + (static_cast<int64_t>(b) * t.S + s) * t.Y + t.column_offset;
@@ -117,9 +126,9 @@ void RowDeltaAny(const Task& t, size_t b, const float* A, const float* Bm) {
     for (int64_t k = 0; k < t.K; ++k) {
       const float xk = xs[k];
       const float* ak = A + k * t.R;
-      for (int64_t r = 0; r < t.R; ++r) xa[r] += xk * ak[r];
+      for (int64_t r = 0; r < rank; ++r) xa[r] += xk * ak[r];
     }
-    for (int64_t r = 0; r < t.R; ++r) {
+    for (int64_t r = 0; r < rank; ++r) {
       const float c = xa[r];
       const float* br = Bm + r * t.O;
       for (int64_t o = 0; o < t.O; ++o) ys[o] += c * br[o];
@@ -133,14 +142,17 @@ void RowDelta(const Task& t, size_t b) {
   if (id == 0) return;  // the base model: slot 0 of every bank is zero
   const float* A = t.a_bank + (t.bank_offset + id) * t.K * t.R;  // [K, R]
   const float* Bm = t.b_bank + (t.bank_offset + id) * t.R * t.O;  // [R, O]
-  switch (t.R) {
-    case 4: return RowDeltaFixed<4>(t, b, A, Bm);
-    case 8: return RowDeltaFixed<8>(t, b, A, Bm);
-    case 16: return RowDeltaFixed<16>(t, b, A, Bm);
-    case 32: return RowDeltaFixed<32>(t, b, A, Bm);
-    case 64: return RowDeltaFixed<64>(t, b, A, Bm);
-    default: return RowDeltaAny(t, b, A, Bm);
-  }
+  // The slot's rank (columns past it are zero padding), else all R; padding adds zeros, so either way the
+  // sums agree up to rounding (each width is its own compiled loop).
+  const int64_t rank = t.ranks ? t.ranks[id] : t.R;
+  if (rank == 0) return;  // an empty slot: nothing to add
+  // The narrowest compiled width that holds the rank and fits in the bank's rows (R columns).
+  if (rank <= 4 && t.R >= 4) return RowDeltaFixed<4>(t, b, A, Bm, rank);
+  if (rank <= 8 && t.R >= 8) return RowDeltaFixed<8>(t, b, A, Bm, rank);
+  if (rank <= 16 && t.R >= 16) return RowDeltaFixed<16>(t, b, A, Bm, rank);
+  if (rank <= 32 && t.R >= 32) return RowDeltaFixed<32>(t, b, A, Bm, rank);
+  if (rank <= 64 && t.R >= 64) return RowDeltaFixed<64>(t, b, A, Bm, rank);
+  return RowDeltaAny(t, b, A, Bm, rank);
 }
 
 void RowDeltaThunk(void* data, size_t b) { RowDelta(*static_cast<const Task*>(data), b); }
@@ -187,14 +199,37 @@ struct LoraRowsKernel {
         Fail("lora_ids: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) + ", bank row " +
              std::to_string(bank_offset_ + id[b]) + " is outside 0.." + std::to_string(M - 1));
     }
+    // Optional lora_ranks [N]: absent (graphs compiled before it, or left unfed) every row uses all R columns.
+    const int64_t* ranks = nullptr;
+    int64_t row_ranks = B * R;  // sum of the ranks the rows use (the work, with K + O per rank and token)
+    if (ctx.GetInputCount() > 5) {
+      auto rk = ctx.GetInput(5);
+      if (static_cast<const OrtValue*>(rk) != nullptr) {
+        const auto rs = rk.GetTensorTypeAndShapeInfo().GetShape();
+        const int64_t N = rs.size() == 1 ? rs[0] : -1;
+        if (N < 0) Fail("LoraRows: lora_ranks " + Shape(rs) + " is not [N]");
+        ranks = rk.GetTensorData<int64_t>();
+        row_ranks = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          if (id[b] >= N)
+            Fail("lora_ranks: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) +
+                 " but lora_ranks " + Shape(rs) + " covers slots 0.." + std::to_string(N - 1));
+          const int64_t r = ranks[id[b]];
+          if (r < 0 || r > R)
+            Fail("lora_ranks: slot " + std::to_string(id[b]) + " has rank " + std::to_string(r) +
+                 ", outside 0.." + std::to_string(R) + " (the banks' R)");
+          row_ranks += r;
+        }
+      }
+    }
     auto out = ctx.GetOutput(0, ys);
     float* o = out.GetTensorMutableData<float>();
     std::memcpy(o, y.GetTensorData<float>(), static_cast<size_t>(B * S * Y) * sizeof(float));
-    Task task{x.GetTensorData<float>(), id, a.GetTensorData<float>(), bb.GetTensorData<float>(), o,
+    Task task{x.GetTensorData<float>(), id, a.GetTensorData<float>(), bb.GetTensorData<float>(), o, ranks,
               S, K, R, O, Y, bank_offset_, column_offset_};
     // A decode step (a few thousand multiply-adds per row) runs inline: waking the pool costs more.
     // Prefill chunks (S tokens per row) are split by row over ONNX Runtime's intra-op threads.
-    if (B > 1 && B * S * (K * R + R * O) >= parallel_min_) {
+    if (B > 1 && S * row_ranks * (K + O) >= parallel_min_) {
       ctx.ParallelFor(RowDeltaThunk, static_cast<size_t>(B), 0, &task);
     } else {
       for (int64_t b = 0; b < B; ++b) RowDelta(task, static_cast<size_t>(b));
@@ -213,9 +248,14 @@ struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
     return new LoraRowsKernel(info, parallel_min_);
   }
   const char* GetName() const { return "LoraRows"; }
-  size_t GetInputTypeCount() const { return 5; }
+  size_t GetInputTypeCount() const { return 6; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return index == 2 || index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  // lora_ranks (input 5) is optional: a node with five inputs (graphs compiled before it) runs as before.
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 5 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                      : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -59,7 +59,8 @@ from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 # 0.3: artifacts also carry model.native.onnx (LoraRows) where the compiling host has loraflow/native.
 # 0.4: streamed: a tied head is stored once (FusedMatMul transB in fp32, GatherBlockQuantized over the
 #      head's blocks in int4/int8); the ai100 graph is written node by node (fp32 or fp16 weights).
-COMPILER_VERSION = "loraflow-compiler/0.4.0+graph4-stream"
+# graph5: the fused graphs' lora_ranks input (LoraRows computes each row's own rank).
+COMPILER_VERSION = "loraflow-compiler/0.4.0+graph5-ranks"
 
 STAGES = ("load", "validate", "export", "optimize", "verify", "write")
 

@@ -1,7 +1,8 @@
 """The adapter-slot table of one loaded model: which adapter each bank slot holds, and the banks themselves.
 
 Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] are laid out as the compiler lays
-them (loraflow.lora_bank); slot 0 is the base model (zeros) and never holds an adapter. Both runtimes use
+them (loraflow.lora_bank); slot 0 is the base model (zeros) and never holds an adapter. ``ranks`` (int64 [N],
+the fused graphs' ``lora_ranks``) holds the rank each slot's weights use, kept in step with every write. Both runtimes use
 this class (``OrtRuntime`` binds the banks as graph inputs, ``Ai100Runtime`` sets them as QPC buffers); a
 runtime passes ``sync``, called after every bank write, to bring the device copy up to date.
 
@@ -26,6 +27,7 @@ from loraflow.lora_bank import (
     clear_slot,
     empty_banks,
     read_adapter,
+    slot_rank,
     slot_tensors,
     write_slot_tensors,
 )
@@ -55,6 +57,8 @@ class AdapterSlots:
         self.spec = BankSpec.from_manifest(manifest)
         self.adapter_slots = manifest.adapter_slots
         self.lora_a, self.lora_b = empty_banks(self.spec, dtype)
+        # Each slot's used rank (0: empty or base); a runtime binds this array once, so it is updated in place.
+        self.ranks = np.zeros(self.adapter_slots + 1, np.int64)  # [N]
         self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
         self._sync = sync
         self._lock = threading.Lock()
@@ -173,6 +177,9 @@ class AdapterSlots:
     def write(self, slot: int, tensors: dict) -> None:
         """Write an adapter's tensors into a slot (a module the adapter does not touch gets zeros)."""
         write_slot_tensors(self.lora_a, self.lora_b, slot, tensors)
+        # From the weights written (not the declared r): columns past it are zero, so it is exact. The slot
+        # is reserved (no request reads it) while weights and rank change.
+        self.ranks[slot] = slot_rank({m: (self.lora_a[m][:, slot], self.lora_b[m][:, slot]) for m in self.lora_a})
         self._sync()
 
     def commit(self, slot: int, name: str, rank: int, *, source: str, active_requests: int = 0) -> None:
@@ -191,6 +198,7 @@ class AdapterSlots:
     def release_reservation(self, slot: int) -> None:
         """Free a reserved slot whose load failed (zeroed: it may hold part of the new weights)."""
         clear_slot(self.lora_a, self.lora_b, slot)
+        self.ranks[slot] = 0
         self._sync()
         with self._slot_idle:
             self.slots[slot] = None

@@ -27,7 +27,7 @@ from loraflow.manifest import file_sha256
 from services.compiler.fused.builder import FusedGraphOptions
 from services.compiler.fused.export import export_fused
 from services.compiler.fused.readback import ArtifactWeights
-from services.compiler.fused.verify import flat_bank_views, verify_fused_graph
+from services.compiler.fused.verify import feed_ranks, flat_bank_views, verify_fused_graph
 from services.compiler.modeling.weights import ModuleWeights
 from services.compiler.verify import VerificationFailed, decoder_reference, layerwise_reference
 from tests.compiler.helpers import decoder_with_adapters, random_prompts
@@ -77,7 +77,8 @@ def _driver(graph, session, banks, *, slots: int) -> tuple[SharedKvCache, FusedS
     """A fresh shared KV cache of `slots` rows and the runtime's step driver over it."""
     cache = SharedKvCache(layers=graph.layers, slots=slots, kv_heads=graph.num_kv_heads, ctx_len=CTX,
                           head_dim=graph.head_dim)
-    return cache, FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+    return cache, FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size,
+                                  lora_ranks=feed_ranks(banks))
 
 
 def _peft_tokens(model_dir, adapter_path, prompt):

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from loraflow import graph_contract as gc
 from loraflow import native as native_lora
 from loraflow.errors import FailedPrecondition
 from services.inference.model_manager import open_model
@@ -20,16 +21,22 @@ from tests.inference.conftest import PROMPTS
 from tests.support.native import require_native
 
 
-def _one_node(bank_offset: int, column_offset: int, spinning: bool = False) -> ort.InferenceSession:
-    node = helper.make_node("LoraRows", ["y", "x", "ids", "a", "b"], ["out"], domain=native_lora.DOMAIN,
+def _one_node(bank_offset: int, column_offset: int, spinning: bool = False,
+              ranks: bool = False) -> ort.InferenceSession:
+    """One LoraRows node; ``ranks``: with the optional sixth input ``ranks`` [N] (else five inputs, as
+    graphs compiled before it have)."""
+    names = ["y", "x", "ids", "a", "b"] + (["ranks"] if ranks else [])
+    node = helper.make_node("LoraRows", names, ["out"], domain=native_lora.DOMAIN,
                             bank_offset=bank_offset, column_offset=column_offset)
-    graph = helper.make_graph([node], "one", [
-        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", "Y"]),
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "K"]),
-        helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 1]),
-        helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", "K", "R"]),
-        helper.make_tensor_value_info("b", TensorProto.FLOAT, ["M", "R", "O"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "S", "Y"])])
+    inputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", "Y"]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "K"]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 1]),
+              helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", "K", "R"]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, ["M", "R", "O"])]
+    if ranks:
+        inputs.append(helper.make_tensor_value_info("ranks", TensorProto.INT64, ["N"]))
+    graph = helper.make_graph([node], "one", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "S", "Y"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid(native_lora.DOMAIN, native_lora.OPSET)])
     so = ort.SessionOptions()
@@ -72,6 +79,65 @@ def test_lora_rows_adds_each_rows_delta_in_its_columns(rank, seq, spinning):
     np.testing.assert_array_equal(out[:, :, :14], y[:, :, :14])  # columns outside the delta too
 
 
+# Slot ranks: 0 (an empty slot), 4 and 8 (compiled widths), 3 (the 4-wide loop, its 4th lane zeroed), R (all
+# columns; 12 has no compiled width: the runtime loop).
+@pytest.mark.parametrize("max_rank", [12, 16, 64])
+@pytest.mark.parametrize("seq", [1, 5])
+@pytest.mark.parametrize("spinning", [False, True])
+def test_lora_rows_with_ranks_equals_without_on_padded_banks_and_ignores_columns_past_each_rank(
+        max_rank, seq, spinning):
+    require_native()
+    rng = np.random.default_rng(max_rank + seq)
+    B, K, width, Y, slots, layer = 7, 40, 12, 20, 6, 1
+    M = 2 * slots
+    slot_ranks = np.array([0, 4, 8, 3, max_rank, 0], np.int64)  # [N]: slot 0 (base) and slot 5 empty
+    y = rng.normal(size=(B, seq, Y)).astype(np.float32)
+    x = rng.normal(size=(B, seq, K)).astype(np.float32)
+    a = rng.normal(size=(M, K, max_rank)).astype(np.float32)
+    b = rng.normal(size=(M, max_rank, width)).astype(np.float32)
+    for slot, r in enumerate(slot_ranks):  # each adapter zero-padded past its rank, in every layer
+        a[slot::slots, :, r:] = 0
+        b[slot::slots, r:, :] = 0
+    ids = np.array([[0], [1], [2], [3], [4], [5], [2]], np.int64)  # [B, 1]
+    feeds = {"y": y, "x": x, "ids": ids, "a": a, "b": b}
+    offset = layer * slots
+    (without,) = _one_node(offset, 6, spinning).run(None, feeds)
+    with_ranks_session = _one_node(offset, 6, spinning, ranks=True)
+    (with_ranks,) = with_ranks_session.run(None, {**feeds, "ranks": slot_ranks})
+    np.testing.assert_allclose(without, _reference(y, x, ids, a, b, offset, 6), rtol=1e-5, atol=1e-4)
+    # Padding adds exact zeros, so only rounding differs: each width is its own compiled loop (the compiler
+    # contracts multiply-adds differently in each), measured up to ~4e-7 of the magnitude.
+    scale = max(1.0, float(np.abs(without).max()))
+    assert np.abs(with_ranks - without).max() <= 1e-6 * scale, np.abs(with_ranks - without).max(axis=(1, 2))
+    np.testing.assert_array_equal(with_ranks[[0, 5]], y[[0, 5]])  # base and rank-0 rows are untouched
+
+    # Garbage past each slot's rank: with ranks it is never read, without it is.
+    garbage_a, garbage_b = a.copy(), b.copy()
+    for slot, r in enumerate(slot_ranks):
+        garbage_a[slot::slots, :, r:] = 1e3
+        garbage_b[slot::slots, r:, :] = -1e3
+    garbage = {**feeds, "a": garbage_a, "b": garbage_b}
+    (ranked_garbage,) = with_ranks_session.run(None, {**garbage, "ranks": slot_ranks})
+    np.testing.assert_array_equal(ranked_garbage, with_ranks)  # the same loops over the same numbers
+    (unranked_garbage,) = _one_node(offset, 6, spinning).run(None, garbage)
+    changed = np.abs(unranked_garbage - with_ranks).max(axis=(1, 2))  # [B]
+    assert (changed[[1, 2, 3, 5, 6]] > 1.0).all(), changed  # every row of rank < R reads the garbage
+    assert changed[0] == 0 and changed[4] == 0, changed  # the base row, and the full-rank slot has no padding
+
+
+def test_lora_rows_refuses_ranks_that_do_not_cover_a_slot_or_exceed_the_bank():
+    require_native()
+    rng = np.random.default_rng(1)
+    feeds = {"y": rng.normal(size=(2, 1, 8)).astype(np.float32), "x": rng.normal(size=(2, 1, 4)).astype(np.float32),
+             "ids": np.array([[0], [2]], np.int64), "a": rng.normal(size=(3, 4, 2)).astype(np.float32),
+             "b": rng.normal(size=(3, 2, 8)).astype(np.float32)}
+    session = _one_node(bank_offset=0, column_offset=0, ranks=True)
+    with pytest.raises(Exception, match=r"lora_ranks: row 1 has slot 2 but lora_ranks \[2\] covers slots 0\.\.1"):
+        session.run(None, {**feeds, "ranks": np.array([0, 2], np.int64)})
+    with pytest.raises(Exception, match=r"lora_ranks: slot 2 has rank 3, outside 0\.\.2"):
+        session.run(None, {**feeds, "ranks": np.array([0, 2, 3], np.int64)})
+
+
 def test_lora_rows_refuses_a_slot_outside_the_bank_and_columns_that_do_not_fit():
     require_native()
     rng = np.random.default_rng(0)
@@ -96,7 +162,7 @@ def test_register_without_the_library_names_the_command(monkeypatch):
 
 
 def test_the_artifact_holds_both_graphs_verified_and_serves_peft_tokens_through_either(
-        tiny_artifact, tiny_tokenizer, peft_reference, monkeypatch):
+        tiny_artifact, tiny_tokenizer, tiny_adapters, peft_reference, monkeypatch):
     require_native()
     from services.inference.engine import GenerationRequest
     from services.inference.sampling import SamplingParams
@@ -106,18 +172,50 @@ def test_the_artifact_holds_both_graphs_verified_and_serves_peft_tokens_through_
     assert graph.native_file and (artifact_dir / graph.native_file).is_file()
     verify = json.loads((artifact_dir / "manifest.json").read_text())["extra"]["verify"]
     assert verify["native"]["tokens_match"] and verify["native"]["relative_diff"] <= verify["tolerance"]
+    assert [(t.name, t.dtype, t.shape) for t in graph.native_inputs] == [(gc.LORA_RANKS, "int64", (5,))]
     rows = [(PROMPTS[0], ""), (PROMPTS[1], "alpha"), (PROMPTS[2], "beta"), (PROMPTS[3], "gamma")]
-    ids = [tiny_tokenizer.encode(p) for p, _ in rows]
     for kernel in ("native", "onnx"):
         if kernel == "onnx":
             monkeypatch.setenv(native_lora.DISABLE_ENV, "1")
         model = open_model(artifact_dir, num_threads=1, model_id=f"tiny-{kernel}", manifest=manifest)
         try:
             assert model.runtime.lora_kernel == kernel
+            # Only the native graph takes each slot's rank; model.onnx's contract is unchanged.
+            assert (gc.LORA_RANKS in {i.name for i in model.runtime.session.get_inputs()}) == (kernel == "native")
+            # alpha r=4, beta r=8, gamma r=2 (the 4-wide loop) in a max_rank-8 bank; slot 4 empty.
+            assert model.runtime.adapters.ranks.tolist() == [0, 4, 8, 2, 0]
+            if kernel == "native":  # a hot-added adapter's rank (6) serves at once through the bound input
+                slot = model.runtime.load_adapter("hot", tiny_adapters["hot"])
+                assert model.runtime.adapters.ranks[slot] == 6
+                rows_now = rows + [(PROMPTS[0], "hot")]
+            else:
+                rows_now = rows
+            ids_now = [tiny_tokenizer.encode(p) for p, _ in rows_now]
             handles = [model.engine.submit(GenerationRequest(tuple(i), adapter, SamplingParams(max_new_tokens=10)))
-                       for i, (_, adapter) in zip(ids, rows, strict=True)]
-            for prompt_ids, (_, adapter), handle in zip(ids, rows, handles, strict=True):
+                       for i, (_, adapter) in zip(ids_now, rows_now, strict=True)]
+            for prompt_ids, (_, adapter), handle in zip(ids_now, rows_now, handles, strict=True):
                 assert list(handle.result().token_ids) == peft_reference.generate(prompt_ids, adapter, 10), \
                     (kernel, adapter)
         finally:
             model.close()
+
+
+def test_the_step_driver_refuses_a_graph_with_lora_ranks_without_the_ranks(tiny_artifact):
+    require_native()
+    from loraflow.artifact.kv_cache import SharedKvCache
+    from loraflow.artifact.session import session_options
+    from loraflow.artifact.step_driver import FusedStepDriver
+    from loraflow.errors import InvalidArgument
+
+    artifact_dir, manifest = tiny_artifact
+    graph = manifest.graph
+    so = session_options(ort, num_threads=1)
+    native_lora.register(so)
+    session = ort.InferenceSession(str(artifact_dir / graph.native_file), so, providers=["CPUExecutionProvider"])
+    cache = SharedKvCache(layers=graph.layers, slots=2, kv_heads=graph.num_kv_heads, ctx_len=16,
+                          head_dim=graph.head_dim)
+    with pytest.raises(InvalidArgument) as info:
+        FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size)
+    assert info.value.field == gc.LORA_RANKS
+    with pytest.raises(InvalidArgument, match=r"lora_ranks must be a contiguous int64 array of shape \[5\]"):
+        FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size, lora_ranks=np.zeros(5, np.int32))

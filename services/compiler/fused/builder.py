@@ -335,7 +335,9 @@ class FusedGraphBuilder:
         if module not in self.opts.lora_modules:
             return y
         if self.opts.lora_kernel == "native":
-            (out,) = self.g.node("LoraRows", [y, x, gc.LORA_IDS, gc.lora_a(module), gc.lora_b(module)],
+            # lora_ranks: each row computes only its slot's rank of the bank's R columns.
+            (out,) = self.g.node("LoraRows", [y, x, gc.LORA_IDS, gc.lora_a(module), gc.lora_b(module),
+                                              gc.LORA_RANKS],
                                  name=f"{name}/lora", domain=native_lora.DOMAIN,
                                  bank_offset=layer * self.opts.num_slots, column_offset=column_offset)
             return out
@@ -479,6 +481,10 @@ class FusedGraphBuilder:
                   helper.make_tensor_value_info(gc.SEQLENS_K, TensorProto.INT32, ["B"]),
                   helper.make_tensor_value_info(gc.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
                   helper.make_tensor_value_info(gc.LOGITS_INDEX, TensorProto.INT64, ["B", 1])]
+        if opts.lora_kernel == "native":
+            # Read by the LoraRows nodes. The standard-operator graph has no use for it (its Gather/MatMul
+            # run all R columns) and does not take it, so model.onnx's contract is unchanged.
+            inputs.append(helper.make_tensor_value_info(gc.LORA_RANKS, TensorProto.INT64, [N]))
         outputs = [helper.make_tensor_value_info(gc.LOGITS, float_t, ["B", 1, cfg.vocab_size])]
         for i in range(L):
             inputs += [helper.make_tensor_value_info(gc.past_key(i), float_t, ["B", H, C, D]),

@@ -84,5 +84,7 @@ def export_fused(weights: WeightSource, out_dir: str | Path, opts: FusedGraphOpt
                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
                       inputs=inputs, outputs=outputs,
                       lora_modules={m: LoraModuleSpec(*shapes[m]) for m in opts.lora_modules},
-                      kv_layout=gc.KV_LAYOUT_SHARED, native_file=NATIVE_ONNX_FILE if native_model is not None else "")
+                      kv_layout=gc.KV_LAYOUT_SHARED, native_file=NATIVE_ONNX_FILE if native_model is not None else "",
+                      native_inputs=(TensorSpec(gc.LORA_RANKS, "int64", (opts.num_slots,)),) if native_model is not None
+                      else ())
     return FusedExport(graph=graph, timings=timings, written=builder.written, digests={DATA_FILE: data_sha})

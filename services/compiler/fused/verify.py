@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from loraflow import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, flat_bank
+from loraflow.lora_bank import bank_ranks
 from loraflow.manifest import GraphSpec
 from services.compiler.verify import (
     SCENARIO_SLOTS,
@@ -63,6 +65,13 @@ def flat_bank_views(banks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: flat_bank(np.ascontiguousarray(bank, dtype=np.float32)) for name, bank in banks.items()}
 
 
+def feed_ranks(banks: Mapping[str, np.ndarray]) -> np.ndarray:
+    """int64 [N]: each slot's rank in graph-input-keyed banks (``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}``)."""
+    prefix_a = gc.lora_a("")
+    modules = [name[len(prefix_a):] for name in banks if name.startswith(prefix_a)]
+    return bank_ranks({m: banks[gc.lora_a(m)] for m in modules}, {m: banks[gc.lora_b(m)] for m in modules})
+
+
 def _report(result: ScenarioResult) -> FusedVerifyReport:
     return FusedVerifyReport(
         max_abs_diff=result.max_abs_diff, relative_diff=result.relative_diff, tolerance=result.tolerance,
@@ -76,7 +85,8 @@ def drive_fused(session, graph: GraphSpec, banks: Mapping[str, np.ndarray], *, c
     """The scenario on one fused graph's session, through the runtime's step driver."""
     cache = SharedKvCache(layers=graph.layers, slots=SCENARIO_SLOTS, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
                           head_dim=graph.head_dim)
-    driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size)
+    driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size,
+                             lora_ranks=feed_ranks(banks))
     try:
         return drive_scenario(driver, vocab_size=graph.vocab_size, ctx_len=ctx_len, occupied_slots=occupied_slots,
                               chunk=chunk, label=label, decode_steps=decode_steps, seed=seed)
