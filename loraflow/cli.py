@@ -854,10 +854,6 @@ def auth_add_token(
                       "(or restart them) to accept it")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command("settings")
 @handles_errors
 def settings_list(output: OutputOpt = Output.table) -> None:
@@ -869,6 +865,22 @@ def settings_list(output: OutputOpt = Output.table) -> None:
     if output == Output.json:
         fmt.print_json(rows)
         return
-    out_console.print(fmt.table(None, ["variable", "flag", "default", "value here", "help"],
-                                [(r["env"], r["flag"] or "(env only)", r["default"] or "", r["value"] or "", r["help"])
-                                 for r in rows]))
+    # One block per setting (a five-column table folds every cell to nothing on an 80-column terminal).
+    from rich.padding import Padding
+    from rich.text import Text
+
+    for r in rows:
+        head = Text(r["env"], style="bold")
+        head.append(f"  {r['flag'] or '(env only)'}", style="cyan")
+        if r["default"] is not None:
+            head.append(f"  default {r['default']}")
+        if r["value"]:
+            head.append(f"  set here: {r['value']}", style="green")
+        if r["deprecated_names"]:
+            head.append(f"  (deprecated: {', '.join(r['deprecated_names'])})", style="yellow")
+        out_console.print(head)
+        out_console.print(Padding(Text(r["help"], style="dim"), (0, 0, 0, 4)))
+
+
+if __name__ == "__main__":
+    app()

@@ -104,6 +104,15 @@ def test_loraflow_settings_lists_every_variable(monkeypatch):
     assert set(listed) == {s.env for s in all_settings()}
     assert listed["LORAFLOW_RDZV_HOST"]["value"] == "node0.example"
     assert listed["LORAFLOW_MEMORY_BUDGET"]["flag"] == "--memory-budget" and listed["LORAFLOW_MEMORY_BUDGET"]["help"]
+    # The readable form: one block per setting, the variable and its flag on the first line, the value set here.
+    text = CliRunner().invoke(app, ["settings"], terminal_width=80).output
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("LORAFLOW_")]
+    blocks = {lines[i].split()[0]: "\n".join(lines[i:j]) for i, j in zip(starts, [*starts[1:], len(lines)], strict=True)}
+    assert set(blocks) == {s.env for s in all_settings()}
+    for setting in all_settings():
+        assert (setting.flag or "(env only)") in blocks[setting.env]
+    assert "set here: node0.example" in next(line for line in lines if line.startswith("LORAFLOW_RDZV_HOST "))
 
 
 def test_declared_help_states_the_defaults_the_code_uses():
