@@ -12,7 +12,11 @@ Graphs run through the same step drivers verification runs before publishing:
 Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] come from loraflow.lora_bank
 (the compiler's layout) and are graph inputs bound once through an IOBinding; on CPU the OrtValues share
 memory with the numpy banks, so a hot-added adapter is written into its slot in place and serves at once.
-Slot 0 is the base model (zeros).
+Slot 0 is the base model (zeros). The slot table and banks are services/inference/adapter_slots.py's
+AdapterSlots (``runtime.adapters``), shared with the AI 100 runtime.
+
+Threads: ``spinning`` (services/inference/spinning.py); under ``auto`` a fused graph gets a second, sleeping
+session over the same file, cache and banks for the steps that run while the host is contended.
 """
 
 from __future__ import annotations
