@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +84,11 @@ class OrtRuntime:
     """Runs SchedulerOutput steps on an artifact's ONNX graph; owns the KV cache and adapter banks."""
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest | None = None, *, device: str = "cpu",
-                 num_threads: int = 0, spinning: str = DEFAULT_SPINNING):
+                 num_threads: int = 0, spinning: str = DEFAULT_SPINNING,
+                 may_grow: Callable[[int], bool] | None = None):
         """``spinning``: the ONNX Runtime threading policy, ``auto`` | ``on`` | ``off`` (services/inference/
-        spinning.py: spinning is faster on a dedicated host and collapses on a shared one)."""
+        spinning.py: spinning is faster on a dedicated host and collapses on a shared one). ``may_grow(nbytes)``:
+        whether the process's memory budget allows auto's sleeping session (its packed weights); None: yes."""
         import onnxruntime as ort
 
         self.artifact_dir = Path(artifact_dir)
@@ -176,6 +179,7 @@ class OrtRuntime:
         # processes contend for the cores (services/inference/spinning.py), opened when first needed.
         self._num_threads = num_threads
         self._graph_file = file
+        self._may_grow = may_grow
         self.contention = (HostContention(own_threads=num_threads)
                            if self.spinning == "auto" and self.shared_kv and self.device == "cpu" else None)
         self._sleeping_driver: FusedStepDriver | None = None
@@ -236,7 +240,9 @@ class OrtRuntime:
             self.steps_by_spinning["spinning"] += 1
             return self._driver
         if self._sleeping_driver is None:
-            if self._sleeping_opener is None:  # opened beside the steps, which go on spinning meanwhile
+            if self._sleeping_opener is None and not self._weights_fit():
+                self.contention = None  # over the memory budget: spin inside calls only, from now on
+            elif self._sleeping_opener is None:  # opened beside the steps, which go on spinning meanwhile
                 self._sleeping_opener = threading.Thread(target=self._open_sleeping, name="ort-sleeping-session",
                                                          daemon=True)
                 self._sleeping_opener.start()
@@ -244,6 +250,14 @@ class OrtRuntime:
             return self._driver
         self.steps_by_spinning["sleeping"] += 1
         return self._sleeping_driver
+
+    def _weights_fit(self) -> bool:
+        weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
+        if self._may_grow is None or self._may_grow(weights):
+            return True
+        log.warning("%s: no sleeping session for a contended host (its %d bytes of packed weights exceed the "
+                    "memory budget); its threads spin inside calls only", self.manifest.artifact_id, weights)
+        return False
 
     def _open_sleeping(self) -> None:
         import onnxruntime as ort
