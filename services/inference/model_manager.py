@@ -86,7 +86,8 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
                allow_spinning: bool | None = None,
                resolve_adapter: Callable[[str], AdapterOrigin | None] | None = None,
                adapter_cache: HostAdapterCache | None = None,
-               adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S) -> LoadedModel:
+               adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S,
+               may_grow: Callable[[int], bool] | None = None) -> LoadedModel:
     """Open a local, already verified artifact directory and start its engine.
 
     A request naming an adapter that is not in a slot loads it on first use from the artifact (one
@@ -100,7 +101,8 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
     else:
         if allow_spinning is not None:  # the old boolean (bench/scale.py): on or off
             spinning = "on" if allow_spinning else "off"
-        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads, spinning=spinning)
+        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads, spinning=spinning,
+                             may_grow=may_grow)
     eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
@@ -206,7 +208,8 @@ class ModelManager:
                                max_waiting=self.max_waiting, manifest=manifest,
                                spinning=self.spinning,
                                resolve_adapter=lambda name: self._registered_origin(name, limit),
-                               adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s)
+                               adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s,
+                               may_grow=self._fits)
             model.memory = memory
         finally:
             with self._lock:
@@ -236,6 +239,13 @@ class ModelManager:
             self.budget.check(needed, field="artifact_id", value=artifact_id, in_use=in_use, in_use_what=what)
             self._reserved[model_id] = needed
         return needed
+
+    def _fits(self, extra_bytes: int) -> bool:
+        """Whether a loaded model may grow by ``extra_bytes`` (auto's sleeping session) within the budget."""
+        with self._lock:
+            loaded = sum(m.memory.total for m in self._models.values() if m.memory is not None)
+            loading = sum(e.total for e in self._reserved.values())
+        return loaded + loading + self.adapter_cache.max_bytes + extra_bytes <= self.budget.memory_bytes
 
     def _stored_manifest(self, artifact_id: str) -> Manifest | None:
         """The artifact's manifest as the store holds it (small, bounded), or None when it cannot be read
