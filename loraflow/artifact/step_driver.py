@@ -1,6 +1,6 @@
 """FusedStepDriver: runs prefill chunks and decode steps on a fused ("shared-buffer") graph.
 
-The one copy of the runtime's part of the fused graph contract (loraflow/graph_contract.py):
+The one copy of the runtime's part of the fused graph contract (loraflow/artifact/graph_contract.py):
 verification before publishing and the inference service both run an artifact through this class.
 
 * First prefill chunks (position 0) of rows in adjacent KV slots run as one call over those slots, each
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.errors import InvalidArgument
 

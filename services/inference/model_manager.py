@@ -5,7 +5,7 @@
 local cache, and keeps the loaded models by id. No protobuf here: the servicer converts.
 
 Memory is decided before it is taken: LoadArtifact estimates the artifact (graph weights + KV cache +
-adapter banks, loraflow.budget.serving_estimate) from its manifest — read from the store before the
+adapter banks, loraflow.options.budget.serving_estimate) from its manifest — read from the store before the
 artifact is downloaded, and again from the verified copy before a session opens — and refuses it
 (RESOURCE_EXHAUSTED naming artifact_id, the estimate and the limit) when it does not fit beside the
 models already loaded or loading and the host adapter cache's cap, within ``--memory-budget``. An
@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.budget import (
+from loraflow.artifact.manifest import MANIFEST_FILE, Manifest
+from loraflow.errors import AlreadyExists, InvalidArgument, LoraflowError, NotFound, ResourceExhausted
+from loraflow.options.budget import (
     MemoryEstimate,
     ResourceBudget,
     adapter_dir_limit,
@@ -30,12 +32,10 @@ from loraflow.budget import (
     process_budget,
     serving_estimate,
 )
-from loraflow.errors import AlreadyExists, InvalidArgument, LoraflowError, NotFound, ResourceExhausted
-from loraflow.manifest import MANIFEST_FILE, Manifest
-from loraflow.model_source import InputPolicy, is_location
-from loraflow.names import validate_name
+from loraflow.options.names import validate_name
 from loraflow.security.safe_files import check_tree
-from loraflow.store import MANIFEST_NAME, ObjectStore, artifact_key, join_key, resolve
+from loraflow.storage.model_source import InputPolicy, is_location
+from loraflow.storage.store import MANIFEST_NAME, ObjectStore, artifact_key, join_key, resolve
 from services.inference import metrics
 from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, HostAdapterCache
 from services.inference.artifact_cache import ArtifactCache
@@ -162,7 +162,7 @@ class ModelManager:
                  on_change: Callable[[int], None] | None = None, spinning: str = DEFAULT_SPINNING,
                  inputs: InputPolicy | None = None, adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
                  adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S, budget: ResourceBudget | None = None):
-        self._budget = budget  # None: the process's (loraflow.budget.process_budget)
+        self._budget = budget  # None: the process's (loraflow.options.budget.process_budget)
         self._reserved: dict[str, MemoryEstimate] = {}  # loads in flight, counted before they allocate
         self.adapter_cache = HostAdapterCache(adapter_cache_bytes)  # InvalidArgument outside its bounds
         if not isinstance(adapter_wait_s, int | float) or not 0 <= adapter_wait_s <= MAX_ADAPTER_WAIT_S:

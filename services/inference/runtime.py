@@ -9,7 +9,7 @@ Graphs run through the same step drivers verification runs before publishing:
   loraflow.artifact.traced_step_driver.TracedStepDriver, which owns a time-major cache
   [L, ctx_len, F, H, D] per kind and binds only the positions in use.
 
-Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] come from loraflow.lora_bank
+Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] come from loraflow.artifact.lora_bank
 (the compiler's layout) and are graph inputs bound once through an IOBinding; on CPU the OrtValues share
 memory with the numpy banks, so a hot-added adapter is written into its slot in place and serves at once.
 Slot 0 is the base model (zeros). The slot table and banks are services/inference/adapter_slots.py's
@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from loraflow import graph_contract as gc
 from loraflow import native as native_lora
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.manifest import Manifest
 from loraflow.artifact.scheduler import SchedulerOutput
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.artifact.traced_step_driver import TracedStepDriver
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.manifest import Manifest
 from services.inference.adapter_slots import AdapterSlot, AdapterSlots
 from services.inference.spinning import DEFAULT_SPINNING, HostContention, check_spinning
 

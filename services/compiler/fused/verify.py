@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.manifest import GraphSpec
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, flat_bank
-from loraflow.manifest import GraphSpec
 from services.compiler.verify import (
     SCENARIO_SLOTS,
     ReferenceFn,
