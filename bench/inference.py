@@ -80,7 +80,7 @@ def make_adapters(model_dir: Path, out: Path, n: int, rank: int, targets: list[s
 def build(model_dir: Path, adapters, out: Path, rows: int, tokens: int, rank: int, dtype: str = "fp32"):
     """(artifact dir, manifest, cold compile seconds): the time is measured on the first build and kept
     beside the artifact, so a cached run still reports it."""
-    from loraflow.manifest import Manifest
+    from loraflow.artifact.manifest import Manifest
     from services.compiler.artifact import build_artifact
     from services.compiler.options import CompileOptions
 
@@ -356,7 +356,7 @@ def main() -> int:
     import torch
 
     from loraflow import native as native_lora
-    from loraflow.models_import import import_model
+    from loraflow.storage.models_import import import_model
     from services.inference.model_manager import open_model
 
     load_before = uptime()

@@ -266,7 +266,7 @@ def _wait_http(url: str, server: Server, timeout: float, what: str) -> None:
 
 def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], args) -> Server:
     from loraflow.client import Client
-    from loraflow.embedded_redis import EmbeddedRedis
+    from loraflow.jobs.embedded_redis import EmbeddedRedis
 
     run = work / "loraflow"
     shutil.rmtree(run, ignore_errors=True)

@@ -11,7 +11,7 @@ Prints one JSON object: for each run, throughput (requests/s, tokens/s), p50/p99
 adapter loads by source (store fetch vs host-cache copy), evictions and errors; plus the host load.
 
 Base model: SmolLM2-135M-Instruct when it is imported in the cache (``python -m
-loraflow.models_import``), else (or with --tiny) a tiny random Llama from tests/support.
+loraflow.storage.models_import``), else (or with --tiny) a tiny random Llama from tests/support.
 
 Usage: python bench/many_adapters.py [--tiny] [--adapters 64] [--slots 8] [--requests 512]
        [--concurrency 32] [--tokens 8] [--threads 0]
@@ -44,7 +44,7 @@ def say(message: str) -> None:
 
 
 def base_model(tiny: bool, work: Path) -> tuple[Path, str]:
-    from loraflow.models_import import is_imported, model_dir
+    from loraflow.storage.models_import import is_imported, model_dir
 
     smol = model_dir("smollm2-135m-instruct")
     if not tiny and is_imported(smol):
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import redis
 
-    from loraflow.embedded_redis import EmbeddedRedis
-    from loraflow.model_source import InputPolicy
-    from loraflow.registry import AdapterRecord, ArtifactRecord, Registry
-    from loraflow.store import open_store
+    from loraflow.jobs.embedded_redis import EmbeddedRedis
+    from loraflow.jobs.registry import AdapterRecord, ArtifactRecord, Registry
+    from loraflow.storage.model_source import InputPolicy
+    from loraflow.storage.store import open_store
     from services.inference.model_manager import ModelManager
 
     load_before = os.getloadavg()

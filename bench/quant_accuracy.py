@@ -202,7 +202,7 @@ def run_genai(args, dtypes: list[str]) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from inference import build_genai
 
-    from loraflow.models_import import import_model
+    from loraflow.storage.models_import import import_model
     from services.inference.tokenization import TextTokenizer
 
     model_dir = Path(import_model("smollm2-135m-instruct"))
@@ -261,7 +261,7 @@ def main() -> int:
 
     import numpy as np
 
-    from loraflow.models_import import import_model
+    from loraflow.storage.models_import import import_model
 
     result: dict = {"model": "smollm2-135m-instruct", "rows": ROWS, "tokens": args.tokens, "dtypes": dtypes,
                     "uptime_before": uptime()}
@@ -284,7 +284,7 @@ def main() -> int:
     options = base_options(args.tokens)
     fp32 = build(model_dir, adapters, work / "fp32", options)
 
-    from loraflow.manifest import Manifest
+    from loraflow.artifact.manifest import Manifest
     from services.inference.tokenization import TextTokenizer
 
     manifest = Manifest.load(fp32)

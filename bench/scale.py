@@ -282,7 +282,7 @@ def child_serve(args) -> None:
 
     from inference import run_engine  # bench/inference.py: streams each row, times prefill and decode
 
-    from loraflow.manifest import Manifest
+    from loraflow.artifact.manifest import Manifest
     from services.inference.model_manager import open_model
     from services.inference.on_demand_adapters import AdapterOrigin
 
@@ -405,7 +405,7 @@ def main() -> int:
          "genai-serve": child_genai_serve}[args.child](args)
         return 0
 
-    from loraflow.models_import import import_model
+    from loraflow.storage.models_import import import_model
 
     shapes = [s for s in args.shapes.split(",") if s]
     dtypes = [d for d in args.dtypes.split(",") if d]

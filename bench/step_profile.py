@@ -71,9 +71,9 @@ def profile_ours(artifact_dir: Path, manifest, prompts_ids: list[list[int]], ste
     import numpy as np
     import onnxruntime as ort
 
-    from loraflow import graph_contract as gc
-    from loraflow import lora_bank
     from loraflow import native as native_lora
+    from loraflow.artifact import graph_contract as gc
+    from loraflow.artifact import lora_bank
     from loraflow.artifact.kv_cache import SharedKvCache
     from loraflow.artifact.step_driver import FusedStepDriver, Row
     from services.compiler.fused.verify import flat_bank_views
@@ -172,7 +172,7 @@ def main() -> int:
     if reason:
         raise SystemExit(reason)
     from loraflow import native as native_lora
-    from loraflow.models_import import import_model
+    from loraflow.storage.models_import import import_model
     from services.inference.tokenization import TextTokenizer
 
     model_dir = Path(import_model("smollm2-135m-instruct"))

@@ -1,4 +1,4 @@
-"""How well the trainer's memory estimate (loraflow.budget.training_estimate) predicts a real training job.
+"""How well the trainer's memory estimate (loraflow.options.budget.training_estimate) predicts a real training job.
 
 Each configuration trains a few steps of a random tiny Llama in a child process, exactly as a world_size 1
 worker does (services.trainer.training.build_trainer), and the child reports its peak RSS
@@ -87,7 +87,7 @@ def main() -> None:
         print(json.dumps(run_child(model_dir, dataset, int(batch), int(seq), int(rank), ckpt == "1", int(steps))))
         return
 
-    from loraflow.hf_config import HfModelConfig
+    from loraflow.options.hf_config import HfModelConfig
     from services.trainer.job_memory import estimate_training
     from services.trainer.training import LoraSettings, TrainingSettings
     from tests.support.tiny_models import make_tiny_model_dir

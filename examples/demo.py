@@ -34,11 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from loraflow.client import UP_CLIENT_TOKEN_FILE, Client  # noqa: E402
-from loraflow.config import mask_redis_url  # noqa: E402
-from loraflow.embedded_redis import free_port  # noqa: E402
-from loraflow.models_import import import_model  # noqa: E402
-from loraflow.store import open_store  # noqa: E402
-from loraflow.up import SERVICES, Supervisor, UpConfig, plan  # noqa: E402
+from loraflow.console.up import SERVICES, Supervisor, UpConfig, plan  # noqa: E402
+from loraflow.jobs.embedded_redis import free_port  # noqa: E402
+from loraflow.options.config import mask_redis_url  # noqa: E402
+from loraflow.storage.models_import import import_model  # noqa: E402
+from loraflow.storage.store import open_store  # noqa: E402
 from loraflow.v1 import jobs_pb2  # noqa: E402
 
 

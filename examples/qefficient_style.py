@@ -29,7 +29,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import loraflow  # noqa: E402
 from loraflow.compat.qefficient import QEffAutoLoraModelForCausalLM  # noqa: E402
-from loraflow.models_import import import_model  # noqa: E402
+from loraflow.storage.models_import import import_model  # noqa: E402
 
 DATA = REPO / "examples" / "data"
 # The demo's adapters (examples/demo.py ADAPTERS): name -> (LoRA settings, training settings).

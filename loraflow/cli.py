@@ -24,10 +24,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from loraflow import errors, settings
-from loraflow import formatting as fmt
+from loraflow import errors
 from loraflow.client import Client, JobFailed
-from loraflow.sampling_params import SAMPLING
+from loraflow.console import formatting as fmt
+from loraflow.options import settings
+from loraflow.options.sampling_params import SAMPLING
 from loraflow.v1 import inference_pb2, jobs_pb2
 
 app = typer.Typer(name="loraflow", help="Train, compile and serve mixed-adapter LoRA models.",
@@ -161,7 +162,7 @@ def up(ctx: typer.Context,
        grace: Annotated[float, typer.Option(help="Seconds a service gets to stop before it is killed.")] = 30.0,
        output: OutputOpt = Output.table) -> None:
     """Run Redis (embedded unless --redis-url), the file store and the services on this machine."""
-    from loraflow.up import UpConfig, run_up
+    from loraflow.console.up import UpConfig, run_up
 
     state = _state(ctx)
     try:
@@ -632,7 +633,7 @@ def models_unload(ctx: typer.Context, model_id: str, output: OutputOpt = Output.
 def models_import(name: Annotated[str, typer.Argument(help="e.g. smollm2-135m-instruct")],
                   output: OutputOpt = Output.table) -> None:
     """Import a known model as a local Hugging Face checkpoint and print its path."""
-    from loraflow.models_import import import_model  # heavy (transformers, gguf): only when asked
+    from loraflow.storage.models_import import import_model  # heavy (transformers, gguf): only when asked
 
     path = import_model(name)
     if output == Output.json:
@@ -766,7 +767,7 @@ def adapters_pull(ctx: typer.Context,
                   dest: Annotated[str, typer.Argument(help="Local directory to create.")],
                   service: ServiceOpt = "trainer", output: OutputOpt = Output.table) -> None:
     """Download an adapter (by registered name or store URI) as a plain PEFT directory."""
-    from loraflow.model_source import is_location
+    from loraflow.storage.model_source import is_location
 
     client = _state(ctx).client
     uri = adapter if is_location(adapter) else client.get_adapter(adapter).uri
@@ -801,10 +802,10 @@ def registry_rebuild(
     """Re-create the adapter and artifact registry from the store after a Redis loss (idempotent)."""
     import redis
 
-    from loraflow.config import Settings, connect_redis, mask_redis_url
-    from loraflow.registry import Registry
-    from loraflow.registry_rebuild import rebuild_registry
-    from loraflow.store import open_store
+    from loraflow.jobs.registry import Registry
+    from loraflow.jobs.registry_rebuild import rebuild_registry
+    from loraflow.options.config import Settings, connect_redis, mask_redis_url
+    from loraflow.storage.store import open_store
 
     config = Settings(redis_url=redis_url, **({"store_url": store_url} if store_url else {}))
     client = connect_redis(config)
@@ -854,21 +855,33 @@ def auth_add_token(
                       "(or restart them) to accept it")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command("settings")
 @handles_errors
 def settings_list(output: OutputOpt = Output.table) -> None:
     """Every LORAFLOW_* environment variable: its flag, default, help, and its value in this environment."""
-    from loraflow.settings import all_settings
+    from loraflow.options.settings import all_settings
 
     rows = [{"env": s.env, "flag": s.flag, "default": s.default, "value": s.raw(), "help": s.help,
              "deprecated_names": list(s.aliases)} for s in all_settings()]
     if output == Output.json:
         fmt.print_json(rows)
         return
-    out_console.print(fmt.table(None, ["variable", "flag", "default", "value here", "help"],
-                                [(r["env"], r["flag"] or "(env only)", r["default"] or "", r["value"] or "", r["help"])
-                                 for r in rows]))
+    # One block per setting (a five-column table folds every cell to nothing on an 80-column terminal).
+    from rich.padding import Padding
+    from rich.text import Text
+
+    for r in rows:
+        head = Text(r["env"], style="bold")
+        head.append(f"  {r['flag'] or '(env only)'}", style="cyan")
+        if r["default"] is not None:
+            head.append(f"  default {r['default']}")
+        if r["value"]:
+            head.append(f"  set here: {r['value']}", style="green")
+        if r["deprecated_names"]:
+            head.append(f"  (deprecated: {', '.join(r['deprecated_names'])})", style="yellow")
+        out_console.print(head)
+        out_console.print(Padding(Text(r["help"], style="dim"), (0, 0, 0, 4)))
+
+
+if __name__ == "__main__":
+    app()

@@ -22,9 +22,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from loraflow import errors, settings
-from loraflow.model_source import is_location
+from loraflow import errors
+from loraflow.options import settings
 from loraflow.security.tls import channel_credentials
+from loraflow.storage.model_source import is_location
 from loraflow.v1 import (
     compiler_pb2,
     compiler_pb2_grpc,
@@ -38,7 +39,7 @@ from loraflow.v1 import (
 )
 
 if TYPE_CHECKING:
-    from loraflow.transfer import PullResult, PushResult
+    from loraflow.storage.transfer import PullResult, PushResult
 
 DEFAULT_ADDRESSES = {"trainer": "127.0.0.1:50051", "compiler": "127.0.0.1:50052", "inference": "127.0.0.1:50053"}
 ADDRESS_SETTINGS = {"trainer": settings.TRAINER_ADDR, "compiler": settings.COMPILER_ADDR,
@@ -161,7 +162,7 @@ def _existing_local_path(spec: str) -> bool:
 
 
 def _is_loopback_address(address: str) -> bool:
-    from loraflow.grpc_server import is_loopback
+    from loraflow.server.grpc_server import is_loopback
 
     host = address.rpartition(":")[0].strip("[]") if ":" in address else address
     return is_loopback(host)
@@ -427,7 +428,7 @@ class Client:
              progress: bool | None = None) -> PushResult:
         """Upload a local model/adapter directory or dataset file into `service`'s store and publish it;
         `.target` of the result is the URI to name in requests. The same files upload once."""
-        from loraflow import transfer
+        from loraflow.storage import transfer
 
         service = _storage_service(service)
         endpoint = self._endpoint(service)
@@ -445,7 +446,7 @@ class Client:
     def pull(self, uri: str, dest: str | os.PathLike, *, service: str = "trainer",
              progress: bool | None = None) -> PullResult:
         """Download the published store directory `uri` into `dest` (absent or empty), sha256-checked."""
-        from loraflow import transfer
+        from loraflow.storage import transfer
 
         service = _storage_service(service)
 
@@ -637,7 +638,7 @@ class Client:
     def generate(self, prompt: str | list[int], model_id: str, adapter: str = "", chat: bool = False, *,
                  request_id: str = "", **sampling) -> Iterator[inference_pb2.GenerateResponse]:
         """Stream the completion of one prompt (text or token ids). `sampling`: SamplingParams fields
-        (loraflow.sampling_params.SAMPLING_FIELDS)."""
+        (loraflow.options.sampling_params.SAMPLING_FIELDS)."""
         request = make_generate_request(prompt, model_id, adapter, chat, request_id=request_id, **sampling)
         yield from self._stream("inference", inference_pb2_grpc.InferenceServiceStub, "Generate", request)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from loraflow.embedded_redis import EmbeddedRedis
+from loraflow.jobs.embedded_redis import EmbeddedRedis
 from tests.support.tiny_models import make_tiny_model_dir
 
 
@@ -35,8 +35,8 @@ def allowed_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def input_policy(allowed_root):
     """The InputPolicy in-process servicers and handlers get in tests: local paths under allowed_root only."""
-    from loraflow.model_source import InputPolicy
     from loraflow.security.local_paths import LocalPathPolicy
+    from loraflow.storage.model_source import InputPolicy
 
     return InputPolicy(LocalPathPolicy((allowed_root,)))
 

@@ -27,7 +27,7 @@ export LORAFLOW_BASE_IMAGE
 wheels="$TOOLS/wheels"
 mkdir -p "$wheels"
 if .venv/bin/pip download -q --no-deps --dest "$wheels" 'torch==2.13.0+cpu' 2>/dev/null; then
-    port=$(.venv/bin/python -c 'from loraflow.embedded_redis import free_port; print(free_port())')
+    port=$(.venv/bin/python -c 'from loraflow.jobs.embedded_redis import free_port; print(free_port())')
     .venv/bin/python -m http.server --bind 127.0.0.1 --directory "$wheels" "$port" >/dev/null 2>&1 &
     wheel_server=$!
     export LORAFLOW_TORCH_FIND_LINKS="http://127.0.0.1:$port/" LORAFLOW_TORCH_INDEX_URL=https://pypi.org/simple

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow.api.registered import RegisteredAdapter
-from loraflow.lora_bank import Adapter
+from loraflow.artifact.lora_bank import Adapter
 
 BASE = "base"
 

@@ -18,15 +18,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loraflow import lora_bank
 from loraflow.api import sources
 from loraflow.api.adapter_set import BASE, AdapterSet, LoadedAdapter
 from loraflow.api.compile_args import build_compile_request
 from loraflow.api.connection import make_client
 from loraflow.api.generation import GenerationResult, Timer, decode, plan_rows, sampling_kwargs
 from loraflow.api.registered import RegisteredAdapter, as_mapping
+from loraflow.artifact import lora_bank
 from loraflow.errors import FailedPrecondition
-from loraflow.names import validate_name
+from loraflow.options.names import validate_name
 
 log = logging.getLogger("loraflow.api")
 
@@ -65,7 +65,7 @@ class AutoLoraModelForCausalLM:
 
         NotImplementedError for an architecture loraflow cannot compile; `config_overrides` replace
         values of the checkpoint's config.json (e.g. num_hidden_layers)."""
-        from loraflow.config import Settings
+        from loraflow.options.config import Settings
         from services.compiler.modeling.config import SUPPORTED_ARCHITECTURES
 
         cache = Path(cache_dir) if cache_dir is not None else Path(Settings.from_env().cache_dir)
@@ -105,7 +105,7 @@ class AutoLoraModelForCausalLM:
         return adapter_id
 
     def _read_adapter(self, spec: str, name: str) -> LoadedAdapter:
-        from loraflow.model_source import is_location
+        from loraflow.storage.model_source import is_location
 
         if self.client is not None and not is_location(spec) and sources.trained_here(spec) is None \
                 and not Path(spec).is_dir():
@@ -214,7 +214,7 @@ class AutoLoraModelForCausalLM:
                  **sampling) -> GenerationResult:
         """Every prompt with its adapter ("base" = none) in mixed continuous batches; greedy by default.
 
-        `sampling`: the fields of loraflow.sampling_params.SAMPLING_FIELDS but max_new_tokens (temperature, top_k,
+        `sampling`: the fields of loraflow.options.sampling_params.SAMPLING_FIELDS but max_new_tokens (temperature, top_k,
         top_p, seed, stop, repetition_penalty, ignore_eos)."""
         if not self._compiled:
             raise TypeError("Please run compile API first!")

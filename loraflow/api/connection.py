@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraflow import settings
+from loraflow.options import settings
 
 ENV = {"inference": settings.INFERENCE_ADDR, "compiler": settings.COMPILER_ADDR, "trainer": settings.TRAINER_ADDR}
 

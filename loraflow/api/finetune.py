@@ -21,7 +21,7 @@ from typing import Any
 
 from loraflow.api import sources
 from loraflow.api.lora_config import lora_settings
-from loraflow.names import validate_name
+from loraflow.options.names import validate_name
 
 # QEfficient train_config names → TrainingSettings fields.
 TRAIN_ALIASES = {"lr": "learning_rate", "batch_size_training": "batch_size", "max_train_step": "max_steps",
@@ -123,7 +123,7 @@ def finetune(model: Any, dataset: Any, lora_config: Any = None, *, adapter_name:
 
 def _finetune_here(base_dir: Path, spec: str, dataset: Any, lora, training, name: str, output_dir, progress: bool,
                    cache_dir) -> FinetuneResult:
-    from loraflow.config import Settings
+    from loraflow.options.config import Settings
     from services.trainer.dataset import build_splits
     from services.trainer.training import LOSS_CURVE_FILE, TrainingCallback, build_trainer
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraflow.api.adapter_set import BASE, AdapterSet
-from loraflow.sampling_params import SAMPLING_FIELDS
+from loraflow.options.sampling_params import SAMPLING_FIELDS
 
 # generate()'s sampling keywords; max_new_tokens is its generation_len.
 SAMPLING_KEYS = tuple(f.name for f in SAMPLING_FIELDS if f.name != "max_new_tokens")

@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from loraflow import lora_bank
 from loraflow.api.adapter_set import AdapterSet, LoadedAdapter
 from loraflow.api.generation import GenerationRow, Timer, stream_to
 from loraflow.api.registered import RegisteredAdapter, room_check, with_first_use_room
+from loraflow.artifact import lora_bank
+from loraflow.artifact.manifest import Manifest
 from loraflow.errors import FailedPrecondition
-from loraflow.manifest import Manifest
 from services.compiler.options import CompileOptions
 
 # Base-weight fingerprints memoised on (path, sizes, mtimes) across models of this process; CompileInputs

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loraflow.graph_contract import LORA_TARGET_MODULES
-from loraflow.lora_bank import CONFIG_FILE
-from loraflow.names import is_valid_name
+from loraflow.artifact.graph_contract import LORA_TARGET_MODULES
+from loraflow.artifact.lora_bank import CONFIG_FILE
+from loraflow.options.names import is_valid_name
 
 # Adapter slots compile() adds for registered adapters (beyond the loaded ones) when adapter_slots is unset:
 # the artifact's working set of first-use adapters, as vLLM's --max-loras is.

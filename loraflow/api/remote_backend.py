@@ -16,8 +16,8 @@ from typing import Any
 from loraflow.api.adapter_set import AdapterSet, LoadedAdapter
 from loraflow.api.generation import GenerationRow, Timer, stream_to
 from loraflow.api.registered import RegisteredAdapter, room_check, with_first_use_room
+from loraflow.artifact.graph_contract import ALL_LORA_MODULES, LORA_TARGET_MODULES
 from loraflow.errors import FailedPrecondition
-from loraflow.graph_contract import ALL_LORA_MODULES, LORA_TARGET_MODULES
 from services.compiler.options import EXTRA_SLOTS, MIN_DEFAULT_RANK, CompileOptions
 
 BATCH_CHUNK = 32  # requests per GenerateBatch call: well under the service's waiting-queue bound

@@ -17,8 +17,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from loraflow.errors import FailedPrecondition
-from loraflow.model_source import InputPolicy, is_location, is_remote, materialize
 from loraflow.security.local_paths import LocalPathPolicy
+from loraflow.storage.model_source import InputPolicy, is_location, is_remote, materialize
 
 # adapter name -> directory, for adapters `loraflow.finetune` wrote in this process.
 _TRAINED_HERE: dict[str, Path] = {}
@@ -33,8 +33,8 @@ def trained_here(name: str) -> Path | None:
 
 
 def _store_and_cache(cache_dir: Path | None):
-    from loraflow.config import Settings
-    from loraflow.store import open_store
+    from loraflow.options.config import Settings
+    from loraflow.storage.store import open_store
 
     settings = Settings.from_env()
     return open_store(settings.store_url), Path(cache_dir or settings.cache_dir)
@@ -60,7 +60,7 @@ def spec_string(spec: str | os.PathLike, field: str) -> str:
 
 def resolve_model(spec: str | os.PathLike, *, cache_dir: Path | None = None) -> Path:
     """The local checkpoint directory for a model spec; FileNotFoundError / InvalidArgument otherwise."""
-    from loraflow.models_import import KNOWN_MODELS, is_imported, model_dir
+    from loraflow.storage.models_import import KNOWN_MODELS, is_imported, model_dir
 
     spec = spec_string(spec, "pretrained_model_name_or_path")
     if spec in KNOWN_MODELS:
@@ -80,7 +80,7 @@ def resolve_model(spec: str | os.PathLike, *, cache_dir: Path | None = None) -> 
 
 
 def model_type(model_dir: Path) -> str | None:
-    from loraflow.model_source import read_json_file
+    from loraflow.storage.model_source import read_json_file
 
     config = read_json_file(str(model_dir), "config.json", None, field="base_model",
                             policy=_policy_for(str(model_dir)))

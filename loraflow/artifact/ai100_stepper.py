@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.scheduler import SchedulerOutput
 from loraflow.errors import FailedPrecondition, InvalidArgument
 

@@ -1,6 +1,6 @@
 """FusedStepDriver: runs prefill chunks and decode steps on a fused ("shared-buffer") graph.
 
-The one copy of the runtime's part of the fused graph contract (loraflow/graph_contract.py):
+The one copy of the runtime's part of the fused graph contract (loraflow/artifact/graph_contract.py):
 verification before publishing and the inference service both run an artifact through this class.
 
 * First prefill chunks (position 0) of rows in adjacent KV slots run as one call over those slots, each
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.errors import InvalidArgument
 
@@ -59,7 +59,7 @@ class FusedStepDriver:
                  logits_dtype=np.float32, lora_ranks: np.ndarray | None = None):
         """``banks``: graph input name -> OrtValue or numpy array [L*N, in, R] / [L*N, R, out], bound once
         (on CPU an OrtValue over a numpy array aliases it, so writes into the array serve at once).
-        ``lora_ranks``: int64 [N], each slot's rank (loraflow.lora_bank.bank_ranks), bound once the same way;
+        ``lora_ranks``: int64 [N], each slot's rank (loraflow.artifact.lora_bank.bank_ranks), bound once the same way;
         required by a graph with that input."""
         import onnxruntime as ort
 
@@ -89,7 +89,7 @@ class FusedStepDriver:
     def _bind_ranks(self, shape, lora_ranks: np.ndarray | None) -> None:
         if lora_ranks is None:
             raise InvalidArgument(f"this graph takes {gc.LORA_RANKS} [N] (each adapter slot's rank): pass "
-                                  "lora_ranks=loraflow.lora_bank.bank_ranks(...)", field=gc.LORA_RANKS, value=None)
+                                  "lora_ranks=loraflow.artifact.lora_bank.bank_ranks(...)", field=gc.LORA_RANKS, value=None)
         if (not isinstance(lora_ranks, np.ndarray) or lora_ranks.dtype != np.int64 or lora_ranks.ndim != 1
                 or not lora_ranks.flags.c_contiguous or (isinstance(shape[0], int) and lora_ranks.shape[0] != shape[0])):
             raise InvalidArgument(f"{gc.LORA_RANKS} must be a contiguous int64 array of shape {list(shape)}, got "

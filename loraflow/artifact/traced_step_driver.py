@@ -1,6 +1,6 @@
 """TracedStepDriver: runs prefill chunks and decode steps on a traced ("time-major") graph.
 
-The one copy of the runtime's part of the traced graph contract (loraflow/graph_contract.py, target
+The one copy of the runtime's part of the traced graph contract (loraflow/artifact/graph_contract.py, target
 "onnxruntime" without kv_layout "shared-buffer": fp16, and fp32/int8 for models the fused builder
 refuses): verification before publishing and the inference service both run an artifact through this
 class.
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.step_driver import Row
 from loraflow.errors import InvalidArgument
 
@@ -74,7 +74,7 @@ class TracedStepDriver:
     @classmethod
     def from_graph(cls, session, graph, banks: Mapping[str, object], *, slots: int, ctx_len: int
                    ) -> TracedStepDriver:
-        """A driver for a loraflow.manifest.GraphSpec (layers, heads, vocab and dtypes from the graph)."""
+        """A driver for a loraflow.artifact.manifest.GraphSpec (layers, heads, vocab and dtypes from the graph)."""
         outputs = {t.name: t.dtype for t in graph.outputs}
         return cls(session, banks, layers=graph.layers, slots=slots, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
                    head_dim=graph.head_dim, vocab_size=graph.vocab_size, dtype=np.dtype(graph.dtype),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraflow import settings
 from loraflow.errors import FailedPrecondition
+from loraflow.options import settings
 
 DOMAIN = "ai.loraflow"
 OPSET = 1

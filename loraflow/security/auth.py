@@ -27,9 +27,9 @@ from pathlib import Path
 
 import grpc
 
-from loraflow.error_status import status_for
 from loraflow.errors import InvalidArgument, Unauthenticated
 from loraflow.security.private_files import write_private
+from loraflow.server.error_status import status_for
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraflow.errors import InvalidArgument
-from loraflow.settings import ENV_PREFIX, Setting, declare
-from loraflow.storage_layout import MAX_CHUNK_BYTES
+from loraflow.options.settings import ENV_PREFIX, Setting, declare
+from loraflow.storage.storage_layout import MAX_CHUNK_BYTES
 
 KiB, MiB = 1 << 10, 1 << 20
 # An Upload message is a chunk plus its field tag and length (a few bytes), or a header (path, size, sha256).
@@ -164,7 +164,7 @@ def _declared(field: dataclasses.Field) -> Setting:
                            parse=lambda text: _parse(text, spec, env_name(field.name))))
 
 
-# Each limit in the settings registry (loraflow.settings): `loraflow settings` lists them with the rest.
+# Each limit in the settings registry (loraflow.options.settings): `loraflow settings` lists them with the rest.
 LIMIT_SETTINGS = {field.name: _declared(field) for field in dataclasses.fields(ServerLimits)}
 
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraflow.errors import InvalidArgument
-from loraflow.security.limits import ServerLimits, add_limit_arguments
-from loraflow.settings import (
+from loraflow.options.settings import (
     ALLOW_LOCAL_PATHS,
     ALLOW_S3_BUCKETS,
     ALLOW_UNAUTHENTICATED,
@@ -26,6 +25,7 @@ from loraflow.settings import (
     TLS_KEY,
     Setting,
 )
+from loraflow.security.limits import ServerLimits, add_limit_arguments
 
 # Streaming RPCs (Generate, GenerateBatch, WatchJob, health Watch, reflection) one server runs at once;
 # beyond it a new stream is RESOURCE_EXHAUSTED. Unary RPCs and health checks have threads of their own.
@@ -117,7 +117,7 @@ class SecuritySettings:
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags behind SecuritySettings (each with its LORAFLOW_* environment variable)."""
     g = parser.add_argument_group("security")
-    # Help texts and variables: loraflow.settings.
+    # Help texts and variables: loraflow.options.settings.
     g.add_argument(AUTH_TOKENS_FILE.flag, default=None, metavar="PATH", help=AUTH_TOKENS_FILE.described())
     g.add_argument(ALLOW_UNAUTHENTICATED.flag, action="store_true", help=ALLOW_UNAUTHENTICATED.described())
     g.add_argument(TLS_CERT.flag, default=None, metavar="PEM", help=TLS_CERT.described())

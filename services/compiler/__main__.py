@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from loraflow.queue_service import QueueServiceSpec, ServiceContext, main
+from loraflow.jobs.queue_service import QueueServiceSpec, ServiceContext, main
 from loraflow.v1 import compiler_pb2_grpc
 
 
 def _inputs(ctx: ServiceContext):
-    from loraflow.model_source import InputPolicy
+    from loraflow.storage.model_source import InputPolicy
     from services.compiler.inputs import CompileInputs
 
     return CompileInputs(ctx.store, ctx.registry, ctx.settings.cache_dir, policy=InputPolicy.from_settings(ctx.security))

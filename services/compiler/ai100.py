@@ -50,9 +50,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact.manifest import TensorSpec
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
-from loraflow.manifest import TensorSpec
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.options import CompileOptions
 

@@ -35,12 +35,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.ai100_stepper import Ai100Layout, Ai100Stepper
+from loraflow.artifact.manifest import GraphSpec
 from loraflow.artifact.scheduler import Scheduler
 from loraflow.artifact.scheduler import Sequence as Request
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.manifest import GraphSpec
 from services.compiler.ai100 import CUSTOM_IO_FILE, SPECIALIZATIONS_FILE
 from services.compiler.ai100_writer import hidden_name
 from services.compiler.modeling.layerwise import ReferenceRow

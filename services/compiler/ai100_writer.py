@@ -26,9 +26,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact.manifest import GraphSpec, LoraModuleSpec
 from loraflow.errors import InvalidArgument
-from loraflow.manifest import GraphSpec, LoraModuleSpec
 from services.compiler import ai100
 from services.compiler.fused.builder import ExternalData, _Graph
 from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource

@@ -26,9 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loraflow import lora_bank
-from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.manifest import (
+from loraflow.artifact import lora_bank
+from loraflow.artifact.manifest import (
     AdapterEntry,
     BaseModelInfo,
     FileEntry,
@@ -36,7 +35,8 @@ from loraflow.manifest import (
     compute_artifact_id,
     file_sha256,
 )
-from loraflow.names import validate_name
+from loraflow.errors import FailedPrecondition, InvalidArgument
+from loraflow.options.names import validate_name
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, confined_file, read_regular_file
 from services.compiler.artifact_plan import ArtifactPlan
 from services.compiler.backends import pick_backend

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraflow import lora_bank
+from loraflow.artifact import lora_bank
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.options import CompileOptions
 

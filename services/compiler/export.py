@@ -1,4 +1,4 @@
-"""ONNX export of the multi-LoRA decoder for target "onnxruntime" (names: loraflow/graph_contract.py).
+"""ONNX export of the multi-LoRA decoder for target "onnxruntime" (names: loraflow/artifact/graph_contract.py).
 
 Dynamic dims: B (rows), S (tokens per row), P (past tokens in use), F (KV-cache slots). The
 banks have static shapes [L, N, in, R] / [L, N, R, out] fixed by adapter_slots and max_rank.
@@ -25,9 +25,9 @@ import onnx
 import torch
 from torch import nn
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact.manifest import GraphSpec, LoraModuleSpec, TensorSpec
 from loraflow.errors import InvalidArgument
-from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
 from services.compiler.modeling.decoder import MultiLoraDecoder
 
 ONNX_FILE = "model.onnx"

@@ -5,7 +5,7 @@ PEFT directory. Both the API (to validate and detect cache hits before queueing)
 (to build) go through `CompileInputs.plan`, so they agree on the artifact id.
 
 The budget comes first: config.json alone (bounded, strict) and the options give the compile job's memory
-(loraflow.budget.compile_estimate); a request over it is RESOURCE_EXHAUSTED before the base model is
+(loraflow.options.budget.compile_estimate); a request over it is RESOURCE_EXHAUSTED before the base model is
 fetched, and again, exactly, once the adapters are read, before the worker allocates anything.
 
 Planning reads no base-model weight when the store has them: a published model directory's manifest
@@ -20,10 +20,12 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loraflow.budget import MemoryEstimate, ResourceBudget, compile_estimate, process_budget
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound
-from loraflow.hf_config import HfModelConfig
-from loraflow.model_source import (
+from loraflow.jobs.registry import Registry
+from loraflow.options.budget import MemoryEstimate, ResourceBudget, compile_estimate, process_budget
+from loraflow.options.hf_config import HfModelConfig
+from loraflow.options.names import validate_name
+from loraflow.storage.model_source import (
     InputPolicy,
     check_uri,
     is_location,
@@ -31,9 +33,7 @@ from loraflow.model_source import (
     read_json_file,
     require_published,
 )
-from loraflow.names import validate_name
-from loraflow.registry import Registry
-from loraflow.store import MANIFEST_NAME, FileStore, ObjectStore, resolve
+from loraflow.storage.store import MANIFEST_NAME, FileStore, ObjectStore, resolve
 from services.compiler.artifact import ArtifactPlan, base_fingerprint, fingerprint_from_hashes, plan_artifact
 from services.compiler.modeling.checkpoint import INDEX_FILE, SINGLE_FILE, weight_files
 from services.compiler.modeling.config import DecoderConfig
@@ -70,7 +70,7 @@ class CompileInputs:
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
                  policy: InputPolicy | None = None, budget: ResourceBudget | None = None):
         self.store = store
-        self._budget = budget  # None: the process's (loraflow.budget.process_budget)
+        self._budget = budget  # None: the process's (loraflow.options.budget.process_budget)
         self.registry = registry
         self.cache_dir = Path(cache_dir)
         # The API and the worker both plan through here, so the worker re-checks a (possibly planted) payload.

@@ -10,7 +10,7 @@ STAGE_SECONDS = Histogram("loraflow_compiler_stage_seconds", "Seconds spent per 
 
 
 def serve_metrics(port: int, addr: str = "127.0.0.1", limits=None) -> None:
-    # /metrics plus the /healthz and /readyz probes (loraflow.redis_health.HEALTH).
-    from loraflow.redis_health import start_metrics_server
+    # /metrics plus the /healthz and /readyz probes (loraflow.server.redis_health.HEALTH).
+    from loraflow.server.redis_health import start_metrics_server
 
     start_metrics_server(port, addr=addr, limits=limits)  # limits: ServerLimits (None: defaults)

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from loraflow.artifact.graph_contract import ALL_LORA_MODULES, LORA_TARGET_MODULES
 from loraflow.errors import InvalidArgument
-from loraflow.graph_contract import ALL_LORA_MODULES, LORA_TARGET_MODULES
 
 TARGETS = ("onnxruntime", "ai100")
 DTYPES = ("fp32", "fp16", "int8", "int4")

@@ -3,7 +3,7 @@
 Thin by design: protobuf in, CompileOptions + adapter specs out; registry records back to protobuf.
 The cheap checks (fields, config.json, the memory budget) run on the RPC thread; planning the artifact
 (fetching and hashing the base model, reading the adapters) runs on the bounded preparation pool
-(loraflow.preparation), and a handler whose client went away stops waiting for it.
+(loraflow.server.preparation), and a handler whose client went away stops waiting for it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import logging
 import grpc
 
 from loraflow.errors import InvalidArgument
-from loraflow.grpc_server import page_size_from_proto, set_timestamp
-from loraflow.job_service import job_to_proto
-from loraflow.jobs import JobQueue, validate_labels, validate_request_id
-from loraflow.names import validate_name
-from loraflow.preparation import ClientGone, PreparationPool, preparation_pool
-from loraflow.registry import MAX_ARTIFACT_ID_LEN, ArtifactRecord, Registry
-from loraflow.store import ObjectStore, artifact_key
+from loraflow.jobs.job_service import job_to_proto
+from loraflow.jobs.queue import JobQueue, validate_labels, validate_request_id
+from loraflow.jobs.registry import MAX_ARTIFACT_ID_LEN, ArtifactRecord, Registry
+from loraflow.options.names import validate_name
+from loraflow.server.grpc_server import page_size_from_proto, set_timestamp
+from loraflow.server.preparation import ClientGone, PreparationPool, preparation_pool
+from loraflow.storage.store import ObjectStore, artifact_key
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2
 from services.compiler.inputs import CompileInputs
 from services.compiler.options import MAX_COMPILER_OPTIONS, CompileOptions
@@ -83,7 +83,7 @@ class CompilerServiceServicer(compiler_pb2_grpc.CompilerServiceServicer):
         self.registry = registry
         self.store = store
         self.inputs = inputs
-        self._preparations = preparations  # None: the process's (loraflow.preparation.preparation_pool)
+        self._preparations = preparations  # None: the process's (loraflow.server.preparation.preparation_pool)
 
     def SubmitCompileJob(self, request: compiler_pb2.SubmitCompileJobRequest, context) -> jobs_pb2.Job:
         request_id = validate_request_id(request.request_id)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact.manifest import GraphSpec
 from loraflow.artifact.step_driver import Row
 from loraflow.errors import InvalidArgument, LoraflowError
-from loraflow.manifest import GraphSpec
 from services.compiler.modeling import layerwise
 from services.compiler.modeling.decoder import MultiLoraDecoder
 from services.compiler.modeling.layerwise import LayerHook, ReferenceRow, Variant

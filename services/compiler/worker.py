@@ -10,9 +10,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from loraflow.jobs import JobContext
-from loraflow.registry import ArtifactAdapterRecord, ArtifactRecord, Registry
-from loraflow.store import ObjectStore, artifact_key
+from loraflow.jobs.queue import JobContext
+from loraflow.jobs.registry import ArtifactAdapterRecord, ArtifactRecord, Registry
+from loraflow.storage.store import ObjectStore, artifact_key
 from services.compiler import metrics
 from services.compiler.artifact import build_artifact
 from services.compiler.inputs import CompileInputs, ResolvedInputs

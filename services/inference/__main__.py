@@ -13,16 +13,16 @@ import logging
 import sys
 import threading
 
-from loraflow.budget import ResourceBudget, add_budget_arguments, configure_process_budget
-from loraflow.config import Settings, connect_redis, seconds_arg
 from loraflow.errors import LoraflowError
-from loraflow.jobs import RedisOutage, retry_redis
-from loraflow.model_source import InputPolicy
-from loraflow.redis_health import HEALTH, ReadinessGate, RedisMonitor
-from loraflow.registry import Registry
+from loraflow.jobs.queue import RedisOutage, retry_redis
+from loraflow.jobs.registry import Registry
+from loraflow.options.budget import ResourceBudget, add_budget_arguments, configure_process_budget
+from loraflow.options.config import Settings, connect_redis, seconds_arg
+from loraflow.options.settings import ADAPTER_CACHE_BYTES, DEPLOYMENT, HTTP_LISTEN, ORT_SPINNING
 from loraflow.security.settings import SecuritySettings, add_security_arguments
-from loraflow.settings import ADAPTER_CACHE_BYTES, DEPLOYMENT, HTTP_LISTEN, ORT_SPINNING
-from loraflow.store import open_store
+from loraflow.server.redis_health import HEALTH, ReadinessGate, RedisMonitor
+from loraflow.storage.model_source import InputPolicy
+from loraflow.storage.store import open_store
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.metrics import serve_metrics
 from services.inference.model_manager import ModelManager
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(err.message)
     if args.deployment is not None:
         from loraflow.errors import InvalidArgument
-        from loraflow.names import validate_name
+        from loraflow.options.names import validate_name
 
         try:
             validate_name("deployment", args.deployment)
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loraflow.grpc_server import GrpcServer, run_until_signal
+    from loraflow.server.grpc_server import GrpcServer, run_until_signal
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_process_budget(ResourceBudget.from_args(args))
     embedded = None
     if settings.redis_url is None:
-        from loraflow.embedded_redis import EmbeddedRedis
+        from loraflow.jobs.embedded_redis import EmbeddedRedis
 
         embedded = EmbeddedRedis()
         redis_url = embedded.url

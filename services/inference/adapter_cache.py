@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from loraflow.errors import InvalidArgument
-from loraflow.settings import ADAPTER_CACHE_BYTES
+from loraflow.options.settings import ADAPTER_CACHE_BYTES
 
 # Default bound: holds ~100 SmolLM2-135M all-module r=8 adapters (about 10 MB each in float32).
-DEFAULT_ADAPTER_CACHE_BYTES = ADAPTER_CACHE_BYTES.parse(ADAPTER_CACHE_BYTES.default)  # declared in loraflow.settings
+DEFAULT_ADAPTER_CACHE_BYTES = ADAPTER_CACHE_BYTES.parse(ADAPTER_CACHE_BYTES.default)  # declared in loraflow.options.settings
 MAX_ADAPTER_CACHE_BYTES = 1 << 40
 
 

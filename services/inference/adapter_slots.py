@@ -1,7 +1,7 @@
 """The adapter-slot table of one loaded model: which adapter each bank slot holds, and the banks themselves.
 
 Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] are laid out as the compiler lays
-them (loraflow.lora_bank); slot 0 is the base model (zeros) and never holds an adapter. ``ranks`` (int64 [N],
+them (loraflow.artifact.lora_bank); slot 0 is the base model (zeros) and never holds an adapter. ``ranks`` (int64 [N],
 the fused graphs' ``lora_ranks``) holds the rank each slot's weights use, kept in step with every write. Both runtimes use
 this class (``OrtRuntime`` binds the banks as graph inputs, ``Ai100Runtime`` sets them as QPC buffers); a
 runtime passes ``sync``, called after every bank write, to bring the device copy up to date.
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loraflow.errors import FailedPrecondition, NotFound, ResourceExhausted
-from loraflow.lora_bank import (
+from loraflow.artifact.lora_bank import (
     BankSpec,
     clear_slot,
     empty_banks,
@@ -31,8 +30,9 @@ from loraflow.lora_bank import (
     slot_tensors,
     write_slot_tensors,
 )
-from loraflow.manifest import Manifest
-from loraflow.names import validate_name
+from loraflow.artifact.manifest import Manifest
+from loraflow.errors import FailedPrecondition, NotFound, ResourceExhausted
+from loraflow.options.names import validate_name
 
 
 @dataclass

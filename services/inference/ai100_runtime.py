@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.ai100_stepper import Ai100Layout, Ai100Stepper, RetainedStateSession
+from loraflow.artifact.manifest import Manifest
 from loraflow.artifact.scheduler import SchedulerOutput
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
-from loraflow.manifest import Manifest
 from services.inference.adapter_slots import AdapterSlot, AdapterSlots
 from services.inference.qaic_sdk import import_qaic
 

@@ -11,10 +11,10 @@ import shutil
 import threading
 from pathlib import Path
 
+from loraflow.artifact.manifest import Manifest, file_sha256
 from loraflow.errors import FailedPrecondition, IntegrityError, InvalidArgument
-from loraflow.manifest import Manifest, file_sha256
-from loraflow.names import validate_name
-from loraflow.store import ObjectStore, artifact_key
+from loraflow.options.names import validate_name
+from loraflow.storage.store import ObjectStore, artifact_key
 
 
 def verify_artifact_dir(path: Path) -> Manifest:

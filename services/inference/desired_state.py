@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import redis
 
 from loraflow.errors import AlreadyExists, InvalidArgument, NotFound
-from loraflow.names import validate_name
+from loraflow.options.names import validate_name
 
 DEFAULT_DEPLOYMENT = "default"
 # Bounds on what one entry may hold: Redis could otherwise be filled through LoadAdapter.

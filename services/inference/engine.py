@@ -26,7 +26,7 @@ import numpy as np
 
 from loraflow.artifact.scheduler import FinishReason, Scheduler, SchedulerOutput, Sequence
 from loraflow.errors import FailedPrecondition, LoraflowError
-from loraflow.names import validate_request_id
+from loraflow.options.names import validate_request_id
 from services.inference import metrics
 from services.inference.adapter_slots import AdapterSlots
 from services.inference.detokenizer import IncrementalDetokenizer

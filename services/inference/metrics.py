@@ -148,7 +148,7 @@ def forget_model(model: str) -> None:
 
 def serve_metrics(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY, limits=None):
     """Start the /metrics (+ /healthz, /readyz) HTTP endpoint in a daemon thread; returns (server, thread)."""
-    # /metrics plus the /healthz and /readyz probes (loraflow.redis_health.HEALTH).
-    from loraflow.redis_health import start_metrics_server
+    # /metrics plus the /healthz and /readyz probes (loraflow.server.redis_health.HEALTH).
+    from loraflow.server.redis_health import start_metrics_server
 
     return start_metrics_server(port, addr=addr, registry=registry, limits=limits)  # ServerLimits (None: defaults)

@@ -5,7 +5,7 @@
 local cache, and keeps the loaded models by id. No protobuf here: the servicer converts.
 
 Memory is decided before it is taken: LoadArtifact estimates the artifact (graph weights + KV cache +
-adapter banks, loraflow.budget.serving_estimate) from its manifest — read from the store before the
+adapter banks, loraflow.options.budget.serving_estimate) from its manifest — read from the store before the
 artifact is downloaded, and again from the verified copy before a session opens — and refuses it
 (RESOURCE_EXHAUSTED naming artifact_id, the estimate and the limit) when it does not fit beside the
 models already loaded or loading and the host adapter cache's cap, within ``--memory-budget``. An
@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.budget import (
+from loraflow.artifact.manifest import MANIFEST_FILE, Manifest
+from loraflow.errors import AlreadyExists, InvalidArgument, LoraflowError, NotFound, ResourceExhausted
+from loraflow.options.budget import (
     MemoryEstimate,
     ResourceBudget,
     adapter_dir_limit,
@@ -30,12 +32,10 @@ from loraflow.budget import (
     process_budget,
     serving_estimate,
 )
-from loraflow.errors import AlreadyExists, InvalidArgument, LoraflowError, NotFound, ResourceExhausted
-from loraflow.manifest import MANIFEST_FILE, Manifest
-from loraflow.model_source import InputPolicy, is_location
-from loraflow.names import validate_name
+from loraflow.options.names import validate_name
 from loraflow.security.safe_files import check_tree
-from loraflow.store import MANIFEST_NAME, ObjectStore, artifact_key, join_key, resolve
+from loraflow.storage.model_source import InputPolicy, is_location
+from loraflow.storage.store import MANIFEST_NAME, ObjectStore, artifact_key, join_key, resolve
 from services.inference import metrics
 from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, HostAdapterCache
 from services.inference.artifact_cache import ArtifactCache
@@ -86,7 +86,8 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
                allow_spinning: bool | None = None,
                resolve_adapter: Callable[[str], AdapterOrigin | None] | None = None,
                adapter_cache: HostAdapterCache | None = None,
-               adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S) -> LoadedModel:
+               adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S,
+               may_grow: Callable[[int], bool] | None = None) -> LoadedModel:
     """Open a local, already verified artifact directory and start its engine.
 
     A request naming an adapter that is not in a slot loads it on first use from the artifact (one
@@ -100,7 +101,8 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
     else:
         if allow_spinning is not None:  # the old boolean (bench/scale.py): on or off
             spinning = "on" if allow_spinning else "off"
-        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads, spinning=spinning)
+        runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads, spinning=spinning,
+                             may_grow=may_grow)
     eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
@@ -160,7 +162,7 @@ class ModelManager:
                  on_change: Callable[[int], None] | None = None, spinning: str = DEFAULT_SPINNING,
                  inputs: InputPolicy | None = None, adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
                  adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S, budget: ResourceBudget | None = None):
-        self._budget = budget  # None: the process's (loraflow.budget.process_budget)
+        self._budget = budget  # None: the process's (loraflow.options.budget.process_budget)
         self._reserved: dict[str, MemoryEstimate] = {}  # loads in flight, counted before they allocate
         self.adapter_cache = HostAdapterCache(adapter_cache_bytes)  # InvalidArgument outside its bounds
         if not isinstance(adapter_wait_s, int | float) or not 0 <= adapter_wait_s <= MAX_ADAPTER_WAIT_S:
@@ -206,7 +208,8 @@ class ModelManager:
                                max_waiting=self.max_waiting, manifest=manifest,
                                spinning=self.spinning,
                                resolve_adapter=lambda name: self._registered_origin(name, limit),
-                               adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s)
+                               adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s,
+                               may_grow=self._fits)
             model.memory = memory
         finally:
             with self._lock:
@@ -236,6 +239,13 @@ class ModelManager:
             self.budget.check(needed, field="artifact_id", value=artifact_id, in_use=in_use, in_use_what=what)
             self._reserved[model_id] = needed
         return needed
+
+    def _fits(self, extra_bytes: int) -> bool:
+        """Whether a loaded model may grow by ``extra_bytes`` (auto's sleeping session) within the budget."""
+        with self._lock:
+            loaded = sum(m.memory.total for m in self._models.values() if m.memory is not None)
+            loading = sum(e.total for e in self._reserved.values())
+        return loaded + loading + self.adapter_cache.max_bytes + extra_bytes <= self.budget.memory_bytes
 
     def _stored_manifest(self, artifact_id: str) -> Manifest | None:
         """The artifact's manifest as the store holds it (small, bounded), or None when it cannot be read

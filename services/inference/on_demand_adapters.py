@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraflow.errors import FailedPrecondition, NotFound
-from loraflow.names import validate_name
+from loraflow.options.names import validate_name
 from services.inference import metrics
 from services.inference.adapter_cache import CachedAdapter, HostAdapterCache
 from services.inference.adapter_slots import AdapterSlots

@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import redis
 
-from loraflow.registry import ADAPTERS_KEY, AdapterRecord, Registry
+from loraflow.jobs.registry import ADAPTERS_KEY, AdapterRecord, Registry
 
 log = logging.getLogger(__name__)
 

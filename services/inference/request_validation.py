@@ -1,6 +1,6 @@
 """What both front doors (gRPC ``Generate``, the OpenAI HTTP API) check of a generation request, in one place.
 
-The sampling fields come from their one declaration (``loraflow.sampling_params.SAMPLING_FIELDS``):
+The sampling fields come from their one declaration (``loraflow.options.sampling_params.SAMPLING_FIELDS``):
 ``sampling_from_proto`` reads them from a ``loraflow.v1.SamplingParams``, ``sampling_from_http`` from an
 OpenAI request body; the prompt checks (bytes of text before tokenizing, tokens against the context, token
 ids against the vocabulary) and ``build_generation`` (the adapter, the request the engine takes) are the
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraflow.errors import InvalidArgument
-from loraflow.sampling_params import DEFAULT_MAX_NEW_TOKENS, SAMPLING_FIELDS, SamplingParams
+from loraflow.options.sampling_params import DEFAULT_MAX_NEW_TOKENS, SAMPLING_FIELDS, SamplingParams
 from loraflow.v1 import inference_pb2
 from services.inference.engine import GenerationRequest
 from services.inference.model_manager import LoadedModel, ModelManager

@@ -9,30 +9,36 @@ Graphs run through the same step drivers verification runs before publishing:
   loraflow.artifact.traced_step_driver.TracedStepDriver, which owns a time-major cache
   [L, ctx_len, F, H, D] per kind and binds only the positions in use.
 
-Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] come from loraflow.lora_bank
+Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] come from loraflow.artifact.lora_bank
 (the compiler's layout) and are graph inputs bound once through an IOBinding; on CPU the OrtValues share
 memory with the numpy banks, so a hot-added adapter is written into its slot in place and serves at once.
 Slot 0 is the base model (zeros). A fused graph's ``lora_ranks`` [N] (AdapterSlots.ranks, each slot's rank)
-is bound the same way, so LoraRows computes each row's own rank at no per-step cost.
+is bound the same way, so LoraRows computes each row's own rank at no per-step cost. The slot table and
+banks are services/inference/adapter_slots.py's AdapterSlots (``runtime.adapters``), shared with the AI 100
+runtime.
+
+Threads: ``spinning`` (services/inference/spinning.py); under ``auto`` a fused graph gets a second, sleeping
+session over the same file, cache and banks for the steps that run while the host is contended.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from loraflow import graph_contract as gc
 from loraflow import native as native_lora
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.manifest import Manifest
 from loraflow.artifact.scheduler import SchedulerOutput
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.artifact.traced_step_driver import TracedStepDriver
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.manifest import Manifest
 from services.inference.adapter_slots import AdapterSlot, AdapterSlots
 from services.inference.spinning import DEFAULT_SPINNING, HostContention, check_spinning
 
@@ -80,9 +86,11 @@ class OrtRuntime:
     """Runs SchedulerOutput steps on an artifact's ONNX graph; owns the KV cache and adapter banks."""
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest | None = None, *, device: str = "cpu",
-                 num_threads: int = 0, spinning: str = DEFAULT_SPINNING):
+                 num_threads: int = 0, spinning: str = DEFAULT_SPINNING,
+                 may_grow: Callable[[int], bool] | None = None):
         """``spinning``: the ONNX Runtime threading policy, ``auto`` | ``on`` | ``off`` (services/inference/
-        spinning.py: spinning is faster on a dedicated host and collapses on a shared one)."""
+        spinning.py: spinning is faster on a dedicated host and collapses on a shared one). ``may_grow(nbytes)``:
+        whether the process's memory budget allows auto's sleeping session (its packed weights); None: yes."""
         import onnxruntime as ort
 
         self.artifact_dir = Path(artifact_dir)
@@ -173,6 +181,7 @@ class OrtRuntime:
         # processes contend for the cores (services/inference/spinning.py), opened when first needed.
         self._num_threads = num_threads
         self._graph_file = file
+        self._may_grow = may_grow
         self.contention = (HostContention(own_threads=num_threads)
                            if self.spinning == "auto" and self.shared_kv and self.device == "cpu" else None)
         self._sleeping_driver: FusedStepDriver | None = None
@@ -233,7 +242,9 @@ class OrtRuntime:
             self.steps_by_spinning["spinning"] += 1
             return self._driver
         if self._sleeping_driver is None:
-            if self._sleeping_opener is None:  # opened beside the steps, which go on spinning meanwhile
+            if self._sleeping_opener is None and not self._weights_fit():
+                self.contention = None  # over the memory budget: spin inside calls only, from now on
+            elif self._sleeping_opener is None:  # opened beside the steps, which go on spinning meanwhile
                 self._sleeping_opener = threading.Thread(target=self._open_sleeping, name="ort-sleeping-session",
                                                          daemon=True)
                 self._sleeping_opener.start()
@@ -241,6 +252,14 @@ class OrtRuntime:
             return self._driver
         self.steps_by_spinning["sleeping"] += 1
         return self._sleeping_driver
+
+    def _weights_fit(self) -> bool:
+        weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
+        if self._may_grow is None or self._may_grow(weights):
+            return True
+        log.warning("%s: no sleeping session for a contended host (its %d bytes of packed weights exceed the "
+                    "memory budget); its threads spin inside calls only", self.manifest.artifact_id, weights)
+        return False
 
     def _open_sleeping(self) -> None:
         import onnxruntime as ort

@@ -12,7 +12,7 @@ import secrets
 import numpy as np
 
 # The fields, their defaults and checks are declared once in the library (front doors, client and CLI read them).
-from loraflow.sampling_params import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, SamplingParams  # noqa: F401
+from loraflow.options.sampling_params import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, SamplingParams  # noqa: F401
 
 
 class NonFiniteLogits(ArithmeticError):

@@ -18,7 +18,7 @@ import threading
 
 from loraflow.artifact.scheduler import FinishReason
 from loraflow.errors import InvalidArgument
-from loraflow.names import validate_request_id
+from loraflow.options.names import validate_request_id
 from loraflow.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.engine import Engine, GenerationChunk, GenerationRequest, RequestHandle
 from services.inference.model_manager import LoadedModel, ModelManager

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loraflow.errors import InvalidArgument
-from loraflow.settings import ORT_SPINNING
+from loraflow.options.settings import ORT_SPINNING
 
 SPINNING_POLICIES = ("auto", "on", "off")
 SPINNING_ENV = ORT_SPINNING.env

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loraflow.queue_service import QueueServiceSpec, ServiceContext, main
-from loraflow.settings import ALLOW_DISTRIBUTED_TRAINING, JOIN_DISTRIBUTED, RDZV_HOST
+from loraflow.jobs.queue_service import QueueServiceSpec, ServiceContext, main
+from loraflow.options.settings import ALLOW_DISTRIBUTED_TRAINING, JOIN_DISTRIBUTED, RDZV_HOST
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 
 
@@ -39,14 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_servicer(ctx: ServiceContext):
-    from loraflow.model_source import InputPolicy
+    from loraflow.storage.model_source import InputPolicy
     from services.trainer.server import TrainerServiceServicer
 
     return TrainerServiceServicer(ctx.queue, ctx.registry, ctx.store, inputs=InputPolicy.from_settings(ctx.security))
 
 
 def make_handler(ctx: ServiceContext):
-    from loraflow.model_source import InputPolicy
+    from loraflow.storage.model_source import InputPolicy
     from services.trainer.metrics import TrainerMetrics
     from services.trainer.worker import TrainingHandler
 
@@ -90,7 +90,7 @@ SPEC = QueueServiceSpec(
 
 def run(argv: list[str] | None = None) -> int:
     """The plain API/worker process, or (--one-job, --role follower/auto) one Indexed Job pod's."""
-    from loraflow.queue_service import parse_args
+    from loraflow.jobs.queue_service import parse_args
     from services.trainer.node_flags import NodeMode
 
     args = parse_args(SPEC, argv)

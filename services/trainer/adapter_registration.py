@@ -2,7 +2,7 @@
 
 Cheap checks come first and nothing heavy runs under the name lock:
 
-1. syntax: the name (loraflow.names), ``uri`` and ``base_model`` (bounded, printable, path / file:// / s3://);
+1. syntax: the name (loraflow.options.names), ``uri`` and ``base_model`` (bounded, printable, path / file:// / s3://);
 2. where: ``InputPolicy`` confines both (PERMISSION_DENIED outside the allowed roots and buckets); a store URI must
    be a published directory (``loraflow adapters push``);
 3. the base model's config.json alone (bounded) → its layer count and projection shapes, from the model built on
@@ -30,14 +30,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loraflow import lora_bank
+from loraflow.artifact import lora_bank
+from loraflow.artifact.graph_contract import ALL_LORA_MODULES
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError, ResourceExhausted
-from loraflow.graph_contract import ALL_LORA_MODULES
-from loraflow.model_source import InputPolicy, check_uri, is_location, require_published
-from loraflow.names import validate_name
-from loraflow.registry import AdapterRecord
+from loraflow.jobs.registry import AdapterRecord
+from loraflow.options.names import validate_name
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, check_tree, confined_file
-from loraflow.store import ADAPTERS_PREFIX, MANIFEST_NAME, ObjectStore, join_key, resolve, sha256_file
+from loraflow.storage.model_source import InputPolicy, check_uri, is_location, require_published
+from loraflow.storage.store import ADAPTERS_PREFIX, MANIFEST_NAME, ObjectStore, join_key, resolve, sha256_file
 
 ADAPTER_FILES = (lora_bank.CONFIG_FILE, lora_bank.WEIGHTS_FILE)
 METRICS_FILE = "metrics.json"  # what `registry rebuild` reads back (services/trainer/training.py writes the same)

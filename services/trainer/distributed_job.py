@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loraflow import errors
-from loraflow.embedded_redis import free_port
 from loraflow.errors import FailedPrecondition, Unavailable, WorkerStopping
-from loraflow.jobs import JobContext
-from loraflow.settings import RDZV_HOST
+from loraflow.jobs.embedded_redis import free_port
+from loraflow.jobs.queue import JobContext
+from loraflow.options.settings import RDZV_HOST
 from services.trainer.rank_group import RankGroup
 from services.trainer.rank_main import RankSpec
 from services.trainer.run_board import RunBoard

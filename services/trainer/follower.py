@@ -29,7 +29,7 @@ from pathlib import Path
 import redis
 
 from loraflow.errors import FailedPrecondition, LoraflowError
-from loraflow.jobs import JobQueue
+from loraflow.jobs.queue import JobQueue
 from services.trainer.distributed_job import check_capacity
 from services.trainer.rank_group import RankGroup
 from services.trainer.rank_main import RankSpec

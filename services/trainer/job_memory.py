@@ -1,14 +1,14 @@
 """The memory a training job will take on a worker, from its (strictly read) config.json and settings.
 
 Shared by the API (refuse before queueing) and the worker (refuse before loading weights): both compare it
-with loraflow.budget's ResourceBudget.
+with loraflow.options.budget's ResourceBudget.
 """
 
 from __future__ import annotations
 
-from loraflow.budget import MemoryEstimate, training_estimate
-from loraflow.graph_contract import LORA_TARGET_MODULES
-from loraflow.hf_config import HfModelConfig
+from loraflow.artifact.graph_contract import LORA_TARGET_MODULES
+from loraflow.options.budget import MemoryEstimate, training_estimate
+from loraflow.options.hf_config import HfModelConfig
 from services.trainer.training import ALL_LINEAR, LoraSettings, TrainingSettings
 
 

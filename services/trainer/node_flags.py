@@ -25,8 +25,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from loraflow.config import seconds_arg
-from loraflow.settings import JOIN_TIMEOUT, NODE_RANK, ONE_JOB, RDZV_HOST, RDZV_PORT, TRAINER_ROLE
+from loraflow.options.config import seconds_arg
+from loraflow.options.settings import JOIN_TIMEOUT, NODE_RANK, ONE_JOB, RDZV_HOST, RDZV_PORT, TRAINER_ROLE
 from services.trainer.training import MAX_NODES
 
 # torchrun's own default c10d rendezvous port: NetworkPolicies and firewall rules written for torchrun match.

@@ -30,13 +30,13 @@ import time
 
 import redis
 
-from loraflow.budget import ResourceBudget, configure_process_budget
-from loraflow.config import LIVENESS_REDIS_CONNECTIONS, Settings, connect_redis, mask_redis_url
-from loraflow.jobs import REDIS_UNREACHABLE, JobQueue, JobRecord, JobWorker
-from loraflow.redis_health import HEALTH, WORKER_READY, ReadinessGate, ReadyFile, RedisMonitor
-from loraflow.registry import Registry
+from loraflow.jobs.queue import REDIS_UNREACHABLE, JobQueue, JobRecord, JobWorker
+from loraflow.jobs.registry import Registry
+from loraflow.options.budget import ResourceBudget, configure_process_budget
+from loraflow.options.config import LIVENESS_REDIS_CONNECTIONS, Settings, connect_redis, mask_redis_url
 from loraflow.security.settings import SecuritySettings
-from loraflow.store import open_store
+from loraflow.server.redis_health import HEALTH, WORKER_READY, ReadinessGate, ReadyFile, RedisMonitor
+from loraflow.storage.store import open_store
 from services.trainer.node_flags import NodeMode
 
 log = logging.getLogger("loraflow.trainer.node")
@@ -130,7 +130,7 @@ def follow_one_run(follower, queue: JobQueue, stop: threading.Event, *, settle_s
 
 
 def _find(queue: JobQueue, job_id: str, stop: threading.Event | None) -> JobRecord | None:
-    from loraflow.jobs import retry_redis
+    from loraflow.jobs.queue import retry_redis
 
     return retry_redis(lambda: queue.find(job_id), budget=queue.outage_seconds, what=f"job {job_id} outcome",
                        stop=stop)
@@ -138,7 +138,7 @@ def _find(queue: JobQueue, job_id: str, stop: threading.Event | None) -> JobReco
 
 def main(args: argparse.Namespace, mode: NodeMode, make_handler) -> int:
     """Run this process as ``mode`` says (args as services.trainer's parser made them)."""
-    from loraflow.queue_service import ServiceContext
+    from loraflow.jobs.queue_service import ServiceContext
 
     HEALTH.configure(args.liveness_grace)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -151,7 +151,7 @@ def main(args: argparse.Namespace, mode: NodeMode, make_handler) -> int:
     security = SecuritySettings.from_args(args)
     configure_process_budget(ResourceBudget.from_args(args))  # --memory-budget: what a job may take here
     client = connect_redis(settings.redis_url)
-    # Lease renewals on connections of their own (loraflow.config.LIVENESS_REDIS_CONNECTIONS).
+    # Lease renewals on connections of their own (loraflow.options.config.LIVENESS_REDIS_CONNECTIONS).
     liveness = connect_redis(settings.redis_url, max_connections=LIVENESS_REDIS_CONNECTIONS)
     queue = JobQueue(client, "train", lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries,
                      liveness_redis=liveness)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.embedded_redis import free_port
+from loraflow.jobs.embedded_redis import free_port
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ back to protobuf. No weights are loaded here: the base model is checked from its
 this order, each step bounded before the next starts:
 
 1. the request's fields (no I/O);
-2. config.json, read bounded and checked strictly (loraflow.hf_config: INVALID_ARGUMENT for a string size,
+2. config.json, read bounded and checked strictly (loraflow.options.hf_config: INVALID_ARGUMENT for a string size,
    a garbage rope_scaling, 1,000,000 layers);
-3. the job's memory estimate against the workers' budget (loraflow.budget: RESOURCE_EXHAUSTED naming the
+3. the job's memory estimate against the workers' budget (loraflow.options.budget: RESOURCE_EXHAUSTED naming the
    estimate and the limit);
 4. the model's module names from a meta-device build, on a small pool of its own (never on the RPC thread)
    and memoised per config; a handler whose client went away (cancelled, past its deadline) stops there
@@ -29,19 +29,19 @@ from typing import Any
 import grpc
 import redis
 
-from loraflow.budget import ResourceBudget, process_budget
+from loraflow.artifact.model_families import check_model_family
 from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from loraflow.grpc_server import page_size_from_proto, set_timestamp
-from loraflow.hf_config import HfModelConfig
-from loraflow.job_service import job_to_proto
-from loraflow.jobs import JobQueue, validate_labels, validate_request_id
-from loraflow.model_families import check_model_family
-from loraflow.model_source import InputPolicy, read_json_file
-from loraflow.names import validate_name
-from loraflow.preparation import ClientGone, PreparationPool, preparation_pool
-from loraflow.registry import AdapterRecord, Registry
+from loraflow.jobs.job_service import job_to_proto
+from loraflow.jobs.queue import JobQueue, validate_labels, validate_request_id
+from loraflow.jobs.registry import AdapterRecord, Registry
+from loraflow.options.budget import ResourceBudget, process_budget
+from loraflow.options.hf_config import HfModelConfig
+from loraflow.options.names import validate_name
 from loraflow.security.safe_files import read_regular_file
-from loraflow.store import ADAPTERS_PREFIX, ObjectStore, is_under, resolve
+from loraflow.server.grpc_server import page_size_from_proto, set_timestamp
+from loraflow.server.preparation import ClientGone, PreparationPool, preparation_pool
+from loraflow.storage.model_source import InputPolicy, read_json_file
+from loraflow.storage.store import ADAPTERS_PREFIX, ObjectStore, is_under, resolve
 from loraflow.v1 import trainer_pb2, trainer_pb2_grpc
 from services.trainer.adapter_registration import RegistrationRequest, prepare_registration
 from services.trainer.dataset import MAX_DATASET_BYTES, parse_jsonl
@@ -159,7 +159,7 @@ def check_causal_lm(config: dict[str, Any], field: str = "base_model") -> str:
 class ModelInspector:
     """Builds a config's model on the meta device to list its linear modules, off the RPC threads.
 
-    The build runs on the process's preparation pool (loraflow.preparation: bounded threads and queue,
+    The build runs on the process's preparation pool (loraflow.server.preparation: bounded threads and queue,
     RESOURCE_EXHAUSTED beyond); it is bounded itself (the config passed hf_config's layer bound and the budget
     first). Results are memoised per config, `cache_size` of them, so a resubmit builds nothing. A caller
     whose client is gone stops waiting (ClientGone); a build already running finishes into the cache.
@@ -224,7 +224,7 @@ def validate_request(request: trainer_pb2.SubmitTrainingJobRequest) -> TrainingR
 
 
 class TrainerServiceServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    """budget: what a worker may take (None: the process's, loraflow.budget.process_budget)."""
+    """budget: what a worker may take (None: the process's, loraflow.options.budget.process_budget)."""
 
     def __init__(self, queue: JobQueue, registry: Registry, store: ObjectStore, *,
                  inputs: InputPolicy | None = None, budget: ResourceBudget | None = None,

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loraflow.artifact.graph_contract import ALL_LORA_MODULES
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.graph_contract import ALL_LORA_MODULES
 from services.trainer.dataset import IGNORE_INDEX, DatasetSplits, Example
 from services.trainer.loss_plot import plot_loss_curve
 
@@ -665,7 +665,7 @@ class LoraTrainer:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out_dir)
         # The one validated adapter loader the compiler and inference use: what is published can be served.
-        from loraflow.lora_bank import read_adapter
+        from loraflow.artifact.lora_bank import read_adapter
 
         read_adapter(out_dir.name, out_dir)
         metrics = {**self.metrics(), **(extra_metrics or {})}

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.budget import ResourceBudget, process_budget
 from loraflow.errors import AlreadyExists, FailedPrecondition, InvalidArgument, WorkerStopping
-from loraflow.hf_config import HfModelConfig, read_config_file
-from loraflow.jobs import JobContext
-from loraflow.model_source import InputPolicy, materialize
-from loraflow.registry import AdapterRecord, Registry
-from loraflow.store import ObjectStore, adapter_key, sha256_file
+from loraflow.jobs.queue import JobContext
+from loraflow.jobs.registry import AdapterRecord, Registry
+from loraflow.options.budget import ResourceBudget, process_budget
+from loraflow.options.hf_config import HfModelConfig, read_config_file
+from loraflow.storage.model_source import InputPolicy, materialize
+from loraflow.storage.store import ObjectStore, adapter_key, sha256_file
 from services.trainer.dataset import build_splits, parse_jsonl
 from services.trainer.job_memory import estimate_training
 from services.trainer.training import (
@@ -78,14 +78,14 @@ class _JobCallback(TrainingCallback):
 
 
 class TrainingHandler:
-    """``handler(ctx) -> result`` for loraflow.jobs.JobWorker on the "train" queue."""
+    """``handler(ctx) -> result`` for loraflow.jobs.queue.JobWorker on the "train" queue."""
 
     def __init__(self, store: ObjectStore, registry: Registry, cache_dir: str | Path, *,
                  report_every_steps: int = 5, metrics=None, inputs: InputPolicy | None = None,
                  allow_distributed: bool = False, max_local_ranks: int | None = None, rdzv_host: str | None = None,
                  join_timeout: float = 300.0, rdzv_port: int | None = None, budget: ResourceBudget | None = None):
         self.store = store
-        self._budget = budget  # None: the process's (loraflow.budget.process_budget)
+        self._budget = budget  # None: the process's (loraflow.options.budget.process_budget)
         # world_size > 1 is opt-in: the ranks' c10d store is unauthenticated (see services.trainer.rank_group).
         self.allow_distributed = bool(allow_distributed)
         # Ranks one job may start on this machine (oversubscribing cores only slows every rank down).

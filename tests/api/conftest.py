@@ -79,12 +79,12 @@ def services(redis_url, tmp_path, input_policy):
     file store and one Redis registry, reading local paths under the session's temp dir only."""
     import redis
 
-    from loraflow.grpc_server import GrpcServer
-    from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
-    from loraflow.job_service import add_job_service
-    from loraflow.jobs import JobQueue, JobWorker
-    from loraflow.registry import Registry
-    from loraflow.store import open_store
+    from loraflow.jobs.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+    from loraflow.jobs.job_service import add_job_service
+    from loraflow.jobs.queue import JobQueue, JobWorker
+    from loraflow.jobs.registry import Registry
+    from loraflow.server.grpc_server import GrpcServer
+    from loraflow.storage.store import open_store
     from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, inference_pb2_grpc, trainer_pb2_grpc
     from services.compiler.inputs import CompileInputs
     from services.compiler.server import CompilerServiceServicer

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from loraflow import AutoLoraModelForCausalLM
+from loraflow.artifact.model_families import SUPPORTED_MODEL_FAMILIES
 from loraflow.compat.qefficient import QEffAutoLoraModelForCausalLM
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.model_families import SUPPORTED_MODEL_FAMILIES
 from tests.api.conftest import COMPILE, GENERATION_LEN, MAPPING, PROMPTS
 
 
@@ -210,7 +210,7 @@ class ListStreamer:
 
 def test_streamer_store_uri_adapter_and_the_artifacts_own_tokenizer(tiny_llama, api_adapters, hf_tokenizer,
                                                                     api_cache, tmp_path):
-    from loraflow.store import open_store
+    from loraflow.storage.store import open_store
 
     store = open_store((tmp_path / "store").as_uri())
     uri = store.publish_dir("adapters/gsm8k/job-a1", api_adapters("llama")["gsm8k"])

@@ -78,7 +78,7 @@ def test_connected_registration_goes_to_the_trainer_and_inference_loads_on_first
         services, adapters_folder, tiny_llama, peft_for, hf_tokenizer, api_cache, redis_url):
     import redis
 
-    from loraflow.registry import Registry
+    from loraflow.jobs.registry import Registry
 
     connect = {"inference": services.inference, "compiler": services.compiler, "trainer": services.trainer}
     model = AutoLoraModelForCausalLM.from_pretrained(tiny_llama, cache_dir=api_cache, connect=connect)

@@ -13,7 +13,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from loraflow.embedded_redis import free_port
+from loraflow.jobs.embedded_redis import free_port
 
 S3_KEY, S3_SECRET = "loraflow-test", "loraflow-test-secret"
 
@@ -84,7 +84,7 @@ def s3_env(s3_endpoint, monkeypatch):
 @pytest.fixture
 def s3_store(s3_env, request):
     """An S3Store on a fresh prefix of bucket "loraflow-test", opened from a URL as a service would."""
-    from loraflow.store import open_store
+    from loraflow.storage.store import open_store
 
     prefix = "t-" + request.node.name.replace("[", "-").replace("]", "")[:60]
     return open_store(f"s3://loraflow-test/{prefix}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraflow.embedded_redis import EmbeddedRedis, free_port
+from loraflow.jobs.embedded_redis import EmbeddedRedis, free_port
 from tests.support.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,11 +19,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loraflow import errors
 from loraflow.client import Client
-from loraflow.embedded_redis import free_port
-from loraflow.grpc_server import GrpcServer, error_info, is_loopback
-from loraflow.job_service import SERVICE_NAME
+from loraflow.jobs.embedded_redis import free_port
+from loraflow.jobs.job_service import SERVICE_NAME
 from loraflow.security.auth import current_caller, load_tokens
 from loraflow.security.settings import SecuritySettings
+from loraflow.server.grpc_server import GrpcServer, error_info, is_loopback
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,7 +198,7 @@ def test_the_handler_sees_the_callers_name_and_logs_never_carry_the_token(authed
 def test_a_failed_rpc_is_logged_with_its_callers_name(authed, caplog):
     _server, channel, _ = authed
     stub = jobs_pb2_grpc.JobServiceStub(channel)
-    with caplog.at_level(logging.INFO, logger="loraflow.grpc_server"):
+    with caplog.at_level(logging.INFO, logger="loraflow.server.grpc_server"):
         err = rpc_error(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id="missing"), metadata=bearer(BOB), timeout=5))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     logged = "\n".join(r.getMessage() for r in caplog.records)

@@ -8,7 +8,8 @@ import argparse
 import numpy as np
 import pytest
 
-from loraflow.budget import (
+from loraflow.errors import InvalidArgument, ResourceExhausted
+from loraflow.options.budget import (
     MEMORY_BUDGET,
     MIN_MEMORY_BUDGET_BYTES,
     ResourceBudget,
@@ -21,8 +22,7 @@ from loraflow.budget import (
     parse_memory_budget,
     serving_estimate,
 )
-from loraflow.errors import InvalidArgument, ResourceExhausted
-from loraflow.hf_config import HfModelConfig, read_config_file
+from loraflow.options.hf_config import HfModelConfig, read_config_file
 
 
 def test_parameter_count_is_the_real_models(tiny_model_factory):
@@ -40,7 +40,7 @@ def test_parameter_count_is_the_real_models(tiny_model_factory):
 
 def test_bank_and_kv_estimates_match_the_arrays_the_runtime_allocates():
     from loraflow.artifact.kv_cache import SharedKvCache
-    from loraflow.lora_bank import BankSpec, empty_banks
+    from loraflow.artifact.lora_bank import BankSpec, empty_banks
 
     modules = {"q_proj": (64, 64), "v_proj": (64, 32), "down_proj": (128, 64)}
     spec = BankSpec(num_layers=3, max_rank=8, adapter_slots=5, modules=modules)
@@ -137,14 +137,14 @@ def test_serving_estimate_of_a_manifest(tiny_artifact_manifest):
 
 @pytest.fixture(scope="module")
 def tiny_artifact_manifest():
-    from loraflow.manifest import FileEntry, GraphSpec, LoraModuleSpec, Manifest
+    from loraflow.artifact.manifest import FileEntry, GraphSpec, LoraModuleSpec, Manifest
 
     graph = GraphSpec(file="model.onnx", target="onnxruntime", dtype="float32", layers=2, num_kv_heads=2, head_dim=16,
                       vocab_size=384, inputs=(), outputs=(),
                       lora_modules={"q_proj": LoraModuleSpec(64, 64), "v_proj": LoraModuleSpec(64, 32)})
     files = (FileEntry("model.onnx", "0" * 64, 1000), FileEntry("model.onnx.data", "1" * 64, 50_000),
              FileEntry("tokenizer/tokenizer.json", "2" * 64, 7000), FileEntry("adapters/a/x.onnx", "3" * 64, 9))
-    from loraflow.manifest import BaseModelInfo
+    from loraflow.artifact.manifest import BaseModelInfo
 
     return Manifest(artifact_id="a" * 32, compiler_version="t", created="now",
                     base_model=BaseModelInfo("m", "f", "llama", {}),

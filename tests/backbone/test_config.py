@@ -1,7 +1,7 @@
 import pytest
 
-from loraflow.config import Settings, connect_redis
 from loraflow.errors import InvalidArgument
+from loraflow.options.config import Settings, connect_redis
 
 
 def test_from_env_reads_variables_and_overrides_win(tmp_path):

@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loraflow.errors import InvalidArgument, NotFound, ResourceExhausted
-from loraflow.grpc_server import (
+from loraflow.jobs.job_service import SERVICE_NAME
+from loraflow.server.grpc_server import (
     GrpcServer,
     error_info,
     from_timestamp,
@@ -25,7 +26,6 @@ from loraflow.grpc_server import (
     run_until_signal,
     to_timestamp,
 )
-from loraflow.job_service import SERVICE_NAME
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,8 +162,8 @@ def test_graceful_shutdown_finishes_in_flight_rpcs(server, channel):
 
 SERVE_SCRIPT = """
 import sys, pathlib
-from loraflow.grpc_server import GrpcServer, run_until_signal
-from loraflow.job_service import SERVICE_NAME
+from loraflow.server.grpc_server import GrpcServer, run_until_signal
+from loraflow.jobs.job_service import SERVICE_NAME
 srv = GrpcServer("127.0.0.1:0", [SERVICE_NAME])
 port = srv.start()
 marker = pathlib.Path(sys.argv[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loraflow.errors import InvalidArgument
-from loraflow.hf_config import (
+from loraflow.options.hf_config import (
     MAX_JSON_DEPTH,
     MAX_LAYERS,
     HfModelConfig,

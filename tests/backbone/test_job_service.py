@@ -9,9 +9,9 @@ import grpc
 import pytest
 import redis
 
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.job_service import SERVICE_NAME, add_job_service, job_to_proto
-from loraflow.jobs import JobQueue, JobWorker
+from loraflow.jobs.job_service import SERVICE_NAME, add_job_service, job_to_proto
+from loraflow.jobs.queue import JobQueue, JobWorker
+from loraflow.server.grpc_server import GrpcServer, error_info
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 
 

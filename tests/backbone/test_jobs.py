@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound
-from loraflow.jobs import JobQueue, JobWorker, list_jobs_merged
+from loraflow.jobs.queue import JobQueue, JobWorker, list_jobs_merged
 
 
 @pytest.fixture
@@ -258,7 +258,7 @@ def test_cancel_at_random_points_never_publishes(queue, client, seed):
 def test_late_write_of_an_old_attempt_is_rejected(queue):
     """Fencing without processes: a second delivery bumps the attempt; the first context loses every write."""
     from loraflow.errors import LeaseLost
-    from loraflow.jobs import JobContext
+    from loraflow.jobs.queue import JobContext
 
     job = queue.submit({})
     queue.ensure_group()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from loraflow.jobs import JobQueue
+from loraflow.jobs.queue import JobQueue
 from tests.support.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

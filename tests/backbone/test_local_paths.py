@@ -10,10 +10,10 @@ import threading
 import pytest
 
 from loraflow.errors import InvalidArgument, PermissionDenied
-from loraflow.model_source import InputPolicy
 from loraflow.security.local_paths import LocalPathPolicy
 from loraflow.security.safe_files import check_tree, read_regular_file
-from loraflow.store import FileStore, S3Store
+from loraflow.storage.model_source import InputPolicy
+from loraflow.storage.store import FileStore, S3Store
 
 MARKER = "SECRET-MARKER-7f3a91"
 

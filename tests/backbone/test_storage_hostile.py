@@ -13,11 +13,11 @@ import time
 import grpc
 import pytest
 
-from loraflow.grpc_server import GrpcServer, error_info
 from loraflow.security.settings import SecuritySettings
-from loraflow.storage_layout import BLOBS_PREFIX, CLAIMS_PREFIX
-from loraflow.storage_service import SERVICE_NAME, add_storage_service
-from loraflow.store import open_store
+from loraflow.server.grpc_server import GrpcServer, error_info
+from loraflow.storage.storage_layout import BLOBS_PREFIX, CLAIMS_PREFIX
+from loraflow.storage.storage_service import SERVICE_NAME, add_storage_service
+from loraflow.storage.store import open_store
 from loraflow.v1 import storage_pb2, storage_pb2_grpc
 
 TOKENS = {"alice": "alice-token-0123456789abcdef", "mallory": "mallory-token-0123456789abcd"}
@@ -180,7 +180,7 @@ def test_hostile_uploads_do_not_slow_another_caller(service):
 
 
 def test_the_sweeper_removes_stale_claims_and_their_folders(service):
-    from loraflow.upload_sweeper import sweep_abandoned_blobs
+    from loraflow.storage.upload_sweeper import sweep_abandoned_blobs
 
     data = os.urandom(100)
     service.alice.upload("a.bin", data)

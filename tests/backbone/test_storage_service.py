@@ -18,13 +18,13 @@ import redis
 
 from loraflow import errors
 from loraflow.client import Client
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.model_source import InputPolicy
 from loraflow.security.settings import SecuritySettings
-from loraflow.storage_layout import BLOBS_PREFIX, MAX_CHUNK_BYTES, StorageLimits
-from loraflow.storage_service import SERVICE_NAME, add_storage_service
-from loraflow.store import open_store
-from loraflow.transfer import push as transfer_push
+from loraflow.server.grpc_server import GrpcServer, error_info
+from loraflow.storage.model_source import InputPolicy
+from loraflow.storage.storage_layout import BLOBS_PREFIX, MAX_CHUNK_BYTES, StorageLimits
+from loraflow.storage.storage_service import SERVICE_NAME, add_storage_service
+from loraflow.storage.store import open_store
+from loraflow.storage.transfer import push as transfer_push
 from loraflow.v1 import storage_pb2, storage_pb2_grpc
 from tests.support.tiny_models import make_tiny_model_dir
 
@@ -259,8 +259,8 @@ def test_pull_refuses_unpublished_and_foreign_directories(served, model_dir, tmp
 
 
 def test_pushed_model_and_dataset_on_s3_are_accepted_by_trainer_and_compiler(s3_store, tmp_path, redis_url):
-    from loraflow.jobs import JobQueue
-    from loraflow.registry import Registry
+    from loraflow.jobs.queue import JobQueue
+    from loraflow.jobs.registry import Registry
     from loraflow.v1 import trainer_pb2
     from services.compiler.inputs import CompileInputs
     from services.compiler.options import CompileOptions
@@ -344,7 +344,7 @@ def _interrupted_push(served, model_dir) -> None:
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_blobs_of_an_abandoned_push_are_swept_after_the_ttl_and_a_later_push_still_works(
         backend, tmp_path, model_dir, request):
-    from loraflow.upload_sweeper import sweep_abandoned_blobs
+    from loraflow.storage.upload_sweeper import sweep_abandoned_blobs
 
     store = request.getfixturevalue("s3_store") if backend == "s3" else open_store((tmp_path / "store").as_uri())
     served = Served(store, tmp_path)
@@ -363,7 +363,7 @@ def test_blobs_of_an_abandoned_push_are_swept_after_the_ttl_and_a_later_push_sti
 
 
 def test_a_blob_swept_between_upload_and_commit_is_sent_again_and_the_push_publishes(served, model_dir, tmp_path):
-    from loraflow.upload_sweeper import sweep_abandoned_blobs
+    from loraflow.storage.upload_sweeper import sweep_abandoned_blobs
 
     swept = []
 
@@ -382,7 +382,7 @@ def test_a_blob_swept_between_upload_and_commit_is_sent_again_and_the_push_publi
 
 
 def test_the_sweeper_thread_removes_an_old_blob_and_stops(served, model_dir):
-    from loraflow.upload_sweeper import BlobSweeper
+    from loraflow.storage.upload_sweeper import BlobSweeper
     from tests.support.polling import wait_for
 
     _interrupted_push(served, model_dir)
@@ -401,8 +401,8 @@ def test_the_sweeper_thread_removes_an_old_blob_and_stops(served, model_dir):
 def test_the_blob_ttl_is_zero_or_bounded_and_the_error_names_it(value):
     import argparse
 
-    from loraflow.storage_service import add_storage_arguments
-    from loraflow.upload_sweeper import check_blob_ttl
+    from loraflow.storage.storage_service import add_storage_arguments
+    from loraflow.storage.upload_sweeper import check_blob_ttl
 
     with pytest.raises(errors.InvalidArgument) as info:
         check_blob_ttl(value)

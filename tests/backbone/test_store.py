@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.errors import IntegrityError, InvalidArgument, NotFound
-from loraflow.store import MANIFEST_NAME, FileStore, S3Store, open_store, resolve
+from loraflow.storage.store import MANIFEST_NAME, FileStore, S3Store, open_store, resolve
 
 
 def _make_dir(root: Path) -> Path:

@@ -12,10 +12,10 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.job_service import SERVICE_NAME, add_job_service
-from loraflow.jobs import JobQueue
+from loraflow.jobs.job_service import SERVICE_NAME, add_job_service
+from loraflow.jobs.queue import JobQueue
 from loraflow.security.settings import SecuritySettings
+from loraflow.server.grpc_server import GrpcServer, error_info
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.support.polling import wait_for
 

@@ -9,10 +9,10 @@ import pytest
 
 from loraflow import errors
 from loraflow.client import Client
-from loraflow.grpc_server import GrpcServer
-from loraflow.job_service import SERVICE_NAME
+from loraflow.jobs.job_service import SERVICE_NAME
 from loraflow.security.settings import SecuritySettings
 from loraflow.security.tls import channel_credentials
+from loraflow.server.grpc_server import GrpcServer
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.backbone.test_auth import ALICE, CallerJobs, write_tokens
 from tests.support.certs import make_ca, make_leaf

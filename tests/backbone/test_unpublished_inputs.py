@@ -10,9 +10,9 @@ import pytest
 import redis
 
 from loraflow.errors import FailedPrecondition, NotFound
-from loraflow.jobs import JobQueue
-from loraflow.model_source import InputPolicy
-from loraflow.registry import Registry
+from loraflow.jobs.queue import JobQueue
+from loraflow.jobs.registry import Registry
+from loraflow.storage.model_source import InputPolicy
 from loraflow.v1 import trainer_pb2
 from tests.support.tiny_models import make_tiny_model_dir
 

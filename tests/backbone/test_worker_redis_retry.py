@@ -12,10 +12,10 @@ import urllib.request
 import pytest
 import redis
 
-from loraflow.embedded_redis import free_port
 from loraflow.errors import InvalidArgument
-from loraflow.jobs import JobQueue
-from loraflow.redis_health import ProcessHealth, check_liveness_grace
+from loraflow.jobs.embedded_redis import free_port
+from loraflow.jobs.queue import JobQueue
+from loraflow.server.redis_health import ProcessHealth, check_liveness_grace
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.backbone.redis_faults_support import RestartableRedis, ServiceProcess
 from tests.support.polling import wait_for
@@ -149,7 +149,7 @@ def test_liveness_grace_out_of_bounds_names_the_field(bad):
 
 
 def test_liveness_grace_flag_is_bounded(tmp_path):
-    from loraflow.queue_service import parse_args
+    from loraflow.jobs.queue_service import parse_args
     from services.compiler.__main__ import SPEC
 
     with pytest.raises(SystemExit):

@@ -21,7 +21,7 @@ import time
 import redis
 
 from loraflow.errors import LeaseLost
-from loraflow.jobs import JobQueue, JobWorker
+from loraflow.jobs.queue import JobQueue, JobWorker
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from loraflow.cli import app
 from loraflow.client import Client
-from loraflow.grpc_server import GrpcServer
-from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
-from loraflow.job_service import add_job_service
-from loraflow.jobs import JobQueue, JobWorker
+from loraflow.jobs.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+from loraflow.jobs.job_service import add_job_service
+from loraflow.jobs.queue import JobQueue, JobWorker
+from loraflow.server.grpc_server import GrpcServer
 
 
 @dataclass
@@ -117,8 +117,8 @@ class TrainerStack:
 def trainer_stack(redis_url, tmp_path, input_policy):
     """The real trainer API in-process (TrainerService + JobService, as `services.trainer api` wires them)
     over real Redis and a file store; `start_worker(run_worker)` adds the real training worker."""
-    from loraflow.registry import Registry
-    from loraflow.store import open_store
+    from loraflow.jobs.registry import Registry
+    from loraflow.storage.store import open_store
     from loraflow.v1 import trainer_pb2_grpc
     from services.trainer.server import SERVICE_NAME, TrainerServiceServicer
 
@@ -153,8 +153,8 @@ def tiny_dataset(tmp_path):
 @pytest.fixture
 def inference_address(redis_url, tmp_path, input_policy):
     """The real inference API in-process (as `python -m services.inference` wires it), no model loaded."""
-    from loraflow.registry import Registry
-    from loraflow.store import open_store
+    from loraflow.jobs.registry import Registry
+    from loraflow.storage.store import open_store
     from loraflow.v1 import inference_pb2_grpc
     from services.inference.model_manager import ModelManager
     from services.inference.server import SERVICE_NAME, InferenceServicer
@@ -176,8 +176,8 @@ def inference_address(redis_url, tmp_path, input_policy):
 @pytest.fixture
 def compiler_address(redis_url, tmp_path, input_policy):
     """The real compiler API in-process (CompilerService + JobService over a real "compile" queue)."""
-    from loraflow.registry import Registry
-    from loraflow.store import open_store
+    from loraflow.jobs.registry import Registry
+    from loraflow.storage.store import open_store
     from loraflow.v1 import compiler_pb2, compiler_pb2_grpc
     from services.compiler.inputs import CompileInputs
     from services.compiler.server import CompilerServiceServicer

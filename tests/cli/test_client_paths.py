@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loraflow.client import absolute_local_path
-from loraflow.model_source import is_location
+from loraflow.storage.model_source import is_location
 
 
 def test_relative_paths_that_exist_become_absolute(tmp_path, monkeypatch):

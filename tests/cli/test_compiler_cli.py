@@ -38,7 +38,7 @@ def test_compile_rejects_bad_options_and_adapters_before_queueing(compiler_addre
 
 def test_jobs_list_merges_trainer_and_compiler(train_jobs_server, compiler_address, cli_json):
     train_id = train_jobs_server.queue.submit({}).id
-    from loraflow.jobs import JobQueue
+    from loraflow.jobs.queue import JobQueue
 
     compile_id = JobQueue(train_jobs_server.redis, "compile").submit({}).id
     jobs = cli_json("jobs", "list", trainer=train_jobs_server.address, compiler=compiler_address)["jobs"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from loraflow import errors
-from loraflow import formatting as fmt
 from loraflow.client import make_generate_request
+from loraflow.console import formatting as fmt
 from loraflow.v1 import compiler_pb2, inference_pb2, jobs_pb2
 
 

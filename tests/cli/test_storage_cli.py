@@ -15,16 +15,16 @@ import redis
 
 from loraflow import errors
 from loraflow.client import Client
-from loraflow.grpc_server import GrpcServer
-from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
-from loraflow.job_service import add_job_service
-from loraflow.jobs import JobQueue
-from loraflow.model_source import InputPolicy
-from loraflow.registry import Registry
+from loraflow.jobs.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+from loraflow.jobs.job_service import add_job_service
+from loraflow.jobs.queue import JobQueue
+from loraflow.jobs.registry import Registry
 from loraflow.security.settings import SecuritySettings
-from loraflow.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
-from loraflow.storage_service import add_storage_service
-from loraflow.store import open_store
+from loraflow.server.grpc_server import GrpcServer
+from loraflow.storage.model_source import InputPolicy
+from loraflow.storage.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
+from loraflow.storage.storage_service import add_storage_service
+from loraflow.storage.store import open_store
 
 TOKEN = "cli-storage-token-0123456789abc"
 
@@ -161,8 +161,8 @@ def test_push_and_pull_commands_round_trip(remote, workdir, cli, cli_json):
     cli_json("adapters", "pull", adapter["uri"], str(workdir / "peft-copy"), **addresses)
     assert _files(workdir / "peft-copy") == _files(workdir / "peft-dir")
     # A trained adapter, by its registered name (published where the trainer worker publishes).
-    from loraflow.registry import AdapterRecord
-    from loraflow.store import adapter_key
+    from loraflow.jobs.registry import AdapterRecord
+    from loraflow.storage.store import adapter_key
 
     trained_uri = remote.store.publish_dir(adapter_key("badge", "train-1", 1), workdir / "peft-dir")
     remote.registry.put_adapter(AdapterRecord(name="badge", uri=trained_uri, base_model="m"))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from loraflow import errors
-from loraflow.embedded_redis import free_port
-from loraflow.up import SERVICES, ChildSpec, Supervisor, UpConfig, grpc_ready
+from loraflow.console.up import SERVICES, ChildSpec, Supervisor, UpConfig, grpc_ready
+from loraflow.jobs.embedded_redis import free_port
 from tests.cli.procs import alive, wait_gone
 
 HEALTH_CHILD = str(Path(__file__).with_name("health_child.py"))
@@ -117,7 +117,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     script = textwrap.dedent(f"""
         import sys, threading, time
         from pathlib import Path
-        from loraflow.up import ChildSpec, Supervisor, grpc_ready
+        from loraflow.console.up import ChildSpec, Supervisor, grpc_ready
         spec = ChildSpec(name="c", argv=(sys.executable, {HEALTH_CHILD!r}, "{port}"), address="127.0.0.1:{port}",
                          log_path=Path({str(log_path)!r}), ready=grpc_ready("127.0.0.1:{port}"))
         sup = Supervisor([spec])

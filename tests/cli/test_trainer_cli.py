@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from loraflow.registry import AdapterRecord
+from loraflow.jobs.registry import AdapterRecord
 
 
 def test_adapters_list_get_delete_json(trainer_stack, cli, cli_json):

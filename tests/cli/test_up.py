@@ -18,8 +18,8 @@ import pytest
 
 from loraflow import errors
 from loraflow.client import Client
-from loraflow.embedded_redis import free_port
-from loraflow.up import SERVICES, service_available
+from loraflow.console.up import SERVICES, service_available
+from loraflow.jobs.embedded_redis import free_port
 from tests.cli.procs import group_members, wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]

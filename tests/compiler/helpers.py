@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loraflow import graph_contract as gc
-from loraflow import lora_bank
-from loraflow.manifest import GraphSpec, LoraModuleSpec
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact import lora_bank
+from loraflow.artifact.manifest import GraphSpec, LoraModuleSpec
 from services.compiler.export import BankShape, contract_io
 from services.compiler.modeling import load_decoder
 

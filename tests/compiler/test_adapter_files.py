@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from loraflow import lora_bank
+from loraflow.artifact import lora_bank
 from loraflow.errors import InvalidArgument
 
 WEIGHTS, CONFIG = lora_bank.WEIGHTS_FILE, lora_bank.CONFIG_FILE
@@ -229,7 +229,7 @@ def test_a_matching_rank_pattern_is_accepted(adapter_dir):
 
 
 def test_header_over_the_size_limit_is_refused(adapter_dir, monkeypatch):
-    from loraflow import adapter_files
+    from loraflow.artifact import adapter_files
 
     monkeypatch.setattr(adapter_files, "MAX_HEADER_BYTES", 64)  # the real adapter's header is larger
     with pytest.raises(InvalidArgument, match="header longer than the 64 bytes allowed"):

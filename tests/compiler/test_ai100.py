@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from services.compiler import ai100, ai100_verify, ai100_writer
 from services.compiler.modeling import CheckpointWeights

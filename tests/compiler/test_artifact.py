@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from loraflow import graph_contract as gc
-from loraflow import lora_bank
-from loraflow.manifest import Manifest, file_sha256
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact import lora_bank
+from loraflow.artifact.manifest import Manifest, file_sha256
 from services.compiler.artifact import STAGES, base_fingerprint, build_artifact, plan_artifact
 from services.compiler.fused.verify import verify_fused_graph
 from services.compiler.modeling import load_decoder

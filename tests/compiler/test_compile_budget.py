@@ -13,12 +13,12 @@ import grpc
 import pytest
 import redis
 
-from loraflow.budget import ResourceBudget
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.job_service import add_job_service
-from loraflow.jobs import JobQueue, JobWorker
-from loraflow.registry import Registry
-from loraflow.store import open_store
+from loraflow.jobs.job_service import add_job_service
+from loraflow.jobs.queue import JobQueue, JobWorker
+from loraflow.jobs.registry import Registry
+from loraflow.options.budget import ResourceBudget
+from loraflow.server.grpc_server import GrpcServer, error_info
+from loraflow.storage.store import open_store
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from services.compiler.inputs import CompileInputs
 from services.compiler.server import SERVICE_NAME, CompilerServiceServicer
@@ -166,7 +166,7 @@ def test_planning_runs_off_the_rpc_threads_bounded_and_stops_for_a_client_that_l
                                                                                     input_policy):
     """Planning fetches and hashes the base model: at most threads + queue submits wait for it, the rest are
     RESOURCE_EXHAUSTED at once, GetJob stays fast, and a plan whose client left before it started never runs."""
-    from loraflow.preparation import PreparationPool
+    from loraflow.server.preparation import PreparationPool
 
     release = threading.Event()
     planned: list[str] = []

@@ -12,10 +12,10 @@ import grpc
 import pytest
 import redis
 
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.jobs import JobQueue
-from loraflow.registry import AdapterRecord, Registry
-from loraflow.store import open_store
+from loraflow.jobs.queue import JobQueue
+from loraflow.jobs.registry import AdapterRecord, Registry
+from loraflow.server.grpc_server import GrpcServer, error_info
+from loraflow.storage.store import open_store
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc
 from services.compiler.backends.shared import copy_tokenizer
 from services.compiler.inputs import CompileInputs

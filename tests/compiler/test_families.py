@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from loraflow.artifact.model_families import SUPPORTED_MODEL_FAMILIES, check_model_family
 from loraflow.errors import InvalidArgument
-from loraflow.model_families import SUPPORTED_MODEL_FAMILIES, check_model_family
 from services.compiler.families import FAMILIES, family
 from services.compiler.modeling.config import SUPPORTED_ARCHITECTURES
 
 
 def test_the_library_list_is_the_compiler_registry():
-    """The trainer checks against loraflow.model_families without importing the compiler: the two lists
+    """The trainer checks against loraflow.artifact.model_families without importing the compiler: the two lists
     must be the same families in the same order."""
     assert tuple(FAMILIES) == SUPPORTED_MODEL_FAMILIES == SUPPORTED_ARCHITECTURES
     for name, spec in FAMILIES.items():

@@ -18,12 +18,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from loraflow import graph_contract as gc
 from loraflow import native as native_lora
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.manifest import file_sha256
 from loraflow.artifact.step_driver import FusedStepDriver, Row
 from loraflow.errors import InvalidArgument
-from loraflow.manifest import file_sha256
 from services.compiler.fused.builder import FusedGraphOptions
 from services.compiler.fused.export import export_fused
 from services.compiler.fused.readback import ArtifactWeights

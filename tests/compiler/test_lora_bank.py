@@ -1,4 +1,4 @@
-"""loraflow.lora_bank: reading PEFT dirs, every rejection, slot layout and scaling."""
+"""loraflow.artifact.lora_bank: reading PEFT dirs, every rejection, slot layout and scaling."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from loraflow import lora_bank
+from loraflow.artifact import lora_bank
 from loraflow.errors import FailedPrecondition, InvalidArgument
 
 HIDDEN, INTER, LAYERS = 64, 128, 2
@@ -158,6 +158,6 @@ def test_bf16_weights_are_read(adapter_dir):
 
 
 def test_lora_bank_does_not_import_torch():
-    code = "import sys, loraflow.lora_bank, loraflow.manifest; print('torch' in sys.modules)"
+    code = "import sys, loraflow.artifact.lora_bank, loraflow.artifact.manifest; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from loraflow.graph_contract import LORA_TARGET_MODULES
+from loraflow.artifact.graph_contract import LORA_TARGET_MODULES
 from tests.compiler.helpers import decoder_with_adapters, random_prompts
 from tests.support.chunked_reference import drive_decoder
 

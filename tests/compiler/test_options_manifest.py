@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from loraflow.errors import InvalidArgument
-from loraflow.manifest import (
+from loraflow.artifact.manifest import (
     AdapterEntry,
     BaseModelInfo,
     FileEntry,
@@ -19,6 +18,7 @@ from loraflow.manifest import (
     TensorSpec,
     compute_artifact_id,
 )
+from loraflow.errors import InvalidArgument
 from services.compiler.options import CompileOptions
 
 
@@ -119,7 +119,7 @@ def test_artifact_id_is_stable_across_processes_and_sensitive_to_every_input():
     opts = CompileOptions().resolve(adapter_ranks=[4], adapter_targets=[("q_proj",)]).to_dict()
     args = ("fp", ["d1", "d2"], opts, "v1")
     aid = compute_artifact_id(*args, adapter_names=["a", "b"])
-    code = ("from loraflow.manifest import compute_artifact_id; from services.compiler.options import "
+    code = ("from loraflow.artifact.manifest import compute_artifact_id; from services.compiler.options import "
             "CompileOptions; o = CompileOptions().resolve(adapter_ranks=[4], adapter_targets=[('q_proj',)])"
             ".to_dict(); print(compute_artifact_id('fp', ['d1', 'd2'], o, 'v1', adapter_names=['a', 'b']))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import redis
 
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.job_service import add_job_service
-from loraflow.jobs import JobQueue, JobWorker
-from loraflow.registry import AdapterRecord, Registry
-from loraflow.store import artifact_key, open_store
+from loraflow.jobs.job_service import add_job_service
+from loraflow.jobs.queue import JobQueue, JobWorker
+from loraflow.jobs.registry import AdapterRecord, Registry
+from loraflow.server.grpc_server import GrpcServer, error_info
+from loraflow.storage.store import artifact_key, open_store
 from loraflow.v1 import compiler_pb2, compiler_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from services.compiler.inputs import CompileInputs
 from services.compiler.server import SERVICE_NAME, CompilerServiceServicer, options_from_proto

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from services.compiler.artifact import base_fingerprint, build_artifact, plan_artifact
 from services.compiler.modeling import Checkpoint, CheckpointWeights
@@ -253,7 +253,7 @@ def test_a_model_with_large_activations_verifies_and_a_wiring_bug_in_it_still_fa
     onnx.save(graph, str(art / "miswired.onnx"))
     import onnxruntime as ort
 
-    from loraflow import lora_bank
+    from loraflow.artifact import lora_bank
 
     spec = lora_bank.BankSpec.from_manifest(manifest)
     banks_a, banks_b = lora_bank.empty_banks(spec)
@@ -378,9 +378,9 @@ def test_a_bundle_run_a_layer_at_a_time_equals_the_whole_graph(tmp_path, tiny_ll
 # --- planning --------------------------------------------------------------------------------------------
 def test_a_published_model_is_planned_from_recorded_hashes_without_reading_weights(tmp_path, tiny_llama,
                                                                                    adapter_factory, allowed_root):
-    from loraflow.model_source import InputPolicy
     from loraflow.security.local_paths import LocalPathPolicy
-    from loraflow.store import FileStore
+    from loraflow.storage.model_source import InputPolicy
+    from loraflow.storage.store import FileStore
     from services.compiler.inputs import CompileInputs
 
     store = FileStore(tmp_path / "store")

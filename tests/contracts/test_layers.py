@@ -78,9 +78,9 @@ def _restore(path: Path, original: str | None) -> None:
 @pytest.mark.parametrize(("module_file", "line", "contract"), [
     ("services/compiler/worker.py", "import services.inference.engine", "services-independent"),
     ("services/trainer/server.py", "from services.compiler import options", "services-independent"),
-    ("loraflow/names.py", "import services.trainer.worker", "core-below-services"),
+    ("loraflow/options/names.py", "import services.trainer.worker", "core-below-services"),
     ("loraflow/artifact/step_driver.py", "from services.inference import runtime", "core-below-services"),
-    ("loraflow/store.py", "import loraflow.client", "user-facing-on-top"),
+    ("loraflow/storage/store.py", "import loraflow.client", "user-facing-on-top"),
     ("loraflow/new_unplaced_module.py", "import loraflow.errors", "user-facing-on-top"),  # exhaustive layers
     ("services/inference/engine.py", "import loraflow.cli", "services-below-user-facing"),
 ])
@@ -98,8 +98,8 @@ def test_an_import_against_the_layers_breaks_its_contract(tree_copy, module_file
 
 @pytest.mark.parametrize(("imports", "cycle"), [
     # the three cycles there were before the shared parts moved down, each closed again by the imports added
-    ([("loraflow/security/auth.py", "from loraflow.grpc_server import status_for")],
-     ["loraflow.grpc_server", "loraflow.security.auth"]),
+    ([("loraflow/security/auth.py", "from loraflow.server.grpc_server import status_for")],
+     ["loraflow.server.grpc_server", "loraflow.security.auth"]),
     ([("services/inference/runtime.py", "from services.inference.ai100_runtime import Ai100Runtime"),
       ("services/inference/ai100_runtime.py", "from services.inference.runtime import OrtRuntime")],
      ["services.inference.ai100_runtime", "services.inference.runtime"]),
@@ -120,7 +120,7 @@ def test_an_import_cycle_is_found(tree_copy, imports, cycle):
 def test_what_moved_down_imports_no_torch_and_no_service():
     """The scheduler, the AI 100 stepper and the sampling fields serve the torch-free inference image too."""
     probe = ("import sys\n"
-             "import loraflow.artifact.ai100_stepper, loraflow.artifact.scheduler, loraflow.sampling_params\n"
+             "import loraflow.artifact.ai100_stepper, loraflow.artifact.scheduler, loraflow.options.sampling_params\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'services')))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           check=True)

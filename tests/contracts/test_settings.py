@@ -1,4 +1,4 @@
-"""Every LORAFLOW_* variable is a declared setting (loraflow/settings.py) and only the registry reads one."""
+"""Every LORAFLOW_* variable is a declared setting (loraflow/options/settings.py) and only the registry reads one."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from loraflow.settings import INFERENCE_ADDR, REGISTRY, all_settings
+from loraflow.options.settings import INFERENCE_ADDR, REGISTRY, all_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-REGISTRY_FILE = ROOT / "loraflow" / "settings.py"
+REGISTRY_FILE = ROOT / "loraflow" / "options" / "settings.py"
 # A LORAFLOW_* name read from the environment directly: os.environ[...] / .get(...), getenv(...), a mapping
 # called env, or click's envvar=.
 DIRECT_READ = re.compile(r"""(environ|getenv|\benv)\s*(\.get\s*\(|\[|\()\s*f?["']LORAFLOW_|envvar\s*=\s*["']LORAFLOW_""")
@@ -38,7 +38,7 @@ def names_in_strings(path: Path) -> set[str]:
 
 def test_no_variable_is_read_outside_the_registry():
     offenders = [hit for path in _code_files() for hit in direct_reads(path)]
-    assert not offenders, "read LORAFLOW_* through loraflow.settings:\n" + "\n".join(offenders)
+    assert not offenders, "read LORAFLOW_* through loraflow.options.settings:\n" + "\n".join(offenders)
 
 
 def test_the_scan_finds_a_direct_read(tmp_path):
@@ -68,7 +68,7 @@ def test_every_setting_has_a_flag_an_env_name_and_help():
         assert s.env.startswith("LORAFLOW_") and s.help.strip(), s
         assert s.flag.startswith("--") or s.env_only, f"{s.env} has no flag and no reason for none"
         assert not (s.flag and s.env_only), s
-    assert REGISTRY["LORAFLOW_MEMORY_BUDGET"].flag == "--memory-budget"  # declared in loraflow.budget
+    assert REGISTRY["LORAFLOW_MEMORY_BUDGET"].flag == "--memory-budget"  # declared in loraflow.options.budget
     assert REGISTRY["LORAFLOW_MAX_REQUEST_BYTES"].flag == "--max-request-bytes"  # loraflow.security.limits
 
 
@@ -104,18 +104,31 @@ def test_loraflow_settings_lists_every_variable(monkeypatch):
     assert set(listed) == {s.env for s in all_settings()}
     assert listed["LORAFLOW_RDZV_HOST"]["value"] == "node0.example"
     assert listed["LORAFLOW_MEMORY_BUDGET"]["flag"] == "--memory-budget" and listed["LORAFLOW_MEMORY_BUDGET"]["help"]
+    # The readable form: one block per setting, the variable and its flag on the first line, the value set here.
+    text = CliRunner().invoke(app, ["settings"], terminal_width=80).output
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("LORAFLOW_")]
+    blocks = {lines[i].split()[0]: "\n".join(lines[i:j]) for i, j in zip(starts, [*starts[1:], len(lines)], strict=True)}
+    assert set(blocks) == {s.env for s in all_settings()}
+    for setting in all_settings():
+        assert (setting.flag or "(env only)") in blocks[setting.env]
+    assert "set here: node0.example" in next(line for line in lines if line.startswith("LORAFLOW_RDZV_HOST "))
 
 
 def test_declared_help_states_the_defaults_the_code_uses():
-    from loraflow import settings
-    from loraflow.redis_health import DEFAULT_LIVENESS_GRACE_S, MAX_LIVENESS_GRACE_S
+    from loraflow.options import settings
     from loraflow.security.settings import (
         DEFAULT_MAX_CONCURRENT_STREAMS,
         DEFAULT_METRICS_HOST,
         MAX_CONCURRENT_STREAMS_LIMIT,
     )
-    from loraflow.storage_layout import StorageLimits
-    from loraflow.upload_sweeper import DEFAULT_BLOB_TTL_SECONDS, MAX_BLOB_TTL_SECONDS, MIN_BLOB_TTL_SECONDS
+    from loraflow.server.redis_health import DEFAULT_LIVENESS_GRACE_S, MAX_LIVENESS_GRACE_S
+    from loraflow.storage.storage_layout import StorageLimits
+    from loraflow.storage.upload_sweeper import (
+        DEFAULT_BLOB_TTL_SECONDS,
+        MAX_BLOB_TTL_SECONDS,
+        MIN_BLOB_TTL_SECONDS,
+    )
     from services.trainer.node_flags import DEFAULT_JOIN_TIMEOUT_S, DEFAULT_RDZV_PORT, MAX_JOIN_TIMEOUT_S
     from services.trainer.training import MAX_NODES
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from loraflow.cli import app
 from loraflow.client import DEFAULT_ADDRESSES
-from loraflow.up import service_available
+from loraflow.console.up import service_available
 from tests.deploy.kustomize import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -332,7 +332,7 @@ def test_workers_have_a_readiness_signal_their_probe_reads():
 
 
 def _serves_grpc_beyond_loopback(args: tuple[str, ...]) -> bool:
-    from loraflow.grpc_server import is_loopback, parse_listen
+    from loraflow.server.grpc_server import is_loopback, parse_listen
 
     if args and args[0] == "worker":
         return False

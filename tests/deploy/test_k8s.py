@@ -16,7 +16,7 @@ import pytest
 import redis
 import yaml
 
-from loraflow.jobs import GROUP, JobQueue
+from loraflow.jobs.queue import GROUP, JobQueue
 from tests.deploy.kustomize import (
     K8S,
     KUSTOMIZATIONS,
@@ -54,7 +54,7 @@ def _parse_service_args(service: str, args: list[str]):
         from services.inference.__main__ import parse_args
 
         return parse_args(args)
-    from loraflow.queue_service import parse_args
+    from loraflow.jobs.queue_service import parse_args
 
     spec = __import__(f"services.{service}.__main__", fromlist=["SPEC"]).SPEC
     return parse_args(spec, args)
@@ -278,7 +278,7 @@ def test_loraflow_probes_are_healthz_and_readyz_on_the_metrics_port_the_flags_op
         if service == "inference":
             # Replicas converge on one desired state: the same deployment name in every pod.
             env = {e["name"]: e.get("value") for e in container["env"]}
-            from loraflow.names import validate_name
+            from loraflow.options.names import validate_name
 
             assert validate_name("deployment", env["LORAFLOW_DEPLOYMENT"]) == "inference"
         seen.add((service, args.mode))
@@ -491,7 +491,7 @@ def test_store_has_a_volume_and_a_job_that_creates_the_services_bucket():
     host = urlsplit(env["MC_HOST_store"]["value"])
     assert (host.scheme, host.hostname, host.port) == (endpoint.scheme, endpoint.hostname, endpoint.port)
     # What the script derives from the store URL is the bucket the services open.
-    from loraflow.store import open_store
+    from loraflow.storage.store import open_store
 
     bucket = subprocess.run(["sh", "-c", script.splitlines()[0] + '; printf %s "$bucket"'],
                             env={"LORAFLOW_STORE_URL": settings["LORAFLOW_STORE_URL"]}, capture_output=True,
@@ -528,7 +528,7 @@ def test_keda_scales_each_worker_on_its_own_queue_stream_and_group():
         (container,) = target["spec"]["template"]["spec"]["containers"]
         assert _parse_service_args(spec.name, container["args"]).mode == "worker"
         assert 1 <= obj["spec"]["minReplicaCount"] < obj["spec"]["maxReplicaCount"]
-        stream = JobQueue(redis.Redis(), spec.kind).stream_key  # the real key, computed by loraflow.jobs
+        stream = JobQueue(redis.Redis(), spec.kind).stream_key  # the real key, computed by loraflow.jobs.queue
         thresholds = set()
         for trigger in obj["spec"]["triggers"]:
             meta = trigger["metadata"]

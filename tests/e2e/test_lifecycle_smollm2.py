@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from loraflow.client import Client
-from loraflow.embedded_redis import EmbeddedRedis, free_port
+from loraflow.jobs.embedded_redis import EmbeddedRedis, free_port
 from tests.support.bare_onnx import bare_prefill
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -31,7 +31,7 @@ MAX_NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from loraflow.models_import import import_model
+    from loraflow.storage.models_import import import_model
 
     return import_model("smollm2-135m-instruct", progress=False)
 

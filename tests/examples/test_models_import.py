@@ -1,4 +1,4 @@
-"""loraflow.models_import: wheel → GGUF discovery, the completion marker, and (slow) the real import."""
+"""loraflow.storage.models_import: wheel → GGUF discovery, the completion marker, and (slow) the real import."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from loraflow import models_import
 from loraflow.errors import FailedPrecondition, InvalidArgument, Unavailable
+from loraflow.storage import models_import
 
 
 def _wheel(path: Path, members: dict[str, bytes]) -> Path:

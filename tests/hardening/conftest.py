@@ -11,15 +11,15 @@ import grpc
 import pytest
 import redis
 
-from loraflow.grpc_server import GrpcServer
-from loraflow.job_service import SERVICE_NAME as JOB_SERVICE
-from loraflow.job_service import add_job_service
-from loraflow.jobs import JobQueue
-from loraflow.registry import ArtifactRecord, Registry
+from loraflow.jobs.job_service import SERVICE_NAME as JOB_SERVICE
+from loraflow.jobs.job_service import add_job_service
+from loraflow.jobs.queue import JobQueue
+from loraflow.jobs.registry import ArtifactRecord, Registry
 from loraflow.security.settings import SecuritySettings
-from loraflow.storage_service import SERVICE_NAME as STORAGE_SERVICE
-from loraflow.storage_service import add_storage_service
-from loraflow.store import artifact_key, open_store
+from loraflow.server.grpc_server import GrpcServer
+from loraflow.storage.storage_service import SERVICE_NAME as STORAGE_SERVICE
+from loraflow.storage.storage_service import add_storage_service
+from loraflow.storage.store import artifact_key, open_store
 from loraflow.v1 import compiler_pb2_grpc, inference_pb2_grpc, trainer_pb2_grpc
 
 MODEL_ID = "m"

@@ -14,8 +14,8 @@ import time
 import grpc
 import pytest
 
-from loraflow.grpc_server import error_info
 from loraflow.security.limits import ServerLimits
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc, storage_pb2, storage_pb2_grpc
 from services.inference.tokenization import TextTokenizer

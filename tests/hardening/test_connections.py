@@ -14,12 +14,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.job_service import SERVICE_NAME as JOB_SERVICE
-from loraflow.job_service import JobServiceServicer
-from loraflow.jobs import JobQueue
+from loraflow.jobs.job_service import SERVICE_NAME as JOB_SERVICE
+from loraflow.jobs.job_service import JobServiceServicer
+from loraflow.jobs.queue import JobQueue
 from loraflow.security.limits import ServerLimits
 from loraflow.security.settings import SecuritySettings
+from loraflow.server.grpc_server import GrpcServer, error_info
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.hardening.conftest import tokens_file
 from tests.hardening.probes import grpc_health_probe, http_probe
@@ -199,7 +199,7 @@ def test_one_client_cannot_hold_every_generation(inference_stack_factory, tmp_pa
 # ---- the metrics and health port ---------------------------------------------------------------------
 
 def test_the_metrics_port_answers_probes_under_a_flood_with_bounded_threads():
-    from loraflow.redis_health import HEALTH, start_metrics_server
+    from loraflow.server.redis_health import HEALTH, start_metrics_server
 
     limits = ServerLimits(metrics_max_connections=8, http_header_timeout_s=1.0)
     HEALTH.set_ready(True)

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from loraflow.errors import MAX_MESSAGE_BYTES, InvalidArgument, clip_utf8
-from loraflow.grpc_server import MAX_TRAILER_BYTES, error_info, status_for, trailer_bytes
+from loraflow.server.grpc_server import MAX_TRAILER_BYTES, error_info, status_for, trailer_bytes
 from loraflow.v1 import (
     compiler_pb2,
     compiler_pb2_grpc,

@@ -20,7 +20,7 @@ from google.protobuf.message_factory import GetMessageClass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loraflow.grpc_server import error_info
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import compiler_pb2, inference_pb2, jobs_pb2, storage_pb2, trainer_pb2
 from tests.hardening.conftest import (
     MODEL_ID,

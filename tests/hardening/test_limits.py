@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from loraflow.errors import InvalidArgument
-from loraflow.grpc_server import error_info
 from loraflow.security.limits import ServerLimits, env_name, flag_name
 from loraflow.security.settings import SecuritySettings, add_security_arguments
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.hardening.test_connections import closed_by_server, get
 from tests.support.polling import wait_for

@@ -83,8 +83,8 @@ class PublishedStore:
 def published_store(tiny_artifact, tiny_adapters, redis_server, tmp_path_factory) -> PublishedStore:
     import redis
 
-    from loraflow.registry import AdapterRecord, ArtifactRecord, Registry
-    from loraflow.store import artifact_key, open_store
+    from loraflow.jobs.registry import AdapterRecord, ArtifactRecord, Registry
+    from loraflow.storage.store import artifact_key, open_store
 
     artifact_dir, manifest = tiny_artifact
     root = tmp_path_factory.mktemp("published")

@@ -13,9 +13,9 @@ import grpc
 import pytest
 import redis
 
-from loraflow.grpc_server import GrpcServer
-from loraflow.registry import AdapterRecord, ArtifactRecord, Registry
-from loraflow.store import open_store
+from loraflow.jobs.registry import AdapterRecord, ArtifactRecord, Registry
+from loraflow.server.grpc_server import GrpcServer
+from loraflow.storage.store import open_store
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.model_manager import ModelManager

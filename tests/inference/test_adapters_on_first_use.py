@@ -11,7 +11,7 @@ import time
 import grpc
 from prometheus_client import REGISTRY
 
-from loraflow.registry import AdapterRecord
+from loraflow.jobs.registry import AdapterRecord
 from loraflow.v1 import inference_pb2 as pb
 from tests.inference.conftest import PROMPTS
 from tests.inference.few_slots import (

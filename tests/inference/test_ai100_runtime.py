@@ -99,7 +99,7 @@ def test_serving_through_qaicrt_equals_the_onnxruntime_artifact(monkeypatch, ai1
 def test_an_export_only_artifact_has_no_qpc_to_serve(monkeypatch, ai100_artifact, tmp_path):
     import shutil
 
-    from loraflow.manifest import Manifest
+    from loraflow.artifact.manifest import Manifest
 
     qaicrt_standin.install(monkeypatch)
     src, manifest = ai100_artifact

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loraflow.errors import IntegrityError
-from loraflow.store import open_store
+from loraflow.storage.store import open_store
 from services.inference.artifact_cache import ArtifactCache
 
 

@@ -12,9 +12,9 @@ import time
 import grpc
 import pytest
 
-from loraflow.budget import ResourceBudget, serving_estimate
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.registry import AdapterRecord
+from loraflow.jobs.registry import AdapterRecord
+from loraflow.options.budget import ResourceBudget, serving_estimate
+from loraflow.server.grpc_server import GrpcServer, error_info
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.model_manager import ModelManager, adapter_limit

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from loraflow import graph_contract as gc
 from loraflow import native as native_lora
+from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition
 from services.inference.model_manager import open_model
 from tests.inference.conftest import PROMPTS

@@ -23,11 +23,11 @@ import redis
 from prometheus_client import REGISTRY
 
 from loraflow.errors import FailedPrecondition
-from loraflow.grpc_server import GrpcServer
-from loraflow.registry import ArtifactRecord, Registry
+from loraflow.jobs.registry import ArtifactRecord, Registry
 from loraflow.security.auth import Authenticator, add_token
 from loraflow.security.settings import SecuritySettings
-from loraflow.store import open_store
+from loraflow.server.grpc_server import GrpcServer
+from loraflow.storage.store import open_store
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.model_manager import ModelManager

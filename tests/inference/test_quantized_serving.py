@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from loraflow import lora_bank
+from loraflow.artifact import lora_bank
 from services.inference.engine import GenerationRequest
 from services.inference.model_manager import open_model
 from services.inference.sampling import SamplingParams

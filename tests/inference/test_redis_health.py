@@ -7,8 +7,8 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2
 
-from loraflow.registry import ArtifactRecord, Registry
-from loraflow.store import open_store
+from loraflow.jobs.registry import ArtifactRecord, Registry
+from loraflow.storage.store import open_store
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
 from tests.backbone.redis_faults_support import RestartableRedis, ServiceProcess

@@ -21,14 +21,14 @@ import redis
 
 from loraflow.client import Client
 from loraflow.errors import AlreadyExists
-from loraflow.grpc_server import GrpcServer
-from loraflow.jobs import JobQueue
-from loraflow.registry import AdapterRecord, ArtifactRecord, Registry
-from loraflow.registry_rebuild import rebuild_registry
+from loraflow.jobs.queue import JobQueue
+from loraflow.jobs.registry import AdapterRecord, ArtifactRecord, Registry
+from loraflow.jobs.registry_rebuild import rebuild_registry
 from loraflow.security.settings import SecuritySettings
-from loraflow.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
-from loraflow.storage_service import add_storage_service
-from loraflow.store import artifact_key, open_store
+from loraflow.server.grpc_server import GrpcServer
+from loraflow.storage.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
+from loraflow.storage.storage_service import add_storage_service
+from loraflow.storage.store import artifact_key, open_store
 from loraflow.v1 import inference_pb2 as ipb
 from loraflow.v1 import inference_pb2_grpc, trainer_pb2_grpc
 from loraflow.v1 import trainer_pb2 as tpb
@@ -53,8 +53,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tiny_artifact, redis_server, tmp_path_factory, allowed_root):
-    from loraflow.model_source import InputPolicy
     from loraflow.security.local_paths import LocalPathPolicy
+    from loraflow.storage.model_source import InputPolicy
     from services.inference.model_manager import ModelManager
     from services.inference.server import SERVICE_NAME as INFERENCE_NAME
     from services.inference.server import InferenceServicer

@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from loraflow.registry import AdapterRecord, Registry
+from loraflow.jobs.registry import AdapterRecord, Registry
 from services.inference.registry_cache import CachedAdapterRecords
 
 

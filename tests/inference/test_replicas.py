@@ -12,8 +12,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from loraflow.grpc_server import GrpcServer
-from loraflow.registry import ArtifactRecord
+from loraflow.jobs.registry import ArtifactRecord
+from loraflow.server.grpc_server import GrpcServer
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.desired_state import DesiredState

@@ -1,4 +1,4 @@
-"""The sampling fields are declared once (loraflow.sampling_params) and both front doors derive from them."""
+"""The sampling fields are declared once (loraflow.options.sampling_params) and both front doors derive from them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from loraflow.errors import InvalidArgument
-from loraflow.sampling_params import SAMPLING_FIELDS, SamplingParams
+from loraflow.options.sampling_params import SAMPLING_FIELDS, SamplingParams
 from loraflow.v1 import inference_pb2 as pb
 from services.inference.openai_api.errors import param_name
 from services.inference.openai_api.schemas import CompletionRequest, parse_completion

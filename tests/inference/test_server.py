@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.registry import AdapterRecord
+from loraflow.jobs.registry import AdapterRecord
+from loraflow.server.grpc_server import GrpcServer, error_info
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
 from services.inference.model_manager import ModelManager

@@ -131,6 +131,19 @@ def test_auto_moves_steps_to_a_sleeping_session_while_the_host_is_contended(tiny
     finally:
         model.close()
 
+    # Over the memory budget the sleeping session is never opened: the steps spin inside calls only.
+    asked: list[int] = []
+    tight = open_model(artifact_dir, num_threads=2, model_id="spin-tight", manifest=manifest, spinning="auto",
+                       may_grow=lambda nbytes: asked.append(nbytes) or False)
+    try:
+        tight.runtime.contention = HostContention(own_threads=2, cores=2, sample_s=0.0, others=lambda: 6)
+        assert run(tight) == expected and run(tight) == expected
+        assert len(asked) == 1 and asked[0] > 0  # asked once, with the weights' size
+        assert tight.runtime._sleeping_driver is None and tight.runtime.contention is None
+        assert tight.runtime.steps_by_spinning["sleeping"] == 0
+    finally:
+        tight.close()
+
     off = OrtRuntime(artifact_dir, manifest, num_threads=1, spinning="off")
     try:
         assert off.contention is None  # only auto watches the host

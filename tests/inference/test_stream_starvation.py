@@ -11,12 +11,12 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraflow.grpc_server import GrpcServer, error_info
-from loraflow.job_service import add_job_service
-from loraflow.jobs import JobQueue
-from loraflow.registry import ArtifactRecord, Registry
+from loraflow.jobs.job_service import add_job_service
+from loraflow.jobs.queue import JobQueue
+from loraflow.jobs.registry import ArtifactRecord, Registry
 from loraflow.security.settings import SecuritySettings
-from loraflow.store import open_store
+from loraflow.server.grpc_server import GrpcServer, error_info
+from loraflow.storage.store import open_store
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from services.inference.model_manager import ModelManager

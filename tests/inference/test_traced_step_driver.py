@@ -18,8 +18,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loraflow import graph_contract as gc
-from loraflow import lora_bank
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact import lora_bank
 from loraflow.artifact.scheduler import ScheduledRow, SchedulerOutput
 from loraflow.artifact.step_driver import Row
 from loraflow.artifact.traced_step_driver import PAST_BUCKET, TracedStepDriver

@@ -12,8 +12,8 @@ def bare_prefill(artifact_dir: Path, token_rows: list[list[int]], lora_ids: list
     (every slot behaves as the base model); returns logits [rows, 1, vocab]."""
     import onnxruntime as ort
 
-    from loraflow import graph_contract as gc
-    from loraflow.manifest import Manifest
+    from loraflow.artifact import graph_contract as gc
+    from loraflow.artifact.manifest import Manifest
 
     manifest = Manifest.load(artifact_dir / "manifest.json")
     session = ort.InferenceSession(str(artifact_dir / manifest.graph.file), providers=["CPUExecutionProvider"])

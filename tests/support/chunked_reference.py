@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from loraflow import graph_contract as gc
-from loraflow.manifest import GraphSpec
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact.manifest import GraphSpec
 from services.compiler.export import OrtGraph
 
 

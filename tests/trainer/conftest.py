@@ -27,13 +27,13 @@ class TrainerStack:
                  inspector=None):
         import grpc
 
-        from loraflow.config import connect_redis
-        from loraflow.grpc_server import GrpcServer
-        from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
-        from loraflow.job_service import add_job_service
-        from loraflow.jobs import JobQueue
-        from loraflow.registry import Registry
-        from loraflow.store import open_store
+        from loraflow.jobs.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+        from loraflow.jobs.job_service import add_job_service
+        from loraflow.jobs.queue import JobQueue
+        from loraflow.jobs.registry import Registry
+        from loraflow.options.config import connect_redis
+        from loraflow.server.grpc_server import GrpcServer
+        from loraflow.storage.store import open_store
         from loraflow.v1 import jobs_pb2_grpc, trainer_pb2_grpc
         from services.trainer.server import SERVICE_NAME, TrainerServiceServicer
 
@@ -59,7 +59,7 @@ class TrainerStack:
     def start_worker(self, report_every_steps: int = 1, **handler_options):
         import threading
 
-        from loraflow.jobs import JobWorker
+        from loraflow.jobs.queue import JobWorker
         from services.trainer.worker import TrainingHandler
 
         handler_options.setdefault("budget", self.budget)

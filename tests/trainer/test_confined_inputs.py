@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from loraflow.grpc_server import error_info
-from loraflow.registry import AdapterRecord
+from loraflow.jobs.registry import AdapterRecord
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import jobs_pb2, trainer_pb2
 from services.trainer.dataset import MAX_DATASET_BYTES
 from tests.trainer.conftest import TrainerStack, memorisable_lines

@@ -91,10 +91,10 @@ def test_all_mode_serves_health_and_sigterm_checkpoints_and_releases_the_job(red
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from loraflow.config import connect_redis
-    from loraflow.embedded_redis import free_port
-    from loraflow.jobs import JobQueue
-    from loraflow.store import open_store
+    from loraflow.jobs.embedded_redis import free_port
+    from loraflow.jobs.queue import JobQueue
+    from loraflow.options.config import connect_redis
+    from loraflow.storage.store import open_store
     from loraflow.v1 import jobs_pb2_grpc, trainer_pb2_grpc
 
     port = free_port()

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from loraflow.grpc_server import error_info
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import jobs_pb2, trainer_pb2
 from services.trainer.rank_group import process_running, wait_gone
 from services.trainer.training import TrainingSettings

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from loraflow.grpc_server import error_info
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import jobs_pb2
 from services.trainer.follower import RunFollower
 from services.trainer.rank_group import process_running, wait_gone
@@ -76,7 +76,7 @@ def test_submit_rejects_bad_node_counts(stack, tiny_llama, dataset_file, changes
 
 
 def test_a_run_claims_each_node_rank_once_and_none_after_it_ended(redis_url):
-    from loraflow.config import connect_redis
+    from loraflow.options.config import connect_redis
 
     board = RunBoard(connect_redis(redis_url))
     key = board.open("j1", 1, "127.0.0.1:1", nnodes=3, nproc=1, resume_key="")
@@ -247,7 +247,7 @@ def test_cli_train_nodes_reaches_the_job_and_bad_values_name_the_field(stack, ti
 
 def test_a_follower_checks_the_inputs_itself_and_node_zero_fails_the_attempt(stack, tiny_llama, dataset_file,
                                                                              start_follower):
-    from loraflow.model_source import InputPolicy
+    from loraflow.storage.model_source import InputPolicy
 
     stack.start_worker(allow_distributed=True, rdzv_host="127.0.0.1")
     # This follower's operator allowed no local paths: the base model in the Redis payload is not for it.

@@ -7,7 +7,7 @@ import time
 
 from grpc_health.v1 import health_pb2
 
-from loraflow.store import open_store
+from loraflow.storage.store import open_store
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.backbone.redis_faults_support import RestartableRedis, ServiceProcess
 from tests.support.polling import wait_for

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from loraflow.grpc_server import error_info
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import jobs_pb2, trainer_pb2
 from tests.support.polling import wait_for
 from tests.trainer.conftest import memorisable_lines
@@ -233,7 +233,7 @@ def test_submit_rejects_a_non_causal_lm_checkpoint(stack, dataset_file, tmp_path
 def test_submit_refuses_a_model_family_no_compile_target_supports(redis_url, tmp_path, input_policy, dataset_file):
     """GPT-2 is a causal LM transformers trains, but the compiler has no family module for it: the submit
     fails naming base_model, the family and the supported list, before the model is built or data read."""
-    from loraflow.model_families import SUPPORTED_MODEL_FAMILIES
+    from loraflow.artifact.model_families import SUPPORTED_MODEL_FAMILIES
     from services.trainer.server import ModelInspector
     from tests.trainer.conftest import TrainerStack
 
@@ -280,7 +280,7 @@ def test_registry_rpcs_return_canonical_statuses(stack, method, request_, code, 
 
 
 def test_list_adapters_pages(stack):
-    from loraflow.registry import AdapterRecord
+    from loraflow.jobs.registry import AdapterRecord
 
     for i in range(5):
         stack.registry.put_adapter(AdapterRecord(name=f"a{i}", uri=f"file:///x/a{i}", base_model="m",

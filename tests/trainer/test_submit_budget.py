@@ -11,8 +11,8 @@ import time
 import grpc
 import pytest
 
-from loraflow.budget import ResourceBudget
-from loraflow.grpc_server import error_info
+from loraflow.options.budget import ResourceBudget
+from loraflow.server.grpc_server import error_info
 from loraflow.v1 import jobs_pb2, trainer_pb2
 from tests.trainer.conftest import TrainerStack
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.embedded_redis import free_port
+from loraflow.jobs.embedded_redis import free_port
 from loraflow.v1 import jobs_pb2
 from services.trainer.node_main import EXIT_CANCELLED, EXIT_FAILED, EXIT_REDELIVERED, EXIT_SUCCEEDED
 from services.trainer.run_board import RUNS_KEY

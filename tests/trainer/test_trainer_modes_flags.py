@@ -27,7 +27,7 @@ def clean_env(monkeypatch):
 
 
 def _mode(argv):
-    from loraflow.queue_service import parse_args
+    from loraflow.jobs.queue_service import parse_args
     from services.trainer.__main__ import SPEC
 
     return NodeMode.from_args(parse_args(SPEC, argv))
@@ -103,7 +103,7 @@ def test_the_indexed_job_index_picks_the_role_and_node_rank(clean_env):
 
 
 def test_the_join_timeout_reaches_the_handler(clean_env, tmp_path):
-    from loraflow.queue_service import parse_args
+    from loraflow.jobs.queue_service import parse_args
     from services.trainer.__main__ import SPEC
     from services.trainer.node_flags import DEFAULT_JOIN_TIMEOUT_S
 
@@ -123,7 +123,7 @@ def test_the_handler_refuses_a_port_out_of_range(tmp_path):
 
 
 def test_a_fixed_node_rank_is_claimed_once_and_mixes_with_any_rank_claims(redis_url):
-    from loraflow.config import connect_redis
+    from loraflow.options.config import connect_redis
 
     board = RunBoard(connect_redis(redis_url))
     key = board.open("j1", 1, "n0:29400", nnodes=3, nproc=1, resume_key="")
@@ -147,10 +147,10 @@ def _pinned_follower(stack_parts, node_rank, endpoint, stop):
 
 @pytest.fixture
 def stack_parts(redis_url, tmp_path):
-    from loraflow.config import connect_redis
-    from loraflow.jobs import JobQueue
-    from loraflow.registry import Registry
-    from loraflow.store import open_store
+    from loraflow.jobs.queue import JobQueue
+    from loraflow.jobs.registry import Registry
+    from loraflow.options.config import connect_redis
+    from loraflow.storage.store import open_store
 
     client = connect_redis(redis_url)
     yield JobQueue(client, "train"), open_store((tmp_path / "store").as_uri()), Registry(client), tmp_path / "cache"

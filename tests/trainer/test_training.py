@@ -248,7 +248,7 @@ def test_a_phi3_adapter_trains_on_its_packed_projections_and_compiles(tmp_path, 
     manifest = build_artifact(phi3, [("trained", out)], options, tmp_path / "artifact")  # verified against PEFT
     assert set(manifest.adapters[0].target_modules) == expected
     # RegisterAdapter's check (the base's shapes built on the meta device) accepts it as well.
-    from loraflow import lora_bank
+    from loraflow.artifact import lora_bank
     from services.trainer.adapter_registration import base_bank_spec
 
     adapter = lora_bank.read_adapter("trained", out)

@@ -1,4 +1,4 @@
-"""The trainer's memory estimate (loraflow.budget.training_estimate, calibrated by bench/training_memory.py)
+"""The trainer's memory estimate (loraflow.options.budget.training_estimate, calibrated by bench/training_memory.py)
 bounds what a real training job takes: a small job runs in a child process and its peak RSS above its
 imports must not exceed the estimate the API and the worker check against the budget."""
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_training_estimate_bounds_a_real_jobs_peak_memory(tmp_path, checkpointing):
-    from loraflow.hf_config import HfModelConfig
+    from loraflow.options.hf_config import HfModelConfig
     from services.trainer.job_memory import estimate_training
     from services.trainer.training import LoraSettings, TrainingSettings
     from tests.support.tiny_models import make_tiny_model_dir

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loraflow import graph_contract as gc
-from loraflow import lora_bank
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact import lora_bank
+from loraflow.artifact.manifest import GraphSpec
 from loraflow.errors import InvalidArgument
-from loraflow.manifest import GraphSpec
 from loraflow.security.safe_files import confined_file
 from services.compiler.artifact_plan import ArtifactPlan
 from services.compiler.modeling.weights import CheckpointWeights

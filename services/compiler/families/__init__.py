@@ -1,11 +1,11 @@
 """The model families the compiler supports, one module each (see spec.py); ``FAMILIES`` by model_type.
 
-Adding a family: a module here exposing ``FAMILY``, its entry below and in loraflow/model_families.py,
+Adding a family: a module here exposing ``FAMILY``, its entry below and in loraflow/artifact/model_families.py,
 and its tiny test model (tests/support/tiny_models.py)."""
 
 from __future__ import annotations
 
-from loraflow.model_families import check_model_family
+from loraflow.artifact.model_families import check_model_family
 from services.compiler.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from services.compiler.families.spec import BlockStructure, FamilyFields, FamilySpec
 

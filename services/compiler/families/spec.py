@@ -2,12 +2,12 @@
 ONNX Runtime graph (fused/builder.py) and the AI 100 graph (ai100_writer.py).
 
 * ``read_config``: the family's own config.json rules beyond the sizes every family shares
-  (loraflow.hf_config reads those strictly): biases, sliding window, soft-capping, ...;
+  (loraflow.options.hf_config reads those strictly): biases, sliding window, soft-capping, ...;
 * ``hf_names``: our tensor name -> the Hugging Face tensors that make it up (concatenated along dim 0);
 * ``block``: how one decoder block computes, as data the consumers branch on (never on the family's name).
 
 A family is one module in this package exposing ``FAMILY``; services/compiler/families/__init__.py lists
-them, and loraflow/model_families.py holds their names for the parts that must not import the compiler.
+them, and loraflow/artifact/model_families.py holds their names for the parts that must not import the compiler.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ layer that the operator updates in place (past and present bound to the same mem
 (their deltas joined by one Concat and added once) instead of three split tensors. With
 ``lora_kernel="native"`` each adapted projection is instead one ``ai.loraflow.LoraRows`` node
 (loraflow/native) adding its delta into its columns of the packed output. Logits are computed
-at one token per row only. Names: loraflow/graph_contract.py
+at one token per row only. Names: loraflow/artifact/graph_contract.py
 ("fused" layout).
 
 Weights stream: the builder asks its WeightSource for one tensor at a time, in graph order, converts or
@@ -38,8 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from loraflow import graph_contract as gc
 from loraflow import native as native_lora
+from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from services.compiler.fused import quantize
 from services.compiler.modeling.config import DecoderConfig

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import onnx
 
-from loraflow import graph_contract as gc
 from loraflow import native as native_lora
-from loraflow.manifest import GraphSpec, LoraModuleSpec, TensorSpec
+from loraflow.artifact import graph_contract as gc
+from loraflow.artifact.manifest import GraphSpec, LoraModuleSpec, TensorSpec
 from services.compiler.fused.builder import ExternalData, FusedGraphBuilder, FusedGraphOptions, WrittenWeight
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.weights import WeightSource

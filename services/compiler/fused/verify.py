@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
+from loraflow.artifact.lora_bank import bank_ranks
+from loraflow.artifact.manifest import GraphSpec
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, flat_bank
-from loraflow.lora_bank import bank_ranks
-from loraflow.manifest import GraphSpec
 from services.compiler.verify import (
     SCENARIO_SLOTS,
     ReferenceFn,

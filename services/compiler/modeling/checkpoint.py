@@ -1,7 +1,7 @@
 """A safetensors checkpoint opened for streaming: every shard checked up front, tensors read one at a time.
 
 ``Checkpoint.open`` reads only ``model.safetensors.index.json`` and each shard's header (bounded, through
-loraflow.adapter_files' validating parser), so a checkpoint whose shards are missing, truncated or hold a
+loraflow.artifact.adapter_files' validating parser), so a checkpoint whose shards are missing, truncated or hold a
 tensor of an unsupported dtype is an InvalidArgument naming the file before any weight is read.
 ``Checkpoint.read`` then reads one tensor with a positioned read and converts it to float32: the caller
 holds one tensor at a time, never the state dict.
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.adapter_files import read_header
+from loraflow.artifact.adapter_files import read_header
 from loraflow.errors import InvalidArgument
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, confined_file, read_regular_file
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.errors import InvalidArgument
-from loraflow.hf_config import HfModelConfig, read_config_file
+from loraflow.options.hf_config import HfModelConfig, read_config_file
 from services.compiler.families import FAMILIES, BlockStructure, FamilySpec, family
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)  # model_type strings, one family module each
@@ -96,7 +96,7 @@ class DecoderConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any]) -> DecoderConfig:
-        """From a config.json object, read strictly (loraflow.hf_config): a size that is not an integer in range,
+        """From a config.json object, read strictly (loraflow.options.hf_config): a size that is not an integer in range,
         or a malformed rope setting, is INVALID_ARGUMENT naming ``base_model.<key>``."""
         arch = hf.get("model_type") if isinstance(hf, Mapping) else None
         spec = family(arch)  # INVALID_ARGUMENT base_model.model_type naming the supported families

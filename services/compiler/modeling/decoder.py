@@ -1,7 +1,7 @@
 """MultiLoraDecoder: the static-shape Llama/Mistral/Qwen2 decoder with per-row adapters.
 
 One module is both the PyTorch reference and the thing exported to ONNX. Its forward follows
-loraflow/graph_contract.py (target "onnxruntime"):
+loraflow/artifact/graph_contract.py (target "onnxruntime"):
 
   forward(input_ids [B, S], position_ids [B, S], lora_ids [B, 1], batch_index [B, 1],
           past_keys L x [P, F, H, D], past_values L x [P, F, H, D], lora_a {m: [L, N, in, R]},
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from loraflow.artifact.graph_contract import ALL_LORA_MODULES
 from loraflow.errors import InvalidArgument
-from loraflow.graph_contract import ALL_LORA_MODULES
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, rms_norm, soft_cap
 from services.compiler.modeling.rope import (

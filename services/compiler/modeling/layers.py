@@ -1,6 +1,6 @@
 """Building blocks of the multi-LoRA decoder: RMSNorm, per-row LoRA selection, attention, SwiGLU.
 
-Shape letters as in loraflow/graph_contract.py: B rows, S new tokens, P past tokens, H KV heads,
+Shape letters as in loraflow/artifact/graph_contract.py: B rows, S new tokens, P past tokens, H KV heads,
 G query heads per KV head, D head_dim, L layers, N adapter slots + 1, R max_rank.
 """
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.decoder import attention_bias, embed
 from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, rms_norm, soft_cap

@@ -29,7 +29,7 @@ from loraflow.errors import LoraflowError, ResourceExhausted
 from loraflow.security.auth import Authenticator, bearer_token, bind_caller, current_caller
 from loraflow.security.limits import ServerLimits
 from loraflow.security.settings import DEFAULT_MAX_CONCURRENT_STREAMS, SecuritySettings
-from loraflow.server_concurrency import ClientCounter, StreamLimiter, too_many_for_client
+from loraflow.server.server_concurrency import ClientCounter, StreamLimiter, too_many_for_client
 from services.inference.model_manager import ModelManager
 from services.inference.openai_api import errors
 from services.inference.openai_api.generation import prepare, servable_adapters

@@ -23,7 +23,7 @@ import logging
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from loraflow.security.limits import ServerLimits
-from loraflow.server_concurrency import ConnectionTable
+from loraflow.server.server_concurrency import ConnectionTable
 
 log = logging.getLogger(__name__)
 

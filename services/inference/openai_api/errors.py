@@ -13,7 +13,7 @@ import redis
 from starlette.responses import JSONResponse
 
 from loraflow.errors import MAX_MESSAGE_BYTES, LoraflowError, clip_utf8
-from loraflow.sampling_params import SAMPLING_FIELDS
+from loraflow.options.sampling_params import SAMPLING_FIELDS
 
 log = logging.getLogger(__name__)
 

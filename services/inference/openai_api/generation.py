@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from loraflow.names import validate_name
-from loraflow.sampling_params import MAX_NEW_TOKENS
+from loraflow.options.names import validate_name
+from loraflow.options.sampling_params import MAX_NEW_TOKENS
 from services.inference.engine import GenerationRequest
 from services.inference.model_manager import LoadedModel, ModelManager
 from services.inference.openai_api.schemas import ChatCompletionRequest, CompletionRequest

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from loraflow.errors import InvalidArgument
-from loraflow.sampling_params import SAMPLING_FIELDS
+from loraflow.options.sampling_params import SAMPLING_FIELDS
 
 MAX_MESSAGES = 1024
 MAX_MODEL_NAME_CHARS = 256
@@ -60,7 +60,7 @@ class _GenerateBase(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-# The sampling fields under their OpenAI names and defaults (loraflow.sampling_params declares them; their
+# The sampling fields under their OpenAI names and defaults (loraflow.options.sampling_params declares them; their
 # ranges are checked there, for both front doors), then the fields only this API has.
 _GenerateFields = create_model(
     "_GenerateFields", __base__=_GenerateBase,

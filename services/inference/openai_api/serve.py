@@ -5,7 +5,7 @@ connection table of ``connections.py``) instead of uvicorn's ``limit_concurrency
 connections and answered 503 to everyone once a flood held them.
 
 uvicorn installs signal handlers only on the main thread, so the process's SIGTERM/SIGINT/SIGHUP
-handling (loraflow.grpc_server.run_until_signal) stays the one in charge.
+handling (loraflow.server.grpc_server.run_until_signal) stays the one in charge.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 
 import uvicorn
 
-from loraflow.grpc_server import check_exposure, parse_listen
 from loraflow.security.settings import SecuritySettings
 from loraflow.security.tls import read_pem
-from loraflow.server_concurrency import ConnectionTable
+from loraflow.server.grpc_server import check_exposure, parse_listen
+from loraflow.server.server_concurrency import ConnectionTable
 from services.inference.openai_api.connections import protocol_class
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from loraflow.errors import InvalidArgument
-from loraflow.settings import CACHE_DIR, REDIS_URL, STORE_URL
+from loraflow.options.settings import CACHE_DIR, REDIS_URL, STORE_URL
 
 
 def _default_home() -> Path:
@@ -101,7 +101,7 @@ def connect_redis(settings_or_url: Settings | str, *, max_connections: int | Non
     """
     url = settings_or_url.redis_url if isinstance(settings_or_url, Settings) else settings_or_url
     if not url:
-        raise InvalidArgument("no redis_url set: start loraflow.embedded_redis.EmbeddedRedis and use its url",
+        raise InvalidArgument("no redis_url set: start loraflow.jobs.embedded_redis.EmbeddedRedis and use its url",
                               field="redis_url", value=url)
     if max_connections is not None and max_connections < 1:
         raise InvalidArgument(f"max_connections must be >= 1, got {max_connections}", field="max_connections",

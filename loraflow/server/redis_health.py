@@ -33,7 +33,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from loraflow.security.limits import ServerLimits
-from loraflow.server_concurrency import ConnectionTable
+from loraflow.server.server_concurrency import ConnectionTable
 
 log = logging.getLogger(__name__)
 

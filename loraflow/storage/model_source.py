@@ -3,7 +3,7 @@
 One rule for every service (trainer, compiler, inference):
 
 * a *name* has no '/', no '://' and no leading '~' (``is_location`` is False) and is validated by
-  loraflow.names;
+  loraflow.options.names;
 * a *local path* (plain path, ``~``, or ``file://``) is resolved (realpath) and must lie under the store's
   own directory (a file store) or under a root the operator allowed (``--allow-local-paths``);
 * an ``s3://`` URI must name the store's own bucket or one in ``--allow-s3-buckets``.
@@ -24,10 +24,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from loraflow.hf_config import parse_config_bytes
+from loraflow.options.hf_config import parse_config_bytes
 from loraflow.security.local_paths import LocalPathPolicy
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, check_tree, confined_file, read_regular_file
-from loraflow.store import MANIFEST_NAME, FileStore, ObjectStore, S3Store, resolve
+from loraflow.storage.store import MANIFEST_NAME, FileStore, ObjectStore, S3Store, resolve
 
 MAX_URI_LEN = 4096
 
@@ -122,7 +122,7 @@ def require_published(src: ObjectStore, key: str, uri: str, *, field: str) -> No
             f"{field} {uri!r} holds files but no {MANIFEST_NAME}, so it is not a published directory (files "
             f"uploaded with boto3 or `aws s3 cp` are not published); upload the local copy with "
             f"`{push_command(field)}` and use the URI it prints (from Python: Client.push, or "
-            "loraflow.store.open_store(STORE_URL).publish_dir(KEY, LOCAL_DIR)), which verify and write the "
+            "loraflow.storage.store.open_store(STORE_URL).publish_dir(KEY, LOCAL_DIR)), which verify and write the "
             "marker last", field=field, value=uri, reason="NOT_PUBLISHED")
     raise NotFound(f"{field} {uri!r}: no published directory there", field=field, value=uri)
 

@@ -25,15 +25,15 @@ from datetime import datetime
 from typing import Any
 
 from loraflow.errors import LoraflowError
-from loraflow.names import validate_name
-from loraflow.registry import (
+from loraflow.jobs.registry import (
     MAX_ARTIFACT_ID_LEN,
     AdapterRecord,
     ArtifactAdapterRecord,
     ArtifactRecord,
     Registry,
 )
-from loraflow.store import ADAPTERS_PREFIX, ARTIFACTS_PREFIX, ObjectStore, join_key
+from loraflow.options.names import validate_name
+from loraflow.storage.store import ADAPTERS_PREFIX, ARTIFACTS_PREFIX, ObjectStore, join_key
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from loraflow.error_status import status_for
 from loraflow.errors import InvalidArgument, ResourceExhausted
 from loraflow.security.limits import ServerLimits, flag_name
+from loraflow.server.error_status import status_for
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import threading
 import grpc
 
 from loraflow.errors import InvalidArgument, NotFound
-from loraflow.grpc_server import page_size_from_proto, set_timestamp
-from loraflow.jobs import JobEventRecord, JobQueue, JobRecord, list_jobs_merged
-from loraflow.names import validate_name
+from loraflow.jobs.queue import JobEventRecord, JobQueue, JobRecord, list_jobs_merged
+from loraflow.options.names import validate_name
+from loraflow.server.grpc_server import page_size_from_proto, set_timestamp
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)

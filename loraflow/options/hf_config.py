@@ -12,7 +12,7 @@ A config.json comes from whoever pushed the model, so every size in it is untrus
 
 Every refusal is INVALID_ARGUMENT naming ``<field>.<key>`` (e.g. ``base_model.num_hidden_layers``) and the
 value, never bytes of the file beyond it. Whether a valid model *fits* is a separate question, answered by
-loraflow.budget from these numbers (RESOURCE_EXHAUSTED).
+loraflow.options.budget from these numbers (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations

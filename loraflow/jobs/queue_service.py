@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import redis
 
-from loraflow.budget import ResourceBudget, add_budget_arguments, configure_process_budget
-from loraflow.config import (
+from loraflow.jobs.queue import HandlerFn, JobQueue, JobWorker
+from loraflow.jobs.registry import Registry
+from loraflow.options.budget import ResourceBudget, add_budget_arguments, configure_process_budget
+from loraflow.options.config import (
     LIVENESS_REDIS_CONNECTIONS,
     WORKER_REDIS_CONNECTIONS,
     Settings,
@@ -37,8 +39,9 @@ from loraflow.config import (
     mask_redis_url,
     seconds_arg,
 )
-from loraflow.jobs import HandlerFn, JobQueue, JobWorker
-from loraflow.redis_health import (
+from loraflow.options.settings import CACHE_DIR, LIVENESS_GRACE, READY_FILE, REDIS_URL, STORE_URL
+from loraflow.security.settings import SecuritySettings, add_security_arguments
+from loraflow.server.redis_health import (
     DEFAULT_LIVENESS_GRACE_S,
     HEALTH,
     MAX_LIVENESS_GRACE_S,
@@ -47,10 +50,7 @@ from loraflow.redis_health import (
     ReadyFile,
     RedisMonitor,
 )
-from loraflow.registry import Registry
-from loraflow.security.settings import SecuritySettings, add_security_arguments
-from loraflow.settings import CACHE_DIR, LIVENESS_GRACE, READY_FILE, REDIS_URL, STORE_URL
-from loraflow.store import ObjectStore, open_store
+from loraflow.storage.store import ObjectStore, open_store
 
 # Threads serving unary RPCs (GetJob, Submit..., StorageService); streams have --max-concurrent-streams more.
 API_UNARY_THREADS = 16
@@ -58,7 +58,7 @@ API_UNARY_THREADS = 16
 
 @dataclass(frozen=True)
 class ServiceRedis:
-    """The Redis clients of one process, each with a pool sized for who uses it (loraflow.config):
+    """The Redis clients of one process, each with a pool sized for who uses it (loraflow.options.config):
 
     api: the servicers (a connection for every stream and unary thread the server may run, plus headroom);
     worker: the job loop, its handler and distributed-training threads; liveness: lease renewals only.
@@ -138,7 +138,7 @@ def parse_args(spec: QueueServiceSpec, argv: list[str] | None = None) -> argpars
     p.add_argument("--log-level", default="INFO")
     add_security_arguments(p)
     add_budget_arguments(p)
-    from loraflow.storage_service import add_storage_arguments
+    from loraflow.storage.storage_service import add_storage_arguments
 
     add_storage_arguments(p)
     if spec.add_arguments is not None:
@@ -158,12 +158,12 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     log = logging.getLogger(f"loraflow.{spec.name}")
     settings = Settings.from_env(redis_url=args.redis_url, store_url=args.store_url, cache_dir=args.cache_dir)
     security = SecuritySettings.from_args(args)
-    # What servicers and handlers compare a job's estimated memory with (loraflow.budget).
+    # What servicers and handlers compare a job's estimated memory with (loraflow.options.budget).
     configure_process_budget(ResourceBudget.from_args(args))
     shutdown: list[Callable[[], None]] = []
     redis_url = settings.redis_url
     if redis_url is None:
-        from loraflow.embedded_redis import EmbeddedRedis
+        from loraflow.jobs.embedded_redis import EmbeddedRedis
 
         embedded = EmbeddedRedis()
         redis_url = embedded.url
@@ -194,9 +194,9 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
     server = None
     serve_stop = threading.Event()  # set by SIGTERM/SIGINT (run_until_signal) or a dead worker thread
     if has_api:
-        from loraflow.grpc_server import GrpcServer
-        from loraflow.job_service import SERVICE_NAME as JOB_SERVICE_NAME
-        from loraflow.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
+        from loraflow.jobs.job_service import SERVICE_NAME as JOB_SERVICE_NAME
+        from loraflow.server.grpc_server import GrpcServer
+        from loraflow.storage.storage_service import SERVICE_NAME as STORAGE_SERVICE_NAME
 
         server = GrpcServer(listen=args.listen,
                             service_names=[spec.grpc_service_name, JOB_SERVICE_NAME, STORAGE_SERVICE_NAME],
@@ -259,16 +259,16 @@ def main(spec: QueueServiceSpec, argv: list[str] | None = None) -> int:
             callback()
         return exit_code
 
-    from loraflow.grpc_server import run_until_signal
-    from loraflow.job_service import add_job_service
+    from loraflow.jobs.job_service import add_job_service
+    from loraflow.server.grpc_server import run_until_signal
 
     server.add(spec.add_servicer, spec.make_servicer(ctx))
     add_job_service(server, {spec.kind: ctx.queue})
     # Clients push models, adapters and datasets through the API they already talk to (loraflow models push).
-    from loraflow.storage_service import add_storage_service, limits_from_args
+    from loraflow.storage.storage_service import add_storage_service, limits_from_args
 
     add_storage_service(server, store, settings.cache_dir, limits_from_args(args))
-    from loraflow.upload_sweeper import BlobSweeper
+    from loraflow.storage.upload_sweeper import BlobSweeper
 
     shutdown.append(BlobSweeper(store, args.upload_blob_ttl).start().stop)
     port = server.start(serving=False)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraflow import graph_contract as gc
+from loraflow.artifact import graph_contract as gc
 from loraflow.errors import InvalidArgument
 
 FORMAT_VERSION = 1
@@ -62,7 +62,7 @@ class LoraModuleSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """The ONNX graph of the artifact (names follow loraflow.graph_contract)."""
+    """The ONNX graph of the artifact (names follow loraflow.artifact.graph_contract)."""
 
     file: str
     target: str

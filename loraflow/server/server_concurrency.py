@@ -33,8 +33,8 @@ from typing import Protocol
 
 import grpc
 
-from loraflow.error_status import status_for
 from loraflow.errors import ResourceExhausted
+from loraflow.server.error_status import status_for
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,6 @@ from typing import Any
 
 import redis
 
-from loraflow import names
 from loraflow.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -57,7 +56,8 @@ from loraflow.errors import (
     Unavailable,
     WorkerStopping,
 )
-from loraflow.names import validate_name
+from loraflow.options import names
+from loraflow.options.names import validate_name
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def _validate_state(state: str | None) -> str | None:
 
 
 def validate_request_id(request_id: str) -> str:
-    # One rule for every service's request_id (trainer, compiler, inference): loraflow.names.
+    # One rule for every service's request_id (trainer, compiler, inference): loraflow.options.names.
     return names.validate_request_id(request_id)
 
 
@@ -338,7 +338,7 @@ class JobQueue:
     outage_seconds: how long a running job retries Redis before giving the attempt up (default 2 leases,
     below the 3 leases after which the reaper takes a job over).
     liveness_redis: the client lease renewals use (default `redis_client`); a worker process gives it a pool
-    of its own, so a renewal never waits behind client load (loraflow.config.LIVENESS_REDIS_CONNECTIONS).
+    of its own, so a renewal never waits behind client load (loraflow.options.config.LIVENESS_REDIS_CONNECTIONS).
     """
 
     def __init__(self, redis_client: redis.Redis, kind: str, *, lease_seconds: float = 30.0,
@@ -754,7 +754,7 @@ class JobWorker:
     (else left to the reaper), never FAILED; Unavailable → re-queued, counted; any other exception → FAILED.
 
     on_ready(bool) is called when the worker becomes able to take jobs (consumer group created, Redis
-    answering) and when it loses that (a Redis outage); see loraflow.redis_health for probes.
+    answering) and when it loses that (a Redis outage); see loraflow.server.redis_health for probes.
     """
 
     def __init__(self, queue: JobQueue, handler: HandlerFn, consumer: str | None = None,

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent import futures
 from typing import TypeVar
 
-from loraflow.budget import PREPARATION_QUEUE, PREPARATION_THREADS, ResourceBudget, process_budget
 from loraflow.errors import ResourceExhausted
+from loraflow.options.budget import PREPARATION_QUEUE, PREPARATION_THREADS, ResourceBudget, process_budget
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from loraflow.errors import InvalidArgument, NotFound
-from loraflow.names import validate_name
+from loraflow.options.names import validate_name
 
 ADAPTERS_KEY = "loraflow:registry:adapters"
 ARTIFACTS_KEY = "loraflow:registry:artifacts"

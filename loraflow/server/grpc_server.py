@@ -23,7 +23,12 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraflow.error_status import (  # noqa: F401  (error_info, MAX_TRAILER_BYTES, trailer_bytes: re-exported)
+from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
+from loraflow.security.auth import Authenticator, AuthInterceptor, current_caller
+from loraflow.security.limits import ServerLimits
+from loraflow.security.settings import SecuritySettings
+from loraflow.security.tls import server_credentials
+from loraflow.server.error_status import (  # noqa: F401  (error_info, MAX_TRAILER_BYTES, trailer_bytes: re-exported)
     ERROR_DOMAIN,
     MAX_TRAILER_BYTES,
     error_info,
@@ -31,13 +36,8 @@ from loraflow.error_status import (  # noqa: F401  (error_info, MAX_TRAILER_BYTE
     status_for,
     trailer_bytes,
 )
-from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
-from loraflow.message_limits import MessageLimitInterceptor, transport_limit
-from loraflow.security.auth import Authenticator, AuthInterceptor, current_caller
-from loraflow.security.limits import ServerLimits
-from loraflow.security.settings import SecuritySettings
-from loraflow.security.tls import server_credentials
-from loraflow.server_concurrency import (
+from loraflow.server.message_limits import MessageLimitInterceptor, transport_limit
+from loraflow.server.server_concurrency import (
     ClientStreamInterceptor,
     ConcurrencyInterceptor,
     ServerPools,

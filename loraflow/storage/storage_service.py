@@ -36,10 +36,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loraflow.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, ResourceExhausted
-from loraflow.model_source import check_uri, require_published
+from loraflow.options.settings import (
+    MAX_UPLOAD_FILE_BYTES,
+    MAX_UPLOAD_FILES,
+    MAX_UPLOAD_TOTAL_BYTES,
+    UPLOAD_BLOB_TTL,
+)
 from loraflow.security.auth import current_caller
-from loraflow.settings import MAX_UPLOAD_FILE_BYTES, MAX_UPLOAD_FILES, MAX_UPLOAD_TOTAL_BYTES, UPLOAD_BLOB_TTL
-from loraflow.storage_layout import (
+from loraflow.storage.model_source import check_uri, require_published
+from loraflow.storage.storage_layout import (
     MAX_CHUNK_BYTES,
     DataKind,
     Entry,
@@ -56,8 +61,8 @@ from loraflow.storage_layout import (
     manifest_entries,
     owner_id,
 )
-from loraflow.store import FileStore, ObjectStore, join_key, sha256_file
-from loraflow.upload_sweeper import (
+from loraflow.storage.store import FileStore, ObjectStore, join_key, sha256_file
+from loraflow.storage.upload_sweeper import (
     DEFAULT_BLOB_TTL_SECONDS,
     check_blob_ttl,
 )

@@ -63,7 +63,7 @@ def known_model(name: str) -> KnownModel:
 
 
 def default_cache_dir() -> Path:
-    from loraflow.config import Settings
+    from loraflow.options.config import Settings
 
     return Path(Settings.from_env().cache_dir)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow import errors
-from loraflow.storage_layout import (
+from loraflow.storage.storage_layout import (
     MAX_CHUNK_BYTES,
     DataKind,
     Entry,
@@ -35,7 +35,7 @@ from loraflow.storage_layout import (
     name_from_path,
     parse_kind,
 )
-from loraflow.store import build_manifest, sha256_file
+from loraflow.storage.store import build_manifest, sha256_file
 from loraflow.v1 import storage_pb2
 
 _KIND_PROTO = {DataKind.MODEL: storage_pb2.DATA_KIND_MODEL, DataKind.ADAPTER: storage_pb2.DATA_KIND_ADAPTER,

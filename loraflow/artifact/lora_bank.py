@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from loraflow import adapter_files
+from loraflow.artifact import adapter_files
+from loraflow.artifact.graph_contract import ALL_LORA_MODULES
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from loraflow.graph_contract import ALL_LORA_MODULES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -86,7 +86,7 @@ class BankSpec:
 
     @classmethod
     def from_manifest(cls, manifest) -> BankSpec:
-        """From a loraflow.manifest.Manifest (kept duck-typed so this module imports nothing else)."""
+        """From a loraflow.artifact.manifest.Manifest (kept duck-typed so this module imports nothing else)."""
         g = manifest.graph
         return cls(num_layers=g.layers, max_rank=manifest.max_rank, adapter_slots=manifest.adapter_slots,
                    modules={m: (s.in_features, s.out_features) for m, s in g.lora_modules.items()},

@@ -15,8 +15,8 @@ import threading
 import time
 
 from loraflow.errors import InvalidArgument, LoraflowError
-from loraflow.storage_layout import BLOBS_PREFIX, CLAIMS_PREFIX
-from loraflow.store import ObjectStore
+from loraflow.storage.storage_layout import BLOBS_PREFIX, CLAIMS_PREFIX
+from loraflow.storage.store import ObjectStore
 
 log = logging.getLogger(__name__)
 

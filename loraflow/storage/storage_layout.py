@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from loraflow.errors import InvalidArgument
-from loraflow.names import MAX_NAME_LEN, validate_name
-from loraflow.store import MANIFEST_NAME, join_key, validate_key
+from loraflow.options.names import MAX_NAME_LEN, validate_name
+from loraflow.storage.store import MANIFEST_NAME, join_key, validate_key
 
 UPLOADS_PREFIX = "uploads"
 BLOBS_PREFIX = f"{UPLOADS_PREFIX}/blobs/sha256"
@@ -203,6 +203,6 @@ def directory_key(kind: DataKind, name: str, entries: Iterable[Entry]) -> str:
 
 
 def manifest_entries(manifest: dict) -> list[Entry]:
-    """The files of a store manifest (loraflow.store format) as Entries, sorted by path."""
+    """The files of a store manifest (loraflow.storage.store format) as Entries, sorted by path."""
     return sorted((Entry(rel, int(info["size"]), str(info["sha256"])) for rel, info in manifest["files"].items()),
                   key=lambda e: e.path)

@@ -1,7 +1,7 @@
 """The memory budget: what a job or a loaded model will take, estimated before anything is allocated.
 
 Every model-sized thing a request asks for is sized from numbers that are already checked (a strict
-config.json, loraflow.hf_config; resolved compile options; an artifact's manifest) and compared with the
+config.json, loraflow.options.hf_config; resolved compile options; an artifact's manifest) and compared with the
 process's budget *before* work starts:
 
 * training: fp32 weights + LoRA weights, gradients and Adam state + activations + logits, per local rank;
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.errors import InvalidArgument, ResourceExhausted
-from loraflow.hf_config import HfModelConfig
-from loraflow.settings import Setting, declare
+from loraflow.options.hf_config import HfModelConfig
+from loraflow.options.settings import Setting, declare
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def compile_estimate(cfg: HfModelConfig, *, dtype: str, adapter_slots: int, max_
 
 
 def serving_estimate(manifest, *, device: str = "cpu") -> MemoryEstimate:
-    """A loaded artifact (a loraflow.manifest.Manifest): graph weights + KV cache + adapter banks.
+    """A loaded artifact (a loraflow.artifact.manifest.Manifest): graph weights + KV cache + adapter banks.
 
     On an AI 100 card the weights and the KV cache live on the card; the host keeps the banks it binds."""
     g = manifest.graph
@@ -344,7 +344,7 @@ def adapter_dir_limit(num_layers: int, max_rank: int, modules: Mapping[str, tupl
 @dataclass(frozen=True)
 class ResourceBudget:
     """The memory this process lets jobs or loaded models take; ``source`` says where the number came from.
-    preparation_threads / preparation_queue bound model-sized request preparation (loraflow.preparation)."""
+    preparation_threads / preparation_queue bound model-sized request preparation (loraflow.server.preparation)."""
 
     memory_bytes: int
     source: str

@@ -26,11 +26,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
-from loraflow import errors, settings
-from loraflow import formatting as fmt
+from loraflow import errors
 from loraflow.client import ADDRESS_SETTINGS, DEFAULT_ADDRESSES, UP_CLIENT_TOKEN_FILE, UP_TOKENS_FILE
-from loraflow.config import mask_redis_url, validate_redis_url
-from loraflow.embedded_redis import free_port, redis_server_args
+from loraflow.console import formatting as fmt
+from loraflow.jobs.embedded_redis import free_port, redis_server_args
+from loraflow.options import settings
+from loraflow.options.config import mask_redis_url, validate_redis_url
 from loraflow.security.private_files import write_private
 
 SERVICES = ("trainer", "compiler", "inference")

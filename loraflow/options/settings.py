@@ -6,7 +6,7 @@ error. Nothing else in the tree reads a ``LORAFLOW_*`` variable (tests/contracts
 for it), and ``loraflow settings`` lists them all (``all_settings``).
 
 Settings whose parsing belongs to their module are declared there with ``declare`` (the memory budget and
-preparation pool in ``loraflow.budget``, the listener limits in ``loraflow.security.limits``); the rest are
+preparation pool in ``loraflow.options.budget``, the listener limits in ``loraflow.security.limits``); the rest are
 declared below, grouped by who reads them. ``LORAFLOW_INFERENCE``, ``LORAFLOW_COMPILER`` and
 ``LORAFLOW_TRAINER`` (the Python API's addresses) are deprecated aliases of the ``*_ADDR`` variables the
 client and CLI read: one address, one name.
@@ -26,7 +26,7 @@ from loraflow.errors import InvalidArgument
 
 ENV_PREFIX = "LORAFLOW_"
 # The modules that declare settings of their own (imported by name, so this module stays below them).
-DECLARING_MODULES = ("loraflow.budget", "loraflow.security.limits")
+DECLARING_MODULES = ("loraflow.options.budget", "loraflow.security.limits")
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 
