@@ -203,3 +203,31 @@ class AdapterSlots:
         with self._slot_idle:
             self.slots[slot] = None
             self._slot_idle.notify_all()
+
+
+class ServesAdapterSlots:
+    """The adapter half of the runtime interface the engine and the servers call, for a runtime whose slot
+    table is ``self.adapters`` (OrtRuntime and Ai100Runtime both: declared once here)."""
+
+    adapters: AdapterSlots
+
+    @property
+    def slots(self) -> list[AdapterSlot | None]:
+        return self.adapters.slots
+
+    def adapter_names(self) -> dict[str, int]:
+        return self.adapters.names()
+
+    def free_adapter_slots(self) -> int:
+        return self.adapters.free()
+
+    def load_adapter(self, name: str, path: str | Path, *, source: str = "") -> int:
+        """Bind a PEFT adapter dir into a free slot (or the least recently used idle one); see AdapterSlots.load."""
+        return self.adapters.load(name, path, source=source)
+
+    def acquire_adapter(self, name: str) -> int:
+        """lora_id for ``name`` ("" = base model) and count one more request on it; NotFound if unknown."""
+        return self.adapters.acquire(name)
+
+    def release_adapter(self, lora_id: int) -> None:
+        self.adapters.release(lora_id)

@@ -26,7 +26,7 @@ from loraflow.artifact.ai100_stepper import Ai100Layout, Ai100Stepper, RetainedS
 from loraflow.artifact.manifest import Manifest
 from loraflow.artifact.scheduler import SchedulerOutput
 from loraflow.errors import FailedPrecondition, InvalidArgument, LoraflowError
-from services.inference.adapter_slots import AdapterSlot, AdapterSlots
+from services.inference.adapter_slots import AdapterSlots, ServesAdapterSlots
 from services.inference.qaic_sdk import import_qaic
 
 QPC_DIR = "qpc"
@@ -120,7 +120,7 @@ class QaicSession:
         self.program.deactivate()
 
 
-class Ai100Runtime:
+class Ai100Runtime(ServesAdapterSlots):
     """The runtime interface the engine steps (adapter slots, execute, reset_slot, ...) on Cloud AI 100 (or
     any retained-state session given): the slot table is AdapterSlots, the steps are Ai100Stepper's."""
 
@@ -165,26 +165,6 @@ class Ai100Runtime:
         self._sync_banks()
         for entry in self.manifest.adapters:
             self.adapters.fill(entry.slot, entry.name, self.artifact_dir / entry.path, source=f"artifact:{entry.path}")
-
-    # ---- adapters (the slot table: services/inference/adapter_slots.py) ----------------------
-    @property
-    def slots(self) -> list[AdapterSlot | None]:
-        return self.adapters.slots
-
-    def adapter_names(self) -> dict[str, int]:
-        return self.adapters.names()
-
-    def free_adapter_slots(self) -> int:
-        return self.adapters.free()
-
-    def load_adapter(self, name: str, path: str | Path, *, source: str = "") -> int:
-        return self.adapters.load(name, path, source=source)
-
-    def acquire_adapter(self, name: str) -> int:
-        return self.adapters.acquire(name)
-
-    def release_adapter(self, lora_id: int) -> None:
-        self.adapters.release(lora_id)
 
     def _sync_banks(self) -> None:
         # The session copies a buffer when it is set, so every bank change is set again.

@@ -39,7 +39,7 @@ from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.artifact.traced_step_driver import TracedStepDriver
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from services.inference.adapter_slots import AdapterSlot, AdapterSlots
+from services.inference.adapter_slots import AdapterSlots, ServesAdapterSlots
 from services.inference.spinning import DEFAULT_SPINNING, HostContention, check_spinning
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def check_device(device: str) -> str:
     return device
 
 
-class OrtRuntime:
+class OrtRuntime(ServesAdapterSlots):
     """Runs SchedulerOutput steps on an artifact's ONNX graph; owns the KV cache and adapter banks."""
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest | None = None, *, device: str = "cpu",
@@ -188,28 +188,6 @@ class OrtRuntime:
         self._sleeping_opener: threading.Thread | None = None
         self._closed = False
         self.steps_by_spinning = {"spinning": 0, "sleeping": 0}
-
-    # ---- adapters (the slot table: services/inference/adapter_slots.py) ----------------------
-    @property
-    def slots(self) -> list[AdapterSlot | None]:
-        return self.adapters.slots
-
-    def adapter_names(self) -> dict[str, int]:
-        return self.adapters.names()
-
-    def free_adapter_slots(self) -> int:
-        return self.adapters.free()
-
-    def load_adapter(self, name: str, path: str | Path, *, source: str = "") -> int:
-        """Bind a PEFT adapter dir into a free slot (or the least recently used idle one); see AdapterSlots.load."""
-        return self.adapters.load(name, path, source=source)
-
-    def acquire_adapter(self, name: str) -> int:
-        """lora_id for ``name`` ("" = base model) and count one more request on it; NotFound if unknown."""
-        return self.adapters.acquire(name)
-
-    def release_adapter(self, lora_id: int) -> None:
-        self.adapters.release(lora_id)
 
     def _sync_banks(self) -> None:
         # On CPU the bound OrtValues alias the numpy banks; elsewhere copy the banks to the device.
