@@ -173,7 +173,7 @@ def test_compiling_never_materialises_the_model(tmp_path):
     almost no more memory than the shallow one, because the builder holds one tensor and the reference one
     layer at a time. The 18 extra layers are 207 MiB in float32; the old compiler, which held about 2.5
     float32 copies of the model, grew by more than that, this one by the int4 session's share: its weights file
-    mapped in (0.625 of 4 bytes a weight, ~1/6.4) and ONNX Runtime's prepacked MatMulNBits blocks beside it, about
+    mapped in (0.625 of 4 bytes a weight, ~1/6.4) and ONNX Runtime's prepacked MatMulNBits blocks beside it,
     up to a third of the float32 size together (measured 0.15-0.3 of it, the most on a loaded host). Half of it still
     catches one float32 copy twice over."""
     shape = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2, std=0.02)
