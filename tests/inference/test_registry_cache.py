@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-import time
+from contextlib import contextmanager
 
 import redis
 
 from loraflow.jobs.registry import AdapterRecord, Registry
 from services.inference.registry_cache import CachedAdapterRecords
+from tests.support.polling import wait_for
 
 
-def wait_until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+def wait_until(condition) -> None:
+    wait_for(condition, timeout=20.0)
+
+
+@contextmanager
+def tracked(redis_url: str, names: tuple[str, ...] = ("a",), **kwargs):
+    """(a client, its Registry with `names` registered, CachedAdapterRecords over another client, tracking)."""
+    client = redis.Redis.from_url(redis_url)
+    registry = Registry(client)
+    for name in names:
+        registry.put_adapter(AdapterRecord(name=name, uri=f"s3://b/{name}-v1", base_model="m"))
+    records = CachedAdapterRecords(Registry(redis.Redis.from_url(redis_url)), **kwargs)
+    try:
+        wait_until(lambda: records.tracking)
+        yield client, registry, records
+    finally:
+        records.close()
 
 
 def hgets(client: redis.Redis) -> int:
@@ -22,12 +35,7 @@ def hgets(client: redis.Redis) -> int:
 
 
 def test_a_repeated_lookup_costs_no_redis_round_trip_and_a_write_is_seen(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    registry = Registry(client)
-    registry.put_adapter(AdapterRecord(name="a", uri="s3://b/a-v1", base_model="m"))
-    records = CachedAdapterRecords(Registry(redis.Redis.from_url(redis_url)))
-    try:
-        wait_until(lambda: records.tracking)
+    with tracked(redis_url) as (client, registry, records):
         assert records.find_adapter("a").uri == "s3://b/a-v1"
         before = hgets(client)
         for _ in range(50):
@@ -46,17 +54,10 @@ def test_a_repeated_lookup_costs_no_redis_round_trip_and_a_write_is_seen(redis_u
         assert records.find_adapter("b").uri == "s3://b/b"
         registry.delete_adapter("a")
         wait_until(lambda: records.find_adapter("a") is None)
-    finally:
-        records.close()
 
 
 def test_without_its_invalidation_connection_nothing_is_served_from_the_copy(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    registry = Registry(client)
-    registry.put_adapter(AdapterRecord(name="a", uri="s3://b/a-v1", base_model="m"))
-    records = CachedAdapterRecords(Registry(redis.Redis.from_url(redis_url)))
-    try:
-        wait_until(lambda: records.tracking)
+    with tracked(redis_url) as (client, registry, records):
         records.find_adapter("a")
         # The subscriber dies (a Redis restart, a proxy): lookups go to Redis until tracking is back.
         client.client_kill_filter(_type="pubsub")
@@ -66,21 +67,11 @@ def test_without_its_invalidation_connection_nothing_is_served_from_the_copy(red
         assert records.find_adapter("a").uri == "s3://b/a-v2"
         before = hgets(client)
         assert records.find_adapter("a").uri == "s3://b/a-v2" and hgets(client) == before
-    finally:
-        records.close()
     assert not records.tracking
 
 
 def test_the_copy_is_bounded(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    registry = Registry(client)
-    for i in range(6):
-        registry.put_adapter(AdapterRecord(name=f"a{i}", uri=f"s3://b/{i}", base_model="m"))
-    records = CachedAdapterRecords(Registry(redis.Redis.from_url(redis_url)), max_records=4)
-    try:
-        wait_until(lambda: records.tracking)
+    with tracked(redis_url, tuple(f"a{i}" for i in range(6)), max_records=4) as (_, _, records):
         for i in range(6):
             records.find_adapter(f"a{i}")
         assert len(records._records) == 4 and "a0" not in records._records and "a5" in records._records
-    finally:
-        records.close()
