@@ -24,14 +24,14 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraflow.errors import InvalidArgument, ResourceExhausted
 from loraflow.options.hf_config import HfModelConfig
-from loraflow.options.settings import Setting, declare
+from loraflow.options.settings import Setting, bounded_int, declare
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +105,16 @@ MEMORY_BUDGET = declare(Setting(
          "or a percentage of this process's cgroup limit, else of physical RAM; an API without a worker checks "
          "against the same value, so give it the workers' budget",
     parse=parse_memory_budget))
-def _count(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(str(text).strip())
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise InvalidArgument(f"must be an integer in {low}..{high}, got {text!r}", field="count", value=text)
-        return value
-    parse.__name__ = "count"
-    return parse
-
-
 PREPARATION_THREADS = declare(Setting(
     name="preparation_threads", flag="--preparation-threads", env="LORAFLOW_PREPARATION_THREADS", default="2",
     help="requests whose model-sized preparation (a compile plan fetching and hashing the base model, a "
          "trainer's meta-device model build) runs at once, on threads of their own, never the RPC threads",
-    parse=_count(1, 64)))
+    parse=bounded_int(1, 64)))
 PREPARATION_QUEUE = declare(Setting(
     name="preparation_queue", flag="--preparation-queue", env="LORAFLOW_PREPARATION_QUEUE", default="4",
     help="requests that may wait for a preparation thread; beyond them a submit is RESOURCE_EXHAUSTED (retry "
          "later), so waiting submits never hold every unary RPC thread",
-    parse=_count(0, 1024)))
+    parse=bounded_int(0, 1024)))
 BUDGET_SETTINGS: tuple[Setting, ...] = (MEMORY_BUDGET, PREPARATION_THREADS, PREPARATION_QUEUE)
 
 
