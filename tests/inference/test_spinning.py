@@ -17,8 +17,8 @@ from services.inference.spinning import (
     QUIET_BELOW,
     SPINNING_ENV,
     HostContention,
+    OthersCpu,
     check_spinning,
-    others_runnable,
     spinning_from_env,
 )
 from tests.inference.conftest import PROMPTS
@@ -80,16 +80,40 @@ def test_contention_switches_with_hysteresis_and_samples_at_most_every_interval(
     assert host.check() is False
 
 
-def test_others_runnable_reads_the_run_queue_less_this_process(tmp_path):
-    (tmp_path / "self" / "task" / "1").mkdir(parents=True)
-    (tmp_path / "self" / "task" / "2").mkdir(parents=True)
-    (tmp_path / "loadavg").write_text("3.10 2.00 1.00 5/300 1234\n")
-    (tmp_path / "self" / "task" / "1" / "stat").write_text("1 (python (x) y) R 0 1\n")
-    (tmp_path / "self" / "task" / "2" / "stat").write_text("2 (ort) S 0 1\n")
-    assert others_runnable(tmp_path) == 4
-    (tmp_path / "loadavg").write_text("garbage")
-    assert others_runnable(tmp_path) is None
-    assert isinstance(others_runnable(), int)  # this host's /proc
+def _proc_stat(cpu0: tuple[int, ...], cpu1: tuple[int, ...]) -> str:
+    total = tuple(a + b for a, b in zip(cpu0, cpu1, strict=True))
+    return "".join(f"{name} {' '.join(map(str, v))} 0 0\n" for name, v in (("cpu", total), ("cpu0", cpu0),
+                                                                            ("cpu1", cpu1))) + "intr 1 2 3\n"
+
+
+def test_others_cpu_counts_other_processes_busy_time_on_our_cores(tmp_path):
+    now = [0.0]
+    (tmp_path / "self").mkdir()
+    # user nice system idle iowait irq softirq steal; 100 ticks per second.
+    (tmp_path / "stat").write_text(_proc_stat((100, 0, 0, 900, 0, 0, 0, 0), (50, 0, 0, 950, 0, 0, 0, 0)))
+    (tmp_path / "self" / "stat").write_text("7 (python (x) y) R 1 7 7 0 -1 0 0 0 0 0 60 20 0 0\n")
+    sampler = OthersCpu(tmp_path, cpus={0, 1}, clock=lambda: now[0])
+    sampler.ticks_per_s = 100
+    assert sampler() is None  # no window yet
+    # One second later: cpu0 +100 busy ticks (user 60, system 20, irq 10, steal 10), cpu1 +30 user, +70 idle and
+    # +50 iowait that are not busy; this process used 40 + 10 of them: others used 80 ticks = 0.8 of a core.
+    now[0] = 1.0
+    (tmp_path / "stat").write_text(_proc_stat((160, 0, 20, 900, 0, 10, 0, 10), (80, 0, 0, 1020, 50, 0, 0, 0)))
+    (tmp_path / "self" / "stat").write_text("7 (python (x) y) R 1 7 7 0 -1 0 0 0 0 0 100 30 0 0\n")
+    assert sampler() == pytest.approx(0.8)
+    # Only the CPUs this process may run on count: another core's work does not contend with ours.
+    only_cpu1 = OthersCpu(tmp_path, cpus={1}, clock=lambda: now[0])
+    only_cpu1.ticks_per_s = 100
+    only_cpu1()
+    now[0] = 1.5
+    (tmp_path / "stat").write_text(_proc_stat((260, 0, 20, 900, 0, 10, 0, 10), (80, 0, 0, 1070, 50, 0, 0, 0)))
+    assert only_cpu1() == 0.0
+    (tmp_path / "stat").write_text("garbage")
+    assert sampler() is None
+    real = OthersCpu()
+    real()
+    time.sleep(0.05)
+    assert isinstance(real(), float)  # this host's /proc
 
 
 def test_auto_moves_steps_to_a_sleeping_session_while_the_host_is_contended(tiny_artifact, tiny_tokenizer):
