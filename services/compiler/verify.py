@@ -197,9 +197,11 @@ class ScenarioRun:
 
 
 def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int, chunk: int, label: str,
-                   decode_steps: int = 3, seed: int = 0) -> ScenarioRun:
+                   decode_steps: int = 3, seed: int = 0, fed_tokens: bool = False) -> ScenarioRun:
     """Drive ``driver`` (a step driver over at least SCENARIO_SLOTS KV slots of ``ctx_len`` positions, banks
-    bound) through the scenario; decode steps feed each row's own greedy token. The caller closes the driver."""
+    bound) through the scenario; decode steps feed each row's own greedy token, or with ``fed_tokens`` a token
+    drawn from the scenario's seed, so every call is known before any logits are (services/compiler/fused/
+    ranges.py records the calls and runs them a layer range at a time). The caller closes the driver."""
     for name, value in (("chunk", chunk), ("occupied_slots", occupied_slots)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidArgument(f"verification {name} must be a positive integer, got {value!r}", field=name,
@@ -220,6 +222,10 @@ def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int
     prompts = [rng.integers(0, vocab_size, n).tolist() for n in lengths]
     seqs = [list(p) for p in prompts]
     sampled: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(B)]  # (position, logits) per row
+    feed = np.random.default_rng([seed, 1])  # the fed tokens: independent of the prompts' draws
+
+    def next_token(b: int) -> int:
+        return int(feed.integers(0, vocab_size)) if fed_tokens else int(np.argmax(sampled[b][-1][1]))
 
     def prefill(b: int) -> None:
         """One row alone, chunk by chunk."""
@@ -242,7 +248,7 @@ def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int
                     sampled[b].append((len(seqs[b]) - 1, logits[j].copy()))
 
     def decode(rows: list[int]) -> None:
-        step = [Row(_KV_SLOTS[b], lora_ids[b], (int(np.argmax(sampled[b][-1][1])),), len(seqs[b])) for b in rows]
+        step = [Row(_KV_SLOTS[b], lora_ids[b], (next_token(b),), len(seqs[b])) for b in rows]
         logits = driver.decode(step)
         for j, b in enumerate(rows):
             seqs[b].append(step[j].token_ids[0])

@@ -7,7 +7,8 @@ slots sharing a call (a shorter chunk right-padded), mixed adapters with slot 0 
 request joining alone after the others have decoded. Each row's logits at every sampled token are compared
 with the reference run on that row's whole sequence. An artifact's graphs (model.onnx and
 model.native.onnx) are opened one after another, each session closed before the next opens, and share one
-reference pass.
+reference pass. The artifact's graphs are verified a layer range at a time (ranges.py): a session holds one
+range's weights, never the whole model's; the scenario's calls are recorded through the same step driver first.
 
 For int4/int8 the reference holds the dequantised weights read back from the artifact itself
 (readback.ArtifactWeights), each checked to be the block quantisation of the checkpoint's tensor, so the
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import gc as garbage
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
@@ -30,6 +32,7 @@ from loraflow.artifact.lora_bank import bank_ranks
 from loraflow.artifact.manifest import GraphSpec
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, flat_bank
+from services.compiler.fused import ranges
 from services.compiler.verify import (
     SCENARIO_SLOTS,
     ReferenceFn,
@@ -105,29 +108,72 @@ def verify_fused_graph(session, reference: ReferenceFn, graph: GraphSpec, banks:
     return _report(result)
 
 
+def record_fused(graph_inputs, graph: GraphSpec, banks: Mapping[str, np.ndarray], *, ctx_len: int,
+                 occupied_slots: int, chunk: int, label: str, decode_steps: int = 3, seed: int = 0
+                 ) -> tuple[ScenarioRun, list[ranges.Call]]:
+    """The scenario (fed decode tokens) through FusedStepDriver over a Recorder: the run, its sampled logits
+    placeholders (ranges.resolve replaces them), and the calls to replay."""
+    cache = SharedKvCache(layers=graph.layers, slots=SCENARIO_SLOTS, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
+                          head_dim=graph.head_dim)
+    flat = flat_bank_views(banks)
+    recorder = ranges.Recorder(graph_inputs, cache, frozenset([*flat, gc.LORA_RANKS]))
+    driver = FusedStepDriver(recorder, cache, flat, vocab_size=graph.vocab_size, lora_ranks=feed_ranks(banks))
+    try:
+        run = drive_scenario(driver, vocab_size=graph.vocab_size, ctx_len=ctx_len, occupied_slots=occupied_slots,
+                             chunk=chunk, label=label, decode_steps=decode_steps, seed=seed, fed_tokens=True)
+    finally:
+        driver.close()
+    return run, recorder.calls
+
+
+@dataclass(frozen=True)
+class RangeStats:
+    """How the artifact was run: its layer ranges and the sessions opened."""
+
+    ranges: tuple[tuple[int, int], ...]
+    sessions: int
+
+
 def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceFn, banks: Mapping[str, np.ndarray], *,
                           ctx_len: int, occupied_slots: int, chunk: int, accuracy_level: int | None,
-                          quantized: bool) -> tuple[FusedVerifyReport, FusedVerifyReport | None]:
-    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise). The sessions
-    open one after another, each released before the next opens (a 7B artifact's weights are resident once);
-    one reference pass serves both."""
+                          quantized: bool, range_bytes: int | None = None
+                          ) -> tuple[FusedVerifyReport, FusedVerifyReport | None, RangeStats]:
+    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise), and how they
+    ran. Each graph runs a layer range at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session,
+    one session open at a time, the two graphs range by range side by side); one reference pass checks both."""
     import onnxruntime as ort
 
     from loraflow import native as native_lora
 
+    files = [f for f in (graph.file, graph.native_file) if f]
+    models = {f: onnx.load(str(out_dir / f), load_external_data=False) for f in files}
+    layer_ranges = ranges.layer_ranges(models[graph.file], graph.layers,
+                                        ranges.RANGE_BYTES if range_bytes is None else range_bytes)
+    recorded, replays, pieces = {}, {}, {}
+    flat = {**flat_bank_views(banks), gc.LORA_RANKS: feed_ranks(banks)}
+    for f in files:
+        recorded[f] = record_fused(list(models[f].graph.input), graph, banks, ctx_len=ctx_len,
+                                   occupied_slots=occupied_slots, chunk=chunk, label=f"fused graph {f}")
+        pieces[f] = ranges.split_ranges(models[f], graph.layers, layer_ranges)
+        replays[f] = ranges.RangeReplay(recorded[f][1], flat, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
+                                        head_dim=graph.head_dim, slots=SCENARIO_SLOTS)
+    del models
+    for k in range(len(layer_ranges)):
+        for f in files:
+            so = session_options(ort, num_threads=0)
+            if f == graph.native_file:
+                native_lora.register(so)
+            session = ranges.open_range(pieces[f][k], out_dir, so)
+            try:
+                replays[f].run(session, pieces[f][k])
+            finally:
+                del session
+                garbage.collect()  # this range's weights go before the next range's session opens
     runs = []
-    for file in (graph.file, graph.native_file):
-        if not file:
-            continue
-        so = session_options(ort, num_threads=0)
-        if file == graph.native_file:
-            native_lora.register(so)
-        session = ort.InferenceSession(str(out_dir / file), so, providers=["CPUExecutionProvider"])
-        try:
-            runs.append(drive_fused(session, graph, banks, ctx_len=ctx_len, occupied_slots=occupied_slots, chunk=chunk,
-                                    label=f"fused graph {file}"))
-        finally:
-            del session
-            garbage.collect()  # the session's weights go before the next session (or the reference) loads
+    for f in files:
+        run = recorded[f][0]
+        runs.append(replace(run, sampled=ranges.resolve(run.sampled, replays[f].logits),
+                            calls=len(recorded[f][1])))
     results = check_runs(runs, reference, base_tolerance=base_tolerance(accuracy_level, quantized))
-    return _report(results[0]), (_report(results[1]) if len(results) > 1 else None)
+    stats = RangeStats(ranges=tuple(layer_ranges), sessions=sum(r.sessions for r in replays.values()))
+    return _report(results[0]), (_report(results[1]) if len(results) > 1 else None), stats
