@@ -58,6 +58,7 @@ def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
     report = verify_dict(verify_report)
     report["layer_ranges"] = [list(r) for r in ran.ranges]
     report["sessions"] = ran.sessions
+    report["seconds"] = ran.seconds
     if verify_report.quant_relative_diff is not None:
         report["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
         report["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement

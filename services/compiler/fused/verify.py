@@ -19,6 +19,7 @@ same layer pass and reported (relative logit error, share of greedy tokens equal
 from __future__ import annotations
 
 import gc as garbage
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -132,6 +133,7 @@ class RangeStats:
 
     ranges: tuple[tuple[int, int], ...]
     sessions: int
+    seconds: dict[str, float]  # record (the scenario's calls), replay (every range's session), reference
 
 
 def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceFn, banks: Mapping[str, np.ndarray], *,
@@ -145,6 +147,7 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
 
     from loraflow import native as native_lora
 
+    t0 = time.perf_counter()
     files = [f for f in (graph.file, graph.native_file) if f]
     models = {f: onnx.load(str(out_dir / f), load_external_data=False) for f in files}
     layer_ranges = ranges.layer_ranges(models[graph.file], graph.layers,
@@ -158,6 +161,8 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
         replays[f] = ranges.RangeReplay(recorded[f][1], flat, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
                                         head_dim=graph.head_dim, slots=SCENARIO_SLOTS)
     del models
+    seconds = {"record": time.perf_counter() - t0}
+    t0 = time.perf_counter()
     for k in range(len(layer_ranges)):
         for f in files:
             so = session_options(ort, num_threads=0)
@@ -169,11 +174,21 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
             finally:
                 del session
                 garbage.collect()  # this range's weights go before the next range's session opens
+    seconds["replay"] = time.perf_counter() - t0
     runs = []
     for f in files:
         run = recorded[f][0]
         runs.append(replace(run, sampled=ranges.resolve(run.sampled, replays[f].logits),
                             calls=len(recorded[f][1])))
-    results = check_runs(runs, reference, base_tolerance=base_tolerance(accuracy_level, quantized))
-    stats = RangeStats(ranges=tuple(layer_ranges), sessions=sum(r.sessions for r in replays.values()))
+
+    def timed(rows):
+        t0 = time.perf_counter()
+        try:
+            return reference(rows)
+        finally:
+            seconds["reference"] = time.perf_counter() - t0
+
+    results = check_runs(runs, timed, base_tolerance=base_tolerance(accuracy_level, quantized))
+    stats = RangeStats(ranges=tuple(layer_ranges), sessions=sum(r.sessions for r in replays.values()),
+                       seconds={k: round(v, 3) for k, v in seconds.items()})
     return _report(results[0]), (_report(results[1]) if len(results) > 1 else None), stats
