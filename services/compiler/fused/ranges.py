@@ -60,8 +60,10 @@ def _initializer_bytes(t: TensorProto) -> int:
 
 
 def layer_ranges(model: onnx.ModelProto, num_layers: int, max_bytes: int = RANGE_BYTES) -> list[tuple[int, int]]:
-    """[first, stop) layer ranges, each holding at most ``max_bytes`` of its layers' initializers (at least one
-    layer), in order."""
+    """[first, stop) layer ranges in order, each holding at most ``max_bytes`` of its layers' initializers (at
+    least one layer). The initializers only prologue and head nodes read count toward the last range, which
+    holds the head (a tied fp32 head multiplies by the embedding table; an untied embedding is only gathered
+    from, so counting it errs on the small side)."""
     if max_bytes < 1:
         raise InvalidArgument(f"range_bytes must be positive, got {max_bytes}", field="range_bytes", value=max_bytes)
     sizes = {t.name: _initializer_bytes(t) for t in model.graph.initializer}
@@ -75,14 +77,15 @@ def layer_ranges(model: onnx.ModelProto, num_layers: int, max_bytes: int = RANGE
             if name in sizes and name not in counted:
                 counted.add(name)
                 per_layer[i] += sizes[name]
-    ranges, start, held = [], 0, 0
-    for i, size in enumerate(per_layer):
-        if i > start and held + size > max_bytes:
-            ranges.append((start, i))
-            start, held = i, 0
-        held += size
-    ranges.append((start, num_layers))
-    return ranges
+    tail = sum(size for name, size in sizes.items() if name not in counted)
+    ranges, stop, held = [], num_layers, tail
+    for i in reversed(range(num_layers)):  # from the head down: the last range starts with the head's bytes
+        if i + 1 < stop and held + per_layer[i] > max_bytes:
+            ranges.append((i + 1, stop))
+            stop, held = i + 1, 0
+        held += per_layer[i]
+    ranges.append((0, stop))
+    return ranges[::-1]
 
 
 @dataclass(frozen=True)
