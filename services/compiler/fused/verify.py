@@ -5,10 +5,14 @@ runs) in the scenario traced graphs are verified in too (services.compiler.verif
 shuffled KV slots with a gap (so decode calls carry a dummy row), chunked prefill with rows in adjacent
 slots sharing a call (a shorter chunk right-padded), mixed adapters with slot 0 (base) among them, and one
 request joining alone after the others have decoded. Each row's logits at every sampled token are compared
-with the reference run on that row's whole sequence. An artifact's graphs (model.onnx and
-model.native.onnx) are opened one after another, each session closed before the next opens, and share one
-reference pass. The artifact's graphs are verified a layer range at a time (ranges.py): a session holds one
-range's weights, never the whole model's; the scenario's calls are recorded through the same step driver first.
+with the reference run on that row's whole sequence.
+
+A compiled artifact (``verify_fused_artifact``) is verified a layer range at a time (ranges.py): the
+scenario's calls are recorded through the same step driver first (decode tokens fed from the scenario's
+seed, so no call waits for logits), then every range's session runs them all and closes before the next
+range's opens, so a session never holds more than a range's weights; the artifact's two graphs
+(model.onnx and model.native.onnx) go range by range side by side and share one reference pass.
+``verify_fused_graph`` checks one open session over a whole graph (tests, small models).
 
 For int4/int8 the reference holds the dequantised weights read back from the artifact itself
 (readback.ArtifactWeights), each checked to be the block quantisation of the checkpoint's tensor, so the
