@@ -263,14 +263,20 @@ def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int
     return ScenarioRun(label=label, seqs=seqs, lora_ids=lora_ids, sampled=sampled, calls=driver.calls)
 
 
+def reference_rows(runs: Sequence[ScenarioRun]) -> list[ReferenceRow]:
+    """Every distinct row of ``runs``, in first-seen order: what ``check_runs`` asks its reference for."""
+    rows: dict[ReferenceRow, None] = {}
+    for run in runs:
+        for row in run.rows():
+            rows.setdefault(row)
+    return list(rows)
+
+
 def check_runs(runs: Sequence[ScenarioRun], reference: ReferenceFn, *, base_tolerance: float,
                fp16: bool = False) -> list[ScenarioResult]:
     """Compare every run's sampled logits with one reference pass over all their rows (VerificationFailed on
     non-finite logits or a relative difference above the tolerance, naming the run's label)."""
-    rows: dict[ReferenceRow, int] = {}
-    for run in runs:
-        for row in run.rows():
-            rows.setdefault(row, len(rows))
+    rows = {row: j for j, row in enumerate(reference_rows(runs))}
     ref = reference(list(rows))
     tolerance = scaled_tolerance(base_tolerance, ref.error, fp16=fp16, rounding_error=ref.rounding_error)
     results = []
