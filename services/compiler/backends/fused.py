@@ -82,7 +82,7 @@ def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds,
     from services.compiler.verify import layerwise_reference
 
     if fused.bits is None:
-        return layerwise_reference(weights, feeds, lora_modules)
+        return layerwise_reference(weights, feeds, lora_modules, measure_on_error_rows=True)
     readback = ArtifactWeights(weights.cfg, out_dir / exported.graph.file, exported.written)
 
     def check_quantised(loaded) -> None:
@@ -92,7 +92,8 @@ def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds,
                 check_blocks(name, loaded[weights][name], got, readback.scales(name), written.block_size)
 
     return layerwise_reference(readback, feeds, lora_modules, float_source=weights, on_layer=check_quantised,
-                               activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None)
+                               activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None,
+                               measure_on_error_rows=True)
 
 
 BACKEND = Backend(name="fused", accepts=accepts, export=export, verify=verify)

@@ -48,11 +48,14 @@ class Variant:
     many values first, as MatMulNBits does at accuracy level 4 (ONNX Runtime's MLAS: per block of the weights'
     block size, scale max|x| / 127, round to nearest even), so the reference computes what the int8-activation
     kernel computes and the check of a quantised graph stays tight. The LoRA deltas see the unrounded input,
-    as in the graph."""
+    as in the graph.
+
+    ``rows``: the indices of the rows this variant computes (None: every row); its result lists only those."""
 
     source: WeightSource
     dtype: torch.dtype = torch.float32
     activation_block: int | None = None
+    rows: tuple[int, ...] | None = None
 
 
 def round_activations(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -134,7 +137,8 @@ def reference_logits(variants: Mapping[str, Variant], rows: Sequence[ReferenceRo
 
 def _layer_by_layer(cfg: DecoderConfig, variants: Mapping[str, Variant], rows: Sequence[ReferenceRow],
                     banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], load) -> dict[str, ReferenceResult]:
-    state = {label: _Run(cfg, v, rows, banks, lora_modules) for label, v in variants.items()}
+    state = {label: _Run(cfg, v, rows if v.rows is None else [rows[j] for j in v.rows], banks, lora_modules)
+             for label, v in variants.items()}
     embeds = load([EMBED])
     for label, v in variants.items():
         state[label].embed(embeds[v.source][EMBED])
