@@ -205,3 +205,19 @@ def test_fp32_verification_holds_a_layer_range_not_the_model(tmp_path):
     assert verify["relative_diff"] <= verify["tolerance"]
     grew = (got["peak_kib"] - got["before_kib"]) * 1024
     assert grew < fp32 / 2, f"the compile grew the peak RSS by {grew / 2**20:.0f} MiB; the weights are {fp32 / 2**20:.0f} MiB"
+
+
+def test_layer_ranges_hold_at_most_their_budget_and_the_last_counts_the_head(four_layers):
+    _, art, graph, _, _ = four_layers
+    proto = onnx.load(str(art / graph.file), load_external_data=False)
+    sizes = {t.name: ranges._initializer_bytes(t) for t in proto.graph.initializer}
+    per_layer = [sum(size for name, size in sizes.items() if name.startswith((f"layers.{i}.", f"layers.{i}/")))
+                 for i in range(graph.layers)]
+    head = sum(sizes.values()) - sum(per_layer)
+    assert head > per_layer[0] > 0  # the tiny model's embedding (and untied head) outweigh a layer
+    assert ranges.layer_ranges(proto, graph.layers, max_bytes=10 * sum(sizes.values())) == [(0, 4)]
+    two = ranges.layer_ranges(proto, graph.layers, max_bytes=head + 2 * per_layer[0])
+    assert two == [(0, 2), (2, 4)]  # the head's bytes and two layers fill the last range
+    assert ranges.layer_ranges(proto, graph.layers, max_bytes=head) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(InvalidArgument, match="range_bytes"):
+        ranges.layer_ranges(proto, graph.layers, max_bytes=0)

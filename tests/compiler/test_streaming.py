@@ -220,6 +220,14 @@ def test_the_tolerance_follows_the_reference_error_and_still_catches_a_wiring_bu
         scaled_tolerance(0.1, 1e-6, rounding_error=0.3)
 
 
+def test_the_reference_errors_are_measured_on_one_row_per_adapter_slot():
+    from services.compiler.modeling.layerwise import ReferenceRow
+    from services.compiler.verify import error_rows
+
+    rows = [ReferenceRow(tuple(range(n)), lora) for n, lora in ((14, 0), (8, 1), (8, 2), (9, 0), (5, 1))]
+    assert error_rows(rows) == (2, 3, 4)  # slot 0: the 9-token row, slot 1: the 5-token one, slot 2: its only row
+
+
 def _strong_model(tmp_path):
     """An 8-layer Llama with strong adapters: activations reach ~1e4 and its float32 error ~5e-5."""
     from safetensors.torch import load_file, save_file
