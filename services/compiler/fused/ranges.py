@@ -181,7 +181,8 @@ def split_ranges(model: onnx.ModelProto, num_layers: int, ranges: Sequence[tuple
         pieces.append(RangeGraph(layers=(a, b), model=piece_model, stream_in=stream_in, stream_out=stream_out,
                                  nodes=frozenset(picked)))
         covered |= picked
-    missed = [n.name for n in graph.node if n.name not in covered and n.name in _live(graph)]
+    live = _live(graph)
+    missed = [n.name for n in graph.node if n.name not in covered and n.name in live]
     if missed:
         raise InvalidArgument(f"{len(missed)} nodes of the graph that feed its outputs lie in no layer range (first "
                               f"{missed[0]!r}); they would go unverified", field="graph", value=missed[0])
