@@ -23,7 +23,6 @@ same layer pass and reported (relative logit error, share of greedy tokens equal
 from __future__ import annotations
 
 import gc as garbage
-import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -153,8 +152,7 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
                           ) -> tuple[FusedVerifyReport, FusedVerifyReport | None, RangeStats]:
     """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise), and how they
     ran. Each graph runs a layer range at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session,
-    the two graphs range by range side by side, the next range opening while one runs); one reference pass
-    checks both."""
+    one session open at a time, the two graphs range by range side by side); one reference pass checks both."""
 
 
     t0 = time.perf_counter()
@@ -218,51 +216,21 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
 
 def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Mapping[str, list[ranges.RangeGraph]],
                    replays: Mapping[str, ranges.RangeReplay]) -> None:
-    """Every range of every graph in order (range 0 of each graph, then range 1, ...). Opening a session is
-    single-threaded in ONNX Runtime (reading and pre-packing the range's weights), so the next range's session
-    opens on a thread of its own while this one runs its calls: at most two sessions exist at a time."""
+    """Every range of every graph in order (range 0 of each graph, then range 1, ...), each session closed
+    before the next opens: one range's weights resident at a time."""
     import onnxruntime as ort
 
     from loraflow import native as native_lora
 
-    order = [(k, f) for k in range(len(next(iter(pieces.values())))) for f in files]
-    ready: queue.Queue = queue.Queue()
-    slots = threading.Semaphore(2)  # sessions alive: the one running and the one opening
-    stop = threading.Event()
-
-    def open_all() -> None:
-        for k, f in order:
-            slots.acquire()
-            if stop.is_set():
-                return
-            try:
-                so = session_options(ort, num_threads=0, allow_spinning=VERIFY_SPINNING,
-                                     stop_spinning_after_run=VERIFY_SPINNING)
-                if f == graph.native_file:
-                    native_lora.register(so)
-                ready.put((k, f, ranges.open_range(pieces[f][k], out_dir, so)))
-            except BaseException as err:  # noqa: BLE001  (raised on the caller's thread)
-                ready.put(err)
-                return
-
-    opener = threading.Thread(target=open_all, name="verify-range-opener", daemon=True)
-    opener.start()
-    try:
-        for _ in order:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            k, f, session = item
+    for k in range(len(next(iter(pieces.values())))):
+        for f in files:
+            so = session_options(ort, num_threads=0, allow_spinning=VERIFY_SPINNING,
+                                 stop_spinning_after_run=VERIFY_SPINNING)
+            if f == graph.native_file:
+                native_lora.register(so)
+            session = ranges.open_range(pieces[f][k], out_dir, so)
             try:
                 replays[f].run(session, pieces[f][k])
             finally:
-                del session, item  # this range's weights go before a third session opens
-                slots.release()
-    finally:
-        stop.set()
-        slots.release()
-        opener.join()
-        while not ready.empty():  # a session opened ahead of a failure
-            ready.get()
-        garbage.collect()
-
+                del session  # this range's weights go before the next range's session opens
+    garbage.collect()
