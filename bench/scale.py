@@ -5,7 +5,7 @@ written tensor by tensor, so making them needs one tensor of memory, and PEFT ad
 measures in one run, each heavy step in a child process of its own inside a memory-capped cgroup (v1):
 
   compile   loraflow's build_artifact (graph + verification) and onnxruntime-genai's builder on the same
-            checkpoint: wall time, peak RSS (the child's ru_maxrss), the cgroup's peak (page cache
+            checkpoint: wall time, peak RSS (the child's VmHWM), the cgroup's peak (page cache
             included), artifact size, or how it failed (OOM-killed at the cap);
   open      what opening the artifact for serving costs: the serving process's RSS after the runtime is
             built, beside the weights file and the KV cache;
@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+
+from loraflow.options.settings import ORT_SPINNING  # noqa: E402  (after the path: run as a script)
 
 # Real shapes; the vocabulary is SmolLM2's tokenizer (49152), since the hub's tokenizers are not reachable.
 SHAPES = {
@@ -194,7 +196,9 @@ def run_child(argv: list[str], *, cap_gib: float | None, label: str, timeout_s: 
         if proc.stdout is not None:
             out_lines = proc.stdout.read().splitlines()
     wall = time.perf_counter() - started
-    record = {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / (1 << 20), 2)}
+    # ru_maxrss is carried across execve on Linux (the forking parent's RSS counts): only a fallback for a child
+    # killed before it reported its own VmHWM.
+    record = {"wall_s": round(wall, 1), "ru_maxrss_gib": round(usage.ru_maxrss / (1 << 20), 2)}
     if os.WIFSIGNALED(status):
         record["killed_by"] = signal.Signals(os.WTERMSIG(status)).name
     record["exit"] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -213,6 +217,9 @@ def run_child(argv: list[str], *, cap_gib: float | None, label: str, timeout_s: 
             record["result"] = json.loads(out_lines[-1])
         except ValueError:
             pass
+    hwm = record.get("result", {}).get("vmhwm_gib") if isinstance(record.get("result"), dict) else None
+    record["peak_rss_gib"] = hwm if hwm is not None else record["ru_maxrss_gib"]
+    record["peak_rss_source"] = "VmHWM" if hwm is not None else "ru_maxrss"
     record["ok"] = record.get("exit") == 0 and "result" in record
     say(f"{label}: {record}")
     return record
@@ -235,14 +242,29 @@ def child_compile(args) -> None:
                                                                  say(f"compile {stage}: {msg}")))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(json.dumps({"artifact_bytes": size, "timings": manifest.extra.get("timings"),
-                      "verify": manifest.extra.get("verify")}))
+                      "verify": manifest.extra.get("verify"), "vmhwm_gib": vmhwm_gib()}))
+
+
+_GENAI_WRAPPER = """
+import runpy, sys
+from pathlib import Path
+peak_file = sys.argv.pop(1)
+sys.argv[0] = "onnxruntime_genai.models.builder"
+try:
+    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+finally:
+    kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    Path(peak_file).write_text(str(round(kib / (1 << 20), 2)))
+"""
 
 
 def child_genai_build(args) -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", args.model_dir, "-o", str(out), "-p",
+    peak_file = out.parent / f"{out.name}.vmhwm"
+    # The builder runs in a process of its own: its VmHWM is written at exit (the peak is the builder's).
+    cmd = [sys.executable, "-c", _GENAI_WRAPPER, str(peak_file), "-i", args.model_dir, "-o", str(out), "-p",
            args.dtype, "-e", "cpu", "-c", str(out.parent / f"{out.name}.hf-cache")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
@@ -250,7 +272,14 @@ def child_genai_build(args) -> None:
         say(f"genai builder failed ({done.returncode}): {done.stderr[-1500:]}")
         sys.exit(done.returncode if done.returncode > 0 else 1)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(json.dumps({"artifact_bytes": size}))
+    peak = float(peak_file.read_text())
+    peak_file.unlink()
+    print(json.dumps({"artifact_bytes": size, "vmhwm_gib": peak}))
+
+
+def vmhwm_gib() -> float:
+    """This process's peak RSS (GiB) from /proc/self/status (VmHWM: this process's own, unlike ru_maxrss)."""
+    return _rss()["VmHWM"]
 
 
 def _rss() -> dict[str, float]:
@@ -291,7 +320,7 @@ def child_serve(args) -> None:
     paths = {p.name: p for p in map(Path, args.adapters)}
     before = _rss()
     started = time.perf_counter()
-    model = open_model(artifact, num_threads=args.threads, model_id="scale", allow_spinning=args.spinning,
+    model = open_model(artifact, num_threads=args.threads, model_id="scale", spinning=args.ort_spinning,
                        resolve_adapter=lambda name: AdapterOrigin(source=f"path:{paths[name]}",
                                                                   fetch=lambda: paths[name], kind="path")
                        if name in paths else None)
@@ -328,7 +357,8 @@ def child_serve(args) -> None:
         "mixed_prefill_s": round(statistics.median(r["prefill_seconds"] for r in rounds), 2),
         "base_tok_s": round(statistics.median(r["tok_s"] for r in base), 2),
         "base_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in base), 2),
-        "adapters_in_slots": in_slots, "lora_kernel": kernel, "bandwidth_gbs": round(bandwidth, 1),
+        "adapters_in_slots": in_slots, "lora_kernel": kernel, "ort_spinning": args.ort_spinning,
+        "bandwidth_gbs": round(bandwidth, 1), "vmhwm_gib": vmhwm_gib(),
         "decode_bytes_per_step_gib": round(step_bytes / (1 << 30), 3),
         "bandwidth_bound_tok_s": round(args.rows * bandwidth * 1e9 / step_bytes, 1),
     }))
@@ -359,7 +389,7 @@ def child_genai_serve(args) -> None:
     runs = [run_genai(model, prompts, args.tokens, pad) for _ in range(args.repeats)]
     print(json.dumps({"base_tok_s": round(statistics.median(r["tok_s"] for r in runs), 2),
                       "base_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 2),
-                      "rss_before_gib": before["VmRSS"], "rss_opened_gib": opened["VmRSS"]}))
+                      "rss_before_gib": before["VmRSS"], "rss_opened_gib": opened["VmRSS"], "vmhwm_gib": vmhwm_gib()}))
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -379,9 +409,9 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--ctx-len", type=int, default=512)
     p.add_argument("--timeout-s", type=float, default=3600)
-    p.add_argument("--no-spinning", dest="spinning", action="store_false",
-                   help="let our ONNX Runtime threads sleep when idle (onnxruntime-genai's spin: like for like is the "
-                        "default)")
+    p.add_argument("--ort-spinning", choices=("auto", "on", "off"), default=ORT_SPINNING.default,
+                   help=f"the serving child's ONNX Runtime threading policy (default: the engine's, "
+                        f"{ORT_SPINNING.default!r}; onnxruntime-genai always spins)")
     p.add_argument("--skip-genai", action="store_true")
     p.add_argument("--skip-serve", action="store_true")
     p.add_argument("--child", choices=["compile", "genai-build", "serve", "genai-serve"], help=argparse.SUPPRESS)
@@ -418,11 +448,10 @@ def main() -> int:
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--threads", str(args.threads), "--rows", str(args.rows), "--tokens", str(args.tokens),
               "--repeats", str(args.repeats), "--rank", str(args.rank), "--ctx-len", str(args.ctx_len)]
-    if not args.spinning:
-        common.append("--no-spinning")
+    common += ["--ort-spinning", args.ort_spinning]
     result: dict = {"uptime_before": uptime(), "threads": args.threads, "rows": args.rows, "new_tokens": args.tokens,
                     "adapters": ADAPTERS, "compiled_adapters": COMPILED_ADAPTERS, "targets": list(TARGETS),
-                    "rank": args.rank, "ctx_len": args.ctx_len, "cap_gib": args.cap_gib, "ort_spinning": args.spinning,
+                    "rank": args.rank, "ctx_len": args.ctx_len, "cap_gib": args.cap_gib, "ort_spinning": args.ort_spinning,
                     "shapes": {}}
     for shape in shapes:
         model_dir = make_checkpoint(shape, work / shape / "checkpoint", tokenizer_dir)
@@ -480,7 +509,7 @@ def markdown(result: dict) -> str:
             if "ai100" in key:
                 tool, dtype = "loraflow (AI 100 bundle)", "fp16"
             if rec.get("ok"):
-                compile_s = f"{rec['wall_s']:.0f} s"
+                compile_s = f"{rec['wall_s']:.1f} s"
                 size = f"{rec['result']['artifact_bytes'] / (1 << 30):.2f} GiB"
             else:
                 compile_s = f"failed after {rec['wall_s']:.0f} s ({rec.get('killed_by') or 'exit ' + str(rec['exit'])}" \

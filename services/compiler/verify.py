@@ -101,7 +101,7 @@ class Reference:
     logits: list[np.ndarray]  # per row [T, V] float32
     error: float  # max over rows of |float32 - float64| / max(1, max |float64|)
     max_activation: float = 0.0
-    float_logits: list[np.ndarray] | None = None
+    float_logits: list[np.ndarray | None] | None = None  # measured rows only (None for the others)
     # With int8-rounded activations only: the checked reference, float32 against float64 (both rounded).
     rounding_error: float = 0.0
 
@@ -109,33 +109,58 @@ class Reference:
 ReferenceFn = Callable[[Sequence[ReferenceRow]], Reference]
 
 
+def error_rows(rows: Sequence[ReferenceRow]) -> tuple[int, ...]:
+    """The rows the reference's own errors are measured on: for each adapter slot the rows use (the base model
+    included), its shortest row. Fewer tokens than every row (the float64 variants cost twice float32's
+    compute), yet every adapter's activations; the checked reference still covers every row, and a
+    measurement over fewer rows can only make the tolerance tighter (it is at least the base)."""
+    shortest: dict[int, int] = {}
+    for j, row in enumerate(rows):
+        k = shortest.get(row.lora_id)
+        if k is None or len(row.tokens) < len(rows[k].tokens):
+            shortest[row.lora_id] = j
+    return tuple(sorted(shortest.values()))
+
+
 def layerwise_reference(source: WeightSource, banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], *,
                         float_source: WeightSource | None = None, on_layer: LayerHook | None = None,
-                        activation_block: int | None = None) -> ReferenceFn:
+                        activation_block: int | None = None, measure_on_error_rows: bool = False) -> ReferenceFn:
     """The reference computed layer by layer: ``source`` (the weights the graph holds) in float32, rounding
-    its MatMulNBits inputs to int8 per ``activation_block`` as accuracy level 4 does (layerwise.Variant);
-    ``float_source``: the unquantised model, measured beside it. The float32 error the tolerance follows is
-    that of the float model (``float_source``, else ``source``), float32 against float64, without rounding."""
+    its MatMulNBits inputs to int8 per ``activation_block`` as accuracy level 4 does (layerwise.Variant), over
+    every row; ``float_source``: the unquantised model, measured beside it. The float32 error the tolerance
+    follows is that of the float model (``float_source``, else ``source``), float32 against float64, without
+    rounding; with ``measure_on_error_rows`` it, the rounding sensitivity and the quantisation error are
+    measured on ``error_rows`` only (else on every row)."""
     plain = float_source or source
 
     def run(rows: Sequence[ReferenceRow]) -> Reference:
-        variants = {"fp64": Variant(plain, torch.float64), "fp32": Variant(plain)}
+        sub = error_rows(rows) if measure_on_error_rows else tuple(range(len(rows)))
+        variants = {"fp64": Variant(plain, torch.float64, rows=sub)}
         if float_source is not None or activation_block:
             variants["check"] = Variant(source, activation_block=activation_block)
+            variants["fp32"] = Variant(plain, rows=sub)
+        else:
+            variants["fp32"] = Variant(plain)
         if activation_block:
-            variants["check64"] = Variant(source, torch.float64, activation_block=activation_block)
+            variants["check64"] = Variant(source, torch.float64, activation_block=activation_block, rows=sub)
         got = layerwise.reference_logits(variants, rows, banks, lora_modules, on_layer=on_layer)
         checked = got.get("check", got["fp32"])
-        return Reference(logits=checked.logits, error=_worst(got["fp32"], got["fp64"]),
-                         max_activation=got["fp64"].max_activation,
-                         float_logits=got["fp32"].logits if float_source is not None else None,
-                         rounding_error=_worst(got["check"], got["check64"]) if activation_block else 0.0)
+        fp32 = got["fp32"].logits if variants["fp32"].rows else [checked.logits[j] for j in sub]
+        float_logits = None
+        if float_source is not None:
+            float_logits = [None] * len(rows)
+            for j, logits in zip(sub, got["fp32"].logits, strict=True):
+                float_logits[j] = logits
+        return Reference(logits=checked.logits, error=_worst(fp32, got["fp64"].logits),
+                         max_activation=got["fp64"].max_activation, float_logits=float_logits,
+                         rounding_error=(_worst([checked.logits[j] for j in sub], got["check64"].logits)
+                                         if activation_block else 0.0))
 
     return run
 
 
-def _worst(a: layerwise.ReferenceResult, b: layerwise.ReferenceResult) -> float:
-    return max((_relative(x, y) for x, y in zip(a.logits, b.logits, strict=True)), default=0.0)
+def _worst(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    return max((_relative(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
 
 
 def decoder_reference(decoder: MultiLoraDecoder, banks: Mapping[str, np.ndarray], *,
@@ -197,9 +222,11 @@ class ScenarioRun:
 
 
 def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int, chunk: int, label: str,
-                   decode_steps: int = 3, seed: int = 0) -> ScenarioRun:
+                   decode_steps: int = 3, seed: int = 0, fed_tokens: bool = False) -> ScenarioRun:
     """Drive ``driver`` (a step driver over at least SCENARIO_SLOTS KV slots of ``ctx_len`` positions, banks
-    bound) through the scenario; decode steps feed each row's own greedy token. The caller closes the driver."""
+    bound) through the scenario; decode steps feed each row's own greedy token, or with ``fed_tokens`` a token
+    drawn from the scenario's seed, so every call is known before any logits are (services/compiler/fused/
+    ranges.py records the calls and runs them a layer range at a time). The caller closes the driver."""
     for name, value in (("chunk", chunk), ("occupied_slots", occupied_slots)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidArgument(f"verification {name} must be a positive integer, got {value!r}", field=name,
@@ -220,6 +247,10 @@ def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int
     prompts = [rng.integers(0, vocab_size, n).tolist() for n in lengths]
     seqs = [list(p) for p in prompts]
     sampled: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(B)]  # (position, logits) per row
+    feed = np.random.default_rng([seed, 1])  # the fed tokens: independent of the prompts' draws
+
+    def next_token(b: int) -> int:
+        return int(feed.integers(0, vocab_size)) if fed_tokens else int(np.argmax(sampled[b][-1][1]))
 
     def prefill(b: int) -> None:
         """One row alone, chunk by chunk."""
@@ -242,7 +273,7 @@ def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int
                     sampled[b].append((len(seqs[b]) - 1, logits[j].copy()))
 
     def decode(rows: list[int]) -> None:
-        step = [Row(_KV_SLOTS[b], lora_ids[b], (int(np.argmax(sampled[b][-1][1])),), len(seqs[b])) for b in rows]
+        step = [Row(_KV_SLOTS[b], lora_ids[b], (next_token(b),), len(seqs[b])) for b in rows]
         logits = driver.decode(step)
         for j, b in enumerate(rows):
             seqs[b].append(step[j].token_ids[0])
@@ -257,19 +288,25 @@ def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int
     return ScenarioRun(label=label, seqs=seqs, lora_ids=lora_ids, sampled=sampled, calls=driver.calls)
 
 
+def reference_rows(runs: Sequence[ScenarioRun]) -> list[ReferenceRow]:
+    """Every distinct row of ``runs``, in first-seen order: what ``check_runs`` asks its reference for."""
+    rows: dict[ReferenceRow, None] = {}
+    for run in runs:
+        for row in run.rows():
+            rows.setdefault(row)
+    return list(rows)
+
+
 def check_runs(runs: Sequence[ScenarioRun], reference: ReferenceFn, *, base_tolerance: float,
                fp16: bool = False) -> list[ScenarioResult]:
     """Compare every run's sampled logits with one reference pass over all their rows (VerificationFailed on
     non-finite logits or a relative difference above the tolerance, naming the run's label)."""
-    rows: dict[ReferenceRow, int] = {}
-    for run in runs:
-        for row in run.rows():
-            rows.setdefault(row, len(rows))
+    rows = {row: j for j, row in enumerate(reference_rows(runs))}
     ref = reference(list(rows))
     tolerance = scaled_tolerance(base_tolerance, ref.error, fp16=fp16, rounding_error=ref.rounding_error)
     results = []
     for run in runs:
-        worst, scale, agree, total, q_worst, q_agree = 0.0, 1.0, 0, 0, 0.0, 0
+        worst, scale, agree, total, q_worst, q_agree, q_total = 0.0, 1.0, 0, 0, 0.0, 0, 0
         for b, row in enumerate(run.rows()):
             want = ref.logits[rows[row]]
             flt = ref.float_logits[rows[row]] if ref.float_logits is not None else None
@@ -285,12 +322,14 @@ def check_runs(runs: Sequence[ScenarioRun], reference: ReferenceFn, *, base_tole
                 if flt is not None:
                     q_worst = max(q_worst, _relative(got, flt[pos]))
                     q_agree += int(np.argmax(got) == np.argmax(flt[pos]))
+                    q_total += 1
+        measured = ref.float_logits is not None and q_total > 0
         result = ScenarioResult(
             max_abs_diff=worst, relative_diff=worst / scale, tolerance=tolerance, calls=run.calls,
             tokens_match=agree == total, reference_error=ref.error, max_activation=ref.max_activation,
             rounding_error=ref.rounding_error,
-            sampled_tokens=total, quant_relative_diff=q_worst if flt is not None else None,
-            quant_token_agreement=q_agree / total if flt is not None else None)
+            sampled_tokens=total, quant_relative_diff=q_worst if measured else None,
+            quant_token_agreement=q_agree / q_total if measured else None)
         if worst / scale > tolerance:
             raise VerificationFailed(
                 f"{run.label} differs from the PyTorch reference: max abs diff {worst:.6g} (relative "

@@ -220,6 +220,28 @@ def test_the_tolerance_follows_the_reference_error_and_still_catches_a_wiring_bu
         scaled_tolerance(0.1, 1e-6, rounding_error=0.3)
 
 
+def test_the_reference_errors_are_measured_on_one_row_per_adapter_slot():
+    from services.compiler.modeling.layerwise import ReferenceRow
+    from services.compiler.verify import error_rows
+
+    rows = [ReferenceRow(tuple(range(n)), lora) for n, lora in ((14, 0), (8, 1), (8, 2), (9, 0), (5, 1))]
+    assert error_rows(rows) == (2, 3, 4)  # slot 0: the 9-token row, slot 1: the 5-token one, slot 2: its only row
+
+
+def test_reference_rows_of_similar_lengths_share_a_batch_and_equal_one_batch(tiny_llama):
+    from services.compiler.modeling import layerwise
+    from services.compiler.modeling.layerwise import ReferenceRow, Variant
+
+    assert layerwise.length_batches([14, 8, 8, 9]) == [[0], [3, 1, 2]]  # 41 token rows instead of 56
+    assert layerwise.length_batches([4, 4, 3]) == [[0, 1, 2]]
+    weights = CheckpointWeights.open(tiny_llama)
+    rows = [ReferenceRow(tuple(range(3, 3 + n)), 0) for n in (14, 8, 8, 9)]
+    batched = layerwise.reference_logits({"fp32": Variant(weights)}, rows, {}, ())["fp32"]
+    for row, got in zip(rows, batched.logits, strict=True):
+        alone = layerwise.reference_logits({"fp32": Variant(weights)}, [row], {}, ())["fp32"].logits[0]
+        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
+
+
 def _strong_model(tmp_path):
     """An 8-layer Llama with strong adapters: activations reach ~1e4 and its float32 error ~5e-5."""
     from safetensors.torch import load_file, save_file

@@ -51,11 +51,14 @@ def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
     quantized = opts.dtype != "fp32"
     reference = _fused_reference(job.out_dir, exported.written, job.weights, job.feeds, job.lora_modules,
                                  _graph_options(job))
-    verify_report, native_report = verify_fused_artifact(
+    verify_report, native_report, ran = verify_fused_artifact(
         job.out_dir, exported.graph, reference, job.feeds, ctx_len=int(opts.ctx_len), occupied_slots=job.occupied,
         chunk=max(1, min(int(opts.prefill_seq_len), 4)), accuracy_level=opts.quant_accuracy_level,
         quantized=quantized)
     report = verify_dict(verify_report)
+    report["layer_ranges"] = [list(r) for r in ran.ranges]
+    report["sessions"] = ran.sessions
+    report["seconds"] = ran.seconds
     if verify_report.quant_relative_diff is not None:
         report["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
         report["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement
@@ -65,8 +68,8 @@ def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
                             "tokens_match": native_report.tokens_match, "calls": native_report.calls}
     native_note = (f", native LoRA kernel {native_report.max_abs_diff:.3g}" if native_report is not None
                    else "")
-    stages.done("verify", 0.85, f"the runtime's step driver matches PyTorch: max abs diff "
-                f"{verify_report.max_abs_diff:.3g}{native_note}", t0)
+    stages.done("verify", 0.85, f"the runtime's step driver matches PyTorch ({len(ran.ranges)} layer ranges): max "
+                f"abs diff {verify_report.max_abs_diff:.3g}{native_note}", t0)
     return report
 
 
@@ -79,7 +82,7 @@ def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds,
     from services.compiler.verify import layerwise_reference
 
     if fused.bits is None:
-        return layerwise_reference(weights, feeds, lora_modules)
+        return layerwise_reference(weights, feeds, lora_modules, measure_on_error_rows=True)
     readback = ArtifactWeights(weights.cfg, out_dir / exported.graph.file, exported.written)
 
     def check_quantised(loaded) -> None:
@@ -89,7 +92,8 @@ def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds,
                 check_blocks(name, loaded[weights][name], got, readback.scales(name), written.block_size)
 
     return layerwise_reference(readback, feeds, lora_modules, float_source=weights, on_layer=check_quantised,
-                               activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None)
+                               activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None,
+                               measure_on_error_rows=True)
 
 
 BACKEND = Backend(name="fused", accepts=accepts, export=export, verify=verify)

@@ -101,18 +101,47 @@ def rotary_caches(cfg: DecoderConfig, ctx_len: int, local: bool = False) -> tupl
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+# Tensors queued for the writer thread at most (each is one converted tensor: the builder reads and converts
+# the next while the last is written and hashed).
+WRITE_QUEUE = 2
+
+
 class ExternalData:
     """Writes initializer bytes straight into the artifact's data file (ONNX external data), hashing them
-    on the way: no TensorProto ever holds the weights, so nothing copies 500 MB through protobuf."""
+    on the way: no TensorProto ever holds the weights, so nothing copies 500 MB through protobuf. The write
+    and the sha256 run on a thread of their own (both release the GIL), overlapping the next tensor's read
+    and conversion; at most WRITE_QUEUE tensors wait for it."""
 
     def __init__(self, path: Path, location: str):
         import hashlib
+        import queue
+        import threading
 
         self.path, self.location = Path(path), location
         self._file = open(self.path, "wb")  # noqa: SIM115  (closed by close())
         self._sha = hashlib.sha256()
         self.size = 0
         self._written: dict[str, TensorProto] = {}  # a second graph over the same file reuses these
+        self._queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._drain, name="external-data-writer", daemon=True)
+        self._writer.start()
+
+    def _drain(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self._error is None:
+                try:
+                    self._file.write(data)
+                    self._sha.update(data)
+                except BaseException as err:  # noqa: BLE001  (raised on the builder's thread)
+                    self._error = err
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def known(self, name: str) -> TensorProto | None:
         """The initializer already written under ``name`` (None if not yet)."""
@@ -134,15 +163,18 @@ class ExternalData:
         for key, value in (("location", self.location), ("offset", str(self.size)), ("length", str(data.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
-        self._file.write(data)
-        self._sha.update(data)
+        self._raise_if_failed()
+        self._queue.put(data)  # the memoryview keeps the array alive until it is written
         self.size += data.nbytes
         self._written[name] = t
         return t
 
     def close(self) -> str:
-        """Closes the file; returns its sha256 (hex)."""
+        """Waits for the writer, closes the file; returns its sha256 (hex)."""
+        self._queue.put(None)
+        self._writer.join()
         self._file.close()
+        self._raise_if_failed()
         return self._sha.hexdigest()
 
 

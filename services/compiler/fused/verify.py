@@ -5,9 +5,14 @@ runs) in the scenario traced graphs are verified in too (services.compiler.verif
 shuffled KV slots with a gap (so decode calls carry a dummy row), chunked prefill with rows in adjacent
 slots sharing a call (a shorter chunk right-padded), mixed adapters with slot 0 (base) among them, and one
 request joining alone after the others have decoded. Each row's logits at every sampled token are compared
-with the reference run on that row's whole sequence. An artifact's graphs (model.onnx and
-model.native.onnx) are opened one after another, each session closed before the next opens, and share one
-reference pass.
+with the reference run on that row's whole sequence.
+
+A compiled artifact (``verify_fused_artifact``) is verified a layer range at a time (ranges.py): the
+scenario's calls are recorded through the same step driver first (decode tokens fed from the scenario's
+seed, so no call waits for logits), then every range's session runs them all and closes before the next
+range's opens, so a session never holds more than a range's weights; the artifact's two graphs
+(model.onnx and model.native.onnx) go range by range side by side and share one reference pass.
+``verify_fused_graph`` checks one open session over a whole graph (tests, small models).
 
 For int4/int8 the reference holds the dequantised weights read back from the artifact itself
 (readback.ArtifactWeights), each checked to be the block quantisation of the checkpoint's tensor, so the
@@ -18,11 +23,14 @@ same layer pass and reported (relative logit error, share of greedy tokens equal
 from __future__ import annotations
 
 import gc as garbage
+import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
@@ -30,6 +38,7 @@ from loraflow.artifact.lora_bank import bank_ranks
 from loraflow.artifact.manifest import GraphSpec
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, flat_bank
+from services.compiler.fused import ranges
 from services.compiler.verify import (
     SCENARIO_SLOTS,
     ReferenceFn,
@@ -38,6 +47,7 @@ from services.compiler.verify import (
     VerifyReport,
     check_runs,
     drive_scenario,
+    reference_rows,
 )
 
 # Max |ORT - reference| / max(1, max |reference|) by MatMulNBits accuracy level, before scaling by the
@@ -46,6 +56,10 @@ from services.compiler.verify import (
 # per block inside the kernel, measured at up to 0.03 on SmolLM2-135M.
 TOLERANCE = {0: 1e-4, 1: 1e-4, 2: 5e-3, 3: 5e-3, 4: 0.1}
 QUANTIZED_SLACK = 10.0  # int4/int8 at level 0: sums of dequantised products, a little looser than fp32
+# The reference pass runs on a thread while the layer ranges replay; verification sessions' threads spin
+# while a call runs (a compile is a batch job; the calls are many small operators).
+OVERLAP_REFERENCE = True
+VERIFY_SPINNING = False
 
 
 @dataclass(frozen=True)
@@ -105,29 +119,118 @@ def verify_fused_graph(session, reference: ReferenceFn, graph: GraphSpec, banks:
     return _report(result)
 
 
+def record_fused(graph_inputs, graph: GraphSpec, banks: Mapping[str, np.ndarray], *, ctx_len: int,
+                 occupied_slots: int, chunk: int, label: str, decode_steps: int = 3, seed: int = 0
+                 ) -> tuple[ScenarioRun, list[ranges.Call]]:
+    """The scenario (fed decode tokens) through FusedStepDriver over a Recorder: the run, its sampled logits
+    placeholders (ranges.resolve replaces them), and the calls to replay."""
+    cache = SharedKvCache(layers=graph.layers, slots=SCENARIO_SLOTS, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
+                          head_dim=graph.head_dim)
+    flat = flat_bank_views(banks)
+    recorder = ranges.Recorder(graph_inputs, cache, frozenset([*flat, gc.LORA_RANKS]))
+    driver = FusedStepDriver(recorder, cache, flat, vocab_size=graph.vocab_size, lora_ranks=feed_ranks(banks))
+    try:
+        run = drive_scenario(driver, vocab_size=graph.vocab_size, ctx_len=ctx_len, occupied_slots=occupied_slots,
+                             chunk=chunk, label=label, decode_steps=decode_steps, seed=seed, fed_tokens=True)
+    finally:
+        driver.close()
+    return run, recorder.calls
+
+
+@dataclass(frozen=True)
+class RangeStats:
+    """How the artifact was run: its layer ranges and the sessions opened."""
+
+    ranges: tuple[tuple[int, int], ...]
+    sessions: int
+    seconds: dict[str, float]  # record (the scenario's calls), replay (every range's session), reference
+
+
 def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceFn, banks: Mapping[str, np.ndarray], *,
                           ctx_len: int, occupied_slots: int, chunk: int, accuracy_level: int | None,
-                          quantized: bool) -> tuple[FusedVerifyReport, FusedVerifyReport | None]:
-    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise). The sessions
-    open one after another, each released before the next opens (a 7B artifact's weights are resident once);
-    one reference pass serves both."""
+                          quantized: bool, range_bytes: int | None = None
+                          ) -> tuple[FusedVerifyReport, FusedVerifyReport | None, RangeStats]:
+    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise), and how they
+    ran. Each graph runs a layer range at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session,
+    one session open at a time, the two graphs range by range side by side); one reference pass checks both."""
+
+
+    t0 = time.perf_counter()
+    files = [f for f in (graph.file, graph.native_file) if f]
+    models = {f: onnx.load(str(out_dir / f), load_external_data=False) for f in files}
+    layer_ranges = ranges.layer_ranges(models[graph.file], graph.layers,
+                                        ranges.RANGE_BYTES if range_bytes is None else range_bytes)
+    recorded, replays, pieces = {}, {}, {}
+    flat = {**flat_bank_views(banks), gc.LORA_RANKS: feed_ranks(banks)}
+    for f in files:
+        recorded[f] = record_fused(list(models[f].graph.input), graph, banks, ctx_len=ctx_len,
+                                   occupied_slots=occupied_slots, chunk=chunk, label=f"fused graph {f}")
+        pieces[f] = ranges.split_ranges(models[f], graph.layers, layer_ranges)
+        replays[f] = ranges.RangeReplay(recorded[f][1], flat, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
+                                        head_dim=graph.head_dim, slots=SCENARIO_SLOTS)
+    del models
+    seconds = {"record": time.perf_counter() - t0}
+    # The reference needs only the rows, known now: it runs on a thread of its own while the ranges replay
+    # (ONNX Runtime's small calls leave the cores idle between parallel sections; torch fills them).
+    rows = reference_rows([recorded[f][0] for f in files])
+    computed: dict[str, object] = {}
+
+    def compute() -> None:
+        t0 = time.perf_counter()
+        try:
+            computed["reference"] = reference(rows)
+        except BaseException as err:  # noqa: BLE001  (raised on the caller's thread)
+            computed["error"] = err
+        seconds["reference"] = time.perf_counter() - t0
+
+    worker = threading.Thread(target=compute, name="verify-reference", daemon=True)
+    if OVERLAP_REFERENCE:
+        worker.start()
+    t0 = time.perf_counter()
+    try:
+        _replay_ranges(out_dir, graph, files, pieces, replays)
+    finally:
+        if OVERLAP_REFERENCE:
+            worker.join()
+    seconds["replay"] = time.perf_counter() - t0
+    if not OVERLAP_REFERENCE:
+        compute()
+    if "error" in computed:
+        raise computed["error"]
+    runs = []
+    for f in files:
+        run = recorded[f][0]
+        runs.append(replace(run, sampled=ranges.resolve(run.sampled, replays[f].logits),
+                            calls=len(recorded[f][1])))
+
+    def precomputed(asked):
+        if list(asked) != rows:
+            raise RuntimeError("check_runs asked for other rows than were recorded")
+        return computed["reference"]
+
+    results = check_runs(runs, precomputed, base_tolerance=base_tolerance(accuracy_level, quantized))
+    stats = RangeStats(ranges=tuple(layer_ranges), sessions=sum(r.sessions for r in replays.values()),
+                       seconds={k: round(v, 3) for k, v in seconds.items()})
+    return _report(results[0]), (_report(results[1]) if len(results) > 1 else None), stats
+
+
+def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Mapping[str, list[ranges.RangeGraph]],
+                   replays: Mapping[str, ranges.RangeReplay]) -> None:
+    """Every range of every graph in order (range 0 of each graph, then range 1, ...), each session closed
+    before the next opens: one range's weights resident at a time."""
     import onnxruntime as ort
 
     from loraflow import native as native_lora
 
-    runs = []
-    for file in (graph.file, graph.native_file):
-        if not file:
-            continue
-        so = session_options(ort, num_threads=0)
-        if file == graph.native_file:
-            native_lora.register(so)
-        session = ort.InferenceSession(str(out_dir / file), so, providers=["CPUExecutionProvider"])
-        try:
-            runs.append(drive_fused(session, graph, banks, ctx_len=ctx_len, occupied_slots=occupied_slots, chunk=chunk,
-                                    label=f"fused graph {file}"))
-        finally:
-            del session
-            garbage.collect()  # the session's weights go before the next session (or the reference) loads
-    results = check_runs(runs, reference, base_tolerance=base_tolerance(accuracy_level, quantized))
-    return _report(results[0]), (_report(results[1]) if len(results) > 1 else None)
+    for k in range(len(next(iter(pieces.values())))):
+        for f in files:
+            so = session_options(ort, num_threads=0, allow_spinning=VERIFY_SPINNING,
+                                 stop_spinning_after_run=VERIFY_SPINNING)
+            if f == graph.native_file:
+                native_lora.register(so)
+            session = ranges.open_range(pieces[f][k], out_dir, so)
+            try:
+                replays[f].run(session, pieces[f][k])
+            finally:
+                del session  # this range's weights go before the next range's session opens
+    garbage.collect()
