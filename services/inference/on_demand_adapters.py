@@ -111,6 +111,19 @@ class OnDemandAdapters:
         metrics.ADAPTER_REQUESTS.labels(self.model_id, pending.tier).inc()
         return slot
 
+    def acquire_resident(self, name: str) -> int | None:
+        """lora_id for ``name`` ("" = base) if it is in a slot, counting one more request on it; else None
+        (``acquire_adapter`` loads it). InvalidArgument for a malformed name."""
+        if not name:
+            return 0
+        try:
+            slot = self.runtime.acquire_adapter(name)
+        except NotFound:
+            self._check_name(name)
+            return None
+        metrics.ADAPTER_REQUESTS.labels(self.model_id, "slot").inc()
+        return slot
+
     def check_servable(self, name: str, *, field: str = "adapter") -> None:
         """NotFound unless ``name`` is loaded or can be loaded (compiled in or registered); no fetch."""
         if not name:
