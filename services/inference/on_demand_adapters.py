@@ -1,7 +1,8 @@
 """Adapters loaded on first use: a request naming an adapter that is not in a slot loads it, then runs.
 
-Every request of a model goes through ``OnDemandAdapters.acquire_adapter`` (the engine calls it in
-``submit``, so gRPC and HTTP share it). A name already in a slot is counted and served at once. A
+Every request of a model goes through ``acquire_resident`` (the engine calls it in ``submit``, so gRPC and
+HTTP share it) and, when its adapter is not in a slot, ``acquire_adapter`` once the request is queued
+(waiting without a KV slot: see loraflow/artifact/scheduler.py). A name already in a slot is counted and served at once. A
 name that is not loaded is resolved (compiled into the artifact, else the registry), and one load
 runs per name however many requests ask for it at once: the first request becomes the loader, the
 others wait on its result. The load takes a free slot, else the least recently used idle one (no
