@@ -230,7 +230,8 @@ class ModelManager:
             self._models[model_id] = model
             count = len(self._models)
         metrics.log_event("model_loaded", model=model_id, artifact_id=artifact_id, device=device,
-                          lora_kernel=getattr(model.runtime, "lora_kernel", ""))
+                          lora_kernel=getattr(model.runtime, "lora_kernel", ""),
+                          adapter_slots=getattr(model.runtime, "adapter_slots", 0))
         self._on_change(count)
         return model
 
