@@ -45,7 +45,10 @@ the range ride along as dummy rows); driver: loraflow/artifact/step_driver.py.
     past_key.{i}   float [B, H, C, D]  cache[i, lo:hi] (C = ctx_len); bound as present_key.{i} too:
     past_value.{i} float [B, H, C, D]  GroupQueryAttention writes this call's K (after RoPE) / V in place
     lora_a.{m}     float [L*N, in, R]  the banks above, flattened (layer, slot): row b of layer i uses
-    lora_b.{m}     float [L*N, R, out] slice i*N + lora_ids[b]
+    lora_b.{m}     float [L*N, R, out] slice i*N + lora_ids[b]. From graph6 on L*N and N are symbolic
+                                       (dims "L*N", "N"): the graph derives N from the banks' first
+                                       dimension, so the runtime chooses the slot count (services/inference
+                                       sizes it from the memory budget); before, N was the compiled count
     lora_ranks     int64 [N]           the rank of each slot's adapter (slot 0 and empty slots: 0; columns
                                        of A / rows of B past it are zero padding); model.native.onnx only
                                        (manifest graph.native_inputs), absent before graph5: its LoraRows
@@ -95,6 +98,17 @@ POSITION_IDS = "position_ids"
 LORA_IDS = "lora_ids"
 BATCH_INDEX = "batch_index"
 LOGITS = "logits"
+
+# Symbolic dims of the fused graph's banks (graph6 on): rows (layer, slot) and slots a layer.
+BANK_ROWS_DIM = "L*N"
+SLOTS_DIM = "N"
+
+
+def runtime_slots(inputs) -> bool:
+    """Whether a graph's bank inputs (manifest TensorSpecs) leave the slot count to the runtime (graph6 on)."""
+    banks = [t for t in inputs if t.name.startswith(("lora_a.", "lora_b."))]
+    return bool(banks) and all(isinstance(t.shape[0], str) for t in banks)
+
 
 # Position id that marks a padding token or an idle row.
 PAD_POSITION = -1

@@ -85,10 +85,16 @@ class BankSpec:
         return (self.num_layers, self.num_slots_with_base, self.max_rank, fout)
 
     @classmethod
-    def from_manifest(cls, manifest) -> BankSpec:
-        """From a loraflow.artifact.manifest.Manifest (kept duck-typed so this module imports nothing else)."""
+    def from_manifest(cls, manifest, adapter_slots: int | None = None) -> BankSpec:
+        """From a loraflow.artifact.manifest.Manifest (kept duck-typed so this module imports nothing else);
+        ``adapter_slots``: the runtime's slot count where the graph leaves it to the runtime (graph6 on),
+        else (None) the compiled one."""
         g = manifest.graph
-        return cls(num_layers=g.layers, max_rank=manifest.max_rank, adapter_slots=manifest.adapter_slots,
+        slots = manifest.adapter_slots if adapter_slots is None else adapter_slots
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise InvalidArgument(f"adapter_slots must be a positive integer, got {slots!r}", field="adapter_slots",
+                                  value=slots)
+        return cls(num_layers=g.layers, max_rank=manifest.max_rank, adapter_slots=slots,
                    modules={m: (s.in_features, s.out_features) for m, s in g.lora_modules.items()},
                    architecture=manifest.base_model.architecture)
 

@@ -6,6 +6,15 @@ at most ``prefill_seq_len`` tokens (``idle_prefill_seq_len`` while no row decode
 decode together, each row with its own adapter (``lora_id``) and position; prefill chunks and decode
 steps alternate while both have work. A finished or aborted request frees its slot at once, so the next
 waiting request is admitted on the following step.
+
+Admission groups by adapter. A request may wait while its adapter is loaded (``lora_id`` None until
+``adapter_ready``): it holds no KV slot meanwhile and every request whose adapter is resident (or the
+base model) is admitted past it, so a hot adapter never waits behind a cold load. Among ready requests
+the oldest is admitted first, followed (while KV slots are free) by the other waiting requests of its
+adapter, so requests that waited on one load start together and the adapter's slot goes idle (evictable)
+as early as possible. The unfairness is bounded: a ready request jumped ``MAX_BYPASSES`` times by later
+requests of another adapter's group stops the group, and it is the oldest ready request, hence the next
+admitted, from then on; a loading request waits for its load only (which the caller bounds).
 """
 
 from __future__ import annotations
@@ -15,6 +24,10 @@ import enum
 from dataclasses import dataclass, field
 
 from loraflow.errors import InvalidArgument, ResourceExhausted
+
+# How many later requests of another adapter's group may be admitted ahead of a ready waiting request
+# before it goes first (the bound on admission grouping's unfairness).
+MAX_BYPASSES = 4
 
 
 class FinishReason(enum.Enum):
@@ -36,7 +49,7 @@ class Sequence:
 
     request_id: str
     prompt_ids: list[int]
-    lora_id: int = 0
+    lora_id: int | None = 0  # None: its adapter is being loaded (not admissible until adapter_ready)
     max_new_tokens: int = 64
     eos_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
@@ -46,6 +59,7 @@ class Sequence:
     slot: int | None = None
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
+    bypassed: int = 0  # later requests admitted ahead of it while it was ready (bounded by MAX_BYPASSES)
 
     @property
     def all_ids(self) -> list[int]:
@@ -155,6 +169,15 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
+    def adapter_ready(self, request_id: str, lora_id: int) -> bool:
+        """A waiting request's adapter is loaded into slot ``lora_id``: it may be admitted from now on.
+        False when the request is no longer waiting (aborted meanwhile)."""
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                seq.lora_id = lora_id
+                return True
+        return False
+
     def abort(self, request_id: str) -> Sequence | None:
         """Cancel a waiting or running request; its slot is free for the next schedule()."""
         for seq in self.waiting:
@@ -194,12 +217,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput | None:
         """Admit waiting requests into free slots, then one call: a prefill chunk or a decode of every
         prefilled row (alternating when both are pending)."""
-        while self.waiting and None in self.slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.slots.index(None)
-            self.slots[seq.slot] = seq.request_id
-            seq.status = Status.RUNNING
-            self.running[seq.request_id] = seq
+        self._admit()
 
         prefilling = [s for s in self.running.values() if not s.prefilled][: self.max_prefill_rows]
         decoding = [s for s in self.running.values() if s.prefilled]
@@ -227,6 +245,37 @@ class Scheduler:
                                      seq.num_computed, samples=True))
         self._last_kind = "decode"
         return SchedulerOutput("decode", tuple(rows), 1)
+
+    def _admit(self) -> None:
+        """Free KV slots to ready waiting requests: the oldest, then its adapter's other requests (see the
+        module docstring for the order and its bound)."""
+        while self.waiting and None in self.slots:
+            ready = [s for s in self.waiting if s.lora_id is not None]  # arrival order
+            if not ready:
+                return
+            head = ready[0]
+            self._start(head)
+            if head.lora_id == 0:  # the base model holds no adapter slot: nothing to group
+                continue
+            jumped: list[Sequence] = []  # older ready requests of other adapters the group passes
+            for seq in ready[1:]:
+                if None not in self.slots:
+                    return
+                if seq.lora_id != head.lora_id:
+                    jumped.append(seq)
+                    continue
+                if any(o.bypassed >= MAX_BYPASSES for o in jumped):
+                    break
+                for o in jumped:
+                    o.bypassed += 1
+                self._start(seq)
+
+    def _start(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.slot = self.slots.index(None)
+        self.slots[seq.slot] = seq.request_id
+        seq.status = Status.RUNNING
+        self.running[seq.request_id] = seq
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
         """Record what the call computed and the tokens sampled for sampling rows.

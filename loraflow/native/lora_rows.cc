@@ -9,12 +9,17 @@
 //   inputs   y        float [B, S, Y]      the base projection's output (q|k|v packed, or one projection)
 //            x        float [B, S, K]      the projection's input
 //            lora_ids int64 [B, 1]         adapter slot per row, 0 = base model (its bank slot is zero)
-//            a_bank   float [M, K, R]      A^T of every (layer, slot), M = layers * slots
+//            a_bank   float [M, K, R]      A^T of every (layer, slot), M = layers * slots (N slots a layer,
+//                                          slot 0 the base model): the runtime picks N, the bank carries it
 //            b_bank   float [M, R, O]      B^T * scaling of every (layer, slot)
 //            lora_ranks int64 [N]          optional: the rank of each slot (slot 0, the base, 0); row b then
 //                                          uses only the first lora_ranks[id_b] columns of A / rows of B
 //                                          (zero-padded past them), so its work follows its own rank, not R
-//   attrs    bank_offset   int             this layer's first bank row (layer * slots)
+//   attrs    layer         int             this node's decoder layer: its bank rows are layer * N ..
+//            num_layers    int             layer * N + N - 1 with N = M / num_layers, read from the bank's
+//                                          shape at run time (so the slot count is the runtime's choice)
+//            bank_offset   int             instead of layer/num_layers (graphs compiled before them): this
+//                                          layer's first bank row, fixed at compile time (layer * slots)
 //            column_offset int             where the O delta columns start inside Y
 //   output   float [B, S, Y] = y, plus (x[b, s] @ a_bank[off + id_b]) @ b_bank[off + id_b] in the columns
 //            column_offset .. column_offset + O
@@ -165,11 +170,27 @@ std::string Shape(const std::vector<int64_t>& dims) {
   return s + "]";
 }
 
+// An int attribute that may be absent: false (and value untouched) when the node does not carry it.
+bool OptionalAttribute(const OrtKernelInfo* info, const char* name, int64_t* value) {
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, value);
+  if (status == nullptr) return true;
+  Ort::GetApi().ReleaseStatus(status);
+  return false;
+}
+
 struct LoraRowsKernel {
   LoraRowsKernel(const OrtKernelInfo* info, int64_t parallel_min) : parallel_min_(parallel_min) {
     Ort::ConstKernelInfo ki(info);
-    bank_offset_ = ki.GetAttribute<int64_t>("bank_offset");
     column_offset_ = ki.GetAttribute<int64_t>("column_offset");
+    // graph6 on: layer + num_layers (the offset follows the bank's slot count); before: a fixed bank_offset.
+    if (OptionalAttribute(info, "layer", &layer_)) {
+      if (!OptionalAttribute(info, "num_layers", &num_layers_) || num_layers_ < 1 || layer_ < 0 ||
+          layer_ >= num_layers_)
+        Fail("LoraRows: attribute layer " + std::to_string(layer_) + " needs num_layers > layer, got " +
+             std::to_string(num_layers_));
+    } else {
+      bank_offset_ = ki.GetAttribute<int64_t>("bank_offset");
+    }
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -194,10 +215,23 @@ struct LoraRowsKernel {
       Fail("LoraRows: column_offset " + std::to_string(column_offset_) + " + " + std::to_string(O) +
            " columns do not fit y's " + std::to_string(Y));
     const int64_t* id = ids.GetTensorData<int64_t>();
+    int64_t bank_offset = bank_offset_;
+    if (num_layers_ > 0) {  // N slots a layer, from the bank: [L*N, K, R]
+      if (M % num_layers_ != 0)
+        Fail("LoraRows: a_bank " + Shape(as) + " is not num_layers=" + std::to_string(num_layers_) +
+             " layers of equal slots (" + std::to_string(M) + " rows)");
+      const int64_t N = M / num_layers_;
+      bank_offset = layer_ * N;
+      for (int64_t b = 0; b < B; ++b) {
+        if (id[b] < 0 || id[b] >= N)
+          Fail("lora_ids: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) + ", outside 0.." +
+               std::to_string(N - 1) + " (the banks hold " + std::to_string(N) + " slots a layer)");
+      }
+    }
     for (int64_t b = 0; b < B; ++b) {
-      if (id[b] < 0 || bank_offset_ + id[b] >= M || bank_offset_ < 0)
+      if (id[b] < 0 || bank_offset + id[b] >= M || bank_offset < 0)
         Fail("lora_ids: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) + ", bank row " +
-             std::to_string(bank_offset_ + id[b]) + " is outside 0.." + std::to_string(M - 1));
+             std::to_string(bank_offset + id[b]) + " is outside 0.." + std::to_string(M - 1));
     }
     // Optional lora_ranks [N]: absent (graphs compiled before it, or left unfed) every row uses all R columns.
     const int64_t* ranks = nullptr;
@@ -226,7 +260,7 @@ struct LoraRowsKernel {
     float* o = out.GetTensorMutableData<float>();
     std::memcpy(o, y.GetTensorData<float>(), static_cast<size_t>(B * S * Y) * sizeof(float));
     Task task{x.GetTensorData<float>(), id, a.GetTensorData<float>(), bb.GetTensorData<float>(), o, ranks,
-              S, K, R, O, Y, bank_offset_, column_offset_};
+              S, K, R, O, Y, bank_offset, column_offset_};
     // A decode step (a few thousand multiply-adds per row) runs inline: waking the pool costs more.
     // Prefill chunks (S tokens per row) are split by row over ONNX Runtime's intra-op threads.
     if (B > 1 && S * row_ranks * (K + O) >= parallel_min_) {
@@ -238,7 +272,9 @@ struct LoraRowsKernel {
 
  private:
   int64_t parallel_min_;
-  int64_t bank_offset_ = 0;
+  int64_t bank_offset_ = 0;  // graphs before graph6 (num_layers_ == 0)
+  int64_t layer_ = 0;
+  int64_t num_layers_ = 0;  // > 0: the offset is layer_ * (bank rows / num_layers_)
   int64_t column_offset_ = 0;
 };
 

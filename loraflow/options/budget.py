@@ -300,8 +300,9 @@ def compile_estimate(cfg: HfModelConfig, *, dtype: str, adapter_slots: int, max_
     ])
 
 
-def serving_estimate(manifest, *, device: str = "cpu") -> MemoryEstimate:
-    """A loaded artifact (a loraflow.artifact.manifest.Manifest): graph weights + KV cache + adapter banks.
+def serving_estimate(manifest, *, device: str = "cpu", adapter_slots: int | None = None) -> MemoryEstimate:
+    """A loaded artifact (a loraflow.artifact.manifest.Manifest): graph weights + KV cache + adapter banks
+    (``adapter_slots`` of them: the count the runtime chose, None = the compiled one).
 
     On an AI 100 card the weights and the KV cache live on the card; the host keeps the banks it binds."""
     g = manifest.graph
@@ -309,7 +310,8 @@ def serving_estimate(manifest, *, device: str = "cpu") -> MemoryEstimate:
     options = manifest.options
     slots = int(options.get("full_batch_size") or options.get("batch_size") or 1)
     kv = kv_cache_bytes(g.layers, slots, int(options["ctx_len"]), g.num_kv_heads, g.head_dim, value)
-    banks = bank_bytes(g.layers, manifest.adapter_slots, manifest.max_rank,
+    slots_n = manifest.adapter_slots if adapter_slots is None else adapter_slots
+    banks = bank_bytes(g.layers, slots_n, manifest.max_rank,
                        {m: (s.in_features, s.out_features) for m, s in g.lora_modules.items()}, value)
     tokenizer = manifest.tokenizer_dir.rstrip("/") + "/"
     weights = sum(f.size for f in manifest.files

@@ -206,6 +206,26 @@ ORT_SPINNING = _setting("ort_spinning", "auto", "ONNX Runtime threading policy: 
 ADAPTER_CACHE_BYTES = _setting("adapter_cache_bytes", str(1 << 30), "host memory kept for evicted adapters' weights, "
                                "so reloading one is a memory copy, 0..2^40 bytes (0 = off)",
                                bounded_int(0, 1 << 40))
+# The most adapter slots an explicit --adapter-slots may ask for (auto stops at
+# services.inference.adapter_slots.MAX_AUTO_SLOTS).
+MAX_ADAPTER_SLOTS = 4096
+
+
+def auto_or_count(high: int) -> Callable[[str], str | int]:
+    """'auto', or an integer in 1..high."""
+    count = bounded_int(1, high)
+
+    def parse(value: str) -> str | int:
+        return "auto" if str(value).strip().lower() == "auto" else count(value)
+    parse.__name__ = "auto|count"
+    return parse
+
+
+ADAPTER_SLOTS = _setting("adapter_slots", "auto", "adapter slots a loaded model keeps resident: 'auto' = as many as "
+                         "fit in half the memory budget left after the model's weights and KV cache (at most 256, "
+                         "never fewer than compiled), or a count 1..4096 (refused RESOURCE_EXHAUSTED when its banks "
+                         "do not fit the budget); fused CPU artifacts of compiler 0.5 on only, others keep their "
+                         "compiled slots", auto_or_count(MAX_ADAPTER_SLOTS))
 DEPLOYMENT = _setting("deployment", None, "the deployment whose desired models (in Redis) this replica serves; "
                       "a replica is SERVING once it holds every desired model (unset = none)")
 

@@ -60,7 +60,9 @@ from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 # 0.4: streamed: a tied head is stored once (FusedMatMul transB in fp32, GatherBlockQuantized over the
 #      head's blocks in int4/int8); the ai100 graph is written node by node (fp32 or fp16 weights).
 # graph5: the fused graphs' lora_ranks input (LoraRows computes each row's own rank).
-COMPILER_VERSION = "loraflow-compiler/0.4.0+graph5-ranks"
+# graph6: the fused graphs' adapter slot count N is symbolic (banks [L*N, ...], LoraRows layer/num_layers): the
+# runtime chooses how many slots to keep resident.
+COMPILER_VERSION = "loraflow-compiler/0.5.0+graph6-slots"
 
 STAGES = ("load", "validate", "export", "optimize", "verify", "write")
 

@@ -18,7 +18,13 @@ from loraflow.jobs.queue import RedisOutage, retry_redis
 from loraflow.jobs.registry import Registry
 from loraflow.options.budget import ResourceBudget, add_budget_arguments, configure_process_budget
 from loraflow.options.config import Settings, connect_redis, seconds_arg
-from loraflow.options.settings import ADAPTER_CACHE_BYTES, DEPLOYMENT, HTTP_LISTEN, ORT_SPINNING
+from loraflow.options.settings import (
+    ADAPTER_CACHE_BYTES,
+    ADAPTER_SLOTS,
+    DEPLOYMENT,
+    HTTP_LISTEN,
+    ORT_SPINNING,
+)
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.server.redis_health import HEALTH, ReadinessGate, RedisMonitor
 from loraflow.storage.model_source import InputPolicy
@@ -79,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how long a request for an adapter not in a slot waits for an idle slot before "
                         f"RESOURCE_EXHAUSTED, 0..{MAX_ADAPTER_WAIT_S:g} s (default {DEFAULT_ADAPTER_WAIT_S:g})")
     ADAPTER_CACHE_BYTES.add_to(p)
+    ADAPTER_SLOTS.add_to(p)
     p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
                    help="also serve the OpenAI-compatible /v1 API here (env LORAFLOW_HTTP_LISTEN; off unless set)")
     p.add_argument("--deployment", default=DEPLOYMENT.raw(), metavar="NAME",
@@ -92,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     from loraflow.errors import InvalidArgument
 
-    for setting in (ADAPTER_CACHE_BYTES, ORT_SPINNING):  # the flag, else the variable, else the default
+    for setting in (ADAPTER_CACHE_BYTES, ADAPTER_SLOTS, ORT_SPINNING):  # the flag, else the variable, else the default
         try:
             setattr(args, setting.name, setting.value(args))
         except InvalidArgument as err:
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_waiting=args.max_waiting,
                            on_change=None if args.deployment else (lambda n: gate.set("model", n > 0)),
                            spinning=args.ort_spinning, inputs=InputPolicy.from_settings(security),
-                           adapter_wait_s=args.adapter_wait_s, adapter_cache_bytes=args.adapter_cache_bytes)
+                           adapter_wait_s=args.adapter_wait_s, adapter_cache_bytes=args.adapter_cache_bytes,
+                           adapter_slots=args.adapter_slots)
     reconciler = None
     if args.deployment:
         from services.inference.desired_state import DesiredState

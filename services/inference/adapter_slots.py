@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loraflow.artifact.graph_contract import runtime_slots
 from loraflow.artifact.lora_bank import (
     BankSpec,
     clear_slot,
@@ -31,8 +32,53 @@ from loraflow.artifact.lora_bank import (
     write_slot_tensors,
 )
 from loraflow.artifact.manifest import Manifest
-from loraflow.errors import FailedPrecondition, NotFound, ResourceExhausted
+from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from loraflow.options.budget import bank_bytes, serving_estimate
 from loraflow.options.names import validate_name
+from loraflow.options.settings import MAX_ADAPTER_SLOTS
+
+# --adapter-slots auto: the share of the memory left after the model's weights and KV cache (and what other
+# models and the adapter cache hold) that resident adapter slots may take, and the most slots it picks (a
+# slot costs only when written, but every one is counted against the budget up front).
+AUTO_SLOTS_SHARE = 0.5
+MAX_AUTO_SLOTS = 256
+
+
+def slots_chosen_at_runtime(manifest: Manifest, device: str = "cpu") -> bool:
+    """Whether this artifact on ``device`` serves any slot count: a fused CPU graph whose banks are symbolic
+    (compiler 0.5, graph6 on). AI 100 programs, traced graphs and older artifacts keep the compiled count."""
+    graph = manifest.graph
+    return (device == "cpu" and graph.target == "onnxruntime" and graph.shared_kv
+            and runtime_slots(graph.inputs + graph.native_inputs))
+
+
+def slot_bytes(manifest: Manifest) -> int:
+    """Bank bytes of one adapter slot (every layer and adapted module at max_rank)."""
+    value = 2 if manifest.graph.dtype == "float16" else 4
+    modules = {m: (s.in_features, s.out_features) for m, s in manifest.graph.lora_modules.items()}
+    return bank_bytes(manifest.graph.layers, 0, manifest.max_rank, modules, value)
+
+
+def resident_slots(manifest: Manifest, requested: str | int | None, *, free_bytes: int, device: str = "cpu") -> int:
+    """The adapter slots a model keeps resident (``--adapter-slots``): the compiled count where the artifact
+    fixes it (or ``requested`` is None); ``requested`` itself (InvalidArgument below the compiled count, whose
+    slots hold the compiled-in adapters); ``"auto"``: as many as fit in ``AUTO_SLOTS_SHARE`` of ``free_bytes``
+    (the budget not held by other models and the adapter cache) after the model's weights and KV cache, at
+    most ``MAX_AUTO_SLOTS``, never fewer than compiled. Whether an explicit count fits is the caller's
+    budget check (field ``adapter_slots``)."""
+    compiled = manifest.adapter_slots
+    if requested is None or not slots_chosen_at_runtime(manifest, device):
+        return compiled
+    if requested == "auto":
+        fixed = serving_estimate(manifest, device=device, adapter_slots=0).total  # weights, KV, slot 0
+        per_slot = max(1, slot_bytes(manifest))
+        fit = int(max(0, free_bytes - fixed) * AUTO_SLOTS_SHARE) // per_slot
+        return max(compiled, min(MAX_AUTO_SLOTS, fit))
+    if not isinstance(requested, int) or isinstance(requested, bool) or not compiled <= requested <= MAX_ADAPTER_SLOTS:
+        raise InvalidArgument(f"adapter_slots must be 'auto' or {compiled}..{MAX_ADAPTER_SLOTS} (artifact "
+                              f"{manifest.artifact_id} was compiled with {compiled}), got {requested!r}",
+                              field="adapter_slots", value=requested)
+    return requested
 
 
 @dataclass
@@ -52,10 +98,14 @@ class AdapterSlot:
 class AdapterSlots:
     """``adapter_slots`` bank slots (1..N; 0 is the base model) with their names, counts and banks; thread-safe."""
 
-    def __init__(self, manifest: Manifest, dtype: np.dtype, *, sync: Callable[[], None] = lambda: None):
+    def __init__(self, manifest: Manifest, dtype: np.dtype, *, sync: Callable[[], None] = lambda: None,
+                 adapter_slots: int | None = None):
+        """``adapter_slots``: how many slots the banks hold (None: the compiled count; a fused graph6 artifact
+        takes any count, see ``resident_slots``). Banks are zeroed lazily by the OS (np.zeros), so slots
+        never written cost address space, not memory."""
         self.manifest = manifest
-        self.spec = BankSpec.from_manifest(manifest)
-        self.adapter_slots = manifest.adapter_slots
+        self.spec = BankSpec.from_manifest(manifest, adapter_slots)
+        self.adapter_slots = self.spec.adapter_slots
         self.lora_a, self.lora_b = empty_banks(self.spec, dtype)
         # Each slot's used rank (0: empty or base); a runtime binds this array once, so it is updated in place.
         self.ranks = np.zeros(self.adapter_slots + 1, np.int64)  # [N]

@@ -71,6 +71,9 @@ class AdapterAcquirer(Protocol):
 
     def acquire_adapter(self, name: str) -> int: ...
 
+    def acquire_resident(self, name: str) -> int | None:
+        """lora_id of an adapter already in a slot (counting the request on it), else None (no load)."""
+
     def waiting(self) -> dict[str, int]:
         """Adapter name -> requests waiting for it to be loaded."""
 
@@ -258,8 +261,13 @@ class Engine:
         (or the event is set: the caller gave up) instead of failing, so a bounded batch always fits
         through a bounded queue."""
         request_id = request.request_id or uuid.uuid4().hex
-        # With OnDemandAdapters this may load the adapter first (bounded wait for a slot).
-        lora_id = (self.adapters or self.runtime).acquire_adapter(request.adapter)
+        # An adapter in a slot (or the base) is counted at once; one that is not is loaded below, after the
+        # request is queued: it waits in the scheduler holding no KV slot, and requests for resident adapters
+        # are admitted past it (loraflow/artifact/scheduler.py).
+        if self.adapters is None:
+            lora_id: int | None = self.runtime.acquire_adapter(request.adapter)
+        else:
+            lora_id = self.adapters.acquire_resident(request.adapter)
         seq = Sequence(request_id=request_id, prompt_ids=list(request.prompt_ids), lora_id=lora_id,
                        max_new_tokens=request.sampling.max_new_tokens, eos_ids=self.tokenizer.eos_ids,
                        ignore_eos=request.sampling.ignore_eos)
@@ -284,11 +292,34 @@ class Engine:
                 metrics.QUEUE_DEPTH.labels(self.model_id).set(self.scheduler.num_waiting)
                 self._wake.notify_all()
         except BaseException:
-            self.runtime.release_adapter(lora_id)
+            if lora_id is not None:
+                self.runtime.release_adapter(lora_id)
             raise
+        if lora_id is None:
+            self._load_adapter(state)
         metrics.log_event("request_queued", model=self.model_id, request_id=request_id,
                           adapter=request.adapter or "<base>", prompt_tokens=len(request.prompt_ids))
         return handle
+
+    def _load_adapter(self, state: _RequestState) -> None:
+        """Load a queued request's adapter in the caller's thread (bounded wait for a slot); the request is
+        admissible once it is in a slot. A failed load takes the request out of the queue and raises."""
+        request_id = state.seq.request_id
+        try:
+            lora_id = self.adapters.acquire_adapter(state.request.adapter)
+        except BaseException:
+            with self._wake:
+                if self._states.get(request_id) is state:
+                    self.scheduler.abort(request_id)
+                    self._states.pop(request_id, None)
+                    metrics.QUEUE_DEPTH.labels(self.model_id).set(self.scheduler.num_waiting)
+                    self._wake.notify_all()
+            raise
+        with self._wake:
+            if self._states.get(request_id) is state and self.scheduler.adapter_ready(request_id, lora_id):
+                self._wake.notify_all()
+                return
+        self.runtime.release_adapter(lora_id)  # cancelled (or the engine stopped) while its adapter loaded
 
     def cancel(self, request_id: str) -> None:
         with self._wake:
@@ -314,8 +345,9 @@ class Engine:
             waiting = {self._states[s.request_id].request.adapter for s in self.scheduler.waiting
                        if s.request_id in self._states}
             num_waiting, num_running = self.scheduler.num_waiting, self.scheduler.num_running
+        # Requests waiting on a load are in the scheduler's queue (Engine.submit queues them first).
         return RoutingSnapshot(
-            num_waiting=num_waiting + sum(loading.values()), num_running=num_running,
+            num_waiting=num_waiting, num_running=num_running,
             kv_cache_usage=num_running / self.scheduler.full_batch_size,
             max_lora=int(getattr(self.runtime, "adapter_slots", 0)),
             running_adapters=tuple(sorted(running - {""})), waiting_adapters=tuple(sorted((waiting | set(loading)) - {""})))
@@ -409,7 +441,8 @@ class Engine:
         state.handle._put(_Sampled(token_ids, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids)))
         state.handle._close()
         self._states.pop(seq.request_id, None)
-        self.runtime.release_adapter(seq.lora_id)
+        if seq.lora_id is not None:  # None: ended while its adapter loaded (_load_adapter releases it)
+            self.runtime.release_adapter(seq.lora_id)
         adapter = state.request.adapter or "<base>"
         metrics.REQUESTS.labels(self.model_id, adapter, seq.finish_reason.value).inc()
         metrics.ADAPTER_PROMPT_TOKENS.labels(self.model_id, adapter).inc(len(seq.prompt_ids))

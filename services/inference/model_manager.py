@@ -38,6 +38,7 @@ from loraflow.storage.model_source import InputPolicy, is_location
 from loraflow.storage.store import MANIFEST_NAME, ObjectStore, artifact_key, join_key, resolve
 from services.inference import metrics
 from services.inference.adapter_cache import DEFAULT_ADAPTER_CACHE_BYTES, HostAdapterCache
+from services.inference.adapter_slots import resident_slots
 from services.inference.artifact_cache import ArtifactCache
 from services.inference.engine import Engine
 from services.inference.on_demand_adapters import (
@@ -87,8 +88,9 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
                resolve_adapter: Callable[[str], AdapterOrigin | None] | None = None,
                adapter_cache: HostAdapterCache | None = None,
                adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S,
-               may_grow: Callable[[int], bool] | None = None) -> LoadedModel:
-    """Open a local, already verified artifact directory and start its engine.
+               may_grow: Callable[[int], bool] | None = None, adapter_slots: int | None = None) -> LoadedModel:
+    """Open a local, already verified artifact directory and start its engine; ``adapter_slots``: the
+    resident slots (None: the compiled count; see adapter_slots.resident_slots).
 
     A request naming an adapter that is not in a slot loads it on first use from the artifact (one
     compiled in) or from ``resolve_adapter(name)`` (the registry, for a ModelManager)."""
@@ -102,7 +104,7 @@ def open_model(artifact_dir: str | Path, *, device: str = "cpu", num_threads: in
         if allow_spinning is not None:  # the old boolean (bench/scale.py): on or off
             spinning = "on" if allow_spinning else "off"
         runtime = OrtRuntime(artifact_dir, manifest, device=device, num_threads=num_threads, spinning=spinning,
-                             may_grow=may_grow)
+                             may_grow=may_grow, adapter_slots=adapter_slots)
     eos = tuple(manifest.generation_config.get("eos_token_ids") or ())
     tokenizer = TextTokenizer(artifact_dir / manifest.tokenizer_dir, chat_template=manifest.chat_template,
                               eos_ids=eos)
@@ -161,8 +163,12 @@ class ModelManager:
     def __init__(self, *, store: ObjectStore, registry, cache_dir: str | Path, max_waiting: int = 64,
                  on_change: Callable[[int], None] | None = None, spinning: str = DEFAULT_SPINNING,
                  inputs: InputPolicy | None = None, adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE_BYTES,
-                 adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S, budget: ResourceBudget | None = None):
-        self._budget = budget  # None: the process's (loraflow.options.budget.process_budget)
+                 adapter_wait_s: float = DEFAULT_ADAPTER_WAIT_S, budget: ResourceBudget | None = None,
+                 adapter_slots: str | int | None = None):
+        """``adapter_slots``: resident adapter slots of each loaded model, ``"auto"`` (sized from the memory
+        budget), a count, or None (the compiled count); see adapter_slots.resident_slots."""
+        self._budget = budget
+        self.adapter_slots = adapter_slots  # None: the process's (loraflow.options.budget.process_budget)
         self._reserved: dict[str, MemoryEstimate] = {}  # loads in flight, counted before they allocate
         self.adapter_cache = HostAdapterCache(adapter_cache_bytes)  # InvalidArgument outside its bounds
         if not isinstance(adapter_wait_s, int | float) or not 0 <= adapter_wait_s <= MAX_ADAPTER_WAIT_S:
@@ -203,13 +209,18 @@ class ModelManager:
                 self._reserve(model_id, serving_estimate(announced, device=device), artifact_id)
             local_dir, manifest = self.cache.fetch(artifact_id, record.uri)
             memory = self._reserve(model_id, serving_estimate(manifest, device=device), artifact_id)
+            slots = resident_slots(manifest, self.adapter_slots, free_bytes=self._free_bytes(model_id),
+                                   device=device)
+            if slots != manifest.adapter_slots:  # its banks counted again at the chosen size
+                memory = self._reserve(model_id, serving_estimate(manifest, device=device, adapter_slots=slots),
+                                       artifact_id, field="adapter_slots", value=slots)
             limit = adapter_limit(manifest)
             model = open_model(local_dir, device=device, num_threads=num_threads, model_id=model_id,
                                max_waiting=self.max_waiting, manifest=manifest,
                                spinning=self.spinning,
                                resolve_adapter=lambda name: self._registered_origin(name, limit),
                                adapter_cache=self.adapter_cache, adapter_wait_s=self.adapter_wait_s,
-                               may_grow=self._fits)
+                               may_grow=self._fits, adapter_slots=slots)
             model.memory = memory
         finally:
             with self._lock:
@@ -219,7 +230,8 @@ class ModelManager:
             self._models[model_id] = model
             count = len(self._models)
         metrics.log_event("model_loaded", model=model_id, artifact_id=artifact_id, device=device,
-                          lora_kernel=getattr(model.runtime, "lora_kernel", ""))
+                          lora_kernel=getattr(model.runtime, "lora_kernel", ""),
+                          adapter_slots=getattr(model.runtime, "adapter_slots", 0))
         self._on_change(count)
         return model
 
@@ -227,18 +239,28 @@ class ModelManager:
     def budget(self) -> ResourceBudget:
         return self._budget or process_budget()
 
-    def _reserve(self, model_id: str, needed: MemoryEstimate, artifact_id: str) -> MemoryEstimate:
+    def _reserve(self, model_id: str, needed: MemoryEstimate, artifact_id: str, *, field: str = "artifact_id",
+                 value: object = None) -> MemoryEstimate:
         """Count `needed` for a load in flight, unless it does not fit beside what is loaded or loading and the
-        adapter cache's cap (ResourceExhausted naming artifact_id, the estimate and the limit)."""
+        adapter cache's cap (ResourceExhausted naming `field` (artifact_id, or adapter_slots for the banks of
+        an explicit --adapter-slots), the estimate and the limit)."""
         with self._lock:
             loaded = [m.memory.total for m in self._models.values() if m.memory is not None]
             loading = [e.total for k, e in self._reserved.items() if k != model_id]
             in_use = sum(loaded) + sum(loading) + self.adapter_cache.max_bytes
             what = (f"{len(loaded)} loaded model(s), {len(loading)} loading and the adapter cache's "
                     f"{format_bytes(self.adapter_cache.max_bytes)} (--adapter-cache-bytes)")
-            self.budget.check(needed, field="artifact_id", value=artifact_id, in_use=in_use, in_use_what=what)
+            self.budget.check(needed, field=field, value=artifact_id if value is None else value, in_use=in_use,
+                              in_use_what=what)
             self._reserved[model_id] = needed
         return needed
+
+    def _free_bytes(self, model_id: str) -> int:
+        """The budget not held by other loaded or loading models and the adapter cache's cap."""
+        with self._lock:
+            loaded = sum(m.memory.total for m in self._models.values() if m.memory is not None)
+            loading = sum(e.total for k, e in self._reserved.items() if k != model_id)
+        return self.budget.memory_bytes - loaded - loading - self.adapter_cache.max_bytes
 
     def _fits(self, extra_bytes: int) -> bool:
         """Whether a loaded model may grow by ``extra_bytes`` (auto's sleeping session) within the budget."""

@@ -1,7 +1,8 @@
 """Adapters loaded on first use: a request naming an adapter that is not in a slot loads it, then runs.
 
-Every request of a model goes through ``OnDemandAdapters.acquire_adapter`` (the engine calls it in
-``submit``, so gRPC and HTTP share it). A name already in a slot is counted and served at once. A
+Every request of a model goes through ``acquire_resident`` (the engine calls it in ``submit``, so gRPC and
+HTTP share it) and, when its adapter is not in a slot, ``acquire_adapter`` once the request is queued
+(waiting without a KV slot: see loraflow/artifact/scheduler.py). A name already in a slot is counted and served at once. A
 name that is not loaded is resolved (compiled into the artifact, else the registry), and one load
 runs per name however many requests ask for it at once: the first request becomes the loader, the
 others wait on its result. The load takes a free slot, else the least recently used idle one (no
@@ -109,6 +110,19 @@ class OnDemandAdapters:
             self._load(name, pending, wait_s=self.wait_s)
         slot = pending.result()
         metrics.ADAPTER_REQUESTS.labels(self.model_id, pending.tier).inc()
+        return slot
+
+    def acquire_resident(self, name: str) -> int | None:
+        """lora_id for ``name`` ("" = base) if it is in a slot, counting one more request on it; else None
+        (``acquire_adapter`` loads it). InvalidArgument for a malformed name."""
+        if not name:
+            return 0
+        try:
+            slot = self.runtime.acquire_adapter(name)
+        except NotFound:
+            self._check_name(name)
+            return None
+        metrics.ADAPTER_REQUESTS.labels(self.model_id, "slot").inc()
         return slot
 
     def check_servable(self, name: str, *, field: str = "adapter") -> None:

@@ -39,7 +39,7 @@ from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, Row, flat_bank
 from loraflow.artifact.traced_step_driver import TracedStepDriver
 from loraflow.errors import FailedPrecondition, InvalidArgument
-from services.inference.adapter_slots import AdapterSlots, ServesAdapterSlots
+from services.inference.adapter_slots import AdapterSlots, ServesAdapterSlots, slots_chosen_at_runtime
 from services.inference.spinning import DEFAULT_SPINNING, HostContention, check_spinning
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,10 @@ class OrtRuntime(ServesAdapterSlots):
 
     def __init__(self, artifact_dir: str | Path, manifest: Manifest | None = None, *, device: str = "cpu",
                  num_threads: int = 0, spinning: str = DEFAULT_SPINNING,
-                 may_grow: Callable[[int], bool] | None = None):
-        """``spinning``: the ONNX Runtime threading policy, ``auto`` | ``on`` | ``off`` (services/inference/
+                 may_grow: Callable[[int], bool] | None = None, adapter_slots: int | None = None):
+        """``adapter_slots``: the resident slots the banks hold (None: the compiled count; only a fused CPU
+        graph of compiler 0.5 on takes another, see adapter_slots.resident_slots).
+        ``spinning``: the ONNX Runtime threading policy, ``auto`` | ``on`` | ``off`` (services/inference/
         spinning.py: spinning is faster on a dedicated host and collapses on a shared one). ``may_grow(nbytes)``:
         whether the process's memory budget allows auto's sleeping session (its packed weights); None: yes."""
         import onnxruntime as ort
@@ -115,7 +117,12 @@ class OrtRuntime(ServesAdapterSlots):
         self.dtype = np.dtype(graph.dtype)
         out_dtypes = {t.name: np.dtype(t.dtype) for t in graph.outputs}
         self.logits_dtype = out_dtypes.get(gc.LOGITS, self.dtype)
-        self.adapter_slots = self.manifest.adapter_slots
+        if adapter_slots is not None and adapter_slots != self.manifest.adapter_slots \
+                and not slots_chosen_at_runtime(self.manifest, self.device):
+            log.warning("%s fixes its adapter slots at %d (an AI 100 or traced graph, or one compiled before "
+                        "compiler 0.5): adapter_slots=%d is not used", self.manifest.artifact_id,
+                        self.manifest.adapter_slots, adapter_slots)
+            adapter_slots = None
         self.max_rank = self.manifest.max_rank
 
         # Weights memory-mapped, pre-packed once: opening costs them plus the KV cache (loraflow/artifact/session.py).
@@ -154,7 +161,8 @@ class OrtRuntime(ServesAdapterSlots):
                                     ctx_len=self.ctx_len, head_dim=self.head_dim, dtype=self.dtype)
 
         # Adapter banks, laid out as the compiler lays them; slot 0 (the base model) stays zero.
-        self.adapters = AdapterSlots(self.manifest, self.dtype, sync=self._sync_banks)
+        self.adapters = AdapterSlots(self.manifest, self.dtype, sync=self._sync_banks, adapter_slots=adapter_slots)
+        self.adapter_slots = self.adapters.adapter_slots  # resident slots (1..N; slot 0 is the base model)
         self.lora_a, self.lora_b = self.adapters.lora_a, self.adapters.lora_b
 
         bank_device = "cuda" if self.device == "cuda" else "cpu"

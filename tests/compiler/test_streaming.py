@@ -273,8 +273,9 @@ def test_a_model_with_large_activations_verifies_and_a_wiring_bug_in_it_still_fa
     # Miswire the graph: layer 1 gathers its rows' adapters at layer 0's offset in the banks.
     art = tmp_path / "art"
     graph = onnx.load(str(art / manifest.graph.file), load_external_data=False)
-    offset = next(t for t in graph.graph.initializer if t.name == "layers.1.bank_offset")
-    offset.CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int64), "layers.1.bank_offset"))
+    # (its bank offset is i*N, N from the banks' shape: the layer index i = 1 made 0)
+    index = next(t for t in graph.graph.initializer if t.name == "layers.1.layer_index")
+    index.CopyFrom(onnx.numpy_helper.from_array(np.array([0], np.int64), "layers.1.layer_index"))
     onnx.save(graph, str(art / "miswired.onnx"))
     import onnxruntime as ort
 

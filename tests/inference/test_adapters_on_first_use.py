@@ -131,6 +131,39 @@ def test_a_loaded_adapter_never_waits_behind_a_cold_load(few_slots, tiny_tokeniz
         stub.UnloadModel(pb.UnloadModelRequest(model_id="hot-first"))
 
 
+def test_a_request_cancelled_while_its_adapter_loads_leaves_the_queue_and_no_count_on_the_slot(
+        few_slots, tiny_tokenizer):
+    # Queued before its load (no KV slot), cancelled meanwhile: the load still completes, and its count on the
+    # slot is given back, so the adapter is idle (evictable) afterwards.
+    from services.inference.engine import GenerationRequest
+    from services.inference.sampling import SamplingParams
+
+    manager, fetches = few_slots["manager"], few_slots["fetches"]
+    manager.adapter_cache.forget_artifact(few_slots["artifact_id"])
+    model, _ = load_model(few_slots, "cancel-loading")
+    handles = []
+    fetches.hold()
+    request = GenerationRequest(tuple(tiny_tokenizer.encode(PROMPTS[0])), "gamma", SamplingParams(max_new_tokens=4),
+                                request_id="leaving")
+    submitter = threading.Thread(target=lambda: handles.append(model.engine.submit(request)))
+    try:
+        submitter.start()
+        wait_until(lambda: model.adapters.waiting().get("gamma") == 1)
+        waiting = list(model.engine.scheduler.waiting)
+        assert [(s.request_id, s.lora_id, s.slot) for s in waiting] == [("leaving", None, None)]
+        model.engine.cancel("leaving")
+        wait_until(lambda: model.engine.num_active() == 0 and model.engine.scheduler.num_waiting == 0)
+        fetches.release()
+        submitter.join(60)
+        (handle,) = handles
+        assert handle.result().finish_reason.value == "cancelled"
+        slot = model.runtime.adapter_names()["gamma"]
+        assert model.runtime.slots[slot].active_requests == 0
+    finally:
+        fetches.release()
+        manager.unload("cancel-loading")
+
+
 def test_lru_idle_adapter_is_evicted_never_a_busy_one_and_comes_back_from_the_host_cache(
         few_slots, tiny_tokenizer, peft_reference):
     stub, manager, fetches = few_slots["stub"], few_slots["manager"], few_slots["fetches"]

@@ -18,6 +18,8 @@ from services.inference.__main__ import parse_args
     ("--adapter-wait-s", "nan", "must be in 0..3600"),
     ("--adapter-wait-s", "-1", "must be in 0..3600"),
     ("--adapter-cache-bytes", str(2**41), "must be in 0..1099511627776"),
+    ("--adapter-slots", "0", "must be in 1..4096"),
+    ("--adapter-slots", "lots", "must be an integer"),
 ])
 def test_out_of_range_flag_refuses_to_start(flag, value, words):
     proc = subprocess.run([sys.executable, "-m", "services.inference", "--listen", "127.0.0.1:0", flag, value],
@@ -39,3 +41,13 @@ def test_the_host_cache_bytes_come_from_the_flag_else_the_environment(monkeypatc
     with pytest.raises(SystemExit):
         parse_args([])
     assert ADAPTER_CACHE_ENV in capsys.readouterr().err
+
+
+def test_the_resident_adapter_slots_come_from_the_flag_else_the_environment(monkeypatch):
+    from loraflow.options.settings import ADAPTER_SLOTS
+
+    monkeypatch.delenv(ADAPTER_SLOTS.env, raising=False)
+    assert parse_args([]).adapter_slots == "auto"
+    monkeypatch.setenv(ADAPTER_SLOTS.env, "16")
+    assert parse_args([]).adapter_slots == 16
+    assert parse_args(["--adapter-slots", "auto"]).adapter_slots == "auto"

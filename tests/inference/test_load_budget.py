@@ -17,6 +17,7 @@ from loraflow.options.budget import ResourceBudget, serving_estimate
 from loraflow.server.grpc_server import GrpcServer, error_info
 from loraflow.v1 import inference_pb2 as pb
 from loraflow.v1 import inference_pb2_grpc
+from services.inference.adapter_slots import AUTO_SLOTS_SHARE, slot_bytes
 from services.inference.model_manager import ModelManager, adapter_limit
 from services.inference.server import SERVICE_NAME, InferenceServicer
 
@@ -28,11 +29,11 @@ def serve(published_store, input_policy, tmp_path):
     """serve(budget_bytes) -> (stub, manager) of a fresh server over the published tiny artifact."""
     opened = []
 
-    def make(budget_bytes: int):
+    def make(budget_bytes: int, adapter_slots=None):
         server = GrpcServer(listen="127.0.0.1:0", service_names=[SERVICE_NAME])
         manager = ModelManager(store=published_store.store, registry=published_store.registry,
                                cache_dir=tmp_path / f"cache{len(opened)}", inputs=input_policy,
-                               adapter_cache_bytes=CACHE_CAP,
+                               adapter_cache_bytes=CACHE_CAP, adapter_slots=adapter_slots,
                                budget=ResourceBudget(budget_bytes, f"--memory-budget {budget_bytes}"))
         server.add(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(manager))
         port = server.start()
@@ -139,3 +140,34 @@ def test_an_oversized_adapter_is_refused_before_it_is_fetched(tiny_artifact, tin
     finally:
         published_store.registry.delete_adapter("bloated")
         published_store.store.delete("adapters/bloated")
+
+
+def test_explicit_adapter_slots_over_the_budget_are_refused_naming_the_field(tiny_artifact, serve, published_store):
+    _, manifest = tiny_artifact
+    compiled = serving_estimate(manifest).total
+    slots = 64
+    needed = serving_estimate(manifest, adapter_slots=slots).total
+    assert needed > compiled
+    stub, manager = serve(compiled + CACHE_CAP + (needed - compiled) // 2, adapter_slots=slots)
+    code, info, details = _fails(lambda: stub.LoadArtifact(pb.LoadArtifactRequest(
+        artifact_id=published_store.artifact_id, model_id="m")))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.reason == "OVER_MEMORY_BUDGET", details
+    assert info.metadata["field"] == "adapter_slots" and info.metadata["value"] == str(slots), info.metadata
+    assert info.metadata["estimate_bytes"] == str(needed)
+    assert int(info.metadata["limit_bytes"]) == compiled + (needed - compiled) // 2
+    assert "adapter banks" in details and manager.list() == []
+
+
+def test_auto_adapter_slots_fill_their_share_of_the_budget_and_the_estimate_is_what_is_allocated(
+        tiny_artifact, serve, published_store):
+    _, manifest = tiny_artifact
+    fixed = serving_estimate(manifest, adapter_slots=0).total
+    want = 20
+    budget = CACHE_CAP + fixed + int((want + 0.5) * slot_bytes(manifest) / AUTO_SLOTS_SHARE)
+    stub, manager = serve(budget, adapter_slots="auto")
+    loaded = stub.LoadArtifact(pb.LoadArtifactRequest(artifact_id=published_store.artifact_id, model_id="m",
+                                                      num_threads=1))
+    model = manager.get("m")
+    assert model.runtime.adapter_slots == want > manifest.adapter_slots
+    assert loaded.free_adapter_slots == want - len(manifest.adapters)
+    assert model.memory.total == model.runtime.memory_bytes() == serving_estimate(manifest, adapter_slots=want).total

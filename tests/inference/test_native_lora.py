@@ -21,13 +21,15 @@ from tests.inference.conftest import PROMPTS
 from tests.support.native import require_native
 
 
-def _one_node(bank_offset: int, column_offset: int, spinning: bool = False,
-              ranks: bool = False) -> ort.InferenceSession:
+def _one_node(bank_offset: int | None, column_offset: int, spinning: bool = False,
+              ranks: bool = False, layer: tuple[int, int] | None = None) -> ort.InferenceSession:
     """One LoraRows node; ``ranks``: with the optional sixth input ``ranks`` [N] (else five inputs, as
-    graphs compiled before it have)."""
+    graphs compiled before it have); ``layer``: (layer, num_layers) attributes (graph6) instead of
+    ``bank_offset`` (graphs compiled before them)."""
     names = ["y", "x", "ids", "a", "b"] + (["ranks"] if ranks else [])
-    node = helper.make_node("LoraRows", names, ["out"], domain=native_lora.DOMAIN,
-                            bank_offset=bank_offset, column_offset=column_offset)
+    where = {"bank_offset": bank_offset} if layer is None else {"layer": layer[0], "num_layers": layer[1]}
+    node = helper.make_node("LoraRows", names, ["out"], domain=native_lora.DOMAIN, column_offset=column_offset,
+                            **where)
     inputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", "Y"]),
               helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "K"]),
               helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 1]),
@@ -125,6 +127,45 @@ def test_lora_rows_with_ranks_equals_without_on_padded_banks_and_ignores_columns
     assert changed[0] == 0 and changed[4] == 0, changed  # the base row, and the full-rank slot has no padding
 
 
+@pytest.mark.parametrize("slots", [2, 5, 13])
+@pytest.mark.parametrize("seq", [1, 6])
+def test_lora_rows_with_layer_attributes_finds_the_layers_rows_from_the_banks_slot_count(slots, seq):
+    """One node (layer 2 of 3) serves banks of any slot count N = M / 3: the same rows bank_offset = 2 * N
+    reads, for every N; a slot id >= N (another layer's row) is refused."""
+    require_native()
+    rng = np.random.default_rng(slots * 10 + seq)
+    B, K, width, Y, layers, layer = 4, 16, 6, 9, 3, 2
+    session = _one_node(None, 3, ranks=True, layer=(layer, layers))
+    M = layers * slots
+    y = rng.normal(size=(B, seq, Y)).astype(np.float32)
+    x = rng.normal(size=(B, seq, K)).astype(np.float32)
+    a = rng.normal(size=(M, K, 4)).astype(np.float32)
+    b = rng.normal(size=(M, 4, width)).astype(np.float32)
+    ids = np.array([[0], [slots - 1], [1], [slots - 1]], np.int64)  # [B, 1]
+    ranks = np.full(slots, 4, np.int64)  # [N]
+    ranks[0] = 0
+    feeds = {"y": y, "x": x, "ids": ids, "a": a, "b": b, "ranks": ranks}
+    (out,) = session.run(None, feeds)
+    want = _reference(y, x, ids, a, b, layer * slots, 3)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+    (fixed,) = _one_node(layer * slots, 3, ranks=True).run(None, feeds)  # the old attribute, same rows
+    np.testing.assert_array_equal(out, fixed)
+    with pytest.raises(Exception, match=rf"lora_ids: row 1 has slot {slots}, outside 0\.\.{slots - 1}"):
+        session.run(None, {**feeds, "ids": np.array([[0], [slots], [0], [0]], np.int64),
+                           "ranks": np.zeros(slots + 1, np.int64)})
+
+
+def test_lora_rows_refuses_banks_that_are_not_whole_layers():
+    require_native()
+    session = _one_node(None, 0, layer=(0, 3))
+    rng = np.random.default_rng(3)
+    feeds = {"y": rng.normal(size=(1, 1, 4)).astype(np.float32), "x": rng.normal(size=(1, 1, 4)).astype(np.float32),
+             "ids": np.array([[1]], np.int64), "a": rng.normal(size=(7, 4, 2)).astype(np.float32),
+             "b": rng.normal(size=(7, 2, 4)).astype(np.float32)}
+    with pytest.raises(Exception, match=r"a_bank \[7, 4, 2\] is not num_layers=3 layers of equal slots"):
+        session.run(None, feeds)
+
+
 def test_lora_rows_refuses_ranks_that_do_not_cover_a_slot_or_exceed_the_bank():
     require_native()
     rng = np.random.default_rng(1)
@@ -172,7 +213,7 @@ def test_the_artifact_holds_both_graphs_verified_and_serves_peft_tokens_through_
     assert graph.native_file and (artifact_dir / graph.native_file).is_file()
     verify = json.loads((artifact_dir / "manifest.json").read_text())["extra"]["verify"]
     assert verify["native"]["tokens_match"] and verify["native"]["relative_diff"] <= verify["tolerance"]
-    assert [(t.name, t.dtype, t.shape) for t in graph.native_inputs] == [(gc.LORA_RANKS, "int64", (5,))]
+    assert [(t.name, t.dtype, t.shape) for t in graph.native_inputs] == [(gc.LORA_RANKS, "int64", (gc.SLOTS_DIM,))]
     rows = [(PROMPTS[0], ""), (PROMPTS[1], "alpha"), (PROMPTS[2], "beta"), (PROMPTS[3], "gamma")]
     for kernel in ("native", "onnx"):
         if kernel == "onnx":
@@ -217,5 +258,5 @@ def test_the_step_driver_refuses_a_graph_with_lora_ranks_without_the_ranks(tiny_
     with pytest.raises(InvalidArgument) as info:
         FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size)
     assert info.value.field == gc.LORA_RANKS
-    with pytest.raises(InvalidArgument, match=r"lora_ranks must be a contiguous int64 array of shape \[5\]"):
+    with pytest.raises(InvalidArgument, match=r"lora_ranks must be a contiguous int64 array of shape \['N'\]"):
         FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size, lora_ranks=np.zeros(5, np.int32))

@@ -151,3 +151,67 @@ def test_by_default_prefill_takes_every_waiting_row_that_holds_a_kv_slot():
     for i in range(8):
         s.add(Sequence(f"r{i}", [1 + i, 2, 3], max_new_tokens=2))
     assert [r.request_id for r in s.schedule().rows] == ["r0", "r1"]
+
+
+def _admitted(s: Scheduler) -> list[str]:
+    """Request ids in the order schedule() admits them this step."""
+    before = set(s.running)
+    s.schedule()
+    return [rid for rid in s.running if rid not in before]
+
+
+def _finish_all(s: Scheduler) -> None:
+    for rid in list(s.running):
+        s.finish(rid, FinishReason.STOP)
+
+
+def test_a_request_waiting_on_its_adapters_load_holds_no_slot_and_resident_ones_pass_it():
+    s = make(full_batch_size=2, max_waiting=8)
+    s.add(Sequence("cold", [1], lora_id=None))  # its adapter is being loaded
+    s.add(Sequence("hot", [1], lora_id=3))
+    s.add(Sequence("base", [1], lora_id=0))
+    assert _admitted(s) == ["hot", "base"]  # the cold load blocks neither
+    assert [q.request_id for q in s.waiting] == ["cold"] and s.num_free_slots == 0
+    _finish_all(s)
+    assert _admitted(s) == []  # a free slot, but its adapter is not loaded yet
+    assert s.adapter_ready("cold", 5) and not s.adapter_ready("gone", 5)
+    assert _admitted(s) == ["cold"] and s.running["cold"].lora_id == 5
+    s.add(Sequence("aborted", [1], lora_id=None))
+    s.abort("aborted")
+    assert not s.adapter_ready("aborted", 6)  # its load finished after it left: nothing to admit
+
+
+def test_the_requests_of_one_adapter_are_admitted_together():
+    s = make(full_batch_size=4, max_waiting=8)
+    for rid, lora in (("a1", 1), ("b1", 2), ("a2", 1), ("c1", 3), ("a3", 1)):
+        s.add(Sequence(rid, [1], lora_id=lora))
+    assert _admitted(s) == ["a1", "a2", "a3", "b1"]  # a's group, then the oldest left
+    assert s.running["b1"].bypassed == 2  # jumped by a2 and a3 (both arrived after it)
+    assert s.waiting[0].request_id == "c1" and s.waiting[0].bypassed == 1  # by a3 only
+    # Three requests that waited on one load start together once it is done, past nothing older.
+    _finish_all(s)
+    s.schedule()  # c1
+    for rid in ("x1", "x2", "x3"):
+        s.add(Sequence(rid, [1], lora_id=None))
+    s.add(Sequence("y1", [1], lora_id=4))
+    assert _admitted(s) == ["y1"]
+    for rid in ("x1", "x2", "x3"):
+        s.adapter_ready(rid, 6)
+    _finish_all(s)
+    assert _admitted(s) == ["x1", "x2", "x3"]
+
+
+def test_grouping_jumps_a_waiting_request_at_most_max_bypasses_times():
+    from loraflow.artifact.scheduler import MAX_BYPASSES
+
+    s = make(full_batch_size=MAX_BYPASSES + 4, max_waiting=64)
+    s.add(Sequence("hot0", [1], lora_id=1))
+    s.add(Sequence("other", [1], lora_id=2))
+    for i in range(1, MAX_BYPASSES + 6):
+        s.add(Sequence(f"hot{i}", [1], lora_id=1))
+    admitted = _admitted(s)
+    # hot0 (the oldest), then MAX_BYPASSES of its group jump "other"; the next would exceed the bound, so
+    # "other" goes first and the rest of the group follows in order.
+    assert admitted[:MAX_BYPASSES + 2] == ["hot0"] + [f"hot{i}" for i in range(1, MAX_BYPASSES + 1)] + ["other"]
+    assert s.running["other"].bypassed == MAX_BYPASSES
+    assert admitted[MAX_BYPASSES + 2:] == [f"hot{i}" for i in range(MAX_BYPASSES + 1, MAX_BYPASSES + 3)]

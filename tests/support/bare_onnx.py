@@ -31,7 +31,10 @@ def bare_prefill(artifact_dir: Path, token_rows: list[list[int]], lora_ids: list
             if spec.name.startswith(("past_key", "past_value")):
                 feeds[spec.name] = np.zeros([rows, *spec.shape[1:]], dtype=np.float32)
             elif spec.name.startswith(("lora_a", "lora_b")):
-                feeds[spec.name] = np.zeros(list(spec.shape), dtype=np.float32)
+                # [L*N, ...]: symbolic from graph6 on (the runtime picks N); the compiled N here
+                rows_lora = manifest.graph.layers * (manifest.adapter_slots + 1)
+                shape = [rows_lora if isinstance(spec.shape[0], str) else spec.shape[0], *spec.shape[1:]]
+                feeds[spec.name] = np.zeros(shape, dtype=np.float32)
         return session.run([gc.LOGITS], feeds)[0]
     feeds = {gc.INPUT_IDS: np.array(token_rows, dtype=np.int64),
              gc.POSITION_IDS: np.tile(np.arange(seq, dtype=np.int64), (rows, 1)),

@@ -6,7 +6,9 @@ one packed q|k|v MatMul, ``GroupQueryAttention`` with rotary inside and the KV c
 layer that the operator updates in place (past and present bound to the same memory), and
 ``MatMulNBits`` for int4/int8 base weights. The LoRA banks stay graph inputs ([L*N, in, R] /
 [L*N, R, out], so a hot-added adapter needs no recompile) and each row gathers its own slice by
-``lora_ids``. When q, k and v are all adapted (or none is) GroupQueryAttention takes the packed q|k|v
+``lora_ids``. N is symbolic (graph6): the graph derives it from the banks' first dimension at run time
+(N = L*N / L), so the runtime chooses how many adapter slots to keep resident. When q, k and v are all
+adapted (or none is) GroupQueryAttention takes the packed q|k|v
 (their deltas joined by one Concat and added once) instead of three split tensors. With
 ``lora_kernel="native"`` each adapted projection is instead one ``ai.loraflow.LoraRows`` node
 (loraflow/native) adding its delta into its columns of the packed output. Logits are computed
@@ -368,10 +370,11 @@ class FusedGraphBuilder:
             return y
         if self.opts.lora_kernel == "native":
             # lora_ranks: each row computes only its slot's rank of the bank's R columns.
+            # layer/num_layers: the kernel finds this layer's rows from the banks' shape (N chosen at run time).
             (out,) = self.g.node("LoraRows", [y, x, gc.LORA_IDS, gc.lora_a(module), gc.lora_b(module),
                                               gc.LORA_RANKS],
                                  name=f"{name}/lora", domain=native_lora.DOMAIN,
-                                 bank_offset=layer * self.opts.num_slots, column_offset=column_offset)
+                                 layer=layer, num_layers=self.cfg.num_layers, column_offset=column_offset)
             return out
         if column_offset:
             raise InvalidArgument("a column offset needs the native LoRA kernel", field="column_offset",
@@ -384,7 +387,7 @@ class FusedGraphBuilder:
         """The model (``self.written`` then says where each decoder tensor went)."""
         cfg, opts, g = self.cfg, self.opts, self.g
         L, H, Hq, D, C = cfg.num_layers, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, opts.ctx_len
-        N, R = opts.num_slots, opts.max_rank
+        R = opts.max_rank
         q_size, kv_size = Hq * D, H * D
         float_t = FLOAT_DTYPES["fp32"]
 
@@ -403,6 +406,12 @@ class FusedGraphBuilder:
         g.node("Reshape", [gc.LORA_IDS, g.const("shape.rows", np.array([-1], np.int64))], [lora_rows],
                name="lora_ids/flat")  # [B, 1] -> [B]
 
+        if opts.lora_modules and opts.lora_kernel == "onnx":
+            # N (slots a layer) from the banks' first dimension, L*N: the runtime chooses it.
+            (bank_rows,) = g.node("Shape", [gc.lora_a(opts.lora_modules[0])], name="lora_banks/rows", start=0,
+                                  end=1)  # [1] = L*N
+            (slots,) = g.node("Div", [bank_rows, g.const("lora_banks.layers", np.array([L], np.int64))],
+                              name="lora_banks/slots")  # [1] = N
         if opts.lora_kernel == "native":
             qkv_shape = g.const("shape.qkv", np.array([0, 0, q_size + 2 * kv_size], np.int64))  # 0: keep B, S
         h = self._embedding()  # [B, S, hidden]
@@ -415,8 +424,9 @@ class FusedGraphBuilder:
             p = f"layers.{i}"
             if opts.lora_modules and opts.lora_kernel == "onnx":
                 # Row b's slices sit at i*N + lora_ids[b] in the flat [L*N, ...] banks.
-                (row_index,) = g.node("Add", [lora_rows, g.const(f"{p}.bank_offset", np.array(i * N, np.int64))],
-                                      name=f"{p}/bank_rows")
+                (offset,) = g.node("Mul", [slots, g.const(f"{p}.layer_index", np.array([i], np.int64))],
+                                   name=f"{p}/bank_offset")  # [1] = i*N
+                (row_index,) = g.node("Add", [lora_rows, offset], name=f"{p}/bank_rows")  # [B]
             else:
                 row_index = ""
             # Attention: packed q|k|v projection, per-row adapter deltas, GQA with rotary and in-place cache.
@@ -516,7 +526,7 @@ class FusedGraphBuilder:
         if opts.lora_kernel == "native":
             # Read by the LoraRows nodes. The standard-operator graph has no use for it (its Gather/MatMul
             # run all R columns) and does not take it, so model.onnx's contract is unchanged.
-            inputs.append(helper.make_tensor_value_info(gc.LORA_RANKS, TensorProto.INT64, [N]))
+            inputs.append(helper.make_tensor_value_info(gc.LORA_RANKS, TensorProto.INT64, [gc.SLOTS_DIM]))
         outputs = [helper.make_tensor_value_info(gc.LOGITS, float_t, ["B", 1, cfg.vocab_size])]
         for i in range(L):
             inputs += [helper.make_tensor_value_info(gc.past_key(i), float_t, ["B", H, C, D]),
@@ -526,8 +536,8 @@ class FusedGraphBuilder:
         shapes = cfg.lora_module_shapes()
         for m in opts.lora_modules:
             fin, fout = shapes[m]
-            inputs += [helper.make_tensor_value_info(gc.lora_a(m), float_t, [L * N, fin, R]),
-                       helper.make_tensor_value_info(gc.lora_b(m), float_t, [L * N, R, fout])]
+            inputs += [helper.make_tensor_value_info(gc.lora_a(m), float_t, [gc.BANK_ROWS_DIM, fin, R]),
+                       helper.make_tensor_value_info(gc.lora_b(m), float_t, [gc.BANK_ROWS_DIM, R, fout])]
         graph = helper.make_graph(g.nodes, "loraflow_fused_decoder", inputs, outputs, g.initializers)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
         if opts.lora_kernel == "native":

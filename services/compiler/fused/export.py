@@ -38,8 +38,8 @@ def fused_io(cfg: DecoderConfig, opts: FusedGraphOptions) -> tuple[tuple[TensorS
     shapes = cfg.lora_module_shapes()
     for m in opts.lora_modules:
         fin, fout = shapes[m]
-        inputs += [TensorSpec(gc.lora_a(m), "float32", (L * opts.num_slots, fin, opts.max_rank)),
-                   TensorSpec(gc.lora_b(m), "float32", (L * opts.num_slots, opts.max_rank, fout))]
+        inputs += [TensorSpec(gc.lora_a(m), "float32", (gc.BANK_ROWS_DIM, fin, opts.max_rank)),
+                   TensorSpec(gc.lora_b(m), "float32", (gc.BANK_ROWS_DIM, opts.max_rank, fout))]
     return tuple(inputs), tuple(outputs)
 
 
@@ -85,6 +85,6 @@ def export_fused(weights: WeightSource, out_dir: str | Path, opts: FusedGraphOpt
                       inputs=inputs, outputs=outputs,
                       lora_modules={m: LoraModuleSpec(*shapes[m]) for m in opts.lora_modules},
                       kv_layout=gc.KV_LAYOUT_SHARED, native_file=NATIVE_ONNX_FILE if native_model is not None else "",
-                      native_inputs=(TensorSpec(gc.LORA_RANKS, "int64", (opts.num_slots,)),) if native_model is not None
+                      native_inputs=(TensorSpec(gc.LORA_RANKS, "int64", (gc.SLOTS_DIM,)),) if native_model is not None
                       else ())
     return FusedExport(graph=graph, timings=timings, written=builder.written, digests={DATA_FILE: data_sha})
