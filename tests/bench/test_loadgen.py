@@ -49,3 +49,59 @@ def test_summary_counts_server_tokens_and_chunk_gaps_per_class(loadgen):
     cold_only = loadgen.summarise([cold], run)
     assert cold_only["output_tokens_per_s"] == 1.5  # the class's tokens over the whole run's span
     assert cold_only["ttft_p50_ms"] == 1000.0 and cold_only["tpot_p50_ms"] == 400.0
+
+
+def test_server_side_reports_engine_busy_steps_and_registry_hits_from_counter_deltas(loadgen):
+    before = {'loraflow_inference_step_seconds_count{kind="decode"}': 10.0,
+              'loraflow_inference_step_seconds_sum{kind="decode"}': 1.0,
+              'loraflow_inference_registry_lookups_total{result="cache_hit"}': 5.0,
+              'loraflow_inference_registry_lookups_total{result="redis"}': 5.0,
+              "loraflow_inference_generated_tokens_total{}": 100.0}
+    after = {'loraflow_inference_step_seconds_count{kind="decode"}': 110.0,
+             'loraflow_inference_step_seconds_sum{kind="decode"}': 7.0,
+             'loraflow_inference_step_seconds_count{kind="prefill"}': 20.0,
+             'loraflow_inference_step_seconds_sum{kind="prefill"}': 2.0,
+             'loraflow_inference_registry_lookups_total{result="cache_hit"}': 35.0,
+             'loraflow_inference_registry_lookups_total{result="redis"}': 15.0,
+             "loraflow_inference_generated_tokens_total{}": 1400.0}
+    side = loadgen.server_side(before, after, wall=10.0)
+    assert side["steps"]["decode"] == {"steps": 100, "seconds": 6.0, "mean_ms": 60.0}
+    assert side["steps"]["prefill"] == {"steps": 20, "seconds": 2.0, "mean_ms": 100.0}
+    assert side["engine_busy_fraction"] == 0.8  # 8 s of steps in 10 s
+    assert side["tokens_per_step"] == 10.83  # 1300 tokens over 120 steps
+    assert side["registry_lookups"] == {"cache_hit": 30, "redis": 10, "saved_fraction": 0.75}
+    assert loadgen.server_side({}, {}, wall=1.0) == {"counters": {}}
+
+
+def test_scrape_reads_the_counters_of_a_prometheus_text_page(loadgen, tmp_path):
+    import http.server
+    import threading
+
+    page = (b'# TYPE loraflow_inference_registry_lookups_total counter\n'
+            b'loraflow_inference_registry_lookups_total{result="cache_hit"} 7.0\n'
+            b'loraflow_inference_registry_lookups_total{result="redis"} 2.0\n'
+            b'# TYPE loraflow_inference_step_seconds histogram\n'
+            b'loraflow_inference_step_seconds_bucket{kind="decode",le="+Inf",model="m"} 3.0\n'
+            b'loraflow_inference_step_seconds_count{kind="decode",model="m"} 3.0\n'
+            b'loraflow_inference_step_seconds_sum{kind="decode",model="m"} 0.5\n'
+            b'# TYPE other_total counter\nother_total 1.0\n')
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        got = loadgen.scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+    assert got == {'loraflow_inference_registry_lookups_total{result="cache_hit"}': 7.0,
+                   'loraflow_inference_registry_lookups_total{result="redis"}': 2.0,
+                   'loraflow_inference_step_seconds_count{kind="decode"}': 3.0,
+                   'loraflow_inference_step_seconds_sum{kind="decode"}': 0.5}
