@@ -468,6 +468,9 @@ def server_side(before: dict[str, float], after: dict[str, float], wall: float) 
         if "decode" in steps and tokens:
             out["tokens_per_step"] = round(tokens / (steps["decode"]["steps"] + steps.get("prefill", {}).get(
                 "steps", 0)), 2)
+        prompt = delta.get("loraflow_inference_prompt_tokens_total{}", 0.0)
+        if "prefill" in steps and prompt:
+            out["prompt_tokens_per_prefill_step"] = round(prompt / steps["prefill"]["steps"], 1)
     hits = delta.get('loraflow_inference_registry_lookups_total{result="cache_hit"}', 0.0)
     reads = delta.get('loraflow_inference_registry_lookups_total{result="redis"}', 0.0)
     if hits or reads:
