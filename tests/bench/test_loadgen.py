@@ -105,3 +105,26 @@ def test_scrape_reads_the_counters_of_a_prometheus_text_page(loadgen, tmp_path):
                    'loraflow_inference_registry_lookups_total{result="redis"}': 2.0,
                    'loraflow_inference_step_seconds_count{kind="decode"}': 3.0,
                    'loraflow_inference_step_seconds_sum{kind="decode"}': 0.5}
+
+
+def test_inference_perf_runs_with_its_adapter_draws_seeded(loadgen, tmp_path):
+    """inference-perf draws adapters from numpy's global generator in its main process and never seeds it: the
+    bench's launcher seeds it, so both servers get the same draws, and hands inference-perf its own argv."""
+    import subprocess
+
+    package = tmp_path / "inference_perf"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import sys, numpy\n"
+        "def main_cli():\n"
+        "    print(sys.argv[1:], numpy.random.choice(1000, size=5).tolist())\n"
+        "    return 0\n")
+
+    def launch(seed: int) -> str:
+        return subprocess.run([sys.executable, "-c", loadgen._SEEDED_MAIN, str(seed), "-c", "config.yaml"],
+                              capture_output=True, text=True, check=True, env={"PYTHONPATH": str(tmp_path)},
+                              timeout=60).stdout
+
+    first = launch(7)
+    assert first.startswith("['-c', 'config.yaml']")
+    assert launch(7) == first and launch(8) != first
