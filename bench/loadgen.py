@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -214,29 +213,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server's processes and their children so far."""
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for proc in self.processes:
-            for pid in [proc.pid, *_children(proc.pid)]:
-                try:
-                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                    total += int(fields[11]) + int(fields[12])  # utime, stime
-                except (OSError, IndexError, ValueError):
-                    pass
-        return total / tick
-
-    def peak_rss_mib(self) -> float:
-        """VmHWM of the server's processes (and their children), MiB."""
-        total = 0
-        for proc in self.processes:
-            for pid in [proc.pid, *_children(proc.pid)]:
-                try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            total += int(line.split()[1])
-                except OSError:
-                    pass
-        return round(total / 1024, 1)
+        return sum(tree_cpu_seconds(proc.pid) for proc in self.processes)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
@@ -479,6 +456,36 @@ def server_side(before: dict[str, float], after: dict[str, float], wall: float) 
     return out
 
 
+CPU_SAMPLE_S = 0.5
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process and its descendants (live ones, and those waited for)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+def span_cpu(samples: list[tuple[float, float, float]], start: float, end: float) -> dict:
+    """Server and client CPU seconds over [start, end] (interpolated between samples), and as cores."""
+    if len(samples) < 2 or end <= start:
+        return {}
+    times = np.array([t for t, _, _ in samples])
+    out = {}
+    for i, who in ((1, "server"), (2, "client")):
+        values = np.array([v[i] for v in samples])
+        used = float(np.interp(end, times, values) - np.interp(start, times, values))
+        out[f"{who}_seconds"] = round(used, 1)
+        out[f"{who}_cores"] = round(used / (end - start), 2)
+    return out
+
+
 def pyspy_start(pid: int, out: Path) -> subprocess.Popen | None:
     """py-spy sampling ``pid`` (every thread, idle ones included) into ``out`` as collapsed stacks."""
     binary = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or shutil.which("py-spy")
@@ -525,29 +532,39 @@ def run_class(server: Server, traffic: str, splits: list[dict] | None, model_dir
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     python = BENCH_HOME / "venvs" / "inference-perf" / "bin" / "python"
     load_before = host_load()
-    metrics_before, cpu_before = scrape(server.metrics_url), server.cpu_seconds()
-    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    metrics_before = scrape(server.metrics_url)
     profiler = pyspy_start(server.serving_pid, reports / "py-spy.txt") if args.py_spy else None
     started = time.perf_counter()
+    # (perf_counter, server CPU s, client CPU s) every CPU_SAMPLE_S: the CPU of the requests' span alone, without
+    # inference-perf's start (imports, prompts) and teardown.
+    samples = [(started, server.cpu_seconds(), 0.0)]
     try:
         with open(reports / "inference-perf.log", "wb") as log:
-            subprocess.run([str(python), "-c", _SEEDED_MAIN, str(config["load"]["base_seed"]), "-c",
-                            str(config_path)], stdout=log, stderr=subprocess.STDOUT, check=True,
-                           timeout=args.run_timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            client = subprocess.Popen([str(python), "-c", _SEEDED_MAIN, str(config["load"]["base_seed"]), "-c",
+                                       str(config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            try:
+                while client.poll() is None:
+                    if time.perf_counter() - started > args.run_timeout:
+                        raise subprocess.TimeoutExpired(client.args, args.run_timeout)
+                    time.sleep(CPU_SAMPLE_S)
+                    samples.append((time.perf_counter(), server.cpu_seconds(), tree_cpu_seconds(client.pid)))
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                client.wait()
+            if client.returncode:
+                raise subprocess.CalledProcessError(client.returncode, client.args)
     finally:
         pyspy_stop(profiler)
     wall = time.perf_counter() - started
-    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = {"server_seconds": round(server.cpu_seconds() - cpu_before, 1),
-           "client_seconds": round(client_after.ru_utime + client_after.ru_stime - client_before.ru_utime
-                                   - client_before.ru_stime, 1)}
-    cpu["server_cores"] = round(cpu["server_seconds"] / wall, 2)
-    cpu["client_cores"] = round(cpu["client_seconds"] / wall, 2)
     entries = json.loads((reports / "per_request_lifecycle_metrics.json").read_text())
     rank = {s["name"]: i for i, s in enumerate(splits or [])}
+    span = (min(e["start_time"] for e in entries), max(e["end_time"] for e in entries))  # perf_counter clock
     result = {"server": server.name, "traffic": traffic, "wall_seconds": round(wall, 1),
-              "load_1m_before": load_before, "load_1m_after": host_load(), "cpu": cpu,
-              "server_side": server_side(metrics_before, scrape(server.metrics_url), wall),
+              "span_seconds": round(span[1] - span[0], 1),
+              "load_1m_before": load_before, "load_1m_after": host_load(), "cpu": span_cpu(samples, *span),
+              "server_side": server_side(metrics_before, scrape(server.metrics_url), span[1] - span[0]),
               "overall": summarise(entries, None)}
     if traffic == "zipf":
         result["by_popularity"] = {}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -128,3 +129,13 @@ def test_inference_perf_runs_with_its_adapter_draws_seeded(loadgen, tmp_path):
     first = launch(7)
     assert first.startswith("['-c', 'config.yaml']")
     assert launch(7) == first and launch(8) != first
+
+
+def test_cpu_is_counted_over_the_requests_span_only(loadgen):
+    # The client starts at 0 s, sends its first request at 10 s and its last answer comes at 20 s.
+    samples = [(0.0, 0.0, 0.0), (10.0, 1.0, 8.0), (15.0, 9.0, 10.0), (20.0, 17.0, 12.0), (30.0, 18.0, 20.0)]
+    assert loadgen.span_cpu(samples, 10.0, 20.0) == {"server_seconds": 16.0, "server_cores": 1.6,
+                                                     "client_seconds": 4.0, "client_cores": 0.4}
+    assert loadgen.span_cpu(samples, 12.5, 17.5)["server_seconds"] == 8.0  # interpolated between samples
+    own = loadgen.tree_cpu_seconds(os.getpid())
+    assert own > 0 and loadgen.tree_cpu_seconds(os.getpid()) >= own
