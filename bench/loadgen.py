@@ -215,6 +215,19 @@ class Server:
         """User + system CPU seconds of the server's processes and their children so far."""
         return sum(tree_cpu_seconds(proc.pid) for proc in self.processes)
 
+    def peak_rss_mib(self) -> float:
+        """VmHWM of the server's processes (and their children), MiB."""
+        total = 0
+        for proc in self.processes:
+            for pid in [proc.pid, *_children(proc.pid)]:
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            total += int(line.split()[1])
+                except OSError:
+                    pass
+        return round(total / 1024, 1)
+
     def stop(self) -> None:
         for proc in reversed(self.processes):
             if proc.poll() is None:
@@ -712,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(load {host_load()})")
                     try:
                         results.append(run_class(server, traffic, traffic_splits[traffic], model_dir, run_dir, args))
+                        # Kept as they come: a later failure does not lose the runs done.
+                        (run_dir / "partial-results.json").write_text(json.dumps(results, indent=1))
                     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, ValueError) as err:
                         failures[f"{name}/{traffic}"] = f"{type(err).__name__}: {err}"
                         say(f"{name} / {traffic} failed: {err}")

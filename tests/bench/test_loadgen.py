@@ -139,3 +139,22 @@ def test_cpu_is_counted_over_the_requests_span_only(loadgen):
     assert loadgen.span_cpu(samples, 12.5, 17.5)["server_seconds"] == 8.0  # interpolated between samples
     own = loadgen.tree_cpu_seconds(os.getpid())
     assert own > 0 and loadgen.tree_cpu_seconds(os.getpid()) >= own
+
+
+def test_a_servers_peak_rss_and_cpu_are_read_from_its_processes(loadgen):
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "x = bytearray(64 << 20); sum(range(3_000_000)); "
+                                                    "import time; time.sleep(30)"])
+    try:
+        server = loadgen.Server("s", "http://127.0.0.1:1", "m", processes=[child])
+        import time
+
+        for _ in range(200):
+            if server.peak_rss_mib() >= 64:
+                break
+            time.sleep(0.05)
+        assert server.peak_rss_mib() >= 64 and server.cpu_seconds() > 0
+    finally:
+        child.kill()
+        child.wait()
