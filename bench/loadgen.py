@@ -20,11 +20,16 @@ report), in its own venv (bench/setup_venvs.sh), as is vLLM's CPU build. The ben
 Prints a table (stderr) and one JSON object (stdout, also saved as results.json in the run directory):
 output tokens/s, requests/s, TTFT and inter-token latency p50/p99 per server and class, and per adapter
 popularity class (hot = top 10 adapters, warm = 11-100, cold = the rest), with `uptime` load before and after
-each run and each server's peak RSS. Setting up the venvs and the checkpoint happens once (cached in --work-dir).
+each run and each server's peak RSS; per run, the CPU seconds the server and the client took (on a 2-core host
+the client's share is what the server could not use), and the server's own counters over the run (/metrics:
+loraflow's engine busy fraction, step counts and mean step times, registry lookups answered by the record cache
+vs Redis, adapter loads by tier; vLLM's token counters). The adapter draws are seeded (inference-perf does not
+seed them itself), so both servers get the same requests. --py-spy samples each server's serving process.
+Setting up the venvs and the checkpoint happens once (cached in --work-dir).
 
 Usage: bench/setup_venvs.sh && .venv/bin/python bench/loadgen.py [--model smollm2|tiny] [--adapters 1000]
        [--requests 160] [--concurrency 16] [--output-tokens 32] [--classes zipf,single,base]
-       [--servers loraflow,vllm] [--adapter-slots 16] [--max-loras 8] [--work-dir DIR]
+       [--servers loraflow,vllm] [--adapter-slots 16] [--max-loras 8] [--work-dir DIR] [--py-spy]
 """
 
 from __future__ import annotations
@@ -203,6 +208,12 @@ class Server:
     logs: list = field(default_factory=list)
     setup: dict = field(default_factory=dict)  # what starting it cost and how it was configured
     redis: object = None  # loraflow's EmbeddedRedis
+    metrics_url: str = ""  # Prometheus text, scraped before and after each run ("" = none)
+    serving_pid: int = 0  # the process that serves the OpenAI API (CPU accounting, py-spy)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the server's processes and their children so far."""
+        return sum(tree_cpu_seconds(proc.pid) for proc in self.processes)
 
     def peak_rss_mib(self) -> float:
         """VmHWM of the server's processes (and their children), MiB."""
@@ -272,15 +283,17 @@ def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], arg
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     redis = EmbeddedRedis(data_dir=run / "redis")
-    ports = {name: free_port() for name in ("trainer", "compiler", "inference", "http")}
+    ports = {name: free_port() for name in ("trainer", "compiler", "inference", "http", "metrics")}
     http = f"127.0.0.1:{ports['http']}"
-    server = Server("loraflow", f"http://{http}", "", redis=redis)
+    server = Server("loraflow", f"http://{http}", "", redis=redis,
+                    metrics_url=f"http://127.0.0.1:{ports['metrics']}/metrics")
     env = {**os.environ, "LORAFLOW_REDIS_URL": redis.url, "LORAFLOW_STORE_URL": (run / "store").as_uri(),
            "LORAFLOW_ALLOW_LOCAL_PATHS": str(work)}
     python = str(ROOT / ".venv" / "bin" / "python")
     try:
         for svc, mode, extra in (("trainer", "api", []), ("compiler", "all", []),
                                  ("inference", "api", ["--http-listen", http, "--max-waiting", "100000",
+                                                       "--metrics-port", str(ports["metrics"]),
                                                        *(["--ort-spinning", args.ort_spinning] if args.ort_spinning else [])])):
             _spawn(server, [python, "-m", f"services.{svc}", mode, "--listen", f"127.0.0.1:{ports[svc]}",
                             "--cache-dir", str(run / f"cache-{svc}"), *extra], run / f"{svc}.log",
@@ -313,6 +326,7 @@ def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], arg
         model = client.load_artifact(done.compile_result.artifact_id, model_id="loraflow-base",
                                      num_threads=args.num_threads)
         compiler = server.processes.pop(1)  # serving needs no compiler: its memory goes back before the runs
+        server.serving_pid = server.processes[1].pid
         compiler.send_signal(signal.SIGTERM)
         compiler.wait(60)
         server.model = model.model_id
@@ -335,7 +349,7 @@ def start_vllm(work: Path, model_dir: Path, adapters: list[AdapterSpec], args) -
     run = work / "vllm"
     run.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = Server("vllm", f"http://127.0.0.1:{port}", "base")
+    server = Server("vllm", f"http://127.0.0.1:{port}", "base", metrics_url=f"http://127.0.0.1:{port}/metrics")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     modules = [f"{a.name}={a.path}" for a in adapters]
@@ -346,7 +360,7 @@ def start_vllm(work: Path, model_dir: Path, adapters: list[AdapterSpec], args) -
             "--max-lora-rank", str(max(RANKS)), "--lora-modules", *modules]
     say(f"starting vLLM CPU on port {port} (log {run / 'server.log'})")
     started = time.perf_counter()
-    _spawn(server, argv, run / "server.log", env)
+    server.serving_pid = _spawn(server, argv, run / "server.log", env).pid
     try:
         _wait_http(f"{server.base_url}/v1/models", server, args.vllm_start_timeout, "vLLM")
     except BaseException:
@@ -391,7 +405,126 @@ def warm_up(server: Server, prompts: int = 4) -> None:
             response.read()
 
 
+# ---------------------------------------------------------------------------------------------- server side
+
+# Counters whose change over a run is reported (name without the _total/_sum/_count suffix; every label set).
+SERVER_COUNTERS = ("loraflow_inference_step_seconds", "loraflow_inference_generated_tokens",
+                   "loraflow_inference_prompt_tokens", "loraflow_inference_registry_lookups",
+                   "loraflow_inference_adapter_requests", "loraflow_inference_adapter_loads",
+                   "loraflow_inference_adapter_evictions", "vllm:generation_tokens", "vllm:prompt_tokens")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``name{label="value",...}`` -> value of the counters in SERVER_COUNTERS ({} when there is no endpoint)."""
+    if not url:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError) as err:
+        say(f"could not scrape {url}: {err}")
+        return {}
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in SERVER_COUNTERS:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(("_created", "_bucket")):
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k not in ("model",
+                                                                                               "model_name"))
+            out[f"{sample.name}{{{labels}}}"] = out.get(f"{sample.name}{{{labels}}}", 0.0) + sample.value
+    return out
+
+
+def server_side(before: dict[str, float], after: dict[str, float], wall: float) -> dict:
+    """What the server's own counters say about a run: the change of each, and for loraflow the engine's busy
+    fraction and mean step times, and the share of registry lookups the record cache answered."""
+    delta = {k: round(v - before.get(k, 0.0), 4) for k, v in sorted(after.items()) if v != before.get(k, 0.0)}
+    out: dict = {"counters": delta}
+    steps = {}
+    for kind in ("prefill", "decode"):
+        count = delta.get(f'loraflow_inference_step_seconds_count{{kind="{kind}"}}', 0.0)
+        seconds = delta.get(f'loraflow_inference_step_seconds_sum{{kind="{kind}"}}', 0.0)
+        if count:
+            steps[kind] = {"steps": int(count), "seconds": round(seconds, 2),
+                           "mean_ms": round(seconds / count * 1000, 1)}
+    if steps:
+        out["steps"] = steps
+        out["engine_busy_fraction"] = round(sum(v["seconds"] for v in steps.values()) / wall, 3) if wall else None
+        tokens = delta.get("loraflow_inference_generated_tokens_total{}", 0.0)
+        if "decode" in steps and tokens:
+            out["tokens_per_step"] = round(tokens / (steps["decode"]["steps"] + steps.get("prefill", {}).get(
+                "steps", 0)), 2)
+        prompt = delta.get("loraflow_inference_prompt_tokens_total{}", 0.0)
+        if "prefill" in steps and prompt:
+            out["prompt_tokens_per_prefill_step"] = round(prompt / steps["prefill"]["steps"], 1)
+    hits = delta.get('loraflow_inference_registry_lookups_total{result="cache_hit"}', 0.0)
+    reads = delta.get('loraflow_inference_registry_lookups_total{result="redis"}', 0.0)
+    if hits or reads:
+        out["registry_lookups"] = {"cache_hit": int(hits), "redis": int(reads),
+                                   "saved_fraction": round(hits / (hits + reads), 3)}
+    return out
+
+
+CPU_SAMPLE_S = 0.5
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process and its descendants (live ones, and those waited for)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+def span_cpu(samples: list[tuple[float, float, float]], start: float, end: float) -> dict:
+    """Server and client CPU seconds over [start, end] (interpolated between samples), and as cores."""
+    if len(samples) < 2 or end <= start:
+        return {}
+    times = np.array([t for t, _, _ in samples])
+    out = {}
+    for i, who in ((1, "server"), (2, "client")):
+        values = np.array([v[i] for v in samples])
+        used = float(np.interp(end, times, values) - np.interp(start, times, values))
+        out[f"{who}_seconds"] = round(used, 1)
+        out[f"{who}_cores"] = round(used / (end - start), 2)
+    return out
+
+
+def pyspy_start(pid: int, out: Path) -> subprocess.Popen | None:
+    """py-spy sampling ``pid`` (every thread, idle ones included) into ``out`` as collapsed stacks."""
+    binary = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or shutil.which("py-spy")
+    if binary is None:
+        say("no py-spy (pip install py-spy into .venv): not profiling")
+        return None
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--rate", "67", "--format", "raw",
+                             "--threads", "--idle", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def pyspy_stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # ---------------------------------------------------------------------------------------------- runs
+
+# inference-perf draws each request's adapter with numpy's global generator in its main process, which it
+# never seeds (base_seed seeds the workers and the prompts): seeded here, both servers get the same draws.
+_SEEDED_MAIN = "import sys, numpy; numpy.random.seed(int(sys.argv.pop(1))); " \
+               "from inference_perf import main_cli; sys.argv[0] = 'inference-perf'; sys.exit(main_cli())"
 
 def run_class(server: Server, traffic: str, splits: list[dict] | None, model_dir: Path, run_dir: Path,
               args) -> dict:
@@ -410,17 +543,41 @@ def run_class(server: Server, traffic: str, splits: list[dict] | None, model_dir
     config["storage"]["local_storage"]["path"] = str(reports)
     config_path = reports / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    binary = BENCH_HOME / "venvs" / "inference-perf" / "bin" / "inference-perf"
+    python = BENCH_HOME / "venvs" / "inference-perf" / "bin" / "python"
     load_before = host_load()
+    metrics_before = scrape(server.metrics_url)
+    profiler = pyspy_start(server.serving_pid, reports / "py-spy.txt") if args.py_spy else None
     started = time.perf_counter()
-    with open(reports / "inference-perf.log", "wb") as log:
-        subprocess.run([str(binary), "-c", str(config_path)], stdout=log, stderr=subprocess.STDOUT, check=True,
-                       timeout=args.run_timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # (perf_counter, server CPU s, client CPU s) every CPU_SAMPLE_S: the CPU of the requests' span alone, without
+    # inference-perf's start (imports, prompts) and teardown.
+    samples = [(started, server.cpu_seconds(), 0.0)]
+    try:
+        with open(reports / "inference-perf.log", "wb") as log:
+            client = subprocess.Popen([str(python), "-c", _SEEDED_MAIN, str(config["load"]["base_seed"]), "-c",
+                                       str(config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            try:
+                while client.poll() is None:
+                    if time.perf_counter() - started > args.run_timeout:
+                        raise subprocess.TimeoutExpired(client.args, args.run_timeout)
+                    time.sleep(CPU_SAMPLE_S)
+                    samples.append((time.perf_counter(), server.cpu_seconds(), tree_cpu_seconds(client.pid)))
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                client.wait()
+            if client.returncode:
+                raise subprocess.CalledProcessError(client.returncode, client.args)
+    finally:
+        pyspy_stop(profiler)
     wall = time.perf_counter() - started
     entries = json.loads((reports / "per_request_lifecycle_metrics.json").read_text())
     rank = {s["name"]: i for i, s in enumerate(splits or [])}
+    span = (min(e["start_time"] for e in entries), max(e["end_time"] for e in entries))  # perf_counter clock
     result = {"server": server.name, "traffic": traffic, "wall_seconds": round(wall, 1),
-              "load_1m_before": load_before, "load_1m_after": host_load(),
+              "span_seconds": round(span[1] - span[0], 1),
+              "load_1m_before": load_before, "load_1m_after": host_load(), "cpu": span_cpu(samples, *span),
+              "server_side": server_side(metrics_before, scrape(server.metrics_url), span[1] - span[0]),
               "overall": summarise(entries, None)}
     if traffic == "zipf":
         result["by_popularity"] = {}
@@ -469,13 +626,20 @@ def summarise(entries: list[dict], run: list[dict] | None) -> dict:
 
 def table(results: list[dict]) -> str:
     rows = [("server", "traffic", "class", "req", "err", "tok/s", "req/s", "TTFT p50", "TTFT p99", "ITL p50",
-             "ITL p99", "load")]
+             "ITL p99", "load", "cores srv/cli", "busy", "registry hits")]
     for r in results:
         groups = [("all", r["overall"])] + list(r.get("by_popularity", {}).items())
-        for label, s in groups:
+        side, cpu = r.get("server_side", {}), r.get("cpu", {})
+        for i, (label, s) in enumerate(groups):
+            first = i == 0
+            lookups = side.get("registry_lookups")
             rows.append((r["server"], r["traffic"], label, s["requests"], s["errors"], s["output_tokens_per_s"],
                          s["requests_per_s"], s["ttft_p50_ms"], s["ttft_p99_ms"], s["itl_p50_ms"], s["itl_p99_ms"],
-                         f"{r['load_1m_before']}->{r['load_1m_after']}"))
+                         f"{r['load_1m_before']}->{r['load_1m_after']}" if first else "",
+                         f"{cpu.get('server_cores')}/{cpu.get('client_cores')}" if first and cpu else "",
+                         side.get("engine_busy_fraction", "") if first else "",
+                         f"{lookups['cache_hit']}/{lookups['cache_hit'] + lookups['redis']}" if first and lookups
+                         else ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows)
 
@@ -523,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-start-timeout", type=float, default=1200)
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds one inference-perf run may take")
     p.add_argument("--work-dir", default=str(BENCH_HOME / "loadgen"))
+    p.add_argument("--py-spy", action="store_true",
+                   help="sample each server's serving process with py-spy during its runs (py-spy.txt beside the "
+                        "run's reports: collapsed stacks per thread)")
     args = p.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
     classes = [c for c in args.classes.split(",") if c]
@@ -558,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(load {host_load()})")
                     try:
                         results.append(run_class(server, traffic, traffic_splits[traffic], model_dir, run_dir, args))
+                        # Kept as they come: a later failure does not lose the runs done.
+                        (run_dir / "partial-results.json").write_text(json.dumps(results, indent=1))
                     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, ValueError) as err:
                         failures[f"{name}/{traffic}"] = f"{type(err).__name__}: {err}"
                         say(f"{name} / {traffic} failed: {err}")

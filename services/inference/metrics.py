@@ -23,7 +23,9 @@ They are computed from the live engines at scrape time, so they never go stale. 
 ``loraflow_inference_requests_total{model, adapter, finish_reason}``,
 ``loraflow_inference_adapter_prompt_tokens_total`` / ``..._adapter_generated_tokens_total{model,
 adapter}``, ``loraflow_inference_adapter_load_seconds{model, source}`` (histogram; source =
-store | artifact | path | host_cache), ``..._adapter_loads_total``, ``..._adapter_evictions_total``.
+store | artifact | path | host_cache), ``..._adapter_loads_total``, ``..._adapter_evictions_total``;
+``loraflow_inference_registry_lookups_total{result}`` (cache_hit | redis): registry record lookups and the
+Redis round trips the record cache saved.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ ADAPTER_CACHE_EVICTIONS = Counter("loraflow_inference_adapter_cache_evictions_to
 # (copied back from host memory), "store" (fetched and parsed), "artifact" / "path" (re-read from disk).
 ADAPTER_REQUESTS = Counter("loraflow_inference_adapter_requests_total", "Requests naming an adapter, by the tier "
                            "that held its weights: slot, host_cache, store, artifact, path.", ["model", "tier"])
+
+# Registered adapters' records (services.inference.registry_cache): "cache_hit" answered from the local copy,
+# "redis" read from Redis (a first lookup, an unknown name, or while invalidation is not tracking).
+REGISTRY_LOOKUPS = Counter("loraflow_inference_registry_lookups_total", "Adapter registry record lookups, by "
+                           "where the answer came from: cache_hit (no Redis round trip) or redis.", ["result"])
 
 # Names the endpoint picker is configured with (deploy/k8s/gateway/); tests check both sides.
 NUM_REQUESTS_WAITING = "loraflow_inference_num_requests_waiting"

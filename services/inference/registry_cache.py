@@ -15,6 +15,9 @@ writers (the trainer's registrations, ``registry rebuild``):
   stale record; it reconnects with backoff and clears the copy before trusting it again. The tracking
   connection is pinged every ``PING_S`` seconds: Redis stops tracking silently if it drops. A lookup that
   finds an invalidation waiting on the socket (sent, not yet read) reads Redis instead of the copy.
+
+``loraflow_inference_registry_lookups_total{result="cache_hit"|"redis"}`` on /metrics counts the lookups and
+where each was answered: the hits are the Redis round trips the copy saved.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections import OrderedDict
 import redis
 
 from loraflow.jobs.registry import ADAPTERS_KEY, AdapterRecord, Registry
+from services.inference import metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,11 @@ class CachedAdapterRecords:
                 if cached is not _MISSING:
                     self._records.move_to_end(name)
                     self.hits += 1
+                    metrics.REGISTRY_LOOKUPS.labels("cache_hit").inc()
                     return cached
             generation = self._generation
         record = self.registry.find_adapter(name)  # None for an unknown name
+        metrics.REGISTRY_LOOKUPS.labels("redis").inc()
         with self._lock:
             self.misses += 1
             # Only records are kept (an unknown name may be registered by another process at any moment, and

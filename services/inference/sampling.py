@@ -52,6 +52,14 @@ class Sampler:
         if p.top_k and p.top_k < logits.shape[0]:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits[logits < kth] = -np.inf
+        if not (p.top_p and p.top_p < 1.0):
+            # exp(x - max): the distribution's weights unnormalised (softmax's division would change no draw).
+            weights = logits
+            weights -= np.max(weights)
+            np.exp(weights, out=weights)
+            if not np.isfinite(weights).all():
+                raise NonFiniteLogits("the next-token distribution is not finite")
+            return draw(weights, self.rng)
         probs = _softmax(logits)
         if p.top_p and p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
@@ -64,7 +72,33 @@ class Sampler:
             probs /= probs.sum()
         if not np.isfinite(probs).all():
             raise NonFiniteLogits("the next-token distribution is not finite")
-        return int(self.rng.choice(probs.shape[0], p=probs))
+        return draw(probs, self.rng)
+
+
+# Tokens per block of the two-level draw: a vocabulary of V tokens costs one pass over V (the block sums) and
+# cumulative sums over V / _BLOCK blocks and one block, instead of a sequential cumulative sum over all V.
+_BLOCK = 256
+
+
+def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Index i with probability weights[i] / weights.sum() (weights >= 0, finite, not all 0): inverse CDF of one
+    ``rng.random()`` (the draw ``rng.choice(V, p=...)`` takes), the block of the CDF found first, then the token
+    in it. A zero weight is never drawn. ~0.1 ms for 49k tokens where ``rng.choice`` took ~0.33 ms; the engine
+    samples every running row of a step in turn, so this is per step, times the rows."""
+    n = weights.shape[0]
+    blocks = -(-n // _BLOCK)
+    padded = weights if n == blocks * _BLOCK else np.concatenate([weights, np.zeros(blocks * _BLOCK - n)])
+    block_cdf = np.cumsum(padded.reshape(blocks, _BLOCK).sum(axis=1))  # [blocks]
+    target = rng.random() * block_cdf[-1]
+    b = min(int(np.searchsorted(block_cdf, target, side="right")), blocks - 1)
+    while b > 0 and block_cdf[b] == block_cdf[b - 1]:  # rounding at the very top: back to a block with weight
+        b -= 1
+    chunk = padded[b * _BLOCK:(b + 1) * _BLOCK]
+    cdf = np.cumsum(chunk)
+    i = int(np.searchsorted(cdf, target - (block_cdf[b - 1] if b else 0.0), side="right"))
+    if i >= _BLOCK or chunk[i] == 0:  # rounding past the block's end: its last token with weight
+        i = int(np.flatnonzero(chunk)[-1])
+    return b * _BLOCK + i
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -49,3 +50,111 @@ def test_summary_counts_server_tokens_and_chunk_gaps_per_class(loadgen):
     cold_only = loadgen.summarise([cold], run)
     assert cold_only["output_tokens_per_s"] == 1.5  # the class's tokens over the whole run's span
     assert cold_only["ttft_p50_ms"] == 1000.0 and cold_only["tpot_p50_ms"] == 400.0
+
+
+def test_server_side_reports_engine_busy_steps_and_registry_hits_from_counter_deltas(loadgen):
+    before = {'loraflow_inference_step_seconds_count{kind="decode"}': 10.0,
+              'loraflow_inference_step_seconds_sum{kind="decode"}': 1.0,
+              'loraflow_inference_registry_lookups_total{result="cache_hit"}': 5.0,
+              'loraflow_inference_registry_lookups_total{result="redis"}': 5.0,
+              "loraflow_inference_generated_tokens_total{}": 100.0}
+    after = {'loraflow_inference_step_seconds_count{kind="decode"}': 110.0,
+             'loraflow_inference_step_seconds_sum{kind="decode"}': 7.0,
+             'loraflow_inference_step_seconds_count{kind="prefill"}': 20.0,
+             'loraflow_inference_step_seconds_sum{kind="prefill"}': 2.0,
+             'loraflow_inference_registry_lookups_total{result="cache_hit"}': 35.0,
+             'loraflow_inference_registry_lookups_total{result="redis"}': 15.0,
+             "loraflow_inference_generated_tokens_total{}": 1400.0}
+    side = loadgen.server_side(before, after, wall=10.0)
+    assert side["steps"]["decode"] == {"steps": 100, "seconds": 6.0, "mean_ms": 60.0}
+    assert side["steps"]["prefill"] == {"steps": 20, "seconds": 2.0, "mean_ms": 100.0}
+    assert side["engine_busy_fraction"] == 0.8  # 8 s of steps in 10 s
+    assert side["tokens_per_step"] == 10.83  # 1300 tokens over 120 steps
+    assert side["registry_lookups"] == {"cache_hit": 30, "redis": 10, "saved_fraction": 0.75}
+    assert loadgen.server_side({}, {}, wall=1.0) == {"counters": {}}
+
+
+def test_scrape_reads_the_counters_of_a_prometheus_text_page(loadgen, tmp_path):
+    import http.server
+    import threading
+
+    page = (b'# TYPE loraflow_inference_registry_lookups_total counter\n'
+            b'loraflow_inference_registry_lookups_total{result="cache_hit"} 7.0\n'
+            b'loraflow_inference_registry_lookups_total{result="redis"} 2.0\n'
+            b'# TYPE loraflow_inference_step_seconds histogram\n'
+            b'loraflow_inference_step_seconds_bucket{kind="decode",le="+Inf",model="m"} 3.0\n'
+            b'loraflow_inference_step_seconds_count{kind="decode",model="m"} 3.0\n'
+            b'loraflow_inference_step_seconds_sum{kind="decode",model="m"} 0.5\n'
+            b'# TYPE other_total counter\nother_total 1.0\n')
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        got = loadgen.scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+    assert got == {'loraflow_inference_registry_lookups_total{result="cache_hit"}': 7.0,
+                   'loraflow_inference_registry_lookups_total{result="redis"}': 2.0,
+                   'loraflow_inference_step_seconds_count{kind="decode"}': 3.0,
+                   'loraflow_inference_step_seconds_sum{kind="decode"}': 0.5}
+
+
+def test_inference_perf_runs_with_its_adapter_draws_seeded(loadgen, tmp_path):
+    """inference-perf draws adapters from numpy's global generator in its main process and never seeds it: the
+    bench's launcher seeds it, so both servers get the same draws, and hands inference-perf its own argv."""
+    import subprocess
+
+    package = tmp_path / "inference_perf"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import sys, numpy\n"
+        "def main_cli():\n"
+        "    print(sys.argv[1:], numpy.random.choice(1000, size=5).tolist())\n"
+        "    return 0\n")
+
+    def launch(seed: int) -> str:
+        return subprocess.run([sys.executable, "-c", loadgen._SEEDED_MAIN, str(seed), "-c", "config.yaml"],
+                              capture_output=True, text=True, check=True, env={"PYTHONPATH": str(tmp_path)},
+                              timeout=60).stdout
+
+    first = launch(7)
+    assert first.startswith("['-c', 'config.yaml']")
+    assert launch(7) == first and launch(8) != first
+
+
+def test_cpu_is_counted_over_the_requests_span_only(loadgen):
+    # The client starts at 0 s, sends its first request at 10 s and its last answer comes at 20 s.
+    samples = [(0.0, 0.0, 0.0), (10.0, 1.0, 8.0), (15.0, 9.0, 10.0), (20.0, 17.0, 12.0), (30.0, 18.0, 20.0)]
+    assert loadgen.span_cpu(samples, 10.0, 20.0) == {"server_seconds": 16.0, "server_cores": 1.6,
+                                                     "client_seconds": 4.0, "client_cores": 0.4}
+    assert loadgen.span_cpu(samples, 12.5, 17.5)["server_seconds"] == 8.0  # interpolated between samples
+    own = loadgen.tree_cpu_seconds(os.getpid())
+    assert own > 0 and loadgen.tree_cpu_seconds(os.getpid()) >= own
+
+
+def test_a_servers_peak_rss_and_cpu_are_read_from_its_processes(loadgen):
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "x = bytearray(64 << 20); sum(range(3_000_000)); "
+                                                    "import time; time.sleep(30)"])
+    try:
+        server = loadgen.Server("s", "http://127.0.0.1:1", "m", processes=[child])
+        import time
+
+        for _ in range(200):
+            if server.peak_rss_mib() >= 64:
+                break
+            time.sleep(0.05)
+        assert server.peak_rss_mib() >= 64 and server.cpu_seconds() > 0
+    finally:
+        child.kill()
+        child.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import redis
+from prometheus_client import REGISTRY
 
 from loraflow.jobs.registry import AdapterRecord, Registry
 from services.inference.registry_cache import CachedAdapterRecords
@@ -75,3 +76,19 @@ def test_the_copy_is_bounded(redis_url):
         for i in range(6):
             records.find_adapter(f"a{i}")
         assert len(records._records) == 4 and "a0" not in records._records and "a5" in records._records
+
+
+def lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("loraflow_inference_registry_lookups_total", {"result": result}) or 0.0
+
+
+def test_lookups_are_counted_on_metrics_by_where_they_were_answered(redis_url):
+    with tracked(redis_url, ("a", "b")) as (client, _, records):
+        hits, reads, hget = lookups("cache_hit"), lookups("redis"), hgets(client)
+        # Zipf-like: a hot name asked 8 times, a cold one twice, an unknown name twice (never cached).
+        for name in ["a"] * 8 + ["b"] * 2 + ["nope"] * 2:
+            records.find_adapter(name)
+        # First sight of a and b, and both unknown lookups, went to Redis (one HGET each); the rest were hits.
+        assert lookups("redis") - reads == 4 == hgets(client) - hget
+        assert lookups("cache_hit") - hits == 8
+        assert (records.hits, records.misses) == (8, 4)

@@ -91,3 +91,25 @@ def test_non_finite_logits_raise_instead_of_drawing():
     for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=1)):
         with pytest.raises(NonFiniteLogits):
             Sampler(params)(logits, [])
+
+
+def test_the_two_level_draw_is_numpys_inverse_cdf_draw():
+    """draw() picks what rng.choice(V, p=weights/sum) picks from the same generator state (one uniform each), on a
+    vocabulary that is not a whole number of blocks and has zero weights, which it never draws."""
+    from services.inference.sampling import draw
+
+    gen = np.random.default_rng(5)
+    weights = np.exp(gen.normal(scale=3.0, size=49_157))
+    weights[gen.random(weights.shape[0]) < 0.3] = 0.0
+    weights[-5:] = 0.0  # the last, partial block carries nothing
+    ours, numpys = np.random.Generator(np.random.PCG64(11)), np.random.Generator(np.random.PCG64(11))
+    picks = [draw(weights, ours) for _ in range(2000)]
+    assert picks == [int(numpys.choice(weights.shape[0], p=weights / weights.sum())) for _ in range(2000)]
+    assert all(weights[i] > 0 for i in picks)
+    # A distribution whose mass sits in three blocks, the last one partial: frequencies follow it.
+    few = np.zeros(600)
+    few[[5, 300, 599]] = [1.0, 2.0, 7.0]
+    rng = np.random.Generator(np.random.PCG64(3))
+    counts = np.bincount([draw(few, rng) for _ in range(20_000)], minlength=600)
+    assert set(np.flatnonzero(counts)) == {5, 300, 599}
+    assert np.allclose(counts[[5, 300, 599]] / 20_000, [0.1, 0.2, 0.7], atol=0.02)

@@ -132,6 +132,12 @@ def _unix_seconds(rfc3339: str) -> int:
         return 0
 
 
+def _submit(manager: ModelManager, parsed, request_id: str):
+    """Resolve, tokenize and check the request, and queue it on its model's engine (blocking)."""
+    model, generation = prepare(manager, parsed, request_id)
+    return model.engine.submit(generation)
+
+
 class OpenAIApi:
     """The handlers, bound to one ModelManager (and so to the engines gRPC uses)."""
 
@@ -221,9 +227,9 @@ class OpenAIApi:
 
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
-            # Off the event loop: the registry is Redis, tokenizing is CPU, submit may wait for an adapter.
-            model, generation = await anyio.to_thread.run_sync(prepare, self.manager, parsed, request_id)
-            handle = await anyio.to_thread.run_sync(model.engine.submit, generation)
+            # Off the event loop, in one worker-thread hop: the registry may be Redis, tokenizing is CPU, submit
+            # may wait for an adapter.
+            handle = await anyio.to_thread.run_sync(_submit, self.manager, parsed, request_id)
         except Exception as exc:  # noqa: BLE001 - mapped to OpenAI's error shape
             release()
             return errors.error_response(*errors.from_exception(exc, where))

@@ -34,7 +34,8 @@ def finish_reason(chunk: GenerationChunk, model: str) -> str:
 async def event_stream(chunks: ChunkStream, parsed: CompletionRequest | ChatCompletionRequest, request_id: str,
                        where: str) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion or chat completion, ending ``data: [DONE]``; an
-    error after the status line went out travels as an ``{"error": ...}`` event."""
+    error after the status line went out travels as an ``{"error": ...}`` event. Each yielded string holds the
+    events of the chunks that had arrived together (one write for them all)."""
     chat = isinstance(parsed, ChatCompletionRequest)
     created = int(time.time())
     head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -50,18 +51,30 @@ async def event_stream(chunks: ChunkStream, parsed: CompletionRequest | ChatComp
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
+    def frames(chunk: GenerationChunk) -> list[str]:
+        if chunk.finish_reason is None:
+            return [frame({**head, "choices": [choice(chunk.text, None)], **usage_field})] if chunk.text else []
+        finish = finish_reason(chunk, parsed.model)
+        last = [frame({**head, "choices": [choice(chunk.text, finish)], **usage_field})]
+        if parsed.include_usage:
+            last.append(frame({**head, "choices": [], "usage": usage(chunk)}))
+        return last
+
     if chat:
         yield frame({**head, "choices": [choice("", None, first=True)], **usage_field})
     try:
-        async for chunk in chunks:
-            if chunk.finish_reason is None:
-                if chunk.text:
-                    yield frame({**head, "choices": [choice(chunk.text, None)], **usage_field})
-                continue
-            finish = finish_reason(chunk, parsed.model)
-            yield frame({**head, "choices": [choice(chunk.text, finish)], **usage_field})
-            if parsed.include_usage:
-                yield frame({**head, "choices": [], "usage": usage(chunk)})
+        # One yield (one write) per batch of chunks that arrived together; one event per chunk, as before.
+        async for batch in chunks.batches():
+            out: list[str] = []
+            for chunk in batch:
+                try:
+                    out.extend(frames(chunk))
+                except Exception:
+                    if out:  # the events before the failing one still go out, then the error event
+                        yield "".join(out)
+                    raise
+            if out:
+                yield "".join(out)
     except Exception as exc:  # noqa: BLE001 - the status line is gone: the error travels as an event
         _, body = errors.from_exception(exc, where)
         yield frame(body)

@@ -51,13 +51,29 @@ class ChunkStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[GenerationChunk]:
+        async for batch in self.batches():
+            for chunk in batch:
+                yield chunk
+
+    async def batches(self) -> AsyncIterator[list[GenerationChunk]]:
+        """The chunks in order, each batch every chunk that had arrived when it was taken (at least one): a
+        stream whose loop fell behind catches up in one write instead of one per token."""
         while True:
             item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            batch: list[GenerationChunk] = []
+            while True:
+                if item is _END or isinstance(item, BaseException):
+                    if batch:
+                        yield batch
+                    if item is _END:
+                        return
+                    raise item
+                batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            yield batch
 
 
 async def until_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
