@@ -126,10 +126,21 @@ def _verify(art, graph, model, banks, modules, range_bytes):
 
 
 def _bank_offset_of_layer_0(proto) -> None:
-    """Layer 2 gathers its rows' adapters at layer 0's offset in the banks (the standard-operator graph)."""
+    """Layer 2 gathers its rows' adapters at layer 0's offset in the banks: the offset is i*N with N from the
+    banks' shape, so the layer index i = 2 is made 0 (the standard-operator graph's initializer, the native
+    graph's LoraRows ``layer`` attribute)."""
+    changed = 0
     for t in proto.graph.initializer:
-        if t.name == "layers.2.bank_offset":
-            t.CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int64), t.name))
+        if t.name == "layers.2.layer_index":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array([0], np.int64), t.name))
+            changed += 1
+    for node in proto.graph.node:
+        if node.op_type == "LoraRows" and node.name.startswith("layers.2/"):
+            for attr in node.attribute:
+                if attr.name == "layer":
+                    attr.i = 0
+                    changed += 1
+    assert changed, "layer 2 has no bank index to miswire: the change below would alter nothing"
 
 
 def _o_proj_of_layer_3(proto) -> None:
