@@ -56,9 +56,9 @@ from services.compiler.verify import (
 # per block inside the kernel, measured at up to 0.03 on SmolLM2-135M.
 TOLERANCE = {0: 1e-4, 1: 1e-4, 2: 5e-3, 3: 5e-3, 4: 0.1}
 QUANTIZED_SLACK = 10.0  # int4/int8 at level 0: sums of dequantised products, a little looser than fp32
-# The reference pass runs on a thread while the layer ranges replay; verification sessions' threads spin
-# while a call runs (a compile is a batch job; the calls are many small operators).
+# The reference pass runs on a thread while the layer ranges replay (False: after them).
 OVERLAP_REFERENCE = True
+# Whether verification sessions' threads spin while a call runs (as serving's "auto" does); off: not measured.
 VERIFY_SPINNING = False
 
 
