@@ -440,13 +440,14 @@ class Engine:
         seq = state.seq
         state.handle._put(_Sampled(token_ids, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids)))
         state.handle._close()
-        self._states.pop(seq.request_id, None)
         if seq.lora_id is not None:  # None: ended while its adapter loaded (_load_adapter releases it)
             self.runtime.release_adapter(seq.lora_id)
         adapter = state.request.adapter or "<base>"
         metrics.REQUESTS.labels(self.model_id, adapter, seq.finish_reason.value).inc()
         metrics.ADAPTER_PROMPT_TOKENS.labels(self.model_id, adapter).inc(len(seq.prompt_ids))
         metrics.ADAPTER_GENERATED_TOKENS.labels(self.model_id, adapter).inc(len(seq.output_ids))
+        # Last: whoever sees the request gone (num_active) also sees its slot released and its counters.
+        self._states.pop(seq.request_id, None)
         metrics.log_event("request_finished", model=self.model_id, request_id=seq.request_id,
                           finish_reason=seq.finish_reason.value, prompt_tokens=len(seq.prompt_ids),
                           completion_tokens=len(seq.output_ids),

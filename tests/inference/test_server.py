@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -141,13 +142,34 @@ def test_lifecycle_generate_batch_adapters_and_errors(service, tiny_tokenizer, p
     engine = service["manager"].get("m").engine
     labels = {"model": "m", "adapter": "<base>", "finish_reason": "cancelled"}
     before = REGISTRY.get_sample_value("loraflow_inference_requests_total", labels) or 0.0
-    call = stub.Generate(pb.GenerateRequest(model_id="m", prompt="hi", sampling=pb.SamplingParams(
-        max_new_tokens=60, ignore_eos=True)))
-    next(call)
-    call.cancel()
-    deadline = time.monotonic() + 5
-    while engine.num_active() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # The tiny model could finish its 60 tokens before the client's cancel reaches the engine on a loaded host
+    # (it then counts as "length"): after its first step the engine waits until the cancel has arrived.
+    runtime, real_execute, real_cancel = engine.runtime, engine.runtime.execute, engine.cancel
+    cancelled, steps = threading.Event(), []
+
+    def execute(step):
+        steps.append(step)
+        if len(steps) > 1:
+            cancelled.wait(30)
+        return real_execute(step)
+
+    def cancel(request_id):
+        real_cancel(request_id)
+        cancelled.set()
+
+    runtime.execute, engine.cancel = execute, cancel
+    try:
+        call = stub.Generate(pb.GenerateRequest(model_id="m", prompt="hi", sampling=pb.SamplingParams(
+            max_new_tokens=60, ignore_eos=True)))
+        next(call)
+        call.cancel()
+        assert cancelled.wait(30), "the client's cancel never reached the engine"
+        deadline = time.monotonic() + 5
+        while engine.num_active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        cancelled.set()
+        runtime.execute, engine.cancel = real_execute, real_cancel
     assert engine.num_active() == 0 and engine.scheduler.num_free_slots == 4
     assert REGISTRY.get_sample_value("loraflow_inference_requests_total", labels) == before + 1
 
