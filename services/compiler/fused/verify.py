@@ -188,7 +188,7 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
         worker.start()
     t0 = time.perf_counter()
     try:
-        _replay_ranges(out_dir, graph, files, pieces, replays)
+        _replay_ranges(out_dir, graph, files, pieces, replays, prepack=quantized)
     finally:
         if OVERLAP_REFERENCE:
             worker.join()
@@ -215,7 +215,7 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
 
 
 def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Mapping[str, list[ranges.RangeGraph]],
-                   replays: Mapping[str, ranges.RangeReplay]) -> None:
+                   replays: Mapping[str, ranges.RangeReplay], *, prepack: bool) -> None:
     """Every range of every graph in order (range 0 of each graph, then range 1, ...), each session closed
     before the next opens: one range's weights resident at a time."""
     import onnxruntime as ort
@@ -226,9 +226,11 @@ def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Ma
         for f in files:
             so = session_options(ort, num_threads=0, allow_spinning=VERIFY_SPINNING,
                                  stop_spinning_after_run=VERIFY_SPINNING)
-            # A range session runs a few calls and closes: packing its weights into the kernels' layout up front
-            # costs more than the calls gain (1B fp32: replay 19.9 -> 17.1 s, peak 1.55 -> 1.47 GiB).
-            so.add_session_config_entry("session.disable_prepacking", "1")
+            if not prepack:
+                # An fp32 range session runs a few calls and closes: packing its MatMul weights up front costs more
+                # than the calls gain (1B: replay 19.9 -> 17.1 s, peak 1.55 -> 1.47 GiB). MatMulNBits without its
+                # packed blocks unpacks them on every call (1B int4: verification 20 -> 78 s): int4/int8 pack.
+                so.add_session_config_entry("session.disable_prepacking", "1")
             if f == graph.native_file:
                 native_lora.register(so)
             session = ranges.open_range(pieces[f][k], out_dir, so)
