@@ -23,6 +23,7 @@ from loraflow.server.grpc_server import GrpcServer, error_info
 from loraflow.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.hardening.conftest import tokens_file
 from tests.hardening.probes import grpc_health_probe, http_probe
+from tests.support.held_steps import steps_held_after_first
 from tests.support.polling import wait_for
 
 # Floods come from addresses of their own, as they would: the well-behaved callers (the probes) use 127.0.0.1.
@@ -162,17 +163,7 @@ def test_one_client_cannot_hold_every_generation(inference_stack_factory, tmp_pa
     # Alice's generation must still be running when her second request arrives: a tiny model could finish 40
     # tokens into the socket buffer before then on an idle host. The engine pauses after its first step until
     # the 429 has been seen (the stream cap is checked before the engine is involved).
-    runtime = stack.manager.get("m").runtime
-    real_execute = runtime.execute
-    paused, steps = threading.Event(), []
-
-    def execute(step):
-        steps.append(step)
-        if len(steps) > 1:
-            paused.wait(30)
-        return real_execute(step)
-
-    runtime.execute = execute
+    paused = threading.Event()
 
     def start(token: str) -> http.client.HTTPResponse:
         conn = http.client.HTTPConnection("127.0.0.1", stack.http.port, timeout=30)
@@ -180,7 +171,7 @@ def test_one_client_cannot_hold_every_generation(inference_stack_factory, tmp_pa
                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         return conn.getresponse()
 
-    try:
+    with steps_held_after_first(stack.manager.get("m").runtime, paused):
         first = start(tokens["alice"])  # streaming, unread: alice holds her one generation
         try:
             assert first.status == 200
@@ -191,9 +182,6 @@ def test_one_client_cannot_hold_every_generation(inference_stack_factory, tmp_pa
             assert other.status == 200 and b"[DONE]" in other.read()
         finally:
             first.close()
-    finally:
-        paused.set()
-        runtime.execute = real_execute
 
 
 # ---- the metrics and health port ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from loraflow.v1 import inference_pb2_grpc
 from services.inference.model_manager import ModelManager
 from services.inference.server import SERVICE_NAME, InferenceServicer
 from tests.inference.conftest import PROMPTS
+from tests.support.held_steps import steps_held_after_first
 
 
 @pytest.fixture(scope="module")
@@ -144,32 +145,25 @@ def test_lifecycle_generate_batch_adapters_and_errors(service, tiny_tokenizer, p
     before = REGISTRY.get_sample_value("loraflow_inference_requests_total", labels) or 0.0
     # The tiny model could finish its 60 tokens before the client's cancel reaches the engine on a loaded host
     # (it then counts as "length"): after its first step the engine waits until the cancel has arrived.
-    runtime, real_execute, real_cancel = engine.runtime, engine.runtime.execute, engine.cancel
-    cancelled, steps = threading.Event(), []
-
-    def execute(step):
-        steps.append(step)
-        if len(steps) > 1:
-            cancelled.wait(30)
-        return real_execute(step)
+    real_cancel, cancelled = engine.cancel, threading.Event()
 
     def cancel(request_id):
         real_cancel(request_id)
         cancelled.set()
 
-    runtime.execute, engine.cancel = execute, cancel
+    engine.cancel = cancel
     try:
-        call = stub.Generate(pb.GenerateRequest(model_id="m", prompt="hi", sampling=pb.SamplingParams(
-            max_new_tokens=60, ignore_eos=True)))
-        next(call)
-        call.cancel()
-        assert cancelled.wait(30), "the client's cancel never reached the engine"
+        with steps_held_after_first(engine.runtime, cancelled):
+            call = stub.Generate(pb.GenerateRequest(model_id="m", prompt="hi", sampling=pb.SamplingParams(
+                max_new_tokens=60, ignore_eos=True)))
+            next(call)
+            call.cancel()
+            assert cancelled.wait(30), "the client's cancel never reached the engine"
         deadline = time.monotonic() + 5
         while engine.num_active() and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        cancelled.set()
-        runtime.execute, engine.cancel = real_execute, real_cancel
+        engine.cancel = real_cancel
     assert engine.num_active() == 0 and engine.scheduler.num_free_slots == 4
     assert REGISTRY.get_sample_value("loraflow_inference_requests_total", labels) == before + 1
 
