@@ -151,9 +151,10 @@ def _want_progress(progress: bool | None, total: int) -> bool:
 
 
 @contextmanager
-def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """Yields advance(n_bytes); a rich progress bar on stderr when enabled, a no-op otherwise."""
-    if not enabled:
+def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """Yields advance(n_bytes); a rich progress bar on stderr when enabled and there are bytes to move, a no-op
+    otherwise (the store's and storage/transfer.py's bars)."""
+    if not enabled or total <= 0:
         yield lambda n: None
         return
     from rich.console import Console
@@ -167,7 +168,7 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Calla
     )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=False) as bar:
+                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.update(task, advance=n)
 
@@ -292,7 +293,7 @@ class ObjectStore(ABC):
         staging.mkdir()
         try:
             total = sum(info["size"] for info in manifest["files"].values())
-            with _progress_bar(_want_progress(progress, total), total, f"fetch {key}") as advance:
+            with progress_bar(_want_progress(progress, total), total, f"fetch {key}") as advance:
                 for rel, info in manifest["files"].items():
                     target = staging / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -475,7 +476,7 @@ class FileStore(ObjectStore):
         staging.mkdir()
         try:
             total = sum(info["size"] for info in manifest["files"].values())
-            with _progress_bar(_want_progress(progress, total), total, f"publish {key}") as advance:
+            with progress_bar(_want_progress(progress, total), total, f"publish {key}") as advance:
                 for rel, info in manifest["files"].items():
                     dst = staging / rel
                     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -689,7 +690,7 @@ class S3Store(ObjectStore):
                 # Replacing: hide the old version first so no reader mixes old and new blobs.
                 self.client.delete_object(Bucket=self.bucket, Key=self._full(manifest_key))
             total = sum(info["size"] for info in manifest["files"].values())
-            with _progress_bar(_want_progress(progress, total), total, f"publish {key}") as advance:
+            with progress_bar(_want_progress(progress, total), total, f"publish {key}") as advance:
                 for rel, info in manifest["files"].items():
                     self.client.upload_file(str(Path(local_dir) / rel), self.bucket, self._full(join_key(key, rel)))
                     advance(info["size"])

@@ -19,7 +19,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from loraflow.storage.storage_layout import (
     name_from_path,
     parse_kind,
 )
-from loraflow.storage.store import build_manifest, sha256_file
+from loraflow.storage.store import build_manifest, progress_bar, sha256_file
 from loraflow.v1 import storage_pb2
 
 _KIND_PROTO = {DataKind.MODEL: storage_pb2.DATA_KIND_MODEL, DataKind.ADAPTER: storage_pb2.DATA_KIND_ADAPTER,
@@ -80,28 +79,6 @@ def _want_progress(progress: bool | None) -> bool:
     return progress if progress is not None else sys.stderr.isatty()
 
 
-@contextmanager
-def _bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """advance(n_bytes) of a rich progress bar on stderr when enabled, a no-op otherwise."""
-    if not enabled or total <= 0:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.update(task, advance=n)
-
-
 def local_entries(path: Path, kind: DataKind) -> list[Entry]:
     """The files to push: every regular file of a directory (confined), or one file (datasets only)."""
     if path.is_dir():
@@ -144,7 +121,7 @@ def push(call: Caller, upload: Callable[[Iterator[storage_pb2.UploadRequest]], s
         stat = call("StatDirectory", storage_pb2.StatDirectoryRequest(kind=_KIND_PROTO[kind], name=name, files=files))
         if not stat.published:
             todo = [by_sha[sha] for sha in stat.missing_sha256 if sha in by_sha]
-            with _bar(_want_progress(progress), sum(e.size for e in todo), f"push {name}") as advance:
+            with progress_bar(_want_progress(progress), sum(e.size for e in todo), f"push {name}") as advance:
                 for entry in todo:
                     source = local / entry.path if local.is_dir() else local
                     _upload_one(upload, kind, source, entry, advance, retries)
@@ -191,7 +168,7 @@ def pull(call: Caller, download: Callable[[storage_pb2.DownloadRequest], Iterato
     staging = dest.parent / f".tmp-pull-{dest.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        with _bar(_want_progress(progress), sum(e.size for e in entries), f"pull {dest.name}") as advance:
+        with progress_bar(_want_progress(progress), sum(e.size for e in entries), f"pull {dest.name}") as advance:
             for entry in entries:
                 _download_one(download, uri, entry, staging / check_path(entry.path, "path"), advance)
         if dest.exists():
