@@ -40,8 +40,9 @@ from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
 from loraflow.errors import InvalidArgument
 
-# Weight bytes (the initializers the layers read, as stored) a range may hold. A range's session costs about
-# twice that in RSS while open (the mapped file pages it touched and the kernels' pre-packed copies).
+# Weight bytes (the initializers the layers read, as stored) a range may hold. A range's session costs that in
+# mapped file pages while open, and about as much again for int4/int8 (the kernels' pre-packed blocks; fp32
+# range sessions skip pre-packing, fused/verify.py).
 RANGE_BYTES = 384 << 20
 _LAYER = re.compile(r"^layers\.(\d+)/")
 
@@ -144,9 +145,9 @@ def split_ranges(model: onnx.ModelProto, num_layers: int, ranges: Sequence[tuple
     inits = {t.name: t for t in graph.initializer}
     float_t = next(o.type.tensor_type.elem_type for o in graph.output if o.name == gc.LOGITS)
     pieces, covered = [], set()
+    streams = {cut: _stream(graph, cut) for cut, _ in ranges[1:]}  # a range's stream out is the next one's in
     for a, b in ranges:
-        stream_in = _stream(graph, a) if a > 0 else ()
-        stream_out = _stream(graph, b) if b < num_layers else ()
+        stream_in, stream_out = streams.get(a, ()), streams.get(b, ())
         wanted = [*(stream_out or (gc.LOGITS,)),
                   *(name for i in range(a, b) for name in (gc.present_key(i), gc.present_value(i)))]
         stop = set(inputs) | set(inits) | set(stream_in)

@@ -56,10 +56,6 @@ from services.compiler.verify import (
 # per block inside the kernel, measured at up to 0.03 on SmolLM2-135M.
 TOLERANCE = {0: 1e-4, 1: 1e-4, 2: 5e-3, 3: 5e-3, 4: 0.1}
 QUANTIZED_SLACK = 10.0  # int4/int8 at level 0: sums of dequantised products, a little looser than fp32
-# The reference pass runs on a thread while the layer ranges replay (False: after them).
-OVERLAP_REFERENCE = True
-# Whether verification sessions' threads spin while a call runs (as serving's "auto" does); off: not measured.
-VERIFY_SPINNING = False
 
 
 @dataclass(frozen=True)
@@ -153,8 +149,6 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
     """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise), and how they
     ran. Each graph runs a layer range at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session,
     one session open at a time, the two graphs range by range side by side); one reference pass checks both."""
-
-
     t0 = time.perf_counter()
     files = [f for f in (graph.file, graph.native_file) if f]
     models = {f: onnx.load(str(out_dir / f), load_external_data=False) for f in files}
@@ -184,17 +178,13 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
         seconds["reference"] = time.perf_counter() - t0
 
     worker = threading.Thread(target=compute, name="verify-reference", daemon=True)
-    if OVERLAP_REFERENCE:
-        worker.start()
+    worker.start()
     t0 = time.perf_counter()
     try:
         _replay_ranges(out_dir, graph, files, pieces, replays, prepack=quantized)
     finally:
-        if OVERLAP_REFERENCE:
-            worker.join()
+        worker.join()
     seconds["replay"] = time.perf_counter() - t0
-    if not OVERLAP_REFERENCE:
-        compute()
     if "error" in computed:
         raise computed["error"]
     runs = []
@@ -224,8 +214,7 @@ def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Ma
 
     for k in range(len(next(iter(pieces.values())))):
         for f in files:
-            so = session_options(ort, num_threads=0, allow_spinning=VERIFY_SPINNING,
-                                 stop_spinning_after_run=VERIFY_SPINNING)
+            so = session_options(ort, num_threads=0)  # idle threads sleep: the reference runs beside them
             if not prepack:
                 # An fp32 range session runs a few calls and closes: packing its MatMul weights up front costs more
                 # than the calls gain (1B: replay 19.9 -> 17.1 s, peak 1.55 -> 1.47 GiB). MatMulNBits without its
