@@ -33,7 +33,7 @@ from loraflow.artifact.lora_bank import (
 )
 from loraflow.artifact.manifest import Manifest
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from loraflow.options.budget import bank_bytes, serving_estimate
+from loraflow.options.budget import serving_estimate
 from loraflow.options.names import validate_name
 from loraflow.options.settings import MAX_ADAPTER_SLOTS
 
@@ -52,11 +52,11 @@ def slots_chosen_at_runtime(manifest: Manifest, device: str = "cpu") -> bool:
             and runtime_slots(graph.inputs + graph.native_inputs))
 
 
-def slot_bytes(manifest: Manifest) -> int:
-    """Bank bytes of one adapter slot (every layer and adapted module at max_rank)."""
-    value = 2 if manifest.graph.dtype == "float16" else 4
-    modules = {m: (s.in_features, s.out_features) for m, s in manifest.graph.lora_modules.items()}
-    return bank_bytes(manifest.graph.layers, 0, manifest.max_rank, modules, value)
+def slot_bytes(manifest: Manifest, device: str = "cpu") -> int:
+    """Bank bytes of one adapter slot (every layer and adapted module at max_rank): what one more slot adds to
+    the serving estimate the budget checks."""
+    return (serving_estimate(manifest, device=device, adapter_slots=1).total
+            - serving_estimate(manifest, device=device, adapter_slots=0).total)
 
 
 def resident_slots(manifest: Manifest, requested: str | int | None, *, free_bytes: int, device: str = "cpu") -> int:
@@ -71,7 +71,7 @@ def resident_slots(manifest: Manifest, requested: str | int | None, *, free_byte
         return compiled
     if requested == "auto":
         fixed = serving_estimate(manifest, device=device, adapter_slots=0).total  # weights, KV, slot 0
-        per_slot = max(1, slot_bytes(manifest))
+        per_slot = max(1, slot_bytes(manifest, device))
         fit = int(max(0, free_bytes - fixed) * AUTO_SLOTS_SHARE) // per_slot
         return max(compiled, min(MAX_AUTO_SLOTS, fit))
     if not isinstance(requested, int) or isinstance(requested, bool) or not compiled <= requested <= MAX_ADAPTER_SLOTS:

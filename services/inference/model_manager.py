@@ -167,8 +167,8 @@ class ModelManager:
                  adapter_slots: str | int | None = None):
         """``adapter_slots``: resident adapter slots of each loaded model, ``"auto"`` (sized from the memory
         budget), a count, or None (the compiled count); see adapter_slots.resident_slots."""
-        self._budget = budget
-        self.adapter_slots = adapter_slots  # None: the process's (loraflow.options.budget.process_budget)
+        self._budget = budget  # None: the process's (loraflow.options.budget.process_budget)
+        self.adapter_slots = adapter_slots
         self._reserved: dict[str, MemoryEstimate] = {}  # loads in flight, counted before they allocate
         self.adapter_cache = HostAdapterCache(adapter_cache_bytes)  # InvalidArgument outside its bounds
         if not isinstance(adapter_wait_s, int | float) or not 0 <= adapter_wait_s <= MAX_ADAPTER_WAIT_S:
@@ -245,8 +245,7 @@ class ModelManager:
         adapter cache's cap (ResourceExhausted naming `field` (artifact_id, or adapter_slots for the banks of
         an explicit --adapter-slots), the estimate and the limit)."""
         with self._lock:
-            loaded = [m.memory.total for m in self._models.values() if m.memory is not None]
-            loading = [e.total for k, e in self._reserved.items() if k != model_id]
+            loaded, loading = self._held(but_loading=model_id)
             in_use = sum(loaded) + sum(loading) + self.adapter_cache.max_bytes
             what = (f"{len(loaded)} loaded model(s), {len(loading)} loading and the adapter cache's "
                     f"{format_bytes(self.adapter_cache.max_bytes)} (--adapter-cache-bytes)")
@@ -255,19 +254,24 @@ class ModelManager:
             self._reserved[model_id] = needed
         return needed
 
+    def _held(self, but_loading: str | None = None) -> tuple[list[int], list[int]]:
+        """Estimated bytes of each loaded model and of each load in flight (but ``but_loading``'s); under the
+        lock."""
+        loaded = [m.memory.total for m in self._models.values() if m.memory is not None]
+        loading = [e.total for k, e in self._reserved.items() if k != but_loading]
+        return loaded, loading
+
     def _free_bytes(self, model_id: str) -> int:
         """The budget not held by other loaded or loading models and the adapter cache's cap."""
         with self._lock:
-            loaded = sum(m.memory.total for m in self._models.values() if m.memory is not None)
-            loading = sum(e.total for k, e in self._reserved.items() if k != model_id)
-        return self.budget.memory_bytes - loaded - loading - self.adapter_cache.max_bytes
+            loaded, loading = self._held(but_loading=model_id)
+        return self.budget.memory_bytes - sum(loaded) - sum(loading) - self.adapter_cache.max_bytes
 
     def _fits(self, extra_bytes: int) -> bool:
         """Whether a loaded model may grow by ``extra_bytes`` (auto's sleeping session) within the budget."""
         with self._lock:
-            loaded = sum(m.memory.total for m in self._models.values() if m.memory is not None)
-            loading = sum(e.total for e in self._reserved.values())
-        return loaded + loading + self.adapter_cache.max_bytes + extra_bytes <= self.budget.memory_bytes
+            loaded, loading = self._held()
+        return sum(loaded) + sum(loading) + self.adapter_cache.max_bytes + extra_bytes <= self.budget.memory_bytes
 
     def _stored_manifest(self, artifact_id: str) -> Manifest | None:
         """The artifact's manifest as the store holds it (small, bounded), or None when it cannot be read
