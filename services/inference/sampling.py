@@ -52,27 +52,23 @@ class Sampler:
         if p.top_k and p.top_k < logits.shape[0]:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits[logits < kth] = -np.inf
-        if not (p.top_p and p.top_p < 1.0):
-            # exp(x - max): the distribution's weights unnormalised (softmax's division would change no draw).
-            weights = logits
-            weights -= np.max(weights)
-            np.exp(weights, out=weights)
-            if not np.isfinite(weights).all():
-                raise NonFiniteLogits("the next-token distribution is not finite")
-            return draw(weights, self.rng)
-        probs = _softmax(logits)
+        # exp(x - max): the distribution's weights, unnormalised (softmax's division would change no draw).
+        weights = logits
+        weights -= np.max(weights)
+        np.exp(weights, out=weights)
         if p.top_p and p.top_p < 1.0:
+            probs = weights / weights.sum()
             order = np.argsort(-probs, kind="stable")
             cumulative = np.cumsum(probs[order])
             # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
             keep = int(np.searchsorted(cumulative, p.top_p) + 1)
             mask = np.zeros_like(probs, dtype=bool)
             mask[order[:keep]] = True
-            probs = np.where(mask, probs, 0.0)
-            probs /= probs.sum()
-        if not np.isfinite(probs).all():
+            weights = np.where(mask, probs, 0.0)
+            weights /= weights.sum()
+        if not np.isfinite(weights).all():
             raise NonFiniteLogits("the next-token distribution is not finite")
-        return draw(probs, self.rng)
+        return draw(weights, self.rng)
 
 
 # Tokens per block of the two-level draw: a vocabulary of V tokens costs one pass over V (the block sums) and
@@ -99,12 +95,6 @@ def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
     if i >= _BLOCK or chunk[i] == 0:  # rounding past the block's end: its last token with weight
         i = int(np.flatnonzero(chunk)[-1])
     return b * _BLOCK + i
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x - np.max(x)
-    e = np.exp(x)
-    return e / e.sum()
 
 
 def greedy_batch(logits: np.ndarray) -> np.ndarray:
