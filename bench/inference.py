@@ -80,14 +80,19 @@ def make_adapters(model_dir: Path, out: Path, n: int, rank: int, targets: list[s
 def build(model_dir: Path, adapters, out: Path, rows: int, tokens: int, rank: int, dtype: str = "fp32"):
     """(artifact dir, manifest, cold compile seconds): the time is measured on the first build and kept
     beside the artifact, so a cached run still reports it."""
+    import shutil
+
     from loraflow.artifact.manifest import Manifest
-    from services.compiler.artifact import build_artifact
+    from services.compiler.artifact import COMPILER_VERSION, build_artifact
     from services.compiler.options import CompileOptions
 
     timing = out.parent / f"{out.name}.compile_seconds"
     if (out / "manifest.json").is_file():
-        seconds = float(timing.read_text()) if timing.is_file() else None
-        return out, Manifest.load(out), seconds
+        manifest = Manifest.load(out)
+        if manifest.compiler_version == COMPILER_VERSION:  # else an older compiler's graph: build it again
+            seconds = float(timing.read_text()) if timing.is_file() else None
+            return out, manifest, seconds
+        shutil.rmtree(out)
     # As QEfficient's README compiles: full_batch_size and nothing else of the batch (batch_size stays 1).
     options = CompileOptions(full_batch_size=rows, prefill_seq_len=32, ctx_len=128 + tokens,
                              max_rank=rank, adapter_slots=len(adapters), dtype=dtype)

@@ -24,6 +24,8 @@
 //   output   float [B, S, Y] = y, plus (x[b, s] @ a_bank[off + id_b]) @ b_bank[off + id_b] in the columns
 //            column_offset .. column_offset + O
 //
+// The library also holds SwiGlu (swiglu.h), the MLP's activation over a packed gate|up projection.
+//
 // Built by `make native` into loraflow/native/liblora_rows.so against ONNX Runtime's C API headers;
 // loraflow/native/__init__.py loads it. Errors are ORT_INVALID_ARGUMENT naming the input and the value.
 
@@ -37,6 +39,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "swiglu.h"
 
 namespace {
 
@@ -295,6 +299,13 @@ struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  // The output is y with deltas added: y's shape, for the graph's shape inference, where the API can pass it
+  // on unchanged (loraflow_native::FullyDescribed; else it stays unknown).
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
+    const Ort::ShapeInferContext::Shape& shape = ctx.GetInputShape(0);
+    if (!loraflow_native::FullyDescribed(shape)) return Ort::Status(nullptr);
+    return ctx.SetOutputShape(0, shape);
+  }
 
  private:
   int64_t parallel_min_;
@@ -307,12 +318,15 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   // Must outlive every session that uses them; which one a session gets follows its spinning setting
   // (set it on the SessionOptions before registering this library).
   static LoraRowsOp spinning_op(kParallelMinSpinning), sleeping_op(kParallelMinSleeping);
+  // SwiGlu's elementwise work: a prefill chunk's tokens are worth a second thread only once they are many.
+  static loraflow_native::SwiGluOp spinning_swiglu(1 << 15), sleeping_swiglu(1 << 19);
   OrtStatus* status = nullptr;
   try {
     const bool spinning =
         Ort::ConstSessionOptions(options).GetConfigEntryOrDefault("session.intra_op.allow_spinning", "1") == "1";
     Ort::CustomOpDomain domain{kDomain};
     domain.Add(spinning ? &spinning_op : &sleeping_op);
+    domain.Add(spinning ? &spinning_swiglu : &sleeping_swiglu);
     Ort::UnownedSessionOptions(options).Add(domain);
     domain.release();  // the session options keep the domain alive from here on
   } catch (const Ort::Exception& e) {

@@ -62,7 +62,8 @@ from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 # graph5: the fused graphs' lora_ranks input (LoraRows computes each row's own rank).
 # graph6: the fused graphs' adapter slot count N is symbolic (banks [L*N, ...], LoraRows layer/num_layers): the
 # runtime chooses how many slots to keep resident.
-COMPILER_VERSION = "loraflow-compiler/0.5.0+graph6-slots"
+# graph7: model.native.onnx's SwiGLU activation is one ai.loraflow.SwiGlu node over the packed gate|up.
+COMPILER_VERSION = "loraflow-compiler/0.5.0+graph7-swiglu"
 
 STAGES = ("load", "validate", "export", "optimize", "verify", "write")
 

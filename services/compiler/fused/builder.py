@@ -11,7 +11,8 @@ layer that the operator updates in place (past and present bound to the same mem
 adapted (or none is) GroupQueryAttention takes the packed q|k|v
 (their deltas joined by one Concat and added once) instead of three split tensors. With
 ``lora_kernel="native"`` each adapted projection is instead one ``ai.loraflow.LoraRows`` node
-(loraflow/native) adding its delta into its columns of the packed output. Logits are computed
+(loraflow/native) adding its delta into its columns of the packed output, and a SiLU MLP's activation is
+one ``ai.loraflow.SwiGlu`` node over the packed gate|up (graph7). Logits are computed
 at one token per row only. Names: loraflow/artifact/graph_contract.py
 ("fused" layout).
 
@@ -492,12 +493,16 @@ class FusedGraphBuilder:
             if opts.lora_kernel == "native":  # deltas into the packed gate|up columns, before the Split
                 gu = self._adapted("gate_proj", gu, x, row_index, f"{p}/mlp/gate", layer=i)
                 gu = self._adapted("up_proj", gu, x, row_index, f"{p}/mlp/up", layer=i, column_offset=inter)
-            gate, up = g.node("Split", [gu, g.const(f"{p}.gate_up_split", np.array([inter, inter], np.int64))], 2,
-                              name=f"{p}/mlp/split", axis=-1)  # [B, S, 2I] -> [B, S, I] x 2
-            if opts.lora_kernel == "onnx":
-                gate = self._adapted("gate_proj", gate, x, row_index, f"{p}/mlp/gate", layer=i)
-                up = self._adapted("up_proj", up, x, row_index, f"{p}/mlp/up", layer=i)
-            (act,) = g.node("Mul", [self._activation(gate, f"{p}/mlp"), up], name=f"{p}/mlp/act")  # [B, S, I]
+            if opts.lora_kernel == "native" and cfg.block.activation == "silu":
+                # One kernel reads the packed gate|up once (Split, Sigmoid, Mul, Mul in standard operators).
+                (act,) = g.node("SwiGlu", [gu], name=f"{p}/mlp/act", domain=native_lora.DOMAIN)  # [B, S, 2I] -> [B, S, I]
+            else:
+                gate, up = g.node("Split", [gu, g.const(f"{p}.gate_up_split", np.array([inter, inter], np.int64))],
+                                  2, name=f"{p}/mlp/split", axis=-1)  # [B, S, 2I] -> [B, S, I] x 2
+                if opts.lora_kernel == "onnx":
+                    gate = self._adapted("gate_proj", gate, x, row_index, f"{p}/mlp/gate", layer=i)
+                    up = self._adapted("up_proj", up, x, row_index, f"{p}/mlp/up", layer=i)
+                (act,) = g.node("Mul", [self._activation(gate, f"{p}/mlp"), up], name=f"{p}/mlp/act")  # [B, S, I]
             down = self._linear(act, f"{p}.mlp.down_proj.weight", f"{p}.mlp.down_proj.bias" if cfg.mlp_bias else None,
                                 f"{p}/mlp/down", k=inter, n=cfg.hidden_size)
             down = self._adapted("down_proj", down, act, row_index, f"{p}/mlp/down", layer=i)
