@@ -232,10 +232,12 @@ struct LoraRowsKernel {
                std::to_string(N - 1) + " (the banks hold " + std::to_string(N) + " slots a layer)");
       }
     }
-    for (int64_t b = 0; b < B; ++b) {
-      if (id[b] < 0 || bank_offset + id[b] >= M || bank_offset < 0)
-        Fail("lora_ids: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) + ", bank row " +
-             std::to_string(bank_offset + id[b]) + " is outside 0.." + std::to_string(M - 1));
+    if (num_layers_ == 0) {  // a fixed bank_offset: each row's bank row must lie inside the bank
+      for (int64_t b = 0; b < B; ++b) {
+        if (id[b] < 0 || bank_offset + id[b] >= M || bank_offset < 0)
+          Fail("lora_ids: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) + ", bank row " +
+               std::to_string(bank_offset + id[b]) + " is outside 0.." + std::to_string(M - 1));
+      }
     }
     // Optional lora_ranks [N]: absent (graphs compiled before it, or left unfed) every row uses all R columns.
     const int64_t* ranks = nullptr;

@@ -141,7 +141,19 @@ def test_cancel_during_training_publishes_nothing(stack, tiny_llama, dataset_fil
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_worker_stop_checkpoints_releases_and_next_worker_resumes(stack, tiny_llama, dataset_file):
+def test_worker_stop_checkpoints_releases_and_next_worker_resumes(stack, tiny_llama, dataset_file, monkeypatch):
+    from services.trainer.training import LoraTrainer
+
+    # Training holds at step 3 until the stop arrives: on a loaded host the 60 steps could otherwise all run
+    # between the watcher seeing step 3 and the worker's stop (the job then succeeds, nothing to hand over).
+    should_stop = LoraTrainer._should_stop
+
+    def held_at_step_3(self) -> bool:
+        if self.step >= 3:  # the job's next step then sees the worker stopping (its callback sets self.stop)
+            stack.workers[0][0].stop_event.wait(timeout=60)
+        return should_stop(self)
+
+    monkeypatch.setattr(LoraTrainer, "_should_stop", held_at_step_3)
     worker, thread = stack.start_worker()
     job = stack.trainer.SubmitTrainingJob(_request(tiny_llama, dataset_file, name="handover", max_steps=60,
                                                    checkpoint_every_steps=1000))
@@ -155,6 +167,7 @@ def test_worker_stop_checkpoints_releases_and_next_worker_resumes(stack, tiny_ll
     saved_step = int(ckpt.rsplit("step-", 1)[1])
     assert 3 <= saved_step < 60
 
+    monkeypatch.setattr(LoraTrainer, "_should_stop", should_stop)  # the next worker trains to the end
     stack.start_worker()
     events = _watch(stack, job.id)
     assert events[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED
