@@ -149,6 +149,7 @@ class Checkpoint:
     def read_into(self, name: str, out):
         """Read one tensor into ``out`` (float32, its shape), converting from the source dtype on the way:
         a packed projection is filled piece by piece without a float32 copy of each piece."""
+        import numpy as np
         import torch
 
         entry = self.entry(name)
@@ -165,9 +166,10 @@ class Checkpoint:
             target = memoryview(out.numpy()).cast("B")  # read straight into the caller's float32 memory
             self._read_bytes(entry, name, target)
             return out
-        buf = bytearray(entry.nbytes)
+        # np.empty, not bytearray: no zero-fill pass over what the read overwrites (and numpy's huge pages).
+        buf = np.empty(entry.nbytes, dtype=np.uint8)
         self._read_bytes(entry, name, memoryview(buf))
-        out.copy_(torch.frombuffer(buf, dtype=dtype).view(entry.shape))
+        out.copy_(torch.from_numpy(buf).view(dtype).view(entry.shape))  # [nbytes] uint8 -> the tensor's shape
         return out
 
     @staticmethod
