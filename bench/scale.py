@@ -428,6 +428,10 @@ def main() -> int:
         p.error(f"--rows={args.rows} must be at most {len(PROMPTS)}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.child:
+        if args.child == "compile":
+            from services.compiler.huge_pages import prefer_huge_pages
+
+            prefer_huge_pages()  # as services/compiler/__main__.py does, before torch is imported
         import torch
 
         torch.set_num_threads(args.threads)

@@ -11,6 +11,7 @@ import sys
 
 from loraflow.jobs.queue_service import QueueServiceSpec, ServiceContext, main
 from loraflow.v1 import compiler_pb2_grpc
+from services.compiler.huge_pages import prefer_huge_pages
 
 
 def _inputs(ctx: ServiceContext):
@@ -50,4 +51,5 @@ SPEC = QueueServiceSpec(
     make_servicer=make_servicer, make_handler=make_handler, serve_metrics=serve_metrics)
 
 if __name__ == "__main__":
+    prefer_huge_pages()  # before the worker imports torch (PyTorch reads it once, at its first allocation)
     sys.exit(main(SPEC))

@@ -52,6 +52,29 @@ def test_tensors_are_read_one_at_a_time_as_float32(tmp_path, dtype):
     assert torch.equal(weights.get("embed_tokens.weight"), hf["model.embed_tokens.weight"].float())
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_a_linear_read_transposed_is_the_float32_weight_transposed_bit_for_bit(tmp_path, dtype):
+    # The fused builder stores x @ W's [K, N]: a bf16/fp16 checkpoint's is transposed before it is converted.
+    from services.compiler.modeling.weights import transposed
+
+    weights = CheckpointWeights.open(write_random_checkpoint(tmp_path / "m", "llama", dtype=dtype))
+    for name in ("layers.1.self_attn.qkv_proj.weight", "layers.0.self_attn.o_proj.weight",
+                 "layers.1.mlp.gate_up_proj.weight", "layers.0.mlp.down_proj.weight"):
+        got = transposed(weights, name)
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got, weights.get(name).t()), name
+
+    class Plain:  # a source without get_transposed
+        cfg = weights.cfg
+
+        def get(self, name):
+            return torch.arange(6.0).reshape(2, 3)
+
+    assert torch.equal(transposed(Plain(), "w"), torch.arange(6.0).reshape(2, 3).t())
+    with pytest.raises(InvalidArgument, match="reads into float32"):  # as stored or as float32, nothing else
+        weights.checkpoint.read_into("model.norm.weight", torch.empty(weights.cfg.hidden_size, dtype=torch.float64))
+
+
 def _shard(model, name="model.safetensors"):
     return model / name
 

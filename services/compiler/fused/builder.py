@@ -46,7 +46,7 @@ from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from services.compiler.fused import quantize
 from services.compiler.modeling.config import DecoderConfig
-from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource
+from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource, transposed
 
 OPSET = 17
 MS = "com.microsoft"
@@ -266,7 +266,7 @@ class FusedGraphBuilder:
     def _w_kn(self, name: str) -> Callable[[], np.ndarray]:
         """A thunk reading a linear's weight as the contiguous [K, N] = [in, out] that x @ W multiplies by."""
         def read() -> np.ndarray:
-            return self.weights.get(name).t().contiguous().numpy()  # [N, K] -> [K, N] (torch: threaded)
+            return transposed(self.weights, name).numpy()  # [N, K] -> [K, N] (a checkpoint's: in its own dtype)
         return read
 
     # --- pieces ---------------------------------------------------------------------------------

@@ -146,28 +146,41 @@ class Checkpoint:
         entry = self.entry(name)
         return self.read_into(name, torch.empty(entry.shape, dtype=torch.float32))
 
-    def read_into(self, name: str, out):
-        """Read one tensor into ``out`` (float32, its shape), converting from the source dtype on the way:
-        a packed projection is filled piece by piece without a float32 copy of each piece."""
+    def source_dtype(self, name: str):
+        """The torch dtype tensor ``name`` is stored in (one of SUPPORTED_DTYPES)."""
         import torch
 
         entry = self.entry(name)
         if entry.dtype not in SUPPORTED_DTYPES:
             raise _bad_file(entry.file, f"tensor {name!r} has dtype {entry.dtype}; base model weights must be one of "
                             f"{sorted(SUPPORTED_DTYPES)}")
-        dtype = getattr(torch, SUPPORTED_DTYPES[entry.dtype])
+        return getattr(torch, SUPPORTED_DTYPES[entry.dtype])
+
+    def read_into(self, name: str, out):
+        """Read one tensor into ``out`` (its shape; float32, converting from the source dtype on the way, or the
+        source's own dtype, read as stored): a packed projection is filled piece by piece without a float32
+        copy of each piece."""
+        import numpy as np
+        import torch
+
+        entry = self.entry(name)
+        dtype = self.source_dtype(name)
+        if out.dtype not in (torch.float32, dtype):
+            raise InvalidArgument(f"tensor {name!r} is {entry.dtype}: it reads into float32 or {dtype}, not "
+                                  f"{out.dtype}", field="base_model", value=name)
         if tuple(out.shape) != tuple(entry.shape):
             raise InvalidArgument(f"tensor {name!r} is {list(entry.shape)}, not {list(out.shape)}",
                                   field="base_model", value=name)
         if entry.nbytes == 0:
             return out
-        if dtype == torch.float32 and out.is_contiguous():
-            target = memoryview(out.numpy()).cast("B")  # read straight into the caller's float32 memory
+        if out.dtype == dtype and out.is_contiguous():
+            target = memoryview(out.view(torch.uint8).numpy()).cast("B")  # straight into the caller's memory
             self._read_bytes(entry, name, target)
             return out
-        buf = bytearray(entry.nbytes)
+        # np.empty, not bytearray: no zero-fill pass over what the read overwrites (and numpy's huge pages).
+        buf = np.empty(entry.nbytes, dtype=np.uint8)
         self._read_bytes(entry, name, memoryview(buf))
-        out.copy_(torch.frombuffer(buf, dtype=dtype).view(entry.shape))
+        out.copy_(torch.from_numpy(buf).view(dtype).view(entry.shape))  # [nbytes] uint8 -> the tensor's shape
         return out
 
     @staticmethod

@@ -141,6 +141,34 @@ class CheckpointWeights:
             row += rows
         return out
 
+    def get_transposed(self, name: str) -> torch.Tensor:
+        """A linear's weight [N, K] as the contiguous float32 [K, N] that x @ W multiplies by. A bf16/fp16
+        checkpoint's pieces are read as stored and transposed in that dtype, then converted: the transpose
+        moves half the bytes and the conversion runs contiguous (1B gate|up: 2x faster than converting
+        first); bit-identical to ``get(name).t().contiguous()``."""
+        import torch
+
+        parts = hf_names(self.cfg, name)
+        dtypes = {self.checkpoint.source_dtype(part) for part in parts}
+        if len(dtypes) != 1 or torch.float32 in dtypes:
+            return self.get(name).t().contiguous()
+        stored = torch.empty(shape_of(self.cfg, name), dtype=dtypes.pop())  # [N, K] in the checkpoint's dtype
+        row = 0
+        for part in parts:  # each piece read straight into its rows
+            rows = self.checkpoint.entry(part).shape[0]
+            self.checkpoint.read_into(part, stored[row:row + rows])
+            row += rows
+        return stored.t().contiguous().float()  # [N, K] -> [K, N], then float32
+
+
+def transposed(weights: WeightSource, name: str) -> torch.Tensor:
+    """``weights``' linear ``name`` [N, K] as a contiguous float32 [K, N]: the source's own ``get_transposed``
+    where it has one (CheckpointWeights), else ``get(name).t().contiguous()``."""
+    get_transposed = getattr(weights, "get_transposed", None)
+    if get_transposed is not None:
+        return get_transposed(name)
+    return weights.get(name).t().contiguous()
+
 
 class ModuleWeights:
     """Our tensors from a materialised MultiLoraDecoder (as float32 copies)."""
