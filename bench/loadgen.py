@@ -8,12 +8,15 @@ report), in its own venv (bench/setup_venvs.sh), as is vLLM's CPU build. The ben
 2. --adapters random PEFT LoRA adapters (default 1,000): ranks 4/8/16, targets q,v / q,k,v,o / all seven
    linears (half / 35% / 15%), fp16 safetensors as PEFT writes them;
 3. loraflow's services as processes (Redis, trainer API, compiler, inference with --http-listen), every adapter
-   registered through TrainerService.RegisterAdapter, one artifact compiled with --adapter-slots slots and
-   none compiled in, so adapters load on first use;
+   registered through TrainerService.RegisterAdapter, one artifact compiled with none of them in, so adapters
+   load on first use into the resident slots --adapter-slots gives the inference service (auto | N; the
+   artifact is compiled with N slots, or COMPILED_SLOTS for auto);
 4. vLLM CPU (`python -m vllm.entrypoints.openai.api_server`) with --enable-lora --max-loras 8
    --max-cpu-loras 1000 and every adapter as a --lora-modules entry;
 5. loraflow's runs, then vLLM's (--order interleaved: both up, each class on both before the next), each
-   class with the same inference-perf config (same seed, prompts and adapter draws):
+   class with the same inference-perf config (same seed, prompts and adapter draws), each run preceded by
+   --warmup-requests base-model requests of the run's shape at its concurrency, not counted (so the first class
+   run on a server does not carry first-run costs: allocations of the batch's shapes, page faults):
    `zipf` (adapter popularity Zipf(s) over all adapters), `single` (every request on the most popular adapter),
    `base` (no adapter).
 
@@ -29,7 +32,8 @@ Setting up the venvs and the checkpoint happens once (cached in --work-dir).
 
 Usage: bench/setup_venvs.sh && .venv/bin/python bench/loadgen.py [--model smollm2|tiny] [--adapters 1000]
        [--requests 160] [--concurrency 16] [--output-tokens 32] [--classes zipf,single,base]
-       [--servers loraflow,vllm] [--adapter-slots 16] [--max-loras 8] [--work-dir DIR] [--py-spy]
+       [--servers loraflow,vllm] [--adapter-slots auto|N] [--warmup-requests N] [--max-loras 8] [--work-dir DIR]
+       [--py-spy]
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loraflow.errors import InvalidArgument  # noqa: E402 - after the path
+from loraflow.options.settings import MAX_ADAPTER_SLOTS, auto_or_count  # noqa: E402
+
 BENCH_HOME = Path(os.environ.get("LORAFLOW_BENCH_HOME", Path.home() / ".cache" / "loraflow" / "bench"))
 CONFIG_TEMPLATE = Path(__file__).with_name("loadgen_inference_perf.yaml")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,6 +73,8 @@ SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=
                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
 POPULARITY_CLASSES = (("hot", 0, 10), ("warm", 10, 100), ("cold", 100, None))  # by Zipf rank, [start, end)
 SPLIT_UNITS = 1 << 24  # traffic splits are multiples of 2**-24, so their float sum is exactly 1.0
+# The artifact's compiled adapter slots when the service chooses its resident slots (--adapter-slots auto).
+COMPILED_SLOTS = 16
 
 
 def say(message: str) -> None:
@@ -294,6 +303,7 @@ def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], arg
         for svc, mode, extra in (("trainer", "api", []), ("compiler", "all", []),
                                  ("inference", "api", ["--http-listen", http, "--max-waiting", "100000",
                                                        "--metrics-port", str(ports["metrics"]),
+                                                       "--adapter-slots", str(args.adapter_slots),
                                                        *(["--ort-spinning", args.ort_spinning] if args.ort_spinning else [])])):
             _spawn(server, [python, "-m", f"services.{svc}", mode, "--listen", f"127.0.0.1:{ports[svc]}",
                             "--cache-dir", str(run / f"cache-{svc}"), *extra], run / f"{svc}.log",
@@ -318,7 +328,8 @@ def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], arg
         say(f"registered {len(adapters)} adapters through TrainerService.RegisterAdapter in {register_s:.1f} s "
             f"({already} already registered)")
         started = time.perf_counter()
-        job = client.compile(str(model_dir), [], max_rank=max(RANKS), slots=args.adapter_slots,
+        compiled_slots = COMPILED_SLOTS if args.adapter_slots == "auto" else args.adapter_slots
+        job = client.compile(str(model_dir), [], max_rank=max(RANKS), slots=compiled_slots,
                              target_modules=ALL_LINEAR, full_batch_size=args.concurrency,
                              batch_size=args.batch_size, ctx_len=args.ctx_len, upload=False)
         done = client.wait(job.id, "compile", timeout=1800)
@@ -332,7 +343,7 @@ def start_loraflow(work: Path, model_dir: Path, adapters: list[AdapterSpec], arg
         server.model = model.model_id
         server.setup = {"register_seconds": round(register_s, 1), "compile_seconds": round(compile_s, 1),
                         "artifact_id": done.compile_result.artifact_id, "adapter_slots": args.adapter_slots,
-                        "kv_slots": args.concurrency, "batch_size": args.batch_size, "ctx_len": args.ctx_len}
+                        "compiled_adapter_slots": compiled_slots, "kv_slots": args.concurrency, "batch_size": args.batch_size, "ctx_len": args.ctx_len}
         client.close()
         _wait_http(f"{server.base_url}/v1/models", server, 60, "loraflow's HTTP API")
         return server
@@ -403,6 +414,42 @@ def warm_up(server: Server, prompts: int = 4) -> None:
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
             response.read()
+
+
+def warmup_prompts(model_dir: Path, count: int, tokens: int, seed: int = 1) -> list[str]:
+    """``count`` distinct prompts of ``tokens`` tokens (the checkpoint's tokenizer; about that many without one)."""
+    words = " ".join(generated_corpus(seed, lines=max(1, count) * 16)).split()
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return [" ".join(words[i * tokens:(i + 1) * tokens]) for i in range(count)]
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    prompts, at = [], 0
+    for _ in range(count):
+        taken: list[str] = []
+        while len(tokenizer.encode(" ".join(taken), add_special_tokens=False).ids) < tokens:
+            taken.append(words[at % len(words)])
+            at += 1
+        prompts.append(" ".join(taken))
+    return prompts
+
+
+def warm_up_run(server: Server, prompts: list[str], output_tokens: int, concurrency: int) -> dict:
+    """Base-model requests of the run's shape at its concurrency, before the timed run (not counted in it)."""
+    def one(prompt: str) -> None:
+        body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": output_tokens, "ignore_eos": True,
+                           "temperature": 0})
+        request = urllib.request.Request(f"{server.base_url}/v1/completions", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            response.read()
+
+    started = time.perf_counter()
+    if prompts:
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            list(pool.map(one, prompts))
+    return {"requests": len(prompts), "seconds": round(time.perf_counter() - started, 1)}
 
 
 # ---------------------------------------------------------------------------------------------- server side
@@ -544,6 +591,7 @@ def run_class(server: Server, traffic: str, splits: list[dict] | None, model_dir
     config_path = reports / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     python = BENCH_HOME / "venvs" / "inference-perf" / "bin" / "python"
+    warmup = warm_up_run(server, args.warmup_prompts, out, args.concurrency)
     load_before = host_load()
     metrics_before = scrape(server.metrics_url)
     profiler = pyspy_start(server.serving_pid, reports / "py-spy.txt") if args.py_spy else None
@@ -575,7 +623,7 @@ def run_class(server: Server, traffic: str, splits: list[dict] | None, model_dir
     rank = {s["name"]: i for i, s in enumerate(splits or [])}
     span = (min(e["start_time"] for e in entries), max(e["end_time"] for e in entries))  # perf_counter clock
     result = {"server": server.name, "traffic": traffic, "wall_seconds": round(wall, 1),
-              "span_seconds": round(span[1] - span[0], 1),
+              "span_seconds": round(span[1] - span[0], 1), "warmup": warmup,
               "load_1m_before": load_before, "load_1m_after": host_load(), "cpu": span_cpu(samples, *span),
               "server_side": server_side(metrics_before, scrape(server.metrics_url), span[1] - span[0]),
               "overall": summarise(entries, None)}
@@ -661,7 +709,15 @@ def ratios(results: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def adapter_slots_arg(value: str) -> str | int:
+    """--adapter-slots as the inference service parses it ('auto' or 1..MAX_ADAPTER_SLOTS), for argparse."""
+    try:
+        return auto_or_count(MAX_ADAPTER_SLOTS)(value)
+    except (InvalidArgument, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",
                    help="random-weight checkpoint: SmolLM2-135M's shape, or the suite's tiny Llama")
@@ -677,7 +733,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--order", choices=("sequential", "interleaved"), default="sequential",
                    help="one server up at a time (default: the memory of both may not fit), or both up and the "
                         "classes interleaved")
-    p.add_argument("--adapter-slots", type=int, default=16, help="loraflow's adapter slots (none compiled in)")
+    p.add_argument("--adapter-slots", type=adapter_slots_arg, default="auto",
+                   help="loraflow's resident adapter slots, passed to the inference service's --adapter-slots: auto "
+                        f"(the service sizes them; the artifact is compiled with {COMPILED_SLOTS}) or a count (compiled "
+                        "with that many too); none compiled in")
+    p.add_argument("--warmup-requests", type=int, default=None,
+                   help="base-model requests of the run's prompt and output lengths, at its concurrency, before each "
+                        "timed run and not counted (default: --concurrency, one full batch; 0: none)")
     p.add_argument("--batch-size", type=int, default=None, help="loraflow's batch_size (default: the compiler's)")
     p.add_argument("--num-threads", type=int, default=0, help="loraflow's ONNX Runtime threads (0 = default)")
     p.add_argument("--ort-spinning", choices=("auto", "on", "off"), default=None,
@@ -690,12 +752,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--py-spy", action="store_true",
                    help="sample each server's serving process with py-spy during its runs (py-spy.txt beside the "
                         "run's reports: collapsed stacks per thread)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
     classes = [c for c in args.classes.split(",") if c]
     unknown = sorted(set(servers) - {"loraflow", "vllm"}) + sorted(set(classes) - {"zipf", "single", "base"})
     if unknown:
         p.error(f"unknown server or traffic class: {unknown}")
+    if args.warmup_requests is not None and args.warmup_requests < 0:
+        p.error(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
     if not (BENCH_HOME / "venvs" / "inference-perf" / ".ready").is_file():
         p.error("no inference-perf venv: run bench/setup_venvs.sh first")
 
@@ -706,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"host load {host_load()} on {os.cpu_count()} CPUs; run directory {run_dir}")
     model_dir = make_checkpoint(work, args.model)
     adapters = make_adapters(model_dir, work, args.adapters)
+    input_mean = int(yaml.safe_load(CONFIG_TEMPLATE.read_text())["data"]["input_distribution"]["mean"])
+    warmups = args.concurrency if args.warmup_requests is None else args.warmup_requests
+    args.warmup_prompts = warmup_prompts(model_dir, warmups, input_mean)
     names = [a.name for a in adapters]
     traffic_splits = {"zipf": zipf_splits(names, args.zipf), "single": [{"name": names[0], "split": 1.0}],
                       "base": None}
@@ -741,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"({model_dir.name}), fp32",
         "adapters": args.adapters, "ranks": list(RANKS), "zipf_s": args.zipf, "requests_per_run": args.requests,
         "concurrency": args.concurrency, "output_tokens": args.output_tokens, "cpus": os.cpu_count(),
+        "warmup_requests_per_run": len(args.warmup_prompts),
         "order": args.order, "setup": setup,
         "peak_rss_mib": peak, "results": results, "ratios": ratios(results), "failures": failures,
         "popularity_classes": {label: f"Zipf ranks {lo + 1}..{hi or args.adapters}"

@@ -29,6 +29,16 @@ class SharedKvCache:
                                   value=[lo, hi])
         return [(self.k[i, lo:hi], self.v[i, lo:hi]) for i in range(self.layers)]
 
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s cached tokens into slot ``dst`` (the scheduler compacting its running rows)."""
+        for slot in (src, dst):
+            if not 0 <= slot < self.slots:
+                raise InvalidArgument(f"slot {slot} is outside 0..{self.slots - 1}", field="slot", value=slot)
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]  # [L, H, n, D] of each kind
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
     def reset(self, slot: int) -> None:
         """Zero one slot: a failed request may have left NaN/inf there."""
         if not 0 <= slot < self.slots:

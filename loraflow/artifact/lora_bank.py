@@ -273,10 +273,15 @@ def check_fits(adapter: Adapter, spec: BankSpec) -> None:
 
 
 def slot_tensors(adapter: Adapter, spec: BankSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per module: (A^T [L, in, R], B^T * scaling [L, R, out]) ready for one bank slot."""
+    """Per module the adapter touches: (A^T [L, in, R], B^T * scaling [L, R, out]) ready for one bank slot (the
+    others are left out: ``write_slot_tensors`` zeroes them, and a slot's worth of zeros per module is what a load
+    of a q,v adapter spent most of its time allocating and writing)."""
     check_fits(adapter, spec)
+    touched = {module for _, module in adapter.weights}
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for module, (fin, fout) in spec.modules.items():
+        if module not in touched:
+            continue
         a_slot = np.zeros((spec.num_layers, fin, spec.max_rank), np.float32)
         b_slot = np.zeros((spec.num_layers, spec.max_rank, fout), np.float32)
         for layer in range(spec.num_layers):
@@ -334,8 +339,11 @@ def write_slot_tensors(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.nda
             banks_a[module][:, slot] = a_slot  # [L, in, R]
             banks_b[module][:, slot] = b_slot  # [L, R, out]
         else:
-            banks_a[module][:, slot] = 0
-            banks_b[module][:, slot] = 0
+            # Reading a slot is cheap where writing it is not (a never-written slot's pages are not even
+            # allocated yet): zero only what holds a previous adapter's weights.
+            for bank in (banks_a[module], banks_b[module]):
+                if bank[:, slot].any():
+                    bank[:, slot] = 0
 
 
 def used_rank(a: np.ndarray, b: np.ndarray) -> int:

@@ -7,6 +7,14 @@ decode together, each row with its own adapter (``lora_id``) and position; prefi
 steps alternate while both have work. A finished or aborted request frees its slot at once, so the next
 waiting request is admitted on the following step.
 
+Two options serve runtimes for which every call costs a pass over the weights and a prompt's continuing chunk
+is a call of its own (ONNX Runtime's CPU GroupQueryAttention takes one row per call once a row has a past):
+``prefill_token_budget`` lets a prefill step next to decoding rows take whole prompts (up to
+``idle_prefill_seq_len`` tokens each) of as many rows as fit the budget, instead of a ``prefill_seq_len`` chunk
+of every row, and ``compact_slots`` keeps the running rows in the lowest KV slots (a row above a freed slot is
+moved down into it: ``SchedulerOutput.moves``), so the rows admitted together hold adjacent slots and their
+first chunks can share one call.
+
 Admission groups by adapter. A request may wait while its adapter is loaded (``lora_id`` None until
 ``adapter_ready``): it holds no KV slot meanwhile and every request whose adapter is resident (or the
 base model) is admitted past it, so a hot adapter never waits behind a cold load. Among ready requests
@@ -96,6 +104,8 @@ class SchedulerOutput:
     kind: str  # "prefill" | "decode"
     rows: tuple[ScheduledRow, ...]
     seq_len: int
+    # (from, to) KV slots whose cached tokens the runtime moves, in order, before the call (compact_slots).
+    moves: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -121,9 +131,15 @@ class Scheduler:
     """Admission, chunked prefill and decode batching over ``full_batch_size`` KV slots."""
 
     def __init__(self, *, full_batch_size: int, prefill_seq_len: int, ctx_len: int,
-                 max_waiting: int = 64, max_prefill_rows: int | None = None, idle_prefill_seq_len: int | None = None):
+                 max_waiting: int = 64, max_prefill_rows: int | None = None, idle_prefill_seq_len: int | None = None,
+                 prefill_token_budget: int | None = None, compact_slots: bool = False):
         """``idle_prefill_seq_len``: the chunk limit while no row is decoding (nobody waits on the chunk),
-        for runtimes whose graph takes any chunk length; default ``prefill_seq_len``."""
+        for runtimes whose graph takes any chunk length; default ``prefill_seq_len``.
+        ``prefill_token_budget``: while rows decode, a prefill step takes chunks of up to ``idle_prefill_seq_len``
+        tokens from the prefilling rows in admission order while rows x longest chunk stays within it (one row
+        at least); None: a ``prefill_seq_len`` chunk of every prefilling row.
+        ``compact_slots``: keep running rows in the lowest KV slots, moving them down as slots free (the runtime
+        applies ``SchedulerOutput.moves``)."""
         idle = prefill_seq_len if idle_prefill_seq_len is None else idle_prefill_seq_len
         for name, value in (("full_batch_size", full_batch_size), ("prefill_seq_len", prefill_seq_len),
                             ("ctx_len", ctx_len)):
@@ -133,6 +149,11 @@ class Scheduler:
             raise InvalidArgument(f"idle_prefill_seq_len must be >= prefill_seq_len ({prefill_seq_len}), got {idle}",
                                   field="idle_prefill_seq_len", value=idle)
         self.idle_prefill_seq_len = idle
+        if prefill_token_budget is not None and prefill_token_budget < prefill_seq_len:
+            raise InvalidArgument(f"prefill_token_budget must be >= prefill_seq_len ({prefill_seq_len}), got "
+                                  f"{prefill_token_budget}", field="prefill_token_budget", value=prefill_token_budget)
+        self.prefill_token_budget = prefill_token_budget
+        self.compact_slots = compact_slots
         if max_waiting < 0:
             raise InvalidArgument(f"max_waiting must be >= 0, got {max_waiting}", field="max_waiting",
                                   value=max_waiting)
@@ -217,6 +238,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput | None:
         """Admit waiting requests into free slots, then one call: a prefill chunk or a decode of every
         prefilled row (alternating when both are pending)."""
+        moves = self._compact() if self.compact_slots else ()
         self._admit()
 
         prefilling = [s for s in self.running.values() if not s.prefilled][: self.max_prefill_rows]
@@ -227,14 +249,20 @@ class Scheduler:
             rows = []
             # With no row decoding nobody waits on this call: a longer chunk saves calls (a 36-token prompt
             # in one call instead of 32 + 4, the 4 costing a call of their own).
-            limit = self.prefill_seq_len if decoding else self.idle_prefill_seq_len
+            budget = self.prefill_token_budget if decoding else None
+            limit = self.prefill_seq_len if decoding and budget is None else self.idle_prefill_seq_len
+            longest = 0
             for seq in prefilling:
                 start = seq.num_computed
                 chunk = seq.prompt_ids[start:start + limit]
+                # The call is padded to its longest chunk: rows x longest is what the decoding rows wait for.
+                if budget is not None and rows and (len(rows) + 1) * max(longest, len(chunk)) > budget:
+                    break
+                longest = max(longest, len(chunk))
                 rows.append(ScheduledRow(seq.request_id, seq.slot, seq.lora_id, tuple(chunk), start,
                                          samples=start + len(chunk) == len(seq.prompt_ids)))
             self._last_kind = "prefill"
-            return SchedulerOutput("prefill", tuple(rows), max(len(r.token_ids) for r in rows))
+            return SchedulerOutput("prefill", tuple(rows), longest, moves)
 
         if not decoding:
             return None
@@ -244,7 +272,22 @@ class Scheduler:
             rows.append(ScheduledRow(seq.request_id, seq.slot, seq.lora_id, (seq.token_at(seq.num_computed),),
                                      seq.num_computed, samples=True))
         self._last_kind = "decode"
-        return SchedulerOutput("decode", tuple(rows), 1)
+        return SchedulerOutput("decode", tuple(rows), 1, moves)
+
+    def _compact(self) -> tuple[tuple[int, int], ...]:
+        """Move the running rows of the highest slots into the lowest free ones until no free slot lies below a
+        running row: the free slots are then one range, so the rows admitted next are adjacent."""
+        moves = []
+        while None in self.slots:
+            low = self.slots.index(None)
+            high = max((i for i, rid in enumerate(self.slots) if rid is not None), default=-1)
+            if high < low:
+                break
+            seq = self.running[self.slots[high]]
+            self.slots[low], self.slots[high] = seq.request_id, None
+            seq.slot = low
+            moves.append((high, low))
+        return tuple(moves)
 
     def _admit(self) -> None:
         """Free KV slots to ready waiting requests: the oldest, then its adapter's other requests (see the

@@ -14,7 +14,9 @@ verification before publishing and the inference service both run an artifact th
 * A decode step runs every decoding row in one call over the contiguous slot range lo..hi that
   holds them. Slots in that range that are not decoding ride along as dummy rows: token 0, base
   model, written at their own next free position (which their next real token overwrites), their
-  logits discarded. The scheduler hands out the lowest free slot, so the range stays tight.
+  logits discarded. The scheduler hands out the lowest free slot, and for a fused runtime moves running rows
+  down into freed slots (``SchedulerOutput.moves``, ``SharedKvCache.move``), so the range has no holes and the
+  rows admitted together hold adjacent slots (their first chunks share one padded call).
 * ``seqlens_k[b]`` = tokens in row b's cache after the call minus one; ``total_sequence_length`` =
   the longest row's total. The graph writes the new K/V into the bound cache views itself.
 * ``lora_ranks`` [N] (graph5 on) is bound once, like the banks: the caller's array, updated in place when

@@ -227,9 +227,10 @@ class AdapterSlots:
     def write(self, slot: int, tensors: dict) -> None:
         """Write an adapter's tensors into a slot (a module the adapter does not touch gets zeros)."""
         write_slot_tensors(self.lora_a, self.lora_b, slot, tensors)
-        # From the weights written (not the declared r): columns past it are zero, so it is exact. The slot
-        # is reserved (no request reads it) while weights and rank change.
-        self.ranks[slot] = slot_rank({m: (self.lora_a[m][:, slot], self.lora_b[m][:, slot]) for m in self.lora_a})
+        # From the weights written (not the declared r): columns past it are zero, so it is exact (the modules
+        # left out of ``tensors`` are zero now). The slot is reserved (no request reads it) while weights and
+        # rank change.
+        self.ranks[slot] = slot_rank(tensors)
         self._sync()
 
     def commit(self, slot: int, name: str, rank: int, *, source: str, active_requests: int = 0) -> None:

@@ -152,6 +152,8 @@ class Ai100Runtime(ServesAdapterSlots):
         # QEfficient's meaning: the prefill specialisation runs batch_size rows.
         self.max_prefill_rows = self.layout.batch_size
         self.idle_prefill_seq_len = self.prefill_seq_len  # the QPC's specializations fix the chunk length
+        self.prefill_token_budget = None  # batch_size rows of prefill_seq_len per call, as QEfficient's runs
+        self.compacts_kv_slots = False  # the card retains the cache: rows stay in their slots
         self.layers, self.kv_heads, self.head_dim = graph.layers, graph.num_kv_heads, graph.head_dim
         self.vocab_size = graph.vocab_size
         self.adapter_slots = self.manifest.adapter_slots

@@ -52,6 +52,10 @@ class StepRuntime(Protocol):
     max_prefill_rows: int
     # The chunk limit while no row decodes: longer than prefill_seq_len for graphs that take any chunk length.
     idle_prefill_seq_len: int
+    # Padded tokens a prefill call next to decoding rows may take, in whole prompts (None: prefill_seq_len chunks).
+    prefill_token_budget: int | None
+    # Whether ``execute`` applies SchedulerOutput.moves (the scheduler then keeps running rows in the lowest slots).
+    compacts_kv_slots: bool
 
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         """Logits [B, V] (float32) at the last real token of each row of ``step``."""
@@ -213,7 +217,9 @@ class Engine:
         self.scheduler = Scheduler(full_batch_size=runtime.full_batch_size,
                                    prefill_seq_len=runtime.prefill_seq_len, ctx_len=runtime.ctx_len,
                                    max_waiting=max_waiting, max_prefill_rows=runtime.max_prefill_rows,
-                                   idle_prefill_seq_len=runtime.idle_prefill_seq_len)
+                                   idle_prefill_seq_len=runtime.idle_prefill_seq_len,
+                                   prefill_token_budget=runtime.prefill_token_budget,
+                                   compact_slots=runtime.compacts_kv_slots)
         self._states: dict[str, _RequestState] = {}
         self._cancels: set[str] = set()
         self._stop_strings: set[str] = set()  # requests whose consumer matched a stop string

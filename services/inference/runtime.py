@@ -50,6 +50,10 @@ DEVICES = ("cpu", "cuda", "ai100")
 MAX_NUM_THREADS = 256
 # While no row decodes, a fused graph's prefill chunks may be this many times prefill_seq_len long.
 IDLE_PREFILL_FACTOR = 4
+# While rows decode, a fused graph's prefill call takes whole prompts (up to the idle chunk limit) of as many rows
+# as fit this many times prefill_seq_len padded tokens: a continuing chunk costs a one-row call of its own (CPU
+# GroupQueryAttention), and every call a pass over the weights, so fewer, fuller prefill calls (issue 22).
+PREFILL_BUDGET_FACTOR = 8
 def check_num_threads(num_threads: int) -> int:
     """0 (ONNX Runtime's default) or 1..MAX_NUM_THREADS intra-op threads; InvalidArgument otherwise."""
     if not isinstance(num_threads, int) or isinstance(num_threads, bool) or not 0 <= num_threads <= MAX_NUM_THREADS:
@@ -152,6 +156,10 @@ class OrtRuntime(ServesAdapterSlots):
         # up to IDLE_PREFILL_FACTOR chunks in one call (8 prompts of 35-39 tokens: one call, not 1 + 8).
         self.idle_prefill_seq_len = (min(self.ctx_len - 1, IDLE_PREFILL_FACTOR * self.prefill_seq_len)
                                      if self.shared_kv else self.prefill_seq_len)
+        # Fused graphs: whole prompts next to decoding rows within a token budget, and running rows kept in the
+        # lowest KV slots (SharedKvCache.move) so the rows admitted together prefill in one padded call.
+        self.prefill_token_budget = PREFILL_BUDGET_FACTOR * self.prefill_seq_len if self.shared_kv else None
+        self.compacts_kv_slots = self.shared_kv
         if self.shared_kv and self.device != "cpu":
             raise FailedPrecondition(f"artifact {self.manifest.artifact_id} is a fused CPU graph (fp32/int8/int4); "
                                      "for device 'cuda' compile with dtype 'fp16'", field="device", value=self.device)
@@ -270,6 +278,11 @@ class OrtRuntime(ServesAdapterSlots):
     def execute(self, step: SchedulerOutput) -> np.ndarray:
         """Run one step; returns logits [B, V] (valid until the next call) and stores the new K/V."""
         rows = [Row(r.slot, r.lora_id, r.token_ids, r.start_position) for r in step.rows]
+        if step.moves and not self.compacts_kv_slots:
+            raise InvalidArgument(f"this runtime does not move KV slots (asked {list(step.moves)})", field="moves",
+                                  value=list(step.moves))
+        for src, dst in step.moves:  # first: the scheduler already counts the rows in their new slots
+            self.kv.move(src, dst)
         if self.shared_kv:
             return self._step_driver().step(rows)
         if step.past_len > self.ctx_len:

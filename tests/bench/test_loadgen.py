@@ -158,3 +158,59 @@ def test_a_servers_peak_rss_and_cpu_are_read_from_its_processes(loadgen):
     finally:
         child.kill()
         child.wait()
+
+
+def test_warm_up_sends_the_runs_shape_at_its_concurrency_before_the_run(loadgen, tmp_path):
+    import http.server
+    import json
+    import threading
+    import time
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))  # one token a word
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    prompts = loadgen.warmup_prompts(tmp_path, 6, 12)
+    assert len(set(prompts)) == 6 and all(len(p.split()) == 12 for p in prompts)
+
+    bodies, active, peak = [], [0], [0]
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            bodies.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            time.sleep(0.2)
+            with lock:
+                active[0] -= 1
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = loadgen.Server("s", f"http://127.0.0.1:{server.server_port}", "base-model")
+        got = loadgen.warm_up_run(target, prompts, 5, 3)
+        assert loadgen.warm_up_run(target, [], 5, 3)["requests"] == 0
+    finally:
+        server.shutdown()
+    assert got["requests"] == 6 and len(bodies) == 6 and peak[0] == 3
+    assert sorted(b["prompt"] for _, b in bodies) == sorted(prompts)
+    assert {(path, b["model"], b["max_tokens"], b["ignore_eos"]) for path, b in bodies} == \
+        {("/v1/completions", "base-model", 5, True)}
+
+
+def test_adapter_slots_takes_auto_or_a_count(loadgen):
+    parse = loadgen.build_parser().parse_args
+    assert parse([]).adapter_slots == "auto" and parse(["--adapter-slots", "auto"]).adapter_slots == "auto"
+    assert parse(["--adapter-slots", "12"]).adapter_slots == 12
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit):
+            parse(["--adapter-slots", bad])

@@ -141,6 +141,27 @@ def test_write_slot_tensors_casts_zeroes_untouched_modules_and_refuses_bad_input
     for m in MODULES:  # every refused call left the banks as they were
         np.testing.assert_array_equal(banks_a[m], ref_a[m].astype(np.float16))
 
+def test_slot_tensors_hold_only_the_modules_an_adapter_touches_and_a_reused_slot_loses_the_rest(adapter_dir):
+    # A q/v adapter's slot tensors are q and v only (no slot of zeros per other module to allocate and write);
+    # written over a slot that held an all-module adapter, every other module of that slot is zero again and the
+    # neighbouring slots keep theirs.
+    s = spec()
+    ad = lora_bank.read_adapter("qv", adapter_dir)
+    tensors = lora_bank.slot_tensors(ad, s)
+    assert sorted(tensors) == ["q_proj", "v_proj"]
+    ref_a, ref_b = lora_bank.empty_banks(s)
+    lora_bank.write_slot(ref_a, ref_b, 1, ad, s)
+    banks_a, banks_b = lora_bank.empty_banks(s)
+    for m in MODULES:  # a previous adapter in slots 1 and 2
+        banks_a[m][:, 1:3] = 0.5
+        banks_b[m][:, 1:3] = 0.25
+    lora_bank.write_slot_tensors(banks_a, banks_b, 1, tensors)
+    for m in MODULES:
+        np.testing.assert_array_equal(banks_a[m][:, 1], ref_a[m][:, 1])
+        np.testing.assert_array_equal(banks_b[m][:, 1], ref_b[m][:, 1])
+        assert (banks_a[m][:, 2] == 0.5).all() and (banks_b[m][:, 2] == 0.25).all()
+
+
 def test_bf16_weights_are_read(adapter_dir):
     import torch
     from safetensors.torch import load_file as tload

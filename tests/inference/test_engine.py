@@ -328,3 +328,44 @@ def test_a_default_compiled_artifact_prefills_every_waiting_row_in_one_call(tiny
     assert sum(1 for kind, _ in calls if kind == "prefill") == 1
     for prompt_ids, (_, adapter), result in zip(ids, rows, results, strict=True):
         assert list(result.token_ids) == peft_reference.generate(prompt_ids, adapter, 5), adapter
+
+
+def test_rows_moved_down_into_freed_kv_slots_keep_equal_to_peft_and_newcomers_prefill_together(
+        tiny_artifact, tiny_tokenizer, peft_reference):
+    # 4 KV slots: two short requests free slots 0 and 2 while the long ones in 1 and 3 decode; the scheduler
+    # moves slot 3's row (its cached tokens) into slot 0, so two newcomers take slots 2 and 3 and prefill in one
+    # call. Every request's greedy tokens equal PEFT's, the moved ones included.
+    artifact_dir, manifest = tiny_artifact
+    m = open_model(artifact_dir, num_threads=1, model_id="compact", manifest=manifest)
+    assert m.runtime.compacts_kv_slots
+    steps, holding, sent = [], threading.Event(), threading.Event()
+    execute = m.runtime.execute
+
+    def held(step):
+        steps.append(step)
+        if not sent.is_set() and m.engine.scheduler.num_free_slots >= 2:
+            holding.set()
+            sent.wait(30)
+        return execute(step)
+
+    m.runtime.execute = held
+    first = [(PROMPTS[0], "", 2), (PROMPTS[1], "alpha", 14), (PROMPTS[2], "beta", 2), (PROMPTS[3], "gamma", 14)]
+    later = [(PROMPTS[1] + " x", "beta", 5), (PROMPTS[0] + " y", "alpha", 5)]
+    try:
+        handles = [(text, adapter, n, submit(m, tiny_tokenizer.encode(text), adapter, greedy(n)))
+                   for text, adapter, n in first]
+        assert holding.wait(30)
+        handles += [(text, adapter, n, submit(m, tiny_tokenizer.encode(text), adapter, greedy(n)))
+                    for text, adapter, n in later]
+        sent.set()
+        results = [(text, adapter, n, h.result()) for text, adapter, n, h in handles]
+    finally:
+        sent.set()
+        m.close()
+    for text, adapter, n, result in results:
+        assert list(result.token_ids) == peft_reference.generate(tiny_tokenizer.encode(text), adapter, n), text
+    assert any(step.moves for step in steps)
+    later_ids = {res.request_id for _, _, _, res in results[4:]}
+    firsts = [s for s in steps if s.kind == "prefill" and {r.request_id for r in s.rows} & later_ids]
+    assert {r.request_id for r in firsts[0].rows} == later_ids
+    assert sorted(r.slot for r in firsts[0].rows) == [2, 3]

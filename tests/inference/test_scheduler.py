@@ -215,3 +215,71 @@ def test_grouping_jumps_a_waiting_request_at_most_max_bypasses_times():
     assert admitted[:MAX_BYPASSES + 2] == ["hot0"] + [f"hot{i}" for i in range(1, MAX_BYPASSES + 1)] + ["other"]
     assert s.running["other"].bypassed == MAX_BYPASSES
     assert admitted[MAX_BYPASSES + 2:] == [f"hot{i}" for i in range(MAX_BYPASSES + 1, MAX_BYPASSES + 3)]
+
+
+def test_compact_slots_moves_running_rows_down_so_the_next_admitted_are_adjacent():
+    s = make(full_batch_size=4, max_waiting=8, compact_slots=True)
+    for rid, prompt in (("a", [1, 2]), ("b", [3]), ("c", [4, 5, 6]), ("d", [7])):
+        s.add(Sequence(rid, prompt, max_new_tokens=8))
+    out, _ = run_step(s)
+    assert out.moves == () and [(r.request_id, r.slot) for r in out.rows] == [("a", 0), ("b", 1), ("c", 2), ("d", 3)]
+    s.finish("a", FinishReason.STOP)
+    s.finish("c", FinishReason.STOP)  # free slots 0 and 2: not one range
+    s.add(Sequence("e", [8, 9, 10], max_new_tokens=8))
+    s.add(Sequence("f", [11, 12], max_new_tokens=8))
+    out = s.schedule()
+    # d (slot 3) moves into slot 0, the lowest free, keeping its positions and tokens; b stays; this step decodes
+    # them (the last call was a prefill) and e and f, admitted into slots 2 and 3, side by side, prefill next.
+    assert out.moves == ((3, 0),) and out.kind == "decode"
+    assert [(r.request_id, r.slot, r.start_position, r.token_ids) for r in out.rows] == \
+        [("d", 0, 1, (7,)), ("b", 1, 1, (7,))]
+    s.update(out, {"d": 5, "b": 6})
+    out = s.schedule()
+    assert out.moves == () and out.kind == "prefill"
+    assert [(r.request_id, r.slot, r.start_position) for r in out.rows] == [("e", 2, 0), ("f", 3, 0)]
+    assert s.slots == ["d", "b", "e", "f"] and s.running["d"].slot == 0
+
+
+def test_without_compact_slots_rows_stay_where_they_were_admitted():
+    s = make(full_batch_size=3, max_waiting=8)
+    for rid in "abc":
+        s.add(Sequence(rid, [1], max_new_tokens=8))
+    run_step(s)
+    s.finish("a", FinishReason.STOP)
+    s.add(Sequence("d", [2, 3], max_new_tokens=8))
+    out = s.schedule()  # b and c decode where they are
+    assert out.moves == () and [(r.request_id, r.slot) for r in out.rows] == [("b", 1), ("c", 2)]
+    s.update(out, {"b": 4, "c": 4})
+    out = s.schedule()
+    assert out.moves == () and [(r.request_id, r.slot) for r in out.rows] == [("d", 0)]
+
+
+def test_a_prefill_token_budget_takes_whole_prompts_next_to_decoding_rows():
+    s = make(full_batch_size=5, max_waiting=8, prefill_seq_len=4, idle_prefill_seq_len=12, prefill_token_budget=20)
+    s.add(Sequence("a", [1, 2], max_new_tokens=8))
+    run_step(s)  # a's prefill: a decodes from now on
+    for rid, n in (("b", 9), ("c", 10), ("d", 3), ("e", 15)):
+        s.add(Sequence(rid, list(range(100, 100 + n)), max_new_tokens=8))
+    out, _ = run_step(s)
+    assert out.kind == "decode" and [r.request_id for r in out.rows] == ["a"]
+    out, _ = run_step(s)
+    # Whole prompts (not 4-token chunks) while 2 rows x 10 tokens fit the budget; d would make it 3 x 10.
+    assert out.kind == "prefill" and [(r.request_id, len(r.token_ids), r.samples) for r in out.rows] == \
+        [("b", 9, True), ("c", 10, True)]
+    assert out.seq_len == 10
+    out, _ = run_step(s)
+    assert out.kind == "decode" and [r.request_id for r in out.rows] == ["a", "b", "c"]
+    out, _ = run_step(s)  # e's 12-token chunk beside d would pad to 2 x 12 > 20: d goes alone
+    assert [(r.request_id, len(r.token_ids)) for r in out.rows] == [("d", 3)]
+    run_step(s)
+    out, _ = run_step(s)  # one row always goes, up to the idle limit
+    assert [(r.request_id, len(r.token_ids), r.samples) for r in out.rows] == [("e", 12, False)]
+    run_step(s)
+    out, _ = run_step(s)
+    assert [(r.request_id, r.token_ids, r.start_position) for r in out.rows] == [("e", (112, 113, 114), 12)]
+
+
+def test_a_prefill_token_budget_below_a_chunk_is_refused_naming_the_field():
+    with pytest.raises(InvalidArgument) as info:
+        make(prefill_seq_len=8, prefill_token_budget=7)
+    assert info.value.field == "prefill_token_budget" and info.value.value == 7
