@@ -14,6 +14,7 @@ from services.inference.engine import Engine, GenerationRequest
 from services.inference.model_manager import open_model
 from services.inference.sampling import SamplingParams
 from tests.inference.conftest import PROMPTS
+from tests.support.held_steps import steps_held_after_first
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +200,14 @@ def test_adapter_that_does_not_fit_is_refused_with_a_reason(model, tiny_llama, t
 def test_engine_stop_cancels_what_is_left(tiny_artifact, tiny_tokenizer):
     artifact_dir, manifest = tiny_artifact
     m = open_model(artifact_dir, num_threads=1, model_id="stop", manifest=manifest)
-    h = submit(m, tiny_tokenizer.encode(PROMPTS[0]), "", greedy(60, ignore_eos=True))
-    next(iter(h))
-    t = threading.Thread(target=m.close)
-    t.start()
-    t.join(10)
+    # Steps after the first wait for the engine's stop: on a loaded host the tiny model could otherwise run all
+    # 60 tokens before close() reaches it (the request then ends by length, not cancelled).
+    with steps_held_after_first(m.runtime, m.engine._stop):
+        h = submit(m, tiny_tokenizer.encode(PROMPTS[0]), "", greedy(60, ignore_eos=True))
+        next(iter(h))
+        t = threading.Thread(target=m.close)
+        t.start()
+        t.join(10)
     assert list(h)[-1].finish_reason == FinishReason.CANCELLED and not m.engine.running
 
 
