@@ -18,7 +18,7 @@ from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition
 from services.inference.model_manager import open_model
 from tests.inference.conftest import PROMPTS
-from tests.support.native import require_native
+from tests.support.native import native_session, require_native
 
 
 def _one_node(bank_offset: int | None, column_offset: int, spinning: bool = False,
@@ -39,13 +39,7 @@ def _one_node(bank_offset: int | None, column_offset: int, spinning: bool = Fals
         inputs.append(helper.make_tensor_value_info("ranks", TensorProto.INT64, ["N"]))
     graph = helper.make_graph([node], "one", inputs,
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "S", "Y"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(native_lora.DOMAIN, native_lora.OPSET)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    native_lora.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return native_session(graph, spinning)
 
 
 def _reference(y, x, ids, a, b, bank_offset, column_offset):

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from loraflow import native as native_lora
-from tests.support.native import require_native
+from tests.support.native import native_session, require_native
 
 
 def _session(last_dim, spinning: bool, then_shape: bool = False) -> ort.InferenceSession:
@@ -23,13 +23,7 @@ def _session(last_dim, spinning: bool, then_shape: bool = False) -> ort.Inferenc
         outputs.append(helper.make_tensor_value_info("shape", TensorProto.INT64, None))
     graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                            ["B", "S", last_dim])], outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(native_lora.DOMAIN, native_lora.OPSET)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    native_lora.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return native_session(graph, spinning)
 
 
 def _reference(x: np.ndarray) -> np.ndarray:
