@@ -133,9 +133,16 @@ class CheckpointWeights:
         parts = hf_names(self.cfg, name)
         if len(parts) == 1:
             return self.checkpoint.read(parts[0])
-        out = torch.empty(shape_of(self.cfg, name), dtype=torch.float32)
+        return self._read_parts(name, parts, torch.float32)
+
+    def _read_parts(self, name: str, parts: tuple[str, ...], dtype) -> torch.Tensor:
+        """Our tensor ``name`` in ``dtype`` (float32, or the checkpoint's own), each checkpoint piece read
+        straight into its rows (a packed projection's pieces stacked)."""
+        import torch
+
+        out = torch.empty(shape_of(self.cfg, name), dtype=dtype)
         row = 0
-        for part in parts:  # each piece converted straight into its rows of the packed tensor
+        for part in parts:
             rows = self.checkpoint.entry(part).shape[0]
             self.checkpoint.read_into(part, out[row:row + rows])
             row += rows
@@ -152,12 +159,7 @@ class CheckpointWeights:
         dtypes = {self.checkpoint.source_dtype(part) for part in parts}
         if len(dtypes) != 1 or torch.float32 in dtypes:
             return self.get(name).t().contiguous()
-        stored = torch.empty(shape_of(self.cfg, name), dtype=dtypes.pop())  # [N, K] in the checkpoint's dtype
-        row = 0
-        for part in parts:  # each piece read straight into its rows
-            rows = self.checkpoint.entry(part).shape[0]
-            self.checkpoint.read_into(part, stored[row:row + rows])
-            row += rows
+        stored = self._read_parts(name, parts, dtypes.pop())  # [N, K] in the checkpoint's dtype
         return stored.t().contiguous().float()  # [N, K] -> [K, N], then float32
 
 
