@@ -14,7 +14,7 @@ install: $(STAMP) native
 NATIVE_LIB := loraflow/native/liblora_rows.so
 native: $(NATIVE_LIB)
 
-$(NATIVE_LIB): loraflow/native/lora_rows.cc loraflow/native/swiglu.h loraflow/native/build.sh
+$(NATIVE_LIB): loraflow/native/lora_rows.cc loraflow/native/swiglu.h loraflow/native/op_shapes.h loraflow/native/build.sh
 	loraflow/native/build.sh
 
 # torch first and by exact version: pip takes the CPU build from local disk.

@@ -40,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "op_shapes.h"
 #include "swiglu.h"
 
 namespace {
@@ -168,11 +169,8 @@ void RowDeltaThunk(void* data, size_t b) { RowDelta(*static_cast<const Task*>(da
 
 [[noreturn]] void Fail(std::string message) { throw Ort::Exception(std::move(message), ORT_INVALID_ARGUMENT); }
 
-std::string Shape(const std::vector<int64_t>& dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
+using loraflow_native::FullyDescribed;
+using loraflow_native::Shape;
 
 // An int attribute that may be absent: false (and value untouched) when the node does not carry it.
 bool OptionalAttribute(const OrtKernelInfo* info, const char* name, int64_t* value) {
@@ -302,10 +300,10 @@ struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   // The output is y with deltas added: y's shape, for the graph's shape inference, where the API can pass it
-  // on unchanged (loraflow_native::FullyDescribed; else it stays unknown).
+  // on unchanged (FullyDescribed; else it stays unknown).
   static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
     const Ort::ShapeInferContext::Shape& shape = ctx.GetInputShape(0);
-    if (!loraflow_native::FullyDescribed(shape)) return Ort::Status(nullptr);
+    if (!FullyDescribed(shape)) return Ort::Status(nullptr);
     return ctx.SetOutputShape(0, shape);
   }
 

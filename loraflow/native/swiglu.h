@@ -21,15 +21,16 @@
 #include <string>
 #include <vector>
 
+#include "op_shapes.h"
+
 namespace loraflow_native {
 
 // exp(x) without a library call, so the loops below vectorise: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by
 // its degree-6 Taylor polynomial (relative error below 2e-7 there), 2^n put straight into the exponent bits.
-// n is rounded by adding 1.5 * 2^23 (the sum's low mantissa bits are then n: no float-to-int conversion,
-// which GCC does not vectorise under the default trapping-math), and ln2 is split in a part exact in float
-// and the rest, so r keeps its bits. x is clamped to [-87, 87] so 2^n stays a normal float; silu only needs
-// exp(-gate), and the clamp changes nothing a float result can hold.
-inline float ExpClamped(float x) {
+// n is rounded by adding 1.5 * 2^23 (the sum's low mantissa bits are then n: no float-to-int conversion), and
+// ln2 is split in a part exact in float and the rest, so r keeps its bits. x is clamped to [-87, 87] so 2^n
+// stays a normal float; silu only needs exp(-gate), and the clamp changes nothing a float result can hold.
+__attribute__((always_inline)) inline float ExpClamped(float x) {
   constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23, bits 0x4B400000
   x = std::min(std::max(x, -87.0f), 87.0f);
   const float shifted = x * 1.44269504088896341f + kRoundShift;
@@ -50,23 +51,24 @@ inline float ExpClamped(float x) {
   return p * scale;
 }
 
-// Whether shape inference may pass a shape on: a known rank, each dimension a number or a named symbol.
-inline bool FullyDescribed(const Ort::ShapeInferContext::Shape& shape) {
-  if (shape.empty()) return false;
-  for (const auto& dim : shape) {
-    if (dim.IsInt() && dim.AsInt() < 0) return false;
-  }
-  return true;
-}
-
 struct SwiGluTask {
   const float* in;  // [T, 2I]
   float* out;       // [T, I]
   int64_t I;
 };
 
+// A library built for a baseline without AVX2 (the images: NATIVE_MARCH=x86-64-v2) also carries an
+// x86-64-v3 clone of the token loop, picked at load time where the CPU has it (SSE alone ran it ~3x slower
+// than ONNX Runtime's own AVX2 kernels). A build for the host's own -march needs none (and could not inline
+// ExpClamped, compiled for more than x86-64-v3, into one).
+#if defined(__x86_64__) && !defined(__AVX2__)
+#define LORAFLOW_SWIGLU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LORAFLOW_SWIGLU_CLONES
+#endif
+
 // One token: out[i] = gate[i] * up[i] / (1 + exp(-gate[i])).
-inline void SwiGluToken(const SwiGluTask& t, size_t token) {
+LORAFLOW_SWIGLU_CLONES inline void SwiGluToken(const SwiGluTask& t, size_t token) {
   const float* __restrict gate = t.in + static_cast<int64_t>(token) * 2 * t.I;
   const float* __restrict up = gate + t.I;
   float* __restrict out = t.out + static_cast<int64_t>(token) * t.I;
@@ -83,9 +85,7 @@ struct SwiGluKernel {
     auto in = ctx.GetInput(0);
     const auto shape = in.GetTensorTypeAndShapeInfo().GetShape();
     if (shape.empty() || shape.back() % 2 != 0) {
-      std::string dims = "[";
-      for (size_t i = 0; i < shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(shape[i]);
-      throw Ort::Exception("SwiGlu: gate_up " + dims + "] needs an even last dimension (gate | up)",
+      throw Ort::Exception("SwiGlu: gate_up " + Shape(shape) + " needs an even last dimension (gate | up)",
                            ORT_INVALID_ARGUMENT);
     }
     std::vector<int64_t> out_shape(shape);
