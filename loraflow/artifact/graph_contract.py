@@ -49,11 +49,14 @@ the range ride along as dummy rows); driver: loraflow/artifact/step_driver.py.
                                        (dims "L*N", "N"): the graph derives N from the banks' first
                                        dimension, so the runtime chooses the slot count (services/inference
                                        sizes it from the memory budget); before, N was the compiled count
-    lora_ranks     int64 [N]           the rank of each slot's adapter (slot 0 and empty slots: 0; columns
-                                       of A / rows of B past it are zero padding); model.native.onnx only
-                                       (manifest graph.native_inputs), absent before graph5: its LoraRows
-                                       nodes compute only that many columns per row. model.onnx does not
-                                       take it (its Gather/MatMul run all R columns).
+    lora_ranks     int64 [N, P]        the rank of each slot's adapter in each of the P adapted modules (bank
+                                       order; slot 0, empty slots and modules the adapter does not touch: 0;
+                                       columns of A / rows of B past it are zero padding); model.native.onnx
+                                       only (manifest graph.native_inputs): each LoraRows node reads its
+                                       module's column (attribute rank_column) and computes only that many
+                                       columns per row, none for a rank of 0. graph5-7: [N], one rank per slot
+                                       (every module); absent before graph5. model.onnx does not take it (its
+                                       Gather/MatMul run all R columns).
   outputs
     logits            float [B, 1, V]  at each row's token logits_index[b]
     present_key.{i}   float [B, H, C, D]  the same memory as past_key.{i}
@@ -92,7 +95,7 @@ LOGITS_INDEX = "logits_index"
 # GraphSpec.kv_layout values.
 KV_LAYOUT_TIME_MAJOR = "time-major"
 KV_LAYOUT_SHARED = "shared-buffer"
-# Fused layout only: int64 [N], the rank of each adapter slot (see above). Graphs compiled before it lack it.
+# Fused layout only: int64 [N, P] (graph8; [N] graph5-7), the rank of each adapter slot per module (see above). Graphs compiled before it lack it.
 LORA_RANKS = "lora_ranks"
 POSITION_IDS = "position_ids"
 LORA_IDS = "lora_ids"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,12 +360,24 @@ def slot_rank(tensors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
     return max((used_rank(a, b) for a, b in tensors.values()), default=0)
 
 
+def slot_module_ranks(tensors: Mapping[str, tuple[np.ndarray, np.ndarray]], modules: Sequence[str]) -> np.ndarray:
+    """int64 [P]: the rank one slot's ``slot_tensors`` need in each of the banks' ``modules`` (bank order; 0
+    for a module the adapter does not touch). Its max is ``slot_rank``."""
+    return np.array([used_rank(*tensors[m]) if m in tensors else 0 for m in modules], np.int64)  # [P]
+
+
 def bank_ranks(banks_a: Mapping[str, np.ndarray], banks_b: Mapping[str, np.ndarray]) -> np.ndarray:
-    """int64 [N]: the rank each slot of [L, N, in, R] / [L, N, R, out] banks uses (the fused graphs'
-    ``lora_ranks`` input; slot 0 and empty slots 0)."""
+    """int64 [N]: the rank each slot of [L, N, in, R] / [L, N, R, out] banks uses (graph5-7's ``lora_ranks``
+    input; slot 0 and empty slots 0)."""
+    ranks = bank_module_ranks(banks_a, banks_b)  # [N, P]
+    return ranks.max(axis=1) if ranks.shape[1] else np.zeros(ranks.shape[0], np.int64)  # [N, P] -> [N]
+
+
+def bank_module_ranks(banks_a: Mapping[str, np.ndarray], banks_b: Mapping[str, np.ndarray]) -> np.ndarray:
+    """int64 [N, P]: the rank each slot uses in each bank module (the banks' order), graph8's ``lora_ranks``."""
     slots = next(iter(banks_a.values())).shape[1] if banks_a else 0
-    return np.array([slot_rank({m: (banks_a[m][:, s], banks_b[m][:, s]) for m in banks_a}) for s in range(slots)],
-                    np.int64)  # [N]
+    return np.array([[used_rank(banks_a[m][:, s], banks_b[m][:, s]) for m in banks_a] for s in range(slots)],
+                    np.int64).reshape(slots, len(banks_a))  # [N, P]
 
 
 def clear_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int) -> None:

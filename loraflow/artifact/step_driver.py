@@ -19,8 +19,8 @@ verification before publishing and the inference service both run an artifact th
   rows admitted together hold adjacent slots (their first chunks share one padded call).
 * ``seqlens_k[b]`` = tokens in row b's cache after the call minus one; ``total_sequence_length`` =
   the longest row's total. The graph writes the new K/V into the bound cache views itself.
-* ``lora_ranks`` [N] (graph5 on) is bound once, like the banks: the caller's array, updated in place when
-  a slot's adapter changes. A graph without the input (compiled before it) is fed nothing.
+* ``lora_ranks`` [N] (graph5-7) or [N, P] (graph8: per slot and adapted module) is bound once, like the banks:
+  the caller's array, updated in place when a slot's adapter changes. A graph without the input (compiled before it) is fed nothing.
 """
 
 from __future__ import annotations
@@ -58,11 +58,13 @@ class FusedStepDriver:
     """Owns the IOBinding of one session; the cache and the (flat) banks are the caller's arrays."""
 
     def __init__(self, session, cache: SharedKvCache, banks: Mapping[str, object], *, vocab_size: int,
-                 logits_dtype=np.float32, lora_ranks: np.ndarray | None = None):
+                 logits_dtype=np.float32, lora_ranks: np.ndarray | None = None,
+                 lora_module_ranks: np.ndarray | None = None):
         """``banks``: graph input name -> OrtValue or numpy array [L*N, in, R] / [L*N, R, out], bound once
         (on CPU an OrtValue over a numpy array aliases it, so writes into the array serve at once).
-        ``lora_ranks``: int64 [N], each slot's rank (loraflow.artifact.lora_bank.bank_ranks), bound once the same way;
-        required by a graph with that input."""
+        ``lora_ranks``: int64 [N], each slot's rank (loraflow.artifact.lora_bank.bank_ranks), and
+        ``lora_module_ranks``: int64 [N, P], each slot's rank per bank module (bank_module_ranks), bound once the
+        same way: a graph with a ``lora_ranks`` input takes the one of its shape (graph5-7 [N], graph8 [N, P])."""
         import onnxruntime as ort
 
         self._ort = ort
@@ -79,7 +81,8 @@ class FusedStepDriver:
             self.binding.bind_ortvalue_input(name, value)
         graph_inputs = {i.name: i for i in session.get_inputs()}
         if gc.LORA_RANKS in graph_inputs:
-            self._bind_ranks(graph_inputs[gc.LORA_RANKS].shape, lora_ranks)
+            shape = graph_inputs[gc.LORA_RANKS].shape
+            self._bind_ranks(shape, lora_module_ranks if len(shape) == 2 else lora_ranks)
         self._bound_range: tuple[int, int] | None = None
         self._range_values: dict[tuple[int, int], list[object]] = {}
         self._logits: dict[int, tuple[np.ndarray, object]] = {}
@@ -89,11 +92,15 @@ class FusedStepDriver:
 
     # --- binding ----------------------------------------------------------------------------------
     def _bind_ranks(self, shape, lora_ranks: np.ndarray | None) -> None:
+        per_module = len(shape) == 2
+        what = "[N, P] (each adapter slot's rank per module): pass lora_module_ranks=loraflow.artifact.lora_bank." \
+            "bank_module_ranks(...)" if per_module else "[N] (each adapter slot's rank): pass " \
+            "lora_ranks=loraflow.artifact.lora_bank.bank_ranks(...)"
         if lora_ranks is None:
-            raise InvalidArgument(f"this graph takes {gc.LORA_RANKS} [N] (each adapter slot's rank): pass "
-                                  "lora_ranks=loraflow.artifact.lora_bank.bank_ranks(...)", field=gc.LORA_RANKS, value=None)
-        if (not isinstance(lora_ranks, np.ndarray) or lora_ranks.dtype != np.int64 or lora_ranks.ndim != 1
-                or not lora_ranks.flags.c_contiguous or (isinstance(shape[0], int) and lora_ranks.shape[0] != shape[0])):
+            raise InvalidArgument(f"this graph takes {gc.LORA_RANKS} {what}", field=gc.LORA_RANKS, value=None)
+        fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
+        if (not isinstance(lora_ranks, np.ndarray) or lora_ranks.dtype != np.int64 or lora_ranks.ndim != len(shape)
+                or not lora_ranks.flags.c_contiguous or any(lora_ranks.shape[i] != d for i, d in fixed)):
             raise InvalidArgument(f"{gc.LORA_RANKS} must be a contiguous int64 array of shape {list(shape)}, got "
                                   f"{getattr(lora_ranks, 'dtype', type(lora_ranks).__name__)} "
                                   f"{list(np.shape(lora_ranks))}", field=gc.LORA_RANKS, value=list(np.shape(lora_ranks)))

@@ -12,15 +12,18 @@
 //            a_bank   float [M, K, R]      A^T of every (layer, slot), M = layers * slots (N slots a layer,
 //                                          slot 0 the base model): the runtime picks N, the bank carries it
 //            b_bank   float [M, R, O]      B^T * scaling of every (layer, slot)
-//            lora_ranks int64 [N]          optional: the rank of each slot (slot 0, the base, 0); row b then
-//                                          uses only the first lora_ranks[id_b] columns of A / rows of B
-//                                          (zero-padded past them), so its work follows its own rank, not R
+//            lora_ranks int64 [N] or [N, P] optional: the rank of each slot (slot 0, the base, 0), or of each
+//                                          (slot, adapted module) pair (graph8: P modules, this node's column
+//                                          rank_column); row b then uses only the first rank columns of A /
+//                                          rows of B (zero-padded past them), so its work follows its own rank,
+//                                          not R, and a module its adapter does not touch (rank 0) costs nothing
 //   attrs    layer         int             this node's decoder layer: its bank rows are layer * N ..
 //            num_layers    int             layer * N + N - 1 with N = M / num_layers, read from the bank's
 //                                          shape at run time (so the slot count is the runtime's choice)
 //            bank_offset   int             instead of layer/num_layers (graphs compiled before them): this
 //                                          layer's first bank row, fixed at compile time (layer * slots)
 //            column_offset int             where the O delta columns start inside Y
+//            rank_column   int             with a [N, P] lora_ranks: this node's module's column (graph8)
 //   output   float [B, S, Y] = y, plus (x[b, s] @ a_bank[off + id_b]) @ b_bank[off + id_b] in the columns
 //            column_offset .. column_offset + O
 //
@@ -59,7 +62,8 @@ struct Task {
   const float* a_bank;
   const float* b_bank;
   float* out;
-  const int64_t* ranks;  // [N] or nullptr (every slot uses all R columns)
+  const int64_t* ranks;  // [N] or [N, P] (row id's rank at ranks[id * rank_stride]) or nullptr (all R columns)
+  int64_t rank_stride;
   int64_t S, K, R, O, Y, bank_offset, column_offset;
 };
 
@@ -154,8 +158,8 @@ void RowDelta(const Task& t, size_t b) {
   const float* Bm = t.b_bank + (t.bank_offset + id) * t.R * t.O;  // [R, O]
   // The slot's rank (columns past it are zero padding), else all R; padding adds zeros, so either way the
   // sums agree up to rounding (each width is its own compiled loop).
-  const int64_t rank = t.ranks ? t.ranks[id] : t.R;
-  if (rank == 0) return;  // an empty slot: nothing to add
+  const int64_t rank = t.ranks ? t.ranks[id * t.rank_stride] : t.R;
+  if (rank == 0) return;  // an empty slot, or a module its adapter does not touch: nothing to add
   // The narrowest compiled width that holds the rank and fits in the bank's rows (R columns).
   if (rank <= 4 && t.R >= 4) return RowDeltaFixed<4>(t, b, A, Bm, rank);
   if (rank <= 8 && t.R >= 8) return RowDeltaFixed<8>(t, b, A, Bm, rank);
@@ -193,6 +197,8 @@ struct LoraRowsKernel {
     } else {
       bank_offset_ = ki.GetAttribute<int64_t>("bank_offset");
     }
+    if (OptionalAttribute(info, "rank_column", &rank_column_) && rank_column_ < 0)
+      Fail("LoraRows: attribute rank_column " + std::to_string(rank_column_) + " is negative");
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -237,22 +243,31 @@ struct LoraRowsKernel {
                std::to_string(bank_offset + id[b]) + " is outside 0.." + std::to_string(M - 1));
       }
     }
-    // Optional lora_ranks [N]: absent (graphs compiled before it, or left unfed) every row uses all R columns.
+    // Optional lora_ranks [N] (a rank per slot) or [N, P] (per slot and module, this node's column
+    // rank_column): absent (graphs compiled before it, or left unfed) every row uses all R columns.
     const int64_t* ranks = nullptr;
+    int64_t rank_stride = 1;
     int64_t row_ranks = B * R;  // sum of the ranks the rows use (the work, with K + O per rank and token)
     if (ctx.GetInputCount() > 5) {
       auto rk = ctx.GetInput(5);
       if (static_cast<const OrtValue*>(rk) != nullptr) {
         const auto rs = rk.GetTensorTypeAndShapeInfo().GetShape();
-        const int64_t N = rs.size() == 1 ? rs[0] : -1;
-        if (N < 0) Fail("LoraRows: lora_ranks " + Shape(rs) + " is not [N]");
+        const int64_t N = rs.size() == 1 || rs.size() == 2 ? rs[0] : -1;
+        if (N < 0) Fail("LoraRows: lora_ranks " + Shape(rs) + " is not [N] or [N, P]");
         ranks = rk.GetTensorData<int64_t>();
+        if (rs.size() == 2) {  // [N, P]: this node's module is column rank_column
+          if (rank_column_ < 0 || rank_column_ >= rs[1])
+            Fail("LoraRows: lora_ranks " + Shape(rs) + " is per module but this node's rank_column is " +
+                 (rank_column_ < 0 ? std::string("not set") : std::to_string(rank_column_)));
+          rank_stride = rs[1];
+          ranks += rank_column_;
+        }
         row_ranks = 0;
         for (int64_t b = 0; b < B; ++b) {
           if (id[b] >= N)
             Fail("lora_ranks: row " + std::to_string(b) + " has slot " + std::to_string(id[b]) +
                  " but lora_ranks " + Shape(rs) + " covers slots 0.." + std::to_string(N - 1));
-          const int64_t r = ranks[id[b]];
+          const int64_t r = ranks[id[b] * rank_stride];
           if (r < 0 || r > R)
             Fail("lora_ranks: slot " + std::to_string(id[b]) + " has rank " + std::to_string(r) +
                  ", outside 0.." + std::to_string(R) + " (the banks' R)");
@@ -262,9 +277,12 @@ struct LoraRowsKernel {
     }
     auto out = ctx.GetOutput(0, ys);
     float* o = out.GetTensorMutableData<float>();
-    std::memcpy(o, y.GetTensorData<float>(), static_cast<size_t>(B * S * Y) * sizeof(float));
+    // ONNX Runtime may hand y's own buffer over as the output (GetMayInplace below: y feeds only this node):
+    // then base rows and the columns outside the delta are already in place.
+    const float* y_data = y.GetTensorData<float>();
+    if (o != y_data) std::memcpy(o, y_data, static_cast<size_t>(B * S * Y) * sizeof(float));
     Task task{x.GetTensorData<float>(), id, a.GetTensorData<float>(), bb.GetTensorData<float>(), o, ranks,
-              S, K, R, O, Y, bank_offset, column_offset_};
+              rank_stride, S, K, R, O, Y, bank_offset, column_offset_};
     // A decode step (a few thousand multiply-adds per row) runs inline: waking the pool costs more.
     // Prefill chunks (S tokens per row) are split by row over ONNX Runtime's intra-op threads.
     if (B > 1 && S * row_ranks * (K + O) >= parallel_min_) {
@@ -280,10 +298,28 @@ struct LoraRowsKernel {
   int64_t layer_ = 0;
   int64_t num_layers_ = 0;  // > 0: the offset is layer_ * (bank rows / num_layers_)
   int64_t column_offset_ = 0;
+  int64_t rank_column_ = -1;  // graph8: this node's module's column of a [N, P] lora_ranks
 };
 
+// The output may reuse y's buffer (input 0): each element of out is y's at the same index plus a delta computed
+// from x and the banks only, so writing in place reads nothing it has overwritten. Saves a copy of [B, S, Y] a node
+// (a prefill chunk's packed q|k|v went through three).
+size_t ORT_API_CALL OutputMayReuseY(int** input_index, int** output_index) {
+  *input_index = new int[1]{0};
+  *output_index = new int[1]{0};
+  return 1;
+}
+
+void ORT_API_CALL ReleaseReuseMap(int* input_index, int* output_index) {
+  delete[] input_index;
+  delete[] output_index;
+}
+
 struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
-  explicit LoraRowsOp(int64_t parallel_min) : parallel_min_(parallel_min) {}
+  explicit LoraRowsOp(int64_t parallel_min) : parallel_min_(parallel_min) {
+    OrtCustomOp::GetMayInplace = OutputMayReuseY;
+    OrtCustomOp::ReleaseMayInplace = ReleaseReuseMap;
+  }
   void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) const {
     return new LoraRowsKernel(info, parallel_min_);
   }

@@ -63,7 +63,9 @@ from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 # graph6: the fused graphs' adapter slot count N is symbolic (banks [L*N, ...], LoraRows layer/num_layers): the
 # runtime chooses how many slots to keep resident.
 # graph7: model.native.onnx's SwiGLU activation is one ai.loraflow.SwiGlu node over the packed gate|up.
-COMPILER_VERSION = "loraflow-compiler/0.5.0+graph7-swiglu"
+# graph8: model.native.onnx's lora_ranks is [N, P], a rank per slot and adapted module (LoraRows rank_column), so a
+# module a row's adapter does not touch costs that row nothing.
+COMPILER_VERSION = "loraflow-compiler/0.5.0+graph8-module-ranks"
 
 STAGES = ("load", "validate", "export", "optimize", "verify", "write")
 

@@ -1,8 +1,9 @@
 """The adapter-slot table of one loaded model: which adapter each bank slot holds, and the banks themselves.
 
 Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] are laid out as the compiler lays
-them (loraflow.artifact.lora_bank); slot 0 is the base model (zeros) and never holds an adapter. ``ranks`` (int64 [N],
-the fused graphs' ``lora_ranks``) holds the rank each slot's weights use, kept in step with every write. Both runtimes use
+them (loraflow.artifact.lora_bank); slot 0 is the base model (zeros) and never holds an adapter. ``module_ranks`` (int64
+[N, P], graph8's ``lora_ranks``) holds the rank each slot's weights use in each module, ``ranks`` (int64 [N], graph5-7's)
+their max, both kept in step with every write. Both runtimes use
 this class (``OrtRuntime`` binds the banks as graph inputs, ``Ai100Runtime`` sets them as QPC buffers); a
 runtime passes ``sync``, called after every bank write, to bring the device copy up to date.
 
@@ -27,7 +28,7 @@ from loraflow.artifact.lora_bank import (
     clear_slot,
     empty_banks,
     read_adapter,
-    slot_rank,
+    slot_module_ranks,
     slot_tensors,
     write_slot_tensors,
 )
@@ -107,7 +108,9 @@ class AdapterSlots:
         self.spec = BankSpec.from_manifest(manifest, adapter_slots)
         self.adapter_slots = self.spec.adapter_slots
         self.lora_a, self.lora_b = empty_banks(self.spec, dtype)
-        # Each slot's used rank (0: empty or base); a runtime binds this array once, so it is updated in place.
+        # Each slot's used rank (0: empty or base) per bank module (graph8's lora_ranks) and overall (graph5-7's);
+        # a runtime binds these arrays once, so they are updated in place.
+        self.module_ranks = np.zeros((self.adapter_slots + 1, len(self.spec.modules)), np.int64)  # [N, P]
         self.ranks = np.zeros(self.adapter_slots + 1, np.int64)  # [N]
         self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
         self._sync = sync
@@ -230,7 +233,8 @@ class AdapterSlots:
         # From the weights written (not the declared r): columns past it are zero, so it is exact (the modules
         # left out of ``tensors`` are zero now). The slot is reserved (no request reads it) while weights and
         # rank change.
-        self.ranks[slot] = slot_rank(tensors)
+        self.module_ranks[slot] = slot_module_ranks(tensors, list(self.spec.modules))
+        self.ranks[slot] = self.module_ranks[slot].max(initial=0)
         self._sync()
 
     def commit(self, slot: int, name: str, rank: int, *, source: str, active_requests: int = 0) -> None:
@@ -249,6 +253,7 @@ class AdapterSlots:
     def release_reservation(self, slot: int) -> None:
         """Free a reserved slot whose load failed (zeroed: it may hold part of the new weights)."""
         clear_slot(self.lora_a, self.lora_b, slot)
+        self.module_ranks[slot] = 0
         self.ranks[slot] = 0
         self._sync()
         with self._slot_idle:

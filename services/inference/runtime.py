@@ -12,8 +12,9 @@ Graphs run through the same step drivers verification runs before publishing:
 Adapter banks ``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}`` [L, N, R, out] come from loraflow.artifact.lora_bank
 (the compiler's layout) and are graph inputs bound once through an IOBinding; on CPU the OrtValues share
 memory with the numpy banks, so a hot-added adapter is written into its slot in place and serves at once.
-Slot 0 is the base model (zeros). A fused graph's ``lora_ranks`` [N] (AdapterSlots.ranks, each slot's rank)
-is bound the same way, so LoraRows computes each row's own rank at no per-step cost. The slot table and
+Slot 0 is the base model (zeros). A fused graph's ``lora_ranks`` (graph8: [N, P], AdapterSlots.module_ranks, each
+slot's rank per module; before: [N], AdapterSlots.ranks) is bound the same way, so LoraRows computes each row's own
+rank of each module, none of a module its adapter does not touch, at no per-step cost. The slot table and
 banks are services/inference/adapter_slots.py's AdapterSlots (``runtime.adapters``), shared with the AI 100
 runtime.
 
@@ -182,7 +183,8 @@ class OrtRuntime(ServesAdapterSlots):
                 self._bank_values[name] = ort.OrtValue.ortvalue_from_numpy(bank, bank_device, 0)
         if self.shared_kv:
             self._driver = FusedStepDriver(self.session, self.kv, self._bank_values, vocab_size=self.vocab_size,
-                                           logits_dtype=self.logits_dtype, lora_ranks=self.adapters.ranks)
+                                           logits_dtype=self.logits_dtype, lora_ranks=self.adapters.ranks,
+                                     lora_module_ranks=self.adapters.module_ranks)
         else:
             # Owns the time-major cache [L, ctx_len, F, H, D] per kind (loraflow/artifact/traced_step_driver.py).
             self._driver = TracedStepDriver(self.session, self._bank_values, layers=self.layers,
@@ -265,7 +267,8 @@ class OrtRuntime(ServesAdapterSlots):
             session = ort.InferenceSession(str(self.artifact_dir / self._graph_file), so,
                                            providers=["CPUExecutionProvider"])
             driver = FusedStepDriver(session, self.kv, self._bank_values, vocab_size=self.vocab_size,
-                                     logits_dtype=self.logits_dtype, lora_ranks=self.adapters.ranks)
+                                     logits_dtype=self.logits_dtype, lora_ranks=self.adapters.ranks,
+                                     lora_module_ranks=self.adapters.module_ranks)
         except Exception as err:  # the spinning session keeps serving
             log.warning("could not open the sleeping session of %s: %s", self.manifest.artifact_id, err)
             return

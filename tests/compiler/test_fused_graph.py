@@ -78,7 +78,7 @@ def _driver(graph, session, banks, *, slots: int) -> tuple[SharedKvCache, FusedS
     cache = SharedKvCache(layers=graph.layers, slots=slots, kv_heads=graph.num_kv_heads, ctx_len=CTX,
                           head_dim=graph.head_dim)
     return cache, FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size,
-                                  lora_ranks=feed_ranks(banks))
+                                  **feed_ranks(banks))
 
 
 def _peft_tokens(model_dir, adapter_path, prompt):

@@ -63,7 +63,7 @@ def _whole_graph_run(art, graph, file, banks, native):
     cache = SharedKvCache(layers=graph.layers, slots=SCENARIO_SLOTS, kv_heads=graph.num_kv_heads, ctx_len=CTX,
                           head_dim=graph.head_dim)
     driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size,
-                             lora_ranks=feed_ranks(banks))
+                             **feed_ranks(banks))
     return drive_scenario(driver, vocab_size=graph.vocab_size, ctx_len=CTX, occupied_slots=2, chunk=4,
                           label="whole", fed_tokens=True)
 
@@ -92,7 +92,7 @@ def test_the_ranges_together_compute_the_whole_graph(four_layers, native):
         assert layers <= set(range(*p.layers)), (p.name, layers)
     run, calls = record_fused(list(proto.graph.input), graph, banks, ctx_len=CTX, occupied_slots=2, chunk=4,
                               label="ranges")
-    replay = ranges.RangeReplay(calls, {**flat_bank_views(banks), gc.LORA_RANKS: feed_ranks(banks)},
+    replay = ranges.RangeReplay(calls, {**flat_bank_views(banks), gc.LORA_RANKS: feed_ranks(banks)["lora_module_ranks"]},
                                 kv_heads=graph.num_kv_heads, ctx_len=CTX, head_dim=graph.head_dim, slots=SCENARIO_SLOTS)
     for piece in pieces:
         so = ort.SessionOptions()

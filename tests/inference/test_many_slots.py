@@ -130,7 +130,8 @@ def test_a_three_slot_artifact_serves_twelve_adapters_resident_at_once_equal_to_
 
 def _fix_slots_as_before_graph6(artifact_dir, manifest, out_dir):
     """A copy of the artifact as compiler 0.4 wrote it: LoraRows with bank_offset = layer * N, static bank
-    dims (manifest and graph); only the native graph is kept (the standard one is not rewritten)."""
+    dims (manifest and graph), lora_ranks [N] (a rank per slot); only the native graph is kept (the standard one
+    is not rewritten)."""
     shutil.copytree(artifact_dir, out_dir)
     n = manifest.adapter_slots + 1
     layers = manifest.graph.layers
@@ -149,9 +150,10 @@ def _fix_slots_as_before_graph6(artifact_dir, manifest, out_dir):
         if value.name.startswith(("lora_a.", "lora_b.")):
             dims[0].ClearField("dim_param")
             dims[0].dim_value = layers * n
-        elif value.name == gc.LORA_RANKS:
+        elif value.name == gc.LORA_RANKS:  # [N] as before graph8 (a rank per slot, no rank_column)
             dims[0].ClearField("dim_param")
             dims[0].dim_value = n
+            del dims[1:]
     onnx.save(model, str(out_dir / manifest.graph.native_file))
 
     def static(t: TensorSpec) -> TensorSpec:

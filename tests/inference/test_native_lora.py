@@ -17,17 +17,20 @@ from loraflow import native as native_lora
 from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition
 from services.inference.model_manager import open_model
-from tests.inference.conftest import PROMPTS
+from tests.inference.conftest import ADAPTERS, PROMPTS
 from tests.support.native import native_session, require_native
 
 
 def _one_node(bank_offset: int | None, column_offset: int, spinning: bool = False,
-              ranks: bool = False, layer: tuple[int, int] | None = None) -> ort.InferenceSession:
+              ranks: bool = False, layer: tuple[int, int] | None = None,
+              rank_column: int | None = None) -> ort.InferenceSession:
     """One LoraRows node; ``ranks``: with the optional sixth input ``ranks`` [N] (else five inputs, as
-    graphs compiled before it have); ``layer``: (layer, num_layers) attributes (graph6) instead of
-    ``bank_offset`` (graphs compiled before them)."""
+    graphs compiled before it have), [N, P] with ``rank_column`` (graph8); ``layer``: (layer, num_layers)
+    attributes (graph6) instead of ``bank_offset`` (graphs compiled before them)."""
     names = ["y", "x", "ids", "a", "b"] + (["ranks"] if ranks else [])
     where = {"bank_offset": bank_offset} if layer is None else {"layer": layer[0], "num_layers": layer[1]}
+    if rank_column is not None:
+        where["rank_column"] = rank_column
     node = helper.make_node("LoraRows", names, ["out"], domain=native_lora.DOMAIN, column_offset=column_offset,
                             **where)
     inputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", "Y"]),
@@ -36,7 +39,8 @@ def _one_node(bank_offset: int | None, column_offset: int, spinning: bool = Fals
               helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", "K", "R"]),
               helper.make_tensor_value_info("b", TensorProto.FLOAT, ["M", "R", "O"])]
     if ranks:
-        inputs.append(helper.make_tensor_value_info("ranks", TensorProto.INT64, ["N"]))
+        inputs.append(helper.make_tensor_value_info("ranks", TensorProto.INT64,
+                                                    ["N"] if rank_column is None else ["N", "P"]))
     graph = helper.make_graph([node], "one", inputs,
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "S", "Y"])])
     return native_session(graph, spinning)
@@ -119,6 +123,100 @@ def test_lora_rows_with_ranks_equals_without_on_padded_banks_and_ignores_columns
     changed = np.abs(unranked_garbage - with_ranks).max(axis=(1, 2))  # [B]
     assert (changed[[1, 2, 3, 5, 6]] > 1.0).all(), changed  # every row of rank < R reads the garbage
     assert changed[0] == 0 and changed[4] == 0, changed  # the base row, and the full-rank slot has no padding
+
+
+@pytest.mark.parametrize("seq", [1, 5])
+@pytest.mark.parametrize("spinning", [False, True])
+def test_lora_rows_with_module_ranks_reads_its_own_column_and_skips_modules_an_adapter_does_not_touch(
+        seq, spinning):
+    """graph8: lora_ranks [N, P] holds a rank per (slot, module); a node reads column rank_column. A slot whose
+    rank in this node's column is 0 adds nothing even where its bank slice holds numbers (another module's
+    adapter may have left them; the rank, not the bank, says what is served), and the other columns are not read."""
+    require_native()
+    rng = np.random.default_rng(seq + 7 * spinning)
+    B, K, width, Y, slots, layer, R = 5, 24, 10, 16, 4, 1, 8
+    M = 2 * slots
+    y = rng.normal(size=(B, seq, Y)).astype(np.float32)
+    x = rng.normal(size=(B, seq, K)).astype(np.float32)
+    a = rng.normal(size=(M, K, R)).astype(np.float32)
+    b = rng.normal(size=(M, R, width)).astype(np.float32)
+    # [N, P=3]: this node is column 1. Slot 1 touches it at rank 4, slot 2 not at all (rank 0 here, 8 in the
+    # other columns), slot 3 at the full rank 8.
+    module_ranks = np.array([[0, 0, 0], [8, 4, 0], [8, 0, 8], [2, 8, 2]], np.int64)  # [N, P]
+    ids = np.array([[0], [1], [2], [3], [2]], np.int64)  # [B, 1]
+    feeds = {"y": y, "x": x, "ids": ids, "a": a, "b": b, "ranks": module_ranks}
+    session = _one_node(None, 4, spinning, ranks=True, layer=(layer, 2), rank_column=1)
+    (out,) = session.run(None, feeds)
+    # The reference: each slot's banks cut to this column's rank (rank 0: the base model's zeros).
+    cut_a, cut_b = a.copy(), b.copy()
+    for slot, r in enumerate(module_ranks[:, 1]):
+        cut_a[slot::slots, :, r:] = 0
+        cut_b[slot::slots, r:, :] = 0
+    np.testing.assert_allclose(out, _reference(y, x, ids, cut_a, cut_b, layer * slots, 4), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out[[0, 2, 4]], y[[0, 2, 4]])  # base and untouched-module rows: y itself
+    assert np.abs(out[1] - y[1]).max() > 0.1 and np.abs(out[3] - y[3]).max() > 0.1
+    # The same numbers fed as a per-slot [N] of this column (graph5-7's input) give the same result.
+    (per_slot,) = _one_node(None, 4, spinning, ranks=True, layer=(layer, 2)).run(
+        None, {**feeds, "ranks": np.ascontiguousarray(module_ranks[:, 1])})
+    np.testing.assert_array_equal(out, per_slot)
+
+
+@pytest.mark.parametrize("seq", [1, 6])
+def test_chained_lora_rows_over_an_intermediate_y_equal_the_reference(seq):
+    """As q|k|v packed: y = x @ W (an intermediate ONNX Runtime may hand to the node as its output buffer), then
+    two LoraRows nodes adding deltas in their own columns; a base row passes through both untouched."""
+    require_native()
+    rng = np.random.default_rng(seq)
+    B, K, Y, slots = 4, 12, 20, 3
+    x = rng.normal(size=(B, seq, K)).astype(np.float32)
+    w = rng.normal(size=(K, Y)).astype(np.float32)
+    banks = {name: rng.normal(size=shape).astype(np.float32) for name, shape in
+             (("a1", (slots, K, 4)), ("b1", (slots, 4, 8)), ("a2", (slots, K, 4)), ("b2", (slots, 4, 12)))}
+    for bank in banks.values():
+        bank[0] = 0  # slot 0: the base model
+    ids = np.array([[1], [0], [2], [1]], np.int64)  # [B, 1]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("LoraRows", ["y", "x", "ids", "a1", "b1"], ["y1"], domain=native_lora.DOMAIN,
+                              bank_offset=0, column_offset=0),
+             helper.make_node("LoraRows", ["y1", "x", "ids", "a2", "b2"], ["out"], domain=native_lora.DOMAIN,
+                              bank_offset=0, column_offset=8)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", K]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 1])]
+    inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(bank.shape)) for name, bank in banks.items()]
+    graph = helper.make_graph(nodes, "chain", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                                                      ["B", "S", Y])],
+                              initializer=[helper.make_tensor("w", TensorProto.FLOAT, [K, Y], w.ravel())])
+    (out,) = native_session(graph, False).run(None, {"x": x, "ids": ids, **banks})
+    y = x @ w  # [B, S, Y]
+    want = _reference(_reference(y, x, ids, banks["a1"], banks["b1"], 0, 0), x, ids, banks["a2"], banks["b2"], 0, 8)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out[1], y[1], rtol=1e-6, atol=1e-6)  # the base row: x @ W only
+
+
+def test_lora_rows_refuses_module_ranks_without_a_column_or_with_a_column_outside_them():
+    require_native()
+    rng = np.random.default_rng(2)
+    feeds = {"y": rng.normal(size=(2, 1, 8)).astype(np.float32), "x": rng.normal(size=(2, 1, 4)).astype(np.float32),
+             "ids": np.array([[0], [1]], np.int64), "a": rng.normal(size=(2, 4, 2)).astype(np.float32),
+             "b": rng.normal(size=(2, 2, 8)).astype(np.float32), "ranks": np.zeros((2, 3), np.int64)}
+    with pytest.raises(Exception, match=r"lora_ranks \[2, 3\] is per module but this node's rank_column is 3"):
+        _one_node(0, 0, ranks=True, rank_column=3).run(None, feeds)
+    # A node without rank_column (graph5-7) fed a per-module [N, P]: refused, not read as [N].
+    graph_without = helper.make_graph(
+        [helper.make_node("LoraRows", ["y", "x", "ids", "a", "b", "ranks"], ["out"], domain=native_lora.DOMAIN,
+                          bank_offset=0, column_offset=0)], "one",
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", "Y"]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", "K"]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 1]),
+         helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", "K", "R"]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["M", "R", "O"]),
+         helper.make_tensor_value_info("ranks", TensorProto.INT64, ["N", "P"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "S", "Y"])])
+    with pytest.raises(Exception, match=r"lora_ranks \[2, 3\] is per module but this node's rank_column is not set"):
+        native_session(graph_without, False).run(None, feeds)
+    with pytest.raises(Exception, match=r"lora_ranks: slot 1 has rank 5, outside 0\.\.2"):
+        _one_node(0, 0, ranks=True, rank_column=2).run(
+            None, {**feeds, "ranks": np.array([[0, 0, 0], [0, 0, 5]], np.int64)})
 
 
 @pytest.mark.parametrize("slots", [2, 5, 13])
@@ -207,7 +305,15 @@ def test_the_artifact_holds_both_graphs_verified_and_serves_peft_tokens_through_
     assert graph.native_file and (artifact_dir / graph.native_file).is_file()
     verify = json.loads((artifact_dir / "manifest.json").read_text())["extra"]["verify"]
     assert verify["native"]["tokens_match"] and verify["native"]["relative_diff"] <= verify["tolerance"]
-    assert [(t.name, t.dtype, t.shape) for t in graph.native_inputs] == [(gc.LORA_RANKS, "int64", (gc.SLOTS_DIM,))]
+    # graph8: a rank per slot and adapted module (bank order), P = the artifact's adapted modules.
+    assert [(t.name, t.dtype, t.shape) for t in graph.native_inputs] == [
+        (gc.LORA_RANKS, "int64", (gc.SLOTS_DIM, len(graph.lora_modules)))]
+    modules = list(graph.lora_modules)
+
+    def module_ranks(name: str) -> list[int]:  # what a slot holding ``name`` uses in each bank module
+        _, r, _, targets, _ = ADAPTERS[name]
+        return [r if m in targets else 0 for m in modules]
+
     rows = [(PROMPTS[0], ""), (PROMPTS[1], "alpha"), (PROMPTS[2], "beta"), (PROMPTS[3], "gamma")]
     for kernel in ("native", "onnx"):
         if kernel == "onnx":
@@ -219,9 +325,14 @@ def test_the_artifact_holds_both_graphs_verified_and_serves_peft_tokens_through_
             assert (gc.LORA_RANKS in {i.name for i in model.runtime.session.get_inputs()}) == (kernel == "native")
             # alpha r=4, beta r=8, gamma r=2 (the 4-wide loop) in a max_rank-8 bank; slot 4 empty.
             assert model.runtime.adapters.ranks.tolist() == [0, 4, 8, 2, 0]
-            if kernel == "native":  # a hot-added adapter's rank (6) serves at once through the bound input
+            # Per module: alpha only q/v, gamma only k/o/down; the other modules cost their rows nothing.
+            assert model.runtime.adapters.module_ranks.tolist() == [
+                [0] * len(modules), module_ranks("alpha"), module_ranks("beta"), module_ranks("gamma"),
+                [0] * len(modules)]
+            if kernel == "native":  # a hot-added adapter's ranks (6, q/up/down) serve at once through the bound input
                 slot = model.runtime.load_adapter("hot", tiny_adapters["hot"])
                 assert model.runtime.adapters.ranks[slot] == 6
+                assert model.runtime.adapters.module_ranks[slot].tolist() == module_ranks("hot")
                 rows_now = rows + [(PROMPTS[0], "hot")]
             else:
                 rows_now = rows
@@ -252,5 +363,11 @@ def test_the_step_driver_refuses_a_graph_with_lora_ranks_without_the_ranks(tiny_
     with pytest.raises(InvalidArgument) as info:
         FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size)
     assert info.value.field == gc.LORA_RANKS
-    with pytest.raises(InvalidArgument, match=r"lora_ranks must be a contiguous int64 array of shape \['N'\]"):
-        FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size, lora_ranks=np.zeros(5, np.int32))
+    P = len(graph.lora_modules)
+    with pytest.raises(InvalidArgument, match=rf"lora_ranks must be a contiguous int64 array of shape \['N', {P}\]"):
+        FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size, lora_module_ranks=np.zeros((5, P), np.int32))
+    with pytest.raises(InvalidArgument, match=rf"shape \['N', {P}\], got int64 \[5, {P + 1}\]"):
+        FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size,
+                        lora_module_ranks=np.zeros((5, P + 1), np.int64))
+    with pytest.raises(InvalidArgument, match=r"bank_module_ranks"):  # a graph8 graph fed graph7's [N] only
+        FusedStepDriver(session, cache, {}, vocab_size=graph.vocab_size, lora_ranks=np.zeros(5, np.int64))

@@ -370,12 +370,14 @@ class FusedGraphBuilder:
         if module not in self.opts.lora_modules:
             return y
         if self.opts.lora_kernel == "native":
-            # lora_ranks: each row computes only its slot's rank of the bank's R columns.
+            # lora_ranks [N, P]: each row computes only its slot's rank of this module (column rank_column) of
+            # the bank's R columns, none where its adapter does not touch the module.
             # layer/num_layers: the kernel finds this layer's rows from the banks' shape (N chosen at run time).
             (out,) = self.g.node("LoraRows", [y, x, gc.LORA_IDS, gc.lora_a(module), gc.lora_b(module),
                                               gc.LORA_RANKS],
                                  name=f"{name}/lora", domain=native_lora.DOMAIN,
-                                 layer=layer, num_layers=self.cfg.num_layers, column_offset=column_offset)
+                                 layer=layer, num_layers=self.cfg.num_layers, column_offset=column_offset,
+                                 rank_column=list(self.opts.lora_modules).index(module))
             return out
         if column_offset:
             raise InvalidArgument("a column offset needs the native LoRA kernel", field="column_offset",
@@ -531,7 +533,8 @@ class FusedGraphBuilder:
         if opts.lora_kernel == "native":
             # Read by the LoraRows nodes. The standard-operator graph has no use for it (its Gather/MatMul
             # run all R columns) and does not take it, so model.onnx's contract is unchanged.
-            inputs.append(helper.make_tensor_value_info(gc.LORA_RANKS, TensorProto.INT64, [gc.SLOTS_DIM]))
+            inputs.append(helper.make_tensor_value_info(gc.LORA_RANKS, TensorProto.INT64,
+                                                        [gc.SLOTS_DIM, len(opts.lora_modules)]))
         outputs = [helper.make_tensor_value_info(gc.LOGITS, float_t, ["B", 1, cfg.vocab_size])]
         for i in range(L):
             inputs += [helper.make_tensor_value_info(gc.past_key(i), float_t, ["B", H, C, D]),

@@ -85,6 +85,7 @@ def export_fused(weights: WeightSource, out_dir: str | Path, opts: FusedGraphOpt
                       inputs=inputs, outputs=outputs,
                       lora_modules={m: LoraModuleSpec(*shapes[m]) for m in opts.lora_modules},
                       kv_layout=gc.KV_LAYOUT_SHARED, native_file=NATIVE_ONNX_FILE if native_model is not None else "",
-                      native_inputs=(TensorSpec(gc.LORA_RANKS, "int64", (gc.SLOTS_DIM,)),) if native_model is not None
+                      native_inputs=(TensorSpec(gc.LORA_RANKS, "int64", (gc.SLOTS_DIM, len(opts.lora_modules))),)
+                      if native_model is not None
                       else ())
     return FusedExport(graph=graph, timings=timings, written=builder.written, digests={DATA_FILE: data_sha})

@@ -34,7 +34,7 @@ import onnx
 
 from loraflow.artifact import graph_contract as gc
 from loraflow.artifact.kv_cache import SharedKvCache
-from loraflow.artifact.lora_bank import bank_ranks
+from loraflow.artifact.lora_bank import bank_module_ranks
 from loraflow.artifact.manifest import GraphSpec
 from loraflow.artifact.session import session_options
 from loraflow.artifact.step_driver import FusedStepDriver, flat_bank
@@ -75,11 +75,13 @@ def flat_bank_views(banks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: flat_bank(np.ascontiguousarray(bank, dtype=np.float32)) for name, bank in banks.items()}
 
 
-def feed_ranks(banks: Mapping[str, np.ndarray]) -> np.ndarray:
-    """int64 [N]: each slot's rank in graph-input-keyed banks (``lora_a.{m}`` [L, N, in, R] / ``lora_b.{m}``)."""
+def feed_ranks(banks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The step driver's rank arguments for graph-input-keyed banks (``lora_a.{m}`` [L, N, in, R] /
+    ``lora_b.{m}``): ``lora_ranks`` int64 [N] (each slot's rank) and ``lora_module_ranks`` [N, P] (per module)."""
     prefix_a = gc.lora_a("")
     modules = [name[len(prefix_a):] for name in banks if name.startswith(prefix_a)]
-    return bank_ranks({m: banks[gc.lora_a(m)] for m in modules}, {m: banks[gc.lora_b(m)] for m in modules})
+    per_module = bank_module_ranks({m: banks[gc.lora_a(m)] for m in modules}, {m: banks[gc.lora_b(m)] for m in modules})
+    return {"lora_ranks": per_module.max(axis=1, initial=0), "lora_module_ranks": per_module}
 
 
 def _report(result: ScenarioResult) -> FusedVerifyReport:
@@ -96,7 +98,7 @@ def drive_fused(session, graph: GraphSpec, banks: Mapping[str, np.ndarray], *, c
     cache = SharedKvCache(layers=graph.layers, slots=SCENARIO_SLOTS, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
                           head_dim=graph.head_dim)
     driver = FusedStepDriver(session, cache, flat_bank_views(banks), vocab_size=graph.vocab_size,
-                             lora_ranks=feed_ranks(banks))
+                             **feed_ranks(banks))
     try:
         return drive_scenario(driver, vocab_size=graph.vocab_size, ctx_len=ctx_len, occupied_slots=occupied_slots,
                               chunk=chunk, label=label, decode_steps=decode_steps, seed=seed)
@@ -124,7 +126,7 @@ def record_fused(graph_inputs, graph: GraphSpec, banks: Mapping[str, np.ndarray]
                           head_dim=graph.head_dim)
     flat = flat_bank_views(banks)
     recorder = ranges.Recorder(graph_inputs, cache, frozenset([*flat, gc.LORA_RANKS]))
-    driver = FusedStepDriver(recorder, cache, flat, vocab_size=graph.vocab_size, lora_ranks=feed_ranks(banks))
+    driver = FusedStepDriver(recorder, cache, flat, vocab_size=graph.vocab_size, **feed_ranks(banks))
     try:
         run = drive_scenario(driver, vocab_size=graph.vocab_size, ctx_len=ctx_len, occupied_slots=occupied_slots,
                              chunk=chunk, label=label, decode_steps=decode_steps, seed=seed, fed_tokens=True)
@@ -155,7 +157,7 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
     layer_ranges = ranges.layer_ranges(models[graph.file], graph.layers,
                                         ranges.RANGE_BYTES if range_bytes is None else range_bytes)
     recorded, replays, pieces = {}, {}, {}
-    flat = {**flat_bank_views(banks), gc.LORA_RANKS: feed_ranks(banks)}
+    flat = {**flat_bank_views(banks), gc.LORA_RANKS: feed_ranks(banks)["lora_module_ranks"]}
     for f in files:
         recorded[f] = record_fused(list(models[f].graph.input), graph, banks, ctx_len=ctx_len,
                                    occupied_slots=occupied_slots, chunk=chunk, label=f"fused graph {f}")
