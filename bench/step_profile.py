@@ -101,8 +101,9 @@ def profile_ours(artifact_dir: Path, manifest, prompts_ids: list[list[int]], ste
     rows = len(prompts_ids)
     cache = SharedKvCache(layers=graph.layers, slots=rows, kv_heads=graph.num_kv_heads,
                           ctx_len=int(manifest.options["ctx_len"]), head_dim=graph.head_dim)
+    module_ranks = lora_bank.bank_module_ranks(banks_a, banks_b)  # [N, P]
     driver = FusedStepDriver(session, cache, banks, vocab_size=graph.vocab_size,
-                             lora_ranks=lora_bank.bank_ranks(banks_a, banks_b))
+                             lora_ranks=module_ranks.max(axis=1, initial=0), lora_module_ranks=module_ranks)
     lora_ids = [1 + b % manifest.adapter_slots for b in range(rows)]
     chunk = int(manifest.options["prefill_seq_len"])
     done = [0] * rows
