@@ -67,111 +67,233 @@ struct Task {
   int64_t S, K, R, O, Y, bank_offset, column_offset;
 };
 
-// out[off:off+O] += sum_r xa[r] * B[r, :] for one token: one pass over the output, vectorised over o.
-template <int R>
-inline void AddXaB(const float* __restrict xa, const float* __restrict Bm, float* __restrict ys, int64_t O) {
-  for (int64_t o = 0; o < O; ++o) {
-    float sum = ys[o];
-    for (int r = 0; r < R; ++r) sum += xa[r] * Bm[r * O + o];
-    ys[o] = sum;
-  }
+[[noreturn]] void Fail(std::string message) { throw Ort::Exception(std::move(message), ORT_INVALID_ARGUMENT); }
+
+// Work is split into groups: up to kGroup tokens that use the same bank slot (a decode step's rows of one adapter,
+// or four consecutive tokens of one prefill row). A group reads each row of A and of B once for all its tokens.
+constexpr int kGroup = 4;
+
+struct Group {
+  int64_t id;  // the slot (> 0) and its rank in this node's module (> 0)
+  int64_t rank;
+  int n;       // tokens, 1..kGroup
+  const float* x[kGroup];  // each token's [K] input
+  float* y[kGroup];        // each token's output columns column_offset .. + O
+};
+
+// Vectors of W floats (GCC vector extensions: AVX with -march=native, two SSE halves on x86-64-v2).
+// (A vector_size attribute on an alias template is dropped silently: the types are spelled out per width.)
+template <int W>
+struct VecOf;
+template <>
+struct VecOf<4> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct VecOf<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <int W>
+using Vec = typename VecOf<W>::type;
+static_assert(sizeof(Vec<8>) == 8 * sizeof(float) && sizeof(Vec<4>) == 4 * sizeof(float), "vector widths");
+
+template <int W>
+inline Vec<W> Load(const float* p) {
+  Vec<W> v;
+  std::memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
 }
 
-// One row b with a compile-time width R (the first R columns of A's rows, which are t.R long): tokens four
-// at a time share each load of A's row k (four independent accumulators of R lanes), then each token's R
-// values multiply B's first R rows in one pass over its output. A slot of rank < R (rounded up to the next
-// compiled width) zeroes xa past its rank, so what its bank holds there adds nothing.
-template <int R>
-void RowDeltaFixed(const Task& t, size_t b, const float* __restrict A, const float* __restrict Bm, int64_t rank) {
-  constexpr int64_t kTile = 4;
+template <int W>
+inline void Store(float* p, Vec<W> v) { std::memcpy(p, &v, sizeof(v)); }
+
+// One group with a compile-time width R (the first R columns of A's rows, which are t.R long) and N tokens:
+//   xa[n] = x[n] @ A[:, :R]   (over k in order; the R columns as R/W vectors, so A's row k is loaded once for
+//                              all N tokens; columns past the slot's rank are zeroed afterwards)
+//   y[n] += xa[n] @ B[:R, :]  (over r in order, vectorised over o; B's row r, vector o, loaded once for all N)
+// Every token's sums run in the same order whatever N is, so a row's delta does not depend on which rows share
+// its slot in a call. N x R/W accumulators stay in registers for the widths used (N is at most 8 / (R/8)).
+// No contraction into FMAs here: g++ contracted the k loop's multiply-add for some N and not for others, so a
+// row's bits depended on how many rows shared its slot (measured at width 4); the images' x86-64-v2 build has no
+// FMA either. No auto-vectorising either: the vectors are written out above, and g++
+// vectorised the loops around them as in-order reductions (strided gathers, one scalar add at a time).
+template <int R, int N>
+__attribute__((optimize("no-tree-vectorize", "fp-contract=off")))
+void GroupDelta(const Task& t, const Group& g, const float* __restrict A, const float* __restrict Bm) {
+  constexpr int W = R < 8 ? R : 8;
+  constexpr int RV = R / W;
   const int64_t K = t.K, O = t.O, stride = t.R;
-  if (t.S == 1) {  // a decode row: four partial sums over k instead of four tokens
-    alignas(32) float part[kTile][R] = {};
-    const float* __restrict xs = t.x + static_cast<int64_t>(b) * K;
-    int64_t k = 0;
-    for (; k + kTile <= K; k += kTile) {
-      for (int64_t i = 0; i < kTile; ++i) {
-        const float xk = xs[k + i];
-        const float* __restrict ak = A + (k + i) * stride;
-        for (int r = 0; r < R; ++r) part[i][r] += xk * ak[r];
-      }
+  Vec<W> acc[N][RV];
+  for (int n = 0; n < N; ++n)
+    for (int j = 0; j < RV; ++j) acc[n][j] = Vec<W>{};
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<W> a[RV];
+    for (int j = 0; j < RV; ++j) a[j] = Load<W>(A + k * stride + j * W);
+    for (int n = 0; n < N; ++n) {
+      const float xk = g.x[n][k];
+      for (int j = 0; j < RV; ++j) acc[n][j] += xk * a[j];
     }
-    for (; k < K; ++k) {
-      for (int r = 0; r < R; ++r) part[0][r] += xs[k] * A[k * stride + r];
-    }
-    alignas(32) float xa[R];
-    for (int r = 0; r < R; ++r) xa[r] = r < rank ? (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]) : 0.0f;
-    AddXaB<R>(xa, Bm, t.out + static_cast<int64_t>(b) * t.Y + t.column_offset, O);
-    return;
   }
-  for (int64_t s0 = 0; s0 < t.S; s0 += kTile) {
-    const int64_t n = std::min(kTile, t.S - s0);
-    alignas(32) float xa[kTile][R] = {};
-    const float* xs[kTile];
-    for (int64_t i = 0; i < kTile; ++i) xs[i] = t.x + (static_cast<int64_t>(b) * t.S + s0 + std::min(i, n - 1)) * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const float* __restrict ak = A + k * stride;
-      const float x0 = xs[0][k], x1 = xs[1][k], x2 = xs[2][k], x3 = xs[3][k];
-      for (int r = 0; r < R; ++r) {
-        const float a = ak[r];
-        xa[0][r] += x0 * a;
-        xa[1][r] += x1 * a;
-        xa[2][r] += x2 * a;
-        xa[3][r] += x3 * a;
+  alignas(64) float xa[N][R];
+  for (int n = 0; n < N; ++n) {
+    for (int j = 0; j < RV; ++j) Store<W>(xa[n] + j * W, acc[n][j]);
+    for (int r = static_cast<int>(g.rank); r < R; ++r) xa[n][r] = 0.0f;
+  }
+  // Two vectors of output columns at a time: each r then costs N broadcasts and two loads of B for 2N FMAs.
+  constexpr int OW = 8;
+  int64_t o = 0;
+  for (; o + 2 * OW <= O; o += 2 * OW) {
+    Vec<OW> lo[N], hi[N];
+    for (int n = 0; n < N; ++n) {
+      lo[n] = Load<OW>(g.y[n] + o);
+      hi[n] = Load<OW>(g.y[n] + o + OW);
+    }
+    for (int r = 0; r < R; ++r) {
+      const Vec<OW> b_lo = Load<OW>(Bm + r * O + o), b_hi = Load<OW>(Bm + r * O + o + OW);
+      for (int n = 0; n < N; ++n) {
+        lo[n] += xa[n][r] * b_lo;
+        hi[n] += xa[n][r] * b_hi;
       }
     }
-    for (int64_t i = 0; i < kTile; ++i) {
-      for (int64_t r = rank; r < R; ++r) xa[i][r] = 0.0f;
+    for (int n = 0; n < N; ++n) {
+      Store<OW>(g.y[n] + o, lo[n]);
+      Store<OW>(g.y[n] + o + OW, hi[n]);
     }
-    for (int64_t i = 0; i < n; ++i) {
-      float* ys = t.out + (static_cast<int64_t>(b) * t.S + s0 + i) * t.Y + t.column_offset;
-      AddXaB<R>(xa[i], Bm, ys, O);
+  }
+  for (; o + OW <= O; o += OW) {
+    Vec<OW> sum[N];
+    for (int n = 0; n < N; ++n) sum[n] = Load<OW>(g.y[n] + o);
+    for (int r = 0; r < R; ++r) {
+      const Vec<OW> b = Load<OW>(Bm + r * O + o);
+      for (int n = 0; n < N; ++n) sum[n] += xa[n][r] * b;
+    }
+    for (int n = 0; n < N; ++n) Store<OW>(g.y[n] + o, sum[n]);
+  }
+  for (; o < O; ++o) {  // the last O % 8 columns, in the same order
+    for (int n = 0; n < N; ++n) {
+      float sum = g.y[n][o];
+      for (int r = 0; r < R; ++r) sum += xa[n][r] * Bm[r * O + o];
+      g.y[n][o] = sum;
     }
   }
 }
 
-// Any other rank: the same arithmetic with runtime loops over the first ``rank`` columns.
-void RowDeltaAny(const Task& t, size_t b, const float* A, const float* Bm, int64_t rank) {
-  std::vector<float> xa(static_cast<size_t>(rank));
-  for (int64_t s = 0; s < t.S; ++s) {
-    const float* xs = t.x + (static_cast<int64_t>(b) * t.S + s) * t.K;
-    float* ys = t.out + (static_cast<int64_t>(b) * t.S + s) * t.Y + t.column_offset;
+// The group's token count as a compile-time N (at most kMaxN<R> tokens a group; see Groups).
+template <int R>
+constexpr int kMaxN = R <= 16 ? kGroup : (R == 32 ? 2 : 1);
+
+template <int R>
+void GroupDeltaFixed(const Task& t, const Group& g, const float* A, const float* Bm) {
+  switch (g.n) {
+    case 1: return GroupDelta<R, 1>(t, g, A, Bm);
+    case 2: if constexpr (kMaxN<R> >= 2) return GroupDelta<R, 2>(t, g, A, Bm); break;
+    case 3: if constexpr (kMaxN<R> >= 3) return GroupDelta<R, 3>(t, g, A, Bm); break;
+    case 4: if constexpr (kMaxN<R> >= 4) return GroupDelta<R, 4>(t, g, A, Bm); break;
+  }
+  Fail("LoraRows: internal: a group of " + std::to_string(g.n) + " tokens at width " + std::to_string(R));
+}
+
+// Any other rank: the same arithmetic with runtime loops over the first ``rank`` columns, token by token.
+void GroupDeltaAny(const Task& t, const Group& g, const float* A, const float* Bm) {
+  std::vector<float> xa(static_cast<size_t>(g.rank));
+  for (int n = 0; n < g.n; ++n) {
     std::fill(xa.begin(), xa.end(), 0.0f);
     for (int64_t k = 0; k < t.K; ++k) {
-      const float xk = xs[k];
+      const float xk = g.x[n][k];
       const float* ak = A + k * t.R;
-      for (int64_t r = 0; r < rank; ++r) xa[r] += xk * ak[r];
+      for (int64_t r = 0; r < g.rank; ++r) xa[r] += xk * ak[r];
     }
-    for (int64_t r = 0; r < rank; ++r) {
-      const float c = xa[r];
-      const float* br = Bm + r * t.O;
-      for (int64_t o = 0; o < t.O; ++o) ys[o] += c * br[o];
+    for (int64_t o = 0; o < t.O; ++o) {
+      float sum = g.y[n][o];
+      for (int64_t r = 0; r < g.rank; ++r) sum += xa[r] * Bm[r * t.O + o];
+      g.y[n][o] = sum;
     }
   }
 }
 
-// One row b: out[b, s, off:off+O] += (x[b, s] @ A) @ B with row b's slot of the banks.
-void RowDelta(const Task& t, size_t b) {
-  const int64_t id = t.ids[b];
-  if (id == 0) return;  // the base model: slot 0 of every bank is zero
-  const float* A = t.a_bank + (t.bank_offset + id) * t.K * t.R;  // [K, R]
-  const float* Bm = t.b_bank + (t.bank_offset + id) * t.R * t.O;  // [R, O]
-  // The slot's rank (columns past it are zero padding), else all R; padding adds zeros, so either way the
-  // sums agree up to rounding (each width is its own compiled loop).
-  const int64_t rank = t.ranks ? t.ranks[id * t.rank_stride] : t.R;
-  if (rank == 0) return;  // an empty slot, or a module its adapter does not touch: nothing to add
-  // The narrowest compiled width that holds the rank and fits in the bank's rows (R columns).
-  if (rank <= 4 && t.R >= 4) return RowDeltaFixed<4>(t, b, A, Bm, rank);
-  if (rank <= 8 && t.R >= 8) return RowDeltaFixed<8>(t, b, A, Bm, rank);
-  if (rank <= 16 && t.R >= 16) return RowDeltaFixed<16>(t, b, A, Bm, rank);
-  if (rank <= 32 && t.R >= 32) return RowDeltaFixed<32>(t, b, A, Bm, rank);
-  if (rank <= 64 && t.R >= 64) return RowDeltaFixed<64>(t, b, A, Bm, rank);
-  return RowDeltaAny(t, b, A, Bm, rank);
+// The narrowest compiled width that holds the group's rank and fits in the bank's rows (R columns); columns past
+// the rank are zero padding, so any width that holds it gives the same sums up to rounding.
+int CompiledWidth(int64_t rank, int64_t R) {
+  for (int w : {4, 8, 16, 32, 64})
+    if (rank <= w && R >= w) return w;
+  return 0;
 }
 
-void RowDeltaThunk(void* data, size_t b) { RowDelta(*static_cast<const Task*>(data), b); }
+void GroupDeltaAt(const Task& t, const Group& g) {
+  const float* A = t.a_bank + (t.bank_offset + g.id) * t.K * t.R;  // [K, R]
+  const float* Bm = t.b_bank + (t.bank_offset + g.id) * t.R * t.O;  // [R, O]
+  switch (CompiledWidth(g.rank, t.R)) {
+    case 4: return GroupDeltaFixed<4>(t, g, A, Bm);
+    case 8: return GroupDeltaFixed<8>(t, g, A, Bm);
+    case 16: return GroupDeltaFixed<16>(t, g, A, Bm);
+    case 32: return GroupDeltaFixed<32>(t, g, A, Bm);
+    case 64: return GroupDeltaFixed<64>(t, g, A, Bm);
+    default: return GroupDeltaAny(t, g, A, Bm);
+  }
+}
 
-[[noreturn]] void Fail(std::string message) { throw Ort::Exception(std::move(message), ORT_INVALID_ARGUMENT); }
+struct Work {
+  const Task* task;
+  const Group* groups;
+};
+
+void GroupThunk(void* data, size_t i) {
+  const Work& w = *static_cast<const Work*>(data);
+  GroupDeltaAt(*w.task, w.groups[i]);
+}
+
+// The groups of one call: rows on the base model or on a slot of rank 0 in this module are left out; a decode
+// step (S = 1) puts rows of the same slot together (up to the width's token count), a prefill chunk takes each
+// row's tokens four at a time.
+std::vector<Group> Groups(const Task& t, int64_t B) {
+  std::vector<Group> groups;
+  auto rank_of = [&](int64_t id) { return t.ranks ? t.ranks[id * t.rank_stride] : t.R; };
+  auto max_n = [&](int64_t rank) {
+    switch (CompiledWidth(rank, t.R)) {
+      case 4: return kMaxN<4>;
+      case 8: return kMaxN<8>;
+      case 16: return kMaxN<16>;
+      case 32: return kMaxN<32>;
+      case 64: return kMaxN<64>;
+      default: return kGroup;
+    }
+  };
+  if (t.S == 1) {
+    std::vector<int64_t> open;  // index into groups of the last group of each slot seen, by slot order of arrival
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t id = t.ids[b], rank = id == 0 ? 0 : rank_of(id);
+      if (rank == 0) continue;  // the base model, an empty slot, or a module this adapter does not touch
+      int64_t at = -1;
+      for (int64_t i : open)
+        if (groups[i].id == id) at = i;
+      if (at < 0 || groups[at].n == max_n(rank)) {
+        if (at >= 0) open.erase(std::find(open.begin(), open.end(), at));
+        groups.push_back(Group{id, rank, 0, {}, {}});
+        at = static_cast<int64_t>(groups.size()) - 1;
+        open.push_back(at);
+      }
+      Group& g = groups[at];
+      g.x[g.n] = t.x + b * t.K;
+      g.y[g.n] = t.out + b * t.Y + t.column_offset;
+      ++g.n;
+    }
+    return groups;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t id = t.ids[b], rank = id == 0 ? 0 : rank_of(id);
+    if (rank == 0) continue;
+    const int n_max = max_n(rank);
+    for (int64_t s0 = 0; s0 < t.S; s0 += n_max) {
+      Group g{id, rank, static_cast<int>(std::min<int64_t>(n_max, t.S - s0)), {}, {}};
+      for (int n = 0; n < g.n; ++n) {
+        g.x[n] = t.x + (b * t.S + s0 + n) * t.K;
+        g.y[n] = t.out + (b * t.S + s0 + n) * t.Y + t.column_offset;
+      }
+      groups.push_back(g);
+    }
+  }
+  return groups;
+}
 
 using loraflow_native::FullyDescribed;
 using loraflow_native::Shape;
@@ -283,12 +405,14 @@ struct LoraRowsKernel {
     if (o != y_data) std::memcpy(o, y_data, static_cast<size_t>(B * S * Y) * sizeof(float));
     Task task{x.GetTensorData<float>(), id, a.GetTensorData<float>(), bb.GetTensorData<float>(), o, ranks,
               rank_stride, S, K, R, O, Y, bank_offset, column_offset_};
+    const std::vector<Group> groups = Groups(task, B);
     // A decode step (a few thousand multiply-adds per row) runs inline: waking the pool costs more.
-    // Prefill chunks (S tokens per row) are split by row over ONNX Runtime's intra-op threads.
-    if (B > 1 && S * row_ranks * (K + O) >= parallel_min_) {
-      ctx.ParallelFor(RowDeltaThunk, static_cast<size_t>(B), 0, &task);
+    // Prefill chunks (S tokens per row) and large decode steps are split by group over ONNX Runtime's threads.
+    if (groups.size() > 1 && S * row_ranks * (K + O) >= parallel_min_) {
+      Work work{&task, groups.data()};
+      ctx.ParallelFor(GroupThunk, groups.size(), 0, &work);
     } else {
-      for (int64_t b = 0; b < B; ++b) RowDelta(task, static_cast<size_t>(b));
+      for (const Group& g : groups) GroupDeltaAt(task, g);
     }
   }
 

@@ -161,6 +161,29 @@ def test_lora_rows_with_module_ranks_reads_its_own_column_and_skips_modules_an_a
     np.testing.assert_array_equal(out, per_slot)
 
 
+@pytest.mark.parametrize("rank", [4, 16, 32, 64])
+@pytest.mark.parametrize("spinning", [False, True])
+def test_a_rows_delta_is_the_same_bits_alone_or_sharing_its_slot_with_other_rows(rank, spinning):
+    """Rows of one slot in a decode step are computed together (each row of A and B read once for up to four of
+    them); each row's sums still run in one order, so its output does not depend on its neighbours."""
+    require_native()
+    rng = np.random.default_rng(rank)
+    B, K, width, Y, slots = 7, 40, 20, 24, 3
+    y = rng.normal(size=(B, 1, Y)).astype(np.float32)
+    x = rng.normal(size=(B, 1, K)).astype(np.float32)
+    a = rng.normal(size=(slots, K, rank)).astype(np.float32)
+    b = rng.normal(size=(slots, rank, width)).astype(np.float32)
+    a[0], b[0] = 0, 0
+    ids = np.array([[1], [1], [2], [1], [1], [1], [1]], np.int64)  # six rows of slot 1: a group of four and two
+    session = _one_node(0, 2, spinning)
+    (together,) = session.run(None, {"y": y, "x": x, "ids": ids, "a": a, "b": b})
+    for row in range(B):
+        (alone,) = session.run(None, {"y": y[row:row + 1], "x": x[row:row + 1], "ids": ids[row:row + 1], "a": a,
+                                      "b": b})
+        np.testing.assert_array_equal(together[row], alone[0])
+    np.testing.assert_allclose(together, _reference(y, x, ids, a, b, 0, 2), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("seq", [1, 6])
 def test_chained_lora_rows_over_an_intermediate_y_equal_the_reference(seq):
     """As q|k|v packed: y = x @ W (an intermediate ONNX Runtime may hand to the node as its output buffer), then
