@@ -108,11 +108,10 @@ template <int W>
 inline void Store(float* p, Vec<W> v) { std::memcpy(p, &v, sizeof(v)); }
 
 // One group with a compile-time width R (the first R columns of A's rows, which are t.R long) and N tokens:
-//   xa[n] = x[n] @ A[:, :R]   (over k in order; the R columns as R/W vectors, so A's row k is loaded once for
-//                              all N tokens; columns past the slot's rank are zeroed afterwards)
+//   xa[n] = x[n] @ A[:, :R]   (the R columns as R/W vectors; columns past the slot's rank zeroed afterwards)
 //   y[n] += xa[n] @ B[:R, :]  (over r in order, vectorised over o; B's row r, vector o, loaded once for all N)
 // Every token's sums run in the same order whatever N is, so a row's delta does not depend on which rows share
-// its slot in a call. N x R/W accumulators stay in registers for the widths used (N is at most 8 / (R/8)).
+// its slot in a call.
 // No contraction into FMAs here: g++ contracted the k loop's multiply-add for some N and not for others, so a
 // row's bits depended on how many rows shared its slot (measured at width 4); the images' x86-64-v2 build has no
 // FMA either. No auto-vectorising either: the vectors are written out above, and g++
@@ -123,20 +122,34 @@ void GroupDelta(const Task& t, const Group& g, const float* __restrict A, const 
   constexpr int W = R < 8 ? R : 8;
   constexpr int RV = R / W;
   const int64_t K = t.K, O = t.O, stride = t.R;
-  Vec<W> acc[N][RV];
+  // xa: four partial sums over k (k mod 4) per token, so four independent chains of adds are in flight even for
+  // one token, then (p0 + p1) + (p2 + p3); A's row k is loaded once for the group's N tokens.
+  constexpr int P = 4;
+  Vec<W> part[N][P][RV];
   for (int n = 0; n < N; ++n)
-    for (int j = 0; j < RV; ++j) acc[n][j] = Vec<W>{};
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<W> a[RV];
-    for (int j = 0; j < RV; ++j) a[j] = Load<W>(A + k * stride + j * W);
+    for (int p = 0; p < P; ++p)
+      for (int j = 0; j < RV; ++j) part[n][p][j] = Vec<W>{};
+  int64_t k = 0;
+  for (; k + P <= K; k += P) {
+    for (int p = 0; p < P; ++p) {
+      Vec<W> a[RV];
+      for (int j = 0; j < RV; ++j) a[j] = Load<W>(A + (k + p) * stride + j * W);
+      for (int n = 0; n < N; ++n) {
+        const float xk = g.x[n][k + p];
+        for (int j = 0; j < RV; ++j) part[n][p][j] += xk * a[j];
+      }
+    }
+  }
+  for (; k < K; ++k) {
     for (int n = 0; n < N; ++n) {
       const float xk = g.x[n][k];
-      for (int j = 0; j < RV; ++j) acc[n][j] += xk * a[j];
+      for (int j = 0; j < RV; ++j) part[n][0][j] += xk * Load<W>(A + k * stride + j * W);
     }
   }
   alignas(64) float xa[N][R];
   for (int n = 0; n < N; ++n) {
-    for (int j = 0; j < RV; ++j) Store<W>(xa[n] + j * W, acc[n][j]);
+    for (int j = 0; j < RV; ++j)
+      Store<W>(xa[n] + j * W, (part[n][0][j] + part[n][1][j]) + (part[n][2][j] + part[n][3][j]));
     for (int r = static_cast<int>(g.rank); r < R; ++r) xa[n][r] = 0.0f;
   }
   // Two vectors of output columns at a time: each r then costs N broadcasts and two loads of B for 2N FMAs.
@@ -179,8 +192,9 @@ void GroupDelta(const Task& t, const Group& g, const float* __restrict A, const 
 }
 
 // The group's token count as a compile-time N (at most kMaxN<R> tokens a group; see Groups).
+// N x R/W x 4 partial sums stay within 16 vectors: 4 tokens at widths 4 and 8, 2 at 16, 1 above.
 template <int R>
-constexpr int kMaxN = R <= 16 ? kGroup : (R == 32 ? 2 : 1);
+constexpr int kMaxN = R <= 8 ? kGroup : (R == 16 ? 2 : 1);
 
 template <int R>
 void GroupDeltaFixed(const Task& t, const Group& g, const float* A, const float* Bm) {
