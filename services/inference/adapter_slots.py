@@ -109,6 +109,10 @@ class AdapterSlots:
         self.lora_a, self.lora_b = empty_banks(self.spec, dtype)
         # Each slot's used rank (0: empty or base); a runtime binds this array once, so it is updated in place.
         self.ranks = np.zeros(self.adapter_slots + 1, np.int64)  # [N]
+        # Per slot, module -> leading rank columns that may be nonzero (what write_slot_tensors wrote): a write
+        # zeroes only those of the previous adapter and a copy takes only them, so neither reads or touches the
+        # rest of the slot. Changed only while the slot is reserved (one loader) or at open.
+        self._held: list[dict[str, int]] = [{} for _ in range(self.adapter_slots + 1)]
         self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
         self._sync = sync
         self._lock = threading.Lock()
@@ -168,7 +172,7 @@ class AdapterSlots:
     def tensors_of(self, name: str, path: Path) -> tuple[dict, int]:
         """Read a PEFT dir and lay it out for one slot: (tensors, rank). InvalidArgument when it is not a
         LoRA adapter the banks can express, FailedPrecondition when it does not fit the artifact."""
-        adapter = read_adapter(name, Path(path))
+        adapter = read_adapter(name, Path(path), digest=False)  # the slot needs the weights, not their sha256
         return slot_tensors(adapter, self.spec), adapter.max_module_rank
 
     def load(self, name: str, path: str | Path, *, source: str = "") -> int:
@@ -221,12 +225,15 @@ class AdapterSlots:
         return slot, evicted
 
     def copy(self, slot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """A copy of one slot's bank slices (of a reserved slot, before ``write`` overwrites it)."""
-        return {m: (self.lora_a[m][:, slot].copy(), self.lora_b[m][:, slot].copy()) for m in self.lora_a}
+        """A copy of what one slot holds (of a reserved slot, before ``write`` overwrites it), as ``write`` takes
+        it: per module the adapter touched, (A^T [L, in, w], B^T [L, w, out]) of its leading w rank columns; the
+        rest of the slot is zero, so writing this back restores the slot exactly."""
+        return {m: (self.lora_a[m][:, slot, :, :w].copy(), self.lora_b[m][:, slot, :w, :].copy())
+                for m, w in self._held[slot].items()}
 
     def write(self, slot: int, tensors: dict) -> None:
         """Write an adapter's tensors into a slot (a module the adapter does not touch gets zeros)."""
-        write_slot_tensors(self.lora_a, self.lora_b, slot, tensors)
+        self._held[slot] = write_slot_tensors(self.lora_a, self.lora_b, slot, tensors, held=self._held[slot])
         # From the weights written (not the declared r): columns past it are zero, so it is exact (the modules
         # left out of ``tensors`` are zero now). The slot is reserved (no request reads it) while weights and
         # rank change.
@@ -249,6 +256,7 @@ class AdapterSlots:
     def release_reservation(self, slot: int) -> None:
         """Free a reserved slot whose load failed (zeroed: it may hold part of the new weights)."""
         clear_slot(self.lora_a, self.lora_b, slot)
+        self._held[slot] = {}
         self.ranks[slot] = 0
         self._sync()
         with self._slot_idle:
