@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from loraflow.artifact.half_cast import half_to_float32
 from loraflow.errors import InvalidArgument
 
 # A real adapter header is a few KiB per hundred tensors; the safetensors library itself caps it at 100 MB.
@@ -166,8 +167,7 @@ def read_float_tensors(path: Path) -> dict[str, np.ndarray]:
     return packed if packed is not None else _read_each(path, header, data_start)
 
 
-# dtype -> (raw little-endian unsigned view, the exponent bits that make a value non-finite).
-_EXPONENT_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000)}
+_PACKED_DTYPES = ("F16", "BF16", "F32")
 
 
 def _read_packed(path: Path, header: dict[str, dict[str, Any]], data_start: int,
@@ -175,10 +175,9 @@ def _read_packed(path: Path, header: dict[str, dict[str, Any]], data_start: int,
     """The bulk read, or None when the file is not one dtype packed end to end, is short, or holds a
     non-finite value (the per-tensor loop then reports it)."""
     dtypes = {info["dtype"] for info in header.values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _EXPONENT_BITS:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _PACKED_DTYPES:
         return None
     dtype = next(iter(dtypes))
-    raw_dtype, exponent = _EXPONENT_BITS[dtype]
     size = DTYPE_SIZES[dtype]
     # read_header refused overlaps, so spans that add up to the data region and sit on element boundaries
     # tile it: every byte read belongs to exactly one tensor.
@@ -190,13 +189,15 @@ def _read_packed(path: Path, header: dict[str, dict[str, Any]], data_start: int,
         f.seek(data_start)
         if f.readinto(buf) != data_len:
             return None
-    bits = np.frombuffer(buf, raw_dtype)  # [n] raw elements
-    if np.any((bits & exponent) == exponent):  # all exponent bits set: inf or NaN
-        return None
     if dtype == "BF16":
-        values = (bits.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of a float32
+        values = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)  # bf16: a float32's top half
+    elif dtype == "F16":
+        values = half_to_float32(np.frombuffer(buf, "<f2"))
     else:
         values = np.frombuffer(buf, np.dtype(_NP_FLOAT[dtype]).newbyteorder("<")).astype(np.float32, copy=False)
+    # max and min propagate NaN and reach any infinity: two reductions, no array of flags.
+    if values.size and not (np.isfinite(values.max()) and np.isfinite(values.min())):
+        return None
     return {name: values[info["data_offsets"][0] // size:info["data_offsets"][1] // size].reshape(info["shape"])
             for name, info in header.items()}
 

@@ -314,12 +314,48 @@ def empty_banks(spec: BankSpec, dtype: str | np.dtype = np.float32) -> tuple[dic
 
 
 def write_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
-               adapter: Adapter, spec: BankSpec) -> None:
-    """Write ``adapter`` into ``slot`` (1..adapter_slots) of the banks in place."""
+               adapter: Adapter, spec: BankSpec, held: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Write ``adapter`` into ``slot`` (1..adapter_slots) of the banks in place: what ``write_slot_tensors`` of its
+    ``slot_tensors`` writes, laid out straight into the banks (no slot-sized arrays in between, whose fresh pages
+    cost an all-linear rank-16 load more than the copy). ``held`` and the result as for ``write_slot_tensors``."""
     if not 1 <= slot <= spec.adapter_slots:
         raise InvalidArgument(f"adapter {adapter.name!r}: slot {slot} is outside 1..{spec.adapter_slots}",
                               field="slot", value=slot)
-    write_slot_tensors(banks_a, banks_b, slot, slot_tensors(adapter, spec))
+    check_fits(adapter, spec)
+    widths: dict[str, int] = {}  # module -> its widest rank over layers
+    ranks: dict[str, dict[int, int]] = {}  # module -> layer -> rank
+    for (layer, module), (a, _) in adapter.weights.items():
+        widths[module] = max(widths.get(module, 0), a.shape[0])
+        ranks.setdefault(module, {})[layer] = a.shape[0]
+    _zero_past(banks_a, banks_b, slot, widths, held)
+    for (layer, module), (a, b) in adapter.weights.items():  # a [r, in], b [out, r]
+        r = a.shape[0]
+        banks_a[module][layer, slot, :, :r] = a.T  # [in, r]
+        np.multiply(b.T, adapter.scaling(layer, module), out=banks_b[module][layer, slot, :r, :])  # [r, out]
+    for module, width in widths.items():  # a layer narrower than its module's width, or absent: zero up to it
+        for layer in range(spec.num_layers):
+            r = ranks[module].get(layer, 0)
+            if r < width:
+                banks_a[module][layer, slot, :, r:width] = 0
+                banks_b[module][layer, slot, r:width, :] = 0
+    return {m: widths[m] for m in banks_a if m in widths}
+
+
+def _zero_past(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
+               widths: Mapping[str, int], held: Mapping[str, int] | None) -> None:
+    """Zero each module's rank columns of ``slot`` from ``widths[m]`` (0: absent) up to what ``held[m]`` says may
+    be nonzero (None: not known, so R, zeroed only where a read finds weights)."""
+    for module, a_bank in banks_a.items():
+        b_bank = banks_b[module]
+        width = widths.get(module, 0)
+        before = a_bank.shape[3] if held is None else held.get(module, 0)
+        if before > width:
+            a_rest, b_rest = a_bank[:, slot, :, width:before], b_bank[:, slot, width:before, :]
+            # Unknown contents: reading is cheap where writing is not (a never-written slot's pages are not even
+            # allocated yet), so only what holds a previous adapter's weights is zeroed.
+            if held is not None or a_rest.any() or b_rest.any():
+                a_rest[...] = 0
+                b_rest[...] = 0
 
 
 def write_slot_tensors(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
@@ -354,23 +390,12 @@ def write_slot_tensors(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.nda
                                       f"slot is {list(full)} (A [L, in, w] and B [L, w, out] may hold its leading "
                                       "w <= R rank columns)", field=f"tensors.{module}",
                                       value=list(np.shape(value)))
-    written: dict[str, int] = {}
-    for module in banks_a:
-        a_bank, b_bank = banks_a[module], banks_b[module]
-        width = 0
-        if module in tensors:
-            a_slot, b_slot = tensors[module]
-            width = written[module] = a_slot.shape[-1]
-            a_bank[:, slot, :, :width] = a_slot  # [L, in, w]
-            b_bank[:, slot, :width, :] = b_slot  # [L, w, out]
-        before = a_bank.shape[3] if held is None else held.get(module, 0)
-        if before > width:
-            a_rest, b_rest = a_bank[:, slot, :, width:before], b_bank[:, slot, width:before, :]
-            # Unknown contents: reading is cheap where writing is not (a never-written slot's pages are not even
-            # allocated yet), so only what holds a previous adapter's weights is zeroed.
-            if held is not None or a_rest.any() or b_rest.any():
-                a_rest[...] = 0
-                b_rest[...] = 0
+    written = {m: tensors[m][0].shape[-1] for m in banks_a if m in tensors}
+    _zero_past(banks_a, banks_b, slot, written, held)
+    for module, width in written.items():
+        a_slot, b_slot = tensors[module]
+        banks_a[module][:, slot, :, :width] = a_slot  # [L, in, w]
+        banks_b[module][:, slot, :width, :] = b_slot  # [L, w, out]
     return written
 
 

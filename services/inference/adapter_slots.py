@@ -23,12 +23,14 @@ import numpy as np
 
 from loraflow.artifact.graph_contract import runtime_slots
 from loraflow.artifact.lora_bank import (
+    Adapter,
     BankSpec,
+    check_fits,
     clear_slot,
     empty_banks,
     read_adapter,
     slot_rank,
-    slot_tensors,
+    write_slot,
     write_slot_tensors,
 )
 from loraflow.artifact.manifest import Manifest
@@ -169,11 +171,13 @@ class AdapterSlots:
                     self._slot_idle.notify_all()
 
     # ---- loading ---------------------------------------------------------------------------
-    def tensors_of(self, name: str, path: Path) -> tuple[dict, int]:
-        """Read a PEFT dir and lay it out for one slot: (tensors, rank). InvalidArgument when it is not a
-        LoRA adapter the banks can express, FailedPrecondition when it does not fit the artifact."""
+    def tensors_of(self, name: str, path: Path) -> tuple[Adapter, int]:
+        """Read a PEFT dir for one slot: (the checked adapter, which ``write`` lays out straight into the banks,
+        rank). InvalidArgument when it is not a LoRA adapter the banks can express, FailedPrecondition when it
+        does not fit the artifact."""
         adapter = read_adapter(name, Path(path), digest=False)  # the slot needs the weights, not their sha256
-        return slot_tensors(adapter, self.spec), adapter.max_module_rank
+        check_fits(adapter, self.spec)
+        return adapter, adapter.max_module_rank
 
     def load(self, name: str, path: str | Path, *, source: str = "") -> int:
         """Bind a PEFT adapter dir into a free slot (or the least recently used idle one); returns the slot.
@@ -231,13 +235,18 @@ class AdapterSlots:
         return {m: (self.lora_a[m][:, slot, :, :w].copy(), self.lora_b[m][:, slot, :w, :].copy())
                 for m, w in self._held[slot].items()}
 
-    def write(self, slot: int, tensors: dict) -> None:
-        """Write an adapter's tensors into a slot (a module the adapter does not touch gets zeros)."""
-        self._held[slot] = write_slot_tensors(self.lora_a, self.lora_b, slot, tensors, held=self._held[slot])
+    def write(self, slot: int, weights: Adapter | dict) -> None:
+        """Write an adapter into a slot (a module the adapter does not touch gets zeros): a checked ``Adapter``
+        (``tensors_of``), or slot tensors as ``copy`` takes them (a host-cache entry)."""
+        if isinstance(weights, Adapter):
+            held = write_slot(self.lora_a, self.lora_b, slot, weights, self.spec, held=self._held[slot])
+        else:
+            held = write_slot_tensors(self.lora_a, self.lora_b, slot, weights, held=self._held[slot])
+        self._held[slot] = held
         # From the weights written (not the declared r): columns past it are zero, so it is exact (the modules
-        # left out of ``tensors`` are zero now). The slot is reserved (no request reads it) while weights and
-        # rank change.
-        self.ranks[slot] = slot_rank(tensors)
+        # left out are zero now). The slot is reserved (no request reads it) while weights and rank change.
+        self.ranks[slot] = slot_rank({m: (self.lora_a[m][:, slot, :, :w], self.lora_b[m][:, slot, :w, :])
+                                      for m, w in held.items()})
         self._sync()
 
     def commit(self, slot: int, name: str, rank: int, *, source: str, active_requests: int = 0) -> None:
@@ -248,7 +257,7 @@ class AdapterSlots:
             self.slots[slot] = AdapterSlot(name=name, r=rank, source=source, active_requests=active_requests,
                                            last_used=self._clock)
 
-    def install(self, slot: int, name: str, tensors: dict, rank: int, *, source: str) -> None:
+    def install(self, slot: int, name: str, tensors: Adapter | dict, rank: int, *, source: str) -> None:
         """Write ``tensors`` into a reserved slot and name it (it serves from now on)."""
         self.write(slot, tensors)
         self.commit(slot, name, rank, source=source)

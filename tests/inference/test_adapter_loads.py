@@ -23,8 +23,10 @@ SHAPES = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": 
 BLOCK = {m: "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn" for m in SHAPES}
 
 
-def write_adapter(out: Path, rank: int, targets, seed: int, rank_pattern: dict | None = None) -> dict:
-    """A PEFT adapter dir (fp16, alpha 2r); returns the reference slot: module -> (A^T [L, in, R], B^T*s [L, R, out])."""
+def write_adapter(out: Path, rank: int, targets, seed: int, rank_pattern: dict | None = None,
+                  skip: frozenset = frozenset()) -> dict:
+    """A PEFT adapter dir (fp16, alpha 2r) without the (layer, module) weights in ``skip``; returns the reference
+    slot: module -> (A^T [L, in, R], B^T*s [L, R, out])."""
     rng = np.random.default_rng(seed)
     tensors, ref = {}, {}
     for module in targets:
@@ -32,6 +34,8 @@ def write_adapter(out: Path, rank: int, targets, seed: int, rank_pattern: dict |
         a_ref = np.zeros((LAYERS, fin, MAX_RANK), np.float32)
         b_ref = np.zeros((LAYERS, MAX_RANK, fout), np.float32)
         for layer in range(LAYERS):
+            if (layer, module) in skip:
+                continue
             r = (rank_pattern or {}).get(f"layers.{layer}.{BLOCK[module]}.{module}", rank)
             a = rng.standard_normal((r, fin)).astype(np.float16)
             b = rng.standard_normal((fout, r)).astype(np.float16)
@@ -73,8 +77,9 @@ def loader(tmp_path):
     adapters = OnDemandAdapters(_Runtime(slots), model_id="m", artifact_id="art", resolve=resolve,
                                 cache=HostAdapterCache(1 << 30))
 
-    def publish(name: str, rank: int, targets, seed: int, rank_pattern: dict | None = None) -> dict:
-        ref = write_adapter(tmp_path / "src" / name, rank, targets, seed, rank_pattern)
+    def publish(name: str, rank: int, targets, seed: int, rank_pattern: dict | None = None,
+                skip: frozenset = frozenset()) -> dict:
+        ref = write_adapter(tmp_path / "src" / name, rank, targets, seed, rank_pattern, skip)
         store.publish_dir(f"adapters/{name}", tmp_path / "src" / name, progress=False)
         return ref
 
@@ -100,14 +105,21 @@ def load(adapters: OnDemandAdapters, name: str) -> int:
 
 
 def test_a_store_load_writes_exactly_the_scaled_transposed_weights(loader):
-    # q_proj's layer 0 at rank 2 by rank_pattern (scaling alpha/2): the module's slot tensors are 8 wide, its
-    # layer 0 zero past column 2.
+    # Written over an all-linear rank-16 adapter: q_proj's layer 0 at rank 2 by rank_pattern (scaling alpha/2)
+    # and down_proj without layer 1 leave nothing of the previous adapter past their own columns.
     adapters, _, publish = loader
+    first = publish("first", 16, tuple(SHAPES), seed=5)
     ref = publish("a", 8, ("q_proj", "v_proj", "down_proj"), seed=1,
-                  rank_pattern={"layers.0.self_attn.q_proj": 2})
-    slot = load(adapters, "a")
+                  rank_pattern={"layers.0.self_attn.q_proj": 2}, skip=frozenset({(1, "down_proj")}))
+    slot = load(adapters, "first")
+    assert_slot_is(adapters.slots, slot, first)
+    assert load(adapters, "a") == slot
     assert_slot_is(adapters.slots, slot, ref)
     assert adapters.slots.ranks[slot] == 8
+    assert load(adapters, "first") == slot  # from the host cache
+    assert_slot_is(adapters.slots, slot, first)
+    assert load(adapters, "a") == slot
+    assert_slot_is(adapters.slots, slot, ref)
 
 
 def test_an_evicted_adapter_is_cached_rank_trimmed_and_comes_back_bit_for_bit(loader):
