@@ -7,19 +7,31 @@ OnDemandAdapters (the path a request's first use takes) over a fixed sequence of
 rank 4/8/16 x targets q,v / q,k,v,o / all seven linears, fp16 safetensors as PEFT writes them:
 
 * pass 1 "store": every adapter's first load (store copy with sha256 into the local dir, PEFT read, bank write;
-  the first --slots loads fill empty slots, the rest evict the least recently used one into the host cache);
+  the first --slots loads fill empty slots, "store_empty_slot", the rest evict the least recently used one into
+  the host cache);
 * pass 2 "host_cache": the same sequence again, every load a host-cache hit evicting another adapter;
-* pass 3 "store_warm": host cache emptied, the same sequence: the local dir is already fetched (no copy).
+* pass 3 "store_warm": host cache emptied and off, the same sequence: the local dir is already fetched (no copy).
 
 Per load: the loading thread's CPU (time.thread_time) and wall, split into phases by wrapping the methods the
-load calls (fetch: origin.fetch, the store -> local dir; read: AdapterSlots.tensors_of, PEFT read + validation
-+ layout; evict: AdapterSlots.copy, the evicted slot into the host cache; write: AdapterSlots.write; other:
-the rest). Prints one JSON object: per tier, the mean ms per load overall and per (rank, targets), phases
+load calls (fetch: origin.fetch, the store -> local dir; read: AdapterSlots.tensors_of, PEFT read + validation,
+and before 42d64d5 the slot layout too, which now happens in write; evict: AdapterSlots.copy, the evicted slot
+into the host cache; write: AdapterSlots.write; other: the rest). Prints one JSON object: per tier, the mean ms per load overall and per (rank, targets), phases
 included, plus the host load and peak RSS.
 
-Baseline (125b9c7, before this branch's changes; --per-combo 4, --slots 16, load ~2): see README "Adapter loads".
+CPU ms per load (defaults and --repeats 2; 2 cores at load 2.4, the code before
+(125b9c7) and after alternating three times in one lock hold, a 10 GiB cgroup):
 
-Usage: .venv/bin/python bench/adapter_loads.py [--per-combo 4] [--slots 16] [--repeats 1]
+| tier | before | after |
+|---|---|---|
+| store, evicting (fetch with sha256, read, evict copy, write) | 41.5 / 35.4 / 31.7 | 14.3 / 14.7 / 15.1 |
+| host cache, evicting | 20.9 / 17.9 / 13.9 | 3.3 / 3.7 / 3.4 |
+| store, local dir already fetched | 14.6 / 17.9 / 22.0 | 6.0 / 6.2 / 6.3 |
+| store, into an empty slot (first touch of its pages) | 27.7 / 36.5 / 49.7 | 20.4 / 12.2 / 24.1 |
+
+peak RSS 1712 -> 1074 MB (host-cache entries rank-trimmed). On a quieter host before the changes (load 2.0):
+store 29.8 (fetch 3.6, read 14.2, evict 7.6, write 4.0), host cache 9.8 (evict 4.4, write 5.2).
+
+Usage: .venv/bin/python bench/adapter_loads.py [--per-combo 6] [--slots 16] [--repeats 1] [--work-dir DIR]
 """
 
 from __future__ import annotations
