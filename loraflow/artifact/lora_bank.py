@@ -105,13 +105,13 @@ class Adapter:
 
     name: str
     path: Path
-    digest: str  # sha256 of adapter_model.safetensors
+    digest: str  # sha256 of adapter_model.safetensors ("" when read with digest=False)
     r: int
     lora_alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]  # modules that actually carry weights, canonical order
     config: Mapping[str, Any]
-    # (layer, module) -> (A [r_m, in], B [out, r_m]) as float32
+    # (layer, module) -> (A [r_m, in], B [out, r_m]) as float32 (views of one array for a packed file)
     weights: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]]
 
     @property
@@ -162,8 +162,12 @@ def adapter_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_adapter(name: str, path: str | Path) -> Adapter:
-    """Read and sanity-check a PEFT adapter dir; raise InvalidArgument naming the adapter and field."""
+def read_adapter(name: str, path: str | Path, *, digest: bool = True) -> Adapter:
+    """Read and sanity-check a PEFT adapter dir; raise InvalidArgument naming the adapter and field.
+
+    ``digest=False`` leaves ``Adapter.digest`` empty: a second pass over the weights file that only a record
+    needs (registration, the compiler's manifest), not a load into a slot, whose store copy was sha256-checked
+    when it was fetched."""
     path = Path(path)
     cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not cfg_path.is_file() or not w_path.is_file():
@@ -239,7 +243,8 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
         weights[(layer, module)] = (a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
 
     targets = tuple(m for m in ALL_LORA_MODULES if any(mod == m for _, mod in weights))
-    return Adapter(name=name, path=path, digest=adapter_digest(w_path), r=int(r), lora_alpha=float(alpha),
+    return Adapter(name=name, path=path, digest=adapter_digest(w_path) if digest else "", r=int(r),
+                   lora_alpha=float(alpha),
                    use_rslora=bool(config.get("use_rslora", False)), target_modules=targets,
                    config=config, weights=weights)
 
@@ -273,25 +278,29 @@ def check_fits(adapter: Adapter, spec: BankSpec) -> None:
 
 
 def slot_tensors(adapter: Adapter, spec: BankSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per module the adapter touches: (A^T [L, in, R], B^T * scaling [L, R, out]) ready for one bank slot (the
-    others are left out: ``write_slot_tensors`` zeroes them, and a slot's worth of zeros per module is what a load
-    of a q,v adapter spent most of its time allocating and writing)."""
+    """Per module the adapter touches: (A^T [L, in, w], B^T * scaling [L, w, out]) for the leading w rank columns
+    of one bank slot, w the module's widest rank over its layers (<= R; ``write_slot_tensors`` leaves the columns
+    past it zero). The modules it does not touch are left out (zeroed by the write): a q,v adapter's slot is its
+    q and v ranks' worth, not a slot of zeros per module at R to allocate, write and copy."""
     check_fits(adapter, spec)
-    touched = {module for _, module in adapter.weights}
+    by_module: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for (layer, module), (a, b) in adapter.weights.items():
+        by_module.setdefault(module, []).append((layer, a, b))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for module, (fin, fout) in spec.modules.items():
-        if module not in touched:
+        entries = by_module.get(module)
+        if not entries:
             continue
-        a_slot = np.zeros((spec.num_layers, fin, spec.max_rank), np.float32)
-        b_slot = np.zeros((spec.num_layers, spec.max_rank, fout), np.float32)
-        for layer in range(spec.num_layers):
-            w = adapter.weights.get((layer, module))
-            if w is None:
-                continue
-            a, b = w  # a [r, in], b [out, r]
+        width = max(a.shape[0] for _, a, _ in entries)
+        # Every layer at the full width overwrites every element: no zeros to write first.
+        whole = len(entries) == spec.num_layers and all(a.shape[0] == width for _, a, _ in entries)
+        alloc = np.empty if whole else np.zeros
+        a_slot = alloc((spec.num_layers, fin, width), np.float32)
+        b_slot = alloc((spec.num_layers, width, fout), np.float32)
+        for layer, a, b in entries:  # a [r, in], b [out, r]
             r = a.shape[0]
             a_slot[layer, :, :r] = a.T  # [in, r]
-            b_slot[layer, :r, :] = b.T * adapter.scaling(layer, module)  # [r, out]
+            np.multiply(b.T, adapter.scaling(layer, module), out=b_slot[layer, :r, :])  # [r, out]
         out[module] = (a_slot, b_slot)
     return out
 
@@ -305,19 +314,60 @@ def empty_banks(spec: BankSpec, dtype: str | np.dtype = np.float32) -> tuple[dic
 
 
 def write_slot(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
-               adapter: Adapter, spec: BankSpec) -> None:
-    """Write ``adapter`` into ``slot`` (1..adapter_slots) of the banks in place."""
+               adapter: Adapter, spec: BankSpec, held: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Write ``adapter`` into ``slot`` (1..adapter_slots) of the banks in place: what ``write_slot_tensors`` of its
+    ``slot_tensors`` writes, laid out straight into the banks (no slot-sized arrays in between, whose fresh pages
+    cost an all-linear rank-16 load more than the copy). ``held`` and the result as for ``write_slot_tensors``."""
     if not 1 <= slot <= spec.adapter_slots:
         raise InvalidArgument(f"adapter {adapter.name!r}: slot {slot} is outside 1..{spec.adapter_slots}",
                               field="slot", value=slot)
-    write_slot_tensors(banks_a, banks_b, slot, slot_tensors(adapter, spec))
+    check_fits(adapter, spec)
+    widths: dict[str, int] = {}  # module -> its widest rank over layers
+    ranks: dict[str, dict[int, int]] = {}  # module -> layer -> rank
+    for (layer, module), (a, _) in adapter.weights.items():
+        widths[module] = max(widths.get(module, 0), a.shape[0])
+        ranks.setdefault(module, {})[layer] = a.shape[0]
+    _zero_past(banks_a, banks_b, slot, widths, held)
+    for (layer, module), (a, b) in adapter.weights.items():  # a [r, in], b [out, r]
+        r = a.shape[0]
+        banks_a[module][layer, slot, :, :r] = a.T  # [in, r]
+        np.multiply(b.T, adapter.scaling(layer, module), out=banks_b[module][layer, slot, :r, :])  # [r, out]
+    for module, width in widths.items():  # a layer narrower than its module's width, or absent: zero up to it
+        for layer in range(spec.num_layers):
+            r = ranks[module].get(layer, 0)
+            if r < width:
+                banks_a[module][layer, slot, :, r:width] = 0
+                banks_b[module][layer, slot, r:width, :] = 0
+    return {m: widths[m] for m in banks_a if m in widths}
+
+
+def _zero_past(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
+               widths: Mapping[str, int], held: Mapping[str, int] | None) -> None:
+    """Zero each module's rank columns of ``slot`` from ``widths[m]`` (0: absent) up to what ``held[m]`` says may
+    be nonzero (None: not known, so R, zeroed only where a read finds weights)."""
+    for module, a_bank in banks_a.items():
+        b_bank = banks_b[module]
+        width = widths.get(module, 0)
+        before = a_bank.shape[3] if held is None else held.get(module, 0)
+        if before > width:
+            a_rest, b_rest = a_bank[:, slot, :, width:before], b_bank[:, slot, width:before, :]
+            # Unknown contents: reading is cheap where writing is not (a never-written slot's pages are not even
+            # allocated yet), so only what holds a previous adapter's weights is zeroed.
+            if held is not None or a_rest.any() or b_rest.any():
+                a_rest[...] = 0
+                b_rest[...] = 0
 
 
 def write_slot_tensors(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.ndarray], slot: int,
-                       tensors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write ``slot_tensors`` output (module -> (A^T [L, in, R], B^T [L, R, out])) into ``slot`` of the
-    banks in place, cast to the banks' dtype; a bank module absent from ``tensors`` gets zeros (the
-    adapter does not touch it, so its delta there is zero)."""
+                       tensors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                       held: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Write ``slot_tensors`` output (module -> (A^T [L, in, w], B^T [L, w, out]), 1 <= w <= R) into the leading
+    w rank columns of ``slot`` in place, cast to the banks' dtype; afterwards every other column of the slot, and
+    every module absent from ``tensors``, is zero (the adapter does not touch it, so its delta there is zero).
+
+    ``held``: module -> how many leading rank columns of the slot may be nonzero now (what the previous call on
+    this slot returned; a module not in it is zero), so only those are zeroed; None: not known, so the rest of
+    the slot is read to find what to zero. Returns module -> columns written (``held`` for the next call)."""
     unknown = sorted(m for m in tensors if m not in banks_a)
     if unknown:
         raise InvalidArgument(f"slot tensors for modules {unknown} the banks do not hold (they hold "
@@ -328,22 +378,25 @@ def write_slot_tensors(banks_a: dict[str, np.ndarray], banks_b: dict[str, np.nda
                               value=slot)
     # Every shape is checked before anything is written, so a refused call leaves the slot as it was.
     for module, (a_slot, b_slot) in tensors.items():
-        for kind, bank, value in (("A", banks_a[module], a_slot), ("B", banks_b[module], b_slot)):
-            want = bank.shape[:1] + bank.shape[2:]  # [L, N, x, y] -> the slot's [L, x, y]
-            if tuple(np.shape(value)) != want:
+        a_bank, b_bank = banks_a[module], banks_b[module]  # [L, N, in, R], [L, N, R, out]
+        a_shape = tuple(np.shape(a_slot))
+        width = a_shape[-1] if len(a_shape) == 3 else 0
+        a_want = a_bank.shape[:1] + a_bank.shape[2:3] + (width,)
+        b_want = b_bank.shape[:1] + (width,) + b_bank.shape[3:]
+        for kind, value, want in (("A", a_slot, a_want), ("B", b_slot, b_want)):
+            if not 1 <= width <= a_bank.shape[3] or tuple(np.shape(value)) != want:
+                full = (a_bank.shape[:1] + a_bank.shape[2:] if kind == "A" else b_bank.shape[:1] + b_bank.shape[2:])
                 raise InvalidArgument(f"{module} {kind} slot tensor has shape {list(np.shape(value))}, the bank "
-                                      f"slot is {list(want)}", field=f"tensors.{module}", value=list(np.shape(value)))
-    for module in banks_a:
-        if module in tensors:
-            a_slot, b_slot = tensors[module]
-            banks_a[module][:, slot] = a_slot  # [L, in, R]
-            banks_b[module][:, slot] = b_slot  # [L, R, out]
-        else:
-            # Reading a slot is cheap where writing it is not (a never-written slot's pages are not even
-            # allocated yet): zero only what holds a previous adapter's weights.
-            for bank in (banks_a[module], banks_b[module]):
-                if bank[:, slot].any():
-                    bank[:, slot] = 0
+                                      f"slot is {list(full)} (A [L, in, w] and B [L, w, out] may hold its leading "
+                                      "w <= R rank columns)", field=f"tensors.{module}",
+                                      value=list(np.shape(value)))
+    written = {m: tensors[m][0].shape[-1] for m in banks_a if m in tensors}
+    _zero_past(banks_a, banks_b, slot, written, held)
+    for module, width in written.items():
+        a_slot, b_slot = tensors[module]
+        banks_a[module][:, slot, :, :width] = a_slot  # [L, in, w]
+        banks_b[module][:, slot, :width, :] = b_slot  # [L, w, out]
+    return written
 
 
 def used_rank(a: np.ndarray, b: np.ndarray) -> int:
@@ -356,14 +409,21 @@ def used_rank(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def slot_rank(tensors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
-    """The rank one slot's ``slot_tensors`` need: the widest module's nonzero columns (0 when all zero)."""
-    return max((used_rank(a, b) for a, b in tensors.values()), default=0)
+    """The rank one slot's ``slot_tensors`` need: the widest module's nonzero columns (0 when all zero), what
+    ``used_rank`` gives, found from the last column down (a trained adapter's is nonzero: one column read)."""
+    rank = 0
+    for a, b in tensors.values():  # A^T [L, in, w], B^T [L, w, out]
+        for column in range(a.shape[-1] - 1, rank - 1, -1):
+            if a[..., column].any() or b[..., column, :].any():
+                rank = column + 1
+                break
+    return rank
 
 
 def slot_module_ranks(tensors: Mapping[str, tuple[np.ndarray, np.ndarray]], modules: Sequence[str]) -> np.ndarray:
     """int64 [P]: the rank one slot's ``slot_tensors`` need in each of the banks' ``modules`` (bank order; 0
     for a module the adapter does not touch). Its max is ``slot_rank``."""
-    return np.array([used_rank(*tensors[m]) if m in tensors else 0 for m in modules], np.int64)  # [P]
+    return np.array([slot_rank({m: tensors[m]}) if m in tensors else 0 for m in modules], np.int64)  # [P]
 
 
 def bank_ranks(banks_a: Mapping[str, np.ndarray], banks_b: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -18,14 +18,16 @@ import numpy as np
 from loraflow.errors import InvalidArgument
 from loraflow.options.settings import ADAPTER_CACHE_BYTES
 
-# Default bound: holds ~100 SmolLM2-135M all-module r=8 adapters (about 10 MB each in float32).
+# Default bound: holds ~100 SmolLM2-135M all-module r=8 adapters (about 10 MB each in float32; entries are
+# rank-trimmed, so a q,v r=4 one is about 0.8 MB).
 DEFAULT_ADAPTER_CACHE_BYTES = ADAPTER_CACHE_BYTES.parse(ADAPTER_CACHE_BYTES.default)  # declared in loraflow.options.settings
 MAX_ADAPTER_CACHE_BYTES = 1 << 40
 
 
 @dataclass(frozen=True)
 class CachedAdapter:
-    """One adapter's slot tensors: per module (A [L, in, R], B [L, R, out]) as laid out in the banks."""
+    """One adapter's slot tensors, as AdapterSlots.copy takes them: per module it touches, (A^T [L, in, w],
+    B^T [L, w, out]) of the leading w <= R rank columns it used in the banks (the rest of a slot is zero)."""
 
     tensors: dict[str, tuple[np.ndarray, np.ndarray]]
     rank: int

@@ -24,12 +24,14 @@ import numpy as np
 
 from loraflow.artifact.graph_contract import runtime_slots
 from loraflow.artifact.lora_bank import (
+    Adapter,
     BankSpec,
+    check_fits,
     clear_slot,
     empty_banks,
     read_adapter,
     slot_module_ranks,
-    slot_tensors,
+    write_slot,
     write_slot_tensors,
 )
 from loraflow.artifact.manifest import Manifest
@@ -112,6 +114,10 @@ class AdapterSlots:
         # a runtime binds these arrays once, so they are updated in place.
         self.module_ranks = np.zeros((self.adapter_slots + 1, len(self.spec.modules)), np.int64)  # [N, P]
         self.ranks = np.zeros(self.adapter_slots + 1, np.int64)  # [N]
+        # Per slot, module -> leading rank columns that may be nonzero (what write_slot_tensors wrote): a write
+        # zeroes only those of the previous adapter and a copy takes only them, so neither reads or touches the
+        # rest of the slot. Changed only while the slot is reserved (one loader) or at open.
+        self._held: list[dict[str, int]] = [{} for _ in range(self.adapter_slots + 1)]
         self.slots: list[AdapterSlot | None] = [None] * (self.adapter_slots + 1)
         self._sync = sync
         self._lock = threading.Lock()
@@ -168,11 +174,13 @@ class AdapterSlots:
                     self._slot_idle.notify_all()
 
     # ---- loading ---------------------------------------------------------------------------
-    def tensors_of(self, name: str, path: Path) -> tuple[dict, int]:
-        """Read a PEFT dir and lay it out for one slot: (tensors, rank). InvalidArgument when it is not a
-        LoRA adapter the banks can express, FailedPrecondition when it does not fit the artifact."""
-        adapter = read_adapter(name, Path(path))
-        return slot_tensors(adapter, self.spec), adapter.max_module_rank
+    def tensors_of(self, name: str, path: Path) -> tuple[Adapter, int]:
+        """Read a PEFT dir for one slot: (the checked adapter, which ``write`` lays out straight into the banks,
+        rank). InvalidArgument when it is not a LoRA adapter the banks can express, FailedPrecondition when it
+        does not fit the artifact."""
+        adapter = read_adapter(name, Path(path), digest=False)  # the slot needs the weights, not their sha256
+        check_fits(adapter, self.spec)
+        return adapter, adapter.max_module_rank
 
     def load(self, name: str, path: str | Path, *, source: str = "") -> int:
         """Bind a PEFT adapter dir into a free slot (or the least recently used idle one); returns the slot.
@@ -224,16 +232,26 @@ class AdapterSlots:
         return slot, evicted
 
     def copy(self, slot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """A copy of one slot's bank slices (of a reserved slot, before ``write`` overwrites it)."""
-        return {m: (self.lora_a[m][:, slot].copy(), self.lora_b[m][:, slot].copy()) for m in self.lora_a}
+        """A copy of what one slot holds (of a reserved slot, before ``write`` overwrites it), as ``write`` takes
+        it: per module the adapter touched, (A^T [L, in, w], B^T [L, w, out]) of its leading w rank columns; the
+        rest of the slot is zero, so writing this back restores the slot exactly."""
+        return {m: (self.lora_a[m][:, slot, :, :w].copy(), self.lora_b[m][:, slot, :w, :].copy())
+                for m, w in self._held[slot].items()}
 
-    def write(self, slot: int, tensors: dict) -> None:
-        """Write an adapter's tensors into a slot (a module the adapter does not touch gets zeros)."""
-        write_slot_tensors(self.lora_a, self.lora_b, slot, tensors)
+    def write(self, slot: int, weights: Adapter | dict) -> None:
+        """Write an adapter into a slot (a module the adapter does not touch gets zeros): a checked ``Adapter``
+        (``tensors_of``), or slot tensors as ``copy`` takes them (a host-cache entry)."""
+        if isinstance(weights, Adapter):
+            held = write_slot(self.lora_a, self.lora_b, slot, weights, self.spec, held=self._held[slot])
+        else:
+            held = write_slot_tensors(self.lora_a, self.lora_b, slot, weights, held=self._held[slot])
+        self._held[slot] = held
         # From the weights written (not the declared r): columns past it are zero, so it is exact (the modules
-        # left out of ``tensors`` are zero now). The slot is reserved (no request reads it) while weights and
-        # rank change.
-        self.module_ranks[slot] = slot_module_ranks(tensors, list(self.spec.modules))
+        # left out are zero now), per module (graph8) and their max. The slot is reserved (no request reads it)
+        # while weights and ranks change.
+        self.module_ranks[slot] = slot_module_ranks(
+            {m: (self.lora_a[m][:, slot, :, :w], self.lora_b[m][:, slot, :w, :]) for m, w in held.items()},
+            list(self.spec.modules))
         self.ranks[slot] = self.module_ranks[slot].max(initial=0)
         self._sync()
 
@@ -245,7 +263,7 @@ class AdapterSlots:
             self.slots[slot] = AdapterSlot(name=name, r=rank, source=source, active_requests=active_requests,
                                            last_used=self._clock)
 
-    def install(self, slot: int, name: str, tensors: dict, rank: int, *, source: str) -> None:
+    def install(self, slot: int, name: str, tensors: Adapter | dict, rank: int, *, source: str) -> None:
         """Write ``tensors`` into a reserved slot and name it (it serves from now on)."""
         self.write(slot, tensors)
         self.commit(slot, name, rank, source=source)
@@ -253,6 +271,7 @@ class AdapterSlots:
     def release_reservation(self, slot: int) -> None:
         """Free a reserved slot whose load failed (zeroed: it may hold part of the new weights)."""
         clear_slot(self.lora_a, self.lora_b, slot)
+        self._held[slot] = {}
         self.module_ranks[slot] = 0
         self.ranks[slot] = 0
         self._sync()

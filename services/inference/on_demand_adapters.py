@@ -162,15 +162,15 @@ class OnDemandAdapters:
             origin = origin or self._resolve(name)
             cached = self.cache.get((self.artifact_id, name, origin.source))
             if cached is not None:
-                tensors, rank, kind = cached.tensors, cached.rank, "host_cache"
+                weights, rank, kind = cached.tensors, cached.rank, "host_cache"
             else:
                 # read_adapter's validation + the fit check: the precise LoadAdapter errors.
-                tensors, rank = self.slots.tensors_of(name, origin.fetch())
+                weights, rank = self.slots.tensors_of(name, origin.fetch())
                 kind = origin.kind
             slot, evicted = self.slots.reserve(name, wait_s=wait_s)
             if evicted is not None:
                 self._keep_evicted(slot, evicted.name, evicted.source, evicted.r)
-            self.slots.write(slot, tensors)
+            self.slots.write(slot, weights)
             with self._lock:
                 self.slots.commit(slot, name, rank, source=origin.source,
                                    active_requests=pending.waiters)

@@ -244,3 +244,50 @@ def test_a_non_safetensors_file_leaks_none_of_its_bytes(adapter_dir):
         lora_bank.read_adapter("bad", adapter_dir)
     text = str(err.value) + repr(err.value.metadata)
     assert str(int.from_bytes(secret[:8], "little")) not in text and "hunter2" not in text and "$6$salt" not in text
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32", "mixed", "gap"])
+def test_the_packed_read_equals_the_per_tensor_read_and_names_the_same_bad_tensor(adapter_dir, dtype):
+    # One float dtype packed end to end is read in one call (views of one array); mixed dtypes or a gap between
+    # tensors take the per-tensor loop. Both give the same float32 values, and a NaN is reported on the same
+    # tensor with the same count either way.
+    from loraflow.artifact import adapter_files
+
+    path = adapter_dir / WEIGHTS
+    tensors = _tensors(adapter_dir)
+    names = list(tensors)
+    raw = {"F16": (np.float16, "<u2"), "BF16": (np.float32, "<u2"), "F32": (np.float32, "<f4")}
+    header, blobs, offset = {}, [], 0
+    for i, name in enumerate(names):
+        kind = "F16" if dtype == "mixed" and i % 2 else ("F32" if dtype in ("mixed", "gap") else dtype)
+        value = tensors[name].astype(raw[kind][0])
+        blob = (value.view("<u4") >> 16).astype("<u2").tobytes() if kind == "BF16" else value.tobytes()
+        if dtype == "gap" and i == 1:
+            blobs.append(b"\xff" * 4)  # bytes no tensor owns (a NaN if read as F32)
+            offset += 4
+        header[name] = {"dtype": kind, "shape": list(value.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    _write_raw(path, header, b"".join(blobs))
+    read = adapter_files.read_float_tensors(path)
+    header_again, start, _ = adapter_files.read_header(path)
+    each = adapter_files._read_each(path, header_again, start)
+    assert packed_read_used(adapter_files, path) == (dtype in ("F16", "BF16", "F32"))
+    for name in names:
+        assert read[name].dtype == np.float32 and read[name].shape == tensors[name].shape
+        np.testing.assert_array_equal(read[name], each[name])
+    # The third tensor gets two NaNs: the same error from both paths.
+    info = header[names[2]]
+    data = bytearray(path.read_bytes())
+    first = 8 + len(json.dumps(header).encode()) + info["data_offsets"][0]
+    nan = {"F16": b"\x00\x7e", "BF16": b"\xc0\x7f", "F32": b"\x00\x00\xc0\x7f"}[info["dtype"]]
+    data[first:first + 2 * len(nan)] = nan * 2
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidArgument) as err:
+        adapter_files.read_float_tensors(path)
+    assert err.value.value == names[2] and "holds 2 NaN or infinite values" in str(err.value)
+
+
+def packed_read_used(adapter_files, path) -> bool:
+    header, start, length = adapter_files.read_header(path)
+    return adapter_files._read_packed(path, header, start, length) is not None

@@ -132,8 +132,11 @@ def test_write_slot_tensors_casts_zeroes_untouched_modules_and_refuses_bad_input
         np.testing.assert_array_equal(banks_b[m], ref_b[m].astype(np.float16))
     bad = [(0, tensors, "slot", 0), (4, tensors, "slot", 4),
            (1, {"lm_head": tensors["q_proj"]}, "tensors", ["lm_head"]),
-           (1, {**tensors, "v_proj": (tensors["v_proj"][0][:, :, :4], tensors["v_proj"][1])}, "tensors.v_proj",
-            [LAYERS, 64, 4])]
+           # A's rank columns and B's rows disagree (B is named), or A is wider than max_rank (8)
+           (1, {**tensors, "v_proj": (tensors["v_proj"][0][:, :, :2], tensors["v_proj"][1])}, "tensors.v_proj",
+            [LAYERS, 4, 32]),
+           (1, {**tensors, "v_proj": (np.zeros((LAYERS, 64, 9)), np.zeros((LAYERS, 9, 32)))}, "tensors.v_proj",
+            [LAYERS, 64, 9])]
     for slot, given, field, value in bad:
         with pytest.raises(InvalidArgument) as err:
             lora_bank.write_slot_tensors(banks_a, banks_b, slot, given)
@@ -182,3 +185,41 @@ def test_lora_bank_does_not_import_torch():
     code = "import sys, loraflow.artifact.lora_bank, loraflow.artifact.manifest; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_write_told_what_the_slot_holds_zeroes_only_that_and_equals_a_fresh_write(adapter_dir, tmp_path):
+    # held (what the previous write returned) replaces reading the slot: the wider adapter's columns past the
+    # narrow one's rank and its modules the narrow one lacks are zero afterwards, as after a write into zeros.
+    s = spec()
+    narrow = lora_bank.slot_tensors(lora_bank.read_adapter("qv", adapter_dir), s)  # r=4, q and v
+    assert all(a.shape[-1] == 4 and b.shape[1] == 4 for a, b in narrow.values())  # trimmed to the rank
+    rng = np.random.default_rng(0)
+    wide = {m: (rng.standard_normal((LAYERS, fin, 8)), rng.standard_normal((LAYERS, 8, fout)))
+            for m, (fin, fout) in MODULES.items()}
+    ref_a, ref_b = lora_bank.empty_banks(s)
+    assert lora_bank.write_slot_tensors(ref_a, ref_b, 1, narrow) == {"q_proj": 4, "v_proj": 4}
+    banks_a, banks_b = lora_bank.empty_banks(s)
+    held = lora_bank.write_slot_tensors(banks_a, banks_b, 1, wide, held={})
+    assert held == dict.fromkeys(MODULES, 8) and lora_bank.slot_rank(wide) == 8
+    banks_a["q_proj"][:, 2] = 3.0  # a neighbour slot keeps its weights
+    assert lora_bank.write_slot_tensors(banks_a, banks_b, 1, narrow, held=held) == {"q_proj": 4, "v_proj": 4}
+    for m in MODULES:
+        np.testing.assert_array_equal(banks_a[m][:, 1], ref_a[m][:, 1])
+        np.testing.assert_array_equal(banks_b[m][:, 1], ref_b[m][:, 1])
+    assert (banks_a["q_proj"][:, 2] == 3.0).all()
+    assert lora_bank.slot_rank(narrow) == 4
+    assert lora_bank.slot_rank({"q_proj": (np.zeros((LAYERS, 64, 8)), np.zeros((LAYERS, 8, 64)))}) == 0
+    last_b_row = np.zeros((LAYERS, 8, 64))
+    last_b_row[1, 5, 3] = 1.0  # only B's row 5 of one layer: rank 6
+    assert lora_bank.slot_rank({"q_proj": (np.zeros((LAYERS, 64, 8)), last_b_row)}) == 6
+    assert lora_bank.used_rank(np.zeros((LAYERS, 64, 8)), last_b_row) == 6
+
+
+def test_reading_without_the_digest_reads_the_same_weights(adapter_dir):
+    with_digest = lora_bank.read_adapter("qv", adapter_dir)
+    without = lora_bank.read_adapter("qv", adapter_dir, digest=False)
+    assert without.digest == "" and len(with_digest.digest) == 64
+    assert with_digest.weights.keys() == without.weights.keys()
+    for key, (a, b) in with_digest.weights.items():
+        np.testing.assert_array_equal(a, without.weights[key][0])
+        np.testing.assert_array_equal(b, without.weights[key][1])
