@@ -19,6 +19,9 @@ kernels' pre-packed copies: 4.6 GiB at Llama-3.2-1B's shape, more than the compi
    before), and is closed before the next opens; the last range's logits then replace the placeholders.
    The artifact's two graphs (model.onnx, model.native.onnx) replay range by range side by side, so the
    second reads its range's weights while they are still in the page cache.
+4. **Compare.** The second graph may replay a prefix of the calls (fused/verify.py: the scenario's first part);
+   after each range ``compare_replays`` holds what it hands the next range for each of those calls, and its
+   KV cache after them, to the first graph's.
 
 The graph computes exactly the nodes and edges of the file: only the edges at the cuts pass through numpy
 (float32, unchanged), so a miswiring anywhere is caught as it would be in one session.
