@@ -154,9 +154,10 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
                           ctx_len: int, occupied_slots: int, chunk: int, accuracy_level: int | None,
                           quantized: bool, range_bytes: int | None = None
                           ) -> tuple[FusedVerifyReport, FusedVerifyReport | None, RangeStats]:
-    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise: replays the
-    scenario's first part, held to graph.file range by range), and how they ran. Each graph runs a layer range at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session,
-    one session open at a time, the two graphs range by range side by side); one reference pass checks both."""
+    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise: it replays the
+    scenario's first part, held to graph.file range by range), and how they ran. Each graph runs a layer range
+    at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session, one
+    session open at a time, the two graphs range by range side by side); one reference pass checks both."""
     t0 = time.perf_counter()
     files = [f for f in (graph.file, graph.native_file) if f]
     models = {f: onnx.load(str(out_dir / f), load_external_data=False) for f in files}
