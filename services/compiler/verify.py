@@ -216,6 +216,9 @@ class ScenarioRun:
     lora_ids: list[int]
     sampled: list[list[tuple[int, np.ndarray]]]  # per row: (position, logits [V]) at every sampled token
     calls: int
+    # Calls before the late joiner's: every kind of call the scenario makes (see drive_scenario), which the
+    # rest repeats over other slots.
+    first_part_calls: int = 0
 
     def rows(self) -> list[ReferenceRow]:
         return [ReferenceRow(tuple(s), lora) for s, lora in zip(self.seqs, self.lora_ids, strict=True)]
@@ -279,13 +282,48 @@ def drive_scenario(driver, *, vocab_size: int, ctx_len: int, occupied_slots: int
             seqs[b].append(step[j].token_ids[0])
             sampled[b].append((len(seqs[b]) - 1, logits[j].copy()))
 
+    # The first part makes every kind of call: first chunks of rows in adjacent slots padded into one call (a
+    # base row and an adapter's), a lone first chunk, continuing chunks (one of a single token), decode calls
+    # over a gap (a dummy row) and with a waiting row.
     prefill_together(list(range(B - 1)))  # fused: slots 4 and 3 in one call (3 tokens padded), 1 alone
     decode([0, 1, 2])
     decode([0, 2])  # row 1 waits: a fused decode call over 1..4 carries it and slot 2 as dummy rows
+    first_part = driver.calls
     prefill(B - 1)  # joins the running batch
     for _ in range(decode_steps):
         decode(list(range(B)))
-    return ScenarioRun(label=label, seqs=seqs, lora_ids=lora_ids, sampled=sampled, calls=driver.calls)
+    return ScenarioRun(label=label, seqs=seqs, lora_ids=lora_ids, sampled=sampled, calls=driver.calls,
+                       first_part_calls=first_part)
+
+
+class _NoGraph:
+    """A step driver that runs nothing (zero logits): with fed tokens the scenario's calls, and so its rows, do
+    not depend on what the graph computes."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.calls = vocab_size, 0
+
+    def _logits(self, rows: int) -> np.ndarray:
+        self.calls += 1
+        return np.zeros((rows, self.vocab_size), np.float32)
+
+    def prefill(self, row: Row) -> np.ndarray:
+        return self._logits(1)[0]
+
+    def prefill_rows(self, rows: Sequence[Row]) -> np.ndarray:
+        return self._logits(len(rows))
+
+    def decode(self, rows: Sequence[Row]) -> np.ndarray:
+        return self._logits(len(rows))
+
+
+def scenario_rows(*, vocab_size: int, ctx_len: int, occupied_slots: int, chunk: int, decode_steps: int = 3,
+                  seed: int = 0) -> list[ReferenceRow]:
+    """The rows ``drive_scenario`` with fed tokens (the fused artifact's recording) asks the reference for, known
+    before any graph exists: a reference pass can start while the graph is still being written."""
+    run = drive_scenario(_NoGraph(vocab_size), vocab_size=vocab_size, ctx_len=ctx_len, occupied_slots=occupied_slots,
+                         chunk=chunk, label="rows", decode_steps=decode_steps, seed=seed, fed_tokens=True)
+    return reference_rows([run])
 
 
 def reference_rows(runs: Sequence[ScenarioRun]) -> list[ReferenceRow]:

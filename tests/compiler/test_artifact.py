@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import onnx
 import onnxruntime as ort
@@ -38,7 +39,12 @@ def test_build_artifact_runs_in_bare_onnxruntime(tmp_path, tiny_llama, two_adapt
     assert [(a.slot, a.name, a.r) for a in manifest.adapters] == [(1, "attn", 4), (2, "mlp", 8)]
     assert set(manifest.graph.lora_modules) == set(gc.LORA_TARGET_MODULES)  # union of both adapters' targets
     assert manifest.generation_config["eos_token_ids"] == [2] and "im_start" in manifest.chat_template
-    assert manifest.extra["verify"]["max_abs_diff"] < 1e-4
+    verify = manifest.extra["verify"]
+    assert verify["max_abs_diff"] < 1e-4
+    assert verify["seconds"]["reference_ahead"] > 0  # fp32: the reference ran beside the export
+    if manifest.graph.native_file:  # the second graph: the scenario's first part, held to the first range by range
+        assert 0 < verify["native"]["calls"] < verify["calls"]
+        assert verify["native"]["range_relative_diff"] <= verify["tolerance"]
     for f in manifest.files:
         assert file_sha256(out / f.path) == f.sha256 and (out / f.path).stat().st_size == f.size
     assert {"model.onnx", "model.onnx.data", "tokenizer/tokenizer.json", "generation_config.json",
@@ -105,6 +111,8 @@ def test_cancel_between_stages_leaves_no_manifest(tmp_path, tiny_llama, two_adap
     with pytest.raises(Cancelled):
         build_artifact(tiny_llama, two_adapters, CompileOptions(ctx_len=64), tmp_path / "c", progress=progress, check=check)
     assert "verify" not in seen and not (tmp_path / "c" / "manifest.json").exists()
+    # The reference started beside the export was stopped with it.
+    assert not [t for t in threading.enumerate() if t.name == "reference-ahead"]
 
 
 def test_plan_is_deterministic_and_rejects_bad_sets(tmp_path, tiny_llama, two_adapters):

@@ -1,6 +1,7 @@
 """A fused graph verified a layer range at a time (services/compiler/fused/ranges.py): the ranges together
 compute what the whole graph computes, every node lies in a range, a wiring bug inside one range (or across
-two) still fails verification, and an fp32 compile's verification holds a range's weights, not the model's."""
+two) still fails verification, in either graph (the second replays the scenario's first part and is held to the
+first range by range), and an fp32 compile's verification holds a range's weights, not the model's."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ from services.compiler.fused.verify import (
 )
 from services.compiler.modeling import CheckpointWeights
 from services.compiler.modeling.weights import hf_tensor_shapes
-from services.compiler.verify import SCENARIO_SLOTS, VerificationFailed, drive_scenario, layerwise_reference
+from services.compiler.verify import (
+    SCENARIO_SLOTS,
+    VerificationFailed,
+    drive_scenario,
+    layerwise_reference,
+    reference_rows,
+    scenario_rows,
+)
 from tests.compiler.helpers import decoder_with_adapters
 from tests.support.native import require_native
 from tests.support.tiny_models import write_random_checkpoint
@@ -110,9 +118,30 @@ def test_the_ranges_together_compute_the_whole_graph(four_layers, native):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-def _miswired(art, graph, change) -> None:
-    """Rewrite the artifact's graph files in place with ``change(proto)`` applied."""
-    for file in (graph.file, graph.native_file):
+def test_the_rows_and_the_first_part_are_known_before_any_graph(four_layers):
+    """scenario_rows (the reference started beside the export) are the rows the recording asks for; the first
+    part of the scenario (all the second graph replays) makes every kind of call the whole scenario makes."""
+    _, art, graph, banks, _ = four_layers
+    proto = onnx.load(str(art / graph.file), load_external_data=False)
+    run, calls = record_fused(list(proto.graph.input), graph, banks, ctx_len=CTX, occupied_slots=2, chunk=4,
+                              label="rows")
+    assert scenario_rows(vocab_size=graph.vocab_size, ctx_len=CTX, occupied_slots=2, chunk=4) == reference_rows([run])
+    assert scenario_rows(vocab_size=graph.vocab_size, ctx_len=CTX, occupied_slots=2, chunk=3) != reference_rows([run])
+
+    def kind(call):
+        rows, tokens = call.inputs[gc.INPUT_IDS].shape  # [B, S]
+        return tokens > 1, rows > 1
+
+    first = run.first_part_calls
+    assert 0 < first < len(calls) == run.calls
+    assert {kind(c) for c in calls[:first]} == {kind(c) for c in calls} == {(True, True), (True, False),
+                                                                            (False, True), (False, False)}
+    assert any(c.rows > 1 and c.inputs[gc.INPUT_IDS].shape[1] == 1 for c in calls[:first])  # decode with dummies
+
+
+def _miswired(art, graph, change, files=None) -> None:
+    """Rewrite the artifact's graph files (default: both) in place with ``change(proto)`` applied."""
+    for file in files or (graph.file, graph.native_file):
         if file:
             proto = onnx.load(str(art / file), load_external_data=False)
             change(proto)
@@ -160,9 +189,73 @@ def test_a_wiring_bug_in_one_range_is_caught(tmp_path, four_layers, change):
     ok, ok_native, stats = _verify(art, graph, model, banks, modules, range_bytes=1)
     assert len(stats.ranges) == 4 and stats.sessions == 4 * (2 if graph.native_file else 1)
     assert ok.relative_diff <= ok.tolerance and ok.tokens_match
+    if ok_native is not None:
+        assert 0 < ok_native.calls < ok.calls and ok_native.tokens_match and stats.range_diff <= ok.tolerance
     _miswired(art, graph, change)
     with pytest.raises(VerificationFailed, match="differs from the PyTorch reference"):
         _verify(art, graph, model, banks, modules, range_bytes=1)
+
+
+@pytest.mark.parametrize("change", [_bank_offset_of_layer_0, _o_proj_of_layer_3])
+def test_a_wiring_bug_in_the_second_graph_alone_is_caught(tmp_path, four_layers, change):
+    """The second graph replays fewer calls: the same bugs in it alone still fail (against the first graph in
+    the range where the bug is, before its end-to-end check)."""
+    import shutil
+
+    require_native()
+    model, art0, graph, banks, modules = four_layers
+    if not graph.native_file:
+        pytest.skip("the native LoRA kernel is not built here")
+    art = tmp_path / "art"
+    shutil.copytree(art0, art)
+    _miswired(art, graph, change, files=[graph.native_file])
+    with pytest.raises(VerificationFailed, match=r"model\.native\.onnx differs from the other graph in layers "):
+        _verify(art, graph, model, banks, modules, range_bytes=1)
+
+
+def _replayed(stream, logits, cache, calls):
+    replay = ranges.RangeReplay(calls, {}, kv_heads=1, ctx_len=4, head_dim=2, slots=2,
+                                keep_cache_after=len(calls) - 1 if len(calls) > 1 else None)
+    replay.stream, replay.logits, replay.cache = stream, logits, cache
+    return replay
+
+
+def test_the_second_graphs_cut_and_cache_are_held_to_the_first():
+    """compare_replays: equal streams and caches pass (returning the difference); a stream tensor, a logit or a
+    cache entry off by more than the tolerance fails, naming what; a second graph that replayed other calls than
+    a prefix of the first's is refused."""
+    rng = np.random.default_rng(0)
+    calls = [ranges.Call(inputs={gc.INPUT_IDS: np.array([[c]])}, slots=(0, 1), rows=1) for c in range(3)]
+    piece = ranges.RangeGraph(layers=(0, 1), model=onnx.ModelProto(), stream_in=(), stream_out=("h/mine",),
+                              nodes=frozenset())
+    last = ranges.RangeGraph(layers=(1, 2), model=onnx.ModelProto(), stream_in=("h",), stream_out=(), nodes=frozenset())
+    stream = [{"h": rng.normal(size=(1, 1, 4)).astype(np.float32)} for _ in calls]
+    logits = [rng.normal(size=(1, 1, 8)).astype(np.float32) for _ in calls]
+    cache = (rng.normal(size=(1, 2, 1, 4, 2)).astype(np.float32), rng.normal(size=(1, 2, 1, 4, 2)).astype(np.float32))
+
+    def second(stream_=None, logits_=None, cache_=None):
+        return _replayed([{"h/mine": s["h"]} for s in stream[:2]] if stream_ is None else stream_,
+                         logits[:2] if logits_ is None else logits_, cache if cache_ is None else cache_, calls[:2])
+
+    first = _replayed(stream, logits, cache, calls)
+    first.keep_cache_after = 1
+    assert ranges.compare_replays(first, second(), piece, tolerance=1e-4, label="g2") == 0.0
+    assert ranges.compare_replays(first, second(), last, tolerance=1e-4, label="g2") == 0.0
+    off = [{"h/mine": s["h"].copy()} for s in stream[:2]]
+    off[1]["h/mine"][0, 0, 2] += 0.01
+    with pytest.raises(VerificationFailed, match="g2 differs from the other graph in layers 0..0: h/mine of call 2"):
+        ranges.compare_replays(first, second(stream_=off), piece, tolerance=1e-4, label="g2")
+    bad_logits = [x.copy() for x in logits[:2]]
+    bad_logits[0][0, 0, 5] = np.nan
+    with pytest.raises(VerificationFailed, match="the logits of call 1"):
+        ranges.compare_replays(first, second(logits_=bad_logits), last, tolerance=1e-4, label="g2")
+    bad_v = cache[1].copy()
+    bad_v[0, 1, 0, 3, 1] += 0.01
+    with pytest.raises(VerificationFailed, match=r"the KV cache \(v\) after call 2"):
+        ranges.compare_replays(first, second(cache_=(cache[0], bad_v)), piece, tolerance=1e-4, label="g2")
+    first.keep_cache_after = 2  # its cache is not the state after the second graph's last call
+    with pytest.raises(InvalidArgument, match="did not replay a prefix"):
+        ranges.compare_replays(first, second(), piece, tolerance=1e-4, label="g2")
 
 
 def test_bad_ranges_and_unsplittable_graphs_are_refused(four_layers):

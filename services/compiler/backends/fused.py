@@ -5,12 +5,17 @@ where the host has it)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.compiler.artifact_plan import ArtifactPlan
 from services.compiler.backends.shared import Backend, BuildJob, Exported, Stages, verify_dict
 from services.compiler.modeling.weights import CheckpointWeights
+
+if TYPE_CHECKING:
+    from services.compiler.fused.export import FusedExport
+    from services.compiler.fused.reference_ahead import ReferenceAhead
 
 
 def uses_fused_graph(plan: ArtifactPlan) -> bool:
@@ -34,13 +39,46 @@ def _graph_options(job: BuildJob):
                              quant_accuracy_level=int(opts.quant_accuracy_level or 0))
 
 
+def _chunk(job: BuildJob) -> int:
+    """The verification scenario's prefill chunk."""
+    return max(1, min(int(job.options.prefill_seq_len), 4))
+
+
+@dataclass(frozen=True)
+class _Written:
+    export: FusedExport
+    reference: ReferenceAhead | None  # fp32: the reference pass started beside the export
+
+
 def export(job: BuildJob, stages: Stages) -> Exported:
     from services.compiler.fused.export import export_fused
 
-    exported = export_fused(job.weights, job.out_dir, _graph_options(job))
-    stages.took("export", 0.5, f"fused ONNX {job.options.dtype} graph written", exported.timings["export"])
-    stages.took("optimize", 0.6, "graph saved", exported.timings["save"])
-    return Exported(graph=exported.graph, digests=exported.digests, written=exported)
+    ahead = _reference_ahead(job)
+    try:
+        exported = export_fused(job.weights, job.out_dir, _graph_options(job))
+        stages.took("export", 0.5, f"fused ONNX {job.options.dtype} graph written", exported.timings["export"])
+        stages.took("optimize", 0.6, "graph saved", exported.timings["save"])
+    except BaseException:
+        if ahead is not None:
+            ahead.cancel()
+        raise
+    return Exported(graph=exported.graph, digests=exported.digests, written=_Written(exported, ahead))
+
+
+def _reference_ahead(job: BuildJob) -> ReferenceAhead | None:
+    """fp32: the reference (over the checkpoint, which is what the graph holds) started now, on the rows the
+    scenario will ask for, so it runs while the export writes. int4/int8 check against the weights read back from
+    the written artifact: their reference starts in verify."""
+    from services.compiler.fused.reference_ahead import ReferenceAhead
+    from services.compiler.verify import layerwise_reference, scenario_rows
+
+    if _graph_options(job).bits is not None:
+        return None
+    rows = scenario_rows(vocab_size=job.weights.cfg.vocab_size, ctx_len=int(job.options.ctx_len),
+                         occupied_slots=job.occupied, chunk=_chunk(job))
+    # The checkpoint itself is the fp32 graph's reference.
+    return ReferenceAhead(lambda hook: layerwise_reference(job.weights, job.feeds, job.lora_modules, on_layer=hook,
+                                                           measure_on_error_rows=True), rows)
 
 
 def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
@@ -49,23 +87,31 @@ def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
     opts = job.options
     t0 = time.perf_counter()
     quantized = opts.dtype != "fp32"
-    reference = _fused_reference(job.out_dir, exported.written, job.weights, job.feeds, job.lora_modules,
-                                 _graph_options(job))
-    verify_report, native_report, ran = verify_fused_artifact(
-        job.out_dir, exported.graph, reference, job.feeds, ctx_len=int(opts.ctx_len), occupied_slots=job.occupied,
-        chunk=max(1, min(int(opts.prefill_seq_len), 4)), accuracy_level=opts.quant_accuracy_level,
-        quantized=quantized)
+    written: _Written = exported.written
+    try:
+        reference = written.reference or _quantized_reference(job.out_dir, written.export, job.weights, job.feeds,
+                                                              job.lora_modules, _graph_options(job))
+        verify_report, native_report, ran = verify_fused_artifact(
+            job.out_dir, exported.graph, reference, job.feeds, ctx_len=int(opts.ctx_len),
+            occupied_slots=job.occupied, chunk=_chunk(job), accuracy_level=opts.quant_accuracy_level,
+            quantized=quantized)
+    finally:
+        if written.reference is not None:
+            written.reference.cancel()  # returns at once when the pass finished; stops it when verification failed
     report = verify_dict(verify_report)
     report["layer_ranges"] = [list(r) for r in ran.ranges]
     report["sessions"] = ran.sessions
     report["seconds"] = ran.seconds
+    if written.reference is not None:  # its own time, from the export's start: the wait is in ran.seconds
+        report["seconds"]["reference_ahead"] = round(written.reference.seconds, 3)
     if verify_report.quant_relative_diff is not None:
         report["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
         report["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement
     if native_report is not None:
         report["native"] = {"max_abs_diff": native_report.max_abs_diff,
                             "relative_diff": native_report.relative_diff,
-                            "tokens_match": native_report.tokens_match, "calls": native_report.calls}
+                            "tokens_match": native_report.tokens_match, "calls": native_report.calls,
+                            "range_relative_diff": ran.range_diff}  # against model.onnx, range by range
     native_note = (f", native LoRA kernel {native_report.max_abs_diff:.3g}" if native_report is not None
                    else "")
     stages.done("verify", 0.85, f"the runtime's step driver matches PyTorch ({len(ran.ranges)} layer ranges): max "
@@ -73,16 +119,13 @@ def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
     return report
 
 
-def _fused_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, fused):
-    """The fused graph's reference: the checkpoint itself (fp32), or the quantised weights read back from
-    the artifact, each proved to be the block quantisation of the checkpoint's tensor, with the checkpoint
-    measured beside them (int4/int8); at accuracy level 4 the reference rounds the MatMulNBits inputs to int8
-    as the kernel does."""
+def _quantized_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, fused):
+    """An int4/int8 graph's reference: the quantised weights read back from the artifact, each proved to be the
+    block quantisation of the checkpoint's tensor, with the checkpoint measured beside them; at accuracy level 4
+    the reference rounds the MatMulNBits inputs to int8 as the kernel does."""
     from services.compiler.fused.readback import ArtifactWeights, check_blocks
     from services.compiler.verify import layerwise_reference
 
-    if fused.bits is None:
-        return layerwise_reference(weights, feeds, lora_modules, measure_on_error_rows=True)
     readback = ArtifactWeights(weights.cfg, out_dir / exported.graph.file, exported.written)
 
     def check_quantised(loaded) -> None:

@@ -19,6 +19,9 @@ kernels' pre-packed copies: 4.6 GiB at Llama-3.2-1B's shape, more than the compi
    before), and is closed before the next opens; the last range's logits then replace the placeholders.
    The artifact's two graphs (model.onnx, model.native.onnx) replay range by range side by side, so the
    second reads its range's weights while they are still in the page cache.
+4. **Compare.** The second graph may replay a prefix of the calls (fused/verify.py: the scenario's first part);
+   after each range ``compare_replays`` holds what it hands the next range for each of those calls, and its
+   KV cache after them, to the first graph's.
 
 The graph computes exactly the nodes and edges of the file: only the edges at the cuts pass through numpy
 (float32, unchanged), so a miswiring anywhere is caught as it would be in one session.
@@ -270,13 +273,17 @@ class RangeReplay:
     """One graph's range-by-range run: the stream tensors of every call, handed from range to range."""
 
     def __init__(self, calls: Sequence[Call], banks: Mapping[str, np.ndarray], *, kv_heads: int, ctx_len: int,
-                 head_dim: int, slots: int):
+                 head_dim: int, slots: int, keep_cache_after: int | None = None):
         self.calls = list(calls)
         self.banks = banks
         self.kv = dict(kv_heads=kv_heads, ctx_len=ctx_len, head_dim=head_dim, slots=slots)
         self.stream: list[dict[str, np.ndarray]] = [{} for _ in self.calls]
         self.logits: list[np.ndarray] = []
         self.sessions = 0
+        # The current range's KV cache (k, v: [layers, slots, H, ctx, D]) as it was after call keep_cache_after
+        # (0-based), else after the last call: what ``compare_replays`` holds another graph's cache against.
+        self.keep_cache_after = keep_cache_after
+        self.cache: tuple[np.ndarray, np.ndarray] | None = None
 
     def run(self, session, piece: RangeGraph) -> None:
         """Every call through ``session`` (``piece``'s graph), in order, its layers' cache carried between calls."""
@@ -317,9 +324,59 @@ class RangeReplay:
                 self.stream[c] = {}
                 self.logits.append(got[gc.LOGITS])
             del small
+            if c == self.keep_cache_after:
+                self.cache = (cache.k.copy(), cache.v.copy())
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
+        if self.keep_cache_after is None:
+            self.cache = (cache.k, cache.v)
         self.sessions += 1
+
+
+def compare_replays(first: RangeReplay, second: RangeReplay, piece: RangeGraph, *, tolerance: float,
+                    label: str) -> float:
+    """After both graphs ran ``piece``'s layers: each call ``second`` replayed (a prefix of ``first``'s calls)
+    must hand the next range (or return as logits) what ``first`` did for that call, and ``second``'s KV cache
+    after its last call must hold what ``first``'s held after that call (``first.keep_cache_after``), within
+    ``tolerance`` of max(1, max |first|). Returns the largest such relative difference; VerificationFailed
+    (naming ``label``, the layers and the call) above the tolerance."""
+    from services.compiler.verify import VerificationFailed
+
+    n = len(second.calls)
+    if first.keep_cache_after != n - 1 or not same_calls(first.calls[:n], second.calls):
+        raise InvalidArgument(f"{label} did not replay a prefix of the calls its cache was kept for",
+                              field="calls", value=n)
+    pairs: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for c in range(n):
+        if not piece.stream_out:
+            pairs.append((f"the logits of call {c + 1}", first.logits[c], second.logits[c]))
+            continue
+        # The cut's tensors in the order the next layers read them: the same roles in both graphs, though one may
+        # name them after its LoRA kernel (the down projection's sum).
+        mine, theirs = list(first.stream[c].items()), [(t, second.stream[c][t]) for t in piece.stream_out]
+        if len(mine) != len(theirs) or any(a.shape != b.shape for (_, a), (_, b) in zip(mine, theirs, strict=False)):
+            raise VerificationFailed(f"{label} hands {piece.name}'s next range other tensors than the other graph "
+                                     f"({piece.stream_out} against {[n for n, _ in mine]})", float("inf"))
+        pairs += [(f"{name} of call {c + 1}", a, b) for (_, a), (name, b) in zip(mine, theirs, strict=True)]
+    assert first.cache is not None and second.cache is not None
+    pairs += [(f"the KV cache ({kind}) after call {n}", a, b)
+              for kind, a, b in zip("kv", first.cache, second.cache, strict=True)]
+    worst = 0.0
+    for what, want, got in pairs:
+        scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+        diff = float(np.abs(got - want).max()) / scale if want.size else 0.0
+        if not np.isfinite(got).all() or not diff <= tolerance:
+            raise VerificationFailed(f"{label} differs from the other graph in {piece.name}: {what} by {diff:.3g} "
+                                     f"(relative; tolerance {tolerance:g})", diff * scale)
+        worst = max(worst, diff)
+    return worst
+
+
+def same_calls(a: Sequence[Call], b: Sequence[Call]) -> bool:
+    """Whether two recordings made the same calls: the same slot ranges and per-call inputs, value for value."""
+    return len(a) == len(b) and all(
+        x.slots == y.slots and x.rows == y.rows and x.inputs.keys() == y.inputs.keys()
+        and all(np.array_equal(x.inputs[k], y.inputs[k]) for k in x.inputs) for x, y in zip(a, b, strict=True))
 
 
 def open_range(piece: RangeGraph, artifact_dir: Path, session_options):

@@ -11,7 +11,13 @@ A compiled artifact (``verify_fused_artifact``) is verified a layer range at a t
 scenario's calls are recorded through the same step driver first (decode tokens fed from the scenario's
 seed, so no call waits for logits), then every range's session runs them all and closes before the next
 range's opens, so a session never holds more than a range's weights; the artifact's two graphs
-(model.onnx and model.native.onnx) go range by range side by side and share one reference pass.
+(model.onnx and model.native.onnx) go range by range side by side and share one reference pass. The second
+graph (which differs from the first only in its LoRA and MLP activation kernels) replays the scenario's first
+part (``ScenarioRun.first_part_calls``: every kind of call, before the late joiner), checked end to end against
+the reference like the first, and in every range its stream into the next range for each of those calls and its
+KV cache after them must equal the first graph's (ranges.compare_replays): the late joiner and the full decode
+steps, which repeat those kinds of call over other slots, each a pass over every weight, run on the first
+graph only.
 ``verify_fused_graph`` checks one open session over a whole graph (tests, small models).
 
 For int4/int8 the reference holds the dequantised weights read back from the artifact itself
@@ -142,15 +148,18 @@ class RangeStats:
     ranges: tuple[tuple[int, int], ...]
     sessions: int
     seconds: dict[str, float]  # record (the scenario's calls), replay (every range's session), reference
+    # The second graph's largest difference from the first over every range's outputs and KV cache (relative).
+    range_diff: float | None = None
 
 
 def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceFn, banks: Mapping[str, np.ndarray], *,
                           ctx_len: int, occupied_slots: int, chunk: int, accuracy_level: int | None,
                           quantized: bool, range_bytes: int | None = None
                           ) -> tuple[FusedVerifyReport, FusedVerifyReport | None, RangeStats]:
-    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise), and how they
-    ran. Each graph runs a layer range at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session,
-    one session open at a time, the two graphs range by range side by side); one reference pass checks both."""
+    """Reports for graph.file and, when the artifact has one, graph.native_file (None otherwise: it replays the
+    scenario's first part, held to graph.file range by range), and how they ran. Each graph runs a layer range
+    at a time (ranges.py: at most ``range_bytes`` (default ranges.RANGE_BYTES) of weights in a session, one
+    session open at a time, the two graphs range by range side by side); one reference pass checks both."""
     t0 = time.perf_counter()
     files = [f for f in (graph.file, graph.native_file) if f]
     models = {f: onnx.load(str(out_dir / f), load_external_data=False) for f in files}
@@ -162,9 +171,13 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
         recorded[f] = record_fused(list(models[f].graph.input), graph, banks, ctx_len=ctx_len,
                                    occupied_slots=occupied_slots, chunk=chunk, label=f"fused graph {f}")
         pieces[f] = ranges.split_ranges(models[f], graph.layers, layer_ranges)
-        replays[f] = ranges.RangeReplay(recorded[f][1], flat, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
-                                        head_dim=graph.head_dim, slots=SCENARIO_SLOTS)
     del models
+    first_part = recorded[files[0]][0].first_part_calls
+    for j, f in enumerate(files):
+        calls = recorded[f][1] if j == 0 else recorded[f][1][:first_part]  # the second graph: the first part
+        replays[f] = ranges.RangeReplay(calls, flat, kv_heads=graph.num_kv_heads, ctx_len=ctx_len,
+                                        head_dim=graph.head_dim, slots=SCENARIO_SLOTS,
+                                        keep_cache_after=first_part - 1 if j == 0 and len(files) > 1 else None)
     seconds = {"record": time.perf_counter() - t0}
     # The reference needs only the rows, known now: it runs on a thread of its own while the ranges replay
     # (ONNX Runtime's small calls leave the cores idle between parallel sections; torch fills them).
@@ -182,8 +195,9 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
     worker = threading.Thread(target=compute, name="verify-reference", daemon=True)
     worker.start()
     t0 = time.perf_counter()
+    tolerance = base_tolerance(accuracy_level, quantized)
     try:
-        _replay_ranges(out_dir, graph, files, pieces, replays, prepack=quantized)
+        range_diff = _replay_ranges(out_dir, graph, files, pieces, replays, prepack=quantized, tolerance=tolerance)
     finally:
         worker.join()
     seconds["replay"] = time.perf_counter() - t0
@@ -192,28 +206,31 @@ def verify_fused_artifact(out_dir: Path, graph: GraphSpec, reference: ReferenceF
     runs = []
     for f in files:
         run = recorded[f][0]
-        runs.append(replace(run, sampled=ranges.resolve(run.sampled, replays[f].logits),
-                            calls=len(recorded[f][1])))
+        replayed = len(replays[f].calls)
+        sampled = [[(pos, mark) for pos, mark in row if int(mark[0]) <= replayed] for row in run.sampled]
+        runs.append(replace(run, sampled=ranges.resolve(sampled, replays[f].logits), calls=replayed))
 
     def precomputed(asked):
         if list(asked) != rows:
             raise RuntimeError("check_runs asked for other rows than were recorded")
         return computed["reference"]
 
-    results = check_runs(runs, precomputed, base_tolerance=base_tolerance(accuracy_level, quantized))
+    results = check_runs(runs, precomputed, base_tolerance=tolerance)
     stats = RangeStats(ranges=tuple(layer_ranges), sessions=sum(r.sessions for r in replays.values()),
-                       seconds={k: round(v, 3) for k, v in seconds.items()})
+                       seconds={k: round(v, 3) for k, v in seconds.items()}, range_diff=range_diff)
     return _report(results[0]), (_report(results[1]) if len(results) > 1 else None), stats
 
 
 def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Mapping[str, list[ranges.RangeGraph]],
-                   replays: Mapping[str, ranges.RangeReplay], *, prepack: bool) -> None:
+                   replays: Mapping[str, ranges.RangeReplay], *, prepack: bool, tolerance: float) -> float | None:
     """Every range of every graph in order (range 0 of each graph, then range 1, ...), each session closed
-    before the next opens: one range's weights resident at a time."""
+    before the next opens: one range's weights resident at a time. After each range, the second graph's outputs
+    and cache against the first's (ranges.compare_replays); returns the largest difference (None: one graph)."""
     import onnxruntime as ort
 
     from loraflow import native as native_lora
 
+    worst = None
     for k in range(len(next(iter(pieces.values())))):
         for f in files:
             so = session_options(ort, num_threads=0)  # idle threads sleep: the reference runs beside them
@@ -229,4 +246,9 @@ def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Ma
                 replays[f].run(session, pieces[f][k])
             finally:
                 del session  # this range's weights go before the next range's session opens
+        for f in files[1:]:
+            diff = ranges.compare_replays(replays[files[0]], replays[f], pieces[f][k], tolerance=tolerance,
+                                          label=f"fused graph {f}")
+            worst = max(worst or 0.0, diff)
     garbage.collect()
+    return worst
