@@ -191,18 +191,17 @@ void GroupDelta(const Task& t, const Group& g, const float* __restrict A, const 
   }
 }
 
-// The group's token count as a compile-time N (at most kMaxN<R> tokens a group; see Groups).
-// N x R/W x 4 partial sums stay within 16 vectors: 4 tokens at widths 4 and 8, 2 at 16, 1 above.
-template <int R>
-constexpr int kMaxN = R <= 8 ? kGroup : (R == 16 ? 2 : 1);
+// Tokens a group may hold at a compiled width (0: none, the runtime loop): N x R/W x 4 partial sums stay within 16
+// vectors, so 4 tokens at widths 4 and 8, 2 at 16, 1 above.
+constexpr int MaxTokens(int width) { return width <= 8 ? kGroup : (width == 16 ? 2 : 1); }
 
 template <int R>
 void GroupDeltaFixed(const Task& t, const Group& g, const float* A, const float* Bm) {
   switch (g.n) {
     case 1: return GroupDelta<R, 1>(t, g, A, Bm);
-    case 2: if constexpr (kMaxN<R> >= 2) return GroupDelta<R, 2>(t, g, A, Bm); break;
-    case 3: if constexpr (kMaxN<R> >= 3) return GroupDelta<R, 3>(t, g, A, Bm); break;
-    case 4: if constexpr (kMaxN<R> >= 4) return GroupDelta<R, 4>(t, g, A, Bm); break;
+    case 2: if constexpr (MaxTokens(R) >= 2) return GroupDelta<R, 2>(t, g, A, Bm); break;
+    case 3: if constexpr (MaxTokens(R) >= 3) return GroupDelta<R, 3>(t, g, A, Bm); break;
+    case 4: if constexpr (MaxTokens(R) >= 4) return GroupDelta<R, 4>(t, g, A, Bm); break;
   }
   Fail("LoraRows: internal: a group of " + std::to_string(g.n) + " tokens at width " + std::to_string(R));
 }
@@ -262,29 +261,16 @@ void GroupThunk(void* data, size_t i) {
 std::vector<Group> Groups(const Task& t, int64_t B) {
   std::vector<Group> groups;
   auto rank_of = [&](int64_t id) { return t.ranks ? t.ranks[id * t.rank_stride] : t.R; };
-  auto max_n = [&](int64_t rank) {
-    switch (CompiledWidth(rank, t.R)) {
-      case 4: return kMaxN<4>;
-      case 8: return kMaxN<8>;
-      case 16: return kMaxN<16>;
-      case 32: return kMaxN<32>;
-      case 64: return kMaxN<64>;
-      default: return kGroup;
-    }
-  };
+  auto max_n = [&](int64_t rank) { return MaxTokens(CompiledWidth(rank, t.R)); };
   if (t.S == 1) {
-    std::vector<int64_t> open;  // index into groups of the last group of each slot seen, by slot order of arrival
     for (int64_t b = 0; b < B; ++b) {
       const int64_t id = t.ids[b], rank = id == 0 ? 0 : rank_of(id);
       if (rank == 0) continue;  // the base model, an empty slot, or a module this adapter does not touch
-      int64_t at = -1;
-      for (int64_t i : open)
-        if (groups[i].id == id) at = i;
+      int64_t at = static_cast<int64_t>(groups.size()) - 1;  // the slot's latest group: only it can have room
+      while (at >= 0 && groups[at].id != id) --at;
       if (at < 0 || groups[at].n == max_n(rank)) {
-        if (at >= 0) open.erase(std::find(open.begin(), open.end(), at));
         groups.push_back(Group{id, rank, 0, {}, {}});
         at = static_cast<int64_t>(groups.size()) - 1;
-        open.push_back(at);
       }
       Group& g = groups[at];
       g.x[g.n] = t.x + b * t.K;
@@ -440,8 +426,9 @@ struct LoraRowsKernel {
 };
 
 // The output may reuse y's buffer (input 0): each element of out is y's at the same index plus a delta computed
-// from x and the banks only, so writing in place reads nothing it has overwritten. Saves a copy of [B, S, Y] a node
-// (a prefill chunk's packed q|k|v went through three).
+// from x and the banks only, so writing in place reads nothing it has overwritten; then the copy of [B, S, Y] is
+// skipped. ONNX Runtime 1.32 took it up over fixed dims only: over the served graphs' symbolic B and S every call
+// still copied (measured), so there this saves nothing yet.
 size_t ORT_API_CALL OutputMayReuseY(int** input_index, int** output_index) {
   *input_index = new int[1]{0};
   *output_index = new int[1]{0};
