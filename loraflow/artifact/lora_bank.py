@@ -426,15 +426,10 @@ def slot_module_ranks(tensors: Mapping[str, tuple[np.ndarray, np.ndarray]], modu
     return np.array([slot_rank({m: tensors[m]}) if m in tensors else 0 for m in modules], np.int64)  # [P]
 
 
-def bank_ranks(banks_a: Mapping[str, np.ndarray], banks_b: Mapping[str, np.ndarray]) -> np.ndarray:
-    """int64 [N]: the rank each slot of [L, N, in, R] / [L, N, R, out] banks uses (graph5-7's ``lora_ranks``
-    input; slot 0 and empty slots 0)."""
-    ranks = bank_module_ranks(banks_a, banks_b)  # [N, P]
-    return ranks.max(axis=1) if ranks.shape[1] else np.zeros(ranks.shape[0], np.int64)  # [N, P] -> [N]
-
-
 def bank_module_ranks(banks_a: Mapping[str, np.ndarray], banks_b: Mapping[str, np.ndarray]) -> np.ndarray:
-    """int64 [N, P]: the rank each slot uses in each bank module (the banks' order), graph8's ``lora_ranks``."""
+    """int64 [N, P]: the rank each slot of [L, N, in, R] / [L, N, R, out] banks uses in each bank module (the banks'
+    order; slot 0 and empty slots 0), graph8's ``lora_ranks``; its max over modules (``.max(axis=1, initial=0)``)
+    is graph5-7's [N]."""
     slots = next(iter(banks_a.values())).shape[1] if banks_a else 0
     return np.array([[used_rank(banks_a[m][:, s], banks_b[m][:, s]) for m in banks_a] for s in range(slots)],
                     np.int64).reshape(slots, len(banks_a))  # [N, P]

@@ -62,7 +62,7 @@ class FusedStepDriver:
                  lora_module_ranks: np.ndarray | None = None):
         """``banks``: graph input name -> OrtValue or numpy array [L*N, in, R] / [L*N, R, out], bound once
         (on CPU an OrtValue over a numpy array aliases it, so writes into the array serve at once).
-        ``lora_ranks``: int64 [N], each slot's rank (loraflow.artifact.lora_bank.bank_ranks), and
+        ``lora_ranks``: int64 [N], each slot's rank (the max over modules of ``lora_module_ranks``), and
         ``lora_module_ranks``: int64 [N, P], each slot's rank per bank module (bank_module_ranks), bound once the
         same way: a graph with a ``lora_ranks`` input takes the one of its shape (graph5-7 [N], graph8 [N, P])."""
         import onnxruntime as ort
@@ -95,7 +95,7 @@ class FusedStepDriver:
         per_module = len(shape) == 2
         what = "[N, P] (each adapter slot's rank per module): pass lora_module_ranks=loraflow.artifact.lora_bank." \
             "bank_module_ranks(...)" if per_module else "[N] (each adapter slot's rank): pass " \
-            "lora_ranks=loraflow.artifact.lora_bank.bank_ranks(...)"
+            "lora_ranks=loraflow.artifact.lora_bank.bank_module_ranks(...).max(axis=1, initial=0)"
         if lora_ranks is None:
             raise InvalidArgument(f"this graph takes {gc.LORA_RANKS} {what}", field=gc.LORA_RANKS, value=None)
         fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
