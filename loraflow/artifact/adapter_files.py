@@ -189,17 +189,21 @@ def _read_packed(path: Path, header: dict[str, dict[str, Any]], data_start: int,
         f.seek(data_start)
         if f.readinto(buf) != data_len:
             return None
-    if dtype == "BF16":
-        values = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)  # bf16: a float32's top half
-    elif dtype == "F16":
-        values = half_to_float32(np.frombuffer(buf, "<f2"))
-    else:
-        values = np.frombuffer(buf, np.dtype(_NP_FLOAT[dtype]).newbyteorder("<")).astype(np.float32, copy=False)
+    values = _as_float32(buf, dtype)
     # max and min propagate NaN and reach any infinity: two reductions, no array of flags.
     if values.size and not (np.isfinite(values.max()) and np.isfinite(values.min())):
         return None
     return {name: values[info["data_offsets"][0] // size:info["data_offsets"][1] // size].reshape(info["shape"])
             for name, info in header.items()}
+
+
+def _as_float32(buf: bytearray, dtype: str) -> np.ndarray:
+    """float32 values of ``buf``'s little-endian ``dtype`` elements (a view of ``buf`` for F32)."""
+    if dtype == "BF16":
+        return (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)  # bf16: a float32's top half
+    if dtype == "F16":
+        return half_to_float32(np.frombuffer(buf, "<f2"))
+    return np.frombuffer(buf, np.dtype(_NP_FLOAT[dtype]).newbyteorder("<")).astype(np.float32, copy=False)
 
 
 def _read_each(path: Path, header: dict[str, dict[str, Any]], data_start: int) -> dict[str, np.ndarray]:
@@ -212,15 +216,10 @@ def _read_each(path: Path, header: dict[str, dict[str, Any]], data_start: int) -
                            f"of {list(FLOAT_DTYPES)}", value=dtype)
             begin, end = info["data_offsets"]
             f.seek(data_start + begin)
-            buf = f.read(end - begin)
-            if len(buf) != end - begin:
+            buf = bytearray(end - begin)  # writable, as the packed read's
+            if f.readinto(buf) != end - begin:
                 raise _bad(path, "weights", f"tensor {name!r}: file ended inside its data (truncated while read)")
-            if dtype == "BF16":
-                # bf16 is the top half of a float32.
-                arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
-            else:
-                arr = np.frombuffer(buf, np.dtype(_NP_FLOAT[dtype]).newbyteorder("<"))
-            arr = arr.astype(np.float32).reshape(info["shape"])
+            arr = _as_float32(buf, dtype).reshape(info["shape"])
             if not np.isfinite(arr).all():
                 raise _bad(path, "weights", f"tensor {name!r} holds {int(np.count_nonzero(~np.isfinite(arr)))} "
                            "NaN or infinite values", value=name)
