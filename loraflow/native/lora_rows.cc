@@ -295,7 +295,9 @@ std::vector<Group> Groups(const Task& t, int64_t B) {
   return groups;
 }
 
-using loraflow_native::FullyDescribed;
+using loraflow_native::InferredShape;
+using loraflow_native::ReadInputShape;
+using loraflow_native::WriteOutputShape;
 using loraflow_native::Shape;
 
 // An int attribute that may be absent: false (and value untouched) when the node does not carry it.
@@ -425,10 +427,21 @@ struct LoraRowsKernel {
   int64_t rank_column_ = -1;  // graph8: this node's module's column of a [N, P] lora_ranks
 };
 
+// The output is y with deltas added: y's shape, for the graph's shape inference (and so for the reuse below,
+// which ONNX Runtime grants only where it knows both shapes are the same).
+OrtStatus* ORT_API_CALL OutputShapeIsY(const OrtCustomOp* /*op*/, OrtShapeInferContext* ctx) {
+  try {
+    InferredShape shape;
+    if (!ReadInputShape(ctx, 0, &shape)) return nullptr;
+    return WriteOutputShape(ctx, 0, shape);
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+}
+
 // The output may reuse y's buffer (input 0): each element of out is y's at the same index plus a delta computed
 // from x and the banks only, so writing in place reads nothing it has overwritten; then the copy of [B, S, Y] is
-// skipped. ONNX Runtime 1.32 took it up over fixed dims only: over the served graphs' symbolic B and S every call
-// still copied (measured), so there this saves nothing yet.
+// skipped (a node whose y feeds another node too still gets a buffer of its own).
 size_t ORT_API_CALL OutputMayReuseY(int** input_index, int** output_index) {
   *input_index = new int[1]{0};
   *output_index = new int[1]{0};
@@ -444,6 +457,7 @@ struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
   explicit LoraRowsOp(int64_t parallel_min) : parallel_min_(parallel_min) {
     OrtCustomOp::GetMayInplace = OutputMayReuseY;
     OrtCustomOp::ReleaseMayInplace = ReleaseReuseMap;
+    OrtCustomOp::InferOutputShapeFn = OutputShapeIsY;
   }
   void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) const {
     return new LoraRowsKernel(info, parallel_min_);
@@ -460,13 +474,7 @@ struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  // The output is y with deltas added: y's shape, for the graph's shape inference, where the API can pass it
-  // on unchanged (FullyDescribed; else it stays unknown).
-  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
-    const Ort::ShapeInferContext::Shape& shape = ctx.GetInputShape(0);
-    if (!FullyDescribed(shape)) return Ort::Status(nullptr);
-    return ctx.SetOutputShape(0, shape);
-  }
+
 
  private:
   int64_t parallel_min_;

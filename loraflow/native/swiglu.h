@@ -107,8 +107,27 @@ struct SwiGluKernel {
   int64_t parallel_min_;
 };
 
+// The output's shape for the graph's shape inference: the input's with the last dimension halved, so the nodes
+// behind it see its shape (op_shapes.h: left unknown where the input's is).
+inline OrtStatus* ORT_API_CALL OutputShapeIsHalfOfInput(const OrtCustomOp* /*op*/, OrtShapeInferContext* ctx) {
+  try {
+    InferredShape shape;
+    if (!ReadInputShape(ctx, 0, &shape) || shape.dims.back() < 0) return nullptr;
+    if (shape.dims.back() % 2 != 0)
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT,
+                                        ("SwiGlu: gate_up's last dimension " + std::to_string(shape.dims.back()) +
+                                         " is odd (gate | up needs an even one)").c_str());
+    shape.dims.back() /= 2;
+    return WriteOutputShape(ctx, 0, shape);
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+}
+
 struct SwiGluOp : Ort::CustomOpBase<SwiGluOp, SwiGluKernel> {
-  explicit SwiGluOp(int64_t parallel_min) : parallel_min_(parallel_min) {}
+  explicit SwiGluOp(int64_t parallel_min) : parallel_min_(parallel_min) {
+    OrtCustomOp::InferOutputShapeFn = OutputShapeIsHalfOfInput;
+  }
   void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/) const {
     return new SwiGluKernel(parallel_min_);
   }
@@ -117,19 +136,6 @@ struct SwiGluOp : Ort::CustomOpBase<SwiGluOp, SwiGluKernel> {
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  // The output's shape for the graph's shape inference: the input's with the last dimension halved, so the
-  // nodes behind it see a known rank. Only where every input dimension is a number or a named symbol: the
-  // API shows an unnamed unknown dimension (and an input of unknown rank: rank 0) as -1, which it would
-  // write back as a fixed -1; the output is then left unknown, as without this function.
-  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
-    Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
-    if (!FullyDescribed(shape) || !shape.back().IsInt()) return Ort::Status(nullptr);
-    if (shape.back().AsInt() % 2 != 0)
-      return Ort::Status(("SwiGlu: gate_up's last dimension " + std::to_string(shape.back().AsInt()) +
-                          " is odd (gate | up needs an even one)").c_str(), ORT_INVALID_ARGUMENT);
-    shape.back() = Ort::ShapeInferContext::SymbolicInteger(shape.back().AsInt() / 2);
-    return ctx.SetOutputShape(0, shape);
-  }
 
  private:
   int64_t parallel_min_;

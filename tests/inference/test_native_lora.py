@@ -216,6 +216,31 @@ def test_chained_lora_rows_over_an_intermediate_y_equal_the_reference(seq):
     np.testing.assert_allclose(out[1], y[1], rtol=1e-6, atol=1e-6)  # the base row: x @ W only
 
 
+def test_lora_rows_passes_ys_shape_on_to_the_graph_so_a_chain_keeps_its_symbolic_dimensions():
+    """MatMul -> LoraRows -> LoraRows -> SwiGlu over symbolic B and S, the outputs declared without shapes:
+    shape inference carries y's [B, S, Y] (named symbols, not fixed -1s) through every node. ONNX Runtime lets
+    LoraRows write into y's buffer only where it knows the two shapes are equal, and every node behind an
+    output of unknown shape loses its shape too."""
+    require_native()
+    K, Y = 12, 20
+    w = np.ones((K, Y), np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("LoraRows", ["y", "x", "ids", "a", "b"], ["y1"], domain=native_lora.DOMAIN,
+                              bank_offset=0, column_offset=0),
+             helper.make_node("LoraRows", ["y1", "x", "ids", "a", "b"], ["y2"], domain=native_lora.DOMAIN,
+                              bank_offset=0, column_offset=8),
+             helper.make_node("SwiGlu", ["y2"], ["act"], domain=native_lora.DOMAIN)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", K]),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 1]),
+              helper.make_tensor_value_info("a", TensorProto.FLOAT, ["M", K, 4]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, ["M", 4, 8])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "act")]
+    graph = helper.make_graph(nodes, "shapes", inputs, outputs,
+                              initializer=[helper.make_tensor("w", TensorProto.FLOAT, [K, Y], w.ravel())])
+    session = native_session(graph, False)
+    assert [o.shape for o in session.get_outputs()] == [["B", "S", Y], ["B", "S", Y // 2]]
+
+
 def test_lora_rows_refuses_module_ranks_without_a_column_or_with_a_column_outside_them():
     require_native()
     rng = np.random.default_rng(2)

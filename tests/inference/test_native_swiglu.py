@@ -13,16 +13,13 @@ from loraflow import native as native_lora
 from tests.support.native import native_session, require_native
 
 
-def _session(last_dim, spinning: bool, then_shape: bool = False) -> ort.InferenceSession:
-    """One SwiGlu node over x [B, S, last_dim]; ``then_shape``: followed by a Shape node (whose output the
-    graph's shape inference folds to a constant where it knows the output's shape)."""
+def _session(last_dim, spinning: bool, dims=("B", "S")) -> ort.InferenceSession:
+    """One SwiGlu node over x [*dims, last_dim]; its output y is declared without a shape (shape inference
+    gives it one where it can)."""
     nodes = [helper.make_node("SwiGlu", ["x"], ["y"], domain=native_lora.DOMAIN)]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
-    if then_shape:
-        nodes.append(helper.make_node("Shape", ["y"], ["shape"]))
-        outputs.append(helper.make_tensor_value_info("shape", TensorProto.INT64, None))
     graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                           ["B", "S", last_dim])], outputs)
+                                                                           [*dims, last_dim])], outputs)
     return native_session(graph, spinning)
 
 
@@ -58,12 +55,24 @@ def test_swiglu_refuses_an_odd_packed_width():
         session.run(None, {"x": np.zeros((2, 1, 7), np.float32)})
 
 
-def test_swiglu_declares_its_output_shape_to_the_graph():
-    """With a known width the Shape behind SwiGlu reads the halved width from shape inference."""
+@pytest.mark.parametrize("dims", [["B", "S"], [3, 2]])
+def test_swiglu_declares_its_output_shape_to_the_graph(dims):
+    """Shape inference hands the nodes behind SwiGlu its input's dimensions (named symbols kept as they are)
+    with the width halved: the graph's output, declared without a shape, gets it from the node."""
     require_native()
-    session = _session(2 * 24, spinning=False, then_shape=True)
-    out, shape = session.run(None, {"x": np.ones((3, 2, 48), np.float32)})
-    assert shape.tolist() == [3, 2, 24] == list(out.shape)
+    session = _session(2 * 24, spinning=False, dims=dims)
+    assert session.get_outputs()[0].shape == [*dims, 24]
+    (out,) = session.run(None, {"x": np.ones((3, 2, 48), np.float32)})
+    assert out.shape == (3, 2, 24)
+
+
+def test_swiglu_leaves_an_unnamed_unknown_dimension_unknown():
+    """An input dimension without a number or a name is not written back as a fixed -1."""
+    require_native()
+    session = _session(2 * 24, spinning=False, dims=[None, "S"])
+    assert session.get_outputs()[0].shape in (None, [])
+    (out,) = session.run(None, {"x": np.ones((3, 2, 48), np.float32)})
+    assert out.shape == (3, 2, 24)
 
 
 def test_the_native_graph_runs_the_mlp_activation_as_one_swiglu_node(tiny_artifact):
