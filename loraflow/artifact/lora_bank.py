@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,11 +305,12 @@ def slot_tensors(adapter: Adapter, spec: BankSpec) -> dict[str, tuple[np.ndarray
     return out
 
 
-def empty_banks(spec: BankSpec, dtype: str | np.dtype = np.float32) -> tuple[dict[str, np.ndarray],
-                                                                            dict[str, np.ndarray]]:
-    """Zeroed banks (every slot is the base model) keyed by module."""
-    banks_a = {m: np.zeros(spec.a_shape(m), dtype) for m in spec.modules}
-    banks_b = {m: np.zeros(spec.b_shape(m), dtype) for m in spec.modules}
+def empty_banks(spec: BankSpec, dtype: str | np.dtype = np.float32, *,
+                zeros: Callable[..., np.ndarray] = np.zeros) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Zeroed banks (every slot is the base model) keyed by module. ``zeros(shape, dtype)`` allocates each bank:
+    serving passes ``small_page_zeros`` (its slots are written one at a time, over the server's life)."""
+    banks_a = {m: zeros(spec.a_shape(m), dtype) for m in spec.modules}
+    banks_b = {m: zeros(spec.b_shape(m), dtype) for m in spec.modules}
     return banks_a, banks_b
 
 

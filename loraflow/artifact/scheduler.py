@@ -276,7 +276,16 @@ class Scheduler:
 
     def _compact(self) -> tuple[tuple[int, int], ...]:
         """Move the running rows of the highest slots into the lowest free ones until no free slot lies below a
-        running row: the free slots are then one range, so the rows admitted next are adjacent."""
+        running row: the free slots are then one range, so the rows admitted next are adjacent.
+
+        Only rows with tokens in the cache move (the runtime copies them). Rows that have not started (admitted,
+        nothing computed) are then seated again, in admission order, in the slots right above: free, and the rows
+        admitted next follow them, so every first chunk waiting is in one range of adjacent slots (one padded call,
+        where a started row moved down between them split a prefill step into several calls) and a decode's
+        slot range holds no waiting row (a dummy row)."""
+        unstarted = [seq for seq in self.running.values() if seq.num_computed == 0]  # admission order
+        for seq in unstarted:
+            self.slots[seq.slot] = None
         moves = []
         while None in self.slots:
             low = self.slots.index(None)
@@ -287,6 +296,9 @@ class Scheduler:
             self.slots[low], self.slots[high] = seq.request_id, None
             seq.slot = low
             moves.append((high, low))
+        for seq in unstarted:
+            seq.slot = self.slots.index(None)
+            self.slots[seq.slot] = seq.request_id
         return tuple(moves)
 
     def _admit(self) -> None:

@@ -35,6 +35,7 @@ from loraflow.artifact.lora_bank import (
     write_slot_tensors,
 )
 from loraflow.artifact.manifest import Manifest
+from loraflow.artifact.small_page_zeros import small_page_zeros
 from loraflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from loraflow.options.budget import serving_estimate
 from loraflow.options.names import validate_name
@@ -104,12 +105,13 @@ class AdapterSlots:
     def __init__(self, manifest: Manifest, dtype: np.dtype, *, sync: Callable[[], None] = lambda: None,
                  adapter_slots: int | None = None):
         """``adapter_slots``: how many slots the banks hold (None: the compiled count; a fused graph6 artifact
-        takes any count, see ``resident_slots``). Banks are zeroed lazily by the OS (np.zeros), so slots
-        never written cost address space, not memory."""
+        takes any count, see ``resident_slots``). Banks are zeroed lazily by the OS, in small pages
+        (``small_page_zeros``): slots never written cost address space, and a load commits only the pages it
+        writes (not the 2 MiB huge page around each of its blocks)."""
         self.manifest = manifest
         self.spec = BankSpec.from_manifest(manifest, adapter_slots)
         self.adapter_slots = self.spec.adapter_slots
-        self.lora_a, self.lora_b = empty_banks(self.spec, dtype)
+        self.lora_a, self.lora_b = empty_banks(self.spec, dtype, zeros=small_page_zeros)
         # Each slot's used rank (0: empty or base) per bank module (graph8's lora_ranks) and overall (graph5-7's);
         # a runtime binds these arrays once, so they are updated in place.
         self.module_ranks = np.zeros((self.adapter_slots + 1, len(self.spec.modules)), np.int64)  # [N, P]

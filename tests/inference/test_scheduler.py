@@ -240,6 +240,30 @@ def test_compact_slots_moves_running_rows_down_so_the_next_admitted_are_adjacent
     assert s.slots == ["d", "b", "e", "f"] and s.running["d"].slot == 0
 
 
+def test_compact_slots_keeps_rows_that_have_not_started_next_to_the_newly_admitted():
+    # a, b, c decode in slots 0-2; d is admitted into slot 3 during a decode step (the last call was a prefill) and
+    # waits for its prefill; a finishes, freeing slot 0 below it. Moving d down into slot 0 would part it from e,
+    # admitted next into slot 3: two prefill calls. Instead c (cached tokens: a move) fills slot 0, and d, with
+    # nothing cached, is seated again right above the started rows, next to e.
+    s = make(full_batch_size=5, max_waiting=8, compact_slots=True)
+    for rid in "abc":
+        s.add(Sequence(rid, [1, 2], max_new_tokens=8))
+    run_step(s)  # a, b, c prefill together
+    s.add(Sequence("d", [3, 4, 5], max_new_tokens=8))
+    out, _ = run_step(s)
+    assert out.kind == "decode" and [r.request_id for r in out.rows] == ["a", "b", "c"] and s.slots[3] == "d"
+    s.finish("a", FinishReason.STOP)
+    s.add(Sequence("e", [6, 7], max_new_tokens=8))
+    out = s.schedule()
+    assert out.moves == ((2, 0),) and out.kind == "prefill"
+    assert [(r.request_id, r.slot, r.start_position) for r in out.rows] == [("d", 2, 0), ("e", 3, 0)]
+    assert s.slots == ["c", "b", "d", "e", None]
+    s.update(out, {"d": 9, "e": 9})
+    out = s.schedule()  # the decode's slot range 0-3 holds every decoding row and no other
+    assert out.kind == "decode" and [(r.request_id, r.slot) for r in out.rows] == \
+        [("c", 0), ("b", 1), ("d", 2), ("e", 3)]
+
+
 def test_without_compact_slots_rows_stay_where_they_were_admitted():
     s = make(full_batch_size=3, max_waiting=8)
     for rid in "abc":
