@@ -23,6 +23,10 @@
 
 #include "op_shapes.h"
 
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 namespace loraflow_native {
 
 // exp(x) without a library call, so the loops below vectorise: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by
@@ -67,8 +71,27 @@ struct SwiGluTask {
 #define LORAFLOW_SWIGLU_CLONES
 #endif
 
+// Denormal results flushed to zero (FTZ) and denormal inputs read as zero (DAZ) while a token's loop runs; the
+// caller's MXCSR is restored after. g++ vectorises the clamped exp by computing both sides of the clamp in every
+// lane and blending: the side of gates below -87, gate * up / (1 + exp(87)), is a denormal for nearly every
+// gate, and each vector of denormal results costs a microcode assist. That put SwiGlu at 5-8x ONNX Runtime's
+// Split + QuickGelu + Mul (8 x 16384 floats: ~400 against ~50 us, 1B decode: 3.4 ms of a ~105 ms int4 step).
+// Flushed, a real output changes only where it would have been a denormal itself (|silu(gate) * up| < 1.2e-38).
+class DenormalsAreZero {
+ public:
+#if defined(__x86_64__)
+  DenormalsAreZero() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~DenormalsAreZero() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;  // MXCSR bits 15 and 6
+  unsigned saved_;
+#endif
+};
+
 // One token: out[i] = gate[i] * up[i] / (1 + exp(-gate[i])).
 LORAFLOW_SWIGLU_CLONES inline void SwiGluToken(const SwiGluTask& t, size_t token) {
+  const DenormalsAreZero flushed;
   const float* __restrict gate = t.in + static_cast<int64_t>(token) * 2 * t.I;
   const float* __restrict up = gate + t.I;
   float* __restrict out = t.out + static_cast<int64_t>(token) * t.I;

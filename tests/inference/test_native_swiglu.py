@@ -51,6 +51,20 @@ def test_swiglu_equals_silu_gate_times_up(shape, spinning):
     assert out[0, 0, 1] == pytest.approx(95.0 * x[0, 0, shape[-1] // 2 + 1], rel=1e-6)
 
 
+def test_swiglu_flushes_denormals_only_inside_its_own_loop():
+    """The kernel runs its loop with denormals flushed (a vectorised clamp otherwise costs an assist per vector)
+    and gives the calling thread its own floating-point mode back: a decode step runs inline on the caller's
+    thread, whose later float arithmetic must still produce denormals."""
+    require_native()
+    x = np.full((1, 1, 2 * 64), 3.0, np.float32)
+    x[0, 0, 64:66] = [1e-39, 2.0]  # an up value that is itself a denormal: read as zero inside the kernel
+    (out,) = _session(x.shape[-1], spinning=False).run(None, {"x": x})
+    silu = 3.0 / (1.0 + np.exp(-3.0))
+    assert out[0, 0, 0] == 0.0 and out[0, 0, 1] == pytest.approx(2.0 * silu, rel=1e-6)
+    tiny = np.float32(1e-38) * np.float32(0.1)  # a denormal on this thread, after the kernel ran on it
+    assert tiny != 0.0 and tiny == pytest.approx(1e-39, rel=1e-3)
+
+
 def test_swiglu_refuses_an_odd_packed_width():
     require_native()
     session = _session("W", spinning=False)
