@@ -344,6 +344,8 @@ def child_serve(args) -> None:
     bandwidth = memory_bandwidth_gbs(args.threads)
     in_slots = len(model.runtime.adapter_names())
     kernel = model.runtime.lora_kernel
+    # Under 'auto', steps taken by the sleeping session mean other processes contended for the cores.
+    steps_by_spinning = dict(getattr(model.runtime, "steps_by_spinning", {}))
     model.close()
     print(json.dumps({
         "open_s": round(open_s, 1), "rss_before_gib": before["VmRSS"], "rss_opened_gib": opened["VmRSS"],
@@ -358,6 +360,7 @@ def child_serve(args) -> None:
         "base_tok_s": round(statistics.median(r["tok_s"] for r in base), 2),
         "base_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in base), 2),
         "adapters_in_slots": in_slots, "lora_kernel": kernel, "ort_spinning": args.ort_spinning,
+        "steps_by_spinning": steps_by_spinning,
         "bandwidth_gbs": round(bandwidth, 1), "vmhwm_gib": vmhwm_gib(),
         "decode_bytes_per_step_gib": round(step_bytes / (1 << 30), 3),
         "bandwidth_bound_tok_s": round(args.rows * bandwidth * 1e9 / step_bytes, 1),

@@ -122,30 +122,62 @@ def error_rows(rows: Sequence[ReferenceRow]) -> tuple[int, ...]:
     return tuple(sorted(shortest.values()))
 
 
+# The float model's own variants computed in a pass of their own (``float_reference``): label -> result.
+FloatPass = Callable[[Sequence[ReferenceRow]], Mapping[str, layerwise.ReferenceResult]]
+
+
+def _float_variants(plain: WeightSource, sub: tuple[int, ...]) -> dict[str, Variant]:
+    """The float model in float64 and float32 over the rows ``sub``: its own float32 error (and, beside a
+    quantised graph's weights, the quantisation error) is measured from these two."""
+    return {"fp64": Variant(plain, torch.float64, rows=sub), "fp32": Variant(plain, rows=sub)}
+
+
+def float_reference(plain: WeightSource, banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], *,
+                    on_layer: LayerHook | None = None) -> FloatPass:
+    """The float model's variants of a reference whose checked weights are another source (a quantised graph's,
+    read back): float64 and float32 over ``error_rows``, in a pass of their own. It reads only ``plain`` (the
+    checkpoint), so it can run before the graph is written (services/compiler/fused/reference_ahead.py);
+    ``layerwise_reference(float_pass=...)`` then takes its results instead of computing them in its pass."""
+
+    def run(rows: Sequence[ReferenceRow]) -> Mapping[str, layerwise.ReferenceResult]:
+        return layerwise.reference_logits(_float_variants(plain, error_rows(rows)), rows, banks, lora_modules,
+                                          on_layer=on_layer)
+
+    return run
+
+
 def layerwise_reference(source: WeightSource, banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], *,
                         float_source: WeightSource | None = None, on_layer: LayerHook | None = None,
-                        activation_block: int | None = None, measure_on_error_rows: bool = False) -> ReferenceFn:
+                        activation_block: int | None = None, measure_on_error_rows: bool = False,
+                        float_pass: FloatPass | None = None) -> ReferenceFn:
     """The reference computed layer by layer: ``source`` (the weights the graph holds) in float32, rounding
     its MatMulNBits inputs to int8 per ``activation_block`` as accuracy level 4 does (layerwise.Variant), over
     every row; ``float_source``: the unquantised model, measured beside it. The float32 error the tolerance
     follows is that of the float model (``float_source``, else ``source``), float32 against float64, without
     rounding; with ``measure_on_error_rows`` it, the rounding sensitivity and the quantisation error are
-    measured on ``error_rows`` only (else on every row)."""
+    measured on ``error_rows`` only (else on every row). ``float_pass`` (with ``float_source`` and
+    ``measure_on_error_rows``): ``float_reference`` over ``float_source``, already running or done; this pass then
+    computes only the checked variants, and ``on_layer`` sees only ``source``'s weights."""
     plain = float_source or source
+    if float_pass is not None and (float_source is None or not measure_on_error_rows):
+        raise ValueError("float_pass measures float_source on the error rows: it needs float_source and "
+                         "measure_on_error_rows")
 
     def run(rows: Sequence[ReferenceRow]) -> Reference:
         sub = error_rows(rows) if measure_on_error_rows else tuple(range(len(rows)))
-        variants = {"fp64": Variant(plain, torch.float64, rows=sub)}
         if float_source is not None or activation_block:
-            variants["check"] = Variant(source, activation_block=activation_block)
-            variants["fp32"] = Variant(plain, rows=sub)
+            variants = {"check": Variant(source, activation_block=activation_block)}
+            if float_pass is None:
+                variants.update(_float_variants(plain, sub))
         else:
-            variants["fp32"] = Variant(plain)
+            variants = {"fp64": Variant(plain, torch.float64, rows=sub), "fp32": Variant(plain)}
         if activation_block:
             variants["check64"] = Variant(source, torch.float64, activation_block=activation_block, rows=sub)
         got = layerwise.reference_logits(variants, rows, banks, lora_modules, on_layer=on_layer)
+        if float_pass is not None:
+            got.update(float_pass(rows))
         checked = got.get("check", got["fp32"])
-        fp32 = got["fp32"].logits if variants["fp32"].rows else [checked.logits[j] for j in sub]
+        fp32 = got["fp32"].logits if "check" in got else [checked.logits[j] for j in sub]  # on the rows ``sub``
         float_logits = None
         if float_source is not None:
             float_logits = [None] * len(rows)

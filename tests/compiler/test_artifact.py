@@ -92,6 +92,7 @@ def test_quantized_dtypes_quantize_base_weights_only(tmp_path, tiny_llama, two_a
     # against the float model is measured and recorded.
     assert manifest.graph.dtype == "float32" and verify["relative_diff"] < verify["tolerance"] == 0.1
     assert 0 < verify["quant_relative_diff_vs_float"] and 0 <= verify["quant_token_agreement_vs_float"] <= 1
+    assert verify["seconds"]["reference_ahead"] > 0  # the float model's variants ran beside the export
     assert manifest.options["quant_block_size"] == 16 and manifest.options["quant_accuracy_level"] == 4
 
 

@@ -178,6 +178,42 @@ def test_int8_activations_stay_within_their_tolerance(tmp_path, parity_model, ad
     assert 1e-4 < report.relative_diff < report.tolerance == TOLERANCE[4]
 
 
+def test_the_float_pass_apart_gives_the_one_pass_reference(tmp_path, parity_model, adapter_factory):
+    """An int4 compile measures the float model (float64 and float32 over the error rows) in a pass of its own
+    beside the export (verify.float_reference); joined to the checked variants' pass it is the one-pass reference,
+    value for value, and the checked pass's hook sees only the read-back weights."""
+    from services.compiler.verify import float_reference, scenario_rows
+
+    decoder, banks, _ = decoder_with_adapters(parity_model("llama"), _adapters(adapter_factory, "llama"),
+                                              gc.LORA_TARGET_MODULES, slots=3)
+    graph, _, exported = _build(tmp_path, decoder, "int4", quant_block_size=32)
+    readback = ArtifactWeights(decoder.cfg, tmp_path / exported.graph.file, exported.written)
+    plain = ModuleWeights(decoder)
+    rows = scenario_rows(vocab_size=graph.vocab_size, ctx_len=CTX, occupied_slots=2, chunk=4)
+    seen = set()
+
+    def hook(loaded):
+        seen.update(loaded)
+
+    one = layerwise_reference(readback, banks, decoder.lora_modules, float_source=plain, activation_block=32,
+                              measure_on_error_rows=True)(rows)
+    apart = layerwise_reference(readback, banks, decoder.lora_modules, float_source=plain, activation_block=32,
+                                measure_on_error_rows=True, on_layer=hook,
+                                float_pass=float_reference(plain, banks, decoder.lora_modules))(rows)
+    assert seen == {readback}
+    assert one.error > 0 and one.rounding_error > 0
+    assert (apart.error, apart.rounding_error, apart.max_activation) == (one.error, one.rounding_error,
+                                                                         one.max_activation)
+    for got, want in zip(apart.logits, one.logits, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert [f is None for f in apart.float_logits] == [f is None for f in one.float_logits]
+    for got, want in zip(apart.float_logits, one.float_logits, strict=True):
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="needs float_source"):
+        layerwise_reference(readback, banks, decoder.lora_modules, float_pass=float_reference(plain, banks, ()))
+
+
 def test_verification_fails_with_the_measured_difference(tmp_path, tiny_model_factory, adapter_factory):
     adapters = _adapters(adapter_factory, "llama")[:1]
     decoder, banks, _ = decoder_with_adapters(tiny_model_factory("llama"), adapters, gc.LORA_TARGET_MODULES)

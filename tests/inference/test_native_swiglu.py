@@ -48,6 +48,21 @@ def test_swiglu_equals_silu_gate_times_up(shape, spinning):
     assert out[0, 0, 1] == pytest.approx(95.0 * x[0, 0, shape[-1] // 2 + 1], rel=1e-6)
 
 
+def test_swiglu_keeps_denormal_products_and_the_callers_floating_point_mode():
+    """The loop is written on vectors (a per-float loop that g++ vectorised itself computed the clamp's far side,
+    a denormal, in every lane: a microcode assist per vector), not by flushing denormals: a product that is a
+    denormal comes out as one, and the calling thread (a decode step runs inline on it) keeps producing them."""
+    require_native()
+    x = np.full((1, 1, 2 * 64), 3.0, np.float32)
+    x[0, 0, 64:66] = [1e-39, 2.0]  # an up value that is itself a denormal
+    (out,) = _session(x.shape[-1], spinning=False).run(None, {"x": x})
+    silu = 3.0 / (1.0 + np.exp(-3.0))
+    assert out[0, 0, 0] == pytest.approx(1e-39 * silu, rel=1e-3) and out[0, 0, 0] != 0.0
+    assert out[0, 0, 1] == pytest.approx(2.0 * silu, rel=1e-6)
+    tiny = np.float32(1e-38) * np.float32(0.1)  # a denormal on this thread, after the kernel ran on it
+    assert tiny != 0.0 and tiny == pytest.approx(1e-39, rel=1e-3)
+
+
 def test_swiglu_refuses_an_odd_packed_width():
     require_native()
     session = _session("W", spinning=False)

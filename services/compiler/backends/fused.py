@@ -47,7 +47,8 @@ def _chunk(job: BuildJob) -> int:
 @dataclass(frozen=True)
 class _Written:
     export: FusedExport
-    reference: ReferenceAhead | None  # fp32: the reference pass started beside the export
+    # The pass started beside the export: fp32's whole reference; int4/int8: the float model's variants.
+    reference: ReferenceAhead
 
 
 def export(job: BuildJob, stages: Stages) -> Exported:
@@ -59,24 +60,23 @@ def export(job: BuildJob, stages: Stages) -> Exported:
         stages.took("export", 0.5, f"fused ONNX {job.options.dtype} graph written", exported.timings["export"])
         stages.took("optimize", 0.6, "graph saved", exported.timings["save"])
     except BaseException:
-        if ahead is not None:
-            ahead.cancel()
+        ahead.cancel()
         raise
     return Exported(graph=exported.graph, digests=exported.digests, written=_Written(exported, ahead))
 
 
-def _reference_ahead(job: BuildJob) -> ReferenceAhead | None:
-    """fp32: the reference (over the checkpoint, which is what the graph holds) started now, on the rows the
-    scenario will ask for, so it runs while the export writes. int4/int8 check against the weights read back from
-    the written artifact: their reference starts in verify."""
+def _reference_ahead(job: BuildJob) -> ReferenceAhead:
+    """What of the reference reads only the checkpoint, started now on the rows the scenario will ask for, so it
+    runs while the export writes: fp32's whole reference (the checkpoint is what the graph holds); int4/int8's
+    float-model variants (their checked variants read the weights back from the written artifact, in verify)."""
     from services.compiler.fused.reference_ahead import ReferenceAhead
-    from services.compiler.verify import layerwise_reference, scenario_rows
+    from services.compiler.verify import float_reference, layerwise_reference, scenario_rows
 
-    if _graph_options(job).bits is not None:
-        return None
     rows = scenario_rows(vocab_size=job.weights.cfg.vocab_size, ctx_len=int(job.options.ctx_len),
                          occupied_slots=job.occupied, chunk=_chunk(job))
-    # The checkpoint itself is the fp32 graph's reference.
+    if _graph_options(job).bits is not None:
+        return ReferenceAhead(lambda hook: float_reference(job.weights, job.feeds, job.lora_modules, on_layer=hook),
+                              rows)
     return ReferenceAhead(lambda hook: layerwise_reference(job.weights, job.feeds, job.lora_modules, on_layer=hook,
                                                            measure_on_error_rows=True), rows)
 
@@ -89,21 +89,21 @@ def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
     quantized = opts.dtype != "fp32"
     written: _Written = exported.written
     try:
-        reference = written.reference or _quantized_reference(job.out_dir, written.export, job.weights, job.feeds,
-                                                              job.lora_modules, _graph_options(job))
+        reference = (_quantized_reference(job.out_dir, written.export, job.weights, job.feeds, job.lora_modules,
+                                          _graph_options(job), float_pass=written.reference) if quantized
+                     else written.reference)
         verify_report, native_report, ran = verify_fused_artifact(
             job.out_dir, exported.graph, reference, job.feeds, ctx_len=int(opts.ctx_len),
             occupied_slots=job.occupied, chunk=_chunk(job), accuracy_level=opts.quant_accuracy_level,
             quantized=quantized)
     finally:
-        if written.reference is not None:
-            written.reference.cancel()  # returns at once when the pass finished; stops it when verification failed
+        written.reference.cancel()  # returns at once when the pass finished; stops it when verification failed
     report = verify_dict(verify_report)
     report["layer_ranges"] = [list(r) for r in ran.ranges]
     report["sessions"] = ran.sessions
     report["seconds"] = ran.seconds
-    if written.reference is not None:  # its own time, from the export's start: the wait is in ran.seconds
-        report["seconds"]["reference_ahead"] = round(written.reference.seconds, 3)
+    # The ahead pass's own time, from the export's start: the wait for it is in ran.seconds.
+    report["seconds"]["reference_ahead"] = round(written.reference.seconds, 3)
     if verify_report.quant_relative_diff is not None:
         report["quant_relative_diff_vs_float"] = verify_report.quant_relative_diff
         report["quant_token_agreement_vs_float"] = verify_report.quant_token_agreement
@@ -119,10 +119,12 @@ def verify(job: BuildJob, exported: Exported, stages: Stages) -> dict[str, Any]:
     return report
 
 
-def _quantized_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, fused):
+def _quantized_reference(out_dir: Path, exported, weights: CheckpointWeights, feeds, lora_modules, fused, *,
+                         float_pass):
     """An int4/int8 graph's reference: the quantised weights read back from the artifact, each proved to be the
-    block quantisation of the checkpoint's tensor, with the checkpoint measured beside them; at accuracy level 4
-    the reference rounds the MatMulNBits inputs to int8 as the kernel does."""
+    block quantisation of the checkpoint's tensor (read again here, a tensor at a time), with the checkpoint
+    measured by ``float_pass`` (verify.float_reference, started beside the export); at accuracy level 4 the
+    reference rounds the MatMulNBits inputs to int8 as the kernel does."""
     from services.compiler.fused.readback import ArtifactWeights, check_blocks
     from services.compiler.verify import layerwise_reference
 
@@ -132,11 +134,11 @@ def _quantized_reference(out_dir: Path, exported, weights: CheckpointWeights, fe
         for name, got in loaded[readback].items():
             written = readback.written[name]
             if written.bits is not None:
-                check_blocks(name, loaded[weights][name], got, readback.scales(name), written.block_size)
+                check_blocks(name, weights.get(name), got, readback.scales(name), written.block_size)
 
     return layerwise_reference(readback, feeds, lora_modules, float_source=weights, on_layer=check_quantised,
                                activation_block=fused.quant_block_size if fused.quant_accuracy_level == 4 else None,
-                               measure_on_error_rows=True)
+                               measure_on_error_rows=True, float_pass=float_pass)
 
 
 BACKEND = Backend(name="fused", accepts=accepts, export=export, verify=verify)
