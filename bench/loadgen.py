@@ -406,14 +406,20 @@ def start_servers(names: list[str], work: Path, model_dir: Path, adapters: list[
     return up
 
 
+def complete(server: Server, prompt: str, max_tokens: int) -> None:
+    """One base-model /v1/completions request of exactly ``max_tokens`` greedy tokens, read to the end."""
+    body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                       "temperature": 0})
+    request = urllib.request.Request(f"{server.base_url}/v1/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        response.read()
+
+
 def warm_up(server: Server, prompts: int = 4) -> None:
     """A few base-model requests, so one-time costs (graph compile, first allocation) stay out of the runs."""
-    body = json.dumps({"model": server.model, "prompt": "warm up " * 16, "max_tokens": 8, "ignore_eos": True})
     for _ in range(prompts):
-        request = urllib.request.Request(f"{server.base_url}/v1/completions", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
-            response.read()
+        complete(server, "warm up " * 16, 8)
 
 
 def warmup_prompts(model_dir: Path, count: int, tokens: int, seed: int = 1) -> list[str]:
@@ -437,18 +443,10 @@ def warmup_prompts(model_dir: Path, count: int, tokens: int, seed: int = 1) -> l
 
 def warm_up_run(server: Server, prompts: list[str], output_tokens: int, concurrency: int) -> dict:
     """Base-model requests of the run's shape at its concurrency, before the timed run (not counted in it)."""
-    def one(prompt: str) -> None:
-        body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": output_tokens, "ignore_eos": True,
-                           "temperature": 0})
-        request = urllib.request.Request(f"{server.base_url}/v1/completions", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
-            response.read()
-
     started = time.perf_counter()
     if prompts:
         with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            list(pool.map(one, prompts))
+            list(pool.map(lambda prompt: complete(server, prompt, output_tokens), prompts))
     return {"requests": len(prompts), "seconds": round(time.perf_counter() - started, 1)}
 
 
