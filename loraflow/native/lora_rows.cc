@@ -475,7 +475,6 @@ struct LoraRowsOp : Ort::CustomOpBase<LoraRowsOp, LoraRowsKernel> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
-
  private:
   int64_t parallel_min_;
 };

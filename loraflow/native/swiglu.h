@@ -14,8 +14,6 @@
 
 #include <onnxruntime_cxx_api.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
