@@ -45,6 +45,7 @@ from loraflow import native as native_lora
 from loraflow.artifact import graph_contract as gc
 from loraflow.errors import FailedPrecondition, InvalidArgument
 from services.compiler.fused import quantize
+from services.compiler.modeling.buffer_pool import BufferPool
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.weights import EMBED, FINAL_NORM, LM_HEAD, WeightSource, transposed
 
@@ -121,6 +122,8 @@ class ExternalData:
         import threading
 
         self.path, self.location = Path(path), location
+        # Converted weights taken from here go back once written: the next layer's same-shaped one reuses them.
+        self.buffers = BufferPool()
         self._file = open(self.path, "wb")  # noqa: SIM115  (closed by close())
         self._sha = hashlib.sha256()
         self.size = 0
@@ -141,6 +144,8 @@ class ExternalData:
                     self._sha.update(data)
                 except BaseException as err:  # noqa: BLE001  (raised on the builder's thread)
                     self._error = err
+            self.buffers.give_back(data.obj)  # the array the memoryview was cast from (not the pool's: left)
+            del data
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -177,6 +182,7 @@ class ExternalData:
         self._queue.put(None)
         self._writer.join()
         self._file.close()
+        self.buffers.clear()
         self._raise_if_failed()
         return self._sha.hexdigest()
 
@@ -257,7 +263,13 @@ class FusedGraphBuilder:
                                      value=cfg.architecture)
         self.cfg, self.weights, self.opts = cfg, weights, options
         self.g = _Graph(external=external)
+        self._buffers = external.buffers if external is not None else None
         self.written: dict[str, WrittenWeight] = {}  # decoder tensor name -> where the graph holds it
+
+    def _layer_buffers(self, name: str) -> BufferPool | None:
+        """Where a layer's tensor may take its memory: the writer's pool, which the next layer's same-shaped
+        tensors reuse (the embedding and an untied head are read once: an idle buffer of theirs would stay)."""
+        return self._buffers if name.startswith("layers.") else None
 
     def _w(self, name: str) -> Callable[[], np.ndarray]:
         """A thunk reading one float32 tensor [out, in] from the source (only if its initializer is new)."""
@@ -266,7 +278,8 @@ class FusedGraphBuilder:
     def _w_kn(self, name: str) -> Callable[[], np.ndarray]:
         """A thunk reading a linear's weight as the contiguous [K, N] = [in, out] that x @ W multiplies by."""
         def read() -> np.ndarray:
-            return transposed(self.weights, name).numpy()  # [N, K] -> [K, N] (a checkpoint's: in its own dtype)
+            # [N, K] -> [K, N] (a checkpoint's: in its own dtype); the writer gives the buffer back once written.
+            return transposed(self.weights, name, self._layer_buffers(name)).numpy()
         return read
 
     # --- pieces ---------------------------------------------------------------------------------

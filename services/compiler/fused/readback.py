@@ -55,7 +55,9 @@ class ArtifactWeights:
         k_blocks = (w.k + w.block_size - 1) // w.block_size
         return torch.from_numpy(self._array(f"{w.initializer}.scales").reshape(w.n, k_blocks))
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, buffers=None) -> torch.Tensor:
+        # ``buffers`` unused: every tensor here is fresh memory anyway (read with np.fromfile, or dequantised);
+        # a pool of the verification pass's would keep a layer of them alive beside the replay's sessions.
         w = self.written[name]
         if w.bits is None:
             t = torch.from_numpy(self._array(w.initializer)).float()

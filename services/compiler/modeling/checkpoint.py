@@ -17,10 +17,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraflow.artifact.adapter_files import read_header
 from loraflow.errors import InvalidArgument
 from loraflow.security.safe_files import MAX_CONFIG_BYTES, confined_file, read_regular_file
+
+if TYPE_CHECKING:
+    from services.compiler.modeling.buffer_pool import BufferPool
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -139,12 +143,15 @@ class Checkpoint:
                             f"{list(shape)}")
         return entry
 
-    def read(self, name: str):
-        """One tensor as a contiguous float32 torch tensor (its own memory; nothing else is kept)."""
+    def read(self, name: str, buffers: BufferPool | None = None):
+        """One tensor as a contiguous float32 torch tensor (its own memory, taken from ``buffers`` where given;
+        nothing else is kept)."""
         import torch
 
         entry = self.entry(name)
-        return self.read_into(name, torch.empty(entry.shape, dtype=torch.float32))
+        out = buffers.take(entry.shape, torch.float32) if buffers is not None else torch.empty(entry.shape,
+                                                                                              dtype=torch.float32)
+        return self.read_into(name, out, buffers)
 
     def source_dtype(self, name: str):
         """The torch dtype tensor ``name`` is stored in (one of SUPPORTED_DTYPES)."""
@@ -156,10 +163,10 @@ class Checkpoint:
                             f"{sorted(SUPPORTED_DTYPES)}")
         return getattr(torch, SUPPORTED_DTYPES[entry.dtype])
 
-    def read_into(self, name: str, out):
+    def read_into(self, name: str, out, buffers: BufferPool | None = None):
         """Read one tensor into ``out`` (its shape; float32, converting from the source dtype on the way, or the
         source's own dtype, read as stored): a packed projection is filled piece by piece without a float32
-        copy of each piece."""
+        copy of each piece. A conversion stages the stored bytes in a buffer of ``buffers`` where given."""
         import numpy as np
         import torch
 
@@ -178,9 +185,12 @@ class Checkpoint:
             self._read_bytes(entry, name, target)
             return out
         # np.empty, not bytearray: no zero-fill pass over what the read overwrites (and numpy's huge pages).
-        buf = np.empty(entry.nbytes, dtype=np.uint8)
+        staged = buffers.take((entry.nbytes,), torch.uint8) if buffers is not None else None
+        buf = staged.numpy() if staged is not None else np.empty(entry.nbytes, dtype=np.uint8)
         self._read_bytes(entry, name, memoryview(buf))
         out.copy_(torch.from_numpy(buf).view(dtype).view(entry.shape))  # [nbytes] uint8 -> the tensor's shape
+        if staged is not None:
+            buffers.give_back(staged)
         return out
 
     @staticmethod

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from loraflow.artifact import graph_contract as gc
+from services.compiler.modeling.buffer_pool import BufferPool
 from services.compiler.modeling.config import DecoderConfig
 from services.compiler.modeling.decoder import attention_bias, embed
 from services.compiler.modeling.layers import DecoderLayer, Dims, LoraSelector, rms_norm, soft_cap
@@ -97,18 +98,26 @@ class ReferenceResult:
 LayerHook = Callable[[Mapping[WeightSource, Mapping[str, torch.Tensor]]], None]
 
 
-def _layer_module(cfg: DecoderConfig, i: int, weights: Mapping[str, torch.Tensor], variant: Variant) -> DecoderLayer:
+def _layer_module(cfg: DecoderConfig, i: int, weights: Mapping[str, torch.Tensor], variant: Variant,
+                  buffers: BufferPool) -> tuple[DecoderLayer, list[torch.Tensor]]:
+    """Layer ``i`` of ``variant`` over ``weights``, and the converted copies it holds (taken from ``buffers``:
+    the caller gives them back once the layer is done)."""
     with torch.device("meta"):
         layer = DecoderLayer(cfg)
     prefix = f"layers.{i}."
-    layer.load_state_dict({k.removeprefix(prefix): v.to(variant.dtype) for k, v in weights.items()}, strict=True,
-                          assign=True)
+    converted, state = [], {}
+    for k, v in weights.items():
+        if v.dtype != variant.dtype:  # e.g. float64: into the buffer the previous layer's same-sized weight used
+            v = buffers.take(v.shape, variant.dtype).copy_(v)
+            converted.append(v)
+        state[k.removeprefix(prefix)] = v
+    layer.load_state_dict(state, strict=True, assign=True)
     if variant.activation_block:
         block = variant.activation_block
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj, attn.o_proj = _RoundedInput(attn.qkv_proj, block), _RoundedInput(attn.o_proj, block)
         mlp.gate_up_proj, mlp.down_proj = _RoundedInput(mlp.gate_up_proj, block), _RoundedInput(mlp.down_proj, block)
-    return layer.eval()
+    return layer.eval(), converted
 
 
 def reference_logits(variants: Mapping[str, Variant], rows: Sequence[ReferenceRow], banks: Mapping[str, np.ndarray],
@@ -119,8 +128,13 @@ def reference_logits(variants: Mapping[str, Variant], rows: Sequence[ReferenceRo
     cfg = next(iter(variants.values())).source.cfg
     sources = list(dict.fromkeys(v.source for v in variants.values()))  # each read once per layer
 
+    # Every layer has the same shapes: each read and conversion reuses the previous layer's buffers. (The
+    # embedding and the head are read once, outside it: an idle buffer of their size would outlive its use.)
+    buffers = BufferPool()
+
     def load(names) -> dict[WeightSource, dict[str, torch.Tensor]]:
-        weights = {src: {n: src.get(n) for n in names} for src in sources}
+        pool = buffers if all(n.startswith("layers.") for n in names) else None
+        weights = {src: {n: src.get(n, pool) for n in names} for src in sources}
         if on_layer is not None:
             on_layer(weights)
         return weights
@@ -130,13 +144,14 @@ def reference_logits(variants: Mapping[str, Variant], rows: Sequence[ReferenceRo
         torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            return _layer_by_layer(cfg, variants, rows, banks, lora_modules, load)
+            return _layer_by_layer(cfg, variants, rows, banks, lora_modules, load, buffers)
     finally:
         torch.set_num_threads(threads)
 
 
 def _layer_by_layer(cfg: DecoderConfig, variants: Mapping[str, Variant], rows: Sequence[ReferenceRow],
-                    banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], load) -> dict[str, ReferenceResult]:
+                    banks: Mapping[str, np.ndarray], lora_modules: Sequence[str], load,
+                    buffers: BufferPool) -> dict[str, ReferenceResult]:
     state = {label: _Batches(cfg, v, rows if v.rows is None else [rows[j] for j in v.rows], banks, lora_modules)
              for label, v in variants.items()}
     embeds = load([EMBED])
@@ -146,10 +161,16 @@ def _layer_by_layer(cfg: DecoderConfig, variants: Mapping[str, Variant], rows: S
     for i in range(cfg.num_layers):
         weights = load(layer_names(cfg, i))
         for label, v in variants.items():
-            layer = _layer_module(cfg, i, weights[v.source], v)
+            layer, converted = _layer_module(cfg, i, weights[v.source], v, buffers)
             state[label].apply(layer, i)
             del layer
+            for t in converted:
+                buffers.give_back(t)
+        for tensors in weights.values():
+            for t in tensors.values():
+                buffers.give_back(t)  # a source's own fresh tensor is not the pool's: left alone
         del weights
+    buffers.clear()  # the head is other shapes
     head_name = EMBED if cfg.tie_word_embeddings else LM_HEAD
     last = load(dict.fromkeys([FINAL_NORM, head_name]))
     return {label: state[label].finish(last[v.source][FINAL_NORM], last[v.source][head_name])

@@ -25,12 +25,16 @@ LM_HEAD = "lm_head.weight"
 if TYPE_CHECKING:
     import torch
 
+    from services.compiler.modeling.buffer_pool import BufferPool
+
 
 class WeightSource(Protocol):
     cfg: DecoderConfig
 
-    def get(self, name: str) -> torch.Tensor:
-        """float32 tensor ``name`` (see module docstring); the caller owns it."""
+    def get(self, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
+        """float32 tensor ``name`` (see module docstring); the caller owns it. ``buffers``: where its memory may
+        come from (the caller gives it back once done); a source whose tensor is fresh memory anyway (e.g. one
+        dequantised from an artifact) allocates its own."""
         ...
 
 
@@ -127,48 +131,61 @@ class CheckpointWeights:
         for name, shape in hf_tensor_shapes(self.cfg):
             self.checkpoint.check(name, shape)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
         import torch
 
         parts = hf_names(self.cfg, name)
         if len(parts) == 1:
-            return self.checkpoint.read(parts[0])
-        return self._read_parts(name, parts, torch.float32)
+            return self.checkpoint.read(parts[0], buffers)
+        return self._read_parts(name, parts, torch.float32, buffers)
 
-    def _read_parts(self, name: str, parts: tuple[str, ...], dtype) -> torch.Tensor:
+    def _read_parts(self, name: str, parts: tuple[str, ...], dtype, buffers: BufferPool | None) -> torch.Tensor:
         """Our tensor ``name`` in ``dtype`` (float32, or the checkpoint's own), each checkpoint piece read
         straight into its rows (a packed projection's pieces stacked)."""
-        import torch
-
-        out = torch.empty(shape_of(self.cfg, name), dtype=dtype)
+        out = _empty(shape_of(self.cfg, name), dtype, buffers)
         row = 0
         for part in parts:
             rows = self.checkpoint.entry(part).shape[0]
-            self.checkpoint.read_into(part, out[row:row + rows])
+            self.checkpoint.read_into(part, out[row:row + rows], buffers)
             row += rows
         return out
 
-    def get_transposed(self, name: str) -> torch.Tensor:
+    def get_transposed(self, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
         """A linear's weight [N, K] as the contiguous float32 [K, N] that x @ W multiplies by. A bf16/fp16
         checkpoint's pieces are read as stored and transposed in that dtype, then converted: the transpose
         moves half the bytes and the conversion runs contiguous (1B gate|up: 2x faster than converting
-        first); bit-identical to ``get(name).t().contiguous()``."""
+        first); bit-identical to ``get(name).t().contiguous()``. With ``buffers``, the result and the stored
+        and transposed copies on the way come from it (the latter two go back before this returns)."""
         import torch
 
         parts = hf_names(self.cfg, name)
         dtypes = {self.checkpoint.source_dtype(part) for part in parts}
         if len(dtypes) != 1 or torch.float32 in dtypes:
-            return self.get(name).t().contiguous()
-        stored = self._read_parts(name, parts, dtypes.pop())  # [N, K] in the checkpoint's dtype
-        return stored.t().contiguous().float()  # [N, K] -> [K, N], then float32
+            w = self.get(name, buffers)
+            out = _empty(w.shape[::-1], torch.float32, buffers).copy_(w.t())  # [N, K] -> [K, N]
+        else:
+            w = self._read_parts(name, parts, dtypes.pop(), buffers)  # [N, K] in the checkpoint's dtype
+            t = _empty(w.shape[::-1], w.dtype, buffers).copy_(w.t())  # [N, K] -> [K, N], as stored
+            out = _empty(t.shape, torch.float32, buffers).copy_(t)  # then float32
+            if buffers is not None:
+                buffers.give_back(t)
+        if buffers is not None:
+            buffers.give_back(w)
+        return out
 
 
-def transposed(weights: WeightSource, name: str) -> torch.Tensor:
+def _empty(shape, dtype, buffers: BufferPool | None) -> torch.Tensor:
+    import torch
+
+    return buffers.take(tuple(shape), dtype) if buffers is not None else torch.empty(tuple(shape), dtype=dtype)
+
+
+def transposed(weights: WeightSource, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
     """``weights``' linear ``name`` [N, K] as a contiguous float32 [K, N]: the source's own ``get_transposed``
     where it has one (CheckpointWeights), else ``get(name).t().contiguous()``."""
     get_transposed = getattr(weights, "get_transposed", None)
     if get_transposed is not None:
-        return get_transposed(name)
+        return get_transposed(name, buffers)
     return weights.get(name).t().contiguous()
 
 
@@ -179,7 +196,8 @@ class ModuleWeights:
         self.cfg = decoder.cfg
         self._params = dict(decoder.named_parameters())
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
         import torch
 
-        return self._params[name].detach().to(torch.float32).clone()
+        param = self._params[name].detach()
+        return _empty(param.shape, torch.float32, buffers).copy_(param)
