@@ -306,7 +306,8 @@ def memory_bandwidth_gbs(threads: int) -> float:
 
 
 def child_serve(args) -> None:
-    """Open the artifact (its RSS), then greedy 8 rows x 8 adapters, ``repeats`` rounds (median kept)."""
+    """Open the artifact (its RSS), then greedy 8 rows x 8 adapters and 8 base rows, ``repeats`` rounds each,
+    alternating (median kept)."""
     import statistics
 
     from inference import run_engine  # bench/inference.py: streams each row, times prefill and decode
@@ -335,8 +336,10 @@ def child_serve(args) -> None:
     prompts = [model.tokenizer.encode_chat(t) for t in PROMPTS[: args.rows]]
     mixed = [names[j % len(names)] for j in range(args.rows)]
     run_engine(model, prompts, mixed, 2)  # warm-up: the first-use loads happen here
-    rounds = [run_engine(model, prompts, mixed, args.tokens) for _ in range(args.repeats)]
-    base = [run_engine(model, prompts, [""] * args.rows, args.tokens) for _ in range(args.repeats)]
+    rounds, base = [], []
+    for _ in range(args.repeats):  # interleaved, so a change in the host's load falls on both sides
+        rounds.append(run_engine(model, prompts, mixed, args.tokens))
+        base.append(run_engine(model, prompts, [""] * args.rows, args.tokens))
     served = _rss()
     cfg = manifest.base_model.config
     # A decode step reads every weight once, except an untied embedding table (only its rows are gathered).
