@@ -28,9 +28,11 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,26 +164,67 @@ def make_adapters(model_dir: Path, out: Path, n: int, rank: int, seed: int = 100
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
 
+class CappedGroup:
+    """A fresh memory cgroup (v1) capped at ``cap_gib`` that a child enters before exec; ``close`` reports its
+    peak (page cache included) and OOM kills and removes it. Uncapped where the host offers no writable v1 root."""
+
+    def __init__(self, label: str, cap_gib: float | None):
+        self.path = CGROUP_ROOT / f"loraflow-scale-{os.getpid()}-{label}"
+        self.cap_gib = cap_gib
+        self.capped = cap_gib is not None and CGROUP_ROOT.is_dir() and os.access(CGROUP_ROOT, os.W_OK)
+        if self.capped:
+            self.path.mkdir(exist_ok=True)
+            (self.path / "memory.limit_in_bytes").write_text(str(int(cap_gib * (1 << 30))))
+            try:
+                (self.path / "memory.memsw.limit_in_bytes").write_text(str(int(cap_gib * (1 << 30))))
+            except OSError:
+                pass  # no swap accounting: the host has no swap either
+
+    def enter(self) -> None:
+        if self.capped:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self) -> dict:
+        if not self.capped:
+            return {}
+        record = {"cgroup_peak_gib": round(int((self.path / "memory.max_usage_in_bytes").read_text()) / (1 << 30), 2),
+                  "cap_gib": self.cap_gib}
+        oom = (self.path / "memory.oom_control").read_text()
+        record["oom_kills"] = int(next((line.split()[1] for line in oom.splitlines() if line.startswith("oom_kill ")),
+                                       "0"))
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+        return record
+
+
+def _finish_record(record: dict, status: int, usage, group: CappedGroup, result: dict | None, label: str) -> dict:
+    """How a child ended: exit or signal, its peak RSS (its own VmHWM where it reported one), the cgroup's."""
+    # ru_maxrss is carried across execve on Linux (the forking parent's RSS counts): only a fallback for a child
+    # killed before it reported its own VmHWM.
+    record["ru_maxrss_gib"] = round(usage.ru_maxrss / (1 << 20), 2)
+    if os.WIFSIGNALED(status):
+        record["killed_by"] = signal.Signals(os.WTERMSIG(status)).name
+    record["exit"] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    record.update(group.close())
+    if result is not None:
+        record["result"] = result
+    hwm = result.get("vmhwm_gib") if isinstance(result, dict) else None
+    record["peak_rss_gib"] = hwm if hwm is not None else record["ru_maxrss_gib"]
+    record["peak_rss_source"] = "VmHWM" if hwm is not None else "ru_maxrss"
+    record["ok"] = record.get("exit") == 0 and "result" in record
+    say(f"{label}: {record}")
+    return record
+
+
 def run_child(argv: list[str], *, cap_gib: float | None, label: str, timeout_s: float) -> dict:
     """Run ``argv`` in a fresh memory cgroup capped at ``cap_gib``; wall time, the child's peak RSS, the
     cgroup's peak and how it ended. Its last stdout line, when JSON, is returned as ``result``."""
-    group = CGROUP_ROOT / f"loraflow-scale-{os.getpid()}-{label}"
-    capped = cap_gib is not None and CGROUP_ROOT.is_dir() and os.access(CGROUP_ROOT, os.W_OK)
-    if capped:
-        group.mkdir(exist_ok=True)
-        (group / "memory.limit_in_bytes").write_text(str(int(cap_gib * (1 << 30))))
-        try:
-            (group / "memory.memsw.limit_in_bytes").write_text(str(int(cap_gib * (1 << 30))))
-        except OSError:
-            pass  # no swap accounting: the host has no swap either
-
-    def enter() -> None:
-        if capped:
-            (group / "cgroup.procs").write_text(str(os.getpid()))
-
-    say(f"{label}: {' '.join(argv[:6])} ... (cap {cap_gib if capped else 'none'} GiB, {uptime()})")
+    group = CappedGroup(label, cap_gib)
+    say(f"{label}: {' '.join(argv[:6])} ... (cap {cap_gib if group.capped else 'none'} GiB, {uptime()})")
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, preexec_fn=enter, text=True)  # noqa: PLW1509
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, preexec_fn=group.enter, text=True)  # noqa: PLW1509
     deadline = started + timeout_s
     out_lines: list[str] = []
     try:
@@ -195,34 +238,97 @@ def run_child(argv: list[str], *, cap_gib: float | None, label: str, timeout_s: 
     finally:
         if proc.stdout is not None:
             out_lines = proc.stdout.read().splitlines()
-    wall = time.perf_counter() - started
-    # ru_maxrss is carried across execve on Linux (the forking parent's RSS counts): only a fallback for a child
-    # killed before it reported its own VmHWM.
-    record = {"wall_s": round(wall, 1), "ru_maxrss_gib": round(usage.ru_maxrss / (1 << 20), 2)}
-    if os.WIFSIGNALED(status):
-        record["killed_by"] = signal.Signals(os.WTERMSIG(status)).name
-    record["exit"] = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    if capped:
-        record["cgroup_peak_gib"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / (1 << 30), 2)
-        record["cap_gib"] = cap_gib
-        oom = (group / "memory.oom_control").read_text()
-        record["oom_kills"] = int(next((line.split()[1] for line in oom.splitlines() if line.startswith("oom_kill ")),
-                                       "0"))
-        try:
-            group.rmdir()
-        except OSError:
-            pass
+    result = None
     if out_lines:
         try:
-            record["result"] = json.loads(out_lines[-1])
+            result = json.loads(out_lines[-1])
         except ValueError:
             pass
-    hwm = record.get("result", {}).get("vmhwm_gib") if isinstance(record.get("result"), dict) else None
-    record["peak_rss_gib"] = hwm if hwm is not None else record["ru_maxrss_gib"]
-    record["peak_rss_source"] = "VmHWM" if hwm is not None else "ru_maxrss"
-    record["ok"] = record.get("exit") == 0 and "result" in record
-    say(f"{label}: {record}")
-    return record
+    return _finish_record({"wall_s": round(time.perf_counter() - started, 1)}, status, usage, group, result, label)
+
+
+class ServingChild:
+    """A serving child kept open so that two runtimes' rounds alternate on the host (``--child serve`` /
+    ``genai-serve``): it opens its model, warms up and prints one JSON line; then each ``round`` line on its
+    stdin runs one measured round and prints its JSON line, and ``done`` prints the summary and exits."""
+
+    def __init__(self, argv: list[str], *, cap_gib: float | None, label: str):
+        self.label, self.group = label, CappedGroup(label, cap_gib)
+        say(f"{label}: {' '.join(argv[:6])} ... (cap {cap_gib if self.group.capped else 'none'} GiB, {uptime()})")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True,  # noqa: PLW1509
+                                     preexec_fn=self.group.enter)
+        self.rounds: list[dict] = []
+        self.opened = self._reply()
+
+    @property
+    def alive(self) -> bool:
+        return self.opened is not None and self.proc.poll() is None
+
+    def _reply(self) -> dict | None:
+        """The child's next JSON line (None when it ended first: killed, or failed)."""
+        for line in self.proc.stdout:
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue  # not ours (a library's print)
+            if isinstance(reply, dict):
+                return reply
+        return None
+
+    def round(self) -> None:
+        if not self.alive:
+            return
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        if reply is not None:
+            self.rounds.append(reply)
+
+    def finish(self) -> dict:
+        result = None
+        if self.alive:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.flush()
+            result = self._reply()
+        self.proc.stdin.close()
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        if result is not None:
+            result = {**self.opened, **result, "rounds": self.rounds}
+        return _finish_record({"wall_s": round(time.perf_counter() - self.started, 1)}, status, usage, self.group,
+                              result, self.label)
+
+
+def median_record(records: list[dict]) -> dict:
+    """The run of median wall time among ``records`` (the lower middle of an even count), with every run's wall
+    time and the largest peak RSS beside it; the first failed run where one failed."""
+    failed = [r for r in records if not r["ok"]]
+    if failed:
+        return {**failed[0], "runs": len(records)}
+    ordered = sorted(records, key=lambda r: r["wall_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["walls_s"] = [r["wall_s"] for r in records]
+    chosen["peak_rss_gib"] = max(r["peak_rss_gib"] for r in records)
+    return chosen
+
+
+def serve_interleaved(children: list[ServingChild], repeats: int) -> None:
+    """``repeats`` rounds of each child, alternating (the first child first in even rounds, last in odd ones), so a
+    change in the host's load falls on every side."""
+    for r in range(repeats):
+        for child in children if r % 2 == 0 else children[::-1]:
+            child.round()
+
+
+def _commands() -> Iterator[str]:
+    """The parent's commands on stdin, one at a time, up to ``done``."""
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "done":
+            return
+        if command != "round":
+            raise SystemExit(f"unknown command {command!r} (round, done)")
+        yield command
 
 
 # --- child entry points ------------------------------------------------------------------------------------
@@ -306,9 +412,8 @@ def memory_bandwidth_gbs(threads: int) -> float:
 
 
 def child_serve(args) -> None:
-    """Open the artifact (its RSS), then greedy 8 rows x 8 adapters and 8 base rows, ``repeats`` rounds each,
-    alternating (median kept)."""
-    import statistics
+    """Open the artifact (its RSS), then per ``round`` command (ServingChild) greedy 8 rows x 8 adapters and 8
+    base rows, one after the other; the summary (medians) on ``done``."""
 
     from inference import run_engine  # bench/inference.py: streams each row, times prefill and decode
 
@@ -336,10 +441,13 @@ def child_serve(args) -> None:
     prompts = [model.tokenizer.encode_chat(t) for t in PROMPTS[: args.rows]]
     mixed = [names[j % len(names)] for j in range(args.rows)]
     run_engine(model, prompts, mixed, 2)  # warm-up: the first-use loads happen here
+    print(json.dumps({"open_s": round(open_s, 1)}), flush=True)
     rounds, base = [], []
-    for _ in range(args.repeats):  # interleaved, so a change in the host's load falls on both sides
+    for _ in _commands():
         rounds.append(run_engine(model, prompts, mixed, args.tokens))
         base.append(run_engine(model, prompts, [""] * args.rows, args.tokens))
+        print(json.dumps({key: {"tok_s": round(r["tok_s"], 2), "decode_tok_s": round(r["decode_tok_s"], 2)}
+                          for key, r in (("mixed", rounds[-1]), ("base", base[-1]))}), flush=True)
     served = _rss()
     cfg = manifest.base_model.config
     # A decode step reads every weight once, except an untied embedding table (only its rows are gathered).
@@ -371,8 +479,6 @@ def child_serve(args) -> None:
 
 
 def child_genai_serve(args) -> None:
-    import statistics
-
     import onnxruntime_genai as og
     from inference import run_genai  # bench/inference.py: base-only greedy generation, decode timed apart
 
@@ -392,7 +498,12 @@ def child_genai_serve(args) -> None:
     opened = _rss()
     pad = int(cfg["model"].get("pad_token_id", 0))
     run_genai(model, prompts[:2], 2, pad)  # warm-up
-    runs = [run_genai(model, prompts, args.tokens, pad) for _ in range(args.repeats)]
+    print(json.dumps({"opened": True}), flush=True)
+    runs = []
+    for _ in _commands():
+        runs.append(run_genai(model, prompts, args.tokens, pad))
+        print(json.dumps({"base": {"tok_s": round(runs[-1]["tok_s"], 2),
+                                   "decode_tok_s": round(runs[-1]["decode_tok_s"], 2)}}), flush=True)
     print(json.dumps({"base_tok_s": round(statistics.median(r["tok_s"] for r in runs), 2),
                       "base_decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 2),
                       "rss_before_gib": before["VmRSS"], "rss_opened_gib": opened["VmRSS"], "vmhwm_gib": vmhwm_gib()}))
@@ -411,7 +522,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="serving rounds per side (the sides alternate)")
+    p.add_argument("--compile-repeats", type=int, default=2,
+                   help="compiles per side (loraflow's and genai's builder alternate; the median is reported)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--ctx-len", type=int, default=512)
     p.add_argument("--timeout-s", type=float, default=3600)
@@ -427,9 +540,9 @@ def main() -> int:
     p.add_argument("--target", default="onnxruntime", help=argparse.SUPPRESS)
     p.add_argument("--adapters", nargs="*", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
-    for name in ("threads", "rows", "tokens", "repeats", "rank"):
+    for name in ("threads", "rows", "tokens", "repeats", "compile_repeats", "rank"):
         if not 1 <= getattr(args, name) <= 4096:
-            p.error(f"--{name}={getattr(args, name)} must be in 1..4096")
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be in 1..4096")
     if args.rows > len(PROMPTS):
         p.error(f"--rows={args.rows} must be at most {len(PROMPTS)}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -471,27 +584,43 @@ def main() -> int:
         rows: dict = {"checkpoint_gib": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / (1 << 30),
                                               2)}
         for dtype in dtypes:
-            out = work / shape / f"artifact-{dtype}"
-            rows[f"loraflow_{dtype}_compile"] = run_child(
-                [*me, "--child", "compile", "--model-dir", str(model_dir), "--out", str(out), "--dtype", dtype,
-                 "--adapters", *compiled, *common], cap_gib=args.cap_gib, label=f"{shape}-{dtype}-compile",
-                timeout_s=args.timeout_s)
-            if not args.skip_serve and rows[f"loraflow_{dtype}_compile"]["ok"]:
-                rows[f"loraflow_{dtype}_serve"] = run_child(
-                    [*me, "--child", "serve", "--out", str(out), "--adapters", *everyone, *common],
-                    cap_gib=args.serve_cap_gib, label=f"{shape}-{dtype}-serve", timeout_s=args.timeout_s)
-            if not args.skip_genai:
-                gout = work / shape / f"genai-{dtype}"
-                rows[f"genai_{dtype}_build"] = run_child(
-                    [*me, "--child", "genai-build", "--model-dir", str(model_dir), "--out", str(gout), "--dtype",
-                     dtype, *common], cap_gib=args.genai_cap_gib, label=f"{shape}-{dtype}-genai-build",
-                    timeout_s=args.timeout_s)
-                if not args.skip_serve and rows[f"genai_{dtype}_build"]["ok"]:
-                    rows[f"genai_{dtype}_serve"] = run_child(
-                        [*me, "--child", "genai-serve", "--model-dir", str(model_dir), "--out", str(gout), *common],
-                        cap_gib=args.serve_cap_gib, label=f"{shape}-{dtype}-genai-serve", timeout_s=args.timeout_s)
-            if rows.get(f"loraflow_{dtype}_compile", {}).get("ok"):
-                shutil.rmtree(work / shape / f"genai-{dtype}", ignore_errors=True)  # disk: keep one copy at a time
+            out, gout = work / shape / f"artifact-{dtype}", work / shape / f"genai-{dtype}"
+            compiles, builds = [], []
+            for rep in range(args.compile_repeats):  # the two compilers alternate, so the host's changes fall on both
+                if not compiles or compiles[-1]["ok"]:
+                    compiles.append(run_child(
+                        [*me, "--child", "compile", "--model-dir", str(model_dir), "--out", str(out), "--dtype", dtype,
+                         "--adapters", *compiled, *common], cap_gib=args.cap_gib,
+                        label=f"{shape}-{dtype}-compile-{rep}", timeout_s=args.timeout_s))
+                if not args.skip_genai and (not builds or builds[-1]["ok"]):  # one that failed (OOM) is not retried
+                    builds.append(run_child(
+                        [*me, "--child", "genai-build", "--model-dir", str(model_dir), "--out", str(gout), "--dtype",
+                         dtype, *common], cap_gib=args.genai_cap_gib, label=f"{shape}-{dtype}-genai-build-{rep}",
+                        timeout_s=args.timeout_s))
+            rows[f"loraflow_{dtype}_compile"] = median_record(compiles)
+            if builds:
+                rows[f"genai_{dtype}_build"] = median_record(builds)
+            if not args.skip_serve:
+                sides = {}
+                if rows[f"loraflow_{dtype}_compile"]["ok"]:
+                    sides["loraflow"] = ServingChild([*me, "--child", "serve", "--out", str(out), "--adapters",
+                                                      *everyone, *common], cap_gib=args.serve_cap_gib,
+                                                     label=f"{shape}-{dtype}-serve")
+                if builds and rows[f"genai_{dtype}_build"]["ok"]:
+                    sides["genai"] = ServingChild([*me, "--child", "genai-serve", "--model-dir", str(model_dir),
+                                                   "--out", str(gout), *common], cap_gib=args.serve_cap_gib,
+                                                  label=f"{shape}-{dtype}-genai-serve")
+                serve_interleaved([child for child in sides.values() if child.alive], args.repeats)
+                for side, child in sides.items():
+                    rows[f"{side}_{dtype}_serve"] = child.finish()
+                if len(sides) == 2 and all(child.rounds for child in sides.values()):
+                    # Round by round: each loraflow mixed round against the genai round beside it.
+                    ratios = [ours["mixed"]["tok_s"] / theirs["base"]["tok_s"]
+                              for ours, theirs in zip(sides["loraflow"].rounds, sides["genai"].rounds, strict=False)]
+                    rows[f"{dtype}_mixed_vs_genai_base"] = {"per_round": [round(r, 3) for r in ratios],
+                                                            "median": round(statistics.median(ratios), 3)}
+            if rows[f"loraflow_{dtype}_compile"]["ok"]:
+                shutil.rmtree(gout, ignore_errors=True)  # disk: keep one copy at a time
         if args.ai100:
             out = work / shape / "ai100-fp16"
             rows["loraflow_ai100_fp16_compile"] = run_child(
@@ -519,7 +648,9 @@ def markdown(result: dict) -> str:
             if "ai100" in key:
                 tool, dtype = "loraflow (AI 100 bundle)", "fp16"
             if rec.get("ok"):
-                compile_s = f"{rec['wall_s']:.1f} s"
+                walls = rec.get("walls_s", [rec["wall_s"]])
+                compile_s = f"{rec['wall_s']:.1f} s" + (f" ({', '.join(f'{w:.1f}' for w in walls)})" if len(walls) > 1
+                                                         else "")
                 size = f"{rec['result']['artifact_bytes'] / (1 << 30):.2f} GiB"
             else:
                 compile_s = f"failed after {rec['wall_s']:.0f} s ({rec.get('killed_by') or 'exit ' + str(rec['exit'])}" \
@@ -532,6 +663,9 @@ def markdown(result: dict) -> str:
                 served = (f"mixed {r['mixed_tok_s']} ({r['mixed_decode_tok_s']} decode), base {r['base_tok_s']} "
                           f"({r['base_decode_tok_s']} decode); bound {r['bandwidth_bound_tok_s']}"
                           if "mixed_tok_s" in r else f"base {r['base_tok_s']} ({r['base_decode_tok_s']} decode)")
+                ratio = rows.get(f"{dtype}_mixed_vs_genai_base")
+                if "mixed_tok_s" in r and ratio:
+                    served += f"; mixed / genai base, round by round: {ratio['median']}x {ratio['per_round']}"
             lines.append(f"| {shape} | {tool} | {dtype} | {compile_s} | {rec['peak_rss_gib']} GiB | "
                          f"{rec.get('cgroup_peak_gib', '-')} GiB | {size} | {served} |")
     return "\n".join(lines)

@@ -287,7 +287,12 @@ class OrtRuntime(ServesAdapterSlots):
         for src, dst in step.moves:  # first: the scheduler already counts the rows in their new slots
             self.kv.move(src, dst)
         if self.shared_kv:
-            return self._step_driver().step(rows)
+            driver = self._step_driver()
+            try:
+                return driver.step(rows)
+            finally:
+                if self.contention is not None:
+                    self.contention.step_ended()
         if step.past_len > self.ctx_len:
             raise InvalidArgument(f"step needs {step.past_len} past positions but ctx_len is {self.ctx_len}",
                                   field="position_ids", value=step.past_len)

@@ -205,3 +205,34 @@ def test_every_policy_generates_the_same_tokens(tiny_artifact, tiny_tokenizer):
         finally:
             model.close()
     assert outputs["on"] == outputs["off"] == outputs["auto"]
+
+
+def test_a_window_spanning_an_idle_spell_restarts_instead_of_counting():
+    # What others did while no step ran (a peer loading a model, a finished batch job) is not contention now.
+    now, readings, reads = [0.0], [0.0], []
+
+    def others():
+        reads.append(now[0])
+        return readings[0]
+
+    host = HostContention(own_threads=2, cores=2, sample_s=0.5, others=others, clock=lambda: now[0])
+    assert host.check() is False
+    host.step_ended()
+    readings[0] = 2.0  # both cores busy elsewhere ... while this process idles
+    now[0] = 30.0
+    assert host.check() is False and reads == [0.0, 30.0]  # the window restarted at 30 s
+    readings[0] = 0.0  # the peer is done: the next window is quiet
+    for t in (30.5, 31.0, 31.5, 32.0):
+        now[0] = t
+        assert host.check() is False
+        host.step_ended()
+    readings[0] = 2.0  # contention while steps run is counted as before
+    for t in (32.5, 33.0, 33.5, 34.0):
+        now[0] = t
+        host.check()
+        host.step_ended()
+    assert host.contended is True
+    readings[0] = 0.0
+    host.step_ended()
+    now[0] = 60.0  # an idle spell keeps the last decision until its next window is sampled
+    assert host.check() is True
