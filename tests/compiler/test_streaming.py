@@ -451,3 +451,53 @@ def test_a_published_model_is_planned_from_recorded_hashes_without_reading_weigh
     store.publish_dir("models/tiny", other)
     with pytest.raises(FailedPrecondition, match="changed after the job was planned"):
         inputs.fetch_base(str(published), resolved.plan)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_rows_of_a_tensor_read_alone_equal_the_whole_tensors_rows(tmp_path, dtype):
+    # Verification checks a quantised embedding / head a block of rows at a time; a packed projection's rows span
+    # its checkpoint pieces.
+    weights = CheckpointWeights.open(write_random_checkpoint(tmp_path / "m", "llama", dtype=dtype))
+    for name in ("embed_tokens.weight", "layers.0.self_attn.qkv_proj.weight", "layers.1.mlp.gate_up_proj.weight"):
+        whole = weights.get(name)
+        n = whole.shape[0]
+        for start, stop in ((0, n), (0, 1), (n // 3, 2 * n // 3 + 1), (n - 1, n), (5, 5)):
+            assert torch.equal(weights.get_rows(name, start, stop), whole[start:stop]), (name, start, stop)
+    with pytest.raises(InvalidArgument, match=r"rows 3\.\.2 of 'embed_tokens.weight' are outside its"):
+        weights.get_rows("embed_tokens.weight", 3, 2)
+    with pytest.raises(InvalidArgument, match="outside its"):
+        weights.checkpoint.read_rows_into("model.norm.weight", 0, 10 ** 6, torch.empty(10 ** 6))
+
+
+def test_a_quantised_weight_corrupted_past_the_first_block_of_rows_fails_verification(tmp_path, monkeypatch):
+    # The int4 check compares each quantised weight with the checkpoint a block of rows at a time (CHECK_ROWS):
+    # a bad block in a later one is still caught, and named.
+    from services.compiler.backends import fused as fused_backend
+    from services.compiler.fused.builder import FusedGraphOptions
+    from services.compiler.fused.export import DATA_FILE, export_fused
+    from services.compiler.verify import VerificationFailed, float_reference, scenario_rows
+
+    monkeypatch.setattr(fused_backend, "CHECK_ROWS", 16)
+    weights = CheckpointWeights.open(write_random_checkpoint(tmp_path / "m", "llama", dtype="BF16"))
+    opts = FusedGraphOptions(dtype="int4", ctx_len=64, num_slots=2, max_rank=8, lora_modules=(), quant_block_size=32)
+    art = tmp_path / "art"
+    exported = export_fused(weights, art, opts, native=False)
+    rows = scenario_rows(vocab_size=weights.cfg.vocab_size, ctx_len=64, occupied_slots=1, chunk=4)
+
+    def reference():
+        return fused_backend._quantized_reference(art, exported, weights, {}, (), opts,
+                                                  float_pass=float_reference(weights, {}, ()))(rows)
+
+    assert reference().logits  # intact: passes
+    name = "layers.1.mlp.down_proj.weight"
+    qweight = f"{exported.written[name].initializer}.qweight"
+    model = onnx.load(str(art / exported.graph.file), load_external_data=False)
+    info = next({e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.name == qweight)
+    n = exported.written[name].n
+    row_bytes = int(info["length"]) // n
+    assert n > 16
+    data = bytearray((art / DATA_FILE).read_bytes())
+    data[int(info["offset"]) + 20 * row_bytes] ^= 0x88  # row 20: the second block of rows; both nibbles off by 8
+    (art / DATA_FILE).write_bytes(bytes(data))
+    with pytest.raises(VerificationFailed, match=f"{name} in the artifact is not the block quantisation"):
+        reference()

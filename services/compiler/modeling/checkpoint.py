@@ -12,6 +12,7 @@ Shard layout (Hugging Face): one ``model.safetensors``, or shards listed by the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -167,10 +168,25 @@ class Checkpoint:
         """Read one tensor into ``out`` (its shape; float32, converting from the source dtype on the way, or the
         source's own dtype, read as stored): a packed projection is filled piece by piece without a float32
         copy of each piece. A conversion stages the stored bytes in a buffer of ``buffers`` where given."""
+        return self._read_entry_into(name, self.entry(name), out, buffers)
+
+    def read_rows_into(self, name: str, start: int, stop: int, out, buffers: BufferPool | None = None):
+        """Rows ``start`` .. ``stop`` of tensor ``name`` (along its first axis) into ``out``, as ``read_into`` reads
+        the whole: e.g. an embedding table a block of rows at a time."""
+        entry = self.entry(name)
+        rows = entry.shape[0] if entry.shape else 0
+        if not 0 <= start <= stop <= rows:
+            raise InvalidArgument(f"rows {start}..{stop} of tensor {name!r} are outside its {rows} rows",
+                                  field="base_model", value=name)
+        row_bytes = entry.nbytes // rows if rows else 0
+        part = dataclasses.replace(entry, shape=(stop - start, *entry.shape[1:]),
+                                   offset=entry.offset + start * row_bytes, nbytes=(stop - start) * row_bytes)
+        return self._read_entry_into(name, part, out, buffers)
+
+    def _read_entry_into(self, name: str, entry: TensorEntry, out, buffers: BufferPool | None):
         import numpy as np
         import torch
 
-        entry = self.entry(name)
         dtype = self.source_dtype(name)
         if out.dtype not in (torch.float32, dtype):
             raise InvalidArgument(f"tensor {name!r} is {entry.dtype}: it reads into float32 or {dtype}, not "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from loraflow.errors import InvalidArgument
 from services.compiler.modeling.checkpoint import Checkpoint
 from services.compiler.modeling.config import DecoderConfig
 
@@ -148,6 +149,25 @@ class CheckpointWeights:
             rows = self.checkpoint.entry(part).shape[0]
             self.checkpoint.read_into(part, out[row:row + rows], buffers)
             row += rows
+        return out
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start`` .. ``stop`` of float32 tensor ``name`` (a packed projection's rows may span its pieces):
+        ``get(name)[start:stop]`` without reading the rest."""
+        import torch
+
+        shape = shape_of(self.cfg, name)
+        if not 0 <= start <= stop <= shape[0]:
+            raise InvalidArgument(f"rows {start}..{stop} of {name!r} are outside its {shape[0]} rows",
+                                  field="base_model", value=name)
+        out = torch.empty((stop - start, *shape[1:]), dtype=torch.float32)
+        first = 0  # the piece's first row in the packed tensor
+        for part in hf_names(self.cfg, name):
+            rows = self.checkpoint.entry(part).shape[0]
+            lo, hi = max(start, first), min(stop, first + rows)
+            if lo < hi:
+                self.checkpoint.read_rows_into(part, lo - first, hi - first, out[lo - start:hi - start])
+            first += rows
         return out
 
     def get_transposed(self, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
