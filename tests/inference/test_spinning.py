@@ -47,15 +47,21 @@ def test_a_bad_policy_is_refused_naming_where_it_came_from(monkeypatch, capsys):
         spinning_from_env({SPINNING_ENV: "1"})
 
 
-def test_contention_switches_with_hysteresis_and_samples_at_most_every_interval():
+def _scripted_host(*, cores: int, sample_s: float):
+    """A HostContention over a scripted clock and others' CPU: (host, now, readings, the times it read)."""
     now, readings, reads = [0.0], [0.0], []
 
     def others():
         reads.append(now[0])
         return readings[0]
 
+    return (HostContention(own_threads=2, cores=cores, sample_s=sample_s, others=others, clock=lambda: now[0]), now,
+            readings, reads)
+
+
+def test_contention_switches_with_hysteresis_and_samples_at_most_every_interval():
     # 4 cores, 2 of them ours: other processes may run 2 threads before they contend with ours.
-    host = HostContention(own_threads=2, cores=4, sample_s=1.0, others=others, clock=lambda: now[0])
+    host, now, readings, reads = _scripted_host(cores=4, sample_s=1.0)
     assert host.free_cores == 2 and host.check() is False
     readings[0] = 2  # as many as the free cores: no contention
     now[0] = 1.0
@@ -209,13 +215,7 @@ def test_every_policy_generates_the_same_tokens(tiny_artifact, tiny_tokenizer):
 
 def test_a_window_spanning_an_idle_spell_restarts_instead_of_counting():
     # What others did while no step ran (a peer loading a model, a finished batch job) is not contention now.
-    now, readings, reads = [0.0], [0.0], []
-
-    def others():
-        reads.append(now[0])
-        return readings[0]
-
-    host = HostContention(own_threads=2, cores=2, sample_s=0.5, others=others, clock=lambda: now[0])
+    host, now, readings, reads = _scripted_host(cores=2, sample_s=0.5)
     assert host.check() is False
     host.step_ended()
     readings[0] = 2.0  # both cores busy elsewhere ... while this process idles
