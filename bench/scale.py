@@ -276,22 +276,28 @@ class ServingChild:
                 return reply
         return None
 
-    def round(self) -> None:
+    def _send(self, command: str) -> bool:
+        """Whether the command reached a live child (one killed meanwhile, e.g. at its cap, closed the pipe)."""
         if not self.alive:
-            return
-        self.proc.stdin.write("round\n")
-        self.proc.stdin.flush()
-        reply = self._reply()
+            return False
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return False
+        return True
+
+    def round(self) -> None:
+        reply = self._reply() if self._send("round") else None
         if reply is not None:
             self.rounds.append(reply)
 
     def finish(self) -> dict:
-        result = None
-        if self.alive:
-            self.proc.stdin.write("done\n")
-            self.proc.stdin.flush()
-            result = self._reply()
-        self.proc.stdin.close()
+        result = self._reply() if self._send("done") else None
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
         _, status, usage = os.wait4(self.proc.pid, 0)
         if result is not None:
             result = {**self.opened, **result, "rounds": self.rounds}
