@@ -138,35 +138,29 @@ class CheckpointWeights:
         parts = hf_names(self.cfg, name)
         if len(parts) == 1:
             return self.checkpoint.read(parts[0], buffers)
-        return self._read_parts(name, parts, torch.float32, buffers)
-
-    def _read_parts(self, name: str, parts: tuple[str, ...], dtype, buffers: BufferPool | None) -> torch.Tensor:
-        """Our tensor ``name`` in ``dtype`` (float32, or the checkpoint's own), each checkpoint piece read
-        straight into its rows (a packed projection's pieces stacked)."""
-        out = _empty(shape_of(self.cfg, name), dtype, buffers)
-        row = 0
-        for part in parts:
-            rows = self.checkpoint.entry(part).shape[0]
-            self.checkpoint.read_into(part, out[row:row + rows], buffers)
-            row += rows
-        return out
+        return self._read_rows(name, 0, shape_of(self.cfg, name)[0], torch.float32, buffers)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start`` .. ``stop`` of float32 tensor ``name`` (a packed projection's rows may span its pieces):
         ``get(name)[start:stop]`` without reading the rest."""
         import torch
 
+        return self._read_rows(name, start, stop, torch.float32, None)
+
+    def _read_rows(self, name: str, start: int, stop: int, dtype, buffers: BufferPool | None) -> torch.Tensor:
+        """Rows ``start`` .. ``stop`` of our tensor ``name`` in ``dtype`` (float32, or the checkpoint's own), each
+        checkpoint piece's share read straight into its rows (a packed projection's pieces stacked)."""
         shape = shape_of(self.cfg, name)
         if not 0 <= start <= stop <= shape[0]:
             raise InvalidArgument(f"rows {start}..{stop} of {name!r} are outside its {shape[0]} rows",
                                   field="base_model", value=name)
-        out = torch.empty((stop - start, *shape[1:]), dtype=torch.float32)
+        out = _empty((stop - start, *shape[1:]), dtype, buffers)
         first = 0  # the piece's first row in the packed tensor
         for part in hf_names(self.cfg, name):
             rows = self.checkpoint.entry(part).shape[0]
             lo, hi = max(start, first), min(stop, first + rows)
             if lo < hi:
-                self.checkpoint.read_rows_into(part, lo - first, hi - first, out[lo - start:hi - start])
+                self.checkpoint.read_rows_into(part, lo - first, hi - first, out[lo - start:hi - start], buffers)
             first += rows
         return out
 
@@ -184,7 +178,7 @@ class CheckpointWeights:
             w = self.get(name, buffers)
             out = _empty(w.shape[::-1], torch.float32, buffers).copy_(w.t())  # [N, K] -> [K, N]
         else:
-            w = self._read_parts(name, parts, dtypes.pop(), buffers)  # [N, K] in the checkpoint's dtype
+            w = self._read_rows(name, 0, shape_of(self.cfg, name)[0], dtypes.pop(), buffers)  # [N, K], as stored
             t = _empty(w.shape[::-1], w.dtype, buffers).copy_(w.t())  # [N, K] -> [K, N], as stored
             out = _empty(t.shape, torch.float32, buffers).copy_(t)  # then float32
             if buffers is not None:
