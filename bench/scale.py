@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,12 +256,16 @@ class ServingChild:
     ``genai-serve``): it opens its model, warms up and prints one JSON line; then each ``round`` line on its
     stdin runs one measured round and prints its JSON line, and ``done`` prints the summary and exits."""
 
-    def __init__(self, argv: list[str], *, cap_gib: float | None, label: str):
+    def __init__(self, argv: list[str], *, cap_gib: float | None, label: str, timeout_s: float):
         self.label, self.group = label, CappedGroup(label, cap_gib)
         say(f"{label}: {' '.join(argv[:6])} ... (cap {cap_gib if self.group.capped else 'none'} GiB, {uptime()})")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True,  # noqa: PLW1509
                                      preexec_fn=self.group.enter)
+        # Past its time the child is killed, as run_child does: its pipe then ends, and so does any wait for a reply.
+        self._deadline = threading.Timer(timeout_s, self.proc.kill)
+        self._deadline.daemon = True
+        self._deadline.start()
         self.rounds: list[dict] = []
         self.opened = self._reply()
 
@@ -302,6 +307,7 @@ class ServingChild:
         except BrokenPipeError:
             pass
         _, status, usage = os.wait4(self.proc.pid, 0)
+        self._deadline.cancel()
         if result is not None:
             result = {**self.opened, **result, "rounds": self.rounds}
         return _finish_record({"wall_s": round(time.perf_counter() - self.started, 1)}, status, usage, self.group,
@@ -614,11 +620,11 @@ def main() -> int:
                 if rows[f"loraflow_{dtype}_compile"]["ok"]:
                     sides["loraflow"] = ServingChild([*me, "--child", "serve", "--out", str(out), "--adapters",
                                                       *everyone, *common], cap_gib=args.serve_cap_gib,
-                                                     label=f"{shape}-{dtype}-serve")
+                                                     label=f"{shape}-{dtype}-serve", timeout_s=args.timeout_s)
                 if builds and rows[f"genai_{dtype}_build"]["ok"]:
                     sides["genai"] = ServingChild([*me, "--child", "genai-serve", "--model-dir", str(model_dir),
                                                    "--out", str(gout), *common], cap_gib=args.serve_cap_gib,
-                                                  label=f"{shape}-{dtype}-genai-serve")
+                                                  label=f"{shape}-{dtype}-genai-serve", timeout_s=args.timeout_s)
                 serve_interleaved([child for child in sides.values() if child.alive], args.repeats)
                 for side, child in sides.items():
                     rows[f"{side}_{dtype}_serve"] = child.finish()
