@@ -65,7 +65,9 @@ from services.compiler.options import DEFAULT_CTX_LEN, CompileOptions
 # graph7: model.native.onnx's SwiGLU activation is one ai.loraflow.SwiGlu node over the packed gate|up.
 # graph8: model.native.onnx's lora_ranks is [N, P], a rank per slot and adapted module (LoraRows rank_column), so a
 # module a row's adapter does not touch costs that row nothing.
-COMPILER_VERSION = "loraflow-compiler/0.5.0+graph8-module-ranks"
+# graph9: fp32 linears are FusedMatMul(transB) over the checkpoint's [N, K] (no transposed [K, N] copy): the same IO,
+# other weight bytes.
+COMPILER_VERSION = "loraflow-compiler/0.5.1+graph9-fp32-nk"
 
 STAGES = ("load", "validate", "export", "optimize", "verify", "write")
 

@@ -53,24 +53,29 @@ def test_tensors_are_read_one_at_a_time_as_float32(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
-def test_a_linear_read_transposed_is_the_float32_weight_transposed_bit_for_bit(tmp_path, dtype):
-    # The fused builder stores x @ W's [K, N]: a bf16/fp16 checkpoint's is transposed before it is converted.
-    from services.compiler.modeling.weights import transposed
+def test_an_fp32_graph_multiplies_by_each_linear_as_the_checkpoint_stores_it(tmp_path, dtype):
+    # FusedMatMul(transB) over the checkpoint's own [N, K], converted bit for bit: no transposed copy is written.
+    from onnx import numpy_helper
 
-    weights = CheckpointWeights.open(write_random_checkpoint(tmp_path / "m", "llama", dtype=dtype))
-    for name in ("layers.1.self_attn.qkv_proj.weight", "layers.0.self_attn.o_proj.weight",
-                 "layers.1.mlp.gate_up_proj.weight", "layers.0.mlp.down_proj.weight"):
-        got = transposed(weights, name)
-        assert got.dtype == torch.float32 and got.is_contiguous()
-        assert torch.equal(got, weights.get(name).t()), name
-
-    class Plain:  # a source without get_transposed
-        cfg = weights.cfg
-
-        def get(self, name):
-            return torch.arange(6.0).reshape(2, 3)
-
-    assert torch.equal(transposed(Plain(), "w"), torch.arange(6.0).reshape(2, 3).t())
+    model = write_random_checkpoint(tmp_path / "m", "llama", dtype=dtype, tie_word_embeddings=False)
+    weights = CheckpointWeights.open(model)
+    manifest = build_artifact(model, [], CompileOptions(dtype="fp32", ctx_len=64, prefill_seq_len=4,
+                                                        target_modules=ATTN), tmp_path / "out")
+    graph = onnx.load(str(tmp_path / "out" / manifest.graph.file))  # external data beside it
+    inits = {t.name: t for t in graph.graph.initializer}
+    by_weight = {n.input[1]: n for n in graph.graph.node if len(n.input) > 1 and n.input[1] in inits
+                 and n.op_type in ("MatMul", "FusedMatMul", "Gemm")}
+    linears = {"layers.1/attn/qkv.weight": "layers.1.self_attn.qkv_proj.weight",
+               "layers.0/attn/o.weight": "layers.0.self_attn.o_proj.weight",
+               "layers.1/mlp/gate_up.weight": "layers.1.mlp.gate_up_proj.weight",
+               "layers.0/mlp/down.weight": "layers.0.mlp.down_proj.weight", "lm_head.weight": "lm_head.weight"}
+    for initializer, name in linears.items():
+        node = by_weight[initializer]
+        assert node.op_type == "FusedMatMul" and node.domain == "com.microsoft", name
+        assert {a.name: a.i for a in node.attribute}.get("transB") == 1, name
+        stored = numpy_helper.to_array(inits[node.input[1]])
+        assert stored.dtype == np.float32 and np.array_equal(stored, weights.get(name).numpy()), name
+    assert not [n.name for n in graph.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
     with pytest.raises(InvalidArgument, match="reads into float32"):  # as stored or as float32, nothing else
         weights.checkpoint.read_into("model.norm.weight", torch.empty(weights.cfg.hidden_size, dtype=torch.float64))
 

@@ -1,7 +1,7 @@
 """The weights a written fused graph really multiplies by, read back from the artifact one tensor at a time.
 
 ``ArtifactWeights`` is a WeightSource over the graph file (loaded without its data) and the external data
-file, guided by the builder's ``written`` map: float initializers are read (and un-transposed), MatMulNBits
+file, guided by the builder's ``written`` map: float initializers are read as stored (our layout), MatMulNBits
 blocks are dequantised. The int4/int8 verification reference runs on it, so what is checked is the bytes
 that were published, not a copy the builder kept. ``check_blocks`` proves each quantised tensor is the
 block quantisation of the checkpoint's tensor (every weight within one quantisation step of it), which
@@ -60,8 +60,7 @@ class ArtifactWeights:
         # a pool of the verification pass's would keep a layer of them alive beside the replay's sessions.
         w = self.written[name]
         if w.bits is None:
-            t = torch.from_numpy(self._array(w.initializer)).float()
-            return t.t().contiguous() if w.transposed else t  # [K, N] -> [N, K]
+            return torch.from_numpy(self._array(w.initializer)).float()  # stored in our layout
         zp = f"{w.initializer}.zero_points"
         return quantize.dequantize_nk(self._array(f"{w.initializer}.qweight"), self._array(f"{w.initializer}.scales"),
                                       self._array(zp) if zp in self._inits else None, bits=w.bits,

@@ -1,7 +1,7 @@
 """Reused memory for the compiler's stream of same-shaped tensors.
 
 A compile converts one weight after another, and every layer repeats the same shapes: the checkpoint's bytes
-read into a staging buffer, converted to float32, transposed, converted to float64 for the reference. Each fresh
+read into a staging buffer, converted to float32, converted to float64 for the reference. Each fresh
 buffer is memory the kernel faults in and zeroes first (2 MiB at a time with transparent huge pages), work the
 conversion then overwrites: on the Llama-3.2-1B shape in fp32 that zeroing was 21 % of the compile's CPU
 (perf: ``clear_page_erms`` under the reference's float64 conversion and the export's float32 one). A pool hands

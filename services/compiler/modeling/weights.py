@@ -164,43 +164,11 @@ class CheckpointWeights:
             first += rows
         return out
 
-    def get_transposed(self, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
-        """A linear's weight [N, K] as the contiguous float32 [K, N] that x @ W multiplies by. A bf16/fp16
-        checkpoint's pieces are read as stored and transposed in that dtype, then converted: the transpose
-        moves half the bytes and the conversion runs contiguous (1B gate|up: 2x faster than converting
-        first); bit-identical to ``get(name).t().contiguous()``. With ``buffers``, the result and the stored
-        and transposed copies on the way come from it (the latter two go back before this returns)."""
-        import torch
-
-        parts = hf_names(self.cfg, name)
-        dtypes = {self.checkpoint.source_dtype(part) for part in parts}
-        if len(dtypes) != 1 or torch.float32 in dtypes:
-            w = self.get(name, buffers)
-            out = _empty(w.shape[::-1], torch.float32, buffers).copy_(w.t())  # [N, K] -> [K, N]
-        else:
-            w = self._read_rows(name, 0, shape_of(self.cfg, name)[0], dtypes.pop(), buffers)  # [N, K], as stored
-            t = _empty(w.shape[::-1], w.dtype, buffers).copy_(w.t())  # [N, K] -> [K, N], as stored
-            out = _empty(t.shape, torch.float32, buffers).copy_(t)  # then float32
-            if buffers is not None:
-                buffers.give_back(t)
-        if buffers is not None:
-            buffers.give_back(w)
-        return out
-
 
 def _empty(shape, dtype, buffers: BufferPool | None) -> torch.Tensor:
     import torch
 
     return buffers.take(tuple(shape), dtype) if buffers is not None else torch.empty(tuple(shape), dtype=dtype)
-
-
-def transposed(weights: WeightSource, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
-    """``weights``' linear ``name`` [N, K] as a contiguous float32 [K, N]: the source's own ``get_transposed``
-    where it has one (CheckpointWeights), else ``get(name).t().contiguous()``."""
-    get_transposed = getattr(weights, "get_transposed", None)
-    if get_transposed is not None:
-        return get_transposed(name, buffers)
-    return weights.get(name).t().contiguous()
 
 
 class ModuleWeights:
