@@ -97,7 +97,8 @@ class OrtRuntime(ServesAdapterSlots):
         graph of compiler 0.5 on takes another, see adapter_slots.resident_slots).
         ``spinning``: the ONNX Runtime threading policy, ``auto`` | ``on`` | ``off`` (services/inference/
         spinning.py: spinning is faster on a dedicated host and collapses on a shared one). ``may_grow(nbytes)``:
-        whether the process's memory budget allows auto's sleeping session (its packed weights); None: yes."""
+        whether the process's memory budget allows ``nbytes`` more: the weights' mapped pages while they are packed
+        in parallel, auto's sleeping session (its packed weights); None: yes."""
         import onnxruntime as ort
 
         self.artifact_dir = Path(artifact_dir)
@@ -130,10 +131,17 @@ class OrtRuntime(ServesAdapterSlots):
             adapter_slots = None
         self.max_rank = self.manifest.max_rank
 
-        # Weights memory-mapped, pre-packed once: opening costs them plus the KV cache (loraflow/artifact/session.py).
+        # Weights memory-mapped, pre-packed once: opening costs them plus the KV cache (loraflow/artifact/session.py),
+        # and for a moment, packed on every intra-op thread, the whole data file's pages too: only where the budget
+        # has room for them (otherwise one thread packs, a weight at a time).
         self.spinning = check_spinning(spinning)
+        self._may_grow = may_grow
+        self.parallel_prepack = self._budget_allows(self._weights_bytes())
+        if not self.parallel_prepack:
+            log.info("%s: weights packed on one thread (the memory budget has no room for the %d bytes of mapped "
+                     "weights packing on every thread holds at once)", self.manifest.artifact_id, self._weights_bytes())
         so = session_options(ort, num_threads=num_threads, allow_spinning=spinning != "off",
-                             stop_spinning_after_run=spinning == "auto")
+                             stop_spinning_after_run=spinning == "auto", parallel_prepack=self.parallel_prepack)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
             else ["CPUExecutionProvider"]
         # The native LoRA kernel's graph where this process can load the kernel (CPU only), else the
@@ -199,7 +207,6 @@ class OrtRuntime(ServesAdapterSlots):
         # processes contend for the cores (services/inference/spinning.py), opened when first needed.
         self._num_threads = num_threads
         self._graph_file = file
-        self._may_grow = may_grow
         self.contention = (HostContention(own_threads=num_threads)
                            if self.spinning == "auto" and self.shared_kv and self.device == "cpu" else None)
         self._sleeping_driver: FusedStepDriver | None = None
@@ -249,9 +256,15 @@ class OrtRuntime(ServesAdapterSlots):
         self.steps_by_spinning["sleeping"] += 1
         return self._sleeping_driver
 
+    def _weights_bytes(self) -> int:
+        return sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
+
+    def _budget_allows(self, nbytes: int) -> bool:
+        return self._may_grow is None or self._may_grow(nbytes)
+
     def _weights_fit(self) -> bool:
-        weights = sum(f.size for f in self.manifest.files if f.path.endswith((".onnx", ".data", ".onnx_data")))
-        if self._may_grow is None or self._may_grow(weights):
+        weights = self._weights_bytes()
+        if self._budget_allows(weights):
             return True
         log.warning("%s: no sleeping session for a contended host (its %d bytes of packed weights exceed the "
                     "memory budget); its threads spin inside calls only", self.manifest.artifact_id, weights)
@@ -260,7 +273,8 @@ class OrtRuntime(ServesAdapterSlots):
     def _open_sleeping(self) -> None:
         import onnxruntime as ort
 
-        so = session_options(ort, num_threads=self._num_threads, allow_spinning=False)
+        # Packed on one thread: it opens in the background while the spinning session serves.
+        so = session_options(ort, num_threads=self._num_threads, allow_spinning=False, parallel_prepack=False)
         if self.lora_kernel == "native":
             native_lora.register(so)
         try:

@@ -168,7 +168,9 @@ def test_auto_moves_steps_to_a_sleeping_session_while_the_host_is_contended(tiny
     try:
         tight.runtime.contention = HostContention(own_threads=2, cores=2, sample_s=0.0, others=lambda: 6)
         assert run(tight) == expected and run(tight) == expected
-        assert len(asked) == 1 and asked[0] > 0  # asked once, with the weights' size
+        # Asked at the open (packing on every thread: refused, so one thread packed) and once for the sleeping
+        # session, each time with the weights' size.
+        assert len(asked) == 2 and asked[0] == asked[1] > 0 and not tight.runtime.parallel_prepack
         assert tight.runtime._sleeping_driver is None and tight.runtime.contention is None
         assert tight.runtime.steps_by_spinning["sleeping"] == 0
     finally:
@@ -181,6 +183,26 @@ def test_auto_moves_steps_to_a_sleeping_session_while_the_host_is_contended(tiny
         off.close()
 
 
+@pytest.mark.parametrize("room", [True, False])
+def test_weights_are_packed_in_parallel_only_where_the_budget_has_room_for_their_mapped_pages(tiny_artifact, room):
+    artifact_dir, manifest = tiny_artifact
+    asked: list[int] = []
+
+    def may_grow(nbytes: int) -> bool:
+        asked.append(nbytes)
+        return room
+
+    runtime = OrtRuntime(artifact_dir, manifest, num_threads=2, spinning="on", may_grow=may_grow)
+    try:
+        options = runtime.session.get_session_options()
+        assert options.get_session_config_entry("session.prepack.enable_parallel") == ("1" if room else "0")
+        assert runtime.parallel_prepack is room
+        data = sum(f.size for f in manifest.files if f.path.endswith(".data"))
+        assert asked and asked[0] >= data > 0  # asked for the mapped weights, before the session opened
+    finally:
+        runtime.close()
+
+
 @pytest.mark.parametrize("policy,allow,stop", [("on", "1", ""), ("off", "0", ""), ("auto", "1", "1")])
 def test_each_policy_opens_its_session_options(tiny_artifact, policy, allow, stop):
     artifact_dir, manifest = tiny_artifact
@@ -188,6 +210,7 @@ def test_each_policy_opens_its_session_options(tiny_artifact, policy, allow, sto
     try:
         options = runtime.session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+        assert options.get_session_config_entry("session.prepack.enable_parallel") == "1"  # no budget: room
         if stop:
             assert options.get_session_config_entry("session.force_spinning_stop") == stop
         assert runtime.spinning == policy

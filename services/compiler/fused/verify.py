@@ -235,9 +235,10 @@ def _replay_ranges(out_dir: Path, graph: GraphSpec, files: list[str], pieces: Ma
         for f in files:
             so = session_options(ort, num_threads=0)  # idle threads sleep: the reference runs beside them
             if not prepack:
-                # An fp32 range session runs a few calls and closes: packing its MatMul weights up front costs more
-                # than the calls gain (1B: replay 19.9 -> 17.1 s, peak 1.55 -> 1.47 GiB). MatMulNBits without its
-                # packed blocks unpacks them on every call (1B int4: verification 20 -> 78 s): int4/int8 pack.
+                # An fp32 range session runs a few calls and closes: packing its weights up front costs more than
+                # the calls gain (1B, graph9, packing on 2 threads: 4.9 s of opens + 2.8 s of calls against 4.4-5.4 s
+                # of calls unpacked). MatMulNBits without its packed blocks unpacks them on every call (1B int4:
+                # verification 20 -> 78 s): int4/int8 pack.
                 so.add_session_config_entry("session.disable_prepacking", "1")
             if f == graph.native_file:
                 native_lora.register(so)
