@@ -133,28 +133,26 @@ class CheckpointWeights:
             self.checkpoint.check(name, shape)
 
     def get(self, name: str, buffers: BufferPool | None = None) -> torch.Tensor:
-        import torch
-
         parts = hf_names(self.cfg, name)
         if len(parts) == 1:
             return self.checkpoint.read(parts[0], buffers)
-        return self._read_rows(name, 0, shape_of(self.cfg, name)[0], torch.float32, buffers)
+        return self._read_rows(name, 0, shape_of(self.cfg, name)[0], buffers)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start`` .. ``stop`` of float32 tensor ``name`` (a packed projection's rows may span its pieces):
         ``get(name)[start:stop]`` without reading the rest."""
+        return self._read_rows(name, start, stop, None)
+
+    def _read_rows(self, name: str, start: int, stop: int, buffers: BufferPool | None) -> torch.Tensor:
+        """Rows ``start`` .. ``stop`` of our tensor ``name`` as float32, each checkpoint piece's share read
+        straight into its rows (a packed projection's pieces stacked)."""
         import torch
 
-        return self._read_rows(name, start, stop, torch.float32, None)
-
-    def _read_rows(self, name: str, start: int, stop: int, dtype, buffers: BufferPool | None) -> torch.Tensor:
-        """Rows ``start`` .. ``stop`` of our tensor ``name`` in ``dtype`` (float32, or the checkpoint's own), each
-        checkpoint piece's share read straight into its rows (a packed projection's pieces stacked)."""
         shape = shape_of(self.cfg, name)
         if not 0 <= start <= stop <= shape[0]:
             raise InvalidArgument(f"rows {start}..{stop} of {name!r} are outside its {shape[0]} rows",
                                   field="base_model", value=name)
-        out = _empty((stop - start, *shape[1:]), dtype, buffers)
+        out = _empty((stop - start, *shape[1:]), torch.float32, buffers)
         first = 0  # the piece's first row in the packed tensor
         for part in hf_names(self.cfg, name):
             rows = self.checkpoint.entry(part).shape[0]
