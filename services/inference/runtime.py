@@ -136,10 +136,11 @@ class OrtRuntime(ServesAdapterSlots):
         # has room for them (otherwise one thread packs, a weight at a time).
         self.spinning = check_spinning(spinning)
         self._may_grow = may_grow
-        self.parallel_prepack = self._budget_allows(self._weights_bytes())
+        mapped = self._weights_bytes()
+        self.parallel_prepack = self._budget_allows(mapped)
         if not self.parallel_prepack:
             log.info("%s: weights packed on one thread (the memory budget has no room for the %d bytes of mapped "
-                     "weights packing on every thread holds at once)", self.manifest.artifact_id, self._weights_bytes())
+                     "weights packing on every thread holds at once)", self.manifest.artifact_id, mapped)
         so = session_options(ort, num_threads=num_threads, allow_spinning=spinning != "off",
                              stop_spinning_after_run=spinning == "auto", parallel_prepack=self.parallel_prepack)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" \
